@@ -1,0 +1,43 @@
+# Every target creates the virtualenv it needs when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+N      ?= 1000
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv dev run test lint bench e2e clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## make dev: embedded Kubernetes API + Fly simulator + the operator, with a sample instance
+dev: $(STAMP)
+	$(BIN)/kiloclaw-operator dev
+
+## make run: the operator against the current kube context and the real Fly API (FLY_API_TOKEN required)
+run: $(STAMP)
+	$(BIN)/kiloclaw-operator run
+
+## make test: unit, simulator and end-to-end tests (parallel workers)
+test: $(STAMP)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator tests
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m kiloclaw_operator.bench --instances $(N)
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e_cluster
+
+clean:
+	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,40 @@
+"""The Fly Machines API: typed async client, payload models and the one error taxonomy."""
+
+from .client import FlyClient, backoff_delay, parse_retry_after
+from .errors import Capacity, Fatal, FlyError, NotFound, RateLimited, Transient, Unauthorized, classify
+from .models import (
+    Guest,
+    Machine,
+    MachineConfig,
+    MachineSummaryConfig,
+    Mount,
+    OrgMachine,
+    OrgMachinesPage,
+    RestartPolicy,
+    Snapshot,
+    Volume,
+)
+
+__all__ = [
+    "Capacity",
+    "Fatal",
+    "FlyClient",
+    "FlyError",
+    "Guest",
+    "Machine",
+    "MachineConfig",
+    "MachineSummaryConfig",
+    "Mount",
+    "NotFound",
+    "OrgMachine",
+    "OrgMachinesPage",
+    "RateLimited",
+    "RestartPolicy",
+    "Snapshot",
+    "Transient",
+    "Unauthorized",
+    "Volume",
+    "backoff_delay",
+    "classify",
+    "parse_retry_after",
+]

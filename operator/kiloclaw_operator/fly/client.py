@@ -1,0 +1,420 @@
+"""Async client for the Fly Machines API (`{base_url}/v1/...`).
+
+One pooled `httpx.AsyncClient` per `FlyClient`. Every failure is raised as a type from `fly.errors`.
+Idempotent calls are retried with full-jitter exponential backoff on 429 (honouring `Retry-After`), 5xx, 408
+and connection failures; creates are never retried here, because a create whose response was lost may still
+have happened — the caller adopts the resource by name or metadata instead of creating a twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from .errors import FlyError, RateLimited, Transient, classify
+from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS
+from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
+
+__all__ = ["FlyClient", "backoff_delay", "parse_retry_after"]
+
+log = logging.getLogger("kiloclaw.fly")
+
+_M = TypeVar("_M", bound=BaseModel)
+
+# Templated routes: the metric label and the error's `route`. Path parameters are filled in per request.
+MACHINES = "/apps/{app}/machines"
+MACHINE = "/apps/{app}/machines/{id}"
+MACHINE_START = "/apps/{app}/machines/{id}/start"
+MACHINE_STOP = "/apps/{app}/machines/{id}/stop"
+MACHINE_WAIT = "/apps/{app}/machines/{id}/wait"
+VOLUMES = "/apps/{app}/volumes"
+VOLUME = "/apps/{app}/volumes/{id}"
+VOLUME_SNAPSHOTS = "/apps/{app}/volumes/{id}/snapshots"
+ORG_MACHINES = "/orgs/{org}/machines"
+
+# Error bodies can be whole HTML pages from a proxy; a log line needs only the start.
+_MAX_MESSAGE_CHARS = 500
+_REDACTED = "[redacted]"
+
+_MACHINE_LIST = TypeAdapter(list[Machine])
+_VOLUME_LIST = TypeAdapter(list[Volume])
+_SNAPSHOT_LIST = TypeAdapter(list[Snapshot])
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait per a `Retry-After` header (delta-seconds or HTTP date); None when absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds else None  # NaN is not a delay
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = now if now is not None else datetime.now(UTC)
+    return max(0.0, (when - reference).total_seconds())
+
+
+def backoff_delay(
+    attempt: int, *, base: float, cap: float, random_fraction: Callable[[], float] = random.random
+) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)], attempt from 0."""
+    ceiling = min(cap, base * (2 ** min(attempt, 62)))
+    return ceiling * random_fraction()
+
+
+def _first_problem(exc: ValidationError) -> str:
+    problem = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "body"
+    return f"{where}: {problem['msg']} ({exc.error_count()} problems)"
+
+
+def _rfc3339(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class FlyClient:
+    """Typed, retrying access to the Fly Machines API for one token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 10.0,
+        max_connections: int = 100,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._http = httpx.AsyncClient(
+            base_url=f"{self._base_url}/v1",
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def __repr__(self) -> str:
+        return f"FlyClient(base_url={self._base_url!r})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # Machines
+
+    async def list_machines(
+        self, app: str, *, metadata: Mapping[str, str] | None = None, include_deleted: bool = False
+    ) -> list[Machine]:
+        """Machines of `app`; with `metadata`, only those whose config metadata has all the given pairs."""
+        query: dict[str, str | bool] = {}
+        if include_deleted:
+            query["include_deleted"] = True
+        # Fly filters server-side on `metadata.KEY=VALUE`; the filter is repeated here because the spec does
+        # not promise it and a wrong adoption would be far worse than a longer list.
+        for key, value in (metadata or {}).items():
+            query[f"metadata.{key}"] = value
+        response = await self._request("GET", MACHINES, {"app": app}, query=query)
+        machines = self._parse_list(response, _MACHINE_LIST, "GET", MACHINES)
+        if metadata:
+            wanted = dict(metadata)
+            machines = [m for m in machines if all(m.metadata.get(k) == v for k, v in wanted.items())]
+        return machines
+
+    async def get_machine(self, app: str, machine_id: str) -> Machine:
+        response = await self._request("GET", MACHINE, {"app": app, "id": machine_id})
+        return self._parse(response, Machine, "GET", MACHINE)
+
+    async def create_machine(self, app: str, *, name: str, region: str, config: MachineConfig) -> Machine:
+        """Create (and launch) a machine. Never retried: on any error the caller adopts by name/metadata."""
+        body = {"name": name, "region": region, "config": self._dump(config)}
+        response = await self._request("POST", MACHINES, {"app": app}, body=body, retry=False)
+        return self._parse(response, Machine, "POST", MACHINES)
+
+    async def update_machine(self, app: str, machine_id: str, config: MachineConfig) -> Machine:
+        """Replace the machine's config (Fly restarts it). Retried: the same config twice gives one result."""
+        body = {"config": self._dump(config)}
+        response = await self._request("POST", MACHINE, {"app": app, "id": machine_id}, body=body)
+        return self._parse(response, Machine, "POST", MACHINE)
+
+    async def start_machine(self, app: str, machine_id: str) -> None:
+        await self._request("POST", MACHINE_START, {"app": app, "id": machine_id})
+
+    async def stop_machine(self, app: str, machine_id: str) -> None:
+        await self._request("POST", MACHINE_STOP, {"app": app, "id": machine_id})
+
+    async def destroy_machine(self, app: str, machine_id: str, *, force: bool = True) -> None:
+        """Destroy a machine. A missing machine raises NotFound: the caller decides if that is success."""
+        query = {"force": True} if force else {}
+        await self._request("DELETE", MACHINE, {"app": app, "id": machine_id}, query=query)
+
+    async def wait_machine(
+        self,
+        app: str,
+        machine_id: str,
+        state: str = "started",
+        *,
+        timeout_seconds: int = 60,
+        instance_id: str | None = None,
+    ) -> bool:
+        """Block until the machine reaches `state`: True when it did, False when Fly's wait timed out."""
+        query: dict[str, str | int] = {"state": state, "timeout": timeout_seconds}
+        if instance_id is not None:
+            query["instance_id"] = instance_id
+        response = await self._request(
+            "GET",
+            MACHINE_WAIT,
+            {"app": app, "id": machine_id},
+            query=query,
+            # The server holds the request for up to timeout_seconds before answering.
+            read_timeout=self._timeout + timeout_seconds,
+            result_statuses=frozenset({408}),
+        )
+        return response.status_code != 408
+
+    # Volumes
+
+    async def list_volumes(self, app: str) -> list[Volume]:
+        response = await self._request("GET", VOLUMES, {"app": app})
+        return self._parse_list(response, _VOLUME_LIST, "GET", VOLUMES)
+
+    async def get_volume(self, app: str, volume_id: str) -> Volume:
+        response = await self._request("GET", VOLUME, {"app": app, "id": volume_id})
+        return self._parse(response, Volume, "GET", VOLUME)
+
+    async def create_volume(
+        self,
+        app: str,
+        *,
+        name: str,
+        region: str,
+        size_gb: int | None = None,
+        source_volume_id: str | None = None,
+        snapshot_id: str | None = None,
+        compute: Guest | None = None,
+    ) -> Volume:
+        """Create a volume, a fork (`source_volume_id`) or a restore (`snapshot_id`). Never retried."""
+        body: dict[str, Any] = {"name": name, "region": region}
+        if size_gb is not None:
+            body["size_gb"] = size_gb
+        if source_volume_id is not None:
+            body["source_volume_id"] = source_volume_id
+        if snapshot_id is not None:
+            body["snapshot_id"] = snapshot_id
+        if compute is not None:
+            body["compute"] = self._dump(compute)
+        response = await self._request("POST", VOLUMES, {"app": app}, body=body, retry=False)
+        return self._parse(response, Volume, "POST", VOLUMES)
+
+    async def delete_volume(self, app: str, volume_id: str) -> None:
+        """Delete a volume. A missing volume raises NotFound: whether that is success is the caller's call."""
+        await self._request("DELETE", VOLUME, {"app": app, "id": volume_id})
+
+    async def list_volume_snapshots(self, app: str, volume_id: str) -> list[Snapshot]:
+        response = await self._request("GET", VOLUME_SNAPSHOTS, {"app": app, "id": volume_id})
+        return self._parse_list(response, _SNAPSHOT_LIST, "GET", VOLUME_SNAPSHOTS)
+
+    # Organisation
+
+    async def list_org_machines(
+        self,
+        org_slug: str,
+        *,
+        updated_after: datetime | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+        summary: bool = True,
+    ) -> OrgMachinesPage:
+        """One page of the organisation's machines, oldest `updated_at` first; follow `next_cursor`."""
+        query: dict[str, str | int | bool] = {"summary": summary}
+        if updated_after is not None:
+            query["updated_after"] = _rfc3339(updated_after)
+        if cursor is not None:
+            query["cursor"] = cursor
+        if limit is not None:
+            query["limit"] = limit
+        response = await self._request("GET", ORG_MACHINES, {"org": org_slug}, query=query)
+        return self._parse(response, OrgMachinesPage, "GET", ORG_MACHINES)
+
+    # Transport
+
+    async def _request(
+        self,
+        method: str,
+        route: str,
+        path_params: Mapping[str, str],
+        *,
+        query: Mapping[str, str | int | bool] | None = None,
+        body: Mapping[str, Any] | None = None,
+        retry: bool = True,
+        read_timeout: float | None = None,
+        result_statuses: frozenset[int] = frozenset(),
+    ) -> httpx.Response:
+        """Send one logical call, retrying it if allowed; return a 2xx (or `result_statuses`) response."""
+        path = route.format(**{key: quote(value, safe="") for key, value in path_params.items()})
+        request_timeout = httpx.Timeout(read_timeout) if read_timeout is not None else self._http.timeout
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    params=dict(query) if query else None,
+                    json=body,
+                    timeout=request_timeout,
+                )
+            except httpx.TransportError as exc:
+                elapsed = time.monotonic() - started
+                self._observe(method, route, CONNECTION_ERROR_CODE, elapsed)
+                error: FlyError = Transient(
+                    self._redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__),
+                    method=method,
+                    route=route,
+                )
+            else:
+                elapsed = time.monotonic() - started
+                self._observe(method, route, str(response.status_code), elapsed)
+                if response.is_success or response.status_code in result_statuses:
+                    log.debug(
+                        "fly request ok",
+                        extra={
+                            "method": method,
+                            "route": route,
+                            "status": response.status_code,
+                            "attempt": attempt,
+                            "duration_ms": round(elapsed * 1000, 1),
+                        },
+                    )
+                    return response
+                error = self._error_from(method, route, response)
+
+            delay = self._retry_delay(error, attempt) if retry else None
+            fields = {
+                "method": method,
+                "route": route,
+                "status": error.status,
+                "attempt": attempt,
+                "duration_ms": round(elapsed * 1000, 1),
+                "error": error.message,
+                "error_type": type(error).__name__,
+            }
+            if delay is None:
+                log.warning("fly request failed", extra=fields)
+                raise error
+            log.info("fly request retrying", extra={**fields, "retry_in_ms": round(delay * 1000, 1)})
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _retry_delay(self, error: FlyError, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None when the error must be raised now."""
+        if not isinstance(error, Transient | RateLimited) or attempt >= self._max_retries:
+            return None
+        delay = backoff_delay(attempt, base=self._backoff_base, cap=self._backoff_cap)
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            # A server asking for a longer pause than we would ever back off gets it, but not inside this
+            # call: the caller sees RateLimited(retry_after) and reschedules instead of holding a worker.
+            if error.retry_after > self._backoff_cap:
+                return None
+            delay = max(delay, error.retry_after)
+        return delay
+
+    def _error_from(self, method: str, route: str, response: httpx.Response) -> FlyError:
+        text = response.text
+        error_type = classify(response.status_code, text)
+        message = self._redact(self._message_from(text) or response.reason_phrase or "error")
+        if error_type is RateLimited:
+            return RateLimited(
+                message,
+                status=response.status_code,
+                method=method,
+                route=route,
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        return error_type(message, status=response.status_code, method=method, route=route)
+
+    @staticmethod
+    def _message_from(text: str) -> str:
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            return text.strip()[:_MAX_MESSAGE_CHARS]
+        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+            return str(payload["error"])[:_MAX_MESSAGE_CHARS]
+        return text.strip()[:_MAX_MESSAGE_CHARS]
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, _REDACTED) if self._token else text
+
+    @staticmethod
+    def _observe(method: str, route: str, code: str, seconds: float) -> None:
+        FLY_REQUESTS.labels(method=method, route=route, code=code).inc()
+        FLY_REQUEST_DURATION.labels(method=method, route=route).observe(seconds)
+
+    @staticmethod
+    def _dump(model: BaseModel) -> dict[str, Any]:
+        return model.model_dump(mode="json", exclude_none=True)
+
+    def _parse(self, response: httpx.Response, model: type[_M], method: str, route: str) -> _M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise self._unreadable(method, route, response, exc) from exc
+
+    def _parse_list(
+        self, response: httpx.Response, adapter: TypeAdapter[list[_M]], method: str, route: str
+    ) -> list[_M]:
+        try:
+            return adapter.validate_json(response.content)
+        except ValidationError as exc:
+            raise self._unreadable(method, route, response, exc) from exc
+
+    def _unreadable(
+        self, method: str, route: str, response: httpx.Response, exc: ValidationError
+    ) -> Transient:
+        # A body we cannot read is most likely truncated or from a proxy; the next observation may do better.
+        return Transient(
+            self._redact(f"unreadable response: {_first_problem(exc)}"),
+            status=response.status_code,
+            method=method,
+            route=route,
+        )

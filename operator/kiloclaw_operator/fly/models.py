@@ -1,0 +1,180 @@
+"""Pydantic models of the Fly Machines API payloads the operator reads and writes.
+
+Field names follow the OpenAPI spec (`components.schemas`). Unknown fields are ignored so that Fly adding a
+field never breaks parsing. Only the part of the machine config the operator owns is modelled: the operator
+always sends the whole config it wants, so an update replaces whatever else was there.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Guest",
+    "Machine",
+    "MachineConfig",
+    "MachineSummaryConfig",
+    "Mount",
+    "OrgMachine",
+    "OrgMachinesPage",
+    "RestartPolicy",
+    "Snapshot",
+    "Volume",
+]
+
+
+class FlyModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+def _empty_to_none(value: object) -> object:
+    # Fly sends "" as well as null for "no value" in some id fields; one spelling keeps callers simple.
+    return None if value == "" else value
+
+
+class Guest(FlyModel):
+    """`fly.MachineGuest`: the VM size."""
+
+    cpu_kind: str = "shared"
+    cpus: int = 1
+    memory_mb: int = 256
+
+
+class Mount(FlyModel):
+    """`fly.MachineMount`: a volume mounted into the machine."""
+
+    volume: str
+    path: str
+
+
+class RestartPolicy(FlyModel):
+    """`fly.MachineRestart`. The operator uses `no` so that a crash shows up as `stopped`."""
+
+    policy: str = "no"
+
+
+class MachineConfig(FlyModel):
+    """The operator-owned subset of `fly.MachineConfig`."""
+
+    image: str
+    guest: Guest | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    mounts: list[Mount] = Field(default_factory=list)
+    restart: RestartPolicy | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env", "metadata", mode="before")
+    @classmethod
+    def _null_map_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
+
+    @field_validator("mounts", mode="before")
+    @classmethod
+    def _null_list_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+
+class Machine(FlyModel):
+    """`Machine` as returned by get/list/create/update."""
+
+    id: str
+    name: str = ""
+    state: str = ""
+    region: str = ""
+    instance_id: str | None = None
+    config: MachineConfig | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.config.metadata) if self.config is not None else {}
+
+
+class Volume(FlyModel):
+    """`Volume`."""
+
+    id: str
+    name: str = ""
+    state: str = ""
+    region: str = ""
+    zone: str | None = None
+    size_gb: int | None = None
+    attached_machine_id: str | None = None
+    attached_alloc_id: str | None = None
+    encrypted: bool | None = None
+    snapshot_retention: int | None = None
+    auto_backup_enabled: bool | None = None
+    host_status: str | None = None
+    created_at: datetime | None = None
+
+    @field_validator("attached_machine_id", "attached_alloc_id", "zone", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return _empty_to_none(value)
+
+
+class Snapshot(FlyModel):
+    """`VolumeSnapshot`."""
+
+    id: str
+    created_at: datetime | None = None
+    size: int | None = None
+    status: str = ""
+    digest: str | None = None
+    retention_days: int | None = None
+    volume_size: int | None = None
+
+
+class MachineSummaryConfig(FlyModel):
+    """`MachineOverviewConfig`: the slice of the config the organisation listing may include."""
+
+    image: str | None = None
+    guest: Guest | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _null_map_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
+
+
+class OrgMachine(FlyModel):
+    """`OrgMachine`: one entry of the organisation-wide machine listing."""
+
+    id: str
+    name: str = ""
+    state: str = ""
+    region: str = ""
+    app_name: str = ""
+    instance_id: str | None = None
+    version: str | None = None
+    config: MachineSummaryConfig | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.config.metadata) if self.config is not None else {}
+
+
+class OrgMachinesPage(FlyModel):
+    """`OrgMachinesResponse`: one cursor page of the organisation listing (oldest `updated_at` first)."""
+
+    machines: list[OrgMachine] = Field(default_factory=list)
+    next_cursor: str | None = None
+    last_machine_id: str | None = None
+    last_updated_at: datetime | None = None
+    error_regions: list[str] = Field(default_factory=list)
+
+    @field_validator("machines", "error_regions", mode="before")
+    @classmethod
+    def _null_list_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+    @field_validator("next_cursor", "last_machine_id", "last_updated_at", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return _empty_to_none(value)

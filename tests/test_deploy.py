@@ -35,12 +35,12 @@ RbacCall = tuple[str, str, str]
 OPERATOR_CALLS: frozenset[RbacCall] = frozenset(
     {
         *((verb, "kiloclaw.kilo.ai", "kiloclawinstances") for verb in ("get", "list", "watch", "patch")),
-        *((verb, "kiloclaw.kilo.ai", "kiloclawinstances/status") for verb in ("get", "patch")),
+        ("patch", "kiloclaw.kilo.ai", "kiloclawinstances/status"),
         *(
             (verb, "kiloclaw.kilo.ai", "kiloclawretainedvolumes")
             for verb in ("get", "list", "watch", "create", "patch", "delete")
         ),
-        *((verb, "kiloclaw.kilo.ai", "kiloclawretainedvolumes/status") for verb in ("get", "patch")),
+        ("patch", "kiloclaw.kilo.ai", "kiloclawretainedvolumes/status"),
         ("create", "", "events"),
         ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
         ("watch", "apiextensions.k8s.io", "customresourcedefinitions"),

@@ -1,0 +1,108 @@
+"""Operator configuration from the environment (DESIGN section 6); the CLI mirrors these variables."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REGION_PATTERN = r"^[a-z]{3}$"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot start the operator; the message is one line naming the variable."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    fly_api_token: str = Field(default="", validation_alias=AliasChoices("FLY_API_TOKEN"), repr=False)
+    fly_api_base_url: str = Field(
+        default="https://api.machines.dev", validation_alias=AliasChoices("FLY_API_BASE_URL")
+    )
+    fly_org_slug: str | None = Field(default=None, validation_alias=AliasChoices("FLY_ORG_SLUG"))
+    default_regions: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["iad", "ord", "cdg"],
+        validation_alias=AliasChoices("KILOCLAW_DEFAULT_REGIONS"),
+        min_length=1,
+    )
+    recovery_timeout_seconds: float = Field(
+        default=600, gt=0, validation_alias=AliasChoices("KILOCLAW_RECOVERY_TIMEOUT_SECONDS")
+    )
+    retention_seconds: float = Field(
+        default=604800, ge=0, validation_alias=AliasChoices("KILOCLAW_RETENTION_SECONDS")
+    )
+    poll_running_seconds: float = Field(
+        default=60, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_RUNNING_SECONDS")
+    )
+    poll_busy_seconds: float = Field(
+        default=5, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_BUSY_SECONDS")
+    )
+    poll_idle_seconds: float = Field(
+        default=300, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_IDLE_SECONDS")
+    )
+    retained_check_seconds: float = Field(
+        default=60, gt=0, validation_alias=AliasChoices("KILOCLAW_RETAINED_CHECK_SECONDS")
+    )
+    retry_backoff_min_seconds: float = Field(
+        default=30, gt=0, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MIN_SECONDS")
+    )
+    retry_backoff_max_seconds: float = Field(
+        default=3600, gt=0, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MAX_SECONDS")
+    )
+    wait_call_seconds: int = Field(
+        default=60, gt=0, le=60, validation_alias=AliasChoices("KILOCLAW_WAIT_CALL_SECONDS")
+    )
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("KILOCLAW_NAMESPACES")
+    )
+    metrics_port: int = Field(
+        default=9090, ge=0, le=65535, validation_alias=AliasChoices("KILOCLAW_METRICS_PORT")
+    )
+    health_port: int = Field(
+        default=8080, ge=0, le=65535, validation_alias=AliasChoices("KILOCLAW_HEALTH_PORT")
+    )
+
+    _split_regions = field_validator("default_regions", "namespaces", mode="before")(_split_csv)
+
+    @field_validator("default_regions")
+    @classmethod
+    def _regions_are_fly_codes(cls, regions: list[str]) -> list[str]:
+        bad = [r for r in regions if not (len(r) == 3 and r.isascii() and r.isalpha() and r.islower())]
+        if bad:
+            raise ValueError(f"not Fly region codes (three lower-case letters): {', '.join(bad)}")
+        return regions
+
+    @field_validator("fly_api_base_url")
+    @classmethod
+    def _base_url_is_http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
+_ENV_NAMES = {
+    name: (field.validation_alias.choices[0] if isinstance(field.validation_alias, AliasChoices) else name)
+    for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(*, require_token: bool = True, **overrides: object) -> Settings:
+    """Read the settings; any invalid value raises ConfigError naming the variable in one line."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        variable = _ENV_NAMES.get(field, field)
+        raise ConfigError(f"invalid configuration: {variable}: {first['msg']}") from None
+    if require_token and not settings.fly_api_token:
+        raise ConfigError("invalid configuration: FLY_API_TOKEN: required (the Fly Machines API token)")
+    return settings

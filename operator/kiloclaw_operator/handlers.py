@@ -1,0 +1,198 @@
+"""Every kopf registration of the operator, and nothing else: each handler is a few lines that delegate.
+
+Per instance, a kopf daemon runs the one ``InstanceDriver`` (the single writer). Watch events only hand the
+newest body to the driver and wake it; deletion waits for the driver's lock, so nothing runs concurrently on
+one object. Retained volumes follow the same pattern with their own driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from .config import Settings, load_settings
+from .fly import FlyClient
+from .kube import KubeClient, KubeConnection, write_temp_pem
+from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from .reconciler import Context, DriverRegistry, PollingObserver, RetryLater
+from .retained import RetainedRegistry
+
+logger = logging.getLogger("kiloclaw.operator")
+
+
+class Runtime:
+    """What one operator run shares between handlers (kept in kopf's memo, never in module globals, so an
+    in-process restart starts clean)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fly = FlyClient(settings.fly_api_base_url, settings.fly_api_token)
+        self._ctx: Context | None = None
+        self._instances: DriverRegistry | None = None
+        self._retained: RetainedRegistry | None = None
+        self.ready = asyncio.Event()
+
+    def connect(self, conn: KubeConnection) -> None:
+        if self._ctx is not None:
+            return
+        self._ctx = Context(
+            settings=self.settings, fly=self.fly, kube=KubeClient(conn), observer=PollingObserver(self.fly)
+        )
+        self._instances = DriverRegistry(self._ctx)
+        self._retained = RetainedRegistry(self._ctx)
+        self.ready.set()
+
+    @property
+    def instances(self) -> DriverRegistry:
+        assert self._instances is not None, "not logged in yet"
+        return self._instances
+
+    @property
+    def retained(self) -> RetainedRegistry:
+        assert self._retained is not None, "not logged in yet"
+        return self._retained
+
+    async def aclose(self) -> None:
+        await self.fly.aclose()
+        if self._ctx is not None:
+            await self._ctx.kube.aclose()
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo.runtime
+    return runtime
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    operator_settings: Settings = memo.get("settings") or load_settings()
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Discovery happens once at start-up; watching CRDs would need cluster-wide CRD read access for nothing.
+    settings.scanning.disabled = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = memo.get("watch_server_timeout", 300)
+    settings.watching.client_timeout = settings.watching.server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    memo.runtime = Runtime(operator_settings)
+
+
+@kopf.on.login()
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is None:
+        return None
+    _runtime(memo).connect(_connection(info))
+    return info
+
+
+def _connection(info: kopf.ConnectionInfo) -> KubeConnection:
+    def path(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    ca_data = info.ca_data.encode() if isinstance(info.ca_data, str) else info.ca_data
+    cert_path = path(info.certificate_path) or (
+        write_temp_pem(info.certificate_data) if info.certificate_data else None
+    )
+    key_path = path(info.private_key_path) or (
+        write_temp_pem(info.private_key_data) if info.private_key_data else None
+    )
+    return KubeConnection(
+        server=info.server,
+        token=info.token,
+        scheme=info.scheme or "Bearer",
+        ca_data=ca_data,
+        ca_path=path(info.ca_path),
+        insecure=bool(info.insecure),
+        certificate_path=cert_path,
+        private_key_path=key_path,
+        username=info.username,
+        password=info.password,
+    )
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).aclose()
+
+
+# --- instances ---------------------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, INSTANCE_PLURAL)
+async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        _runtime(memo).instances.forget(body.metadata.namespace or "", body.metadata.name or "")
+        return
+    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    driver.wake()
+
+
+@kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)
+async def drive_instance(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    stop_watch = asyncio.create_task(_stop_when(stopped, driver.stop))
+    try:
+        await driver.run()
+    finally:
+        stop_watch.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, INSTANCE_PLURAL)
+async def destroy_instance(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    try:
+        await driver.destroy()
+    except RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+
+
+# --- retained volumes --------------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, RETAINED_PLURAL)
+async def retained_volume_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        _runtime(memo).retained.forget(body.metadata.namespace or "", body.metadata.name or "")
+        return
+    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    driver.wake()
+
+
+@kopf.daemon(GROUP, VERSION, RETAINED_PLURAL, cancellation_timeout=30)
+async def drive_retained_volume(
+    stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    stop_watch = asyncio.create_task(_stop_when(stopped, driver.stop))
+    try:
+        await driver.run()
+    finally:
+        stop_watch.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, RETAINED_PLURAL)
+async def delete_retained_volume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver.offer(dict(body))
+    try:
+        await driver.finalize()
+    except RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+
+
+async def _stop_when(stopped: kopf.DaemonStopped, stop: Any) -> None:
+    await stopped.wait()
+    stop()

@@ -1,0 +1,199 @@
+"""The few direct Kubernetes API calls the operator makes besides kopf's watches: durable status writes,
+retained-volume resources and Events.
+
+kopf owns watching and finalizers; these calls exist because a recovery must know that a status write was
+confirmed by the API server *before* its next Fly call, which a handler's return value cannot promise.
+Async httpx, sharing the credentials kopf logged in with (``KubeConnection``), so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
+
+logger = logging.getLogger("kiloclaw.kube")
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubernetes API {status}: {message}")
+        self.status = status
+
+
+class KubeNotFound(KubeError):
+    pass
+
+
+class KubeConflict(KubeError):
+    pass
+
+
+@dataclass(frozen=True)
+class KubeConnection:
+    """Credentials for the API server, translated from whatever kopf logged in with."""
+
+    server: str
+    token: str | None = None
+    scheme: str = "Bearer"
+    ca_data: bytes | None = None
+    ca_path: str | None = None
+    insecure: bool = False
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+def _tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:
+    if not conn.server.startswith("https"):
+        return True
+    if conn.insecure:
+        return False
+    context = ssl.create_default_context(cafile=conn.ca_path)
+    if conn.ca_data:
+        context.load_verify_locations(cadata=conn.ca_data.decode())
+    if conn.certificate_path:
+        context.load_cert_chain(conn.certificate_path, conn.private_key_path)
+    return context
+
+
+def write_temp_pem(data: str | bytes) -> str:
+    """kopf may hand over inline client certificates; ssl only loads them from files."""
+    raw = data.encode() if isinstance(data, str) else data
+    with tempfile.NamedTemporaryFile(prefix="kiloclaw-", suffix=".pem", delete=False) as handle:
+        handle.write(raw)
+        return handle.name
+
+
+class KubeClient:
+    def __init__(self, conn: KubeConnection, *, timeout: float = 30.0) -> None:
+        headers = {"Accept": "application/json"}
+        if conn.token:
+            headers["Authorization"] = f"{conn.scheme} {conn.token}"
+        auth = httpx.BasicAuth(conn.username, conn.password) if conn.username and conn.password else None
+        self._http = httpx.AsyncClient(
+            base_url=conn.server.rstrip("/"),
+            headers=headers,
+            auth=auth,
+            verify=_tls_context(conn),
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            error = {404: KubeNotFound, 409: KubeConflict}.get(response.status_code, KubeError)
+            raise error(response.status_code, message)
+        result: dict[str, Any] = response.json()
+        return result
+
+    @staticmethod
+    def _path(plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    # --- instances -------------------------------------------------------------------------------------
+
+    async def get_instance(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self._request("GET", self._path(INSTANCE_PLURAL, namespace, name))
+
+    async def patch_instance_status(self, ref: ObjectRef, status_patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch ``.status``; returns the object as the API server stored it."""
+        return await self._request(
+            "PATCH",
+            self._path(INSTANCE_PLURAL, ref.namespace, ref.name, "status"),
+            json={"status": status_patch},
+            headers={"Content-Type": MERGE_PATCH},
+        )
+
+    # --- retained volumes ------------------------------------------------------------------------------
+
+    async def create_retained_volume(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create, or return the existing one with the same name (a retried step must not fail on itself)."""
+        try:
+            return await self._request("POST", self._path(RETAINED_PLURAL, namespace), json=body)
+        except KubeConflict:
+            return await self.get_retained_volume(namespace, body["metadata"]["name"])
+
+    async def get_retained_volume(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self._request("GET", self._path(RETAINED_PLURAL, namespace, name))
+
+    async def list_retained_volumes(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        path = (
+            self._path(RETAINED_PLURAL, namespace)
+            if namespace
+            else f"/apis/{GROUP}/{VERSION}/{RETAINED_PLURAL}"
+        )
+        items: list[dict[str, Any]] = (await self._request("GET", path)).get("items", [])
+        return items
+
+    async def patch_retained_status(self, ref: ObjectRef, status_patch: dict[str, Any]) -> dict[str, Any]:
+        return await self._request(
+            "PATCH",
+            self._path(RETAINED_PLURAL, ref.namespace, ref.name, "status"),
+            json={"status": status_patch},
+            headers={"Content-Type": MERGE_PATCH},
+        )
+
+    async def list_instances(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        path = (
+            self._path(INSTANCE_PLURAL, namespace)
+            if namespace
+            else f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
+        )
+        items: list[dict[str, Any]] = (await self._request("GET", path)).get("items", [])
+        return items
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    async def post_event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
+        """Best effort: an Event that cannot be posted is logged, never allowed to fail a step."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": ref.api_version,
+                "kind": ref.kind,
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "kiloclaw-operator"},
+            "reportingComponent": "kiloclaw-operator",
+            "reportingInstance": "kiloclaw-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": None,
+            "count": 1,
+        }
+        try:
+            await self._request("POST", f"/api/v1/namespaces/{ref.namespace}/events", json=body)
+        except (KubeError, httpx.HTTPError) as exc:
+            logger.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc)

@@ -1,0 +1,230 @@
+"""The pure decision core of an instance's lifecycle: given what the API server says (spec, status) and what
+Fly says (an ``Observation``), decide the next ``Action``. No I/O, no kopf, no clients: the reconciler
+executes the decision.
+
+The whole table is ``decide``; ``tests/test_lifecycle_decide.py`` enumerates every phase × observation.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+from .conditions import STALLED
+from .config import Settings
+from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
+from .models import BUSY_PHASES, DesiredState, Instance, InstanceSpec, Phase
+
+#: Fly machine states that are on their way somewhere; they never trigger anything by themselves.
+TRANSIENT_FLY_STATES = frozenset(
+    {"created", "starting", "stopping", "replacing", "destroying", "updating", "launch_failed", "suspending"}
+)
+
+METADATA_USER_ID = "kiloclaw_user_id"
+METADATA_SANDBOX_ID = "kiloclaw_sandbox_id"
+METADATA_RECOVERY_ID = "kiloclaw_recovery_id"
+
+
+class ObservationKind(Enum):
+    NO_MACHINE = "no_machine"  # status names no machine
+    FOUND = "found"  # Fly answered with the machine
+    GONE = "gone"  # 404, or the machine is destroyed
+    UNKNOWN = "unknown"  # Fly did not answer usefully (transient error): decide nothing from it
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What Fly says about the instance's current machine. Built by the observer, or by hand in tests."""
+
+    kind: ObservationKind
+    state: str | None = None
+    config_in_sync: bool = True
+    error: str | None = None
+
+    @classmethod
+    def found(cls, state: str, *, config_in_sync: bool = True) -> Observation:
+        return cls(ObservationKind.FOUND, state=state, config_in_sync=config_in_sync)
+
+    @classmethod
+    def no_machine(cls) -> Observation:
+        return cls(ObservationKind.NO_MACHINE)
+
+    @classmethod
+    def gone(cls) -> Observation:
+        return cls(ObservationKind.GONE, state="destroyed")
+
+    @classmethod
+    def unknown(cls, error: str) -> Observation:
+        return cls(ObservationKind.UNKNOWN, error=error)
+
+
+class Action(Enum):
+    NOTHING = "nothing"  # nothing to do now (settled, or waiting for Fly)
+    PROVISION = "provision"  # ensure volume, then machine, then Starting
+    START = "start"  # bring the existing (or recreated) machine up with the desired config
+    STOP = "stop"
+    UPDATE_CONFIG = "update_config"  # running machine with an outdated config: Fly restarts it
+    BEGIN_RECOVERY = "begin_recovery"
+    RESUME_RECOVERY = "resume_recovery"
+    SETTLE = "settle"  # a phase change implied by the observation, no Fly call
+    ACKNOWLEDGE = "acknowledge"  # the new generation needs no Fly call: record it as observed
+    DEFER = "defer"  # busy: record Reconciling/Busy and the ActionDeferred event
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    phase: Phase | None = None  # the phase to record (for SETTLE/ACKNOWLEDGE), None = unchanged
+    clear_machine: bool = False  # the machine is gone: forget its id
+    reason: str = ""
+
+
+def is_held(instance: Instance) -> bool:
+    """A stalled instance is left alone until its generation or its retry annotation changes."""
+    stalled = instance.status.condition(STALLED)
+    if stalled is None or stalled.status != "True":
+        return False
+    return (
+        stalled.observed_generation == instance.generation
+        and (instance.status.acknowledged_retry or "") == instance.retry_token
+    )
+
+
+def has_unobserved_generation(instance: Instance) -> bool:
+    return instance.status.observed_generation != instance.generation
+
+
+def should_recover(instance: Instance) -> bool:
+    spec = instance.spec
+    return spec.state is DesiredState.RUNNING and spec.recovery.enabled
+
+
+def decide(instance: Instance, observation: Observation) -> Decision:
+    """The next step for one instance. Recovery and deletion own their phases; everything else is here."""
+    status = instance.status
+    phase = status.phase
+    if instance.deleting or phase is Phase.DESTROYING:
+        return Decision(Action.NOTHING, reason="deletion is handled by the finalizer")
+    if phase is Phase.RECOVERING or status.recovery is not None:
+        return Decision(Action.RESUME_RECOVERY)
+    if is_held(instance):
+        return Decision(Action.NOTHING, reason="stalled: waiting for a spec change or the retry annotation")
+    if phase in (Phase.PENDING, Phase.PROVISIONING):
+        return Decision(Action.PROVISION)
+    if observation.kind is ObservationKind.UNKNOWN:
+        return Decision(Action.NOTHING, reason=f"Fly state unknown: {observation.error}")
+    if phase is Phase.FAILED:
+        return _converge(instance, observation)
+
+    # Facts first: what Fly reports moves a settled or waiting phase, before any spec is applied.
+    if observation.kind is ObservationKind.GONE and phase in (Phase.RUNNING, Phase.STARTING, Phase.STOPPING):
+        return Decision(Action.SETTLE, Phase.STOPPED, clear_machine=True, reason="machine is gone")
+    if observation.kind is ObservationKind.NO_MACHINE and phase in (Phase.STARTING, Phase.RUNNING):
+        return Decision(Action.PROVISION, reason="no machine recorded")
+    state = observation.state
+
+    if phase is Phase.STARTING:
+        if state == "started":
+            return Decision(Action.SETTLE, Phase.RUNNING, reason="machine started")
+        if state in ("stopped", "failed"):
+            return Decision(Action.SETTLE, Phase.STOPPED, reason=f"machine {state} while starting")
+        return Decision(Action.NOTHING, reason="waiting for the machine to start")
+
+    if phase is Phase.STOPPING:
+        if state in ("stopped", "failed") or observation.kind is ObservationKind.NO_MACHINE:
+            return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
+        if state == "started":
+            return Decision(Action.STOP, reason="machine still started")
+        return Decision(Action.NOTHING, reason="waiting for the machine to stop")
+
+    if phase is Phase.RUNNING:
+        if state == "stopped":
+            if should_recover(instance):
+                return Decision(Action.BEGIN_RECOVERY, reason="machine stopped unexpectedly")
+            return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
+        if state == "failed":
+            return Decision(Action.SETTLE, Phase.STOPPED, reason="machine failed")
+        if state == "started" and has_unobserved_generation(instance):
+            return _converge(instance, observation)
+        return Decision(Action.NOTHING)
+
+    # Stopped: settled; act only on a generation not yet acted on (or a retry after a stall).
+    if has_unobserved_generation(instance) or _retry_requested(instance):
+        return _converge(instance, observation)
+    return Decision(Action.NOTHING)
+
+
+def _retry_requested(instance: Instance) -> bool:
+    return (instance.status.acknowledged_retry or "") != instance.retry_token
+
+
+def _converge(instance: Instance, observation: Observation) -> Decision:
+    """Apply the spec from a settled phase (Running with started machine, Stopped, Failed)."""
+    status = instance.status
+    state = observation.state if observation.kind is ObservationKind.FOUND else None
+    if instance.spec.state is DesiredState.RUNNING:
+        if status.volume_id is None:
+            return Decision(Action.PROVISION, reason="no volume yet")
+        if state in TRANSIENT_FLY_STATES:
+            return Decision(Action.NOTHING, reason=f"waiting for Fly state {state} to settle")
+        if state == "started":
+            if not observation.config_in_sync:
+                return Decision(Action.UPDATE_CONFIG, reason="machine config differs from spec")
+            return Decision(Action.ACKNOWLEDGE, Phase.RUNNING)
+        return Decision(Action.START, reason="spec wants the machine running")
+    if state in ("started", "starting", "created"):
+        return Decision(Action.STOP, reason="spec wants the machine stopped")
+    return Decision(Action.ACKNOWLEDGE, Phase.STOPPED, clear_machine=observation.kind is ObservationKind.GONE)
+
+
+def is_busy(phase: Phase) -> bool:
+    return phase in BUSY_PHASES
+
+
+def poll_interval(phase: Phase, settings: Settings, rng: random.Random | None = None) -> float:
+    """Seconds until the next observation of an instance in ``phase``, with ±10 % jitter to spread load."""
+    if phase in BUSY_PHASES or phase is Phase.PENDING:
+        base = settings.poll_busy_seconds
+    elif phase is Phase.RUNNING:
+        base = settings.poll_running_seconds
+    else:
+        base = settings.poll_idle_seconds
+    jitter = (rng or random).uniform(-0.1, 0.1)
+    return max(0.01, base * (1 + jitter))
+
+
+def desired_machine_config(
+    spec: InstanceSpec, volume_id: str, *, recovery_id: str | None = None
+) -> MachineConfig:
+    """The machine config the spec asks for (DESIGN 3.1)."""
+    metadata = {METADATA_USER_ID: spec.user_id, METADATA_SANDBOX_ID: spec.sandbox_id}
+    if recovery_id is not None:
+        metadata[METADATA_RECOVERY_ID] = recovery_id
+    return MachineConfig(
+        image=spec.image,
+        guest=Guest(cpu_kind=spec.guest.cpu_kind, cpus=spec.guest.cpus, memory_mb=spec.guest.memory_mb),
+        env=dict(spec.env),
+        mounts=[Mount(volume=volume_id, path=spec.volume.mount_path)],
+        restart=RestartPolicy(policy="no"),
+        metadata=metadata,
+    )
+
+
+def config_in_sync(spec: InstanceSpec, actual: MachineConfig | None) -> bool:
+    """Whether the machine runs what the spec asks for (image, guest, env); metadata and mounts are ours."""
+    if actual is None:
+        return False
+    guest = actual.guest
+    return (
+        actual.image == spec.image
+        and dict(actual.env) == dict(spec.env)
+        and guest is not None
+        and (guest.cpu_kind, guest.cpus, guest.memory_mb)
+        == (spec.guest.cpu_kind, spec.guest.cpus, spec.guest.memory_mb)
+    )
+
+
+def ordered_regions(spec: InstanceSpec, settings: Settings) -> list[str]:
+    """Provisioning region preference: the spec's list, else the operator default."""
+    return list(spec.regions or settings.default_regions)

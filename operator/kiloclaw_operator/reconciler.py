@@ -1,0 +1,564 @@
+"""One driver per instance: the single writer that observes Fly, asks the decision core, acts, and commits.
+
+kopf runs timers and change handlers concurrently on the same object; here every piece of work on an
+instance — observation ticks, spec changes, recovery steps and deletion — goes through the driver's lock, so
+exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single writer").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import httpx
+
+from . import conditions, lifecycle, recovery
+from .config import Settings
+from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
+from .fly.models import Machine, Volume
+from .kube import KubeClient, KubeError
+from .lifecycle import Action, Decision, Observation
+from .metrics import INSTANCE_PHASES
+from .models import Instance, InstanceStatus, Phase, volume_name
+from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
+
+logger = logging.getLogger("kiloclaw.instance")
+
+ACTION_DEFERRED = "ActionDeferred"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RetryLater(Exception):
+    """The work could not finish now and must be retried after ``delay`` seconds (the handler maps it)."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class Observer(Protocol):
+    """Where observed Fly state comes from: per-instance polling now, an organisation feed later."""
+
+    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
+
+
+@dataclass
+class Context:
+    """Everything a driver needs from the outside world; built once at start-up."""
+
+    settings: Settings
+    fly: FlyClient
+    kube: KubeClient
+    observer: Observer
+    clock: Callable[[], datetime] = utcnow
+
+
+class PollingObserver:
+    """Observes an instance by ``GET /machines/{id}``; read paths never change the phase."""
+
+    def __init__(self, fly: FlyClient) -> None:
+        self._fly = fly
+
+    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]:
+        machine_id = instance.status.machine_id
+        if machine_id is None:
+            return Observation.no_machine(), None
+        try:
+            machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
+        except NotFound:
+            return Observation.gone(), None
+        except (Unauthorized, Fatal):
+            raise
+        except FlyError as exc:
+            return Observation.unknown(str(exc)), None
+        if machine.state == "destroyed":
+            return Observation.gone(), machine
+        in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
+        return Observation.found(machine.state, config_in_sync=in_sync), machine
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """RFC 7386 patch turning ``old`` into ``new``: nested dicts diffed, removed keys set to null."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def _resource_version(body: dict[str, Any]) -> int:
+    try:
+        return int(body.get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class InstanceDriver:
+    ctx: Context
+    namespace: str
+    name: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: dict[str, Any] | None = None
+    failures: int = 0
+    next_observation: float = 0.0
+
+    # --- the freshest known object ------------------------------------------------------------------
+
+    def offer(self, body: dict[str, Any]) -> None:
+        """Keep whichever is newer: a watch event's body or our own last write's response."""
+        if self.latest is None or _resource_version(body) >= _resource_version(self.latest):
+            self.latest = body
+
+    def current(self) -> Instance:
+        if self.latest is None:
+            raise RuntimeError(f"instance {self.namespace}/{self.name} has no known body yet")
+        return Instance.from_body(self.latest)
+
+    async def commit(
+        self, instance: Instance, status: InstanceStatus, why: str, *, deferred: bool = False
+    ) -> Instance:
+        """The one durable status write: returns only once the API server has stored it.
+
+        ``why`` names the step that must survive a crash; it goes into the debug log with the write.
+        """
+        status = status.model_copy(update={"acknowledged_retry": instance.retry_token or None})
+        status = conditions.summarize(
+            instance.spec, status, instance.generation, self.ctx.clock(), deferred=deferred
+        )
+        patch = merge_patch(instance.status.dump(), status.dump())
+        if not patch:
+            return instance
+        body = await self.ctx.kube.patch_instance_status(instance.ref, patch)
+        logger.debug("status committed: %s", why, extra=self._log_fields(instance))
+        self.offer(body)
+        updated = Instance.from_body(body)
+        INSTANCE_PHASES.set(updated.ref.uid or f"{self.namespace}/{self.name}", updated.status.phase.value)
+        return updated
+
+    def _log_fields(self, instance: Instance) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "namespace": instance.ref.namespace,
+            "instance": instance.ref.name,
+            "sandbox_id": instance.spec.sandbox_id,
+        }
+        if instance.status.recovery is not None:
+            fields["recovery_id"] = instance.status.recovery.id
+        return fields
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until asked to stop; sleep the phase's cadence or until woken by a change."""
+        while not self.stop_requested.is_set():
+            delay = await self.reconcile_once()
+            self.wakeup.clear()
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        waiters = [
+            asyncio.ensure_future(self.wakeup.wait()),
+            asyncio.ensure_future(self.stop_requested.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    def _backoff(self, hint: float | None = None) -> float:
+        self.failures += 1
+        base = self.ctx.settings.poll_busy_seconds
+        delay = min(self.ctx.settings.retry_backoff_max_seconds, base * (2 ** min(self.failures, 10)))
+        delay = random.uniform(base, delay)
+        return max(delay, hint or 0.0)
+
+    async def reconcile_once(self) -> float:
+        """One pass under the lock; returns seconds until the next pass."""
+        async with self.lock:
+            if self.latest is None:
+                return self.ctx.settings.poll_busy_seconds
+            instance = self.current()
+            if instance.deleting:
+                return self.ctx.settings.poll_busy_seconds
+            try:
+                instance = await self._reconcile(instance)
+            except FlyError as exc:
+                return await self._on_fly_error(self.current(), exc)
+            except OwnershipMismatch as exc:
+                logger.warning("%s", exc, extra=self._log_fields(instance))
+                return self._backoff()
+            except RetryLater as exc:
+                logger.info("retrying later: %s", exc, extra=self._log_fields(instance))
+                return self._backoff(exc.delay)
+            except (KubeError, httpx.HTTPError) as exc:
+                logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(instance))
+                return self._backoff()
+            self.failures = 0
+            return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)
+
+    async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
+        fields = self._log_fields(instance)
+        if isinstance(exc, Unauthorized | Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
+            reason = (
+                conditions.REASON_FLY_UNAUTHORIZED
+                if isinstance(exc, Unauthorized)
+                else conditions.REASON_INVALID_SPEC
+            )
+            logger.error("Fly rejected the instance: %s", exc, extra=fields)
+            now = self.ctx.clock()
+            status = instance.status.model_copy(
+                update={"phase": Phase.FAILED, "observed_generation": instance.generation}
+            )
+            status = conditions.mark_stalled(status, reason, exc.message, now, instance.generation)
+            await self.commit(instance, status, "permanent Fly error: stall until the spec changes")
+            return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
+        hint = exc.retry_after if isinstance(exc, RateLimited) else None
+        logger.warning("Fly call failed, will retry: %s", exc, extra=fields)
+        return self._backoff(hint)
+
+    async def _reconcile(self, instance: Instance) -> Instance:
+        if instance.status.recovery is None and instance.status.pending_cleanup is not None:
+            instance = await self._retry_pending_cleanup(instance)
+        if instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None:
+            return await recovery.resume(self, instance)
+        if lifecycle.is_held(instance):
+            return instance
+        observation, machine = await self.ctx.observer.observe(instance)
+        instance = await self._record_observation(instance, observation)
+        decision = lifecycle.decide(instance, observation)
+        if lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance):
+            instance = await self._defer(instance)
+        return await self._act(instance, decision, machine)
+
+    async def _record_observation(self, instance: Instance, observation: Observation) -> Instance:
+        """Fly state changes are written when they change, never on every poll (no status churn)."""
+        if observation.kind is lifecycle.ObservationKind.UNKNOWN:
+            return instance
+        state = observation.state
+        if state == instance.status.fly_state:
+            return instance
+        status = instance.status.model_copy(update={"fly_state": state, "observed_at": self.ctx.clock()})
+        return await self.commit(instance, status, "observed a new Fly state")
+
+    async def _defer(self, instance: Instance) -> Instance:
+        reconciling = instance.status.condition(conditions.RECONCILING)
+        if (
+            reconciling is not None
+            and reconciling.reason == conditions.REASON_BUSY
+            and reconciling.observed_generation == instance.generation
+        ):
+            return instance
+        await self.ctx.kube.post_event(
+            instance.ref,
+            ACTION_DEFERRED,
+            f"spec generation {instance.generation} deferred while {instance.status.phase.value}",
+        )
+        return await self.commit(instance, instance.status, "record the deferred generation", deferred=True)
+
+    # --- acting -----------------------------------------------------------------------------------------
+
+    async def _act(self, instance: Instance, decision: Decision, machine: Machine | None) -> Instance:
+        action = decision.action
+        if action is Action.NOTHING or action is Action.DEFER:
+            return instance
+        if action is Action.RESUME_RECOVERY:
+            return await recovery.resume(self, instance)
+        if action is Action.BEGIN_RECOVERY:
+            return await recovery.begin(self, instance)
+        now = self.ctx.clock()
+        base = instance.status
+        if conditions.is_stalled(base):
+            base = conditions.clear_stalled(base, now, instance.generation)
+        if action is Action.SETTLE or action is Action.ACKNOWLEDGE:
+            update: dict[str, Any] = {"phase": decision.phase or base.phase}
+            if decision.clear_machine:
+                update["machine_id"] = None
+            if action is Action.ACKNOWLEDGE:
+                update["observed_generation"] = instance.generation
+            return await self.commit(
+                instance, base.model_copy(update=update), decision.reason or action.value
+            )
+        if action is Action.PROVISION:
+            return await self._provision(instance, base)
+        if action is Action.START:
+            return await self._start(instance, base, machine)
+        if action is Action.STOP:
+            return await self._stop(instance, base)
+        if action is Action.UPDATE_CONFIG:
+            return await self._update_config(instance, base)
+        raise AssertionError(f"unhandled action {action}")
+
+    async def _provision(self, instance: Instance, base: InstanceStatus) -> Instance:
+        if base.phase is not Phase.PROVISIONING:
+            base = base.model_copy(
+                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
+            )
+            instance = await self.commit(instance, base, "provisioning begins")
+        if instance.status.volume_id is None:
+            volume = await self._adopt_or_create_volume(instance)
+            instance = await self.commit(
+                instance,
+                instance.status.model_copy(update={"volume_id": volume.id, "region": volume.region}),
+                "volume created: record its id before creating the machine",
+            )
+        return await self._ensure_machine(instance)
+
+    async def _adopt_or_create_volume(self, instance: Instance) -> Volume:
+        spec = instance.spec
+        name = volume_name(spec.sandbox_id)
+        adoptable = await self._adoptable_volumes(instance, name)
+        if adoptable:
+            logger.info(
+                "adopting volume %s left by an earlier attempt",
+                adoptable[0].id,
+                extra=self._log_fields(instance),
+            )
+            return adoptable[0]
+        errors: list[str] = []
+        for region in lifecycle.ordered_regions(spec, self.ctx.settings):
+            try:
+                return await self.ctx.fly.create_volume(
+                    spec.fly_app, name=name, region=region, size_gb=spec.volume.size_gb
+                )
+            except Capacity as exc:
+                errors.append(f"{region}: {exc.message}")
+        raise RetryLater("no region has capacity for the volume: " + "; ".join(errors), 0)
+
+    async def _adoptable_volumes(self, instance: Instance, name: str) -> list[Volume]:
+        """Volumes this instance created but did not record (crash between create and status write).
+
+        Same name, unattached, created after the instance, and not kept as a retained safety copy.
+        """
+        volumes = await self.ctx.fly.list_volumes(instance.spec.fly_app)
+        candidates = [
+            v
+            for v in volumes
+            if v.name == name
+            and v.state not in ("destroyed", "destroying", "pending_destroy")
+            and not v.attached_machine_id
+            and (
+                instance.created_at is None
+                or v.created_at is None
+                or v.created_at >= instance.created_at - timedelta(seconds=60)
+            )
+        ]
+        if not candidates:
+            return []
+        retained = {
+            item.get("spec", {}).get("volumeId")
+            for item in await self.ctx.kube.list_retained_volumes(instance.ref.namespace)
+        }
+        return sorted((v for v in candidates if v.id not in retained), key=lambda v: str(v.created_at))
+
+    async def _ensure_machine(self, instance: Instance) -> Instance:
+        spec = instance.spec
+        volume_id = instance.status.volume_id
+        assert volume_id is not None
+        machine = await self._adoptable_machine(instance)
+        if machine is None:
+            machine = await self.ctx.fly.create_machine(
+                spec.fly_app,
+                name=spec.sandbox_id,
+                region=instance.status.region or lifecycle.ordered_regions(spec, self.ctx.settings)[0],
+                config=lifecycle.desired_machine_config(spec, volume_id),
+            )
+        return await self.commit(
+            instance,
+            instance.status.model_copy(
+                update={
+                    "machine_id": machine.id,
+                    "region": machine.region or instance.status.region,
+                    "phase": Phase.STARTING,
+                    "fly_state": machine.state,
+                    "observed_at": self.ctx.clock(),
+                }
+            ),
+            "machine created: record its id before waiting for it",
+        )
+
+    async def _adoptable_machine(self, instance: Instance) -> Machine | None:
+        machines = await self.ctx.fly.list_machines(
+            instance.spec.fly_app, metadata={lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
+        )
+        volume_id = instance.status.volume_id
+        for machine in machines:
+            if machine.state in ("destroyed", "destroying"):
+                continue
+            mounts = machine.config.mounts if machine.config else []
+            if any(m.volume == volume_id for m in mounts):
+                return machine
+        return None
+
+    async def _start(self, instance: Instance, base: InstanceStatus, machine: Machine | None) -> Instance:
+        spec = instance.spec
+        machine_id = base.machine_id
+        begin = base.model_copy(update={"phase": Phase.STARTING, "observed_generation": instance.generation})
+        if machine_id is None:
+            instance = await self.commit(
+                instance, begin.model_copy(update={"phase": Phase.PROVISIONING}), "start: create a machine"
+            )
+            return await self._ensure_machine(instance)
+        instance = await self.commit(instance, begin, "starting the machine")
+        try:
+            if machine is None or not lifecycle.config_in_sync(spec, machine.config):
+                assert instance.status.volume_id is not None
+                await self.ctx.fly.update_machine(
+                    spec.fly_app,
+                    machine_id,
+                    lifecycle.desired_machine_config(spec, instance.status.volume_id),
+                )
+            await self.ctx.fly.start_machine(spec.fly_app, machine_id)
+        except NotFound:
+            logger.info(
+                "machine %s is gone; creating a new one on the volume",
+                machine_id,
+                extra=self._log_fields(instance),
+            )
+            instance = await self.commit(
+                instance,
+                instance.status.model_copy(update={"machine_id": None, "phase": Phase.PROVISIONING}),
+                "machine gone: forget it before creating another",
+            )
+            return await self._ensure_machine(instance)
+        return instance
+
+    async def _stop(self, instance: Instance, base: InstanceStatus) -> Instance:
+        status = base.model_copy(update={"phase": Phase.STOPPING, "observed_generation": instance.generation})
+        instance = await self.commit(instance, status, "stopping the machine")
+        assert instance.status.machine_id is not None
+        try:
+            await self.ctx.fly.stop_machine(instance.spec.fly_app, instance.status.machine_id)
+        except NotFound:
+            return await self.commit(
+                instance,
+                instance.status.model_copy(update={"machine_id": None, "phase": Phase.STOPPED}),
+                "machine gone while stopping",
+            )
+        return instance
+
+    async def _update_config(self, instance: Instance, base: InstanceStatus) -> Instance:
+        status = base.model_copy(update={"phase": Phase.STARTING, "observed_generation": instance.generation})
+        instance = await self.commit(instance, status, "updating the machine config")
+        assert instance.status.machine_id is not None and instance.status.volume_id is not None
+        await self.ctx.fly.update_machine(
+            instance.spec.fly_app,
+            instance.status.machine_id,
+            lifecycle.desired_machine_config(instance.spec, instance.status.volume_id),
+        )
+        return instance
+
+    async def _retry_pending_cleanup(self, instance: Instance) -> Instance:
+        """Replacement resources a failed recovery could not remove; retried outside recoveries only."""
+        pending = instance.status.pending_cleanup
+        assert pending is not None
+        app = instance.spec.fly_app
+        try:
+            if pending.machine_id:
+                await destroy_machine_if_present(
+                    self.ctx.fly, app, pending.machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
+                )
+            if pending.volume_id:
+                await delete_volume_checked(self.ctx.fly, app, pending.volume_id, instance.spec.sandbox_id)
+        except (FlyError, OwnershipMismatch) as exc:
+            logger.warning("pending cleanup still failing: %s", exc, extra=self._log_fields(instance))
+            return instance
+        return await self.commit(
+            instance, instance.status.model_copy(update={"pending_cleanup": None}), "pending cleanup done"
+        )
+
+    # --- deletion ---------------------------------------------------------------------------------------
+
+    async def destroy(self) -> None:
+        """Two-phase destroy behind the finalizer; raises RetryLater until Fly confirms both are gone."""
+        self.stop()
+        async with self.lock:
+            instance = self.current()
+            if instance.status.recovery is not None:
+                instance = await recovery.fail(
+                    self, instance, "instance deleted during recovery", label="deleted"
+                )
+            if instance.status.phase is not Phase.DESTROYING:
+                instance = await self.commit(
+                    instance,
+                    instance.status.model_copy(update={"phase": Phase.DESTROYING}),
+                    "record the ids to destroy before any delete call",
+                )
+            app = instance.spec.fly_app
+            status = instance.status
+            try:
+                machine_ids = {status.machine_id} if status.machine_id else set()
+                for machine in await self.ctx.fly.list_machines(
+                    app, metadata={lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
+                ):
+                    if machine.state not in ("destroyed",):
+                        machine_ids.add(machine.id)
+                for machine_id in sorted(machine_ids):
+                    await destroy_machine_if_present(
+                        self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
+                    )
+                if status.pending_cleanup and status.pending_cleanup.volume_id:
+                    await delete_volume_checked(
+                        self.ctx.fly, app, status.pending_cleanup.volume_id, instance.spec.sandbox_id
+                    )
+                if status.volume_id:
+                    await delete_volume_checked(self.ctx.fly, app, status.volume_id, instance.spec.sandbox_id)
+            except (FlyError, OwnershipMismatch) as exc:
+                if isinstance(exc, Unauthorized):
+                    raise RetryLater(
+                        f"destroy blocked, Fly token unauthorized: {exc}",
+                        self.ctx.settings.retry_backoff_min_seconds,
+                    ) from exc
+                raise RetryLater(f"destroy incomplete: {exc}", self._backoff()) from exc
+            await self.commit(
+                instance,
+                instance.status.model_copy(
+                    update={"machine_id": None, "volume_id": None, "pending_cleanup": None}
+                ),
+                "Fly confirmed machine and volume gone",
+            )
+            INSTANCE_PHASES.forget(instance.ref.uid or f"{self.namespace}/{self.name}")
+
+
+class DriverRegistry:
+    """The drivers of all known instances, keyed by namespace/name."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._drivers: dict[tuple[str, str], InstanceDriver] = {}
+
+    def get(self, namespace: str, name: str) -> InstanceDriver:
+        key = (namespace, name)
+        driver = self._drivers.get(key)
+        if driver is None:
+            driver = self._drivers[key] = InstanceDriver(self.ctx, namespace, name)
+        return driver
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._drivers.pop((namespace, name), None)
+
+    def __len__(self) -> int:
+        return len(self._drivers)

@@ -1,0 +1,507 @@
+"""Unexpected-stop recovery (DESIGN 3.3): the whole story in one file.
+
+A recovery relocates a sandbox whose machine stopped on its own onto a fork of its volume and a new machine,
+then cuts over. It is a sequence of named steps; each completed step is committed to ``status.recovery``
+(confirmed by the API server) before the next Fly call, so an operator that restarts anywhere resumes from the
+last recorded step, and every step is idempotent (it first looks for what a crashed attempt may have left).
+
+Invariants:
+- the source volume is never touched unless the cutover is committed;
+- a committed cutover is never undone: after it, only the old volume is disposed of;
+- every replacement resource id is in the status before the next Fly call, or found again by name/metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from . import conditions, lifecycle
+from .fly import Capacity, FlyError, NotFound
+from .fly.models import Guest, Machine, Volume
+from .metrics import RECOVERIES, RECOVERY_DURATION
+from .models import (
+    INSTANCE_LABEL,
+    LastRecovery,
+    PendingCleanup,
+    Phase,
+    RecoveryOutcome,
+    RecoveryStatus,
+    RecoveryStep,
+    RetainedVolumeSpec,
+    step_reached,
+    volume_name,
+)
+from .models import Instance as InstanceModel
+from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
+
+if TYPE_CHECKING:
+    from .reconciler import InstanceDriver
+
+logger = logging.getLogger("kiloclaw.recovery")
+analytics = logging.getLogger("kiloclaw.analytics")
+
+TIMEOUT_MESSAGE = "unexpected stop recovery timed out"
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class RecoveryStepFailed(Exception):
+    """A recovery step cannot succeed; the attempt fails and is cleaned up."""
+
+
+def new_recovery_id() -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (sortable by start time)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def replacement_regions(regions: Sequence[str], source_region: str, rng: random.Random | None = None) -> list[str]:
+    """Where to fork the replacement volume: the configured regions shuffled, the source region dropped
+    when three or more remain (a failed host's region is the worst bet) or tried last otherwise."""
+    order = list(dict.fromkeys(regions))
+    (rng or random).shuffle(order)
+    if source_region in order:
+        order.remove(source_region)
+        if len(order) < 2:
+            order.append(source_region)
+    return order
+
+
+def retained_volume_name(instance_name: str, volume_id: str) -> str:
+    suffix = volume_id.removeprefix("vol_").lower()[:8]
+    return f"{instance_name[:240]}-vol-{suffix}"
+
+
+# --- entry points ---------------------------------------------------------------------------------------
+
+
+async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    """Step 1: record the attempt (phase Recovering, ids) before any Fly call; then run the steps."""
+    status = instance.status
+    if status.volume_id is None or status.region is None:
+        return await driver.commit(
+            instance,
+            status.model_copy(update={"phase": Phase.STOPPED}),
+            "stopped without a recorded volume: nothing to recover from",
+        )
+    now = driver.ctx.clock()
+    record = RecoveryStatus(
+        id=new_recovery_id(),
+        started_at=now,
+        deadline=now + timedelta(seconds=driver.ctx.settings.recovery_timeout_seconds),
+        step=RecoveryStep.STARTED,
+        source_machine_id=status.machine_id,
+        source_volume_id=status.volume_id,
+        source_region=status.region,
+    )
+    instance = await driver.commit(
+        instance,
+        status.model_copy(update={"phase": Phase.RECOVERING, "recovery": record}),
+        "recovery begins: the attempt is recorded before any Fly call",
+    )
+    fields = _fields(instance)
+    await driver.ctx.kube.post_event(
+        instance.ref, "RecoveryStarted", f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}"
+    )
+    analytics.info("instance.unexpected_stop_recovery_started", extra={"event": "instance.unexpected_stop_recovery_started", **fields})
+    return await resume(driver, instance)
+
+
+async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    """Run the remaining steps from the last one recorded, until done, failed, or asked to stop."""
+    while instance.status.recovery is not None:
+        record = instance.status.recovery
+        if step_reached(record.step, RecoveryStep.CUT_OVER):
+            return await _dispose_of_source_volume(driver, instance)
+        if driver.stop_requested.is_set():
+            return instance
+        if driver.ctx.clock() >= record.deadline:
+            return await fail(driver, instance, TIMEOUT_MESSAGE, label="timeout")
+        try:
+            instance = await _run_step(driver, instance)
+        except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
+            message = f"step after {record.step.value} failed: {exc}"
+            return await fail(driver, instance, message, label="step_failed")
+    if instance.status.phase is Phase.RECOVERING:
+        # A Recovering phase without a recovery record cannot be resumed: settle it, never guess ids.
+        return await driver.commit(
+            instance, instance.status.model_copy(update={"phase": Phase.STOPPED}), "no recovery record to resume"
+        )
+    return instance
+
+
+async def settle_for_deletion(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    """Deletion during a recovery: finish disposing of the old volume if the cutover is committed (the
+    replacement is then the instance's own), otherwise run the failure cleanup."""
+    record = instance.status.recovery
+    if record is None:
+        return instance
+    if step_reached(record.step, RecoveryStep.CUT_OVER):
+        return await _dispose_of_source_volume(driver, instance)
+    return await fail(driver, instance, "instance deleted during recovery", label="deleted")
+
+
+# --- steps 2-7 --------------------------------------------------------------------------------------------
+
+
+async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    record = instance.status.recovery
+    assert record is not None
+    fly = driver.ctx.fly
+    app = instance.spec.fly_app
+    step = record.step
+
+    if step is RecoveryStep.STARTED:
+        try:
+            await fly.get_volume(app, record.source_volume_id)
+        except NotFound:
+            raise RecoveryStepFailed(f"source volume missing: {record.source_volume_id}") from None
+        return await _record(driver, instance, RecoveryStep.SOURCE_VOLUME_CHECKED, "source volume exists")
+
+    if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
+        if record.source_machine_id:
+            await destroy_machine_if_present(fly, app, record.source_machine_id)
+        return await _record(driver, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed")
+
+    if step is RecoveryStep.SOURCE_MACHINE_DESTROYED:
+        volume = await _replacement_volume(driver, instance, record)
+        return await _record(
+            driver,
+            instance,
+            RecoveryStep.REPLACEMENT_VOLUME_CREATED,
+            "replacement volume exists: its id is recorded before the machine is created",
+            replacement_volume_id=volume.id,
+        )
+
+    if step is RecoveryStep.REPLACEMENT_VOLUME_CREATED:
+        machine = await _replacement_machine(driver, instance, record)
+        return await _record(
+            driver,
+            instance,
+            RecoveryStep.REPLACEMENT_MACHINE_CREATED,
+            "replacement machine exists: its id is recorded before waiting for it",
+            replacement_machine_id=machine.id,
+        )
+
+    if step is RecoveryStep.REPLACEMENT_MACHINE_CREATED:
+        assert record.replacement_machine_id is not None
+        remaining = (record.deadline - driver.ctx.clock()).total_seconds()
+        wait_seconds = max(1, min(driver.ctx.settings.wait_call_seconds, int(remaining + 0.999)))
+        try:
+            started = await fly.wait_machine(app, record.replacement_machine_id, "started", timeout_seconds=wait_seconds)
+        except NotFound:
+            raise RecoveryStepFailed(f"replacement machine {record.replacement_machine_id} disappeared") from None
+        if not started:
+            return instance
+        return await _record(driver, instance, RecoveryStep.REPLACEMENT_MACHINE_STARTED, "replacement machine started")
+
+    if step is RecoveryStep.REPLACEMENT_MACHINE_STARTED:
+        return await _cut_over(driver, instance, record)
+
+    raise AssertionError(f"unknown recovery step {step}")
+
+
+async def _record(
+    driver: InstanceDriver, instance: InstanceModel, step: RecoveryStep, why: str, **ids: str
+) -> InstanceModel:
+    record = instance.status.recovery
+    assert record is not None
+    updated = record.model_copy(update={"step": step, **ids})
+    return await driver.commit(instance, instance.status.model_copy(update={"recovery": updated}), why)
+
+
+async def _replacement_volume(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> Volume:
+    fly = driver.ctx.fly
+    app = instance.spec.fly_app
+    if record.replacement_volume_id:
+        try:
+            return await fly.get_volume(app, record.replacement_volume_id)
+        except NotFound:
+            logger.warning("recorded replacement volume %s is gone; forking again", record.replacement_volume_id, extra=_fields(instance))
+    name = volume_name(instance.spec.sandbox_id)
+    for volume in await fly.list_volumes(app):
+        if (
+            volume.name == name
+            and volume.id != record.source_volume_id
+            and volume.created_at is not None
+            and volume.created_at >= record.started_at
+            and volume.state not in ("destroyed", "destroying", "pending_destroy")
+        ):
+            logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
+            return volume
+    guest = instance.spec.guest
+    regions = replacement_regions(lifecycle.ordered_regions(instance.spec, driver.ctx.settings), record.source_region)
+    errors: list[str] = []
+    for region in regions:
+        try:
+            return await fly.create_volume(
+                app,
+                name=name,
+                region=region,
+                source_volume_id=record.source_volume_id,
+                compute=Guest(cpu_kind=guest.cpu_kind, cpus=guest.cpus, memory_mb=guest.memory_mb),
+            )
+        except Capacity as exc:
+            errors.append(f"{region}: {exc.message}")
+    raise RecoveryStepFailed("no capacity for the replacement volume in any region (" + "; ".join(errors) + ")")
+
+
+async def _replacement_machine(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> Machine:
+    fly = driver.ctx.fly
+    app = instance.spec.fly_app
+    assert record.replacement_volume_id is not None
+    if record.replacement_machine_id:
+        try:
+            return await fly.get_machine(app, record.replacement_machine_id)
+        except NotFound:
+            pass
+    for machine in await fly.list_machines(app, metadata={lifecycle.METADATA_RECOVERY_ID: record.id}):
+        if machine.state not in ("destroyed", "destroying"):
+            logger.info("adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance))
+            return machine
+    volume = await fly.get_volume(app, record.replacement_volume_id)
+    return await fly.create_machine(
+        app,
+        name=instance.spec.sandbox_id,
+        region=volume.region,
+        config=lifecycle.desired_machine_config(instance.spec, volume.id, recovery_id=record.id),
+    )
+
+
+async def _cut_over(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> InstanceModel:
+    """Step 7: one status write moves the instance onto the replacement; from here on there is no undo."""
+    assert record.replacement_machine_id and record.replacement_volume_id
+    volume = await driver.ctx.fly.get_volume(instance.spec.fly_app, record.replacement_volume_id)
+    now = driver.ctx.clock()
+    last = LastRecovery(
+        id=record.id,
+        started_at=record.started_at,
+        finished_at=now,
+        outcome=RecoveryOutcome.SUCCEEDED,
+        message=f"moved from {record.source_region} to {volume.region}",
+        duration_seconds=round((now - record.started_at).total_seconds(), 3),
+    )
+    status = instance.status.model_copy(
+        update={
+            "phase": Phase.RUNNING,
+            "machine_id": record.replacement_machine_id,
+            "volume_id": record.replacement_volume_id,
+            "region": volume.region,
+            "fly_state": "started",
+            "observed_at": now,
+            "last_recovery": last,
+            "recovery": record.model_copy(update={"step": RecoveryStep.CUT_OVER}),
+        }
+    )
+    return await driver.commit(instance, status, "cutover: the replacement becomes the instance's machine and volume")
+
+
+# --- step 8 -----------------------------------------------------------------------------------------------
+
+
+async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    """Step 8, only after a committed cutover: keep the old volume if it has snapshots (or we cannot tell),
+    delete it if it has none; a failed delete falls back to a retained resource that expires at once."""
+    from .reconciler import RetryLater
+
+    record = instance.status.recovery
+    assert record is not None
+    fly = driver.ctx.fly
+    app = instance.spec.fly_app
+    settings = driver.ctx.settings
+    now = driver.ctx.clock()
+    retain_until: datetime | None
+    try:
+        snapshots = await fly.list_volume_snapshots(app, record.source_volume_id)
+    except NotFound:
+        retain_until = None  # already gone (a previous pass deleted it): nothing left to keep
+    except FlyError as exc:
+        logger.warning("cannot list snapshots of %s (%s): retaining it", record.source_volume_id, exc, extra=_fields(instance))
+        retain_until = now + timedelta(seconds=settings.retention_seconds)
+    else:
+        if snapshots:
+            retain_until = now + timedelta(seconds=settings.retention_seconds)
+        else:
+            try:
+                await delete_volume_checked(fly, app, record.source_volume_id, instance.spec.sandbox_id)
+                retain_until = None
+            except (FlyError, OwnershipMismatch) as exc:
+                logger.warning("deleting old volume %s failed (%s): retaining it for a retry", record.source_volume_id, exc, extra=_fields(instance))
+                retain_until = now
+    retained_name: str | None = None
+    if retain_until is not None:
+        retained_name = retained_volume_name(instance.ref.name, record.source_volume_id)
+        try:
+            await driver.ctx.kube.create_retained_volume(
+                instance.ref.namespace, _retained_volume_body(instance, record, retained_name, retain_until)
+            )
+        except Exception as exc:
+            raise RetryLater(f"could not create retained volume {retained_name}: {exc}", settings.poll_busy_seconds) from exc
+        await driver.ctx.kube.post_event(
+            instance.ref, "RetainedVolumeCreated", f"old volume {record.source_volume_id} kept as {retained_name}"
+        )
+    last = instance.status.last_recovery
+    if last is not None and last.id == record.id:
+        last = last.model_copy(update={"retained_volume": retained_name})
+    instance = await driver.commit(
+        instance,
+        instance.status.model_copy(update={"recovery": None, "last_recovery": last}),
+        "recovery finished: old volume disposed of",
+    )
+    duration = last.duration_seconds if last is not None else (now - record.started_at).total_seconds()
+    RECOVERIES.labels(outcome="succeeded").inc()
+    RECOVERY_DURATION.observe(duration)
+    await driver.ctx.kube.post_event(
+        instance.ref,
+        "RecoverySucceeded",
+        f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} in {instance.status.region}",
+    )
+    analytics.info(
+        "instance.unexpected_stop_recovery_succeeded",
+        extra={
+            "event": "instance.unexpected_stop_recovery_succeeded",
+            **_fields(instance, record.id),
+            "durationMs": int(duration * 1000),
+            "retainedVolume": retained_name,
+        },
+    )
+    return instance
+
+
+def _retained_volume_body(
+    instance: InstanceModel, record: RecoveryStatus, name: str, retain_until: datetime
+) -> dict[str, Any]:
+    spec = RetainedVolumeSpec(
+        fly_app=instance.spec.fly_app,
+        volume_id=record.source_volume_id,
+        sandbox_id=instance.spec.sandbox_id,
+        instance_name=instance.ref.name,
+        region=record.source_region,
+        reason="UnexpectedStopRecovery",
+        recovery_id=record.id,
+        retain_until=retain_until,
+    )
+    return {
+        "apiVersion": instance.ref.api_version,
+        "kind": "KiloClawRetainedVolume",
+        # Only our own label: nothing that would make Argo CD or Flux adopt or prune this safety copy.
+        "metadata": {"name": name, "namespace": instance.ref.namespace, "labels": {INSTANCE_LABEL: instance.ref.name}},
+        "spec": spec.dump(),
+    }
+
+
+# --- failure ----------------------------------------------------------------------------------------------
+
+
+async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *, label: str) -> InstanceModel:
+    """Failure cleanup shared by errors, the deadline and deletion: remove the replacement resources (never
+    the source volume), settle in Stopped, stall until a person acts."""
+    record = instance.status.recovery
+    assert record is not None
+    assert not step_reached(record.step, RecoveryStep.CUT_OVER), "a committed cutover is never undone"
+    fly = driver.ctx.fly
+    app = instance.spec.fly_app
+    leftover_machine: str | None = None
+    leftover_volume: str | None = None
+    replacement_machine = record.replacement_machine_id
+    if replacement_machine is None and record.replacement_volume_id:
+        # A crash between create and record leaves a machine only its metadata can find.
+        try:
+            found = await fly.list_machines(app, metadata={lifecycle.METADATA_RECOVERY_ID: record.id})
+            replacement_machine = next((m.id for m in found if m.state != "destroyed"), None)
+        except FlyError:
+            pass
+    if replacement_machine:
+        try:
+            await destroy_machine_if_present(fly, app, replacement_machine, wait_seconds=driver.ctx.settings.wait_call_seconds)
+        except FlyError as exc:
+            logger.warning("could not destroy replacement machine %s: %s", replacement_machine, exc, extra=_fields(instance))
+            leftover_machine = replacement_machine
+    replacement_volume = record.replacement_volume_id or await _unrecorded_replacement_volume(driver, instance, record)
+    if replacement_volume and replacement_volume != record.source_volume_id:
+        try:
+            if leftover_machine is not None:
+                raise RecoveryStepFailed("its machine is not destroyed yet")
+            await delete_volume_checked(fly, app, replacement_volume, instance.spec.sandbox_id)
+        except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
+            logger.warning("could not delete replacement volume %s: %s", replacement_volume, exc, extra=_fields(instance))
+            leftover_volume = replacement_volume
+    now = driver.ctx.clock()
+    source_machine_destroyed = step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED)
+    pending = None
+    if leftover_machine or leftover_volume:
+        pending = PendingCleanup(machine_id=leftover_machine, volume_id=leftover_volume)
+    duration = (now - record.started_at).total_seconds()
+    status = instance.status.model_copy(
+        update={
+            "phase": Phase.STOPPED,
+            "machine_id": None if source_machine_destroyed else instance.status.machine_id,
+            "volume_id": record.source_volume_id,
+            "region": record.source_region,
+            "recovery": None,
+            "pending_cleanup": pending,
+            "observed_generation": instance.generation,
+            "last_recovery": LastRecovery(
+                id=record.id,
+                started_at=record.started_at,
+                finished_at=now,
+                outcome=RecoveryOutcome.FAILED,
+                message=message,
+                duration_seconds=round(duration, 3),
+            ),
+        }
+    )
+    status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, instance.generation)
+    instance = await driver.commit(instance, status, "recovery failed: replacement cleaned up, instance stalled")
+    RECOVERIES.labels(outcome="failed").inc()
+    RECOVERY_DURATION.observe(duration)
+    await driver.ctx.kube.post_event(instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True)
+    analytics.info(
+        "instance.unexpected_stop_recovery_failed",
+        extra={
+            "event": "instance.unexpected_stop_recovery_failed",
+            **_fields(instance, record.id),
+            "error": message,
+            "label": label,
+            "durationMs": int(duration * 1000),
+        },
+    )
+    return instance
+
+
+async def _unrecorded_replacement_volume(
+    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
+) -> str | None:
+    """A fork created just before a crash, before its id reached the status (same rule as adoption)."""
+    if not step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED):
+        return None
+    name = volume_name(instance.spec.sandbox_id)
+    try:
+        volumes = await driver.ctx.fly.list_volumes(instance.spec.fly_app)
+    except FlyError:
+        return None
+    for volume in volumes:
+        if (
+            volume.name == name
+            and volume.id != record.source_volume_id
+            and volume.created_at is not None
+            and volume.created_at >= record.started_at
+            and volume.state not in ("destroyed", "destroying", "pending_destroy")
+        ):
+            return volume.id
+    return None
+
+
+def _fields(instance: InstanceModel, recovery_id: str | None = None) -> dict[str, Any]:
+    record = instance.status.recovery
+    return {
+        "namespace": instance.ref.namespace,
+        "instance": instance.ref.name,
+        "sandbox_id": instance.spec.sandbox_id,
+        "recovery_id": recovery_id or (record.id if record else None),
+    }

@@ -1,0 +1,64 @@
+"""Fly operations shared by destroy, recovery and retained volumes: the ownership-checked volume delete
+(DESIGN 3.5) and force-destroy that treats "already gone" as done."""
+
+from __future__ import annotations
+
+from .fly import FlyClient, NotFound
+
+
+class OwnershipMismatch(Exception):
+    """A volume is attached to a machine that does not belong to the expected sandbox: nothing was destroyed."""
+
+    def __init__(self, machine_id: str, volume_id: str, expected: str, found: str | None) -> None:
+        super().__init__(
+            f"refusing to destroy attached machine {machine_id} for volume {volume_id}: "
+            f"expected sandbox {expected}, found {found or 'none'}"
+        )
+        self.machine_id = machine_id
+        self.volume_id = volume_id
+        self.expected = expected
+        self.found = found
+
+
+async def destroy_machine_if_present(
+    fly: FlyClient, app: str, machine_id: str, *, wait_seconds: int = 0
+) -> None:
+    """Force-destroy; a machine that is already gone counts as destroyed.
+
+    With ``wait_seconds`` it also waits until Fly reports ``destroyed``, because Fly keeps the volume attached
+    until then and a volume delete right after the destroy call would be refused.
+    """
+    try:
+        await fly.destroy_machine(app, machine_id, force=True)
+        if wait_seconds:
+            await fly.wait_machine(app, machine_id, "destroyed", timeout_seconds=wait_seconds)
+    except NotFound:
+        return
+
+
+async def delete_volume_checked(fly: FlyClient, app: str, volume_id: str, expected_sandbox_id: str) -> None:
+    """Delete ``volume_id`` only if whatever is attached to it belongs to ``expected_sandbox_id``.
+
+    404 on the volume means done. An attached machine is force-destroyed first (it would block the delete),
+    but only after its ``kiloclaw_sandbox_id`` metadata proves it is ours: a mismatch raises
+    ``OwnershipMismatch`` before anything is destroyed.
+    """
+    try:
+        volume = await fly.get_volume(app, volume_id)
+    except NotFound:
+        return
+    attached = volume.attached_machine_id
+    if attached:
+        try:
+            machine = await fly.get_machine(app, attached)
+        except NotFound:
+            machine = None
+        if machine is not None and machine.state != "destroyed":
+            found = machine.metadata.get("kiloclaw_sandbox_id")
+            if found != expected_sandbox_id:
+                raise OwnershipMismatch(attached, volume_id, expected_sandbox_id, found)
+            await destroy_machine_if_present(fly, app, attached, wait_seconds=60)
+    try:
+        await fly.delete_volume(app, volume_id)
+    except NotFound:
+        return

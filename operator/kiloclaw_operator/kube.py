@@ -149,6 +149,13 @@ class KubeClient:
         items: list[dict[str, Any]] = (await self._request("GET", path)).get("items", [])
         return items
 
+    async def delete_retained_volume(self, namespace: str, name: str) -> None:
+        """Ask the API server to delete the resource; our finalizer then runs before it really goes."""
+        try:
+            await self._request("DELETE", self._path(RETAINED_PLURAL, namespace, name))
+        except KubeNotFound:
+            return
+
     async def patch_retained_status(self, ref: ObjectRef, status_patch: dict[str, Any]) -> dict[str, Any]:
         return await self._request(
             "PATCH",

@@ -1,0 +1,697 @@
+"""The CRDs in crds/ and the examples in examples/, checked with kubesim.crdschema.
+
+Every rule of the contract (DESIGN section 2) has a test that feeds a bad value and expects the API-server
+style rejection; the examples must pass; the defaults must be the documented ones; and the CRDs must be
+structural, described and shaped for ``kubectl get`` as designed.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from kiloclaw_operator import models
+from kubesim import crdschema
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD_DIR = ROOT / "crds"
+EXAMPLES_DIR = ROOT / "examples"
+KUBECTL = shutil.which("kubectl")
+
+DELETE = object()  # marker for "remove this field" in with_fields
+
+
+def _load(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+INSTANCE_CRD = _load(CRD_DIR / "kiloclawinstances.yaml")
+RETAINED_CRD = _load(CRD_DIR / "kiloclawretainedvolumes.yaml")
+INSTANCE_SCHEMA = crdschema.load_crd_schema(INSTANCE_CRD, "v1alpha1")
+RETAINED_SCHEMA = crdschema.load_crd_schema(RETAINED_CRD, "v1alpha1")
+SCHEMAS = {"KiloClawInstance": INSTANCE_SCHEMA, "KiloClawRetainedVolume": RETAINED_SCHEMA}
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def instance() -> dict[str, Any]:
+    return {
+        "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
+        "kind": "KiloClawInstance",
+        "metadata": {"name": "alice", "namespace": "tenants"},
+        "spec": {
+            "sandboxId": "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d",
+            "userId": "user-123",
+            "flyApp": "acct-3f9a1c",
+            "image": "registry.fly.io/kiloclaw:2026.11.1",
+        },
+    }
+
+
+def running_status() -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "observedGeneration": 3,
+        "machineId": "148e0f2b7d9089",
+        "volumeId": "vol_5xk2r9w7q1m3p8zd",
+        "region": "ord",
+        "flyState": "started",
+        "observedAt": "2026-11-25T12:00:00Z",
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Running",
+                "message": "machine started",
+                "lastTransitionTime": "2026-11-25T12:00:00Z",
+                "observedGeneration": 3,
+            }
+        ],
+        "recovery": {
+            "id": "01JDQ8Z6V4K7M2N9P3R5T8W1XY",
+            "startedAt": "2026-11-25T12:00:00Z",
+            "deadline": "2026-11-25T12:10:00Z",
+            "step": "ReplacementVolumeCreated",
+            "sourceMachineId": "148e0f2b7d9089",
+            "sourceVolumeId": "vol_5xk2r9w7q1m3p8zd",
+            "sourceRegion": "iad",
+            "replacementVolumeId": "vol_9abc",
+            "replacementMachineId": None,
+        },
+        "pendingCleanup": {"volumeId": "vol_old", "machineId": "91e2"},
+        "lastRecovery": {
+            "id": "01JDQ8Z6V4K7M2N9P3R5T8W1XX",
+            "startedAt": "2026-11-24T12:00:00Z",
+            "finishedAt": "2026-11-24T12:01:30Z",
+            "outcome": "Succeeded",
+            "message": "relocated to ord",
+            "durationSeconds": 90.5,
+            "retainedVolume": "alice-vol-5xk2",
+        },
+    }
+
+
+def retained_volume() -> dict[str, Any]:
+    return {
+        "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
+        "kind": "KiloClawRetainedVolume",
+        "metadata": {"name": "alice-vol-5xk2", "namespace": "tenants"},
+        "spec": {
+            "flyApp": "acct-3f9a1c",
+            "volumeId": "vol_5xk2r9w7q1m3p8zd",
+            "sandboxId": "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d",
+            "instanceName": "alice",
+            "region": "iad",
+            "retainUntil": "2026-12-02T12:00:00Z",
+        },
+    }
+
+
+def with_fields(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of ``obj`` with dotted paths (``spec__guest__cpus``) set, or removed with ``DELETE``."""
+    result = copy.deepcopy(obj)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = result
+        for name in parents:
+            node = node.setdefault(name, {})
+        if value is DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return result
+
+
+def errors_of(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """What the API server would answer to a create (or an update from ``old``) of ``obj``."""
+    schema = SCHEMAS[obj["kind"]]
+    defaulted_old = crdschema.apply_defaults(schema, old) if old is not None else None
+    return crdschema.validate(schema, crdschema.apply_defaults(schema, obj), defaulted_old)
+
+
+def assert_rejected(obj: dict[str, Any], expected: str, old: dict[str, Any] | None = None) -> None:
+    errors = errors_of(obj, old)
+    assert any(expected in error for error in errors), f"expected {expected!r} in {errors}"
+
+
+def example_resources() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in SCHEMAS:
+                found.append((f"{path.name}:{doc['metadata']['name']}", doc))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize(("name", "resource"), example_resources(), ids=[n for n, _ in example_resources()])
+def test_every_example_resource_is_accepted_after_defaulting(name: str, resource: dict[str, Any]) -> None:
+    assert errors_of(resource) == []
+
+
+def test_examples_cover_the_full_and_the_minimal_instance_and_the_retained_volume() -> None:
+    names = {name for name, _ in example_resources()}
+    assert names == {"instance.yaml:alice", "instance-minimal.yaml:bob", "retainedvolume.yaml:alice-vol-5xk2"}
+
+
+def test_examples_kustomization_applies_the_namespace_and_instances_but_never_a_retained_volume() -> None:
+    kustomization = _load(EXAMPLES_DIR / "kustomization.yaml")
+    assert kustomization["resources"] == ["namespace.yaml", "instance.yaml", "instance-minimal.yaml"]
+    assert "illustrative" in (EXAMPLES_DIR / "retainedvolume.yaml").read_text().lower()
+
+
+def test_full_example_matches_the_design_sample_for_alice() -> None:
+    alice = _load(EXAMPLES_DIR / "instance.yaml")
+    assert alice["metadata"] == {"name": "alice", "namespace": "tenants"}
+    assert alice["spec"]["regions"] == ["iad", "ord", "cdg"]
+    assert alice["spec"]["env"] == {"TZ": "Europe/Berlin"}
+    assert _load(EXAMPLES_DIR / "namespace.yaml")["metadata"]["name"] == "tenants"
+
+
+def test_minimal_example_has_only_the_required_fields() -> None:
+    bob = _load(EXAMPLES_DIR / "instance-minimal.yaml")
+    assert set(bob["spec"]) == set(INSTANCE_SCHEMA["properties"]["spec"]["required"])
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_minimal_instance_gets_the_documented_defaults_and_no_regions() -> None:
+    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, instance())["spec"]
+    assert spec["guest"] == {"cpuKind": "shared", "cpus": 1, "memoryMb": 2048}
+    assert spec["volume"] == {"sizeGb": 10, "mountPath": "/root"}
+    assert spec["state"] == "Running"
+    assert spec["recovery"] == {"enabled": True}
+    assert spec["env"] == {}
+    assert "regions" not in spec  # the operator's configured default applies
+
+
+def test_defaults_fill_the_missing_fields_of_a_partly_given_object() -> None:
+    obj = with_fields(instance(), spec__guest={"cpus": 2}, spec__volume={"sizeGb": 50})
+    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, obj)["spec"]
+    assert spec["guest"] == {"cpuKind": "shared", "cpus": 2, "memoryMb": 2048}
+    assert spec["volume"] == {"sizeGb": 50, "mountPath": "/root"}
+
+
+def test_defaults_never_override_given_values() -> None:
+    obj = with_fields(instance(), spec__state="Stopped", spec__recovery={"enabled": False})
+    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, obj)["spec"]
+    assert spec["state"] == "Stopped"
+    assert spec["recovery"] == {"enabled": False}
+
+
+def test_a_null_field_that_is_not_nullable_takes_its_default() -> None:
+    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, with_fields(instance(), spec__state=None))["spec"]
+    assert spec["state"] == "Running"
+
+
+def test_retained_volume_defaults_to_no_early_delete_and_the_recovery_reason() -> None:
+    spec = crdschema.apply_defaults(RETAINED_SCHEMA, retained_volume())["spec"]
+    assert spec["deleteNow"] is False
+    assert spec["reason"] == "UnexpectedStopRecovery"
+
+
+def test_crd_defaults_agree_with_the_operator_models() -> None:
+    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, instance())["spec"]
+    assert models.InstanceSpec.model_validate(instance()["spec"]).dump() == spec
+
+
+# --------------------------------------------------------------------------------------- spec rejections
+
+INSTANCE_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("spec missing", {"spec": DELETE}, "spec: Required value"),
+    ("sandboxId missing", {"spec__sandboxId": DELETE}, "spec.sandboxId: Required value"),
+    ("userId missing", {"spec__userId": DELETE}, "spec.userId: Required value"),
+    ("flyApp missing", {"spec__flyApp": DELETE}, "spec.flyApp: Required value"),
+    ("image missing", {"spec__image": DELETE}, "spec.image: Required value"),
+    ("sandboxId with a space", {"spec__sandboxId": "ki 1"}, "spec.sandboxId in body should match"),
+    ("sandboxId with a dot", {"spec__sandboxId": "ki.1"}, "spec.sandboxId in body should match"),
+    ("sandboxId of 65 chars", {"spec__sandboxId": "k" * 65}, "spec.sandboxId: Too long"),
+    ("sandboxId empty", {"spec__sandboxId": ""}, "spec.sandboxId in body should"),
+    ("flyApp upper case", {"spec__flyApp": "Acct-1"}, "spec.flyApp in body should match"),
+    ("flyApp leading dash", {"spec__flyApp": "-acct"}, "spec.flyApp in body should match"),
+    ("flyApp of 64 chars", {"spec__flyApp": "a" * 64}, "spec.flyApp: Too long"),
+    ("userId empty", {"spec__userId": ""}, "spec.userId in body should be at least 1 chars long"),
+    ("image empty", {"spec__image": ""}, "spec.image in body should be at least 1 chars long"),
+    ("region upper case", {"spec__regions": ["IAD"]}, "spec.regions[0] in body should match '^[a-z]{3}$'"),
+    ("region of four letters", {"spec__regions": ["iad1"]}, "spec.regions[0] in body should match"),
+    ("region repeated", {"spec__regions": ["iad", "ord", "iad"]}, 'spec.regions[2]: Duplicate value: "iad"'),
+    ("regions empty", {"spec__regions": []}, "spec.regions in body should have at least 1 items"),
+    ("regions not a list", {"spec__regions": "iad"}, "spec.regions in body must be of type array"),
+    (
+        "cpuKind unknown",
+        {"spec__guest": {"cpuKind": "dedicated"}},
+        'spec.guest.cpuKind: Unsupported value: "dedi',
+    ),
+    (
+        "cpus zero",
+        {"spec__guest": {"cpus": 0}},
+        "spec.guest.cpus in body should be greater than or equal to 1",
+    ),
+    ("cpus 17", {"spec__guest": {"cpus": 17}}, "spec.guest.cpus in body should be less than or equal to 16"),
+    ("cpus a string", {"spec__guest": {"cpus": "2"}}, "spec.guest.cpus in body must be of type integer"),
+    (
+        "memoryMb 128",
+        {"spec__guest": {"memoryMb": 128}},
+        "spec.guest.memoryMb in body should be greater than",
+    ),
+    (
+        "memoryMb too big",
+        {"spec__guest": {"memoryMb": 131328}},
+        "spec.guest.memoryMb in body should be less than",
+    ),
+    (
+        "memoryMb odd",
+        {"spec__guest": {"memoryMb": 1000}},
+        "spec.guest.memoryMb in body should be a multiple of 256",
+    ),
+    (
+        "sizeGb zero",
+        {"spec__volume": {"sizeGb": 0}},
+        "spec.volume.sizeGb in body should be greater than or equal to 1",
+    ),
+    (
+        "sizeGb 501",
+        {"spec__volume": {"sizeGb": 501}},
+        "spec.volume.sizeGb in body should be less than or equal to 500",
+    ),
+    ("mountPath relative", {"spec__volume": {"mountPath": "root"}}, "mountPath must be an absolute path"),
+    ("mountPath root", {"spec__volume": {"mountPath": "/"}}, "mountPath must not be the root directory"),
+    ("state unknown", {"spec__state": "Paused"}, 'spec.state: Unsupported value: "Paused"'),
+    ("recovery.enabled a string", {"spec__recovery": {"enabled": "yes"}}, "must be of type boolean"),
+    ("env value a number", {"spec__env": {"PORT": 8080}}, "spec.env[PORT] in body must be of type string"),
+    ("env key starting with a digit", {"spec__env": {"1PORT": "1"}}, "env keys must be shell identifiers"),
+    ("env key with a dash", {"spec__env": {"MY-VAR": "1"}}, "env keys must be shell identifiers"),
+    ("env key with a dot", {"spec__env": {"my.var": "1"}}, "env keys must be shell identifiers"),
+    ("env key empty", {"spec__env": {"": "1"}}, "env keys must be shell identifiers"),
+    ("env key KILOCLAW_ENC_", {"spec__env": {"KILOCLAW_ENC_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
+    ("env key KILOCLAW_ENV_", {"spec__env": {"KILOCLAW_ENV_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [(changes, expected) for _, changes, expected in INSTANCE_REJECTIONS],
+    ids=[name for name, _, _ in INSTANCE_REJECTIONS],
+)
+def test_instance_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
+    assert_rejected(with_fields(instance(), **changes), expected)
+
+
+def test_cel_rule_failures_read_like_kubernetes_field_errors() -> None:
+    errors = errors_of(with_fields(instance(), spec__env={"1A": "x"}))
+    assert errors == [
+        'spec.env: Invalid value: "object": env keys must be shell identifiers '
+        "(letters, digits and underscores, not starting with a digit)"
+    ]
+
+
+def test_env_keys_that_merely_resemble_reserved_prefixes_are_accepted() -> None:
+    env = {"KILOCLAW_TOKEN": "a", "_private": "b", "TZ": "Europe/Berlin", "kiloclaw_enc_x": "c"}
+    assert errors_of(with_fields(instance(), spec__env=env)) == []
+
+
+def test_sandbox_id_cannot_change_on_update() -> None:
+    old = instance()
+    new = with_fields(old, spec__sandboxId="ki_other")
+    assert errors_of(new, old) == ['spec.sandboxId: Invalid value: "string": sandboxId is immutable']
+
+
+def test_fly_app_cannot_change_on_update() -> None:
+    old = instance()
+    assert_rejected(with_fields(old, spec__flyApp="acct-other"), "flyApp is immutable", old)
+
+
+def test_updates_that_keep_the_sandbox_id_are_accepted() -> None:
+    old = instance()
+    new = with_fields(old, spec__image="registry.fly.io/kiloclaw:2026.12.0", spec__state="Stopped")
+    assert errors_of(new, old) == []
+
+
+def test_immutability_is_not_checked_on_create() -> None:
+    assert errors_of(with_fields(instance(), spec__sandboxId="anything_at_all")) == []
+
+
+def test_type_errors_stop_cel_rules_from_running_like_the_api_server() -> None:
+    errors = errors_of(with_fields(instance(), spec__guest={"cpus": "x"}, spec__env={"1A": "x"}))
+    assert not any("shell identifiers" in error for error in errors)
+    assert any("some validation rules were not checked" in error for error in errors)
+
+
+# ------------------------------------------------------------------------------------- status rejections
+
+
+def test_a_complete_instance_status_is_accepted() -> None:
+    assert errors_of(with_fields(instance(), status=running_status())) == []
+
+
+def test_status_fields_may_be_null_where_the_design_says_none() -> None:
+    status = with_fields(running_status(), machineId=None, recovery=None, lastRecovery__retainedVolume=None)
+    assert errors_of(with_fields(instance(), status=status)) == []
+
+
+STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("phase unknown", {"phase": "Crashed"}, 'status.phase: Unsupported value: "Crashed"'),
+    (
+        "step unknown",
+        {"recovery__step": "VolumeForked"},
+        'status.recovery.step: Unsupported value: "VolumeForked"',
+    ),
+    (
+        "outcome unknown",
+        {"lastRecovery__outcome": "Partial"},
+        "status.lastRecovery.outcome: Unsupported value",
+    ),
+    (
+        "observedAt not a time",
+        {"observedAt": "yesterday"},
+        "status.observedAt in body must be of type date-time",
+    ),
+    (
+        "deadline not a time",
+        {"recovery__deadline": "soon"},
+        "status.recovery.deadline in body must be of type date-time",
+    ),
+    ("recovery without id", {"recovery__id": DELETE}, "status.recovery.id: Required value"),
+    (
+        "negative generation",
+        {"observedGeneration": -1},
+        "status.observedGeneration in body should be greater",
+    ),
+    (
+        "duration negative",
+        {"lastRecovery__durationSeconds": -1},
+        "status.lastRecovery.durationSeconds in body",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [(changes, expected) for _, changes, expected in STATUS_REJECTIONS],
+    ids=[name for name, _, _ in STATUS_REJECTIONS],
+)
+def test_instance_status_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
+    assert_rejected(with_fields(instance(), status=with_fields(running_status(), **changes)), expected)
+
+
+def test_two_conditions_of_the_same_type_are_rejected() -> None:
+    status = running_status()
+    status["conditions"].append(dict(status["conditions"][0], status="False"))
+    assert_rejected(
+        with_fields(instance(), status=status), 'status.conditions[1]: Duplicate value: {"type": "Ready"}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"status": "Maybe"}, 'status.conditions[0].status: Unsupported value: "Maybe"'),
+        ({"reason": "not a reason"}, "status.conditions[0].reason in body should match"),
+        ({"lastTransitionTime": DELETE}, "status.conditions[0].lastTransitionTime: Required value"),
+        ({"type": DELETE}, "status.conditions[0].type: Required value"),
+    ],
+    ids=["status", "reason", "lastTransitionTime", "type"],
+)
+def test_conditions_must_have_the_metav1_condition_shape(changes: dict[str, Any], expected: str) -> None:
+    status = running_status()
+    status["conditions"][0] = with_fields(status["conditions"][0], **changes)
+    assert_rejected(with_fields(instance(), status=status), expected)
+
+
+def test_kopf_bookkeeping_in_status_survives_pruning() -> None:
+    obj = with_fields(instance(), status__kopf={"progress": {"create": {"retries": 1}}}, status__bogus=1)
+    pruned, removed = crdschema.prune_unknown_fields(INSTANCE_SCHEMA, obj)
+    assert pruned["status"]["kopf"] == {"progress": {"create": {"retries": 1}}}
+    assert removed == ["status.bogus"]
+
+
+# ------------------------------------------------------------------------------ retained volume rejections
+
+RETAINED_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("flyApp missing", {"spec__flyApp": DELETE}, "spec.flyApp: Required value"),
+    ("volumeId missing", {"spec__volumeId": DELETE}, "spec.volumeId: Required value"),
+    ("sandboxId missing", {"spec__sandboxId": DELETE}, "spec.sandboxId: Required value"),
+    ("instanceName missing", {"spec__instanceName": DELETE}, "spec.instanceName: Required value"),
+    ("region missing", {"spec__region": DELETE}, "spec.region: Required value"),
+    ("retainUntil missing", {"spec__retainUntil": DELETE}, "spec.retainUntil: Required value"),
+    (
+        "retainUntil not a time",
+        {"spec__retainUntil": "next week"},
+        "spec.retainUntil in body must be of type date-time",
+    ),
+    ("region upper case", {"spec__region": "IAD"}, "spec.region in body should match"),
+    ("sandboxId with a slash", {"spec__sandboxId": "ki/1"}, "spec.sandboxId in body should match"),
+    ("deleteNow a string", {"spec__deleteNow": "true"}, "spec.deleteNow in body must be of type boolean"),
+    ("phase unknown", {"status__phase": "Gone"}, 'status.phase: Unsupported value: "Gone"'),
+    (
+        "snapshotCount negative",
+        {"status__snapshotCount": -1},
+        "status.snapshotCount in body should be greater",
+    ),
+    (
+        "nextAttemptAt not a time",
+        {"status__nextAttemptAt": "later"},
+        "status.nextAttemptAt in body must be of type",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [(changes, expected) for _, changes, expected in RETAINED_REJECTIONS],
+    ids=[name for name, _, _ in RETAINED_REJECTIONS],
+)
+def test_retained_volume_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
+    assert_rejected(with_fields(retained_volume(), **changes), expected)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("volumeId", "vol_other"), ("sandboxId", "ki_other"), ("flyApp", "acct-other")],
+)
+def test_retained_volume_identity_cannot_change_on_update(field: str, value: str) -> None:
+    old = retained_volume()
+    new = with_fields(old, **{f"spec__{field}": value})
+    assert errors_of(new, old) == [f'spec.{field}: Invalid value: "string": {field} is immutable']
+
+
+def test_admin_can_set_delete_now_and_extend_retention() -> None:
+    old = retained_volume()
+    new = with_fields(old, spec__deleteNow=True, spec__retainUntil="2026-12-09T12:00:00Z")
+    assert errors_of(new, old) == []
+
+
+def test_a_blocked_retained_volume_status_is_accepted() -> None:
+    status = {
+        "phase": "Blocked",
+        "snapshotCount": 2,
+        "attachedMachineId": "148e",
+        "lastError": "refusing to destroy attached machine 148e for volume v: expected sandbox a, found b",
+        "nextAttemptAt": "2026-11-25T12:01:00Z",
+        "attempts": 3,
+        "conditions": [
+            {
+                "type": "Stalled",
+                "status": "True",
+                "reason": "OwnershipMismatch",
+                "message": "refusing to destroy attached machine 148e",
+                "lastTransitionTime": "2026-11-25T12:00:00Z",
+            }
+        ],
+    }
+    assert errors_of(with_fields(retained_volume(), status=status)) == []
+
+
+# --------------------------------------------------------------------------------------- CRD structure
+
+
+def _walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    nodes = [(path or "<root>", schema)]
+    for name, child in schema.get("properties", {}).items():
+        nodes += _walk(child, f"{path}.{name}" if path else name)
+    if isinstance(schema.get("items"), dict):
+        nodes += _walk(schema["items"], f"{path}[*]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        nodes += _walk(schema["additionalProperties"], f"{path}[*]")
+    return nodes
+
+
+BOTH = pytest.mark.parametrize("crd", [INSTANCE_CRD, RETAINED_CRD], ids=["instance", "retained"])
+
+
+@BOTH
+def test_crd_schema_is_structural(crd: dict[str, Any]) -> None:
+    for path, node in _walk(crdschema.load_crd_schema(crd, "v1alpha1")):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if node.get("type") == "array":
+            assert isinstance(node.get("items"), dict), path
+        if node.get("x-kubernetes-list-type") == "map":
+            item = node["items"]
+            assert set(node["x-kubernetes-list-map-keys"]) <= set(item.get("required", [])), path
+        for forbidden in ("allOf", "anyOf", "oneOf", "not", "$ref"):
+            assert forbidden not in node, path
+
+
+@BOTH
+def test_every_field_has_a_description_for_kubectl_explain(crd: dict[str, Any]) -> None:
+    undescribed = [
+        path
+        for path, node in _walk(crdschema.load_crd_schema(crd, "v1alpha1"))
+        if not node.get("description")
+    ]
+    assert undescribed == []
+
+
+@BOTH
+def test_defaults_in_the_crd_are_themselves_valid(crd: dict[str, Any]) -> None:
+    for path, node in _walk(crdschema.load_crd_schema(crd, "v1alpha1")):
+        if "default" in node:
+            value = crdschema.apply_defaults(
+                {"type": "object", "properties": {"v": node}}, {"v": node["default"]}
+            )
+            problems = crdschema.validate({"type": "object", "properties": {"v": node}}, value)
+            assert problems == [], (path, problems)
+
+
+@BOTH
+def test_every_cel_rule_parses_and_has_a_message(crd: dict[str, Any]) -> None:
+    schema = crdschema.load_crd_schema(crd, "v1alpha1")
+    assert crdschema.compile_errors(schema) == []
+    for path, node in _walk(schema):
+        for rule in node.get("x-kubernetes-validations", []):
+            assert rule.get("message"), path
+
+
+@BOTH
+def test_crd_is_namespaced_with_status_subresource_and_kiloclaw_category(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert spec["group"] == "kiloclaw.kilo.ai"
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["categories"] == ["kiloclaw"]
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{spec['group']}"
+    [version] = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+
+
+def _columns(crd: dict[str, Any]) -> list[tuple[str, str, int]]:
+    return [
+        (column["name"], column["jsonPath"], column.get("priority", 0))
+        for column in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    ]
+
+
+def test_instance_names_and_printer_columns_are_as_designed() -> None:
+    names = INSTANCE_CRD["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "KiloClawInstance",
+        "kiloclawinstances",
+        ["kci"],
+    )
+    assert _columns(INSTANCE_CRD) == [
+        ("Phase", ".status.phase", 0),
+        ("Fly-State", ".status.flyState", 0),
+        ("Region", ".status.region", 0),
+        ("Machine", ".status.machineId", 0),
+        ("Ready", '.status.conditions[?(@.type=="Ready")].status', 0),
+        ("Age", ".metadata.creationTimestamp", 0),
+        ("Sandbox", ".spec.sandboxId", 1),
+        ("Volume", ".status.volumeId", 1),
+        ("Last-Recovery", ".status.lastRecovery.outcome", 1),
+    ]
+
+
+def test_retained_volume_names_and_printer_columns_are_as_designed() -> None:
+    names = RETAINED_CRD["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "KiloClawRetainedVolume",
+        "kiloclawretainedvolumes",
+        ["kcrv"],
+    )
+    assert _columns(RETAINED_CRD) == [
+        ("Instance", ".spec.instanceName", 0),
+        ("Volume", ".spec.volumeId", 0),
+        ("Region", ".spec.region", 0),
+        ("Retain-Until", ".spec.retainUntil", 0),
+        ("Phase", ".status.phase", 0),
+        ("Age", ".metadata.creationTimestamp", 0),
+    ]
+
+
+def test_enums_in_the_crd_match_the_operator_models() -> None:
+    status = INSTANCE_SCHEMA["properties"]["status"]["properties"]
+    assert status["phase"]["enum"] == [phase.value for phase in models.Phase]
+    assert status["recovery"]["properties"]["step"]["enum"] == [step.value for step in models.RecoveryStep]
+    assert status["lastRecovery"]["properties"]["outcome"]["enum"] == [
+        o.value for o in models.RecoveryOutcome
+    ]
+    retained_phase = RETAINED_SCHEMA["properties"]["status"]["properties"]["phase"]
+    assert retained_phase["enum"] == [phase.value for phase in models.RetainedPhase]
+
+
+def _wire_fields(model: type[BaseModel]) -> set[str]:
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+@pytest.mark.parametrize(
+    ("model", "schema_path"),
+    [
+        (models.InstanceSpec, ("KiloClawInstance", "spec")),
+        (models.InstanceStatus, ("KiloClawInstance", "status")),
+        (models.RecoveryStatus, ("KiloClawInstance", "status", "recovery")),
+        (models.PendingCleanup, ("KiloClawInstance", "status", "pendingCleanup")),
+        (models.LastRecovery, ("KiloClawInstance", "status", "lastRecovery")),
+        (models.RetainedVolumeSpec, ("KiloClawRetainedVolume", "spec")),
+        (models.RetainedVolumeStatus, ("KiloClawRetainedVolume", "status")),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else "",
+)
+def test_every_field_the_operator_writes_is_declared_so_the_api_server_keeps_it(
+    model: type[BaseModel], schema_path: tuple[str, ...]
+) -> None:
+    kind, *names = schema_path
+    node = SCHEMAS[kind]
+    for name in names:
+        node = node["properties"][name]
+    assert _wire_fields(model) <= set(node["properties"])
+
+
+# ------------------------------------------------------------------------------------ kustomize / kubectl
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_crds_kustomization_builds_both_crds() -> None:
+    assert KUBECTL is not None
+    built = subprocess.run([KUBECTL, "kustomize", str(CRD_DIR)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    assert sorted(doc["metadata"]["name"] for doc in docs) == [
+        "kiloclawinstances.kiloclaw.kilo.ai",
+        "kiloclawretainedvolumes.kiloclaw.kilo.ai",
+    ]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_examples_kustomization_builds() -> None:
+    assert KUBECTL is not None
+    built = subprocess.run(
+        [KUBECTL, "kustomize", str(EXAMPLES_DIR)], capture_output=True, text=True, timeout=60
+    )
+    assert built.returncode == 0, built.stderr
+    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(built.stdout) if doc)
+    assert kinds == ["KiloClawInstance", "KiloClawInstance", "Namespace"]

@@ -1,0 +1,600 @@
+"""The object store and its API-server semantics, free of HTTP.
+
+Everything here runs under one ``threading.RLock`` and never awaits, so the HTTP handlers (in the server's
+event loop) and the Python API used by tests (in other threads) see one consistent state. Stored objects are
+never mutated once stored: every write builds a new dict, so responses and watch events can share them.
+
+Semantics follow the Kubernetes API conventions and the CRD documentation:
+- ``metadata.uid``/``creationTimestamp`` are set on create and immutable; ``resourceVersion`` comes from one
+  global counter and changes on every real write; a write carrying a stale ``resourceVersion`` gets 409.
+- ``metadata.generation`` starts at 1 and grows when anything but ``metadata`` changes — and, for versions
+  with the status subresource, anything but ``metadata`` and ``status``; setting ``deletionTimestamp`` also
+  bumps it, as the generic registry does.
+- With the status subresource, ``/status`` writes change only ``.status``; writes to the main endpoint keep
+  the stored ``.status`` (and create drops it).
+- A write that changes nothing keeps the ``resourceVersion`` and emits no watch event.
+- DELETE on an object with finalizers only sets ``deletionTimestamp`` (+ ``deletionGracePeriodSeconds: 0``);
+  the update that removes the last finalizer deletes it (watchers see only ``DELETED``). New finalizers on
+  an object being deleted are refused (422, "no new finalizers can be added if the object is being deleted").
+- Watch history is one global window of the latest ``window_size`` events; a watch from an older
+  ``resourceVersion`` gets ``410 Gone``, as when etcd has compacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import random
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kubesim import errors
+from kubesim.resources import BUILTINS, CRD_GROUP, CRD_PLURAL, EVENTS, NAMESPACES, ResourceType
+from kubesim.resources import resource_type_from_crd as _resource_type_from_crd
+
+ObjectKey = tuple[str, str]  # (namespace or "", name)
+TypeKey = tuple[str, str]  # (group, plural)
+
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_IMMUTABLE_METADATA = (
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+    "resourceVersion",
+    "name",
+    "namespace",
+)
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+def now_timestamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    resource_version: int
+    type_key: TypeKey
+    type: str
+    object: dict[str, Any]
+
+
+class Watcher:
+    """One open watch: events for one resource type, delivered into the watcher's own event loop."""
+
+    def __init__(self, type_key: TypeKey, loop: asyncio.AbstractEventLoop) -> None:
+        self.type_key = type_key
+        self.loop = loop
+        self.queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
+
+    def deliver(self, event: WatchEvent | None) -> None:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.queue.put_nowait(event)
+        else:
+            # The loop may be closing while a test thread writes; the watch is over then anyway.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _schema_module() -> Any:
+    """The CRD schema module (defaults + validation), written separately; absent means "accept as is"."""
+    try:
+        from kubesim import crdschema
+    except ImportError:
+        return None
+    return crdschema
+
+
+def _without(obj: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {key: value for key, value in obj.items() if key not in keys}
+
+
+class Store:
+    def __init__(self, *, window_size: int = 10_000, max_events: int = 10_000) -> None:
+        self.lock = threading.RLock()
+        self._resource_version = 0
+        self._types: dict[TypeKey, ResourceType] = {}
+        self._objects: dict[TypeKey, dict[ObjectKey, dict[str, Any]]] = {}
+        self._window: deque[WatchEvent] = deque()
+        self._window_size = window_size
+        self._expired_below = 0  # events with resourceVersion <= this are no longer retained
+        self._max_events = max_events
+        self._watchers: dict[TypeKey, set[Watcher]] = {}
+        for resource_type in BUILTINS:
+            self._register(resource_type)
+        for namespace in DEFAULT_NAMESPACES:
+            self.create(NAMESPACES, "v1", None, {"metadata": {"name": namespace}})
+
+    # -- resource types --------------------------------------------------------------------------
+
+    def _register(self, resource_type: ResourceType) -> None:
+        self._types[resource_type.key] = resource_type
+        self._objects.setdefault(resource_type.key, {})
+
+    def types(self) -> list[ResourceType]:
+        with self.lock:
+            return list(self._types.values())
+
+    def find_type(self, group: str, version: str, plural: str) -> ResourceType | None:
+        with self.lock:
+            resource_type = self._types.get((group, plural))
+            if resource_type is None or version not in resource_type.versions:
+                return None
+            return resource_type
+
+    @property
+    def resource_version(self) -> int:
+        return self._resource_version
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get(
+        self, resource_type: ResourceType, version: str, namespace: str | None, name: str
+    ) -> dict[str, Any]:
+        with self.lock:
+            obj = self._objects[resource_type.key].get((self._scope(resource_type, namespace), name))
+            if obj is None:
+                raise errors.not_found(resource_type.group, resource_type.plural, name)
+            return self.as_version(resource_type, version, obj)
+
+    def list_items(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        predicate: Callable[[dict[str, Any]], bool] = lambda obj: True,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Objects sorted by namespace/name (the order of the etcd keys), and the list's resourceVersion."""
+        with self.lock:
+            objects = self._objects[resource_type.key]
+            items = [
+                self.as_version(resource_type, version, obj)
+                for (obj_namespace, _), obj in sorted(objects.items())
+                if (not namespace or not resource_type.namespaced or obj_namespace == namespace)
+            ]
+            return [item for item in items if predicate(item)], self._resource_version
+
+    def namespace_exists(self, name: str) -> bool:
+        with self.lock:
+            return ("", name) in self._objects[NAMESPACES.key]
+
+    # -- watching --------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        resource_type: ResourceType,
+        since: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> tuple[list[WatchEvent], Watcher]:
+        """Register a watcher; return the events it must see first (synthetic ADDED or replayed history)."""
+        with self.lock:
+            if since in (None, "", "0"):
+                backlog = [
+                    WatchEvent(int(obj["metadata"]["resourceVersion"]), resource_type.key, "ADDED", obj)
+                    for _, obj in sorted(self._objects[resource_type.key].items())
+                ]
+            else:
+                assert since is not None
+                try:
+                    start = int(since)
+                except ValueError:
+                    raise errors.bad_request(f"invalid resource version: {since!r}") from None
+                if start < self._expired_below:
+                    raise errors.gone(f"too old resource version: {start} ({self._expired_below + 1})")
+                backlog = [
+                    event
+                    for event in self._window
+                    if event.resource_version > start and event.type_key == resource_type.key
+                ]
+            watcher = Watcher(resource_type.key, loop)
+            self._watchers.setdefault(resource_type.key, set()).add(watcher)
+            return backlog, watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        with self.lock:
+            self._watchers.get(watcher.type_key, set()).discard(watcher)
+
+    def close_watchers(self) -> None:
+        with self.lock:
+            for watchers in self._watchers.values():
+                for watcher in watchers:
+                    watcher.deliver(None)
+
+    def _emit(self, resource_type: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
+        event = WatchEvent(int(obj["metadata"]["resourceVersion"]), resource_type.key, event_type, obj)
+        self._window.append(event)
+        while len(self._window) > self._window_size:
+            self._expired_below = self._window.popleft().resource_version
+        for watcher in self._watchers.get(resource_type.key, ()):
+            watcher.deliver(event)
+
+    def _next_resource_version(self) -> str:
+        self._resource_version += 1
+        return str(self._resource_version)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def create(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        body: dict[str, Any],
+        *,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise errors.bad_request("the body must be a JSON object")
+        with self.lock:
+            obj = copy.deepcopy(body)
+            metadata = obj.setdefault("metadata", {})
+            if not isinstance(metadata, dict):
+                raise errors.bad_request("metadata must be an object")
+            namespace = self._creation_namespace(resource_type, namespace, metadata)
+            name = metadata.get("name") or ""
+            objects = self._objects[resource_type.key]
+            if not name:
+                prefix = metadata.get("generateName")
+                if not prefix:
+                    raise errors.invalid(
+                        resource_type.group,
+                        resource_type.kind,
+                        "",
+                        [("metadata.name", "Required value: name or generateName is required")],
+                    )
+                name = self._generate_name(prefix, objects, namespace or "")
+            if (namespace or "", name) in objects:
+                raise errors.already_exists(resource_type.group, resource_type.plural, name)
+            if resource_type.namespaced and not self.namespace_exists(namespace or ""):
+                raise errors.not_found("", "namespaces", namespace or "")
+            for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"):
+                metadata.pop(key, None)
+            metadata["name"] = name
+            if namespace:
+                metadata["namespace"] = namespace
+            metadata["uid"] = str(uuid.uuid4())
+            metadata["creationTimestamp"] = now_timestamp()
+            metadata["generation"] = 1
+            obj["apiVersion"] = resource_type.api_version(version)
+            obj["kind"] = resource_type.kind
+            if resource_type.has_status(version):
+                obj.pop("status", None)
+            obj = self._prepare_builtin(resource_type, obj)
+            obj = self._admit(resource_type, version, obj, None, strict)
+            metadata = obj["metadata"]
+            metadata["resourceVersion"] = self._next_resource_version()
+            if resource_type is EVENTS and len(objects) >= self._max_events:
+                # Kubernetes expires Events after an hour; a bound on their number serves the same purpose.
+                del objects[next(iter(objects))]
+            objects[(namespace or "", name)] = obj
+            self._emit(resource_type, "ADDED", obj)
+            if resource_type.key == (CRD_GROUP, CRD_PLURAL):
+                self._register(_resource_type_from_crd(obj))
+            return self.as_version(resource_type, version, obj)
+
+    def replace(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        name: str,
+        body: dict[str, Any],
+        subresource: str | None,
+        *,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise errors.bad_request("the body must be a JSON object")
+        with self.lock:
+            old = self._stored(resource_type, namespace, name)
+            return self._update(resource_type, version, old, copy.deepcopy(body), subresource, strict)
+
+    def patch(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        name: str,
+        apply_patch: Callable[[dict[str, Any]], dict[str, Any]],
+        subresource: str | None,
+        *,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        """Patch under the lock: ``apply_patch`` maps the current object to the patched one (or raises)."""
+        with self.lock:
+            old = self._stored(resource_type, namespace, name)
+            patched = apply_patch(self.as_version(resource_type, version, old))
+            if not isinstance(patched, dict):
+                raise errors.bad_request("the patched object must be a JSON object")
+            # Merge patches share untouched subtrees with the stored object, which must stay immutable.
+            return self._update(resource_type, version, old, copy.deepcopy(patched), subresource, strict)
+
+    def delete(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        name: str,
+        preconditions: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        with self.lock:
+            old = self._stored(resource_type, namespace, name)
+            preconditions = preconditions or {}
+            if preconditions.get("uid") and preconditions["uid"] != old["metadata"]["uid"]:
+                raise errors.conflict(resource_type.group, resource_type.plural, name)
+            expected_version = preconditions.get("resourceVersion")
+            if expected_version and expected_version != old["metadata"]["resourceVersion"]:
+                raise errors.conflict(resource_type.group, resource_type.plural, name)
+            return self.as_version(resource_type, version, self._delete(resource_type, old))
+
+    def delete_collection(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        namespace: str | None,
+        predicate: Callable[[dict[str, Any]], bool],
+    ) -> list[dict[str, Any]]:
+        with self.lock:
+            items, _ = self.list_items(resource_type, version, namespace, predicate)
+            for item in items:
+                old = self._stored(resource_type, item["metadata"].get("namespace"), item["metadata"]["name"])
+                self._delete(resource_type, old)
+            return items
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _scope(resource_type: ResourceType, namespace: str | None) -> str:
+        return (namespace or "") if resource_type.namespaced else ""
+
+    def _stored(self, resource_type: ResourceType, namespace: str | None, name: str) -> dict[str, Any]:
+        obj = self._objects[resource_type.key].get((self._scope(resource_type, namespace), name))
+        if obj is None:
+            raise errors.not_found(resource_type.group, resource_type.plural, name)
+        return obj
+
+    @staticmethod
+    def as_version(resource_type: ResourceType, version: str, obj: dict[str, Any]) -> dict[str, Any]:
+        api_version = resource_type.api_version(version)
+        if obj.get("apiVersion") == api_version:
+            return obj
+        return {**obj, "apiVersion": api_version}
+
+    @staticmethod
+    def _creation_namespace(
+        resource_type: ResourceType, namespace: str | None, metadata: dict[str, Any]
+    ) -> str | None:
+        if not resource_type.namespaced:
+            metadata.pop("namespace", None)
+            return None
+        body_namespace = metadata.get("namespace")
+        if namespace and body_namespace and body_namespace != namespace:
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
+        namespace = namespace or body_namespace
+        if not namespace:
+            raise errors.bad_request("a namespace is required to create a namespaced object")
+        return str(namespace)
+
+    @staticmethod
+    def _generate_name(prefix: str, objects: dict[ObjectKey, dict[str, Any]], namespace: str) -> str:
+        while True:
+            name = prefix + "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))
+            if (namespace, name) not in objects:
+                return name
+
+    @staticmethod
+    def _prepare_builtin(resource_type: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
+        if resource_type is NAMESPACES:
+            name = obj["metadata"]["name"]
+            obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+            obj.setdefault("spec", {"finalizers": ["kubernetes"]})
+            obj["status"] = {"phase": "Active"}
+        elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
+            resource_type_from = _resource_type_from_crd(obj)  # refuses malformed CRDs with 422
+            obj["status"] = {
+                "acceptedNames": obj["spec"]["names"],
+                "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": ""},
+                    {
+                        "type": "Established",
+                        "status": "True",
+                        "reason": "InitialNamesAccepted",
+                        "message": "",
+                    },
+                ],
+                "storedVersions": [resource_type_from.storage_version],
+            }
+        return obj
+
+    def _admit(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+        strict: bool,
+    ) -> dict[str, Any]:
+        """Prune unknown fields, apply the CRD schema's defaults, then validate; errors are 422 Invalid.
+
+        With ``fieldValidation=Strict`` (what kubectl sends) unknown fields are a 400 instead of being pruned.
+        """
+        schema = resource_type.schemas.get(version)
+        module = _schema_module() if schema else None
+        if module is None:
+            return obj
+        name = obj.get("metadata", {}).get("name", "")
+        admission = module.admit(schema, obj, old)
+        if strict and admission.unknown_fields:
+            raise errors.bad_request(
+                "strict decoding error: "
+                + ", ".join(f'unknown field "{path}"' for path in admission.unknown_fields)
+            )
+        if admission.errors:
+            raise errors.invalid(
+                resource_type.group, resource_type.kind, name, [("", problem) for problem in admission.errors]
+            )
+        result: dict[str, Any] = admission.obj
+        return result
+
+    def _update(
+        self,
+        resource_type: ResourceType,
+        version: str,
+        old: dict[str, Any],
+        new: dict[str, Any],
+        subresource: str | None,
+        strict: bool,
+    ) -> dict[str, Any]:
+        old_meta = old["metadata"]
+        name = old_meta["name"]
+        new_meta = new.get("metadata")
+        if new_meta is None:
+            new_meta = new["metadata"] = {}
+        if not isinstance(new_meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        if new_meta.get("name") and new_meta["name"] != name:
+            raise errors.bad_request(
+                f"the name of the object ({new_meta['name']}) does not match the name on the URL ({name})"
+            )
+        if resource_type.namespaced and new_meta.get("namespace") not in (
+            None,
+            "",
+            old_meta.get("namespace"),
+        ):
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
+        claimed_version = new_meta.get("resourceVersion")
+        if claimed_version and str(claimed_version) != old_meta["resourceVersion"]:
+            raise errors.conflict(resource_type.group, resource_type.plural, name)
+
+        with_status = resource_type.has_status(version)
+        if subresource == "status":
+            result = copy.deepcopy(old)
+            if "status" in new:
+                result["status"] = new["status"]
+            else:
+                result.pop("status", None)
+        else:
+            result = new
+            if with_status:
+                if "status" in old:
+                    result["status"] = copy.deepcopy(old["status"])
+                else:
+                    result.pop("status", None)
+            for key in _IMMUTABLE_METADATA:
+                if key in old_meta:
+                    new_meta[key] = old_meta[key]
+                else:
+                    new_meta.pop(key, None)
+        result["apiVersion"] = resource_type.api_version(version)
+        result["kind"] = resource_type.kind
+
+        if old_meta.get("deletionTimestamp"):
+            added = set(result["metadata"].get("finalizers") or ()) - set(old_meta.get("finalizers") or ())
+            if added:
+                raise errors.invalid(
+                    resource_type.group,
+                    resource_type.kind,
+                    name,
+                    [
+                        (
+                            "metadata.finalizers",
+                            "Forbidden: no new finalizers can be added if the object is being deleted, "
+                            f"found new finalizers {sorted(added)!r}",
+                        )
+                    ],
+                )
+        if resource_type.key == (CRD_GROUP, CRD_PLURAL) and subresource != "status":
+            _resource_type_from_crd(result)  # refuses malformed CRDs with 422 before storing
+
+        result = self._admit(resource_type, version, result, old, strict)
+        if result == self.as_version(resource_type, version, old):
+            return old  # no-op: same resourceVersion, no watch event
+
+        ignored = ("metadata", "status") if with_status else ("metadata",)
+        if _without(result, *ignored, "apiVersion") != _without(old, *ignored, "apiVersion"):
+            result["metadata"]["generation"] = int(old_meta.get("generation", 1)) + 1
+        result["metadata"]["resourceVersion"] = self._next_resource_version()
+
+        object_key = (old_meta.get("namespace", ""), name)
+        if result["metadata"].get("deletionTimestamp") and not result["metadata"].get("finalizers"):
+            del self._objects[resource_type.key][object_key]
+            self._emit(resource_type, "DELETED", result)
+            self._after_removal(resource_type, result)
+            return result
+        self._objects[resource_type.key][object_key] = result
+        self._emit(resource_type, "MODIFIED", result)
+        if resource_type.key == (CRD_GROUP, CRD_PLURAL):
+            self._register(_resource_type_from_crd(result))
+        return result
+
+    def _delete(self, resource_type: ResourceType, old: dict[str, Any]) -> dict[str, Any]:
+        old_meta = old["metadata"]
+        key = (old_meta.get("namespace", ""), old_meta["name"])
+        if old_meta.get("finalizers"):
+            if old_meta.get("deletionTimestamp"):
+                return old
+            marked = copy.deepcopy(old)
+            marked["metadata"]["deletionTimestamp"] = now_timestamp()
+            marked["metadata"]["deletionGracePeriodSeconds"] = 0
+            marked["metadata"]["generation"] = int(old_meta.get("generation", 1)) + 1
+            marked["metadata"]["resourceVersion"] = self._next_resource_version()
+            self._objects[resource_type.key][key] = marked
+            self._emit(resource_type, "MODIFIED", marked)
+            return marked
+        removed = copy.deepcopy(old)
+        removed["metadata"]["resourceVersion"] = self._next_resource_version()
+        del self._objects[resource_type.key][key]
+        self._emit(resource_type, "DELETED", removed)
+        self._after_removal(resource_type, removed)
+        return removed
+
+    def _after_removal(self, resource_type: ResourceType, removed: dict[str, Any]) -> None:
+        """Cascade what Kubernetes cascades: a namespace's contents, a CRD's custom resources."""
+        if resource_type is NAMESPACES:
+            namespace = removed["metadata"]["name"]
+            for other_type in list(self._types.values()):
+                if not other_type.namespaced:
+                    continue
+                for (obj_namespace, _), obj in list(self._objects[other_type.key].items()):
+                    if obj_namespace == namespace:
+                        self._delete(other_type, obj)
+        elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
+            spec = removed.get("spec", {})
+            type_key = (spec.get("group", ""), spec.get("names", {}).get("plural", ""))
+            dropped = self._types.pop(type_key, None)
+            for obj in self._objects.pop(type_key, {}).values():
+                if dropped is not None:
+                    gone = copy.deepcopy(obj)
+                    gone["metadata"]["resourceVersion"] = self._next_resource_version()
+                    self._emit(dropped, "DELETED", gone)
+
+    # -- bulk helpers for the Python API ---------------------------------------------------------
+
+    def apply_crd(self, crd: dict[str, Any]) -> dict[str, Any]:
+        """Create the CRD or replace the stored one (what ``kubectl apply`` would do)."""
+        crds = self._types[(CRD_GROUP, CRD_PLURAL)]
+        with self.lock:
+            name = crd.get("metadata", {}).get("name", "")
+            if ("", name) in self._objects[crds.key]:
+                return self.replace(crds, "v1", None, name, crd, None)
+            return self.create(crds, "v1", None, crd)
+
+    def all_objects(self, resource_type: ResourceType) -> Iterable[dict[str, Any]]:
+        with self.lock:
+            return list(self._objects[resource_type.key].values())

@@ -1,0 +1,185 @@
+"""Server-side printing: ``meta.k8s.io/v1 Table`` responses, so ``kubectl get`` shows printer columns.
+
+kubectl asks for tables with ``Accept: application/json;as=Table;v=v1;g=meta.k8s.io``. Custom resources get
+a Name column, then the CRD's ``additionalPrinterColumns`` (or Age when there are none); ``date`` cells are
+rendered as a human age, as the CRD table convertor does. The JSONPath subset covers what printer columns
+use: ``.a.b``, ``.a[0]``, ``.a[*]``, ``['key']`` and filters like ``[?(@.type=="Ready")]``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any
+
+from kubesim.resources import NAMESPACES, ResourceType
+
+_TOKEN_RE = re.compile(
+    r"""\.(?P<key>[A-Za-z0-9_\-/]+)"""
+    r"""|\[(?P<index>\d+|\*)\]"""
+    r"""|\[['"](?P<quoted>[^'"]+)['"]\]"""
+    r"""|\[\?\(@\.(?P<filter_path>[A-Za-z0-9_.\-]+)\s*==\s*['"](?P<filter_value>[^'"]*)['"]\)\]"""
+)
+
+
+def jsonpath(obj: Any, expression: str) -> list[Any]:
+    """All values the expression selects (an empty list when a step is missing)."""
+    expression = expression.strip()
+    if expression.startswith("{") and expression.endswith("}"):
+        expression = expression[1:-1]
+    if expression.startswith("$"):
+        expression = expression[1:]
+    nodes = [obj]
+    position = 0
+    while position < len(expression):
+        match = _TOKEN_RE.match(expression, position)
+        if match is None:
+            return []
+        position = match.end()
+        selected: list[Any] = []
+        for node in nodes:
+            key = match.group("key") or match.group("quoted")
+            if key is not None:
+                if isinstance(node, dict) and key in node:
+                    selected.append(node[key])
+            elif match.group("index") is not None:
+                if isinstance(node, list):
+                    if match.group("index") == "*":
+                        selected.extend(node)
+                    elif int(match.group("index")) < len(node):
+                        selected.append(node[int(match.group("index"))])
+                elif isinstance(node, dict) and match.group("index") == "*":
+                    selected.extend(node.values())
+            else:
+                path = match.group("filter_path").split(".")
+                for item in node if isinstance(node, list) else []:
+                    value: Any = item
+                    for part in path:
+                        value = value.get(part) if isinstance(value, dict) else None
+                    if value is not None and str(value) == match.group("filter_value"):
+                        selected.append(item)
+        nodes = selected
+    return nodes
+
+
+def human_duration(seconds: float) -> str:
+    """Kubernetes' ``duration.HumanDuration``: the AGE column format."""
+    if seconds < -1:
+        return "<invalid>"
+    total = max(int(seconds), 0)
+    minutes, hours, days = total // 60, total // 3600, total // 86400
+    if total < 120:
+        return f"{total}s"
+    if minutes < 10:
+        rest = total % 60
+        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    if hours < 8:
+        rest = minutes % 60
+        return f"{hours}h{rest}m" if rest else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        rest = hours % 24
+        return f"{days}d{rest}h" if rest else f"{days}d"
+    if hours < 24 * 365 * 2:
+        return f"{days}d"
+    years = days // 365
+    if years < 8:
+        rest = days % 365
+        return f"{years}y{rest}d" if rest else f"{years}y"
+    return f"{years}y"
+
+
+def _age(timestamp: Any) -> str | None:
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return human_duration((datetime.datetime.now(datetime.UTC) - moment).total_seconds())
+
+
+def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
+    name = {
+        "name": "Name",
+        "type": "string",
+        "format": "name",
+        "description": "Name of the object",
+        "priority": 0,
+    }
+    age = {
+        "name": "Age",
+        "type": "date",
+        "jsonPath": ".metadata.creationTimestamp",
+        "description": "Time since the object was created",
+    }
+    columns = list(resource_type.printer_columns.get(version) or [])
+    if resource_type is NAMESPACES:
+        columns = [{"name": "Status", "type": "string", "jsonPath": ".status.phase"}, age]
+    if not columns:
+        columns = [age]
+    return [name] + [
+        {
+            "name": column["name"],
+            "type": column.get("type", "string"),
+            "format": column.get("format", ""),
+            "description": column.get("description", ""),
+            "priority": column.get("priority", 0),
+            "jsonPath": column.get("jsonPath", ""),
+        }
+        for column in columns
+    ]
+
+
+def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
+    values = jsonpath(obj, column["jsonPath"])
+    if not values or values[0] is None:
+        return None
+    value = values[0]
+    if column["type"] == "date":
+        return _age(value)
+    if column["type"] == "string" and not isinstance(value, str):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return value
+
+
+def _row(columns: list[dict[str, Any]], obj: dict[str, Any], include_object: str) -> dict[str, Any]:
+    cells = [obj["metadata"]["name"]] + [_cell(column, obj) for column in columns[1:]]
+    if include_object == "Object":
+        row_object: dict[str, Any] = obj
+    else:
+        row_object = {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj["metadata"],
+        }
+    return {"cells": cells, "object": row_object}
+
+
+def table(
+    resource_type: ResourceType,
+    version: str,
+    objects: list[dict[str, Any]],
+    resource_version: int | None,
+    *,
+    include_object: str = "Metadata",
+    with_columns: bool = True,
+) -> dict[str, Any]:
+    columns = _columns(resource_type, version)
+    metadata: dict[str, Any] = {}
+    if resource_version is not None:
+        metadata["resourceVersion"] = str(resource_version)
+    result: dict[str, Any] = {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": metadata,
+        "rows": [_row(columns, obj, include_object) for obj in objects],
+    }
+    if with_columns:
+        result["columnDefinitions"] = [
+            {key: value for key, value in column.items() if key != "jsonPath"} for column in columns
+        ]
+    return result

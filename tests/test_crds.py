@@ -695,3 +695,208 @@ def test_examples_kustomization_builds() -> None:
     assert built.returncode == 0, built.stderr
     kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(built.stdout) if doc)
     assert kinds == ["KiloClawInstance", "KiloClawInstance", "Namespace"]
+
+
+# ------------------------------------------------- kubesim.crdschema against documented API-server behaviour
+
+
+def _object(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, **extra}
+
+
+def test_load_crd_schema_refuses_a_version_the_crd_does_not_serve() -> None:
+    with pytest.raises(ValueError, match="no version v1"):
+        crdschema.load_crd_schema(INSTANCE_CRD, "v1")
+
+
+def test_pruning_drops_unknown_fields_at_every_level_but_keeps_object_identity() -> None:
+    schema = _object(
+        {
+            "spec": _object(
+                {"a": {"type": "string"}, "m": {"type": "object", "additionalProperties": {"type": "string"}}}
+            )
+        }
+    )
+    obj = {
+        "apiVersion": "x/v1",
+        "kind": "X",
+        "metadata": {"name": "n", "labels": {"a": "b"}},
+        "spec": {"a": "1", "b": 2, "m": {"free": "form"}},
+        "extra": True,
+    }
+    pruned, removed = crdschema.prune_unknown_fields(schema, obj)
+    assert pruned == {
+        "apiVersion": "x/v1",
+        "kind": "X",
+        "metadata": {"name": "n", "labels": {"a": "b"}},
+        "spec": {"a": "1", "m": {"free": "form"}},
+    }
+    assert sorted(removed) == ["extra", "spec.b"]
+    assert obj["extra"] is True  # the input is not modified
+
+
+def test_admit_prunes_defaults_and_validates_in_the_api_server_order() -> None:
+    admission = crdschema.admit(
+        INSTANCE_SCHEMA, with_fields(instance(), spec__colour="blue", spec__state="Paused")
+    )
+    assert admission.unknown_fields == ["spec.colour"]
+    assert "colour" not in admission.obj["spec"]
+    assert admission.obj["spec"]["guest"]["cpus"] == 1
+    assert admission.errors == [
+        'spec.state: Unsupported value: "Paused": supported values: "Running", "Stopped"'
+    ]
+
+
+def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_rejected_by_validation() -> None:
+    schema = _object({"a": {"type": "string"}, "b": {"type": "string", "nullable": True}})
+    assert crdschema.apply_defaults(schema, {"a": None, "b": None}) == {"b": None}
+    assert crdschema.validate(schema, {"a": None}) == [
+        'a: Invalid value: "null": a in body must be of type string: "null"',
+        '<nil>: Invalid value: "null": some validation rules were not checked because the object was '
+        "invalid; correct the existing errors to complete validation",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("2026-11-25T12:00:00Z", True),
+        ("2026-11-25T12:00:00.123456Z", True),
+        ("2026-11-25T12:00:00+02:00", True),
+        ("2026-11-25T12:00:00", True),
+        ("2026-13-01T00:00:00Z", False),
+        ("2026-11-25", False),
+        ("tomorrow", False),
+    ],
+)
+def test_date_time_format_follows_rfc3339_as_kube_openapi_reads_it(value: str, valid: bool) -> None:
+    errors = crdschema.validate(_object({"t": {"type": "string", "format": "date-time"}}), {"t": value})
+    assert (errors == []) is valid
+
+
+def test_whole_floats_count_as_integers_like_json_numbers_do() -> None:
+    schema = _object({"n": {"type": "integer"}})
+    assert crdschema.validate(schema, {"n": 2.0}) == []
+    assert crdschema.validate(schema, {"n": 2.5})[0].startswith('n: Invalid value: "number"')
+
+
+def test_rule_without_message_reports_the_failed_rule() -> None:
+    schema = _object({"n": {"type": "integer", "x-kubernetes-validations": [{"rule": "self > 1"}]}})
+    assert crdschema.validate(schema, {"n": 1}) == ['n: Invalid value: "integer": failed rule: self > 1']
+
+
+def test_message_expression_field_path_and_reason_shape_the_error() -> None:
+    rule = {
+        "rule": "self.min <= self.max",
+        "messageExpression": "'min ' + string(self.min) + ' exceeds max ' + string(self.max)",
+        "fieldPath": ".min",
+        "reason": "FieldValueForbidden",
+    }
+    schema = _object(
+        {
+            "range": _object(
+                {"min": {"type": "integer"}, "max": {"type": "integer"}},
+                **{"x-kubernetes-validations": [rule]},
+            )
+        }
+    )
+    assert crdschema.validate(schema, {"range": {"min": 5, "max": 2}}) == [
+        "range.min: Forbidden: min 5 exceeds max 2"
+    ]
+
+
+def test_evaluation_errors_are_reported_with_the_rule() -> None:
+    schema = _object(
+        {"o": _object({"a": {"type": "integer"}}, **{"x-kubernetes-validations": [{"rule": "self.a > 0"}]})}
+    )
+    [error] = crdschema.validate(schema, {"o": {}})
+    assert error.startswith('o: Invalid value: "object": ') and error.endswith("evaluating rule: self.a > 0")
+
+
+def test_transition_rules_run_only_where_an_old_value_exists() -> None:
+    immutable = {
+        "type": "string",
+        "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "frozen"}],
+    }
+    schema = _object({"a": immutable, "b": immutable})
+    assert crdschema.validate(schema, {"a": "2", "b": "2"}, {"a": "1"}) == [
+        'a: Invalid value: "string": frozen'
+    ]
+
+
+def test_transition_rules_correlate_map_list_items_by_key_and_never_set_items() -> None:
+    item = _object(
+        {"name": {"type": "string"}, "size": {"type": "integer"}},
+        required=["name"],
+        **{"x-kubernetes-validations": [{"rule": "self.size >= oldSelf.size", "message": "cannot shrink"}]},
+    )
+    schema = _object(
+        {
+            "disks": {
+                "type": "array",
+                "items": item,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            }
+        }
+    )
+    old = {"disks": [{"name": "a", "size": 5}, {"name": "b", "size": 5}]}
+    new = {"disks": [{"name": "b", "size": 9}, {"name": "a", "size": 1}, {"name": "c", "size": 1}]}
+    assert crdschema.validate(schema, new, old) == ['disks[1]: Invalid value: "object": cannot shrink']
+    as_set = {
+        "type": "array",
+        "items": {"type": "integer", "x-kubernetes-validations": [{"rule": "self >= oldSelf"}]},
+    }
+    assert crdschema.validate(_object({"s": as_set}), {"s": [1]}, {"s": [5]}) == []
+
+
+def test_rules_see_date_times_as_timestamps() -> None:
+    rule = {"rule": "self.until > self.since", "message": "until must be after since"}
+    times = {"type": "string", "format": "date-time"}
+    schema = _object({"w": _object({"since": times, "until": times}, **{"x-kubernetes-validations": [rule]})})
+    assert crdschema.validate(
+        schema, {"w": {"since": "2026-11-25T12:00:00Z", "until": "2026-11-25T13:00:00+02:00"}}
+    ) == ['w: Invalid value: "object": until must be after since']
+
+
+def test_rules_at_the_root_see_kind_and_name_but_not_other_metadata() -> None:
+    rules = [
+        {"rule": "self.kind == 'X' && self.metadata.name.startsWith('ki-')", "message": "bad name"},
+        {"rule": "!has(self.metadata.labels)", "message": "labels leaked into CEL"},
+    ]
+    schema = _object({"spec": {"type": "object"}}, **{"x-kubernetes-validations": rules})
+    obj = {"kind": "X", "metadata": {"name": "ki-a", "labels": {"a": "b"}}, "spec": {}}
+    assert crdschema.validate(schema, obj) == []
+    assert crdschema.validate(schema, with_fields(obj, metadata__name="other")) == [
+        '<root>: Invalid value: "object": bad name'
+    ]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "self.lowerAscii() == 'ab-cd'",
+        "self.upperAscii() == 'AB-CD'",
+        "self.split('-') == ['ab', 'CD']",
+        "self.replace('-', '_') == 'ab_CD'",
+        "self.substring(3) == 'CD' && self.substring(0, 2) == 'ab'",
+        "self.indexOf('-') == 2 && self.lastIndexOf('C') == 3",
+        "self.charAt(1) == 'b'",
+        "' x '.trim() == 'x'",
+        "self.find('[A-Z]+') == 'CD' && self.findAll('[a-zA-Z]') == ['a', 'b', 'C', 'D']",
+        "['a', 'b'].join('-') == 'a-b' && ['a', 'b'].join() == 'ab'",
+        "[1, 2, 3].isSorted() && [1, 2, 3].sum() == 6 && [3, 1].min() == 1 && [3, 1].max() == 3",
+        "[1, 2, 3].indexOf(2) == 1",
+    ],
+)
+def test_kubernetes_cel_library_functions_missing_from_cel_python_are_provided(rule: str) -> None:
+    schema = _object({"s": {"type": "string", "x-kubernetes-validations": [{"rule": rule}]}})
+    assert crdschema.validate(schema, {"s": "ab-CD"}) == []
+
+
+def test_a_library_function_misused_is_an_evaluation_error_not_a_crash() -> None:
+    schema = _object(
+        {"s": {"type": "string", "x-kubernetes-validations": [{"rule": "self.substring(9) == ''"}]}}
+    )
+    [error] = crdschema.validate(schema, {"s": "ab"})
+    assert error.startswith('s: Invalid value: "string": ') and "evaluating rule: self.substring(9)" in error

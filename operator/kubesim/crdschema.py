@@ -406,7 +406,7 @@ def _evaluate_rule(
         return f"{_cel_error_text(error)} evaluating rule: {expression}"
     if isinstance(result, celpy.CELEvalError):
         return f"{_cel_error_text(result)} evaluating rule: {expression}"
-    if not isinstance(result, celtypes.BoolType):
+    if not isinstance(result, celtypes.BoolType | bool):
         return f"rule did not evaluate to a bool: {expression}"
     if bool(result):
         return None
@@ -417,7 +417,7 @@ def _evaluate_rule(
             text = _program(rule["messageExpression"]).evaluate(activation)
         except celpy.CELEvalError:
             text = None
-        if isinstance(text, celtypes.StringType) and text.strip() and "\n" not in text:
+        if isinstance(text, str) and text.strip() and "\n" not in text:
             return str(text)
     return f"failed rule: {expression}"
 

@@ -900,3 +900,13 @@ def test_a_library_function_misused_is_an_evaluation_error_not_a_crash() -> None
     )
     [error] = crdschema.validate(schema, {"s": "ab"})
     assert error.startswith('s: Invalid value: "string": ') and "evaluating rule: self.substring(9)" in error
+
+
+def test_a_function_cel_python_lacks_is_reported_as_an_undeclared_reference() -> None:
+    schema = _object(
+        {"q": {"type": "string", "x-kubernetes-validations": [{"rule": "quantity(self) != null"}]}}
+    )
+    assert crdschema.validate(schema, {"q": "1Gi"}) == [
+        'q: Invalid value: "string": '
+        "undeclared reference to 'quantity' evaluating rule: quantity(self) != null"
+    ]

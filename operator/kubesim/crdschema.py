@@ -443,7 +443,9 @@ def _mentions_old_self(expression: str) -> bool:
 
 
 def _cel_error_text(error: celpy.CELEvalError) -> str:
-    return str(error.args[0]) if error.args else str(error)
+    text = str(error.args[0]) if error.args else str(error)
+    # celpy appends its whole activation (every variable and function) to "undeclared reference" errors.
+    return text.split(" (in activation", 1)[0]
 
 
 _ENVIRONMENT = celpy.Environment()

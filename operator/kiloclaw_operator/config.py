@@ -21,7 +21,9 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True
+    )
 
     fly_api_token: str = Field(default="", validation_alias=AliasChoices("FLY_API_TOKEN"), repr=False)
     fly_api_base_url: str = Field(
@@ -79,6 +81,11 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not Fly region codes (three lower-case letters): {', '.join(bad)}")
         return regions
+
+    @field_validator("fly_org_slug")
+    @classmethod
+    def _blank_org_is_none(cls, slug: str | None) -> str | None:
+        return slug or None
 
     @field_validator("fly_api_base_url")
     @classmethod

@@ -215,7 +215,9 @@ class InstanceDriver:
                 logger.info("retrying later: %s", exc, extra=self._log_fields(instance))
                 return self._backoff(exc.delay)
             except (KubeError, httpx.HTTPError) as exc:
-                logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(instance))
+                logger.warning(
+                    "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(instance)
+                )
                 return self._backoff()
             self.failures = 0
             return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)

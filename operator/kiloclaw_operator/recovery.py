@@ -60,7 +60,9 @@ def new_recovery_id() -> str:
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
-def replacement_regions(regions: Sequence[str], source_region: str, rng: random.Random | None = None) -> list[str]:
+def replacement_regions(
+    regions: Sequence[str], source_region: str, rng: random.Random | None = None
+) -> list[str]:
     """Where to fork the replacement volume: the configured regions shuffled, the source region dropped
     when three or more remain (a failed host's region is the worst bet) or tried last otherwise."""
     order = list(dict.fromkeys(regions))
@@ -106,9 +108,14 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
     )
     fields = _fields(instance)
     await driver.ctx.kube.post_event(
-        instance.ref, "RecoveryStarted", f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}"
+        instance.ref,
+        "RecoveryStarted",
+        f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
     )
-    analytics.info("instance.unexpected_stop_recovery_started", extra={"event": "instance.unexpected_stop_recovery_started", **fields})
+    analytics.info(
+        "instance.unexpected_stop_recovery_started",
+        extra={"event": "instance.unexpected_stop_recovery_started", **fields},
+    )
     return await resume(driver, instance)
 
 
@@ -130,7 +137,9 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
     if instance.status.phase is Phase.RECOVERING:
         # A Recovering phase without a recovery record cannot be resumed: settle it, never guess ids.
         return await driver.commit(
-            instance, instance.status.model_copy(update={"phase": Phase.STOPPED}), "no recovery record to resume"
+            instance,
+            instance.status.model_copy(update={"phase": Phase.STOPPED}),
+            "no recovery record to resume",
         )
     return instance
 
@@ -165,8 +174,12 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
 
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
         if record.source_machine_id:
-            await destroy_machine_if_present(fly, app, record.source_machine_id)
-        return await _record(driver, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed")
+            await destroy_machine_if_present(
+                fly, app, record.source_machine_id, wait_seconds=driver.ctx.settings.wait_call_seconds
+            )
+        return await _record(
+            driver, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
+        )
 
     if step is RecoveryStep.SOURCE_MACHINE_DESTROYED:
         volume = await _replacement_volume(driver, instance, record)
@@ -193,12 +206,18 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
         remaining = (record.deadline - driver.ctx.clock()).total_seconds()
         wait_seconds = max(1, min(driver.ctx.settings.wait_call_seconds, int(remaining + 0.999)))
         try:
-            started = await fly.wait_machine(app, record.replacement_machine_id, "started", timeout_seconds=wait_seconds)
+            started = await fly.wait_machine(
+                app, record.replacement_machine_id, "started", timeout_seconds=wait_seconds
+            )
         except NotFound:
-            raise RecoveryStepFailed(f"replacement machine {record.replacement_machine_id} disappeared") from None
+            raise RecoveryStepFailed(
+                f"replacement machine {record.replacement_machine_id} disappeared"
+            ) from None
         if not started:
             return instance
-        return await _record(driver, instance, RecoveryStep.REPLACEMENT_MACHINE_STARTED, "replacement machine started")
+        return await _record(
+            driver, instance, RecoveryStep.REPLACEMENT_MACHINE_STARTED, "replacement machine started"
+        )
 
     if step is RecoveryStep.REPLACEMENT_MACHINE_STARTED:
         return await _cut_over(driver, instance, record)
@@ -215,14 +234,20 @@ async def _record(
     return await driver.commit(instance, instance.status.model_copy(update={"recovery": updated}), why)
 
 
-async def _replacement_volume(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> Volume:
+async def _replacement_volume(
+    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
+) -> Volume:
     fly = driver.ctx.fly
     app = instance.spec.fly_app
     if record.replacement_volume_id:
         try:
             return await fly.get_volume(app, record.replacement_volume_id)
         except NotFound:
-            logger.warning("recorded replacement volume %s is gone; forking again", record.replacement_volume_id, extra=_fields(instance))
+            logger.warning(
+                "recorded replacement volume %s is gone; forking again",
+                record.replacement_volume_id,
+                extra=_fields(instance),
+            )
     name = volume_name(instance.spec.sandbox_id)
     for volume in await fly.list_volumes(app):
         if (
@@ -235,7 +260,9 @@ async def _replacement_volume(driver: InstanceDriver, instance: InstanceModel, r
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
-    regions = replacement_regions(lifecycle.ordered_regions(instance.spec, driver.ctx.settings), record.source_region)
+    regions = replacement_regions(
+        lifecycle.ordered_regions(instance.spec, driver.ctx.settings), record.source_region
+    )
     errors: list[str] = []
     for region in regions:
         try:
@@ -248,10 +275,14 @@ async def _replacement_volume(driver: InstanceDriver, instance: InstanceModel, r
             )
         except Capacity as exc:
             errors.append(f"{region}: {exc.message}")
-    raise RecoveryStepFailed("no capacity for the replacement volume in any region (" + "; ".join(errors) + ")")
+    raise RecoveryStepFailed(
+        "no capacity for the replacement volume in any region (" + "; ".join(errors) + ")"
+    )
 
 
-async def _replacement_machine(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> Machine:
+async def _replacement_machine(
+    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
+) -> Machine:
     fly = driver.ctx.fly
     app = instance.spec.fly_app
     assert record.replacement_volume_id is not None
@@ -262,7 +293,9 @@ async def _replacement_machine(driver: InstanceDriver, instance: InstanceModel, 
             pass
     for machine in await fly.list_machines(app, metadata={lifecycle.METADATA_RECOVERY_ID: record.id}):
         if machine.state not in ("destroyed", "destroying"):
-            logger.info("adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance))
+            logger.info(
+                "adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance)
+            )
             return machine
     volume = await fly.get_volume(app, record.replacement_volume_id)
     return await fly.create_machine(
@@ -298,7 +331,9 @@ async def _cut_over(driver: InstanceDriver, instance: InstanceModel, record: Rec
             "recovery": record.model_copy(update={"step": RecoveryStep.CUT_OVER}),
         }
     )
-    return await driver.commit(instance, status, "cutover: the replacement becomes the instance's machine and volume")
+    return await driver.commit(
+        instance, status, "cutover: the replacement becomes the instance's machine and volume"
+    )
 
 
 # --- step 8 -----------------------------------------------------------------------------------------------
@@ -321,7 +356,12 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
     except NotFound:
         retain_until = None  # already gone (a previous pass deleted it): nothing left to keep
     except FlyError as exc:
-        logger.warning("cannot list snapshots of %s (%s): retaining it", record.source_volume_id, exc, extra=_fields(instance))
+        logger.warning(
+            "cannot list snapshots of %s (%s): retaining it",
+            record.source_volume_id,
+            exc,
+            extra=_fields(instance),
+        )
         retain_until = now + timedelta(seconds=settings.retention_seconds)
     else:
         if snapshots:
@@ -331,7 +371,12 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
                 await delete_volume_checked(fly, app, record.source_volume_id, instance.spec.sandbox_id)
                 retain_until = None
             except (FlyError, OwnershipMismatch) as exc:
-                logger.warning("deleting old volume %s failed (%s): retaining it for a retry", record.source_volume_id, exc, extra=_fields(instance))
+                logger.warning(
+                    "deleting old volume %s failed (%s): retaining it for a retry",
+                    record.source_volume_id,
+                    exc,
+                    extra=_fields(instance),
+                )
                 retain_until = now
     retained_name: str | None = None
     if retain_until is not None:
@@ -341,9 +386,13 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
                 instance.ref.namespace, _retained_volume_body(instance, record, retained_name, retain_until)
             )
         except Exception as exc:
-            raise RetryLater(f"could not create retained volume {retained_name}: {exc}", settings.poll_busy_seconds) from exc
+            raise RetryLater(
+                f"could not create retained volume {retained_name}: {exc}", settings.poll_busy_seconds
+            ) from exc
         await driver.ctx.kube.post_event(
-            instance.ref, "RetainedVolumeCreated", f"old volume {record.source_volume_id} kept as {retained_name}"
+            instance.ref,
+            "RetainedVolumeCreated",
+            f"old volume {record.source_volume_id} kept as {retained_name}",
         )
     last = instance.status.last_recovery
     if last is not None and last.id == record.id:
@@ -390,7 +439,11 @@ def _retained_volume_body(
         "apiVersion": instance.ref.api_version,
         "kind": "KiloClawRetainedVolume",
         # Only our own label: nothing that would make Argo CD or Flux adopt or prune this safety copy.
-        "metadata": {"name": name, "namespace": instance.ref.namespace, "labels": {INSTANCE_LABEL: instance.ref.name}},
+        "metadata": {
+            "name": name,
+            "namespace": instance.ref.namespace,
+            "labels": {INSTANCE_LABEL: instance.ref.name},
+        },
         "spec": spec.dump(),
     }
 
@@ -418,18 +471,29 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
             pass
     if replacement_machine:
         try:
-            await destroy_machine_if_present(fly, app, replacement_machine, wait_seconds=driver.ctx.settings.wait_call_seconds)
+            await destroy_machine_if_present(
+                fly, app, replacement_machine, wait_seconds=driver.ctx.settings.wait_call_seconds
+            )
         except FlyError as exc:
-            logger.warning("could not destroy replacement machine %s: %s", replacement_machine, exc, extra=_fields(instance))
+            logger.warning(
+                "could not destroy replacement machine %s: %s",
+                replacement_machine,
+                exc,
+                extra=_fields(instance),
+            )
             leftover_machine = replacement_machine
-    replacement_volume = record.replacement_volume_id or await _unrecorded_replacement_volume(driver, instance, record)
+    replacement_volume = record.replacement_volume_id or await _unrecorded_replacement_volume(
+        driver, instance, record
+    )
     if replacement_volume and replacement_volume != record.source_volume_id:
         try:
             if leftover_machine is not None:
                 raise RecoveryStepFailed("its machine is not destroyed yet")
             await delete_volume_checked(fly, app, replacement_volume, instance.spec.sandbox_id)
         except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
-            logger.warning("could not delete replacement volume %s: %s", replacement_volume, exc, extra=_fields(instance))
+            logger.warning(
+                "could not delete replacement volume %s: %s", replacement_volume, exc, extra=_fields(instance)
+            )
             leftover_volume = replacement_volume
     now = driver.ctx.clock()
     source_machine_destroyed = step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED)
@@ -456,11 +520,17 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
             ),
         }
     )
-    status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, instance.generation)
-    instance = await driver.commit(instance, status, "recovery failed: replacement cleaned up, instance stalled")
+    status = conditions.mark_stalled(
+        status, conditions.REASON_RECOVERY_FAILED, message, now, instance.generation
+    )
+    instance = await driver.commit(
+        instance, status, "recovery failed: replacement cleaned up, instance stalled"
+    )
     RECOVERIES.labels(outcome="failed").inc()
     RECOVERY_DURATION.observe(duration)
-    await driver.ctx.kube.post_event(instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True)
+    await driver.ctx.kube.post_event(
+        instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True
+    )
     analytics.info(
         "instance.unexpected_stop_recovery_failed",
         extra={

@@ -1,0 +1,299 @@
+"""The end-to-end stack for tests: flysim and kubesim on loopback (each in its own thread) and the real operator
+(kopf, in-process, in the test's event loop) with short intervals.
+
+One stack per pytest worker process; tests isolate themselves by namespace. ``crash_operator`` cancels the
+operator mid-flight (as a SIGKILL would: in-flight Fly calls may or may not have landed) and
+``start_operator`` brings a fresh one up against the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from flysim import FlySimulator, SimTimings
+from kubesim import KubeSim
+
+from kiloclaw_operator.__main__ import run_operator
+from kiloclaw_operator.config import Settings
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = ROOT / "crds"
+FLY_TOKEN = "test-token"
+T = TypeVar("T")
+
+_namespace_counter = itertools.count(1)
+
+
+def test_settings(fly_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "fly_api_token": FLY_TOKEN,
+        "fly_api_base_url": fly_url,
+        "default_regions": ["iad", "ord", "cdg"],
+        "poll_running_seconds": 0.3,
+        "poll_busy_seconds": 0.1,
+        "poll_idle_seconds": 0.5,
+        "recovery_timeout_seconds": 20,
+        "retention_seconds": 3600,
+        "retained_check_seconds": 0.3,
+        "retry_backoff_min_seconds": 0.1,
+        "retry_backoff_max_seconds": 1.0,
+        "wait_call_seconds": 1,
+        "metrics_port": 0,
+        "health_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class OperatorThread:
+    """The real operator (kopf) in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="operator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._task = self._loop.create_task(
+                run_operator(
+                    self.settings,
+                    stop_flag=self.stop_flag,
+                    ready_flag=self.ready_flag,
+                    liveness=False,
+                    watch_server_timeout=30,
+                )
+            )
+            self._loop.run_until_complete(self._task)
+        except BaseException as exc:  # a crash test cancels the task on purpose
+            self.error = exc
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.ready_flag.wait(timeout):
+            raise AssertionError(f"operator not ready after {timeout}s: {self.error!r}")
+
+    def stop(self, timeout: float) -> None:
+        self.stop_flag.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "operator did not stop"
+
+    def crash(self, timeout: float) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "operator did not die"
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.fly = FlySimulator(token=FLY_TOKEN, timings=SimTimings(start_delay=0.05, stop_delay=0.05))
+        self.kube = KubeSim()
+        self.workdir = workdir
+        self._operator: OperatorThread | None = None
+        self.settings: Settings | None = None
+        self.api: httpx.AsyncClient
+
+    async def start(self) -> None:
+        self.fly.start_in_thread()
+        self.kube.start_in_thread()
+        self.kube.load_crds([CRDS])
+        kubeconfig = self.kube.write_kubeconfig(self.workdir / "kubeconfig")
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        self.api = httpx.AsyncClient(base_url=self.kube.url, timeout=10)
+        await self.start_operator()
+
+    async def close(self) -> None:
+        await self.stop_operator()
+        await self.api.aclose()
+        self.kube.stop_thread()
+        self.fly.stop_thread()
+
+    # --- the operator ---------------------------------------------------------------------------------
+
+    async def start_operator(self, **overrides: Any) -> None:
+        """Run the operator in its own thread and event loop, as a deployment would run it in its own process
+        (kopf cancels every task of its loop when it stops, which must not include the tests)."""
+        assert self._operator is None, "operator already running"
+        self.settings = test_settings(self.fly.base_url, **overrides)
+        operator = OperatorThread(self.settings)
+        operator.start()
+        self._operator = operator
+        await asyncio.to_thread(operator.wait_ready, 30)
+
+    async def stop_operator(self) -> None:
+        if self._operator is not None:
+            await asyncio.to_thread(self._operator.stop, 60)
+            self._operator = None
+
+    async def crash_operator(self) -> None:
+        """Kill the operator where it stands: no graceful shutdown, no step gets to finish."""
+        if self._operator is not None:
+            await asyncio.to_thread(self._operator.crash, 60)
+            self._operator = None
+
+    async def restart_operator(self, **overrides: Any) -> None:
+        await self.crash_operator()
+        await self.start_operator(**overrides)
+
+    # --- Kubernetes API ---------------------------------------------------------------------------------
+
+    async def create_namespace(self, prefix: str = "t") -> str:
+        name = f"{prefix}-{os.getpid()}-{next(_namespace_counter)}"
+        self.kube.create_namespace(name)
+        return name
+
+    @staticmethod
+    def path(plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
+        return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def create_instance(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+        body_spec: dict[str, Any] = {
+            "sandboxId": f"ki_{name}_{namespace}".replace("-", "_")[:64],
+            "userId": f"user-{name}",
+            "flyApp": "acct-test",
+            "image": "registry.fly.io/kiloclaw:2026.11.1",
+        }
+        body_spec.update(spec)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "KiloClawInstance",
+            "metadata": {"name": name},
+            "spec": body_spec,
+        }
+        response = await self.api.post(self.path(INSTANCE_PLURAL, namespace), json=body)
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def get_instance(self, namespace: str, name: str) -> dict[str, Any] | None:
+        response = await self.api.get(self.path(INSTANCE_PLURAL, namespace, name))
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def patch_instance(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        response = await self.api.patch(
+            self.path(INSTANCE_PLURAL, namespace, name),
+            json=patch,
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def delete_instance(self, namespace: str, name: str) -> None:
+        response = await self.api.delete(self.path(INSTANCE_PLURAL, namespace, name))
+        assert response.status_code in (200, 202, 404), response.text
+
+    async def list_retained(self, namespace: str) -> list[dict[str, Any]]:
+        response = await self.api.get(self.path(RETAINED_PLURAL, namespace))
+        response.raise_for_status()
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
+
+    async def events(self, namespace: str, name: str | None = None) -> list[dict[str, Any]]:
+        response = await self.api.get(f"/api/v1/namespaces/{namespace}/events")
+        response.raise_for_status()
+        items: list[dict[str, Any]] = response.json()["items"]
+        if name is not None:
+            items = [e for e in items if e.get("involvedObject", {}).get("name") == name]
+        return items
+
+    async def event_reasons(self, namespace: str, name: str | None = None) -> list[str]:
+        return [e["reason"] for e in await self.events(namespace, name)]
+
+    async def wait_instance(
+        self,
+        namespace: str,
+        name: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 15,
+        what: str = "condition",
+    ) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            body = await self.get_instance(namespace, name)
+            return body if body is not None and predicate(body) else None
+
+        return await eventually(check, timeout=timeout, what=f"{namespace}/{name}: {what}")
+
+    async def wait_phase(self, namespace: str, name: str, phase: str, timeout: float = 15) -> dict[str, Any]:
+        return await self.wait_instance(
+            namespace, name, lambda b: status(b).get("phase") == phase, timeout, what=f"phase {phase}"
+        )
+
+    async def wait_gone(self, namespace: str, name: str, timeout: float = 15) -> None:
+        async def check() -> bool | None:
+            return True if await self.get_instance(namespace, name) is None else None
+
+        await eventually(check, timeout=timeout, what=f"{namespace}/{name} deleted")
+
+    # --- Fly ------------------------------------------------------------------------------------------
+
+    def live_machines(self, app: str = "acct-test", sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        machines = [m for m in self.fly.machines(app) if m["state"] not in ("destroyed", "destroying")]
+        if sandbox_id is not None:
+            machines = [
+                m
+                for m in machines
+                if (m.get("config") or {}).get("metadata", {}).get("kiloclaw_sandbox_id") == sandbox_id
+            ]
+        return machines
+
+    def live_volumes(self, app: str = "acct-test", name: str | None = None) -> list[dict[str, Any]]:
+        volumes = [v for v in self.fly.volumes(app) if v["state"] not in ("destroyed", "pending_destroy")]
+        if name is not None:
+            volumes = [v for v in volumes if v["name"] == name]
+        return volumes
+
+
+def status(body: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = body.get("status") or {}
+    return result
+
+
+def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in status(body).get("conditions", []):
+        if cond["type"] == type_:
+            result: dict[str, Any] = cond
+            return result
+    return {}
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 15, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something other than None (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.2)

@@ -910,3 +910,11 @@ def test_a_function_cel_python_lacks_is_reported_as_an_undeclared_reference() ->
         'q: Invalid value: "string": '
         "undeclared reference to 'quantity' evaluating rule: quantity(self) != null"
     ]
+
+
+def test_memoised_rule_outcomes_still_depend_on_the_old_value() -> None:
+    old, renamed = instance(), with_fields(instance(), spec__sandboxId="ki_other")
+    for _ in range(2):
+        assert errors_of(renamed, old) == ['spec.sandboxId: Invalid value: "string": sandboxId is immutable']
+        assert errors_of(renamed, renamed) == []
+        assert errors_of(renamed) == []

@@ -32,6 +32,7 @@ import json
 import math
 import operator
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -350,7 +351,7 @@ def _validate_rules(
     if value is None:
         return
     for rule in schema.get("x-kubernetes-validations", []):
-        message = _evaluate_rule(schema, rule, value, old, is_resource=is_resource)
+        message = _cached_rule_outcome(schema, rule, value, old, is_resource=is_resource)
         if message is not None:
             errors.append(_rule_error(schema, rule, path, message))
 
@@ -385,6 +386,36 @@ def _correlate_list_items(schema: Schema, value: list[Any], old: Any) -> list[An
 
     by_identity = {identity(item): item for item in old}
     return [by_identity.get(identity(item)) for item in value]
+
+
+_OUTCOMES: dict[tuple[Any, ...], tuple[Schema, dict[str, Any], str | None]] = {}
+_OUTCOMES_LIMIT = 8192
+_OUTCOMES_LOCK = threading.Lock()
+
+
+def _cached_rule_outcome(
+    schema: Schema, rule: dict[str, Any], value: Any, old: Any, *, is_resource: bool
+) -> str | None:
+    """``_evaluate_rule`` memoised: rules are pure functions of (self, oldSelf), and cel-python takes about a
+    millisecond per evaluation, while most writes (status updates above all) repeat the same spec values.
+    """
+    key = (
+        id(schema),
+        id(rule),
+        is_resource,
+        json.dumps(value, sort_keys=True, separators=(",", ":")),
+        json.dumps(old, sort_keys=True, separators=(",", ":")),
+    )
+    cached = _OUTCOMES.get(key)
+    # The entry keeps its schema and rule alive, so a matching id means the very same objects.
+    if cached is not None and cached[0] is schema and cached[1] is rule:
+        return cached[2]
+    outcome = _evaluate_rule(schema, rule, value, old, is_resource=is_resource)
+    with _OUTCOMES_LOCK:  # the emulated API server validates from several threads
+        if len(_OUTCOMES) >= _OUTCOMES_LIMIT:
+            _OUTCOMES.pop(next(iter(_OUTCOMES)))
+        _OUTCOMES[key] = (schema, rule, outcome)
+    return outcome
 
 
 def _evaluate_rule(

@@ -81,6 +81,19 @@ def invalid(group: str, kind: str, name: str, causes: list[tuple[str, str]]) -> 
     )
 
 
+def _cause_reason(message: str) -> str:
+    """The ``StatusCause`` type Kubernetes derives from a field error's kind."""
+    for prefix, reason in (
+        ("Forbidden:", "FieldValueForbidden"),
+        ("Required value", "FieldValueRequired"),
+        ("Unsupported value", "FieldValueNotSupported"),
+        ("Duplicate value", "FieldValueDuplicate"),
+    ):
+        if message.startswith(prefix) or f": {prefix}" in message:
+            return reason
+    return "FieldValueInvalid"
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 

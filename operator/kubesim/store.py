@@ -515,7 +515,9 @@ class Store:
                         (
                             "metadata.finalizers",
                             "Forbidden: no new finalizers can be added if the object is being deleted, "
-                            f"found new finalizers {sorted(added)!r}",
+                            "found new finalizers []string{"
+                            + ", ".join(f'"{finalizer}"' for finalizer in sorted(added))
+                            + "}",
                         )
                     ],
                 )

@@ -1,0 +1,665 @@
+"""KiloClawRetainedVolume controller: keep an old volume until it expires, then delete it safely.
+
+Contract: DESIGN sections 2 (KiloClawRetainedVolume), 3.4 and 3.5.
+
+One ``RetainedVolumeDriver`` per resource is the single writer for it, in the same shape as the instance
+driver: watch events hand it the newest body and wake it; its loop observes the Fly volume into status while
+the volume is retained, and deletes it once ``spec.retainUntil`` has passed or ``spec.deleteNow`` is set.
+``kubectl delete`` reaches the same delete through the finalizer (``finalize``).
+
+A delete goes through two guards before any Fly call that destroys something:
+- the safety interlock: a volume that any instance's status names as its current volume or as part of a
+  recovery in flight is never deleted (phase ``Blocked``, ``Stalled`` reason ``VolumeInUse``);
+- the ownership-checked delete (DESIGN 3.5), which refuses to destroy a machine of another sandbox
+  (phase ``Blocked``, ``Stalled`` reason ``OwnershipMismatch``).
+Failed and blocked attempts are retried with a capped exponential backoff recorded in the status
+(``attempts``, ``lastError``, ``nextAttemptAt``), so a restarted operator keeps the same pace.
+
+Once Fly confirms the volume is gone, that fact is committed to the status (``Ready=False`` reason
+``VolumeDeleted``) *before* the Event and the removal of the resource: a restart after that point only removes
+the resource and never announces the deletion twice; a restart before it repeats the delete, where a 404 on
+the volume counts as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import httpx
+
+from . import conditions
+from .config import Settings
+from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
+from .kube import KubeError, KubeNotFound
+from .metrics import RETAINED_PHASES
+from .models import (
+    INSTANCE_KIND,
+    Condition,
+    ConditionStatus,
+    ObjectRef,
+    RetainedPhase,
+    RetainedVolume,
+    RetainedVolumeStatus,
+)
+from .reconciler import Context, RetryLater, merge_patch
+from .volumes import OwnershipMismatch, delete_volume_checked
+
+logger = logging.getLogger("kiloclaw.retained")
+analytics = logging.getLogger("kiloclaw.analytics")
+
+EVENT_DELETED = "RetainedVolumeDeleted"
+EVENT_DELETE_BLOCKED = "RetainedVolumeDeleteBlocked"
+ANALYTICS_DELETED = "retained_volume.deleted"
+
+REASON_RETAINED = "Retained"
+REASON_VOLUME_NOT_FOUND = "VolumeNotFound"
+REASON_DELETING = "Deleting"
+REASON_VOLUME_DELETED = "VolumeDeleted"
+REASON_DELETE_FAILED = "DeleteFailed"
+REASON_OWNERSHIP_MISMATCH = "OwnershipMismatch"
+REASON_VOLUME_IN_USE = "VolumeInUse"
+REASON_FLY_UNAUTHORIZED = conditions.REASON_FLY_UNAUTHORIZED
+REASON_FLY_REJECTED = "FlyRejected"
+
+# Volume states in which Fly is already getting rid of the volume: nothing is retained any more.
+GONE_VOLUME_STATES = frozenset({"destroyed", "destroying", "pending_destroy"})
+
+# Never sleep less than this between passes, so a clock skew or an error path cannot spin the loop.
+MIN_DELAY_SECONDS = 0.05
+
+
+# --- the pure core: what is due, when to retry, what blocks a delete ----------------------------------------
+
+
+class Trigger(StrEnum):
+    """Why a retained volume is being deleted."""
+
+    EXPIRED = "Expired"  # spec.retainUntil has passed
+    DELETE_NOW = "DeleteNow"  # an admin set spec.deleteNow
+    RESOURCE_DELETED = "ResourceDeleted"  # kubectl delete, through the finalizer
+
+
+class Step(StrEnum):
+    """What the driver does on a pass."""
+
+    OBSERVE = "Observe"  # not due: record the Fly volume's state
+    WAIT = "Wait"  # due, but a failed or blocked attempt waits for status.nextAttemptAt
+    DELETE = "Delete"  # due: interlock, then the ownership-checked delete
+    RELEASE = "Release"  # Fly confirmed the volume gone: only the resource is left to remove
+
+
+@dataclass(frozen=True)
+class RetainedDecision:
+    step: Step
+    trigger: Trigger | None = None
+    retry_at: datetime | None = None
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def deletion_trigger(retained: RetainedVolume, now: datetime) -> Trigger | None:
+    """Why the volume must go now, or None while it is still retained."""
+    if retained.deleting:
+        return Trigger.RESOURCE_DELETED
+    if retained.spec.delete_now:
+        return Trigger.DELETE_NOW
+    if _aware(now) >= _aware(retained.spec.retain_until):
+        return Trigger.EXPIRED
+    return None
+
+
+def volume_confirmed_deleted(status: RetainedVolumeStatus) -> bool:
+    """True once a pass committed that Fly no longer has the volume: the durable mark of a finished delete."""
+    ready = next((c for c in status.conditions if c.type == conditions.READY), None)
+    return ready is not None and ready.reason == REASON_VOLUME_DELETED
+
+
+def pending_retry(retained: RetainedVolume, now: datetime) -> datetime | None:
+    """When a failed or blocked delete may be tried again, or None if it may be tried now.
+
+    A spec change after the failure (new generation, e.g. an admin fixing things and setting ``deleteNow``, or
+    ``kubectl delete``) skips the wait: the person acting expects an attempt at once.
+    """
+    status = retained.status
+    if status.next_attempt_at is None or _aware(now) >= _aware(status.next_attempt_at):
+        return None
+    generations = {c.observed_generation for c in status.conditions}
+    if generations and max((g or 0) for g in generations) < retained.generation:
+        return None
+    return _aware(status.next_attempt_at)
+
+
+def decide_retained(retained: RetainedVolume, now: datetime) -> RetainedDecision:
+    trigger = deletion_trigger(retained, now)
+    if trigger is None:
+        return RetainedDecision(Step.OBSERVE)
+    if volume_confirmed_deleted(retained.status):
+        return RetainedDecision(Step.RELEASE, trigger)
+    retry_at = pending_retry(retained, now)
+    if retry_at is not None:
+        return RetainedDecision(Step.WAIT, trigger, retry_at)
+    return RetainedDecision(Step.DELETE, trigger)
+
+
+def next_backoff(attempts: int, settings: Settings) -> float:
+    """Seconds before retry number ``attempts`` (1 = after the first failure): doubling from the minimum,
+    capped at the maximum."""
+    exponent = max(0, min(attempts - 1, 32))
+    return float(min(settings.retry_backoff_max_seconds, settings.retry_backoff_min_seconds * 2**exponent))
+
+
+def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Volume ids that instances' statuses name as current, or as source or replacement of a recovery in
+    flight, mapped to a description of who holds them (for the Stalled message)."""
+    held: dict[str, str] = {}
+    for body in instances:
+        name = body.get("metadata", {}).get("name", "?")
+        status = body.get("status") or {}
+        recovery = status.get("recovery") or {}
+        roles = (
+            (status.get("volumeId"), "current volume"),
+            (recovery.get("sourceVolumeId"), "source volume of recovery in flight"),
+            (recovery.get("replacementVolumeId"), "replacement volume of recovery in flight"),
+        )
+        for volume_id, role in roles:
+            if volume_id and volume_id not in held:
+                held[volume_id] = f"instance {name} ({role})"
+    return held
+
+
+def next_check_delay(retained: RetainedVolume, now: datetime, settings: Settings) -> float:
+    """Seconds until the next pass: the check interval, but no later than ``retainUntil`` (so expiry lags by
+    at most a moment) or a scheduled retry."""
+    now = _aware(now)
+    candidates = [settings.retained_check_seconds]
+    if retained.status.next_attempt_at is not None:
+        candidates.append((_aware(retained.status.next_attempt_at) - now).total_seconds())
+    if deletion_trigger(retained, now) is None:
+        candidates.append((_aware(retained.spec.retain_until) - now).total_seconds())
+    return max(MIN_DELAY_SECONDS, min(candidates))
+
+
+# --- status transitions (pure) -----------------------------------------------------------------------------
+
+
+def _with_conditions(
+    status: RetainedVolumeStatus,
+    generation: int,
+    now: datetime,
+    ready: tuple[ConditionStatus, str, str],
+    stalled: tuple[ConditionStatus, str, str],
+) -> list[Condition]:
+    result = conditions.set_condition(status.conditions, conditions.READY, *ready, now, generation)
+    return conditions.set_condition(result, conditions.STALLED, *stalled, now, generation)
+
+
+def observed_status(
+    retained: RetainedVolume,
+    now: datetime,
+    *,
+    volume_exists: bool,
+    attached_machine_id: str | None,
+    snapshot_count: int | None,
+) -> RetainedVolumeStatus:
+    """Phase Retained with what Fly has; a delete that is no longer due forgets its failures."""
+    status = retained.status
+    spec = retained.spec
+    if volume_exists:
+        ready: tuple[ConditionStatus, str, str] = (
+            "True",
+            REASON_RETAINED,
+            f"volume {spec.volume_id} is retained until {_aware(spec.retain_until).isoformat()}",
+        )
+    else:
+        ready = (
+            "False",
+            REASON_VOLUME_NOT_FOUND,
+            f"volume {spec.volume_id} no longer exists in Fly app {spec.fly_app}",
+        )
+    return status.model_copy(
+        update={
+            "phase": RetainedPhase.RETAINED,
+            "snapshot_count": snapshot_count,
+            "attached_machine_id": attached_machine_id,
+            "last_error": None,
+            "next_attempt_at": None,
+            "attempts": 0,
+            "conditions": _with_conditions(
+                status, retained.generation, now, ready, ("False", REASON_RETAINED, "")
+            ),
+        }
+    )
+
+
+def deleting_status(retained: RetainedVolume, now: datetime, trigger: Trigger) -> RetainedVolumeStatus:
+    status = retained.status
+    message = f"deleting volume {retained.spec.volume_id} ({trigger.value})"
+    return status.model_copy(
+        update={
+            "phase": RetainedPhase.DELETING,
+            "conditions": _with_conditions(
+                status,
+                retained.generation,
+                now,
+                ("False", REASON_DELETING, message),
+                ("False", REASON_DELETING, ""),
+            ),
+        }
+    )
+
+
+def deleted_status(retained: RetainedVolume, now: datetime) -> RetainedVolumeStatus:
+    status = retained.status
+    return status.model_copy(
+        update={
+            "phase": RetainedPhase.DELETING,
+            "attached_machine_id": None,
+            "last_error": None,
+            "next_attempt_at": None,
+            "conditions": _with_conditions(
+                status,
+                retained.generation,
+                now,
+                ("False", REASON_VOLUME_DELETED, f"volume {retained.spec.volume_id} is deleted in Fly"),
+                ("False", REASON_VOLUME_DELETED, ""),
+            ),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class DeleteFailure:
+    """A delete attempt that did not finish, classified for the status."""
+
+    reason: str
+    message: str
+    blocked: bool  # phase Blocked: a safety check refused; a person or another party must act
+    stalled: bool  # Stalled=True: no progress without a person (or the party holding the volume)
+    delay: float  # seconds until the next attempt
+    counts: bool = True  # counts toward the backoff (waiting for an instance is not a failure)
+
+
+def classify_failure(exc: Exception, attempts: int, settings: Settings) -> DeleteFailure:
+    """Map what stopped a delete attempt to the status it leaves; ``attempts`` includes this one."""
+    delay = next_backoff(attempts, settings)
+    if isinstance(exc, OwnershipMismatch):
+        return DeleteFailure(REASON_OWNERSHIP_MISMATCH, str(exc), blocked=True, stalled=True, delay=delay)
+    if isinstance(exc, Unauthorized):
+        return DeleteFailure(REASON_FLY_UNAUTHORIZED, str(exc), blocked=False, stalled=True, delay=delay)
+    if isinstance(exc, Fatal):
+        return DeleteFailure(REASON_FLY_REJECTED, str(exc), blocked=False, stalled=True, delay=delay)
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
+    return DeleteFailure(REASON_DELETE_FAILED, str(exc), blocked=False, stalled=False, delay=delay)
+
+
+def volume_in_use_failure(volume_id: str, holder: str, settings: Settings) -> DeleteFailure:
+    """The interlock refused: checked again every interval until the instance lets go of the volume."""
+    return DeleteFailure(
+        REASON_VOLUME_IN_USE,
+        f"refusing to delete volume {volume_id}: in use by {holder}",
+        blocked=True,
+        stalled=True,
+        delay=settings.retained_check_seconds,
+        counts=False,
+    )
+
+
+def failed_status(retained: RetainedVolume, now: datetime, failure: DeleteFailure) -> RetainedVolumeStatus:
+    status = retained.status
+    attempts = status.attempts + 1 if failure.counts else status.attempts
+    phase = RetainedPhase.BLOCKED if failure.blocked else RetainedPhase.DELETING
+    stalled: tuple[ConditionStatus, str, str] = (
+        ("True", failure.reason, failure.message) if failure.stalled else ("False", failure.reason, "")
+    )
+    return status.model_copy(
+        update={
+            "phase": phase,
+            "attempts": attempts,
+            "last_error": failure.message,
+            "next_attempt_at": now + timedelta(seconds=failure.delay),
+            "conditions": _with_conditions(
+                status, retained.generation, now, ("False", failure.reason, failure.message), stalled
+            ),
+        }
+    )
+
+
+def starts_blocked_episode(before: RetainedVolumeStatus, after: RetainedVolumeStatus) -> bool:
+    """True when a delete becomes blocked, or blocked for a different reason: that deserves one Event; the
+    retries of the same block do not."""
+    if after.phase is not RetainedPhase.BLOCKED:
+        return False
+    if before.phase is not RetainedPhase.BLOCKED:
+        return True
+    stalled_before = next((c for c in before.conditions if c.type == conditions.STALLED), None)
+    stalled_after = next((c for c in after.conditions if c.type == conditions.STALLED), None)
+    return (stalled_before.reason if stalled_before else None) != (
+        stalled_after.reason if stalled_after else None
+    )
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+
+
+def _resource_version(body: dict[str, Any]) -> int:
+    try:
+        return int(body.get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class RetainedVolumeDriver:
+    """The single writer of one KiloClawRetainedVolume (status, Fly calls, removal)."""
+
+    ctx: Context
+    namespace: str
+    name: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: dict[str, Any] | None = None
+    # Observation is a read path: a wake-up caused by our own status write must not cost two Fly calls.
+    observed_generation: int | None = None
+    observed_until: float = 0.0
+
+    # --- the freshest known object ------------------------------------------------------------------
+
+    def offer(self, body: dict[str, Any]) -> None:
+        """Keep whichever is newer: a watch event's body or our own last write's response."""
+        if self.latest is None or _resource_version(body) >= _resource_version(self.latest):
+            self.latest = body
+
+    def current(self) -> RetainedVolume:
+        if self.latest is None:
+            raise RuntimeError(f"retained volume {self.namespace}/{self.name} has no known body yet")
+        return RetainedVolume.from_body(self.latest)
+
+    @property
+    def metric_key(self) -> str:
+        uid = (self.latest or {}).get("metadata", {}).get("uid")
+        return str(uid) if uid else f"{self.namespace}/{self.name}"
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    def _log_fields(self, retained: RetainedVolume) -> dict[str, Any]:
+        return {
+            "namespace": retained.ref.namespace,
+            "retained_volume": retained.ref.name,
+            "instance": retained.spec.instance_name,
+            "sandbox_id": retained.spec.sandbox_id,
+            "volume_id": retained.spec.volume_id,
+        }
+
+    async def commit(
+        self, retained: RetainedVolume, status: RetainedVolumeStatus, why: str
+    ) -> RetainedVolume:
+        """The one status write: a merge patch of what changed, confirmed by the API server."""
+        patch = merge_patch(retained.status.dump(), status.dump())
+        if not patch:
+            return retained
+        body = await self.ctx.kube.patch_retained_status(retained.ref, patch)
+        logger.debug("status committed: %s", why, extra=self._log_fields(retained))
+        self.offer(body)
+        updated = RetainedVolume.from_body(body)
+        RETAINED_PHASES.set(self.metric_key, updated.status.phase.value)
+        return updated
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile until asked to stop; sleep until the next check, retainUntil, a retry, or a wake-up."""
+        while not self.stop_requested.is_set():
+            # Cleared before the pass, so a change that arrives during it leads to one more pass.
+            self.wakeup.clear()
+            delay = await self.reconcile_once()
+            if self.stop_requested.is_set():
+                return
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        waiters = [
+            asyncio.ensure_future(self.wakeup.wait()),
+            asyncio.ensure_future(self.stop_requested.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def reconcile_once(self) -> float:
+        """One pass under the lock; returns seconds until the next pass."""
+        settings = self.ctx.settings
+        async with self.lock:
+            if self.latest is None:
+                return settings.retained_check_seconds
+            retained = self.current()
+            if retained.deleting:
+                # The finalizer (finalize) owns a resource that is being deleted.
+                return settings.retained_check_seconds
+            try:
+                retained = await self._reconcile(retained)
+            except KubeNotFound:
+                logger.info("resource is gone; driver stops", extra=self._log_fields(retained))
+                self.stop()
+                return 0.0
+            except (KubeError, httpx.HTTPError) as exc:
+                logger.warning(
+                    "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(retained)
+                )
+                return settings.retry_backoff_min_seconds
+            RETAINED_PHASES.set(self.metric_key, retained.status.phase.value)
+            return next_check_delay(retained, self.ctx.clock(), settings)
+
+    async def _reconcile(self, retained: RetainedVolume) -> RetainedVolume:
+        decision = decide_retained(retained, self.ctx.clock())
+        if decision.step is Step.OBSERVE:
+            return await self._observe(retained)
+        if decision.step is Step.WAIT:
+            return retained
+        assert decision.trigger is not None
+        if decision.step is Step.DELETE:
+            retained = await self._delete(retained, decision.trigger)
+            if not volume_confirmed_deleted(retained.status):
+                return retained
+        await self._release(retained)
+        return retained
+
+    async def _observe(self, retained: RetainedVolume) -> RetainedVolume:
+        loop_now = asyncio.get_running_loop().time()
+        if self.observed_generation == retained.generation and loop_now < self.observed_until:
+            return retained
+        fly = self.ctx.fly
+        spec = retained.spec
+        try:
+            volume = await fly.get_volume(spec.fly_app, spec.volume_id)
+        except NotFound:
+            volume = None
+        except FlyError as exc:
+            logger.warning("cannot observe the volume: %s", exc, extra=self._log_fields(retained))
+            return retained
+        exists = volume is not None and volume.state not in GONE_VOLUME_STATES
+        snapshot_count = retained.status.snapshot_count if exists else None
+        if exists:
+            try:
+                snapshot_count = len(await fly.list_volume_snapshots(spec.fly_app, spec.volume_id))
+            except FlyError as exc:
+                logger.warning(
+                    "cannot list the volume's snapshots: %s", exc, extra=self._log_fields(retained)
+                )
+        status = observed_status(
+            retained,
+            self.ctx.clock(),
+            volume_exists=exists,
+            attached_machine_id=volume.attached_machine_id if volume is not None and exists else None,
+            snapshot_count=snapshot_count,
+        )
+        retained = await self.commit(retained, status, "observed the Fly volume")
+        self.observed_generation = retained.generation
+        self.observed_until = loop_now + self.ctx.settings.retained_check_seconds * 0.9
+        return retained
+
+    async def _delete(self, retained: RetainedVolume, trigger: Trigger) -> RetainedVolume:
+        """Interlock, then the ownership-checked delete; records success or the failure and its retry time."""
+        settings = self.ctx.settings
+        spec = retained.spec
+        if retained.status.phase is RetainedPhase.RETAINED:
+            retained = await self.commit(
+                retained, deleting_status(retained, self.ctx.clock(), trigger), "delete begins"
+            )
+        holder = volumes_in_use(await self.ctx.kube.list_instances(retained.ref.namespace)).get(
+            spec.volume_id
+        )
+        if holder is not None:
+            return await self._record_failure(
+                retained, volume_in_use_failure(spec.volume_id, holder, settings)
+            )
+        try:
+            await delete_volume_checked(self.ctx.fly, spec.fly_app, spec.volume_id, spec.sandbox_id)
+        except (FlyError, OwnershipMismatch) as exc:
+            failure = classify_failure(exc, retained.status.attempts + 1, settings)
+            return await self._record_failure(retained, failure)
+        retained = await self.commit(
+            retained,
+            deleted_status(retained, self.ctx.clock()),
+            "Fly confirmed the volume gone: recorded before the Event and the resource removal",
+        )
+        await self._announce_deleted(retained, trigger)
+        return retained
+
+    async def _record_failure(self, retained: RetainedVolume, failure: DeleteFailure) -> RetainedVolume:
+        before = retained.status
+        status = failed_status(retained, self.ctx.clock(), failure)
+        fields = {**self._log_fields(retained), "reason": failure.reason, "attempts": status.attempts}
+        if failure.stalled:
+            logger.warning("delete refused: %s", failure.message, extra=fields)
+        else:
+            logger.info("delete failed, retrying in %.1fs: %s", failure.delay, failure.message, extra=fields)
+        retained = await self.commit(retained, status, f"delete attempt failed ({failure.reason})")
+        if starts_blocked_episode(before, retained.status):
+            await self.ctx.kube.post_event(
+                await self._event_target(retained), EVENT_DELETE_BLOCKED, failure.message, warning=True
+            )
+        return retained
+
+    async def _event_target(self, retained: RetainedVolume) -> ObjectRef:
+        """The instance the volume belonged to, or the retained volume itself once the instance is gone."""
+        try:
+            body = await self.ctx.kube.get_instance(retained.ref.namespace, retained.spec.instance_name)
+        except (KubeError, httpx.HTTPError):
+            return retained.ref
+        return ObjectRef(
+            namespace=retained.ref.namespace,
+            name=retained.spec.instance_name,
+            uid=str(body.get("metadata", {}).get("uid", "")),
+            kind=INSTANCE_KIND,
+        )
+
+    async def _announce_deleted(self, retained: RetainedVolume, trigger: Trigger) -> None:
+        spec = retained.spec
+        await self.ctx.kube.post_event(
+            await self._event_target(retained),
+            EVENT_DELETED,
+            f"retained volume {spec.volume_id} ({retained.ref.name}) deleted: {_describe(trigger)}",
+        )
+        analytics.info(
+            ANALYTICS_DELETED,
+            extra={
+                "event": ANALYTICS_DELETED,
+                **self._log_fields(retained),
+                "fly_app": spec.fly_app,
+                "trigger": trigger.value,
+                "recovery_id": spec.recovery_id,
+                "retain_until": _aware(spec.retain_until).isoformat(),
+                "failed_attempts": retained.status.attempts,
+            },
+        )
+
+    async def _release(self, retained: RetainedVolume) -> None:
+        """The volume is gone: delete the resource; the finalizer then finds nothing left to do."""
+        await self.ctx.kube.delete_retained_volume(retained.ref.namespace, retained.ref.name)
+        RETAINED_PHASES.forget(self.metric_key)
+        self.stop()
+
+    # --- deletion through the finalizer -----------------------------------------------------------------
+
+    async def finalize(self) -> None:
+        """``kubectl delete`` (or our own release): returns once the volume is gone; raises RetryLater while a
+        delete is failing or blocked, which keeps the resource Terminating with the reason in its status."""
+        settings = self.ctx.settings
+        async with self.lock:
+            retained = self.current()
+            try:
+                decision = decide_retained(retained, self.ctx.clock())
+                if decision.step is Step.WAIT:
+                    assert decision.retry_at is not None
+                    raise RetryLater(
+                        retained.status.last_error or "delete is waiting for its next attempt",
+                        _seconds_until(decision.retry_at, self.ctx.clock()),
+                    )
+                if decision.step is Step.DELETE:
+                    retained = await self._delete(retained, Trigger.RESOURCE_DELETED)
+            except KubeNotFound:
+                return
+            except (KubeError, httpx.HTTPError) as exc:
+                raise RetryLater(
+                    f"Kubernetes API call failed: {exc}", settings.retry_backoff_min_seconds
+                ) from exc
+            if not volume_confirmed_deleted(retained.status):
+                retry_at = retained.status.next_attempt_at or self.ctx.clock()
+                raise RetryLater(
+                    retained.status.last_error or "volume not deleted yet",
+                    _seconds_until(retry_at, self.ctx.clock()),
+                )
+            RETAINED_PHASES.forget(self.metric_key)
+            self.stop()
+
+
+def _seconds_until(moment: datetime, now: datetime) -> float:
+    return max(MIN_DELAY_SECONDS, (_aware(moment) - _aware(now)).total_seconds())
+
+
+def _describe(trigger: Trigger) -> str:
+    return {
+        Trigger.EXPIRED: "retention period ended",
+        Trigger.DELETE_NOW: "early delete requested with spec.deleteNow",
+        Trigger.RESOURCE_DELETED: "the resource was deleted",
+    }[trigger]
+
+
+class RetainedRegistry:
+    """The drivers of all known retained volumes, keyed by namespace/name."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._drivers: dict[tuple[str, str], RetainedVolumeDriver] = {}
+
+    def get(self, namespace: str, name: str) -> RetainedVolumeDriver:
+        key = (namespace, name)
+        driver = self._drivers.get(key)
+        if driver is None:
+            driver = self._drivers[key] = RetainedVolumeDriver(self.ctx, namespace, name)
+        return driver
+
+    def forget(self, namespace: str, name: str) -> None:
+        driver = self._drivers.pop((namespace, name), None)
+        if driver is not None:
+            driver.stop()
+            RETAINED_PHASES.forget(driver.metric_key)
+
+    def __len__(self) -> int:
+        return len(self._drivers)

@@ -136,7 +136,7 @@ class FlySimulator:
         self._loop_thread_id = threading.get_ident()
         runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, shutdown_timeout=0.5)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         self._runner = runner
         self._host = host
@@ -353,6 +353,11 @@ class FlySimulator:
         """Requests per `"METHOD /v1/route/{template}"`, e.g. `"POST /v1/apps/{app_name}/volumes"`."""
         with self._control_lock:
             return dict(self._request_counts)
+
+    @property
+    def pending_waits(self) -> int:
+        """Wait requests currently blocked on a machine state."""
+        return sum(len(futures) for futures in list(self._waiters.values()))
 
     def request_count(self, route: str) -> int:
         with self._control_lock:

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 JSON = dict[str, Any]
@@ -293,10 +293,10 @@ class FlyState:
     # --- ids, clock ---------------------------------------------------------------------------------
 
     def _now(self) -> datetime:
-        # Strictly increasing so that updated_at order equals change order (the org listing relies on it).
+        # Millisecond precision (what the API shows) and never decreasing, so that the order of changes is
+        # also updated_at order: the org listing walks changes backwards and stops at `updated_after`.
         now = datetime.now(UTC)
-        if now <= self._last_now:
-            now = self._last_now + timedelta(microseconds=1)
+        now = max(now.replace(microsecond=now.microsecond // 1000 * 1000), self._last_now)
         self._last_now = now
         return now
 
@@ -325,10 +325,10 @@ class FlyState:
 
     def app(self, name: str, *, create: bool = True) -> App:
         with self.lock:
+            if self.known_apps is not None and name not in self.known_apps:
+                raise FlyApiError(404, "app not found")
             app = self._apps.get(name)
             if app is None:
-                if self.known_apps is not None and name not in self.known_apps:
-                    raise FlyApiError(404, "app not found")
                 if not create:
                     raise FlyApiError(404, "app not found")
                 app = self._apps[name] = App(name=name)

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -587,6 +588,11 @@ def test_crd_is_namespaced_with_status_subresource_and_kiloclaw_category(crd: di
     [version] = spec["versions"]
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
     assert version["subresources"] == {"status": {}}
+
+
+@BOTH
+def test_crd_manifest_is_a_valid_kubernetes_1_31_object_with_no_unknown_fields(crd: dict[str, Any]) -> None:
+    assert kubernetes_validate.validate(crd, "1.31", strict=True) == "1.31"
 
 
 def _columns(crd: dict[str, Any]) -> list[tuple[str, str, int]]:

@@ -1,0 +1,179 @@
+"""``kiloclaw-operator dev``: the embedded default stack, for trying the operator on a laptop.
+
+Starts the emulated Kubernetes API (kubesim) and the Fly simulator (flysim) on loopback, writes a kubeconfig,
+runs the real operator against them, applies ``examples/`` and narrates what happens: the instance is
+provisioned, then a simulated host failure stops its machine and the operator recovers it. It keeps running
+afterwards so that you can use ``kubectl`` against it. This is the only module that imports the simulators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from .__main__ import run_operator
+from .config import load_settings
+from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+
+DEV_TOKEN = "dev-token"
+
+
+def _project_dir() -> Path:
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (candidate / "crds").is_dir() and (candidate / "examples").is_dir():
+            return candidate
+    raise SystemExit("kiloclaw-operator dev: run it from the repository (crds/ and examples/ are needed)")
+
+
+def _say(message: str) -> None:
+    print(f"\033[1m[dev {time.strftime('%H:%M:%S')}]\033[0m {message}", flush=True)
+
+
+def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True) -> None:
+    from flysim import FlySimulator, SimTimings
+    from kubesim import KubeSim
+
+    project = _project_dir()
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kiloclaw").setLevel(logging.INFO)
+
+    fly = FlySimulator(
+        token=DEV_TOKEN,
+        timings=SimTimings(start_delay=1.5, stop_delay=0.5, destroy_delay=0.5, hydrate_delay=1.0),
+    )
+    fly.start_in_thread(port=fly_port)
+    kube = KubeSim()
+    kube.start_in_thread(port=port)
+    kube.load_crds([project / "crds"])
+    kubeconfig = kube.write_kubeconfig(work / "kubeconfig")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    settings = load_settings(
+        require_token=False,
+        fly_api_token=DEV_TOKEN,
+        fly_api_base_url=fly.base_url,
+        poll_running_seconds=2,
+        poll_busy_seconds=0.5,
+        poll_idle_seconds=5,
+        recovery_timeout_seconds=120,
+        retained_check_seconds=5,
+        metrics_port=int(os.environ.get("KILOCLAW_METRICS_PORT", "9090")),
+        health_port=int(os.environ.get("KILOCLAW_HEALTH_PORT", "8080")),
+    )
+    _say(f"emulated Kubernetes API on {kube.url}, Fly simulator on {fly.base_url}")
+    _say(f"kubeconfig written to {kubeconfig}")
+    try:
+        asyncio.run(_dev(settings, kube.url, fly, project, kubeconfig, demo_failure))
+    except KeyboardInterrupt:
+        _say("stopped")
+    finally:
+        kube.stop_thread()
+        fly.stop_thread()
+
+
+async def _dev(
+    settings: Any, kube_url: str, fly: Any, project: Path, kubeconfig: Path, demo_failure: bool
+) -> None:
+    # The narrator exists before kopf starts: kopf cancels every task created after it, when it stops.
+    narrator = asyncio.create_task(_narrate(kube_url, fly, project, kubeconfig, demo_failure))
+    try:
+        await run_operator(settings, liveness=False)
+    finally:
+        narrator.cancel()
+
+
+async def _apply_examples(api: httpx.AsyncClient, project: Path) -> list[tuple[str, str]]:
+    instances: list[tuple[str, str]] = []
+    for name in ("namespace.yaml", "instance.yaml", "instance-minimal.yaml"):
+        for doc in yaml.safe_load_all((project / "examples" / name).read_text()):
+            if not isinstance(doc, dict):
+                continue
+            meta = doc["metadata"]
+            if doc["kind"] == "Namespace":
+                response = await api.post("/api/v1/namespaces", json=doc)
+            else:
+                namespace = meta.get("namespace", "default")
+                response = await api.post(
+                    f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}", json=doc
+                )
+                instances.append((namespace, meta["name"]))
+            if response.status_code not in (200, 201, 409):
+                raise SystemExit(f"applying examples/{name} failed: {response.status_code} {response.text}")
+    _say("applied examples/ (namespace tenants, instances " + ", ".join(n for _, n in instances) + ")")
+    return instances
+
+
+async def _narrate(kube_url: str, fly: Any, project: Path, kubeconfig: Path, demo_failure: bool) -> None:
+    async with httpx.AsyncClient(base_url=kube_url, timeout=10) as api:
+        await asyncio.sleep(1.0)  # let kopf list the (empty) cluster first
+        instances = await _apply_examples(api, project)
+        namespace, name = instances[0]
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}/{name}"
+        last: tuple[Any, ...] = ()
+        failed_at: float | None = None
+        running_since: float | None = None
+        while True:
+            body = (await api.get(path)).json()
+            status = body.get("status") or {}
+            seen = (
+                status.get("phase"),
+                status.get("flyState"),
+                status.get("region"),
+                status.get("machineId"),
+            )
+            if seen != last:
+                last = seen
+                _say(
+                    f"{namespace}/{name}: phase={seen[0]} flyState={seen[1]} region={seen[2]} machine={seen[3]}"
+                )
+            if status.get("phase") == "Running" and status.get("flyState") == "started":
+                running_since = running_since or time.monotonic()
+            if demo_failure and failed_at is None and running_since and time.monotonic() - running_since > 3:
+                _say(f"simulating a host failure under machine {status['machineId']} (flysim fail_host)")
+                fly.fail_host(machine_id=status["machineId"])
+                failed_at = time.monotonic()
+            last_recovery = status.get("lastRecovery") or {}
+            if failed_at is not None and last_recovery and not status.get("recovery"):
+                _say(
+                    f"recovery {last_recovery.get('outcome')} in {last_recovery.get('durationSeconds')} s: "
+                    f"{last_recovery.get('message')}; retained volume: {last_recovery.get('retainedVolume')}"
+                )
+                retained = (
+                    await api.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{RETAINED_PLURAL}")
+                ).json()
+                for item in retained.get("items", []):
+                    _say(f"retained volume {item['metadata']['name']} until {item['spec']['retainUntil']}")
+                break
+            if not demo_failure and running_since:
+                break
+            await asyncio.sleep(0.3)
+        _print_next_steps(kubeconfig, fly.base_url, namespace, name)
+
+
+def _print_next_steps(kubeconfig: Path, fly_url: str, namespace: str, name: str) -> None:
+    rel = os.path.relpath(kubeconfig)
+    print(
+        f"""
+The operator keeps running (Ctrl-C stops everything). Next, in another terminal:
+
+  export KUBECONFIG={rel}
+  kubectl get kci -A -w                          # instances with phase, Fly state, region, machine
+  kubectl get kcrv -A                            # retained volumes
+  kubectl patch kci {name} -n {namespace} --type merge -p '{{"spec":{{"state":"Stopped"}}}}'
+  kubectl get events -n {namespace}
+
+  # simulate a host failure under the current machine of {name}:
+  curl -s -X POST {fly_url}/_sim/hosts/fail -d "{{\\"machine_id\\": \\"$(kubectl get kci {name} -n {namespace} -o jsonpath='{{.status.machineId}}')\\"}}"
+""",
+        file=sys.stdout,
+        flush=True,
+    )

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Stack  # noqa: E402
+from harness import Stack
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The end-to-end stack for tests: flysim and kubesim on loopback (each in its own thread) and the real operator
-(kopf, in-process, in the test's event loop) with short intervals.
+"""The end-to-end stack for tests: flysim and kubesim on loopback (each in its own thread) and the real
+operator (kopf, in-process, in a thread with its own event loop) with short intervals.
 
 One stack per pytest worker process; tests isolate themselves by namespace. ``crash_operator`` cancels the
 operator mid-flight (as a SIGKILL would: in-flight Fly calls may or may not have landed) and
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from flysim import FlySimulator, SimTimings
-from kubesim import KubeSim
 
+from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.__main__ import run_operator
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"

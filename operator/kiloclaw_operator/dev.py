@@ -133,7 +133,8 @@ async def _narrate(kube_url: str, fly: Any, project: Path, kubeconfig: Path, dem
             if seen != last:
                 last = seen
                 _say(
-                    f"{namespace}/{name}: phase={seen[0]} flyState={seen[1]} region={seen[2]} machine={seen[3]}"
+                    f"{namespace}/{name}: phase={seen[0]} flyState={seen[1]} "
+                    f"region={seen[2]} machine={seen[3]}"
                 )
             if status.get("phase") == "Running" and status.get("flyState") == "started":
                 running_since = running_since or time.monotonic()
@@ -172,7 +173,8 @@ The operator keeps running (Ctrl-C stops everything). Next, in another terminal:
   kubectl get events -n {namespace}
 
   # simulate a host failure under the current machine of {name}:
-  curl -s -X POST {fly_url}/_sim/hosts/fail -d "{{\\"machine_id\\": \\"$(kubectl get kci {name} -n {namespace} -o jsonpath='{{.status.machineId}}')\\"}}"
+  MACHINE=$(kubectl get kci {name} -n {namespace} -o jsonpath='{{.status.machineId}}')
+  curl -s -X POST {fly_url}/_sim/hosts/fail -d "{{\\"machine_id\\": \\"$MACHINE\\"}}"
 """,
         file=sys.stdout,
         flush=True,

@@ -72,6 +72,11 @@ its volume's host. `fail_host(...)` → the host's active machines go `stopped` 
 (`host_status: unreachable`); they cannot start again; their volumes stay readable, deletable (once the
 machine is destroyed) and forkable (the fork lands on a healthy host).
 
+Constructor: `FlySimulator(token="test-token", regions=("iad", "ord", "cdg", "ams", "sjc"),
+timings=SimTimings(), *, hosts_per_region=3, org_slug=None, control_token=None, seed=None,
+request_log_size=10000)`. `sim.state` is the underlying `FlyState` (thread-safe; e.g.
+`sim.state.create_machine(app, body)` bypasses HTTP).
+
 Fault injection — Python API (thread-safe) and control routes (no auth unless `control_token` is set, then
 `Authorization: Bearer <control_token>`; bodies are JSON; not recorded in the request log):
 
@@ -93,7 +98,8 @@ Fault injection — Python API (thread-safe) and control routes (no auth unless 
 - `create_volume(app, name, region, size_gb=10)` POST /_sim/volumes `{"app","name","region","size_gb"}`;
   `add_snapshot(volume_id)` POST /_sim/volumes/{id}/snapshots; `known_apps` PUT /_sim/known_apps
   `{"apps": [...] | null}`.
-- Introspection: `machines(app=None)`, `volumes(app=None)`, `machine(id)`, `volume(id)`, `request_log`
+- Introspection: `pending_waits` (blocked wait requests), `machines(app=None)`, `volumes(app=None)`,
+  `machine(id)`, `volume(id)`, `request_log`
   (list of `RequestRecord(method, path, query, route, status, at)`, last 10,000), `request_counts`
   (`{"POST /v1/apps/{app_name}/volumes": n, ...}`), `request_count(route)`; GET /_sim/state?app=,
   GET /_sim/requests?tail=200.

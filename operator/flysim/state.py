@@ -323,14 +323,13 @@ class FlyState:
 
     # --- apps ---------------------------------------------------------------------------------------
 
-    def app(self, name: str, *, create: bool = True) -> App:
+    def app(self, name: str) -> App:
+        """The app called `name`, created on first use unless `known_apps` restricts the names."""
         with self.lock:
             if self.known_apps is not None and name not in self.known_apps:
                 raise FlyApiError(404, "app not found")
             app = self._apps.get(name)
             if app is None:
-                if not create:
-                    raise FlyApiError(404, "app not found")
                 app = self._apps[name] = App(name=name)
             return app
 
@@ -431,14 +430,6 @@ class FlyState:
                 if machine.host.id in failed_ids and machine.state in ACTIVE_STATES:
                     self._exit(machine, exit_code=-1, reason="host failure", oom=False)
             return sorted(failed_ids)
-
-    def host_of(self, *, machine_id: str | None = None, volume_id: str | None = None) -> str:
-        with self.lock:
-            if machine_id is not None:
-                return self.find_machine(machine_id).host.id
-            if volume_id is not None:
-                return self.find_volume(volume_id).host.id
-            raise ValueError("host_of needs machine_id or volume_id")
 
     # --- machine transitions ------------------------------------------------------------------------
 

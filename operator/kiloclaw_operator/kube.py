@@ -17,11 +17,13 @@ from typing import Any
 
 import httpx
 
+from . import __version__
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 
 logger = logging.getLogger("kiloclaw.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = f"kiloclaw-operator/{__version__}"
 
 
 class KubeError(Exception):
@@ -75,20 +77,27 @@ def write_temp_pem(data: str | bytes) -> str:
         return handle.name
 
 
+def build_http_client(
+    conn: KubeConnection, *, timeout: float = 30.0, user_agent: str = ""
+) -> httpx.AsyncClient:
+    """An httpx client that talks to the API server with ``conn``'s address, TLS settings and credentials."""
+    headers = {"Accept": "application/json", "User-Agent": user_agent or USER_AGENT}
+    if conn.token:
+        headers["Authorization"] = f"{conn.scheme} {conn.token}"
+    auth = httpx.BasicAuth(conn.username, conn.password) if conn.username and conn.password else None
+    return httpx.AsyncClient(
+        base_url=conn.server.rstrip("/"),
+        headers=headers,
+        auth=auth,
+        verify=_tls_context(conn),
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+    )
+
+
 class KubeClient:
     def __init__(self, conn: KubeConnection, *, timeout: float = 30.0) -> None:
-        headers = {"Accept": "application/json"}
-        if conn.token:
-            headers["Authorization"] = f"{conn.scheme} {conn.token}"
-        auth = httpx.BasicAuth(conn.username, conn.password) if conn.username and conn.password else None
-        self._http = httpx.AsyncClient(
-            base_url=conn.server.rstrip("/"),
-            headers=headers,
-            auth=auth,
-            verify=_tls_context(conn),
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
-        )
+        self._http = build_http_client(conn, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -57,7 +57,7 @@ def set_condition(
 def mark_stalled(
     status: InstanceStatus, reason: str, message: str, now: datetime, generation: int
 ) -> InstanceStatus:
-    """Record that no progress is possible without a person (kept until the spec or retry annotation changes)."""
+    """Record that no progress is possible without a person; held until the spec or retry token changes."""
     conditions = set_condition(status.conditions, STALLED, "True", reason, message, now, generation)
     return status.model_copy(update={"conditions": conditions})
 
@@ -97,7 +97,17 @@ def summarize(
         ready = ("False", status.phase.value, detail)
     conditions = set_condition(conditions, READY, ready[0], ready[1], ready[2], now, generation)  # type: ignore[arg-type]
 
-    if deferred:
+    # A deferral holds until the phase settles: other writes in the same busy phase must not hide it (and
+    # the driver relies on the Busy reason to post ActionDeferred only once per generation).
+    previous = status.condition(RECONCILING)
+    still_deferred = (
+        previous is not None
+        and previous.reason == REASON_BUSY
+        and previous.observed_generation == generation
+        and status.phase in BUSY_PHASES
+        and status.observed_generation != generation
+    )
+    if deferred or still_deferred:
         reconciling: tuple[ConditionStatus, str, str] = (
             "True",
             REASON_BUSY,

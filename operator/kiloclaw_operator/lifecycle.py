@@ -132,8 +132,8 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         return Decision(Action.NOTHING, reason="waiting for the machine to start")
 
     if phase is Phase.STOPPING:
-        if state in ("stopped", "failed") or observation.kind is ObservationKind.NO_MACHINE:
-            return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
+        if state in ("stopped", "failed", "suspended") or observation.kind is ObservationKind.NO_MACHINE:
+            return Decision(Action.SETTLE, Phase.STOPPED, reason=f"machine {state or 'absent'}")
         if state == "started":
             return Decision(Action.STOP, reason="machine still started")
         return Decision(Action.NOTHING, reason="waiting for the machine to stop")
@@ -145,7 +145,10 @@ def decide(instance: Instance, observation: Observation) -> Decision:
             return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
         if state == "failed":
             return Decision(Action.SETTLE, Phase.STOPPED, reason="machine failed")
-        if state == "started" and has_unobserved_generation(instance):
+        # A spec that wants the machine stopped is applied even when its generation was acted on: an
+        # instance created with state Stopped is provisioned (the machine launches) and then stopped here.
+        wants_stop = instance.spec.state is DesiredState.STOPPED
+        if state == "started" and (has_unobserved_generation(instance) or wants_stop):
             return _converge(instance, observation)
         return Decision(Action.NOTHING)
 
@@ -172,7 +175,9 @@ def _converge(instance: Instance, observation: Observation) -> Decision:
             if not observation.config_in_sync:
                 return Decision(Action.UPDATE_CONFIG, reason="machine config differs from spec")
             return Decision(Action.ACKNOWLEDGE, Phase.RUNNING)
-        return Decision(Action.START, reason="spec wants the machine running")
+        # A destroyed machine cannot be started: forget it and create another one on the volume.
+        gone = observation.kind is ObservationKind.GONE
+        return Decision(Action.START, clear_machine=gone, reason="spec wants the machine running")
     if state in ("started", "starting", "created"):
         return Decision(Action.STOP, reason="spec wants the machine stopped")
     return Decision(Action.ACKNOWLEDGE, Phase.STOPPED, clear_machine=observation.kind is ObservationKind.GONE)

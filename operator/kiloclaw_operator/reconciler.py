@@ -307,6 +307,8 @@ class InstanceDriver:
         if action is Action.PROVISION:
             return await self._provision(instance, base)
         if action is Action.START:
+            if decision.clear_machine:
+                base, machine = base.model_copy(update={"machine_id": None}), None
             return await self._start(instance, base, machine)
         if action is Action.STOP:
             return await self._stop(instance, base)

@@ -1,0 +1,170 @@
+"""Operator configuration (DESIGN section 6): documented defaults, and an invalid value stops start-up with
+one line naming the variable — from ``load_settings`` and from the ``kiloclaw-operator run`` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiloclaw_operator.config import ConfigError, Settings, load_settings
+
+VARIABLES = (
+    "FLY_API_TOKEN",
+    "FLY_API_BASE_URL",
+    "FLY_ORG_SLUG",
+    "KILOCLAW_DEFAULT_REGIONS",
+    "KILOCLAW_RECOVERY_TIMEOUT_SECONDS",
+    "KILOCLAW_RETENTION_SECONDS",
+    "KILOCLAW_POLL_RUNNING_SECONDS",
+    "KILOCLAW_POLL_BUSY_SECONDS",
+    "KILOCLAW_POLL_IDLE_SECONDS",
+    "KILOCLAW_NAMESPACES",
+    "KILOCLAW_METRICS_PORT",
+    "KILOCLAW_HEALTH_PORT",
+    "KILOCLAW_RETAINED_CHECK_SECONDS",
+    "KILOCLAW_RETRY_BACKOFF_MIN_SECONDS",
+    "KILOCLAW_RETRY_BACKOFF_MAX_SECONDS",
+    "KILOCLAW_WAIT_CALL_SECONDS",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_defaults_are_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLY_API_TOKEN", "fo1_secret")
+    settings = load_settings()
+    assert settings.fly_api_token == "fo1_secret"
+    assert settings.fly_api_base_url == "https://api.machines.dev"
+    assert settings.fly_org_slug is None
+    assert settings.default_regions == ["iad", "ord", "cdg"]
+    assert settings.recovery_timeout_seconds == 600
+    assert settings.retention_seconds == 604800
+    assert settings.poll_running_seconds == 60
+    assert settings.poll_busy_seconds == 5
+    assert settings.poll_idle_seconds == 300
+    assert settings.namespaces == []
+    assert settings.metrics_port == 9090
+    assert settings.health_port == 8080
+    assert settings.retained_check_seconds == 60
+
+
+def test_every_variable_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "FLY_API_TOKEN": "t",
+        "FLY_API_BASE_URL": "http://127.0.0.1:4280/",
+        "FLY_ORG_SLUG": "kilo",
+        "KILOCLAW_DEFAULT_REGIONS": " ams , fra",
+        "KILOCLAW_RECOVERY_TIMEOUT_SECONDS": "120",
+        "KILOCLAW_RETENTION_SECONDS": "0",
+        "KILOCLAW_POLL_RUNNING_SECONDS": "30",
+        "KILOCLAW_POLL_BUSY_SECONDS": "0.5",
+        "KILOCLAW_POLL_IDLE_SECONDS": "600",
+        "KILOCLAW_NAMESPACES": "tenants,staging",
+        "KILOCLAW_METRICS_PORT": "9100",
+        "KILOCLAW_HEALTH_PORT": "8081",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.fly_api_base_url == "http://127.0.0.1:4280"
+    assert settings.fly_org_slug == "kilo"
+    assert settings.default_regions == ["ams", "fra"]
+    assert settings.recovery_timeout_seconds == 120
+    assert settings.retention_seconds == 0
+    assert (settings.poll_running_seconds, settings.poll_busy_seconds, settings.poll_idle_seconds) == (
+        30,
+        0.5,
+        600,
+    )
+    assert settings.namespaces == ["tenants", "staging"]
+    assert (settings.metrics_port, settings.health_port) == (9100, 8081)
+
+
+def test_blank_org_slug_means_no_org_feed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLY_ORG_SLUG", "")
+    assert load_settings(require_token=False).fly_org_slug is None
+
+
+def test_token_is_not_shown_in_the_settings_repr() -> None:
+    assert "fo1_secret" not in repr(Settings(fly_api_token="fo1_secret"))
+
+
+def test_missing_token_is_a_configuration_error_outside_dev() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "FLY_API_TOKEN" in str(caught.value)
+    assert load_settings(require_token=False).fly_api_token == ""
+
+
+INVALID = [
+    ("FLY_API_BASE_URL", "api.machines.dev"),
+    ("KILOCLAW_DEFAULT_REGIONS", "IAD,ord"),
+    ("KILOCLAW_DEFAULT_REGIONS", "iad,chicago"),
+    ("KILOCLAW_DEFAULT_REGIONS", " , "),
+    ("KILOCLAW_RECOVERY_TIMEOUT_SECONDS", "0"),
+    ("KILOCLAW_RECOVERY_TIMEOUT_SECONDS", "ten minutes"),
+    ("KILOCLAW_RETENTION_SECONDS", "-1"),
+    ("KILOCLAW_POLL_RUNNING_SECONDS", "0"),
+    ("KILOCLAW_POLL_BUSY_SECONDS", "-5"),
+    ("KILOCLAW_POLL_IDLE_SECONDS", "often"),
+    ("KILOCLAW_METRICS_PORT", "70000"),
+    ("KILOCLAW_METRICS_PORT", "abc"),
+    ("KILOCLAW_HEALTH_PORT", "-1"),
+    ("KILOCLAW_RETAINED_CHECK_SECONDS", "0"),
+    ("KILOCLAW_WAIT_CALL_SECONDS", "61"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), INVALID, ids=[f"{v}={x}" for v, x in INVALID])
+def test_invalid_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv("FLY_API_TOKEN", "t")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert variable in message
+    assert message.startswith(f"invalid configuration: {variable}: ")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in VARIABLES and k != "KUBECONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "kiloclaw_operator", "run"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"FLY_API_TOKEN": "t", "KILOCLAW_POLL_BUSY_SECONDS": "soon"}, "KILOCLAW_POLL_BUSY_SECONDS"),
+        ({"FLY_API_TOKEN": "t", "KILOCLAW_DEFAULT_REGIONS": "Frankfurt"}, "KILOCLAW_DEFAULT_REGIONS"),
+        ({}, "FLY_API_TOKEN"),
+    ],
+    ids=["bad-number", "bad-region", "missing-token"],
+)
+def test_cli_run_with_invalid_configuration_exits_2_with_one_line(env: dict[str, str], variable: str) -> None:
+    result = run_cli(env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert lines[0].startswith("kiloclaw-operator: invalid configuration: ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 from pathlib import Path
 
 from kubesim.server import KubeSim
@@ -19,8 +20,13 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.kubeconfig is not None:
         sim.write_kubeconfig(args.kubeconfig)
     print(f"kubesim serving {url} with CRDs: {', '.join(names) or 'none'}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Also SIGTERM (containers, make) and SIGINT when started in the background, where it is ignored.
+        loop.add_signal_handler(signum, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await sim.stop()
 

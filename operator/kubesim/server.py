@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import threading
 from collections import deque
@@ -18,7 +17,7 @@ from aiohttp import web
 from kubesim import errors, openapi, patching, selectors, tables
 from kubesim.errors import ApiError
 from kubesim.resources import ALL_VERBS, SUBRESOURCE_VERBS, ResourceType
-from kubesim.store import Store, WatchEvent
+from kubesim.store import Store, WatchEvent, clone
 
 _SERVER_VERSION = {
     "major": "1",
@@ -139,7 +138,7 @@ class KubeSim:
         for path in paths:
             files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
             for file in files:
-                for document in yaml.safe_load_all(file.read_text()):
+                for document in clone(list(yaml.safe_load_all(file.read_text()))):
                     if isinstance(document, dict) and document.get("kind") == "CustomResourceDefinition":
                         names.append(self.store.apply_crd(document)["metadata"]["name"])
         return names
@@ -173,7 +172,7 @@ class KubeSim:
     ) -> dict[str, Any] | None:
         resource_type = self._type(group, version, plural)
         try:
-            return copy.deepcopy(self.store.get(resource_type, version, namespace, name))
+            return clone(self.store.get(resource_type, version, namespace, name))
         except ApiError:
             return None
 
@@ -184,13 +183,13 @@ class KubeSim:
         items, _ = self.store.list_items(
             resource_type, version, namespace, selectors.label_selector(label_selector)
         )
-        return copy.deepcopy(items)
+        return clone(items)
 
     def create_object(
         self, group: str, version: str, plural: str, body: dict[str, Any], namespace: str | None = None
     ) -> dict[str, Any]:
         resource_type = self._type(group, version, plural)
-        return copy.deepcopy(self.store.create(resource_type, version, namespace, body))
+        return clone(self.store.create(resource_type, version, namespace, body))
 
     def create_namespace(self, name: str) -> dict[str, Any]:
         if self.store.namespace_exists(name):
@@ -343,7 +342,7 @@ class KubeSim:
         content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
         try:
             if content_type in ("application/yaml", "application/x-yaml", "text/yaml"):
-                return yaml.safe_load(raw)
+                return clone(yaml.safe_load(raw))  # YAML timestamps become strings, as in JSON
             if content_type.endswith("json") or content_type in ("", "text/plain", "*/*"):
                 return json.loads(raw)
         except (ValueError, yaml.YAMLError) as error:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import datetime
+import json
 import random
 import threading
 import uuid
@@ -95,6 +95,11 @@ def _schema_module() -> Any:
     except ImportError:
         return None
     return crdschema
+
+
+def clone(value: Any) -> Any:
+    """A deep copy of JSON data; a JSON round trip is several times faster than ``copy.deepcopy``."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _without(obj: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -238,7 +243,7 @@ class Store:
         if not isinstance(body, dict):
             raise errors.bad_request("the body must be a JSON object")
         with self.lock:
-            obj = copy.deepcopy(body)
+            obj = clone(body)
             metadata = obj.setdefault("metadata", {})
             if not isinstance(metadata, dict):
                 raise errors.bad_request("metadata must be an object")
@@ -299,7 +304,7 @@ class Store:
             raise errors.bad_request("the body must be a JSON object")
         with self.lock:
             old = self._stored(resource_type, namespace, name)
-            return self._update(resource_type, version, old, copy.deepcopy(body), subresource, strict)
+            return self._update(resource_type, version, old, clone(body), subresource, strict)
 
     def patch(
         self,
@@ -319,7 +324,7 @@ class Store:
             if not isinstance(patched, dict):
                 raise errors.bad_request("the patched object must be a JSON object")
             # Merge patches share untouched subtrees with the stored object, which must stay immutable.
-            return self._update(resource_type, version, old, copy.deepcopy(patched), subresource, strict)
+            return self._update(resource_type, version, old, clone(patched), subresource, strict)
 
     def delete(
         self,
@@ -484,7 +489,8 @@ class Store:
 
         with_status = resource_type.has_status(version)
         if subresource == "status":
-            result = copy.deepcopy(old)
+            # Stored objects are immutable, so sharing their subtrees is safe; only metadata is written below.
+            result = {**old, "metadata": dict(old["metadata"])}
             if "status" in new:
                 result["status"] = new["status"]
             else:
@@ -493,7 +499,7 @@ class Store:
             result = new
             if with_status:
                 if "status" in old:
-                    result["status"] = copy.deepcopy(old["status"])
+                    result["status"] = old["status"]
                 else:
                     result.pop("status", None)
             for key in _IMMUTABLE_METADATA:
@@ -551,16 +557,20 @@ class Store:
         if old_meta.get("finalizers"):
             if old_meta.get("deletionTimestamp"):
                 return old
-            marked = copy.deepcopy(old)
-            marked["metadata"]["deletionTimestamp"] = now_timestamp()
-            marked["metadata"]["deletionGracePeriodSeconds"] = 0
-            marked["metadata"]["generation"] = int(old_meta.get("generation", 1)) + 1
-            marked["metadata"]["resourceVersion"] = self._next_resource_version()
+            marked = {
+                **old,
+                "metadata": {
+                    **old_meta,
+                    "deletionTimestamp": now_timestamp(),
+                    "deletionGracePeriodSeconds": 0,
+                    "generation": int(old_meta.get("generation", 1)) + 1,
+                    "resourceVersion": self._next_resource_version(),
+                },
+            }
             self._objects[resource_type.key][key] = marked
             self._emit(resource_type, "MODIFIED", marked)
             return marked
-        removed = copy.deepcopy(old)
-        removed["metadata"]["resourceVersion"] = self._next_resource_version()
+        removed = {**old, "metadata": {**old_meta, "resourceVersion": self._next_resource_version()}}
         del self._objects[resource_type.key][key]
         self._emit(resource_type, "DELETED", removed)
         self._after_removal(resource_type, removed)
@@ -582,8 +592,10 @@ class Store:
             dropped = self._types.pop(type_key, None)
             for obj in self._objects.pop(type_key, {}).values():
                 if dropped is not None:
-                    gone = copy.deepcopy(obj)
-                    gone["metadata"]["resourceVersion"] = self._next_resource_version()
+                    gone = {
+                        **obj,
+                        "metadata": {**obj["metadata"], "resourceVersion": self._next_resource_version()},
+                    }
                     self._emit(dropped, "DELETED", gone)
 
     # -- bulk helpers for the Python API ---------------------------------------------------------

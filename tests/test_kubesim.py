@@ -337,6 +337,23 @@ def test_unknown_patch_content_type_is_415(client: httpx.Client, namespace: str)
     assert response.status_code == 415
 
 
+def test_dry_run_requests_answer_as_if_but_store_nothing(client: httpx.Client, namespace: str) -> None:
+    dry = client.post(url(namespace), params={"dryRun": "All"}, json=widget("dry"))
+    assert dry.status_code == 201 and dry.json()["spec"]["size"] == 1
+    assert client.get(url(namespace, "dry")).status_code == 404
+    created = create(client, namespace, widget("dry"))
+    patched = client.patch(
+        url(namespace, "dry"),
+        params={"dryRun": "All"},
+        content=json.dumps({"spec": {"size": 9}}),
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert patched.status_code == 200 and patched.json()["spec"]["size"] == 9
+    assert client.get(url(namespace, "dry")).json() == created
+    assert client.delete(url(namespace, "dry"), params={"dryRun": "All"}).status_code == 200
+    assert client.get(url(namespace, "dry")).status_code == 200
+
+
 # -- status subresource and generation --------------------------------------------------------------
 
 
@@ -817,6 +834,9 @@ def test_kubectl_apply_get_patch_and_delete_round_trip(
         "patch", "wd", "kubectl-widget", "--type", "merge", "-p", '{"spec":{"color":"pink"}}', check=False
     )
     assert invalid.returncode != 0 and "spec.color" in invalid.stderr
+
+    explained = kubectl("explain", "widgets.spec.color").stdout
+    assert "FIELD: color <string>" in explained and "red" in explained
 
     kubectl("delete", "-f", str(manifest))
     assert sim.get_object(GROUP, VERSION, PLURAL, namespace, "kubectl-widget") is None

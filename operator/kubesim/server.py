@@ -274,6 +274,8 @@ class KubeSim:
         method = request.method
         query = request.query
         resource_type, version, namespace, name, subresource = target
+        strict = query.get("fieldValidation") == "Strict"
+        dry_run = query.get("dryRun") == "All"
         if method in ("GET", "HEAD"):
             if name is not None:
                 self._record("get", target)
@@ -296,10 +298,10 @@ class KubeSim:
                 raise errors.method_not_allowed("POST is not allowed on a named object")
             self._record("create", target)
             body = await self._body(request)
-            strict = query.get("fieldValidation") == "Strict"
-            return _json(
-                self.store.create(resource_type, version, namespace, body, strict=strict), status=201
+            created = self.store.create(
+                resource_type, version, namespace, body, strict=strict, dry_run=dry_run
             )
+            return _json(created, status=201)
         if name is None:
             if method == "DELETE":
                 self._record("deletecollection", target)
@@ -308,28 +310,38 @@ class KubeSim:
                 )
                 return _json(self._list_body(resource_type, version, items, self.store.resource_version))
             raise errors.method_not_allowed(f"{method} is not allowed on a collection")
-        strict = query.get("fieldValidation") == "Strict"
         if subresource is not None and method == "DELETE":
             raise errors.method_not_allowed("DELETE is not allowed on a subresource")
         if method == "PUT":
             self._record("update", target)
             body = await self._body(request)
             return _json(
-                self.store.replace(resource_type, version, namespace, name, body, subresource, strict=strict)
+                self.store.replace(
+                    resource_type, version, namespace, name, body, subresource, strict=strict, dry_run=dry_run
+                )
             )
         if method == "PATCH":
             self._record("patch", target)
             apply_patch = await self._patch_function(request)
             return _json(
                 self.store.patch(
-                    resource_type, version, namespace, name, apply_patch, subresource, strict=strict
+                    resource_type,
+                    version,
+                    namespace,
+                    name,
+                    apply_patch,
+                    subresource,
+                    strict=strict,
+                    dry_run=dry_run,
                 )
             )
         if method == "DELETE":
             self._record("delete", target)
             options = await self._body(request, optional=True)
             preconditions = options.get("preconditions") if isinstance(options, dict) else None
-            return _json(self.store.delete(resource_type, version, namespace, name, preconditions))
+            return _json(
+                self.store.delete(resource_type, version, namespace, name, preconditions, dry_run=dry_run)
+            )
         raise errors.method_not_allowed(f"{method} is not allowed")
 
     @staticmethod

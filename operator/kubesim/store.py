@@ -239,6 +239,7 @@ class Store:
         body: dict[str, Any],
         *,
         strict: bool = False,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise errors.bad_request("the body must be a JSON object")
@@ -279,6 +280,8 @@ class Store:
             obj = self._prepare_builtin(resource_type, obj)
             obj = self._admit(resource_type, version, obj, None, strict)
             metadata = obj["metadata"]
+            if dry_run:
+                return self.as_version(resource_type, version, obj)
             metadata["resourceVersion"] = self._next_resource_version()
             if resource_type is EVENTS and len(objects) >= self._max_events:
                 # Kubernetes expires Events after an hour; a bound on their number serves the same purpose.
@@ -299,12 +302,13 @@ class Store:
         subresource: str | None,
         *,
         strict: bool = False,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise errors.bad_request("the body must be a JSON object")
         with self.lock:
             old = self._stored(resource_type, namespace, name)
-            return self._update(resource_type, version, old, clone(body), subresource, strict)
+            return self._update(resource_type, version, old, clone(body), subresource, strict, dry_run)
 
     def patch(
         self,
@@ -316,6 +320,7 @@ class Store:
         subresource: str | None,
         *,
         strict: bool = False,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Patch under the lock: ``apply_patch`` maps the current object to the patched one (or raises)."""
         with self.lock:
@@ -324,7 +329,7 @@ class Store:
             if not isinstance(patched, dict):
                 raise errors.bad_request("the patched object must be a JSON object")
             # Merge patches share untouched subtrees with the stored object, which must stay immutable.
-            return self._update(resource_type, version, old, clone(patched), subresource, strict)
+            return self._update(resource_type, version, old, clone(patched), subresource, strict, dry_run)
 
     def delete(
         self,
@@ -333,6 +338,8 @@ class Store:
         namespace: str | None,
         name: str,
         preconditions: dict[str, Any] | None = None,
+        *,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         with self.lock:
             old = self._stored(resource_type, namespace, name)
@@ -342,6 +349,8 @@ class Store:
             expected_version = preconditions.get("resourceVersion")
             if expected_version and expected_version != old["metadata"]["resourceVersion"]:
                 raise errors.conflict(resource_type.group, resource_type.plural, name)
+            if dry_run:
+                return self.as_version(resource_type, version, old)
             return self.as_version(resource_type, version, self._delete(resource_type, old))
 
     def delete_collection(
@@ -463,6 +472,7 @@ class Store:
         new: dict[str, Any],
         subresource: str | None,
         strict: bool,
+        dry_run: bool,
     ) -> dict[str, Any]:
         old_meta = old["metadata"]
         name = old_meta["name"]
@@ -537,6 +547,8 @@ class Store:
         ignored = ("metadata", "status") if with_status else ("metadata",)
         if _without(result, *ignored, "apiVersion") != _without(old, *ignored, "apiVersion"):
             result["metadata"]["generation"] = int(old_meta.get("generation", 1)) + 1
+        if dry_run:
+            return result
         result["metadata"]["resourceVersion"] = self._next_resource_version()
 
         object_key = (old_meta.get("namespace", ""), name)

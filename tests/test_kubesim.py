@@ -537,6 +537,40 @@ def test_watch_from_a_compacted_resource_version_gets_410_gone() -> None:
         small.stop_thread()
 
 
+def test_events_of_other_resources_do_not_expire_a_quiet_resource_watch_window() -> None:
+    small = KubeSim(window_size=3)
+    small.start_in_thread()
+    try:
+        small.create_namespace("quiet")
+        with httpx.Client(base_url=small.url) as client:
+            version = client.get("/api/v1/namespaces").json()["metadata"]["resourceVersion"]
+            for index in range(10):
+                event = {"metadata": {"name": f"e{index}"}, "reason": "Noise", "involvedObject": {}}
+                assert client.post("/api/v1/namespaces/quiet/events", json=event).status_code == 201
+            assert watch(client, "/api/v1/namespaces", resourceVersion=version, timeoutSeconds=0.2) == []
+    finally:
+        small.stop_thread()
+
+
+def test_a_filtered_watch_sees_objects_entering_and_leaving_its_selector(
+    client: httpx.Client, namespace: str
+) -> None:
+    created = create(client, namespace, widget("mover"))
+    path = url(namespace, "mover")
+    merge(client, path, {"metadata": {"labels": {"tier": "back"}}})
+    merge(client, path, {"metadata": {"labels": {"tier": "back", "x": "y"}}})
+    merge(client, path, {"metadata": {"labels": {"tier": "front"}}})
+    events = watch(
+        client,
+        url(namespace),
+        resourceVersion=created["metadata"]["resourceVersion"],
+        timeoutSeconds=0.3,
+        labelSelector="tier=back",
+    )
+    assert [event["type"] for event in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert events[-1]["object"]["metadata"]["labels"] == {"tier": "front", "x": "y"}
+
+
 def test_watch_respects_label_and_field_selectors(client: httpx.Client, namespace: str) -> None:
     start = client.get(url(namespace)).json()["metadata"]["resourceVersion"]
     for name, tier in (("w-front", "front"), ("w-back", "back")):

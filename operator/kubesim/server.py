@@ -472,8 +472,13 @@ class KubeSim:
                 return None
             if name is not None and meta.get("name") != name:
                 return None
+            event_type = event.type
             if not predicate(obj):
-                return None
+                if event.previous is None or not predicate(event.previous):
+                    return None
+                event_type = "DELETED"  # it stopped matching the selectors
+            elif event.previous is not None and not predicate(event.previous):
+                event_type = "ADDED"  # it started matching the selectors
             if as_table:
                 obj = tables.table(
                     resource_type,
@@ -484,7 +489,7 @@ class KubeSim:
                     with_columns=first,
                 )
                 first = False
-            return json.dumps({"type": event.type, "object": obj}).encode() + b"\n"
+            return json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
 
         try:
             await response.prepare(request)

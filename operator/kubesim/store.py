@@ -16,8 +16,8 @@ Semantics follow the Kubernetes API conventions and the CRD documentation:
 - DELETE on an object with finalizers only sets ``deletionTimestamp`` (+ ``deletionGracePeriodSeconds: 0``);
   the update that removes the last finalizer deletes it (watchers see only ``DELETED``). New finalizers on
   an object being deleted are refused (422, "no new finalizers can be added if the object is being deleted").
-- Watch history is one global window of the latest ``window_size`` events; a watch from an older
-  ``resourceVersion`` gets ``410 Gone``, as when etcd has compacted.
+- Watch history is kept per resource, like the API server's watch cache: the latest ``window_size`` events
+  of each resource; a watch from an older ``resourceVersion`` gets ``410 Gone``, as after compaction.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class WatchEvent:
     type_key: TypeKey
     type: str
     object: dict[str, Any]
+    # The object before a MODIFIED event: a filtered watch turns it into ADDED or DELETED when the object
+    # starts or stops matching the watch's selectors, as the watch cache does.
+    previous: dict[str, Any] | None = None
 
 
 class Watcher:
@@ -112,9 +115,9 @@ class Store:
         self._resource_version = 0
         self._types: dict[TypeKey, ResourceType] = {}
         self._objects: dict[TypeKey, dict[ObjectKey, dict[str, Any]]] = {}
-        self._window: deque[WatchEvent] = deque()
+        self._windows: dict[TypeKey, deque[WatchEvent]] = {}
         self._window_size = window_size
-        self._expired_below = 0  # events with resourceVersion <= this are no longer retained
+        self._expired_below: dict[TypeKey, int] = {}  # events with resourceVersion <= this are forgotten
         self._max_events = max_events
         self._watchers: dict[TypeKey, set[Watcher]] = {}
         for resource_type in BUILTINS:
@@ -196,13 +199,11 @@ class Store:
                     start = int(since)
                 except ValueError:
                     raise errors.bad_request(f"invalid resource version: {since!r}") from None
-                if start < self._expired_below:
-                    raise errors.gone(f"too old resource version: {start} ({self._expired_below + 1})")
-                backlog = [
-                    event
-                    for event in self._window
-                    if event.resource_version > start and event.type_key == resource_type.key
-                ]
+                expired_below = self._expired_below.get(resource_type.key, 0)
+                if start < expired_below:
+                    raise errors.gone(f"too old resource version: {start} ({expired_below + 1})")
+                window = self._windows.get(resource_type.key, ())
+                backlog = [event for event in window if event.resource_version > start]
             watcher = Watcher(resource_type.key, loop)
             self._watchers.setdefault(resource_type.key, set()).add(watcher)
             return backlog, watcher
@@ -217,11 +218,20 @@ class Store:
                 for watcher in watchers:
                     watcher.deliver(None)
 
-    def _emit(self, resource_type: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
-        event = WatchEvent(int(obj["metadata"]["resourceVersion"]), resource_type.key, event_type, obj)
-        self._window.append(event)
-        while len(self._window) > self._window_size:
-            self._expired_below = self._window.popleft().resource_version
+    def _emit(
+        self,
+        resource_type: ResourceType,
+        event_type: str,
+        obj: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+    ) -> None:
+        event = WatchEvent(
+            int(obj["metadata"]["resourceVersion"]), resource_type.key, event_type, obj, previous
+        )
+        window = self._windows.setdefault(resource_type.key, deque())
+        window.append(event)
+        while len(window) > self._window_size:
+            self._expired_below[resource_type.key] = window.popleft().resource_version
         for watcher in self._watchers.get(resource_type.key, ()):
             watcher.deliver(event)
 
@@ -558,7 +568,7 @@ class Store:
             self._after_removal(resource_type, result)
             return result
         self._objects[resource_type.key][object_key] = result
-        self._emit(resource_type, "MODIFIED", result)
+        self._emit(resource_type, "MODIFIED", result, old)
         if resource_type.key == (CRD_GROUP, CRD_PLURAL):
             self._register(_resource_type_from_crd(result))
         return result
@@ -580,7 +590,7 @@ class Store:
                 },
             }
             self._objects[resource_type.key][key] = marked
-            self._emit(resource_type, "MODIFIED", marked)
+            self._emit(resource_type, "MODIFIED", marked, old)
             return marked
         removed = {**old, "metadata": {**old_meta, "resourceVersion": self._next_resource_version()}}
         del self._objects[resource_type.key][key]

@@ -103,6 +103,7 @@ def sim() -> Iterator[KubeSim]:
             assert response.status_code == 201, response.text
     yield sim
     sim.stop_thread()
+    assert sim.internal_errors == []
 
 
 @pytest.fixture()

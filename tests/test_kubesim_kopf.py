@@ -71,6 +71,7 @@ def sim() -> Iterator[KubeSim]:
     sim.create_namespace(NAMESPACE)
     yield sim
     sim.stop_thread()
+    assert sim.internal_errors == []
 
 
 class Recorder:

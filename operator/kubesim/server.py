@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -18,6 +19,8 @@ from kubesim import errors, openapi, patching, selectors, tables
 from kubesim.errors import ApiError
 from kubesim.resources import ALL_VERBS, SUBRESOURCE_VERBS, ResourceType
 from kubesim.store import Store, WatchEvent, clone
+
+logger = logging.getLogger("kubesim")
 
 _SERVER_VERSION = {
     "major": "1",
@@ -70,6 +73,9 @@ class KubeSim:
         self.store = Store(window_size=window_size)
         self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
         self.rbac_verbs_seen: set[tuple[str, str, str]] = set()
+        self.internal_errors: list[
+            str
+        ] = []  # emulator bugs (answered with 500); tests can assert it stays empty
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._thread: threading.Thread | None = None
@@ -205,6 +211,13 @@ class KubeSim:
             return await self._route(request)
         except ApiError as error:
             return _json(error.status(), status=error.code)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as error:
+            # An emulator bug must be loud in test logs, yet reach the client as the Status a client expects.
+            logger.exception("kubesim failed on %s %s", request.method, request.path_qs)
+            self.internal_errors.append(f"{request.method} {request.path_qs}: {error!r}")
+            return _json(ApiError(500, "InternalError", f"kubesim: {error!r}").status(), status=500)
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [part for part in request.path.split("/") if part]

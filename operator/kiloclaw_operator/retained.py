@@ -105,6 +105,10 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _rfc3339(moment: datetime) -> str:
+    return _aware(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def deletion_trigger(retained: RetainedVolume, now: datetime) -> Trigger | None:
     """Why the volume must go now, or None while it is still retained."""
     if retained.deleting:
@@ -216,7 +220,7 @@ def observed_status(
         ready: tuple[ConditionStatus, str, str] = (
             "True",
             REASON_RETAINED,
-            f"volume {spec.volume_id} is retained until {_aware(spec.retain_until).isoformat()}",
+            f"volume {spec.volume_id} is retained until {_rfc3339(spec.retain_until)}",
         )
     else:
         ready = (
@@ -408,7 +412,10 @@ class RetainedVolumeDriver:
         self, retained: RetainedVolume, status: RetainedVolumeStatus, why: str
     ) -> RetainedVolume:
         """The one status write: a merge patch of what changed, confirmed by the API server."""
-        patch = merge_patch(retained.status.dump(), status.dump())
+        # Diff against what the API server holds: defaults the model fills in for absent fields (phase,
+        # attempts) are not stored yet and must be written.
+        stored = retained.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        patch = merge_patch(stored, status.dump())
         if not patch:
             return retained
         body = await self.ctx.kube.patch_retained_status(retained.ref, patch)
@@ -584,7 +591,7 @@ class RetainedVolumeDriver:
                 "fly_app": spec.fly_app,
                 "trigger": trigger.value,
                 "recovery_id": spec.recovery_id,
-                "retain_until": _aware(spec.retain_until).isoformat(),
+                "retain_until": _rfc3339(spec.retain_until),
                 "failed_attempts": retained.status.attempts,
             },
         )

@@ -1,0 +1,465 @@
+"""End-to-end stories of KiloClawRetainedVolume over HTTP: the real operator against kubesim and flysim.
+
+Each test creates its Fly volume in flysim and its retained resource through the emulated API (as the recovery
+would), then acts as a user would: waits, patches ``deleteNow``, deletes with the finalizer, or breaks Fly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from harness import FLY_TOKEN, Stack, condition, eventually, status
+from kiloclaw_operator.models import GROUP, RETAINED_PLURAL, VERSION
+
+APP = "acct-test"
+SANDBOX = "ki_owner_sandbox"
+
+
+# --- builders and probes ------------------------------------------------------------------------------------
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+async def fly_api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """Plain HTTP to flysim, for what a test sets up as "someone else": machines attached to the volume."""
+    async with httpx.AsyncClient(
+        base_url=f"{stack.fly.base_url}/v1", headers={"Authorization": f"Bearer {FLY_TOKEN}"}, timeout=10
+    ) as client:
+        yield client
+
+
+def fly_volume(stack: Stack, name: str = "kiloclaw_retained", region: str = "iad") -> str:
+    volume_id: str = stack.fly.create_volume(APP, name, region)["id"]
+    return volume_id
+
+
+async def attach_machine(fly_api: httpx.AsyncClient, volume_id: str, sandbox_id: str | None) -> str:
+    metadata = {"kiloclaw_sandbox_id": sandbox_id} if sandbox_id else {}
+    response = await fly_api.post(
+        f"/apps/{APP}/machines",
+        json={
+            "region": "iad",
+            "config": {
+                "image": "registry.fly.io/other:1",
+                "metadata": metadata,
+                "mounts": [{"volume": volume_id, "path": "/data"}],
+            },
+        },
+    )
+    assert response.status_code == 200, response.text
+    machine_id: str = response.json()["id"]
+    return machine_id
+
+
+async def destroy_machine(fly_api: httpx.AsyncClient, machine_id: str) -> None:
+    response = await fly_api.delete(f"/apps/{APP}/machines/{machine_id}", params={"force": "true"})
+    assert response.status_code == 200, response.text
+
+
+def volume_alive(stack: Stack, volume_id: str) -> bool:
+    return any(v["id"] == volume_id for v in stack.live_volumes(APP))
+
+
+def machine_alive(stack: Stack, machine_id: str) -> bool:
+    return any(m["id"] == machine_id for m in stack.live_machines(APP))
+
+
+def retained_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{RETAINED_PLURAL}" + (f"/{name}" if name else "")
+
+
+async def create_retained(
+    stack: Stack,
+    namespace: str,
+    name: str,
+    volume_id: str,
+    *,
+    retain_until: datetime | None = None,
+    delete_now: bool = False,
+    sandbox_id: str = SANDBOX,
+    instance_name: str = "alice",
+) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "KiloClawRetainedVolume",
+        "metadata": {"name": name, "labels": {f"{GROUP}/instance": instance_name}},
+        "spec": {
+            "flyApp": APP,
+            "volumeId": volume_id,
+            "sandboxId": sandbox_id,
+            "instanceName": instance_name,
+            "region": "iad",
+            "reason": "UnexpectedStopRecovery",
+            "recoveryId": "01JDTESTRECOVERY0000000000",
+            "retainUntil": rfc3339(retain_until or datetime.now(UTC) + timedelta(days=7)),
+            "deleteNow": delete_now,
+        },
+    }
+    response = await stack.api.post(retained_path(namespace), json=body)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def get_retained(stack: Stack, namespace: str, name: str) -> dict[str, Any] | None:
+    response = await stack.api.get(retained_path(namespace, name))
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def patch_retained(stack: Stack, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    response = await stack.api.patch(
+        retained_path(namespace, name), json=patch, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert response.status_code == 200, response.text
+
+
+async def delete_retained(stack: Stack, namespace: str, name: str) -> None:
+    response = await stack.api.delete(retained_path(namespace, name))
+    assert response.status_code in (200, 202), response.text
+
+
+async def wait_retained(
+    stack: Stack, namespace: str, name: str, predicate: Any, what: str, timeout: float = 15
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        body = await get_retained(stack, namespace, name)
+        return body if body is not None and predicate(body) else None
+
+    return await eventually(check, timeout=timeout, what=f"{namespace}/{name}: {what}")
+
+
+async def wait_retained_gone(stack: Stack, namespace: str, name: str, timeout: float = 15) -> None:
+    async def check() -> bool | None:
+        return True if await get_retained(stack, namespace, name) is None else None
+
+    await eventually(check, timeout=timeout, what=f"{namespace}/{name} removed")
+
+
+async def wait_volume_gone(stack: Stack, volume_id: str, timeout: float = 15) -> None:
+    async def check() -> bool | None:
+        return None if volume_alive(stack, volume_id) else True
+
+    await eventually(check, timeout=timeout, what=f"volume {volume_id} deleted in Fly")
+
+
+def is_retained_and_ready(body: dict[str, Any]) -> bool:
+    return status(body).get("phase") == "Retained" and condition(body, "Ready").get("status") == "True"
+
+
+def stalled_reason(body: dict[str, Any]) -> str | None:
+    stalled = condition(body, "Stalled")
+    return stalled.get("reason") if stalled.get("status") == "True" else None
+
+
+async def reasons(stack: Stack, namespace: str, involved: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in await stack.events(namespace, involved) if e["reason"] == reason]
+
+
+# --- observation and expiry ------------------------------------------------------------------------------
+
+
+async def test_retained_volume_reports_snapshots_and_attached_machine_and_is_ready(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient
+) -> None:
+    volume_id = fly_volume(stack)
+    stack.fly.add_snapshot(volume_id)
+    stack.fly.add_snapshot(volume_id)
+    await create_retained(stack, namespace, "alice-vol-a", volume_id)
+    body = await wait_retained(
+        stack,
+        namespace,
+        "alice-vol-a",
+        lambda b: is_retained_and_ready(b) and status(b).get("snapshotCount") == 2,
+        "Retained, Ready, 2 snapshots",
+    )
+    assert status(body).get("attachedMachineId") is None
+    assert condition(body, "Stalled")["status"] == "False"
+
+    machine_id = await attach_machine(fly_api, volume_id, SANDBOX)
+    await wait_retained(
+        stack,
+        namespace,
+        "alice-vol-a",
+        lambda b: status(b).get("attachedMachineId") == machine_id,
+        "attached machine observed",
+    )
+    await destroy_machine(fly_api, machine_id)
+    await delete_retained(stack, namespace, "alice-vol-a")
+    await wait_retained_gone(stack, namespace, "alice-vol-a")
+
+
+async def test_expiry_deletes_the_volume_and_the_resource_within_one_check_interval(
+    stack: Stack, namespace: str
+) -> None:
+    volume_id = fly_volume(stack)
+    retain_until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    await create_retained(stack, namespace, "alice-vol-exp", volume_id, retain_until=retain_until)
+    await wait_retained(stack, namespace, "alice-vol-exp", is_retained_and_ready, "Retained")
+    assert volume_alive(stack, volume_id)
+
+    await wait_retained_gone(stack, namespace, "alice-vol-exp")
+    lag = (datetime.now(UTC) - retain_until).total_seconds()
+    assert not volume_alive(stack, volume_id)
+    assert stack.settings is not None
+    # Polled from the test, so the lag seen here includes the test's own polling and the watch round trip.
+    assert lag <= stack.settings.retained_check_seconds + 2.0, f"deleted {lag:.2f}s after retainUntil"
+    # The instance does not exist, so the Event lands on the retained volume itself.
+    deleted = await reasons(stack, namespace, "alice-vol-exp", "RetainedVolumeDeleted")
+    assert len(deleted) == 1
+    assert volume_id in deleted[0]["message"]
+
+
+async def test_delete_now_patch_deletes_before_expiry_and_reports_on_the_instance(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "alice")
+    await stack.wait_phase(namespace, "alice", "Running")
+    volume_id = fly_volume(stack)
+    await create_retained(stack, namespace, "alice-vol-now", volume_id)
+    await wait_retained(stack, namespace, "alice-vol-now", is_retained_and_ready, "Retained")
+
+    await patch_retained(stack, namespace, "alice-vol-now", {"spec": {"deleteNow": True}})
+    await wait_retained_gone(stack, namespace, "alice-vol-now")
+    assert not volume_alive(stack, volume_id)
+    deleted = await reasons(stack, namespace, "alice", "RetainedVolumeDeleted")
+    assert len(deleted) == 1
+    assert deleted[0]["involvedObject"]["kind"] == "KiloClawInstance"
+    assert volume_id in deleted[0]["message"]
+    instance = await stack.get_instance(namespace, "alice")
+    assert instance is not None and status(instance)["phase"] == "Running"
+
+
+async def test_kubectl_delete_deletes_the_volume_through_the_finalizer(stack: Stack, namespace: str) -> None:
+    volume_id = fly_volume(stack)
+    await create_retained(stack, namespace, "alice-vol-del", volume_id)
+    body = await wait_retained(stack, namespace, "alice-vol-del", is_retained_and_ready, "Retained")
+    assert f"{GROUP}/finalizer" in body["metadata"].get("finalizers", [])
+
+    await delete_retained(stack, namespace, "alice-vol-del")
+    await wait_retained_gone(stack, namespace, "alice-vol-del")
+    assert not volume_alive(stack, volume_id)
+    assert len(await reasons(stack, namespace, "alice-vol-del", "RetainedVolumeDeleted")) == 1
+
+
+# --- ownership -----------------------------------------------------------------------------------------
+
+
+async def test_ownership_mismatch_blocks_without_deleting_and_recovers_when_the_machine_is_gone(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient
+) -> None:
+    volume_id = fly_volume(stack)
+    foreign = await attach_machine(fly_api, volume_id, "ki_someone_else")
+    await create_retained(stack, namespace, "alice-vol-own", volume_id, delete_now=True)
+
+    blocked = await wait_retained(
+        stack,
+        namespace,
+        "alice-vol-own",
+        lambda b: status(b).get("phase") == "Blocked" and status(b).get("attempts", 0) >= 3,
+        "Blocked after three attempts",
+    )
+    message = condition(blocked, "Stalled")["message"]
+    assert stalled_reason(blocked) == "OwnershipMismatch"
+    assert message == (
+        f"refusing to destroy attached machine {foreign} for volume {volume_id}: "
+        f"expected sandbox {SANDBOX}, found ki_someone_else"
+    )
+    assert status(blocked)["lastError"] == message
+    assert status(blocked)["nextAttemptAt"]
+    assert volume_alive(stack, volume_id)
+    assert machine_alive(stack, foreign)
+    # Retries back off (0.1 s doubling to 1 s here): a few attempts, not a hot loop; one Event per episode.
+    assert status(blocked)["attempts"] < 20
+    assert len(await reasons(stack, namespace, "alice-vol-own", "RetainedVolumeDeleteBlocked")) == 1
+    assert (REGISTRY.get_sample_value("kiloclaw_retained_volumes", {"phase": "Blocked"}) or 0) >= 1
+
+    await destroy_machine(fly_api, foreign)
+    await wait_retained_gone(stack, namespace, "alice-vol-own")
+    assert not volume_alive(stack, volume_id)
+
+
+async def test_machine_without_sandbox_metadata_blocks_the_delete(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient
+) -> None:
+    volume_id = fly_volume(stack)
+    unlabelled = await attach_machine(fly_api, volume_id, None)
+    await create_retained(stack, namespace, "alice-vol-nolabel", volume_id, delete_now=True)
+    blocked = await wait_retained(
+        stack, namespace, "alice-vol-nolabel", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
+    )
+    assert condition(blocked, "Stalled")["message"].endswith(f"expected sandbox {SANDBOX}, found none")
+    assert machine_alive(stack, unlabelled) and volume_alive(stack, volume_id)
+    await destroy_machine(fly_api, unlabelled)
+    await wait_retained_gone(stack, namespace, "alice-vol-nolabel")
+
+
+async def test_kubectl_delete_of_a_blocked_volume_stays_terminating_until_an_admin_abandons_it(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient
+) -> None:
+    volume_id = fly_volume(stack)
+    foreign = await attach_machine(fly_api, volume_id, "ki_someone_else")
+    await create_retained(stack, namespace, "alice-vol-term", volume_id)
+    await wait_retained(stack, namespace, "alice-vol-term", is_retained_and_ready, "Retained")
+
+    await delete_retained(stack, namespace, "alice-vol-term")
+    terminating = await wait_retained(
+        stack,
+        namespace,
+        "alice-vol-term",
+        lambda b: stalled_reason(b) == "OwnershipMismatch" and status(b).get("attempts", 0) >= 2,
+        "Terminating and blocked",
+    )
+    assert terminating["metadata"].get("deletionTimestamp")
+    assert status(terminating)["phase"] == "Blocked"
+    assert volume_alive(stack, volume_id) and machine_alive(stack, foreign)
+
+    # The documented way out: drop the finalizer; the Fly volume is left alone for the admin to handle.
+    await patch_retained(stack, namespace, "alice-vol-term", {"metadata": {"finalizers": None}})
+    await wait_retained_gone(stack, namespace, "alice-vol-term")
+    assert volume_alive(stack, volume_id) and machine_alive(stack, foreign)
+    await destroy_machine(fly_api, foreign)
+
+
+async def test_attached_machine_of_the_same_sandbox_is_force_destroyed_first(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient
+) -> None:
+    volume_id = fly_volume(stack)
+    own = await attach_machine(fly_api, volume_id, SANDBOX)
+
+    async def started() -> bool | None:
+        return True if stack.fly.machine(own)["state"] == "started" else None
+
+    await eventually(started, what="machine started")
+    await create_retained(stack, namespace, "alice-vol-att", volume_id, delete_now=True)
+    await wait_retained_gone(stack, namespace, "alice-vol-att")
+    assert not machine_alive(stack, own)
+    assert not volume_alive(stack, volume_id)
+
+
+# --- Fly errors -------------------------------------------------------------------------------------------
+
+
+async def test_volume_already_gone_counts_as_deleted_and_the_resource_is_removed(
+    stack: Stack, namespace: str
+) -> None:
+    await create_retained(
+        stack, namespace, "alice-vol-404", "vol_doesnotexist0000", retain_until=datetime.now(UTC)
+    )
+    await wait_retained_gone(stack, namespace, "alice-vol-404")
+    assert len(await reasons(stack, namespace, "alice-vol-404", "RetainedVolumeDeleted")) == 1
+
+
+async def test_missing_volume_before_expiry_is_reported_not_ready(stack: Stack, namespace: str) -> None:
+    await create_retained(stack, namespace, "alice-vol-missing", "vol_doesnotexist0001")
+    body = await wait_retained(
+        stack,
+        namespace,
+        "alice-vol-missing",
+        lambda b: condition(b, "Ready").get("reason") == "VolumeNotFound",
+        "Ready=False VolumeNotFound",
+    )
+    assert status(body)["phase"] == "Retained"
+    assert condition(body, "Ready")["status"] == "False"
+    await patch_retained(stack, namespace, "alice-vol-missing", {"spec": {"deleteNow": True}})
+    await wait_retained_gone(stack, namespace, "alice-vol-missing")
+
+
+async def test_fly_server_errors_are_retried_with_backoff_then_the_delete_succeeds(
+    stack: Stack, namespace: str
+) -> None:
+    volume_id = fly_volume(stack)
+    # The Fly client retries a 503 four times itself; ten faults make two whole attempts of the driver fail.
+    stack.fly.inject_faults(f"DELETE /v1/apps/{APP}/volumes/{volume_id}", 503, count=10)
+    try:
+        await create_retained(stack, namespace, "alice-vol-503", volume_id, delete_now=True)
+        failing = await wait_retained(
+            stack,
+            namespace,
+            "alice-vol-503",
+            lambda b: bool(status(b).get("lastError")) and status(b).get("attempts", 0) >= 1,
+            "lastError recorded",
+            timeout=30,
+        )
+        assert "503" in status(failing)["lastError"]
+        assert status(failing)["nextAttemptAt"]
+        assert status(failing)["phase"] == "Deleting"
+        assert condition(failing, "Stalled")["status"] == "False"
+        assert volume_alive(stack, volume_id)
+        await wait_retained_gone(stack, namespace, "alice-vol-503", timeout=30)
+        assert not volume_alive(stack, volume_id)
+    finally:
+        stack.fly.clear_faults()
+
+
+# --- the safety interlock ----------------------------------------------------------------------------------
+
+
+async def test_volume_in_use_by_an_instance_is_refused_until_the_instance_lets_go(
+    stack: Stack, namespace: str
+) -> None:
+    instance = await stack.create_instance(namespace, "alice")
+    running = await stack.wait_phase(namespace, "alice", "Running")
+    volume_id = status(running)["volumeId"]
+    await create_retained(
+        stack,
+        namespace,
+        "alice-vol-use",
+        volume_id,
+        delete_now=True,
+        sandbox_id=instance["spec"]["sandboxId"],
+    )
+    refused = await wait_retained(
+        stack, namespace, "alice-vol-use", lambda b: stalled_reason(b) == "VolumeInUse", "VolumeInUse"
+    )
+    assert status(refused)["phase"] == "Blocked"
+    assert condition(refused, "Stalled")["message"] == (
+        f"refusing to delete volume {volume_id}: in use by instance alice (current volume)"
+    )
+    assert volume_alive(stack, volume_id)
+    assert status(await stack.wait_phase(namespace, "alice", "Running"))["volumeId"] == volume_id
+    assert len(await reasons(stack, namespace, "alice", "RetainedVolumeDeleteBlocked")) == 1
+
+    # Deleting the instance deletes its volume; the retained resource then finds it gone and goes too.
+    await stack.delete_instance(namespace, "alice")
+    await stack.wait_gone(namespace, "alice")
+    await wait_retained_gone(stack, namespace, "alice-vol-use")
+    assert not volume_alive(stack, volume_id)
+
+
+# --- crash safety -------------------------------------------------------------------------------------------
+
+
+async def test_operator_restart_in_the_middle_of_a_delete_completes_it_once(
+    stack: Stack, namespace: str
+) -> None:
+    volume_id = fly_volume(stack)
+    await create_retained(stack, namespace, "alice-vol-crash", volume_id)
+    await wait_retained(stack, namespace, "alice-vol-crash", is_retained_and_ready, "Retained")
+    # Hold the volume DELETE in flight so the operator dies between "Deleting" and Fly's answer.
+    stack.fly.set_latency(1.5, f"DELETE /v1/apps/{APP}/volumes/{volume_id}")
+    try:
+        await patch_retained(stack, namespace, "alice-vol-crash", {"spec": {"deleteNow": True}})
+        await wait_retained(
+            stack, namespace, "alice-vol-crash", lambda b: status(b).get("phase") == "Deleting", "Deleting"
+        )
+        await stack.crash_operator()
+    finally:
+        stack.fly.clear_latency()
+        await stack.start_operator()
+
+    await wait_retained_gone(stack, namespace, "alice-vol-crash")
+    assert not volume_alive(stack, volume_id)
+    assert len(await reasons(stack, namespace, "alice-vol-crash", "RetainedVolumeDeleted")) == 1

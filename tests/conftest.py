@@ -10,13 +10,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Stack
+from harness import ClusterUnavailable, Stack
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cluster",
+        action="store_true",
+        help="run the end-to-end tests against the current kube context instead of the emulated API",
+    )
 
 
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    await stack.start()
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("stack"), cluster=request.config.getoption("--cluster"))
+    try:
+        await stack.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no reachable Kubernetes cluster: {exc}")
     try:
         yield stack
     finally:

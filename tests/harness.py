@@ -105,28 +105,51 @@ class OperatorThread:
         assert not self._thread.is_alive(), "operator did not die"
 
 
+class ClusterUnavailable(Exception):
+    """``make e2e`` asked for a real cluster but none is reachable; the suite is skipped with this text."""
+
+
 class Stack:
-    def __init__(self, workdir: Path) -> None:
+    """flysim + an API server + the operator. The API server is kubesim, or with ``cluster=True`` the
+    current kube context (``make e2e``): then ``kube`` is None and tests that need the emulator skip."""
+
+    def __init__(self, workdir: Path, *, cluster: bool = False) -> None:
         self.fly = FlySimulator(token=FLY_TOKEN, timings=SimTimings(start_delay=0.05, stop_delay=0.05))
-        self.kube = KubeSim()
+        self.cluster = cluster
+        self._kube = None if cluster else KubeSim()
         self.workdir = workdir
         self._operator: OperatorThread | None = None
         self.settings: Settings | None = None
         self.api: httpx.AsyncClient
 
+    @property
+    def kube(self) -> KubeSim:
+        """The emulated API server; tests that reach into it do not run against a real cluster."""
+        if self._kube is None:
+            import pytest
+
+            pytest.skip("needs the emulated Kubernetes API (not available with a real cluster)")
+        return self._kube
+
     async def start(self) -> None:
+        if self._kube is None:
+            self.api = await _cluster_client()
+        else:
+            self._kube.start_in_thread()
+            self._kube.load_crds([CRDS])
+            kubeconfig = self._kube.write_kubeconfig(self.workdir / "kubeconfig")
+            os.environ["KUBECONFIG"] = str(kubeconfig)
+            self.api = httpx.AsyncClient(
+                base_url=self._kube.url, timeout=10, headers={"User-Agent": "kiloclaw-tests"}
+            )
         self.fly.start_in_thread()
-        self.kube.start_in_thread()
-        self.kube.load_crds([CRDS])
-        kubeconfig = self.kube.write_kubeconfig(self.workdir / "kubeconfig")
-        os.environ["KUBECONFIG"] = str(kubeconfig)
-        self.api = httpx.AsyncClient(base_url=self.kube.url, timeout=10)
         await self.start_operator()
 
     async def close(self) -> None:
         await self.stop_operator()
         await self.api.aclose()
-        self.kube.stop_thread()
+        if self._kube is not None:
+            self._kube.stop_thread()
         self.fly.stop_thread()
 
     # --- the operator ---------------------------------------------------------------------------------
@@ -160,7 +183,8 @@ class Stack:
 
     async def create_namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{os.getpid()}-{next(_namespace_counter)}"
-        self.kube.create_namespace(name)
+        response = await self.api.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+        assert response.status_code in (200, 201), response.text
         return name
 
     @staticmethod
@@ -268,6 +292,35 @@ class Stack:
         if name is not None:
             volumes = [v for v in volumes if v["name"] == name]
         return volumes
+
+
+async def _cluster_client() -> httpx.AsyncClient:
+    """A client for the current kube context, after checking it answers and applying the CRDs."""
+    import kopf
+
+    from kiloclaw_operator.handlers import _connection
+    from kiloclaw_operator.kube import build_http_client
+
+    try:
+        info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ClusterUnavailable(f"unreadable kubeconfig: {exc}") from exc
+    if info is None:
+        raise ClusterUnavailable("no kubeconfig (KUBECONFIG or ~/.kube/config)")
+    client = build_http_client(_connection(info), timeout=10, user_agent="kiloclaw-tests")
+    try:
+        (await client.get("/version")).raise_for_status()
+    except httpx.HTTPError as exc:
+        await client.aclose()
+        raise ClusterUnavailable(f"the current kube context ({info.server}) does not answer: {exc}") from exc
+    apply = await asyncio.create_subprocess_exec(
+        "kubectl", "apply", "-k", str(CRDS), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await apply.communicate()
+    if apply.returncode != 0:
+        await client.aclose()
+        raise ClusterUnavailable(f"kubectl apply -k crds/ failed: {stderr.decode().strip()}")
+    return client
 
 
 def status(body: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from . import conditions
 from .config import Settings
@@ -454,7 +455,12 @@ class RetainedVolumeDriver:
         async with self.lock:
             if self.latest is None:
                 return settings.retained_check_seconds
-            retained = self.current()
+            try:
+                retained = self.current()
+            except ValidationError as exc:
+                # The CRD schema should make this impossible; never let one bad object kill the daemon.
+                logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
+                return settings.retained_check_seconds
             if retained.deleting:
                 # The finalizer (finalize) owns a resource that is being deleted.
                 return settings.retained_check_seconds

@@ -168,8 +168,9 @@ class InstanceDriver:
     async def run(self) -> None:
         """Reconcile until asked to stop; sleep the phase's cadence or until woken by a change."""
         while not self.stop_requested.is_set():
-            delay = await self.reconcile_once()
+            # Cleared before the pass, not after: a change that arrives during a pass must wake the next one.
             self.wakeup.clear()
+            delay = await self.reconcile_once()
             await self._sleep(delay)
 
     async def _sleep(self, delay: float) -> None:
@@ -250,8 +251,10 @@ class InstanceDriver:
         if lifecycle.is_held(instance):
             return instance
         observation, machine = await self.ctx.observer.observe(instance)
-        instance = await self._record_observation(instance, observation)
+        # Decide before recording: every commit acknowledges the retry annotation, so the observation write
+        # would otherwise consume a retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
+        instance = await self._record_observation(instance, observation)
         if lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance):
             instance = await self._defer(instance)
         return await self._act(instance, decision, machine)
@@ -502,9 +505,8 @@ class InstanceDriver:
         async with self.lock:
             instance = self.current()
             if instance.status.recovery is not None:
-                instance = await recovery.fail(
-                    self, instance, "instance deleted during recovery", label="deleted"
-                )
+                # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
+                instance = await recovery.settle_for_deletion(self, instance)
             if instance.status.phase is not Phase.DESTROYING:
                 instance = await self.commit(
                     instance,

@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m kiloclaw_operator.bench --instances $(N)
+	$(BIN)/python tests/benchmark.py --instances $(N)
 
 ## make e2e: the end-to-end suite against the current kube context (skipped, saying why, when none answers)
 e2e: $(STAMP)

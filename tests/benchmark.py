@@ -1,0 +1,710 @@
+"""``make bench``: the real operator against kubesim + flysim with N instances; prints one table and writes it
+into BENCHMARKS.md (a benchmark, not a test: pytest does not collect this file).
+
+The simulators run in this process (each in its own thread and event loop); the operator runs as a subprocess
+(``kiloclaw-operator run``, configured only through its environment as a deployment would be) so that its
+resident memory and CPU time can be measured alone. Everything listens on loopback.
+
+Steps:
+1. create N instances spread over K namespaces (bounded concurrency) and poll the cluster-wide list until
+   every instance is ``Running``: per-instance time from its create to the first list showing it ``Running``;
+2. steady state: Fly (and Kubernetes write) requests per instance per minute over ``--steady-seconds``;
+3. fail the hosts under ``--fail-percent`` of the instances' machines and measure, per affected instance, the
+   time from the failure to ``Recovering`` (detection) and to ``Running`` again (recovery).
+
+Usage: ``.venv/bin/python tests/benchmark.py --instances 50 --steady-seconds 10`` (``--help`` for all knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from flysim import FlySimulator, SimTimings
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kubesim import KubeSim
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = ROOT / "crds"
+FLY_TOKEN = "bench-token"
+IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
+RESULTS_START = "<!-- bench:results:start -->"
+RESULTS_END = "<!-- bench:results:end -->"
+LIST_PATH = f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
+
+
+class BenchmarkError(Exception):
+    """The run cannot produce a result (the operator died, or a phase did not finish in its time limit)."""
+
+
+# --- parameters and results ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=1000, help="instances to create (default 1000)")
+    parser.add_argument("--namespaces", type=int, default=10, help="namespaces to spread them over")
+    parser.add_argument("--steady-seconds", type=float, default=60, help="steady-state measurement window")
+    parser.add_argument("--fail-percent", type=float, default=1.0, help="share of instances whose host fails")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="results file")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--poll-running", type=float, default=60, help="KILOCLAW_POLL_RUNNING_SECONDS (operator default 60)"
+    )
+    parser.add_argument(
+        "--poll-busy", type=float, default=5, help="KILOCLAW_POLL_BUSY_SECONDS (operator default 5)"
+    )
+    parser.add_argument(
+        "--poll-idle", type=float, default=300, help="KILOCLAW_POLL_IDLE_SECONDS (operator default 300)"
+    )
+    parser.add_argument(
+        "--recovery-timeout", type=float, default=600, help="KILOCLAW_RECOVERY_TIMEOUT_SECONDS (default 600)"
+    )
+    parser.add_argument(
+        "--wait-call", type=int, default=60, help="KILOCLAW_WAIT_CALL_SECONDS (operator default 60)"
+    )
+    parser.add_argument(
+        "--start-delay", type=float, default=1.0, help="flysim: seconds a machine takes to start"
+    )
+    parser.add_argument(
+        "--stop-delay", type=float, default=0.5, help="flysim: seconds a machine takes to stop"
+    )
+    parser.add_argument(
+        "--hosts-per-region",
+        type=int,
+        default=0,
+        help="flysim hosts per region (0: two per instance, so that a failed host affects few instances)",
+    )
+    parser.add_argument("--create-concurrency", type=int, default=32, help="concurrent creates")
+    parser.add_argument("--phase-timeout", type=float, default=900, help="limit for each waiting phase (s)")
+    parser.add_argument("--seed", type=int, default=20261125, help="random seed (host choice, victims)")
+    args = parser.parse_args(argv)
+    if args.instances < 1 or args.namespaces < 1:
+        parser.error("--instances and --namespaces must be at least 1")
+    return args
+
+
+@dataclass
+class Results:
+    instances: int
+    namespaces: int
+    started_at: datetime
+    create_seconds: float = 0.0
+    provision_fly_routes: dict[str, int] = field(default_factory=dict)
+    provision_kube_writes: int = 0
+    to_running: list[float] = field(default_factory=list)
+    all_running_seconds: float = 0.0
+    settle_seconds: float = 0.0
+    steady_seconds: float = 0.0
+    steady_fly_requests: int = 0
+    steady_fly_routes: dict[str, int] = field(default_factory=dict)
+    steady_kube_writes: int = 0
+    steady_cpu_seconds: float = 0.0
+    affected: int = 0
+    failed_hosts: int = 0
+    detection: list[float] = field(default_factory=list)
+    recovered: list[float] = field(default_factory=list)
+    not_detected: int = 0
+    not_recovered: int = 0
+    peak_rss_bytes: int = 0
+    cpu_seconds: float = 0.0
+    total_seconds: float = 0.0
+    list_seconds: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 10 values is the largest)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+# --- measuring the operator process --------------------------------------------------------------------
+
+
+class ProcessSampler:
+    """Peak RSS of one process, sampled every ``interval`` seconds in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def operator_env(
+    args: argparse.Namespace, fly_url: str, kubeconfig: Path, health_port: int
+) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
+    env.update(
+        {
+            "KUBECONFIG": str(kubeconfig),
+            "FLY_API_TOKEN": FLY_TOKEN,
+            "FLY_API_BASE_URL": fly_url,
+            "KILOCLAW_POLL_RUNNING_SECONDS": str(args.poll_running),
+            "KILOCLAW_POLL_BUSY_SECONDS": str(args.poll_busy),
+            "KILOCLAW_POLL_IDLE_SECONDS": str(args.poll_idle),
+            "KILOCLAW_RECOVERY_TIMEOUT_SECONDS": str(args.recovery_timeout),
+            "KILOCLAW_WAIT_CALL_SECONDS": str(args.wait_call),
+            "KILOCLAW_METRICS_PORT": str(free_port()),
+            "KILOCLAW_HEALTH_PORT": str(health_port),
+            # Proxies must not see loopback traffic.
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
+    return env
+
+
+def operator_command() -> list[str]:
+    beside = Path(sys.executable).with_name("kiloclaw-operator")
+    executable = str(beside) if beside.exists() else shutil.which("kiloclaw-operator")
+    if executable is None:
+        raise BenchmarkError("kiloclaw-operator is not installed (make venv)")
+    return [executable, "run"]
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- talking to the emulated API -----------------------------------------------------------------------
+
+
+def instance_body(namespace: str, name: str, app: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "KiloClawInstance",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            # Like real sandbox ids (ki_ + 32 hex): the volume name keeps only 21 characters of the id.
+            "sandboxId": "ki_" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:32],
+            "userId": f"user-{namespace}-{name}",
+            "flyApp": app,
+            "image": IMAGE,
+        },
+    }
+
+
+async def list_instances(api: httpx.AsyncClient, results: Results) -> dict[tuple[str, str], dict[str, Any]]:
+    """One cluster-wide list (not one GET per instance); key (namespace, name) → status."""
+    started = time.monotonic()
+    response = await api.get(LIST_PATH)
+    response.raise_for_status()
+    results.list_seconds.append(time.monotonic() - started)
+    return {
+        (item["metadata"]["namespace"], item["metadata"]["name"]): item.get("status") or {}
+        for item in response.json()["items"]
+    }
+
+
+def check_operator(process: subprocess.Popen[bytes], log: Path) -> None:
+    if process.poll() is not None:
+        raise BenchmarkError(f"the operator exited with {process.returncode}:\n{log_tail(log)}")
+
+
+async def wait_operator_ready(health_port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline:
+            check_operator(process, log)
+            try:
+                if (await client.get(f"http://127.0.0.1:{health_port}/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise BenchmarkError(f"the operator did not become ready in 60 s:\n{log_tail(log)}")
+
+
+def parse_time(text: str | None) -> float | None:
+    """An RFC 3339 timestamp written by the operator → epoch seconds (None when absent)."""
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# --- the phases ----------------------------------------------------------------------------------------
+
+
+def route_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        route: count - before.get(route, 0)
+        for route, count in sorted(after.items())
+        if count - before.get(route, 0) > 0
+    }
+
+
+def count_writes(kube: KubeSim, since: int) -> int:
+    """Kubernetes writes in kubesim's request log after index ``since`` (events included)."""
+    records = list(kube.request_log)[since:]
+    return sum(1 for record in records if record.verb in ("create", "update", "patch", "delete"))
+
+
+async def create_and_wait_running(
+    api: httpx.AsyncClient,
+    fly: FlySimulator,
+    kube: KubeSim,
+    args: argparse.Namespace,
+    names: list[tuple[str, str]],
+    apps: dict[str, str],
+    results: Results,
+    process: subprocess.Popen[bytes],
+    log: Path,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    created_at: dict[tuple[str, str], float] = {}
+    running_at: dict[tuple[str, str], float] = {}
+    limit = asyncio.Semaphore(args.create_concurrency)
+
+    async def create(key: tuple[str, str]) -> None:
+        namespace, name = key
+        async with limit:
+            response = await api.post(
+                f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}",
+                json=instance_body(namespace, name, apps[namespace]),
+            )
+            if response.status_code != 201:
+                raise BenchmarkError(f"create {namespace}/{name}: {response.status_code} {response.text}")
+            created_at[key] = time.monotonic()
+
+    async def watch_running() -> dict[tuple[str, str], dict[str, Any]]:
+        deadline = time.monotonic() + args.phase_timeout
+        last: dict[tuple[str, str], dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            check_operator(process, log)
+            last = await list_instances(api, results)
+            now = time.monotonic()
+            for key, status in last.items():
+                if status.get("phase") == "Running" and key not in running_at and key in created_at:
+                    running_at[key] = now
+                if status.get("phase") == "Failed":
+                    raise BenchmarkError(f"{key[0]}/{key[1]} is Failed: {status.get('conditions')}")
+            if len(running_at) == len(names):
+                return last
+            await asyncio.sleep(0.5)
+        phases: dict[str, int] = {}
+        for status in last.values():
+            phases[str(status.get("phase"))] = phases.get(str(status.get("phase")), 0) + 1
+        raise BenchmarkError(
+            f"{len(names) - len(running_at)} instances not Running after {args.phase_timeout:.0f} s "
+            f"(phases: {phases})"
+        )
+
+    fly_before = fly.request_counts
+    kube_before = len(kube.request_log)
+    started = time.monotonic()
+    watcher = asyncio.create_task(watch_running())
+    try:
+        await asyncio.gather(*(create(key) for key in names))
+        results.create_seconds = time.monotonic() - started
+        final = await watcher
+    finally:
+        watcher.cancel()
+    results.all_running_seconds = max(running_at.values()) - started
+    results.to_running = [running_at[key] - created_at[key] for key in names]
+    results.provision_fly_routes = route_delta(fly_before, fly.request_counts)
+    # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
+    results.provision_kube_writes = count_writes(kube, kube_before) - len(names)
+    return final
+
+
+async def wait_settled(
+    args: argparse.Namespace,
+    kube: KubeSim,
+    results: Results,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    quiet_seconds: float = 5.0,
+) -> None:
+    """Wait until the operator has written nothing to Kubernetes for ``quiet_seconds`` (kopf works off its
+    backlog of events after the last instance is Running); the steady-state window starts after that."""
+    started = time.monotonic()
+    deadline = started + args.phase_timeout
+    mark, quiet_since = len(kube.request_log), time.monotonic()
+    while time.monotonic() - quiet_since < quiet_seconds:
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"the operator kept writing to Kubernetes for {args.phase_timeout:.0f} s")
+        check_operator(process, log)
+        await asyncio.sleep(0.5)
+        if count_writes(kube, mark):
+            mark, quiet_since = len(kube.request_log), time.monotonic()
+    results.settle_seconds = quiet_since - started
+
+
+async def measure_steady_state(
+    args: argparse.Namespace,
+    fly: FlySimulator,
+    kube: KubeSim,
+    sampler: ProcessSampler,
+    results: Results,
+    process: subprocess.Popen[bytes],
+    log: Path,
+) -> None:
+    """Requests over a fixed window: the measurement is the window itself, not a wait for a condition."""
+    fly_before = fly.request_counts
+    kube_before = len(kube.request_log)
+    cpu_before = sampler.cpu_seconds()
+    started = time.monotonic()
+    deadline = started + args.steady_seconds
+    while time.monotonic() < deadline:
+        check_operator(process, log)
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    results.steady_seconds = time.monotonic() - started
+    results.steady_cpu_seconds = sampler.cpu_seconds() - cpu_before
+    results.steady_fly_routes = route_delta(fly_before, fly.request_counts)
+    results.steady_fly_requests = sum(results.steady_fly_routes.values())
+    results.steady_kube_writes = count_writes(kube, kube_before)
+
+
+async def fail_hosts_and_measure(
+    api: httpx.AsyncClient,
+    args: argparse.Namespace,
+    fly: FlySimulator,
+    statuses: dict[tuple[str, str], dict[str, Any]],
+    results: Results,
+    process: subprocess.Popen[bytes],
+    log: Path,
+) -> None:
+    by_machine = {status["machineId"]: key for key, status in statuses.items() if status.get("machineId")}
+    target = max(1, round(len(statuses) * args.fail_percent / 100))
+    candidates = sorted(by_machine)
+    random.Random(args.seed).shuffle(candidates)
+    running = {m["id"] for m in fly.machines() if m["state"] == "started"}
+    failed_wall = time.time()
+    failed_mono = time.monotonic()
+    hosts: set[str] = set()
+    affected: set[tuple[str, str]] = set()
+    # A failed host stops every machine on it: fail hosts until the target share of instances is affected.
+    for machine_id in candidates:
+        if len(affected) >= target:
+            break
+        if by_machine[machine_id] in affected:
+            continue
+        hosts.update(fly.fail_host(machine_id=machine_id))
+        stopped = {m["id"] for m in fly.machines() if m["state"] != "started"}
+        affected = {by_machine[m] for m in running & stopped if m in by_machine}
+    results.failed_hosts = len(hosts)
+    results.affected = len(affected)
+    detected: dict[tuple[str, str], float] = {}
+    recovered: dict[tuple[str, str], float] = {}
+    deadline = time.monotonic() + max(args.phase_timeout, 3 * args.poll_running + args.recovery_timeout)
+    while time.monotonic() < deadline and len(recovered) < len(affected):
+        check_operator(process, log)
+        current = await list_instances(api, results)
+        observed = time.monotonic() - failed_mono
+        for key in affected - recovered.keys():
+            status = current.get(key) or {}
+            recovery = status.get("recovery") or {}
+            last_recovery = status.get("lastRecovery") or {}
+            # Prefer the operator's own timestamps (exact); the list-poll time is the fallback (±0.5 s).
+            started = parse_time(recovery.get("startedAt")) or parse_time(last_recovery.get("startedAt"))
+            if key not in detected and (status.get("phase") == "Recovering" or started is not None):
+                detected[key] = started - failed_wall if started is not None else observed
+            finished = parse_time(last_recovery.get("finishedAt"))
+            if key in detected and status.get("phase") == "Running" and not recovery:
+                recovered[key] = max(finished - failed_wall, 0.0) if finished is not None else observed
+        await asyncio.sleep(0.5)
+    results.detection = list(detected.values())
+    results.recovered = list(recovered.values())
+    results.not_detected = len(affected) - len(detected)
+    results.not_recovered = len(affected) - len(recovered)
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def fmt_seconds(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f} s"
+
+
+def table(results: Results, args: argparse.Namespace) -> str:
+    n = results.instances
+    per_minute = (
+        results.steady_fly_requests / n / (results.steady_seconds / 60) if results.steady_seconds else 0
+    )
+    kube_per_minute = (
+        results.steady_kube_writes / n / (results.steady_seconds / 60) if results.steady_seconds else 0
+    )
+    steady_cpu = results.steady_cpu_seconds / results.steady_seconds * 100 if results.steady_seconds else 0
+    detection_note = ""
+    if results.not_detected:
+        detection_note = f" ({results.not_detected} of {results.affected} never detected)"
+    recovery_note = ""
+    if results.not_recovered:
+        recovery_note = f" ({results.not_recovered} of {results.affected} not Running again)"
+    rows = [
+        ("Instances (namespaces)", f"{n} ({results.namespaces})"),
+        ("Create requests, all accepted", fmt_seconds(results.create_seconds)),
+        ("Create → `Running`, p50", fmt_seconds(percentile(results.to_running, 50))),
+        ("Create → `Running`, p99", fmt_seconds(percentile(results.to_running, 99))),
+        ("First create → all `Running`", fmt_seconds(results.all_running_seconds)),
+        (
+            "Fly requests / instance to reach `Running`",
+            f"{sum(results.provision_fly_routes.values()) / n:.1f}",
+        ),
+        ("Kubernetes writes / instance to reach `Running`", f"{results.provision_kube_writes / n:.1f}"),
+        ("All `Running` → operator's last Kubernetes write", fmt_seconds(results.settle_seconds)),
+        (
+            f"Fly requests / instance / minute, steady ({results.steady_seconds:.0f} s)",
+            f"{per_minute:.2f}",
+        ),
+        ("Kubernetes writes / instance / minute, steady", f"{kube_per_minute:.2f}"),
+        ("Operator CPU at steady state", f"{steady_cpu:.1f} % of one core"),
+        ("Operator peak RSS", f"{results.peak_rss_bytes / 2**20:.0f} MiB"),
+        ("Operator CPU seconds (whole run)", f"{results.cpu_seconds:.1f} s"),
+        (
+            "Failed hosts → affected instances",
+            f"{results.failed_hosts} → {results.affected} ({results.affected / n * 100:.1f} %)",
+        ),
+        ("Failure → `Recovering`, p50", fmt_seconds(percentile(results.detection, 50)) + detection_note),
+        ("Failure → `Recovering`, p99", fmt_seconds(percentile(results.detection, 99))),
+        ("Failure → `Running` again, p50", fmt_seconds(percentile(results.recovered, 50)) + recovery_note),
+        ("Failure → `Running` again, p99", fmt_seconds(percentile(results.recovered, 99))),
+        ("Benchmark wall time", f"{results.total_seconds:.0f} s"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    lines = [
+        f"| {'Measure'.ljust(width)} | {'Value'.ljust(value_width)} |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|",
+    ]
+    lines += [f"| {label.ljust(width)} | {value.ljust(value_width)} |" for label, value in rows]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()} CPUs (`nproc` {len(os.sched_getaffinity(0))}), {cpu_model()}, "
+        f"{memory:.1f} GiB memory, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def results_section(results: Results, args: argparse.Namespace, table_text: str) -> str:
+    routes = ", ".join(f"`{route}` {count}" for route, count in results.steady_fly_routes.items()) or "none"
+    provision_routes = ", ".join(
+        f"`{route}` {count}" for route, count in results.provision_fly_routes.items()
+    )
+    lists = results.list_seconds
+    command = (
+        f"tests/benchmark.py --instances {args.instances} --namespaces {args.namespaces} "
+        f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
+        f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g}"
+    )
+    return f"""{RESULTS_START}
+## Latest run
+
+- Date: {results.started_at.strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: {machine_info()}
+- Command: `{command}`
+- Operator settings: running poll {args.poll_running:g} s, busy poll {args.poll_busy:g} s, idle poll \
+{args.poll_idle:g} s (each ±10 % jitter), Fly wait call {args.wait_call} s, recovery timeout \
+{args.recovery_timeout:g} s.
+- flysim timings: machine start {args.start_delay:g} s, stop {args.stop_delay:g} s;
+  {args.hosts_per_region or max(3, 2 * args.instances)} hosts per region.
+
+{table_text}
+
+Fly requests by route until all were `Running`: {provision_routes or "none"}.
+Steady-state Fly requests by route: {routes}.
+Benchmark list calls (cluster-wide, all instances): {len(lists)}, median \
+{fmt_seconds(percentile(lists, 50))}, max {fmt_seconds(max(lists) if lists else math.nan)}.
+{RESULTS_END}"""
+
+
+def write_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(RESULTS_START) + r".*?" + re.escape(RESULTS_END), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+async def run_benchmark(
+    args: argparse.Namespace,
+    fly: FlySimulator,
+    kube: KubeSim,
+    workdir: Path,
+    results: Results,
+) -> None:
+    namespaces = [f"bench-{index:03d}" for index in range(args.namespaces)]
+    apps = {namespace: f"acct-bench-{index:03d}" for index, namespace in enumerate(namespaces)}
+    for namespace in namespaces:
+        kube.create_namespace(namespace)
+    names = [(namespaces[index % len(namespaces)], f"inst-{index:05d}") for index in range(args.instances)]
+    kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
+    health_port = free_port()
+    log = workdir / "operator.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(  # noqa: ASYNC220 (started once, before any measurement)
+            operator_command(),
+            env=operator_env(args, fly.base_url, kubeconfig, health_port),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    sampler: ProcessSampler | None = None
+    try:
+        sampler = ProcessSampler(process.pid)
+        sampler.start()
+        await wait_operator_ready(health_port, process, log)
+        limits = httpx.Limits(max_connections=args.create_concurrency + 4)
+        async with httpx.AsyncClient(base_url=kube.url, timeout=120, limits=limits) as api:
+            say(f"creating {args.instances} instances in {args.namespaces} namespaces")
+            statuses = await create_and_wait_running(api, fly, kube, args, names, apps, results, process, log)
+            say(f"all Running after {results.all_running_seconds:.1f} s; waiting for the operator to settle")
+            await wait_settled(args, kube, results, process, log)
+            say(
+                f"settled after {results.settle_seconds:.1f} s more; "
+                f"steady state for {args.steady_seconds:g} s"
+            )
+            await measure_steady_state(args, fly, kube, sampler, results, process, log)
+            say(f"failing hosts under {args.fail_percent:g} % of the instances")
+            await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
+        results.cpu_seconds = sampler.cpu_seconds()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+            results.peak_rss_bytes = sampler.peak_rss
+        stop_process(process)
+        say(f"operator log: {log} ({log.stat().st_size / 2**20:.1f} MiB)")
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Unwind through every finally block so that the operator subprocess is stopped too.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    hosts_per_region = args.hosts_per_region or max(3, 2 * args.instances)
+    fly = FlySimulator(
+        token=FLY_TOKEN,
+        timings=SimTimings(
+            start_delay=args.start_delay,
+            stop_delay=args.stop_delay,
+            destroy_delay=0.5,
+            hydrate_delay=1.0,
+        ),
+        hosts_per_region=hosts_per_region,
+        seed=args.seed,
+        request_log_size=1000,
+    )
+    kube = KubeSim(request_log_size=5_000_000)
+    results = Results(instances=args.instances, namespaces=args.namespaces, started_at=datetime.now(UTC))
+    began = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="kiloclaw-bench-"))
+    fly.start_in_thread()
+    try:
+        kube.start_in_thread()
+        try:
+            kube.load_crds([CRDS])
+            asyncio.run(run_benchmark(args, fly, kube, workdir, results))
+        finally:
+            kube.stop_thread()
+    except BenchmarkError as exc:
+        say(f"benchmark failed: {exc}")
+        return 1
+    finally:
+        fly.stop_thread()
+    results.total_seconds = time.monotonic() - began
+    table_text = table(results, args)
+    print(table_text)
+    print(json.dumps({"fly_routes_steady": results.steady_fly_routes}))
+    if not args.no_write:
+        write_results(args.output, results_section(results, args, table_text))
+        say(f"results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

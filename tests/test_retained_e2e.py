@@ -463,3 +463,39 @@ async def test_operator_restart_in_the_middle_of_a_delete_completes_it_once(
     await wait_retained_gone(stack, namespace, "alice-vol-crash")
     assert not volume_alive(stack, volume_id)
     assert len(await reasons(stack, namespace, "alice-vol-crash", "RetainedVolumeDeleted")) == 1
+
+
+# --- with a real recovery ---------------------------------------------------------------------------------
+
+
+async def test_old_volume_kept_by_a_recovery_is_deleted_early_while_the_instance_runs_on(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "alice")
+    running = await stack.wait_phase(namespace, "alice", "Running")
+    old_machine, old_volume = status(running)["machineId"], status(running)["volumeId"]
+    stack.fly.add_snapshot(old_volume)
+    stack.fly.fail_host(machine_id=old_machine)
+    recovered = await stack.wait_instance(
+        namespace,
+        "alice",
+        lambda b: (
+            bool((status(b).get("lastRecovery") or {}).get("retainedVolume"))
+            and not status(b).get("recovery")
+        ),
+        timeout=30,
+        what="recovered with a retained old volume",
+    )
+    name = status(recovered)["lastRecovery"]["retainedVolume"]
+    new_volume = status(recovered)["volumeId"]
+    kept = await wait_retained(stack, namespace, name, is_retained_and_ready, "Retained")
+    assert kept["spec"]["volumeId"] == old_volume
+    assert status(kept)["snapshotCount"] == 1
+
+    await patch_retained(stack, namespace, name, {"spec": {"deleteNow": True}})
+    await wait_retained_gone(stack, namespace, name)
+    assert not volume_alive(stack, old_volume)
+    assert volume_alive(stack, new_volume)
+    assert len(await reasons(stack, namespace, "alice", "RetainedVolumeDeleted")) == 1
+    instance = await stack.wait_phase(namespace, "alice", "Running")
+    assert status(instance)["volumeId"] == new_volume

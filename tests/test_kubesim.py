@@ -506,6 +506,24 @@ def test_watch_without_a_resource_version_starts_with_synthetic_added_events(
     ]
 
 
+def test_streaming_list_ends_its_initial_events_with_a_bookmark(client: httpx.Client, namespace: str) -> None:
+    create(client, namespace, widget("streamed"))
+    events = watch(
+        client,
+        url(namespace),
+        sendInitialEvents="true",
+        resourceVersionMatch="NotOlderThan",
+        allowWatchBookmarks="true",
+        timeoutSeconds=0.3,
+    )
+    assert [event["type"] for event in events] == ["ADDED", "BOOKMARK"]
+    bookmark = events[1]["object"]
+    assert bookmark["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
+    assert int(bookmark["metadata"]["resourceVersion"]) >= int(
+        events[0]["object"]["metadata"]["resourceVersion"]
+    )
+
+
 def test_watch_streams_live_events_as_they_happen(client: httpx.Client, sim: KubeSim, namespace: str) -> None:
     seen: list[tuple[str, str]] = []
     with client.stream("GET", url(namespace), params={"watch": "1", "timeoutSeconds": "5"}) as response:
@@ -766,6 +784,30 @@ def test_table_output_uses_the_crd_printer_columns(client: httpx.Client, namespa
     assert cells[:4] == ["tabled", "Running", "True", 3]
     assert cells[4].endswith("s")
     assert table["rows"][0]["object"]["metadata"]["name"] == "tabled"
+
+
+def test_events_table_shows_what_kubectl_get_events_shows(client: httpx.Client, namespace: str) -> None:
+    event = {
+        "metadata": {"name": "e1"},
+        "type": "Warning",
+        "reason": "RecoveryFailed",
+        "message": "no capacity",
+        "involvedObject": {"kind": "KiloClawInstance", "name": "bob", "namespace": namespace},
+    }
+    client.post(f"/api/v1/namespaces/{namespace}/events", json=event)
+    table = client.get(
+        f"/api/v1/namespaces/{namespace}/events",
+        headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+    ).json()
+    names = [column["name"] for column in table["columnDefinitions"]]
+    assert names == ["Last Seen", "Type", "Reason", "Object", "Message", "Name"]
+    assert table["rows"][0]["cells"][1:] == [
+        "Warning",
+        "RecoveryFailed",
+        "kiloclawinstance/bob",
+        "no capacity",
+        "e1",
+    ]
 
 
 def test_request_log_records_rbac_verbs(client: httpx.Client, sim: KubeSim, namespace: str) -> None:

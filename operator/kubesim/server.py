@@ -511,6 +511,23 @@ class KubeSim:
                     line = encode(event)
                     if line is not None:
                         await response.write(line)
+                if query.get("sendInitialEvents") == "true" and query.get("resourceVersion") in (
+                    None,
+                    "",
+                    "0",
+                ):
+                    # Streaming lists (KEP-3157): a bookmark marks the end of the initial ADDED events.
+                    bookmark = {
+                        "kind": resource_type.kind,
+                        "apiVersion": resource_type.api_version(version),
+                        "metadata": {
+                            "resourceVersion": str(watcher.start_version),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    }
+                    await response.write(
+                        json.dumps({"type": "BOOKMARK", "object": bookmark}).encode() + b"\n"
+                    )
                 while True:
                     next_event = await watcher.queue.get()
                     if next_event is None:

@@ -73,9 +73,10 @@ class WatchEvent:
 class Watcher:
     """One open watch: events for one resource type, delivered into the watcher's own event loop."""
 
-    def __init__(self, type_key: TypeKey, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, type_key: TypeKey, loop: asyncio.AbstractEventLoop, start_version: int) -> None:
         self.type_key = type_key
         self.loop = loop
+        self.start_version = start_version  # the store's resourceVersion when the watch began
         self.queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
 
     def deliver(self, event: WatchEvent | None) -> None:
@@ -204,7 +205,7 @@ class Store:
                     raise errors.gone(f"too old resource version: {start} ({expired_below + 1})")
                 window = self._windows.get(resource_type.key, ())
                 backlog = [event for event in window if event.resource_version > start]
-            watcher = Watcher(resource_type.key, loop)
+            watcher = Watcher(resource_type.key, loop, self._resource_version)
             self._watchers.setdefault(resource_type.key, set()).add(watcher)
             return backlog, watcher
 

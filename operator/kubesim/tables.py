@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any
 
-from kubesim.resources import NAMESPACES, ResourceType
+from kubesim.resources import EVENTS, NAMESPACES, ResourceType
 
 _TOKEN_RE = re.compile(
     r"""\.(?P<key>[A-Za-z0-9_\-/]+)"""
@@ -102,13 +102,19 @@ def _age(timestamp: Any) -> str | None:
     return human_duration((datetime.datetime.now(datetime.UTC) - moment).total_seconds())
 
 
+def _event_object(obj: dict[str, Any]) -> str:
+    involved = obj.get("involvedObject") or {}
+    return f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}"
+
+
 def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
-    name = {
+    """Column definitions plus, per column, how to compute its cell (``jsonPath`` or ``compute``)."""
+    name: dict[str, Any] = {
         "name": "Name",
         "type": "string",
         "format": "name",
         "description": "Name of the object",
-        "priority": 0,
+        "jsonPath": ".metadata.name",
     }
     age = {
         "name": "Age",
@@ -116,12 +122,22 @@ def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
         "jsonPath": ".metadata.creationTimestamp",
         "description": "Time since the object was created",
     }
-    columns = list(resource_type.printer_columns.get(version) or [])
-    if resource_type is NAMESPACES:
-        columns = [{"name": "Status", "type": "string", "jsonPath": ".status.phase"}, age]
-    if not columns:
-        columns = [age]
-    return [name] + [
+    if resource_type is EVENTS:
+        # What `kubectl get events` shows against a real cluster; the name only with -o wide.
+        columns: list[dict[str, Any]] = [
+            {"name": "Last Seen", "type": "date", "jsonPath": ".lastTimestamp"},
+            {"name": "Type", "type": "string", "jsonPath": ".type"},
+            {"name": "Reason", "type": "string", "jsonPath": ".reason"},
+            {"name": "Object", "type": "string", "compute": _event_object},
+            {"name": "Message", "type": "string", "jsonPath": ".message"},
+            {**name, "priority": 1},
+        ]
+    else:
+        columns = list(resource_type.printer_columns.get(version) or [])
+        if resource_type is NAMESPACES:
+            columns = [{"name": "Status", "type": "string", "jsonPath": ".status.phase"}, age]
+        columns = [name, *(columns or [age])]
+    return [
         {
             "name": column["name"],
             "type": column.get("type", "string"),
@@ -129,12 +145,15 @@ def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
             "description": column.get("description", ""),
             "priority": column.get("priority", 0),
             "jsonPath": column.get("jsonPath", ""),
+            "compute": column.get("compute"),
         }
         for column in columns
     ]
 
 
 def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
+    if column["compute"] is not None:
+        return column["compute"](obj)
     values = jsonpath(obj, column["jsonPath"])
     if not values or values[0] is None:
         return None
@@ -147,7 +166,7 @@ def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
 
 
 def _row(columns: list[dict[str, Any]], obj: dict[str, Any], include_object: str) -> dict[str, Any]:
-    cells = [obj["metadata"]["name"]] + [_cell(column, obj) for column in columns[1:]]
+    cells = [_cell(column, obj) for column in columns]
     if include_object == "Object":
         row_object: dict[str, Any] = obj
     else:
@@ -180,6 +199,7 @@ def table(
     }
     if with_columns:
         result["columnDefinitions"] = [
-            {key: value for key, value in column.items() if key != "jsonPath"} for column in columns
+            {key: value for key, value in column.items() if key not in ("jsonPath", "compute")}
+            for column in columns
         ]
     return result

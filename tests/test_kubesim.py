@@ -920,6 +920,20 @@ def test_kubectl_apply_get_patch_and_delete_round_trip(
     assert "No resources found" in kubectl("get", "widgets").stderr
 
 
+def test_kubectl_create_namespace_sends_protobuf_and_works(
+    kubectl: Callable[..., subprocess.CompletedProcess[str]], sim: KubeSim
+) -> None:
+    name = f"imperative-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", name)
+    kubectl("label", "namespace", name, "team=a")
+    created = sim.get_object("", "v1", "namespaces", None, name)
+    assert created is not None
+    assert created["metadata"]["labels"] == {"kubernetes.io/metadata.name": name, "team": "a"}
+    assert "generateName" not in created["metadata"]
+    refused = kubectl("create", "configmap", "unserved", check=False)
+    assert refused.returncode != 0
+
+
 def test_kubectl_get_watch_prints_new_objects(
     sim: KubeSim, tmp_path: Path, namespace: str, kubectl: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:

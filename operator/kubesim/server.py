@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import yaml
 from aiohttp import web
 
-from kubesim import errors, openapi, patching, selectors, tables
+from kubesim import errors, openapi, patching, protobuf, selectors, tables
 from kubesim.errors import ApiError
 from kubesim.resources import ALL_VERBS, SUBRESOURCE_VERBS, ResourceType
 from kubesim.store import Store, WatchEvent, clone
@@ -365,6 +365,11 @@ class KubeSim:
                 return {}
             raise errors.bad_request("the request has no body")
         content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if content_type == protobuf.CONTENT_TYPE:
+            try:
+                return protobuf.decode_namespace(raw)
+            except (protobuf.ProtobufError, UnicodeDecodeError):
+                raise errors.unsupported_media_type(content_type) from None
         try:
             if content_type in ("application/yaml", "application/x-yaml", "text/yaml"):
                 return clone(yaml.safe_load(raw))  # YAML timestamps become strings, as in JSON

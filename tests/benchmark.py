@@ -100,12 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="flysim hosts per region (0: two per instance, so that a failed host affects few instances)",
     )
+    parser.add_argument(
+        "--instances-per-app", type=int, default=1, help="instances sharing one Fly app (default 1)"
+    )
     parser.add_argument("--create-concurrency", type=int, default=32, help="concurrent creates")
     parser.add_argument("--phase-timeout", type=float, default=900, help="limit for each waiting phase (s)")
     parser.add_argument("--seed", type=int, default=20261125, help="random seed (host choice, victims)")
     args = parser.parse_args(argv)
-    if args.instances < 1 or args.namespaces < 1:
-        parser.error("--instances and --namespaces must be at least 1")
+    if min(args.instances, args.namespaces, args.instances_per_app) < 1:
+        parser.error("--instances, --namespaces and --instances-per-app must be at least 1")
     return args
 
 
@@ -315,7 +318,7 @@ async def create_and_wait_running(
     kube: KubeSim,
     args: argparse.Namespace,
     names: list[tuple[str, str]],
-    apps: dict[str, str],
+    apps: dict[tuple[str, str], str],
     results: Results,
     process: subprocess.Popen[bytes],
     log: Path,
@@ -329,7 +332,7 @@ async def create_and_wait_running(
         async with limit:
             response = await api.post(
                 f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}",
-                json=instance_body(namespace, name, apps[namespace]),
+                json=instance_body(namespace, name, apps[key]),
             )
             if response.status_code != 201:
                 raise BenchmarkError(f"create {namespace}/{name}: {response.status_code} {response.text}")
@@ -568,6 +571,7 @@ def results_section(results: Results, args: argparse.Namespace, table_text: str)
     command = (
         f"tests/benchmark.py --instances {args.instances} --namespaces {args.namespaces} "
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
+        f"--instances-per-app {args.instances_per_app} "
         f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g}"
     )
     return f"""{RESULTS_START}
@@ -612,10 +616,12 @@ async def run_benchmark(
     results: Results,
 ) -> None:
     namespaces = [f"bench-{index:03d}" for index in range(args.namespaces)]
-    apps = {namespace: f"acct-bench-{index:03d}" for index, namespace in enumerate(namespaces)}
     for namespace in namespaces:
         kube.create_namespace(namespace)
     names = [(namespaces[index % len(namespaces)], f"inst-{index:05d}") for index in range(args.instances)]
+    # One sandbox per user, one Fly app per account: the operator's adoption look-ups list the app's machines
+    # and volumes, so sharing apps would make them grow with the instances per app.
+    apps = {key: f"acct-bench-{index // args.instances_per_app:05d}" for index, key in enumerate(names)}
     kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
     health_port = free_port()
     log = workdir / "operator.log"

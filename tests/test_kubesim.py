@@ -479,6 +479,34 @@ def test_finalizers_hold_deletion_until_the_last_one_is_removed(client: httpx.Cl
     assert not events[-1]["object"]["metadata"].get("finalizers")
 
 
+def test_a_deleted_namespace_terminates_until_its_finalized_contents_are_gone(
+    client: httpx.Client, namespace: str
+) -> None:
+    held = widget("held-in-namespace")
+    held["metadata"]["finalizers"] = ["example.com/f"]
+    create(client, namespace, held)
+    create(client, namespace, widget("free-in-namespace"))
+
+    response = client.delete(f"/api/v1/namespaces/{namespace}")
+    assert response.status_code == 200
+    terminating = client.get(f"/api/v1/namespaces/{namespace}").json()
+    assert terminating["status"]["phase"] == "Terminating" and terminating["metadata"]["deletionTimestamp"]
+    assert client.get(url(namespace, "free-in-namespace")).status_code == 404
+    assert client.get(url(namespace, "held-in-namespace")).json()["metadata"]["deletionTimestamp"]
+    refused = client.post(url(namespace), json=widget("late"))
+    assert refused.status_code == 403 and refused.json()["reason"] == "Forbidden"
+    assert "because it is being terminated" in refused.json()["message"]
+
+    merge(client, url(namespace, "held-in-namespace"), {"metadata": {"finalizers": None}})
+    assert client.get(f"/api/v1/namespaces/{namespace}").status_code == 404
+
+
+def test_an_empty_namespace_is_deleted_at_once(client: httpx.Client, sim: KubeSim) -> None:
+    sim.create_namespace("empty-one")
+    assert client.delete("/api/v1/namespaces/empty-one").status_code == 200
+    assert client.get("/api/v1/namespaces/empty-one").status_code == 404
+
+
 # -- watch ------------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,25 @@ class Store:
             ]
             return [item for item in items if predicate(item)], self._resource_version
 
+    def _check_namespace_open(self, resource_type: ResourceType, namespace: str, name: str) -> None:
+        """Creation needs an existing namespace that is not being deleted (NamespaceLifecycle admission)."""
+        found = self._objects[NAMESPACES.key].get(("", namespace))
+        if found is None:
+            raise errors.not_found("", "namespaces", namespace)
+        if found["metadata"].get("deletionTimestamp"):
+            qualified = (
+                f"{resource_type.plural}.{resource_type.group}"
+                if resource_type.group
+                else resource_type.plural
+            )
+            raise errors.ApiError(
+                403,
+                "Forbidden",
+                f'{qualified} "{name}" is forbidden: unable to create new content in namespace {namespace} '
+                "because it is being terminated",
+                {"name": name, "group": resource_type.group, "kind": resource_type.plural},
+            )
+
     def namespace_exists(self, name: str) -> bool:
         with self.lock:
             return ("", name) in self._objects[NAMESPACES.key]
@@ -274,8 +293,8 @@ class Store:
                 name = self._generate_name(prefix, objects, namespace or "")
             if (namespace or "", name) in objects:
                 raise errors.already_exists(resource_type.group, resource_type.plural, name)
-            if resource_type.namespaced and not self.namespace_exists(namespace or ""):
-                raise errors.not_found("", "namespaces", namespace or "")
+            if resource_type.namespaced:
+                self._check_namespace_open(resource_type, namespace or "", name)
             for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"):
                 metadata.pop(key, None)
             metadata["name"] = name
@@ -577,6 +596,8 @@ class Store:
     def _delete(self, resource_type: ResourceType, old: dict[str, Any]) -> dict[str, Any]:
         old_meta = old["metadata"]
         key = (old_meta.get("namespace", ""), old_meta["name"])
+        if resource_type is NAMESPACES and not old_meta.get("finalizers"):
+            return self._terminate_namespace(old)
         if old_meta.get("finalizers"):
             if old_meta.get("deletionTimestamp"):
                 return old
@@ -599,16 +620,49 @@ class Store:
         self._after_removal(resource_type, removed)
         return removed
 
-    def _after_removal(self, resource_type: ResourceType, removed: dict[str, Any]) -> None:
-        """Cascade what Kubernetes cascades: a namespace's contents, a CRD's custom resources."""
-        if resource_type is NAMESPACES:
-            namespace = removed["metadata"]["name"]
-            for other_type in list(self._types.values()):
-                if not other_type.namespaced:
-                    continue
+    def _terminate_namespace(self, old: dict[str, Any]) -> dict[str, Any]:
+        """A deleted namespace is Terminating while its contents are deleted, and goes when it is empty."""
+        name = old["metadata"]["name"]
+        if old["metadata"].get("deletionTimestamp"):
+            return old
+        marked = {
+            **old,
+            "metadata": {
+                **old["metadata"],
+                "deletionTimestamp": now_timestamp(),
+                "deletionGracePeriodSeconds": 0,
+                "resourceVersion": self._next_resource_version(),
+            },
+            "status": {"phase": "Terminating"},
+        }
+        self._objects[NAMESPACES.key][("", name)] = marked
+        self._emit(NAMESPACES, "MODIFIED", marked, old)
+        for other_type in list(self._types.values()):
+            if other_type.namespaced:
                 for (obj_namespace, _), obj in list(self._objects[other_type.key].items()):
-                    if obj_namespace == namespace:
+                    if obj_namespace == name:
                         self._delete(other_type, obj)
+        return self._remove_namespace_if_done(name) or marked
+
+    def _remove_namespace_if_done(self, name: str) -> dict[str, Any] | None:
+        namespace = self._objects[NAMESPACES.key].get(("", name))
+        if namespace is None or not namespace["metadata"].get("deletionTimestamp"):
+            return None
+        for other_type in self._types.values():
+            if other_type.namespaced and any(key[0] == name for key in self._objects[other_type.key]):
+                return None
+        removed = {
+            **namespace,
+            "metadata": {**namespace["metadata"], "resourceVersion": self._next_resource_version()},
+        }
+        del self._objects[NAMESPACES.key][("", name)]
+        self._emit(NAMESPACES, "DELETED", removed)
+        return removed
+
+    def _after_removal(self, resource_type: ResourceType, removed: dict[str, Any]) -> None:
+        """Cascade what Kubernetes cascades: a terminating namespace, a CRD's custom resources."""
+        if resource_type.namespaced:
+            self._remove_namespace_if_done(removed["metadata"].get("namespace", ""))
         elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
             spec = removed.get("spec", {})
             type_key = (spec.get("group", ""), spec.get("names", {}).get("plural", ""))

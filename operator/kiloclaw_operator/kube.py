@@ -8,6 +8,7 @@ Async httpx, sharing the credentials kopf logged in with (``KubeConnection``), s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import tempfile
@@ -24,6 +25,7 @@ logger = logging.getLogger("kiloclaw.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
 USER_AGENT = f"kiloclaw-operator/{__version__}"
+KUBE_MAX_CONNECTIONS = 50
 
 
 class KubeError(Exception):
@@ -91,19 +93,24 @@ def build_http_client(
         auth=auth,
         verify=_tls_context(conn),
         timeout=timeout,
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        limits=httpx.Limits(
+            max_connections=KUBE_MAX_CONNECTIONS, max_keepalive_connections=KUBE_MAX_CONNECTIONS
+        ),
     )
 
 
 class KubeClient:
     def __init__(self, conn: KubeConnection, *, timeout: float = 30.0) -> None:
         self._http = build_http_client(conn, timeout=timeout)
+        # Bounded like the pool: httpcore rescans its wait queue on every completion (encode/httpcore#1035).
+        self._slots = asyncio.Semaphore(KUBE_MAX_CONNECTIONS)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = await self._http.request(method, path, **kwargs)
+        async with self._slots:
+            response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)

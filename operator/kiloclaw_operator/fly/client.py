@@ -122,6 +122,9 @@ class FlyClient:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # httpcore rescans its whole wait queue whenever a request completes (encode/httpcore#1035): a burst
+        # of N queued calls costs O(N²). Queueing here keeps httpcore's queue no longer than the pool.
+        self._slots = asyncio.Semaphore(max_connections)
 
     def __repr__(self) -> str:
         return f"FlyClient(base_url={self._base_url!r})"
@@ -296,13 +299,14 @@ class FlyClient:
         while True:
             started = time.monotonic()
             try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    params=dict(query) if query else None,
-                    json=body,
-                    timeout=request_timeout,
-                )
+                async with self._slots:
+                    response = await self._http.request(
+                        method,
+                        path,
+                        params=dict(query) if query else None,
+                        json=body,
+                        timeout=request_timeout,
+                    )
             except httpx.TransportError as exc:
                 elapsed = time.monotonic() - started
                 self._observe(method, route, CONNECTION_ERROR_CODE, elapsed)

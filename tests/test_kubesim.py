@@ -849,7 +849,7 @@ def test_request_log_records_rbac_verbs(client: httpx.Client, sim: KubeSim, name
         ("get", GROUP, PLURAL),
         ("delete", GROUP, PLURAL),
     } <= sim.rbac_verbs_seen
-    last = sim.request_log[-1]
+    last = list(sim.request_log)[-1]
     assert (last.verb, last.group, last.version, last.resource, last.subresource, last.namespace) == (
         "delete",
         GROUP,
@@ -982,7 +982,8 @@ def test_kubectl_get_watch_prints_new_objects(
             # The watch is registered once kubectl has listed; wait for it before creating.
             wait_for(
                 lambda: any(
-                    record.verb == "watch" and record.namespace == namespace for record in sim.request_log
+                    record.verb == "watch" and record.namespace == namespace
+                    for record in list(sim.request_log)
                 )
             )
             sim.create_object(GROUP, VERSION, PLURAL, widget("watched"), namespace)

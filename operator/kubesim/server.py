@@ -71,6 +71,7 @@ class KubeSim:
 
     def __init__(self, *, window_size: int = 10_000, request_log_size: int = 10_000) -> None:
         self.store = Store(window_size=window_size)
+        # Appended from the server thread: snapshot it with list(...) (one atomic call) before iterating.
         self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
         self.rbac_verbs_seen: set[tuple[str, str, str]] = set()
         self.internal_errors: list[
@@ -281,7 +282,10 @@ class KubeSim:
             )
         )
         rbac_resource = resource_type.plural + (f"/{target.subresource}" if target.subresource else "")
-        self.rbac_verbs_seen.add((verb, resource_type.group, rbac_resource))
+        seen = (verb, resource_type.group, rbac_resource)
+        if seen not in self.rbac_verbs_seen:
+            # Copy on write: readers in other threads may iterate the set they hold while requests arrive.
+            self.rbac_verbs_seen = self.rbac_verbs_seen | {seen}
 
     async def _serve(self, request: web.Request, target: _Target) -> web.StreamResponse:
         method = request.method

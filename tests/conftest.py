@@ -34,6 +34,23 @@ async def stack(
         yield stack
     finally:
         await stack.close()
+    if not stack.cluster:
+        _assert_operator_calls_are_granted_by_rbac(stack)
+
+
+OPERATOR_AGENTS = ("kopf", "kiloclaw-operator")
+
+
+def _assert_operator_calls_are_granted_by_rbac(stack: Stack) -> None:
+    """Every API call the operator (kopf and our own client) made in this worker's end-to-end tests must be
+    granted by deploy/base/rbac.yaml: a new call without a rule fails the run."""
+    from test_deploy import missing_rbac, operator_rbac_rules
+
+    by_agent = stack.kube.rbac_verbs_by_agent
+    seen = set().union(*(by_agent.get(agent, frozenset()) for agent in OPERATOR_AGENTS))
+    assert seen, "the operator made no API calls: the RBAC check would prove nothing"
+    missing = missing_rbac(seen, operator_rbac_rules())
+    assert not missing, f"operator API calls not granted by deploy/base/rbac.yaml: {sorted(missing)}"
 
 
 @pytest.fixture

@@ -74,6 +74,7 @@ class KubeSim:
         # Appended from the server thread: snapshot it with list(...) (one atomic call) before iterating.
         self.request_log: deque[RequestRecord] = deque(maxlen=request_log_size)
         self.rbac_verbs_seen: set[tuple[str, str, str]] = set()
+        self.rbac_verbs_by_agent: dict[str, frozenset[tuple[str, str, str]]] = {}
         self.internal_errors: list[
             str
         ] = []  # emulator bugs (answered with 500); tests can assert it stays empty
@@ -269,7 +270,7 @@ class KubeSim:
             namespace = None
         return _Target(resource_type, version, namespace, name, subresource)
 
-    def _record(self, verb: str, target: _Target) -> None:
+    def _record(self, verb: str, target: _Target, request: web.Request) -> None:
         resource_type = target.resource_type
         self.request_log.append(
             RequestRecord(
@@ -286,6 +287,11 @@ class KubeSim:
         if seen not in self.rbac_verbs_seen:
             # Copy on write: readers in other threads may iterate the set they hold while requests arrive.
             self.rbac_verbs_seen = self.rbac_verbs_seen | {seen}
+        # The client's product name ("kopf/1.45.2" -> "kopf"), so a test can tell whose calls need RBAC.
+        agent = request.headers.get("User-Agent", "").split("/", 1)[0]
+        by_agent = self.rbac_verbs_by_agent.get(agent, frozenset())
+        if seen not in by_agent:
+            self.rbac_verbs_by_agent = {**self.rbac_verbs_by_agent, agent: by_agent | {seen}}
 
     async def _serve(self, request: web.Request, target: _Target) -> web.StreamResponse:
         method = request.method
@@ -295,7 +301,7 @@ class KubeSim:
         dry_run = query.get("dryRun") == "All"
         if method in ("GET", "HEAD"):
             if name is not None:
-                self._record("get", target)
+                self._record("get", target, request)
                 obj = self.store.get(resource_type, version, namespace, name)
                 if _wants_table(request):
                     return _json(
@@ -306,14 +312,14 @@ class KubeSim:
                 return _json(obj)
             predicate = self._predicate(query)
             if query.get("watch") in ("true", "1", "True"):
-                self._record("watch", target)
+                self._record("watch", target, request)
                 return await self._watch(request, target, predicate)
-            self._record("list", target)
+            self._record("list", target, request)
             return self._list(request, target, predicate)
         if method == "POST":
             if name is not None:
                 raise errors.method_not_allowed("POST is not allowed on a named object")
-            self._record("create", target)
+            self._record("create", target, request)
             body = await self._body(request)
             created = self.store.create(
                 resource_type, version, namespace, body, strict=strict, dry_run=dry_run
@@ -321,7 +327,7 @@ class KubeSim:
             return _json(created, status=201)
         if name is None:
             if method == "DELETE":
-                self._record("deletecollection", target)
+                self._record("deletecollection", target, request)
                 items = self.store.delete_collection(
                     resource_type, version, namespace, self._predicate(query)
                 )
@@ -330,7 +336,7 @@ class KubeSim:
         if subresource is not None and method == "DELETE":
             raise errors.method_not_allowed("DELETE is not allowed on a subresource")
         if method == "PUT":
-            self._record("update", target)
+            self._record("update", target, request)
             body = await self._body(request)
             return _json(
                 self.store.replace(
@@ -338,7 +344,7 @@ class KubeSim:
                 )
             )
         if method == "PATCH":
-            self._record("patch", target)
+            self._record("patch", target, request)
             apply_patch = await self._patch_function(request)
             return _json(
                 self.store.patch(
@@ -353,7 +359,7 @@ class KubeSim:
                 )
             )
         if method == "DELETE":
-            self._record("delete", target)
+            self._record("delete", target, request)
             options = await self._body(request, optional=True)
             preconditions = options.get("preconditions") if isinstance(options, dict) else None
             return _json(

@@ -103,6 +103,8 @@ class OperatorThread:
             loop.call_soon_threadsafe(task.cancel)
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "operator did not die"
+        # kopf waits for the stop flag in an executor thread; unreleased, it blocks interpreter exit forever.
+        self.stop_flag.set()
 
 
 class ClusterUnavailable(Exception):

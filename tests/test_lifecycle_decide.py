@@ -228,8 +228,13 @@ ROWS: list[Any] = [
         },
     ),
     # Settled and acted on: Stopped never reacts to Fly by itself (a failed machine must not restart-loop).
-    *table("stopped-settled", lambda: instance(Phase.STOPPED), every(NOTHING)),
-    *table("stopped-settled-as-requested", lambda: instance(Phase.STOPPED, state="Stopped"), every(NOTHING)),
+    # A machine found gone is forgotten (phase unchanged), so that a later start creates a new one.
+    *table("stopped-settled", lambda: instance(Phase.STOPPED), {**every(NOTHING), "gone": TO_STOPPED_FORGET}),
+    *table(
+        "stopped-settled-as-requested",
+        lambda: instance(Phase.STOPPED, state="Stopped"),
+        {**every(NOTHING), "gone": TO_STOPPED_FORGET},
+    ),
     *table(
         "stopped-spec-wants-running",
         lambda: changed_spec(Phase.STOPPED),
@@ -395,7 +400,7 @@ def stopped_after_failed_recovery(**kwargs: Any) -> Instance:
     return instance(Phase.STOPPED, conditions=[stalled(2)], **kwargs)
 
 
-def test_stalled_instance_is_held_and_fly_is_not_touched() -> None:
+def test_stalled_instance_is_held_and_fly_is_not_touched() -> None:  # not even a gone machine is forgotten
     held = stopped_after_failed_recovery()
     assert is_held(held)
     for observation in OBSERVATIONS.values():

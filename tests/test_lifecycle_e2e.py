@@ -147,7 +147,8 @@ async def destroy_machine_behind_the_operators_back(stack: Stack, app: str, mach
 
 
 def own_app(namespace: str) -> str:
-    """A Fly app for one test, so request counts and injected faults touch nobody else."""
+    """A Fly app per test, so request counts and injected faults touch nobody else (and other tests' counts,
+    e.g. of forks when a host fails under our machines too, are not touched by ours)."""
     return f"acct-{namespace}"
 
 
@@ -158,7 +159,7 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
     stack: Stack, namespace: str
 ) -> None:
     async with watched(stack, namespace) as history:
-        body = await stack.create_instance(namespace, "alice")
+        body = await stack.create_instance(namespace, "alice", flyApp=own_app(namespace))
         sandbox = body["spec"]["sandboxId"]
         done = await running(stack, namespace, "alice")
     st = status(done)
@@ -167,7 +168,7 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
     assert st["observedGeneration"] == done["metadata"]["generation"]
     assert condition(done, "Reconciling")["status"] == "False"
     assert condition(done, "Stalled")["status"] == "False"
-    machines = stack.live_machines(sandbox_id=sandbox)
+    machines = stack.live_machines(own_app(namespace), sandbox_id=sandbox)
     assert [m["id"] for m in machines] == [st["machineId"]]
     machine = machines[0]
     assert machine["name"] == sandbox
@@ -178,7 +179,7 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
     assert machine["config"]["mounts"][0] == {"volume": st["volumeId"], "path": "/root"}
     assert machine["config"]["image"] == body["spec"]["image"]
     assert machine["config"]["guest"] == {"cpu_kind": "shared", "cpus": 1, "memory_mb": 2048}
-    volumes = stack.live_volumes(name=volume_name(sandbox))
+    volumes = stack.live_volumes(own_app(namespace), name=volume_name(sandbox))
     assert [v["id"] for v in volumes] == [st["volumeId"]]
     assert volumes[0]["region"] == "iad" and volumes[0]["size_gb"] == 10
     assert history.phases("alice")[-3:] == ["Provisioning", "Starting", "Running"]
@@ -186,7 +187,7 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
 
 
 async def test_printer_columns_show_the_live_values(stack: Stack, namespace: str) -> None:
-    await stack.create_instance(namespace, "carol")
+    await stack.create_instance(namespace, "carol", flyApp=own_app(namespace))
     done = await running(stack, namespace, "carol")
     response = await stack.api.get(
         stack.path(INSTANCE_PLURAL, namespace, "carol"),
@@ -209,7 +210,7 @@ async def test_state_stopped_stops_the_machine_and_running_starts_the_same_machi
     stack: Stack, namespace: str
 ) -> None:
     async with watched(stack, namespace) as history:
-        await stack.create_instance(namespace, "bob")
+        await stack.create_instance(namespace, "bob", flyApp=own_app(namespace))
         first = await running(stack, namespace, "bob")
         machine_id = status(first)["machineId"]
 
@@ -228,16 +229,16 @@ async def test_state_stopped_stops_the_machine_and_running_starts_the_same_machi
         assert stack.fly.machine(machine_id)["state"] == "started"
     phases = history.phases("bob")
     assert phases[phases.index("Running") :] == ["Running", "Stopping", "Stopped", "Starting", "Running"]
-    assert len(stack.live_machines(sandbox_id=first["spec"]["sandboxId"])) == 1
+    assert len(stack.live_machines(own_app(namespace), sandbox_id=first["spec"]["sandboxId"])) == 1
     history.assert_consistent("bob")
 
 
 async def test_instance_created_stopped_settles_stopped_and_ready(stack: Stack, namespace: str) -> None:
-    body = await stack.create_instance(namespace, "dora", state="Stopped")
+    body = await stack.create_instance(namespace, "dora", flyApp=own_app(namespace), state="Stopped")
     down = await stopped(stack, namespace, "dora")
     assert ready(down)
     assert status(down)["volumeId"]
-    machines = stack.live_machines(sandbox_id=body["spec"]["sandboxId"])
+    machines = stack.live_machines(own_app(namespace), sandbox_id=body["spec"]["sandboxId"])
     assert [m["state"] for m in machines] == ["stopped"]
 
 
@@ -245,7 +246,7 @@ async def test_image_update_changes_the_machine_config_and_advances_observed_gen
     stack: Stack, namespace: str
 ) -> None:
     async with watched(stack, namespace) as history:
-        await stack.create_instance(namespace, "erin")
+        await stack.create_instance(namespace, "erin", flyApp=own_app(namespace))
         first = await running(stack, namespace, "erin")
         machine_id = status(first)["machineId"]
         await stack.patch_instance(
@@ -297,8 +298,35 @@ async def test_destroyed_machine_is_forgotten_and_recreated_on_the_same_volume(
     history.assert_consistent("finn")
 
 
+async def test_machine_destroyed_while_stopped_is_recreated_when_started(
+    stack: Stack, namespace: str
+) -> None:
+    app = own_app(namespace)
+    async with watched(stack, namespace) as history:
+        body = await stack.create_instance(namespace, "otto", flyApp=app)
+        first = await running(stack, namespace, "otto")
+        old_machine, volume_id = status(first)["machineId"], status(first)["volumeId"]
+        await stack.patch_instance(namespace, "otto", {"spec": {"state": "Stopped"}})
+        await stopped(stack, namespace, "otto")
+
+        await destroy_machine_behind_the_operators_back(stack, app, old_machine)
+        forgotten = await stack.wait_instance(
+            namespace, "otto", lambda b: "machineId" not in status(b), what="machine forgotten"
+        )
+        assert status(forgotten)["phase"] == "Stopped" and ready(forgotten)
+
+        # Fly still shows the destroyed machine (GET 200, state destroyed) for a while: never start it.
+        await stack.patch_instance(namespace, "otto", {"spec": {"state": "Running"}})
+        again = await running(stack, namespace, "otto")
+    assert status(again)["machineId"] != old_machine
+    assert status(again)["volumeId"] == volume_id
+    machines = stack.live_machines(app, sandbox_id=body["spec"]["sandboxId"])
+    assert [m["config"]["mounts"][0]["volume"] for m in machines] == [volume_id]
+    history.assert_consistent("otto")
+
+
 async def test_machine_that_fails_to_start_leaves_the_instance_stopped(stack: Stack, namespace: str) -> None:
-    await stack.create_instance(namespace, "gus")
+    await stack.create_instance(namespace, "gus", flyApp=own_app(namespace))
     first = await running(stack, namespace, "gus")
     machine_id = status(first)["machineId"]
     await stack.patch_instance(namespace, "gus", {"spec": {"state": "Stopped"}})
@@ -365,7 +393,10 @@ async def test_spec_regions_are_tried_in_order(stack: Stack, namespace: str) -> 
     finally:
         stack.fly.restore_capacity("cdg")
     assert status(done)["region"] == "ord"
-    assert stack.fly.request_count("POST /v1/apps/{app_name}/volumes") >= 2
+    creates = [
+        r.status for r in stack.fly.request_log if r.method == "POST" and r.path == f"/v1/apps/{app}/volumes"
+    ]
+    assert creates == [412, 200]
 
 
 async def test_deletion_destroys_machine_and_volume_and_releases_the_finalizer(

@@ -155,6 +155,8 @@ def decide(instance: Instance, observation: Observation) -> Decision:
     # Stopped: settled; act only on a generation not yet acted on (or a retry after a stall).
     if has_unobserved_generation(instance) or _retry_requested(instance):
         return _converge(instance, observation)
+    if observation.kind is ObservationKind.GONE:
+        return Decision(Action.SETTLE, Phase.STOPPED, clear_machine=True, reason="machine is gone")
     return Decision(Action.NOTHING)
 
 

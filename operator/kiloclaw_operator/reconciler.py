@@ -471,11 +471,20 @@ class InstanceDriver:
         status = base.model_copy(update={"phase": Phase.STARTING, "observed_generation": instance.generation})
         instance = await self.commit(instance, status, "updating the machine config")
         assert instance.status.machine_id is not None and instance.status.volume_id is not None
-        await self.ctx.fly.update_machine(
-            instance.spec.fly_app,
-            instance.status.machine_id,
-            lifecycle.desired_machine_config(instance.spec, instance.status.volume_id),
-        )
+        try:
+            await self.ctx.fly.update_machine(
+                instance.spec.fly_app,
+                instance.status.machine_id,
+                lifecycle.desired_machine_config(instance.spec, instance.status.volume_id),
+            )
+        except NotFound:
+            # Gone between the observation and the update: the same outcome as observing it gone (not a
+            # rejected spec, which a 404 on a POST would otherwise mean).
+            return await self.commit(
+                instance,
+                instance.status.model_copy(update={"machine_id": None, "phase": Phase.STOPPED}),
+                "machine gone while updating its config",
+            )
         return instance
 
     async def _retry_pending_cleanup(self, instance: Instance) -> Instance:

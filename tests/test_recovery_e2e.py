@@ -21,6 +21,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from flysim import FlyApiError
 from harness import Stack, condition, eventually, status
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION, volume_name
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
@@ -83,6 +84,62 @@ def replacement_machines_hang(stack: Stack) -> Iterator[None]:
         yield
     finally:
         del state.create_machine
+
+
+class FlyCreates:
+    """Every volume and machine create that flysim executes (or refuses) for one sandbox, in order: the
+    request log cannot tell sandboxes apart, and other instances of the shared stack may recover at the same
+    time (a host failure stops every machine on the host)."""
+
+    def __init__(self, stack: Stack, namespace: str, name: str = NAME) -> None:
+        self.stack = stack
+        self.sandbox = sandbox_id(namespace, name)
+        self.volume_name = volume_name(self.sandbox)
+        self.calls: list[tuple[str, str, int, str | None]] = []  # (kind, region, status, id)
+
+    def volumes(self) -> list[tuple[str, int]]:
+        return [(region, code) for kind, region, code, _ in self.calls if kind == "volume"]
+
+    def machines(self) -> list[tuple[str, int]]:
+        return [(region, code) for kind, region, code, _ in self.calls if kind == "machine"]
+
+    def created(self, kind: str) -> list[str]:
+        return [id_ for k, _, code, id_ in self.calls if k == kind and code == 200 and id_]
+
+    def __enter__(self) -> FlyCreates:
+        state = self.stack.fly.state
+        create_volume, create_machine = state.create_volume, state.create_machine
+
+        def record(
+            kind: str, call: Callable[[str, dict[str, Any]], Any], app: str, body: dict[str, Any]
+        ) -> Any:
+            region = str(body.get("region"))
+            try:
+                result = call(app, body)
+            except FlyApiError as exc:
+                self.calls.append((kind, region, exc.status, None))
+                raise
+            self.calls.append((kind, result.region, 200, result.id))
+            return result
+
+        def volume(app: str, body: dict[str, Any]) -> Any:
+            if body.get("name") != self.volume_name:
+                return create_volume(app, body)
+            return record("volume", create_volume, app, body)
+
+        def machine(app: str, body: dict[str, Any]) -> Any:
+            metadata = (body.get("config") or {}).get("metadata") or {}
+            if metadata.get("kiloclaw_sandbox_id") != self.sandbox:
+                return create_machine(app, body)
+            return record("machine", create_machine, app, body)
+
+        state.create_volume = volume  # type: ignore[method-assign,assignment]
+        state.create_machine = machine  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.stack.fly.state.create_volume
+        del self.stack.fly.state.create_machine
 
 
 def stored_status(stack: Stack, namespace: str, name: str = NAME) -> dict[str, Any]:
@@ -198,13 +255,21 @@ def heal_hosts(stack: Stack) -> None:
 
 
 @pytest.fixture(autouse=True)
-def healthy_fly(stack: Stack) -> Iterator[None]:
+async def healthy_fly(stack: Stack) -> AsyncIterator[None]:
     yield
     stack.fly.clear_faults()
     stack.fly.clear_latency()
     for region in stack.fly.state.regions:
         stack.fly.restore_capacity(region)
     heal_hosts(stack)
+
+    # A host failure also stops other tests' machines on that host: let their recoveries finish, so that
+    # the next story's metrics and Fly calls are its own.
+    async def quiet() -> bool | None:
+        instances = stack.kube.list_objects(GROUP, VERSION, INSTANCE_PLURAL)
+        return None if any(status(i).get("recovery") for i in instances) else True
+
+    await eventually(quiet, timeout=30, what="no instance recovering")
 
 
 def field(record: logging.LogRecord, name: str) -> Any:
@@ -341,9 +406,8 @@ async def test_a_host_failure_moves_the_sandbox_onto_a_fork_in_another_region_an
     body = await running_instance(stack, namespace)
     source = status(body)
     source_machine, source_volume = source["machineId"], source["volumeId"]
-    succeeded, failed, durations = recoveries("succeeded"), recoveries("failed"), recovery_durations()
     status_at_old_volume_delete: list[dict[str, Any]] = []
-    with FlyTap(stack) as tap:
+    with FlyTap(stack) as tap, FlyCreates(stack, namespace) as creates:
         tap.on(
             "DELETE",
             f"/v1/apps/{APP}/volumes/{source_volume}",
@@ -378,7 +442,8 @@ async def test_a_host_failure_moves_the_sandbox_onto_a_fork_in_another_region_an
     assert machine["config"]["metadata"]["kiloclaw_recovery_id"] == st["lastRecovery"]["id"]
     assert machine["config"]["metadata"]["kiloclaw_sandbox_id"] == sandbox_id(namespace)
     assert stack.fly.volume(st["volumeId"])["region"] == st["region"]
-    assert len(fly_requests(stack, "POST", "volumes")) >= 1
+    assert creates.created("volume") == [st["volumeId"]]
+    assert creates.created("machine") == [st["machineId"]]
     # The old volume had no snapshots: deleted once, after the ownership check, after the stored cutover.
     deletes = fly_requests(stack, "DELETE", f"volumes/{source_volume}")
     assert len(deletes) == 1
@@ -408,9 +473,6 @@ async def test_a_host_failure_moves_the_sandbox_onto_a_fork_in_another_region_an
     ]
     assert field(finished, "durationMs") == int(last["durationSeconds"] * 1000)
     assert field(finished, "recovery_id") == last["id"]
-    assert recoveries("succeeded") == succeeded + 1
-    assert recoveries("failed") == failed
-    assert recovery_durations() == durations + 1
 
 
 async def test_an_old_volume_with_snapshots_is_kept_as_a_retained_volume_with_the_right_spec(
@@ -501,17 +563,16 @@ async def test_with_two_regions_the_source_region_is_used_last_when_the_other_ha
     body = await running_instance(stack, namespace, regions=["iad", "ord"])
     source_machine = status(body)["machineId"]
     source_host = stack.fly.state.find_volume(status(body)["volumeId"]).host.id
-    forks_before = len(fly_requests(stack, "POST", "volumes"))
     stack.fly.exhaust_capacity("ord", "volumes", status=capacity_status)
     try:
-        stack.fly.fail_host(machine_id=source_machine)
-        done = await wait_recovered(stack, namespace, source_machine)
+        with FlyCreates(stack, namespace) as creates:
+            stack.fly.fail_host(machine_id=source_machine)
+            done = await wait_recovered(stack, namespace, source_machine)
     finally:
         stack.fly.restore_capacity("ord")
     st = status(done)
     assert st["region"] == "iad"
-    forks = fly_requests(stack, "POST", "volumes")[forks_before:]
-    assert [r.status for r in forks] == [capacity_status, 200]
+    assert creates.volumes() == [("ord", capacity_status), ("iad", 200)]
     # Same region, but not the failed host.
     assert stack.fly.state.find_volume(st["volumeId"]).host.id != source_host
 
@@ -523,11 +584,14 @@ async def test_a_candidate_region_without_capacity_is_skipped_for_the_next(
     source_machine = status(body)["machineId"]
     stack.fly.exhaust_capacity("ord", "volumes")
     try:
-        stack.fly.fail_host(machine_id=source_machine)
-        done = await wait_recovered(stack, namespace, source_machine)
+        with FlyCreates(stack, namespace) as creates:
+            stack.fly.fail_host(machine_id=source_machine)
+            done = await wait_recovered(stack, namespace, source_machine)
     finally:
         stack.fly.restore_capacity("ord")
     assert status(done)["region"] == "cdg"
+    # Whichever candidate came first, an exhausted one was passed over for the next.
+    assert creates.volumes() in ([("cdg", 200)], [("ord", 412), ("cdg", 200)])
 
 
 async def test_when_no_candidate_region_has_capacity_the_recovery_fails_without_trying_the_failed_region(
@@ -535,17 +599,16 @@ async def test_when_no_candidate_region_has_capacity_the_recovery_fails_without_
 ) -> None:
     body = await running_instance(stack, namespace, regions=["iad", "ord", "cdg"])
     source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
-    forks_before = len(fly_requests(stack, "POST", "volumes"))
     stack.fly.exhaust_capacity("ord", "volumes")
     stack.fly.exhaust_capacity("cdg", "volumes")
     try:
-        stack.fly.fail_host(machine_id=source_machine)
-        failed = await wait_failed(stack, namespace)
+        with FlyCreates(stack, namespace) as creates:
+            stack.fly.fail_host(machine_id=source_machine)
+            failed = await wait_failed(stack, namespace)
     finally:
         stack.fly.restore_capacity("ord")
         stack.fly.restore_capacity("cdg")
-    forks = fly_requests(stack, "POST", "volumes")[forks_before:]
-    assert [r.status for r in forks] == [412, 412]
+    assert sorted(creates.volumes()) == [("cdg", 412), ("ord", 412)]
     assert "no capacity" in status(failed)["lastRecovery"]["message"]
     assert_failed_cleanly(stack, namespace, failed, source_volume)
 
@@ -606,28 +669,34 @@ async def test_a_failed_machine_settles_in_stopped_without_a_recovery(stack: Sta
 
 
 async def test_one_unexpected_stop_starts_exactly_one_recovery_however_often_it_is_seen(
-    stack: Stack, namespace: str
+    stack: Stack, namespace: str, analytics: AnalyticsRecords
 ) -> None:
     body = await running_instance(stack, namespace)
     source_machine = status(body)["machineId"]
-    forks_before = len(fly_requests(stack, "POST", "volumes"))
-    machines_before = len(fly_requests(stack, "POST", "machines"))
+    succeeded, failed, durations = recoveries("succeeded"), recoveries("failed"), recovery_durations()
     stack.fly.set_latency(1.0, route="GET /v1/apps/*/machines/*/wait")
-    try:
+    with FlyCreates(stack, namespace) as creates:
         stack.fly.crash_machine(source_machine)
         await wait_step(stack, namespace, "ReplacementMachineCreated")
-        # Wake the driver while it recovers (a watch event), and let Fly report the old machine again.
+        # Wake the driver while it recovers (watch events) while the old machine still reports `stopped`.
         await stack.patch_instance(namespace, NAME, {"metadata": {"labels": {"poke": "1"}}})
         await stack.patch_instance(namespace, NAME, {"metadata": {"labels": {"poke": "2"}}})
-    finally:
         stack.fly.clear_latency()
-    done = await wait_recovered(stack, namespace, source_machine)
-    assert len(fly_requests(stack, "POST", "volumes")) == forks_before + 1
-    assert len(fly_requests(stack, "POST", "machines")) == machines_before + 1
+        done = await wait_recovered(stack, namespace, source_machine)
+    assert creates.created("volume") == [status(done)["volumeId"]]
+    assert creates.created("machine") == [status(done)["machineId"]]
     assert live_machine_ids(stack, namespace) == {status(done)["machineId"]}
     reasons = await wait_events(stack, namespace, "RecoverySucceeded")
     assert reasons.count("RecoveryStarted") == 1
     assert reasons.count("RecoverySucceeded") == 1
+    await wait_analytics(analytics, namespace, "instance.unexpected_stop_recovery_succeeded")
+    assert analytics.events(namespace) == [
+        "instance.unexpected_stop_recovery_started",
+        "instance.unexpected_stop_recovery_succeeded",
+    ]
+    assert recoveries("succeeded") == succeeded + 1
+    assert recoveries("failed") == failed
+    assert recovery_durations() == durations + 1
 
 
 # --- while recovering -----------------------------------------------------------------------------------
@@ -725,22 +794,21 @@ async def test_a_replacement_that_never_starts_is_removed_at_the_deadline_and_th
     assert recovery_durations() == durations + 1
 
     # No automatic retry; a changed retry annotation makes the operator act again (on the source volume).
-    machines_before = len(fly_requests(stack, "POST", "machines"))
     current = await stack.get_instance(namespace, NAME)
     assert current is not None and status(current)["phase"] == "Stopped"
-    await stack.patch_instance(
-        namespace, NAME, {"metadata": {"annotations": {"kiloclaw.kilo.ai/retry": "1"}}}
-    )
-
-    running = await stack.wait_instance(
-        namespace,
-        NAME,
-        lambda b: status(b).get("phase") == "Running" and condition(b, "Ready").get("status") == "True",
-        what="running again after the retry annotation",
-    )
+    with FlyCreates(stack, namespace) as creates:
+        await stack.patch_instance(
+            namespace, NAME, {"metadata": {"annotations": {"kiloclaw.kilo.ai/retry": "1"}}}
+        )
+        running = await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: status(b).get("phase") == "Running" and condition(b, "Ready").get("status") == "True",
+            what="running again after the retry annotation",
+        )
     assert status(running)["volumeId"] == source_volume
     assert condition(running, "Stalled")["status"] == "False"
-    assert len(fly_requests(stack, "POST", "machines")) == machines_before + 1
+    assert creates.machines() == [("iad", 200)] and not creates.volumes()
     assert stack.fly.machine(status(running)["machineId"])["config"]["mounts"][0]["volume"] == source_volume
 
 

@@ -846,3 +846,32 @@ async def test_a_fly_error_at_any_step_fails_the_recovery_without_leaving_a_repl
     assert recoveries("failed") == failed_before + 1
     reasons = await wait_events(stack, namespace, "RecoveryFailed")
     assert reasons.count("RecoveryFailed") == 1
+
+
+async def test_a_replacement_volume_that_cannot_be_deleted_is_kept_in_pending_cleanup_and_removed_later(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    stack.fly.inject_faults(f"POST /v1/apps/{APP}/machines", 422, count=1)
+    stack.fly.inject_faults(f"DELETE /v1/apps/{APP}/volumes/*", 422, count=1)
+    async with watch_instance(stack, namespace, body) as history:
+        with FlyCreates(stack, namespace) as creates:
+            stack.fly.crash_machine(source_machine)
+            cleaned = await stack.wait_instance(
+                namespace,
+                NAME,
+                lambda b: (
+                    (status(b).get("lastRecovery") or {}).get("outcome") == "Failed"
+                    and "pendingCleanup" not in status(b)
+                ),
+                what="failed recovery with its cleanup finished",
+            )
+            await caught_up(history, cleaned)
+    [replacement_volume] = creates.created("volume")
+    pending = [status(b)["pendingCleanup"] for b in history.bodies if status(b).get("pendingCleanup")]
+    assert pending and pending[0] == {"volumeId": replacement_volume}
+    # Never retried while the recovery was in flight: the pending id appears only once it is over.
+    assert all(not status(b).get("recovery") for b in history.bodies if status(b).get("pendingCleanup"))
+    assert live_volume_ids(stack, namespace) == {source_volume}
+    assert_failed_cleanly(stack, namespace, cleaned, source_volume)

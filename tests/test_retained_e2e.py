@@ -168,6 +168,15 @@ async def reasons(stack: Stack, namespace: str, involved: str, reason: str) -> l
     return [e for e in await stack.events(namespace, involved) if e["reason"] == reason]
 
 
+async def posted(stack: Stack, namespace: str, involved: str, reason: str) -> list[dict[str, Any]]:
+    """The events once at least one has arrived: the driver posts them right after the status write."""
+
+    async def check() -> list[dict[str, Any]] | None:
+        return await reasons(stack, namespace, involved, reason) or None
+
+    return await eventually(check, timeout=10, what=f"event {reason} on {involved}")
+
+
 # --- observation and expiry ------------------------------------------------------------------------------
 
 
@@ -283,7 +292,7 @@ async def test_ownership_mismatch_blocks_without_deleting_and_recovers_when_the_
     assert machine_alive(stack, foreign)
     # Retries back off (0.1 s doubling to 1 s here): a few attempts, not a hot loop; one Event per episode.
     assert status(blocked)["attempts"] < 20
-    assert len(await reasons(stack, namespace, "alice-vol-own", "RetainedVolumeDeleteBlocked")) == 1
+    assert len(await posted(stack, namespace, "alice-vol-own", "RetainedVolumeDeleteBlocked")) == 1
     assert (REGISTRY.get_sample_value("kiloclaw_retained_volumes", {"phase": "Blocked"}) or 0) >= 1
 
     await destroy_machine(fly_api, foreign)
@@ -430,7 +439,7 @@ async def test_volume_in_use_by_an_instance_is_refused_until_the_instance_lets_g
     )
     assert volume_alive(stack, volume_id)
     assert status(await stack.wait_phase(namespace, "alice", "Running"))["volumeId"] == volume_id
-    assert len(await reasons(stack, namespace, "alice", "RetainedVolumeDeleteBlocked")) == 1
+    assert len(await posted(stack, namespace, "alice", "RetainedVolumeDeleteBlocked")) == 1
 
     # Deleting the instance deletes its volume; the retained resource then finds it gone and goes too.
     await stack.delete_instance(namespace, "alice")

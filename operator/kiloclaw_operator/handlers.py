@@ -132,8 +132,8 @@ async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, *
         _runtime(memo).instances.forget(body.metadata.namespace or "", body.metadata.name or "")
         return
     driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
-    driver.offer(dict(body))
-    driver.wake()
+    if driver.offer(dict(body)):
+        driver.wake()
 
 
 @kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)

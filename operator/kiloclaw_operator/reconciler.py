@@ -24,7 +24,7 @@ from .fly.models import Machine, Volume
 from .kube import KubeClient, KubeError
 from .lifecycle import Action, Decision, Observation
 from .metrics import INSTANCE_PHASES
-from .models import Instance, InstanceStatus, Phase, volume_name
+from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -101,6 +101,15 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch
 
 
+def _work_signature(body: dict[str, Any]) -> tuple[Any, ...]:
+    meta = body.get("metadata", {})
+    return (
+        meta.get("generation"),
+        bool(meta.get("deletionTimestamp")),
+        (meta.get("annotations") or {}).get(RETRY_ANNOTATION),
+    )
+
+
 def _resource_version(body: dict[str, Any]) -> int:
     try:
         return int(body.get("metadata", {}).get("resourceVersion", 0))
@@ -122,10 +131,18 @@ class InstanceDriver:
 
     # --- the freshest known object ------------------------------------------------------------------
 
-    def offer(self, body: dict[str, Any]) -> None:
-        """Keep whichever is newer: a watch event's body or our own last write's response."""
-        if self.latest is None or _resource_version(body) >= _resource_version(self.latest):
-            self.latest = body
+    def offer(self, body: dict[str, Any]) -> bool:
+        """Keep whichever is newer: a watch event's body or our own last write's response.
+
+        Returns whether the body asks for work: a new generation, a deletion, or a changed retry annotation.
+        Echoes of our own status writes and kopf's bookkeeping patches do not, so they wake nobody (each
+        wasted pass would cost a Fly call).
+        """
+        previous = self.latest
+        if previous is not None and _resource_version(body) <= _resource_version(previous):
+            return False
+        self.latest = body
+        return previous is None or _work_signature(previous) != _work_signature(body)
 
     def current(self) -> Instance:
         if self.latest is None:
@@ -143,7 +160,10 @@ class InstanceDriver:
         status = conditions.summarize(
             instance.spec, status, instance.generation, self.ctx.clock(), deferred=deferred
         )
-        patch = merge_patch(instance.status.dump(), status.dump())
+        # Diff against what is stored (fields present in the body), not the model's defaults: a new value that
+        # equals a default (phase Pending, attempts 0) must still be written.
+        stored = instance.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        patch = merge_patch(stored, status.dump())
         if not patch:
             return instance
         body = await self.ctx.kube.patch_instance_status(instance.ref, patch)

@@ -107,14 +107,15 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
         "recovery begins: the attempt is recorded before any Fly call",
     )
     fields = _fields(instance)
+    # The analytics record and metrics come first: once the Event is visible, they are too.
+    analytics.info(
+        "instance.unexpected_stop_recovery_started",
+        extra={"event": "instance.unexpected_stop_recovery_started", **fields},
+    )
     await driver.ctx.kube.post_event(
         instance.ref,
         "RecoveryStarted",
         f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
-    )
-    analytics.info(
-        "instance.unexpected_stop_recovery_started",
-        extra={"event": "instance.unexpected_stop_recovery_started", **fields},
     )
     return await resume(driver, instance)
 
@@ -405,11 +406,7 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
     duration = last.duration_seconds if last is not None else (now - record.started_at).total_seconds()
     RECOVERIES.labels(outcome="succeeded").inc()
     RECOVERY_DURATION.observe(duration)
-    await driver.ctx.kube.post_event(
-        instance.ref,
-        "RecoverySucceeded",
-        f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} in {instance.status.region}",
-    )
+    # The analytics record and metrics come first: once the Event is visible, they are too.
     analytics.info(
         "instance.unexpected_stop_recovery_succeeded",
         extra={
@@ -418,6 +415,12 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
             "durationMs": int(duration * 1000),
             "retainedVolume": retained_name,
         },
+    )
+    await driver.ctx.kube.post_event(
+        instance.ref,
+        "RecoverySucceeded",
+        f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
+        f"in {instance.status.region}",
     )
     return instance
 
@@ -528,9 +531,7 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
     )
     RECOVERIES.labels(outcome="failed").inc()
     RECOVERY_DURATION.observe(duration)
-    await driver.ctx.kube.post_event(
-        instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True
-    )
+    # The analytics record and metrics come first: once the Event is visible, they are too.
     analytics.info(
         "instance.unexpected_stop_recovery_failed",
         extra={
@@ -540,6 +541,9 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
             "label": label,
             "durationMs": int(duration * 1000),
         },
+    )
+    await driver.ctx.kube.post_event(
+        instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True
     )
     return instance
 

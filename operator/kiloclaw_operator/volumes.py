@@ -7,7 +7,7 @@ from .fly import FlyClient, NotFound
 
 
 class OwnershipMismatch(Exception):
-    """A volume is attached to a machine that does not belong to the expected sandbox: nothing was destroyed."""
+    """The volume is attached to a machine of another sandbox (or of none): nothing was destroyed."""
 
     def __init__(self, machine_id: str, volume_id: str, expected: str, found: str | None) -> None:
         super().__init__(

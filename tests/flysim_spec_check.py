@@ -1,4 +1,4 @@
-"""Validate JSON bodies against the Fly Machines OpenAPI spec (`/work/shared/fly/machines-openapi.json`).
+"""Validate JSON bodies against the Fly Machines OpenAPI spec (copied from ../shared/fly into tests/data/).
 
 The spec is generated from Go structs and does not mark pointer fields as nullable, although Fly sends
 `null` for them; the fields listed in `_NULLABLE` are patched to `nullable: true` and nothing else is relaxed.
@@ -17,7 +17,11 @@ from typing import Any
 
 from openapi_schema_validator import OAS30Validator
 
-SPEC_PATH = Path(os.environ.get("FLY_OPENAPI_SPEC", "/work/shared/fly/machines-openapi.json"))
+# A copy of ../shared/fly/machines-openapi.json (see data/fly-machines-openapi.SOURCE.md), so the tests do not
+# depend on where the repository is checked out.
+SPEC_PATH = Path(
+    os.environ.get("FLY_OPENAPI_SPEC", Path(__file__).parent / "data" / "fly-machines-openapi.json")
+)
 
 _NULLABLE = {"Volume": ("attached_machine_id", "attached_alloc_id")}
 

@@ -659,6 +659,19 @@ def test_latency_delays_matching_requests(sim: FlySimulator, fly: httpx.Client, 
     assert time.monotonic() - started >= 0.15
 
 
+def test_a_delayed_request_whose_client_hangs_up_is_still_carried_out(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    sim.set_latency(0.5, "POST /v1/apps/*/volumes")
+    with pytest.raises(httpx.ReadTimeout):
+        fly.post(f"/apps/{app}/volumes", json={"name": "orphan", "region": "iad", "size_gb": 1}, timeout=0.1)
+    sim.clear_latency()
+    deadline = time.monotonic() + 5
+    while not any(v["name"] == "orphan" for v in sim.volumes(app)):
+        assert time.monotonic() < deadline, "the abandoned create never landed"
+        time.sleep(0.05)
+
+
 def test_crashed_machine_stops_with_an_exit_event_and_can_be_started_again(
     sim: FlySimulator, fly: httpx.Client, app: str
 ) -> None:

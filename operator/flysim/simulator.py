@@ -423,6 +423,9 @@ class FlySimulator:
     async def _serve_fly(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         delay, fault = self._pick_latency_and_fault(request.method, request.path)
         if delay > 0:
+            # Read the body first, as a server does before it works on a request: a request whose client
+            # disconnects during the delay (a crashed operator) is still carried out, like a real lost reply.
+            await request.read()
             await asyncio.sleep(delay)
         if fault is not None and not fault.apply_first:
             return self._fault_response(fault)

@@ -14,11 +14,12 @@ from typing import Any
 import kopf
 
 from .config import Settings, load_settings
+from .driving import DriverRegistry, ObjectDriver
 from .fly import FlyClient
 from .kube import KubeClient, KubeConnection, write_temp_pem
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
-from .reconciler import Context, DriverRegistry, PollingObserver, RetryLater
-from .retained import RetainedRegistry
+from .reconciler import Context, InstanceDriver, PollingObserver, RetryLater, instance_drivers
+from .retained import RetainedVolumeDriver, retained_volume_drivers
 
 logger = logging.getLogger("kiloclaw.operator")
 
@@ -31,8 +32,8 @@ class Runtime:
         self.settings = settings
         self.fly = FlyClient(settings.fly_api_base_url, settings.fly_api_token)
         self._ctx: Context | None = None
-        self._instances: DriverRegistry | None = None
-        self._retained: RetainedRegistry | None = None
+        self._instances: DriverRegistry[InstanceDriver] | None = None
+        self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
         self.ready = asyncio.Event()
 
     def connect(self, conn: KubeConnection) -> None:
@@ -41,17 +42,17 @@ class Runtime:
         self._ctx = Context(
             settings=self.settings, fly=self.fly, kube=KubeClient(conn), observer=PollingObserver(self.fly)
         )
-        self._instances = DriverRegistry(self._ctx)
-        self._retained = RetainedRegistry(self._ctx)
+        self._instances = instance_drivers(self._ctx)
+        self._retained = retained_volume_drivers(self._ctx)
         self.ready.set()
 
     @property
-    def instances(self) -> DriverRegistry:
+    def instances(self) -> DriverRegistry[InstanceDriver]:
         assert self._instances is not None, "not logged in yet"
         return self._instances
 
     @property
-    def retained(self) -> RetainedRegistry:
+    def retained(self) -> DriverRegistry[RetainedVolumeDriver]:
         assert self._retained is not None, "not logged in yet"
         return self._retained
 
@@ -123,22 +124,20 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).aclose()
 
 
-# --- instances ---------------------------------------------------------------------------------------
+# --- both kinds: watch events wake drivers, a daemon runs each driver, deletion goes through it -----------
 
 
-@kopf.on.event(GROUP, VERSION, INSTANCE_PLURAL)
-async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
-        _runtime(memo).instances.forget(body.metadata.namespace or "", body.metadata.name or "")
+def _object_changed(registry: DriverRegistry[Any], body: kopf.Body, event_type: str | None) -> None:
+    namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+    if event_type == "DELETED":
+        registry.forget(namespace, name)
         return
-    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
+    driver = registry.get(namespace, name)
     if driver.offer(dict(body)):
         driver.wake()
 
 
-@kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)
-async def drive_instance(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
+async def _drive(driver: ObjectDriver, stopped: kopf.DaemonStopped, body: kopf.Body) -> None:
     driver.offer(dict(body))
     stop_watch = asyncio.create_task(_stop_when(stopped, driver.stop))
     try:
@@ -147,45 +146,12 @@ async def drive_instance(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kop
         stop_watch.cancel()
 
 
-@kopf.on.delete(GROUP, VERSION, INSTANCE_PLURAL)
-async def destroy_instance(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    driver = _runtime(memo).instances.get(body.metadata.namespace or "", body.metadata.name or "")
-    driver.offer(dict(body))
-    try:
-        await driver.destroy()
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+async def _stop_when(stopped: kopf.DaemonStopped, stop: Any) -> None:
+    await stopped.wait()
+    stop()
 
 
-# --- retained volumes --------------------------------------------------------------------------------
-
-
-@kopf.on.event(GROUP, VERSION, RETAINED_PLURAL)
-async def retained_volume_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
-        _runtime(memo).retained.forget(body.metadata.namespace or "", body.metadata.name or "")
-        return
-    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
-    driver.offer(dict(body))
-    driver.wake()
-
-
-@kopf.daemon(GROUP, VERSION, RETAINED_PLURAL, cancellation_timeout=30)
-async def drive_retained_volume(
-    stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
-    driver.offer(dict(body))
-    stop_watch = asyncio.create_task(_stop_when(stopped, driver.stop))
-    try:
-        await driver.run()
-    finally:
-        stop_watch.cancel()
-
-
-@kopf.on.delete(GROUP, VERSION, RETAINED_PLURAL)
-async def delete_retained_volume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    driver = _runtime(memo).retained.get(body.metadata.namespace or "", body.metadata.name or "")
+async def _finalize(driver: InstanceDriver | RetainedVolumeDriver, body: kopf.Body) -> None:
     driver.offer(dict(body))
     try:
         await driver.finalize()
@@ -193,6 +159,43 @@ async def delete_retained_volume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> 
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
 
 
-async def _stop_when(stopped: kopf.DaemonStopped, stop: Any) -> None:
-    await stopped.wait()
-    stop()
+def _driver(registry: DriverRegistry[Any], body: kopf.Body) -> Any:
+    return registry.get(body.metadata.namespace or "", body.metadata.name or "")
+
+
+# --- instances ---------------------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, INSTANCE_PLURAL)
+async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _object_changed(_runtime(memo).instances, body, type)
+
+
+@kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)
+async def drive_instance(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _drive(_driver(_runtime(memo).instances, body), stopped, body)
+
+
+@kopf.on.delete(GROUP, VERSION, INSTANCE_PLURAL)
+async def destroy_instance(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _finalize(_driver(_runtime(memo).instances, body), body)
+
+
+# --- retained volumes --------------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, RETAINED_PLURAL)
+async def retained_volume_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _object_changed(_runtime(memo).retained, body, type)
+
+
+@kopf.daemon(GROUP, VERSION, RETAINED_PLURAL, cancellation_timeout=30)
+async def drive_retained_volume(
+    stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    await _drive(_driver(_runtime(memo).retained, body), stopped, body)
+
+
+@kopf.on.delete(GROUP, VERSION, RETAINED_PLURAL)
+async def delete_retained_volume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _finalize(_driver(_runtime(memo).retained, body), body)

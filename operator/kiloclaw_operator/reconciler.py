@@ -7,7 +7,6 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import httpx
 
 from . import conditions, lifecycle, recovery
 from .config import Settings
+from .driving import DriverRegistry, ObjectDriver
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
 from .fly.models import Machine, Volume
 from .kube import KubeClient, KubeError
@@ -101,48 +101,20 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch
 
 
-def _work_signature(body: dict[str, Any]) -> tuple[Any, ...]:
-    meta = body.get("metadata", {})
-    return (
-        meta.get("generation"),
-        bool(meta.get("deletionTimestamp")),
-        (meta.get("annotations") or {}).get(RETRY_ANNOTATION),
-    )
-
-
-def _resource_version(body: dict[str, Any]) -> int:
-    try:
-        return int(body.get("metadata", {}).get("resourceVersion", 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 @dataclass
-class InstanceDriver:
-    ctx: Context
-    namespace: str
-    name: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    latest: dict[str, Any] | None = None
+class InstanceDriver(ObjectDriver):
+    """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
+
+    ctx: Context = field(kw_only=True)
     failures: int = 0
-    next_observation: float = 0.0
 
-    # --- the freshest known object ------------------------------------------------------------------
+    def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        annotations = body.get("metadata", {}).get("annotations") or {}
+        return (*super().work_signature(body), annotations.get(RETRY_ANNOTATION))
 
-    def offer(self, body: dict[str, Any]) -> bool:
-        """Keep whichever is newer: a watch event's body or our own last write's response.
-
-        Returns whether the body asks for work: a new generation, a deletion, or a changed retry annotation.
-        Echoes of our own status writes and kopf's bookkeeping patches do not, so they wake nobody (each
-        wasted pass would cost a Fly call).
-        """
-        previous = self.latest
-        if previous is not None and _resource_version(body) <= _resource_version(previous):
-            return False
-        self.latest = body
-        return previous is None or _work_signature(previous) != _work_signature(body)
+    def forgotten(self) -> None:
+        super().forgotten()
+        INSTANCE_PHASES.forget(self.metric_key)
 
     def current(self) -> Instance:
         if self.latest is None:
@@ -170,7 +142,7 @@ class InstanceDriver:
         logger.debug("status committed: %s", why, extra=self._log_fields(instance))
         self.offer(body)
         updated = Instance.from_body(body)
-        INSTANCE_PHASES.set(updated.ref.uid or f"{self.namespace}/{self.name}", updated.status.phase.value)
+        INSTANCE_PHASES.set(self.metric_key, updated.status.phase.value)
         return updated
 
     def _log_fields(self, instance: Instance) -> dict[str, Any]:
@@ -184,31 +156,6 @@ class InstanceDriver:
         return fields
 
     # --- the loop -------------------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Reconcile until asked to stop; sleep the phase's cadence or until woken by a change."""
-        while not self.stop_requested.is_set():
-            # Cleared before the pass, not after: a change that arrives during a pass must wake the next one.
-            self.wakeup.clear()
-            delay = await self.reconcile_once()
-            await self._sleep(delay)
-
-    async def _sleep(self, delay: float) -> None:
-        waiters = [
-            asyncio.ensure_future(self.wakeup.wait()),
-            asyncio.ensure_future(self.stop_requested.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
-    def wake(self) -> None:
-        self.wakeup.set()
-
-    def stop(self) -> None:
-        self.stop_requested.set()
 
     def _backoff(self, hint: float | None = None) -> float:
         self.failures += 1
@@ -528,7 +475,7 @@ class InstanceDriver:
 
     # --- deletion ---------------------------------------------------------------------------------------
 
-    async def destroy(self) -> None:
+    async def finalize(self) -> None:
         """Two-phase destroy behind the finalizer; raises RetryLater until Fly confirms both are gone."""
         self.stop()
         async with self.lock:
@@ -575,25 +522,8 @@ class InstanceDriver:
                 ),
                 "Fly confirmed machine and volume gone",
             )
-            INSTANCE_PHASES.forget(instance.ref.uid or f"{self.namespace}/{self.name}")
+            INSTANCE_PHASES.forget(self.metric_key)
 
 
-class DriverRegistry:
-    """The drivers of all known instances, keyed by namespace/name."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self._drivers: dict[tuple[str, str], InstanceDriver] = {}
-
-    def get(self, namespace: str, name: str) -> InstanceDriver:
-        key = (namespace, name)
-        driver = self._drivers.get(key)
-        if driver is None:
-            driver = self._drivers[key] = InstanceDriver(self.ctx, namespace, name)
-        return driver
-
-    def forget(self, namespace: str, name: str) -> None:
-        self._drivers.pop((namespace, name), None)
-
-    def __len__(self) -> int:
-        return len(self._drivers)
+def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:
+    return DriverRegistry(lambda namespace, name: InstanceDriver(namespace, name, ctx=ctx))

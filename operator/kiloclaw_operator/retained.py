@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from . import conditions
 from .config import Settings
+from .driving import DriverRegistry, ObjectDriver
 from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
 from .kube import KubeError, KubeNotFound
 from .metrics import RETAINED_PHASES
@@ -355,50 +356,23 @@ def starts_blocked_episode(before: RetainedVolumeStatus, after: RetainedVolumeSt
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _resource_version(body: dict[str, Any]) -> int:
-    try:
-        return int(body.get("metadata", {}).get("resourceVersion", 0))
-    except (TypeError, ValueError):
-        return 0
-
-
 @dataclass
-class RetainedVolumeDriver:
+class RetainedVolumeDriver(ObjectDriver):
     """The single writer of one KiloClawRetainedVolume (status, Fly calls, removal)."""
 
-    ctx: Context
-    namespace: str
-    name: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    latest: dict[str, Any] | None = None
+    ctx: Context = field(kw_only=True)
     # Observation is a read path: a wake-up caused by our own status write must not cost two Fly calls.
     observed_generation: int | None = None
     observed_until: float = 0.0
 
-    # --- the freshest known object ------------------------------------------------------------------
-
-    def offer(self, body: dict[str, Any]) -> None:
-        """Keep whichever is newer: a watch event's body or our own last write's response."""
-        if self.latest is None or _resource_version(body) >= _resource_version(self.latest):
-            self.latest = body
+    def forgotten(self) -> None:
+        super().forgotten()
+        RETAINED_PHASES.forget(self.metric_key)
 
     def current(self) -> RetainedVolume:
         if self.latest is None:
             raise RuntimeError(f"retained volume {self.namespace}/{self.name} has no known body yet")
         return RetainedVolume.from_body(self.latest)
-
-    @property
-    def metric_key(self) -> str:
-        uid = (self.latest or {}).get("metadata", {}).get("uid")
-        return str(uid) if uid else f"{self.namespace}/{self.name}"
-
-    def wake(self) -> None:
-        self.wakeup.set()
-
-    def stop(self) -> None:
-        self.stop_requested.set()
 
     def _log_fields(self, retained: RetainedVolume) -> dict[str, Any]:
         return {
@@ -427,27 +401,6 @@ class RetainedVolumeDriver:
         return updated
 
     # --- the loop -------------------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Reconcile until asked to stop; sleep until the next check, retainUntil, a retry, or a wake-up."""
-        while not self.stop_requested.is_set():
-            # Cleared before the pass, so a change that arrives during it leads to one more pass.
-            self.wakeup.clear()
-            delay = await self.reconcile_once()
-            if self.stop_requested.is_set():
-                return
-            await self._sleep(delay)
-
-    async def _sleep(self, delay: float) -> None:
-        waiters = [
-            asyncio.ensure_future(self.wakeup.wait()),
-            asyncio.ensure_future(self.stop_requested.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
 
     async def reconcile_once(self) -> float:
         """One pass under the lock; returns seconds until the next pass."""
@@ -654,25 +607,5 @@ def _describe(trigger: Trigger) -> str:
     }[trigger]
 
 
-class RetainedRegistry:
-    """The drivers of all known retained volumes, keyed by namespace/name."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self._drivers: dict[tuple[str, str], RetainedVolumeDriver] = {}
-
-    def get(self, namespace: str, name: str) -> RetainedVolumeDriver:
-        key = (namespace, name)
-        driver = self._drivers.get(key)
-        if driver is None:
-            driver = self._drivers[key] = RetainedVolumeDriver(self.ctx, namespace, name)
-        return driver
-
-    def forget(self, namespace: str, name: str) -> None:
-        driver = self._drivers.pop((namespace, name), None)
-        if driver is not None:
-            driver.stop()
-            RETAINED_PHASES.forget(driver.metric_key)
-
-    def __len__(self) -> int:
-        return len(self._drivers)
+def retained_volume_drivers(ctx: Context) -> DriverRegistry[RetainedVolumeDriver]:
+    return DriverRegistry(lambda namespace, name: RetainedVolumeDriver(namespace, name, ctx=ctx))

@@ -26,6 +26,15 @@ from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 DEV_TOKEN = "dev-token"
 
 
+class _DevFormatter(logging.Formatter):
+    """Plain lines for a terminal, naming the object a record is about."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        namespace, name = getattr(record, "namespace", None), getattr(record, "instance", None)
+        return f"{line} [{namespace}/{name}]" if namespace and name else line
+
+
 def _project_dir() -> Path:
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (candidate / "crds").is_dir() and (candidate / "examples").is_dir():
@@ -44,7 +53,9 @@ def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True
     project = _project_dir()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_DevFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("kiloclaw").setLevel(logging.INFO)
 
     fly = FlySimulator(

@@ -177,6 +177,13 @@ class ObjectRef(WireModel):
     api_version: str = f"{GROUP}/{VERSION}"
     kind: str = INSTANCE_KIND
 
+    @classmethod
+    def of(cls, body: dict[str, Any], kind: str) -> ObjectRef:
+        meta = body.get("metadata", {})
+        return cls(
+            namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""), kind=kind
+        )
+
 
 class Instance(BaseModel):
     """A KiloClawInstance as read from the API server: identity, generation, spec and status."""
@@ -196,12 +203,7 @@ class Instance(BaseModel):
     def from_body(cls, body: dict[str, Any]) -> Instance:
         meta = body.get("metadata", {})
         return cls(
-            ref=ObjectRef(
-                namespace=meta.get("namespace", ""),
-                name=meta.get("name", ""),
-                uid=meta.get("uid", ""),
-                kind=body.get("kind", INSTANCE_KIND),
-            ),
+            ref=ObjectRef.of(body, body.get("kind", INSTANCE_KIND)),
             generation=int(meta.get("generation") or 1),
             resource_version=str(meta.get("resourceVersion", "")),
             created_at=meta.get("creationTimestamp"),
@@ -257,12 +259,7 @@ class RetainedVolume(BaseModel):
     def from_body(cls, body: dict[str, Any]) -> RetainedVolume:
         meta = body.get("metadata", {})
         return cls(
-            ref=ObjectRef(
-                namespace=meta.get("namespace", ""),
-                name=meta.get("name", ""),
-                uid=meta.get("uid", ""),
-                kind=RETAINED_KIND,
-            ),
+            ref=ObjectRef.of(body, RETAINED_KIND),
             generation=int(meta.get("generation") or 1),
             deleting=bool(meta.get("deletionTimestamp")),
             spec=RetainedVolumeSpec.model_validate(body.get("spec") or {}),

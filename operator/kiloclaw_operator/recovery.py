@@ -251,13 +251,7 @@ async def _replacement_volume(
             )
     name = volume_name(instance.spec.sandbox_id)
     for volume in await fly.list_volumes(app):
-        if (
-            volume.name == name
-            and volume.id != record.source_volume_id
-            and volume.created_at is not None
-            and volume.created_at >= record.started_at
-            and volume.state not in ("destroyed", "destroying", "pending_destroy")
-        ):
+        if _is_fork_of_this_attempt(volume, name, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
@@ -559,16 +553,19 @@ async def _unrecorded_replacement_volume(
         volumes = await driver.ctx.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
-    for volume in volumes:
-        if (
-            volume.name == name
-            and volume.id != record.source_volume_id
-            and volume.created_at is not None
-            and volume.created_at >= record.started_at
-            and volume.state not in ("destroyed", "destroying", "pending_destroy")
-        ):
-            return volume.id
-    return None
+    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, name, record)), None)
+
+
+def _is_fork_of_this_attempt(volume: Volume, name: str, record: RecoveryStatus) -> bool:
+    """A live volume with the sandbox's name, created since this attempt began, that is not its source: what
+    step 4 of this attempt created (an older volume of the same name is a retained copy, never adopted)."""
+    return (
+        volume.name == name
+        and volume.id != record.source_volume_id
+        and volume.created_at is not None
+        and volume.created_at >= record.started_at
+        and volume.state not in ("destroyed", "destroying", "pending_destroy")
+    )
 
 
 def _fields(instance: InstanceModel, recovery_id: str | None = None) -> dict[str, Any]:

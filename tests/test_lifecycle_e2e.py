@@ -325,6 +325,27 @@ async def test_machine_destroyed_while_stopped_is_recreated_when_started(
     history.assert_consistent("otto")
 
 
+async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_the_same_name(
+    stack: Stack, namespace: str
+) -> None:
+    # Volume names keep 21 characters of the sandbox id: these two share them, and so share the name.
+    app = own_app(namespace)
+    first_sandbox, second_sandbox = "ki_0123456789abcdef0123_a", "ki_0123456789abcdef0123_b"
+    assert volume_name(first_sandbox) == volume_name(second_sandbox)
+    await stack.create_instance(namespace, "ada", flyApp=app, sandboxId=first_sandbox, state="Stopped")
+    first = await stopped(stack, namespace, "ada")
+    await destroy_machine_behind_the_operators_back(stack, app, status(first)["machineId"])
+    await stack.wait_instance(
+        namespace, "ada", lambda b: "machineId" not in status(b), what="machine forgotten"
+    )
+
+    # ada's volume is now unattached, recent and has the new instance's volume name: still not adoptable.
+    await stack.create_instance(namespace, "bea", flyApp=app, sandboxId=second_sandbox)
+    second = await running(stack, namespace, "bea")
+    assert status(second)["volumeId"] != status(first)["volumeId"]
+    assert len(stack.live_volumes(app, name=volume_name(second_sandbox))) == 2
+
+
 async def test_machine_that_fails_to_start_leaves_the_instance_stopped(stack: Stack, namespace: str) -> None:
     await stack.create_instance(namespace, "gus", flyApp=own_app(namespace))
     first = await running(stack, namespace, "gus")

@@ -25,7 +25,7 @@ from .kube import KubeClient, KubeError
 from .lifecycle import Action, Decision, Observation
 from .metrics import INSTANCE_PHASES
 from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
-from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
+from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.instance")
 
@@ -325,7 +325,8 @@ class InstanceDriver(ObjectDriver):
     async def _adoptable_volumes(self, instance: Instance, name: str) -> list[Volume]:
         """Volumes this instance created but did not record (crash between create and status write).
 
-        Same name, unattached, created after the instance, and not kept as a retained safety copy.
+        Same name, unattached, created after the instance, not kept as a retained safety copy, and named by
+        no instance's status (the name keeps only the first 21 characters of the sandbox id).
         """
         volumes = await self.ctx.fly.list_volumes(instance.spec.fly_app)
         candidates = [
@@ -342,11 +343,12 @@ class InstanceDriver(ObjectDriver):
         ]
         if not candidates:
             return []
-        retained = {
+        taken = set(volumes_in_use(await self.ctx.kube.list_instances()))
+        taken.update(
             item.get("spec", {}).get("volumeId")
             for item in await self.ctx.kube.list_retained_volumes(instance.ref.namespace)
-        }
-        return sorted((v for v in candidates if v.id not in retained), key=lambda v: str(v.created_at))
+        )
+        return sorted((v for v in candidates if v.id not in taken), key=lambda v: str(v.created_at))
 
     async def _ensure_machine(self, instance: Instance) -> Instance:
         spec = instance.spec

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -50,7 +49,7 @@ from .models import (
     RetainedVolumeStatus,
 )
 from .reconciler import Context, RetryLater, merge_patch
-from .volumes import OwnershipMismatch, delete_volume_checked
+from .volumes import OwnershipMismatch, delete_volume_checked, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.retained")
 analytics = logging.getLogger("kiloclaw.analytics")
@@ -160,25 +159,6 @@ def next_backoff(attempts: int, settings: Settings) -> float:
     capped at the maximum."""
     exponent = max(0, min(attempts - 1, 32))
     return float(min(settings.retry_backoff_max_seconds, settings.retry_backoff_min_seconds * 2**exponent))
-
-
-def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """Volume ids that instances' statuses name as current, or as source or replacement of a recovery in
-    flight, mapped to a description of who holds them (for the Stalled message)."""
-    held: dict[str, str] = {}
-    for body in instances:
-        name = body.get("metadata", {}).get("name", "?")
-        status = body.get("status") or {}
-        recovery = status.get("recovery") or {}
-        roles = (
-            (status.get("volumeId"), "current volume"),
-            (recovery.get("sourceVolumeId"), "source volume of recovery in flight"),
-            (recovery.get("replacementVolumeId"), "replacement volume of recovery in flight"),
-        )
-        for volume_id, role in roles:
-            if volume_id and volume_id not in held:
-                held[volume_id] = f"instance {name} ({role})"
-    return held
 
 
 def next_check_delay(retained: RetainedVolume, now: datetime, settings: Settings) -> float:

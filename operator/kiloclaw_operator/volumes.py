@@ -1,7 +1,10 @@
-"""Fly operations shared by destroy, recovery and retained volumes: the ownership-checked volume delete
-(DESIGN 3.5) and force-destroy that treats "already gone" as done."""
+"""Volume safety shared by destroy, recovery, provisioning and retained volumes: the ownership-checked delete
+(DESIGN 3.5), force-destroy that treats "already gone" as done, and which volumes instances hold."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .fly import FlyClient, NotFound
 
@@ -62,3 +65,22 @@ async def delete_volume_checked(fly: FlyClient, app: str, volume_id: str, expect
         await fly.delete_volume(app, volume_id)
     except NotFound:
         return
+
+
+def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Volume ids that instances' statuses name as current, or as source or replacement of a recovery in
+    flight, mapped to a description of who holds them (for the Stalled message)."""
+    held: dict[str, str] = {}
+    for body in instances:
+        name = body.get("metadata", {}).get("name", "?")
+        status = body.get("status") or {}
+        recovery = status.get("recovery") or {}
+        roles = (
+            (status.get("volumeId"), "current volume"),
+            (recovery.get("sourceVolumeId"), "source volume of recovery in flight"),
+            (recovery.get("replacementVolumeId"), "replacement volume of recovery in flight"),
+        )
+        for volume_id, role in roles:
+            if volume_id and volume_id not in held:
+                held[volume_id] = f"instance {name} ({role})"
+    return held

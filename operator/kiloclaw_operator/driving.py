@@ -8,9 +8,27 @@ the driver's loop (run by a kopf daemon) does every pass under its lock, and so 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from .models import ObjectRef, WireModel
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """RFC 7386 patch turning ``old`` into ``new``: nested dicts diffed, removed keys set to null."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
 
 
 def resource_version(body: dict[str, Any]) -> int:
@@ -79,6 +97,25 @@ class ObjectDriver:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    async def write_status(
+        self,
+        ref: ObjectRef,
+        stored: WireModel,
+        wanted: WireModel,
+        patch_status: Callable[[ObjectRef, dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status from ``stored`` to ``wanted``; return the object as the API server stored
+        it (and keep it as the latest body), or None when nothing changed."""
+        # Diff against what is stored (the fields present in the body), not the model's defaults: a new value
+        # that equals a default (phase Pending, attempts 0) must still be written.
+        before = stored.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        patch = merge_patch(before, wanted.dump())
+        if not patch:
+            return None
+        body = await patch_status(ref, patch)
+        self.offer(body)
+        return body
 
     def forgotten(self) -> None:
         """The object is gone from the API server: stop, and drop what is kept about it."""

@@ -85,22 +85,6 @@ class PollingObserver:
         return Observation.found(machine.state, config_in_sync=in_sync), machine
 
 
-def merge_patch(old: Any, new: Any) -> Any:
-    """RFC 7386 patch turning ``old`` into ``new``: nested dicts diffed, removed keys set to null."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    patch: dict[str, Any] = {}
-    for key, value in new.items():
-        if key not in old:
-            patch[key] = value
-        elif old[key] != value:
-            patch[key] = merge_patch(old[key], value)
-    for key in old:
-        if key not in new:
-            patch[key] = None
-    return patch
-
-
 @dataclass
 class InstanceDriver(ObjectDriver):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
@@ -132,13 +116,11 @@ class InstanceDriver(ObjectDriver):
         status = conditions.summarize(
             instance.spec, status, instance.generation, self.ctx.clock(), deferred=deferred
         )
-        # Diff against what is stored (fields present in the body), not the model's defaults: a new value that
-        # equals a default (phase Pending, attempts 0) must still be written.
-        stored = instance.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
-        patch = merge_patch(stored, status.dump())
-        if not patch:
+        body = await self.write_status(
+            instance.ref, instance.status, status, self.ctx.kube.patch_instance_status
+        )
+        if body is None:
             return instance
-        body = await self.ctx.kube.patch_instance_status(instance.ref, patch)
         logger.debug("status committed: %s", why, extra=self._log_fields(instance))
         self.offer(body)
         updated = Instance.from_body(body)

@@ -48,7 +48,7 @@ from .models import (
     RetainedVolume,
     RetainedVolumeStatus,
 )
-from .reconciler import Context, RetryLater, merge_patch
+from .reconciler import Context, RetryLater
 from .volumes import OwnershipMismatch, delete_volume_checked, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.retained")
@@ -367,13 +367,11 @@ class RetainedVolumeDriver(ObjectDriver):
         self, retained: RetainedVolume, status: RetainedVolumeStatus, why: str
     ) -> RetainedVolume:
         """The one status write: a merge patch of what changed, confirmed by the API server."""
-        # Diff against what the API server holds: defaults the model fills in for absent fields (phase,
-        # attempts) are not stored yet and must be written.
-        stored = retained.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
-        patch = merge_patch(stored, status.dump())
-        if not patch:
+        body = await self.write_status(
+            retained.ref, retained.status, status, self.ctx.kube.patch_retained_status
+        )
+        if body is None:
             return retained
-        body = await self.ctx.kube.patch_retained_status(retained.ref, patch)
         logger.debug("status committed: %s", why, extra=self._log_fields(retained))
         self.offer(body)
         updated = RetainedVolume.from_body(body)

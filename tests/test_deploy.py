@@ -42,6 +42,8 @@ OPERATOR_CALLS: frozenset[RbacCall] = frozenset(
         ),
         ("patch", "kiloclaw.kilo.ai", "kiloclawretainedvolumes/status"),
         ("create", "", "events"),
+        ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
+        ("watch", "apiextensions.k8s.io", "customresourcedefinitions"),
         ("list", "", "namespaces"),
         ("watch", "", "namespaces"),
     }

@@ -75,8 +75,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    # Discovery happens once at start-up; watching CRDs would need cluster-wide CRD read access for nothing.
-    settings.scanning.disabled = True
+    # CRD scanning stays on (it needs list/watch on CRDs): an operator that starts before its CRDs are
+    # established, as `kubectl apply -k deploy/` allows, begins serving them when they appear.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = memo.get("watch_server_timeout", 300)
     settings.watching.client_timeout = settings.watching.server_timeout + 30

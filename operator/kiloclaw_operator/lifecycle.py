@@ -69,7 +69,6 @@ class Action(Enum):
     RESUME_RECOVERY = "resume_recovery"
     SETTLE = "settle"  # a phase change implied by the observation, no Fly call
     ACKNOWLEDGE = "acknowledge"  # the new generation needs no Fly call: record it as observed
-    DEFER = "defer"  # busy: record Reconciling/Busy and the ActionDeferred event
 
 
 @dataclass(frozen=True)

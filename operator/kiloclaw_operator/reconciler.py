@@ -237,7 +237,7 @@ class InstanceDriver(ObjectDriver):
 
     async def _act(self, instance: Instance, decision: Decision, machine: Machine | None) -> Instance:
         action = decision.action
-        if action is Action.NOTHING or action is Action.DEFER:
+        if action is Action.NOTHING:
             return instance
         if action is Action.RESUME_RECOVERY:
             return await recovery.resume(self, instance)

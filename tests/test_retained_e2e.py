@@ -342,19 +342,29 @@ async def test_kubectl_delete_of_a_blocked_volume_stays_terminating_until_an_adm
     await destroy_machine(fly_api, foreign)
 
 
-async def test_attached_machine_of_the_same_sandbox_is_force_destroyed_first(
+async def test_attached_machine_that_merely_carries_the_same_sandbox_id_blocks_the_delete(
     stack: Stack, namespace: str, fly_api: httpx.AsyncClient
 ) -> None:
+    """DESIGN 3.5: a sandbox id alone proves nothing (another instance may name the same sandbox); no machine
+    is recorded for a retained volume, so whatever is attached now is left alone."""
     volume_id = fly_volume(stack)
-    own = await attach_machine(fly_api, volume_id, SANDBOX)
+    same_sandbox = await attach_machine(fly_api, volume_id, SANDBOX)
 
     async def started() -> bool | None:
-        return True if stack.fly.machine(own)["state"] == "started" else None
+        return True if stack.fly.machine(same_sandbox)["state"] == "started" else None
 
     await eventually(started, what="machine started")
     await create_retained(stack, namespace, "alice-vol-att", volume_id, delete_now=True)
+    blocked = await wait_retained(
+        stack, namespace, "alice-vol-att", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
+    )
+    assert condition(blocked, "Stalled")["message"] == (
+        f"refusing to destroy attached machine {same_sandbox} for volume {volume_id}: "
+        "not a machine recorded for this volume"
+    )
+    assert machine_alive(stack, same_sandbox) and volume_alive(stack, volume_id)
+    await destroy_machine(fly_api, same_sandbox)
     await wait_retained_gone(stack, namespace, "alice-vol-att")
-    assert not machine_alive(stack, own)
     assert not volume_alive(stack, volume_id)
 
 

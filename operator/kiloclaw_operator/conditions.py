@@ -27,6 +27,7 @@ REASON_BUSY = "Busy"
 REASON_RECOVERY_FAILED = "RecoveryFailed"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
+REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
 
 
 def set_condition(
@@ -65,6 +66,12 @@ def mark_stalled(
 def clear_stalled(status: InstanceStatus, now: datetime, generation: int) -> InstanceStatus:
     conditions = set_condition(status.conditions, STALLED, "False", "Progressing", "", now, generation)
     return status.model_copy(update={"conditions": conditions})
+
+
+def stalled_reason(status: InstanceStatus) -> str | None:
+    """The reason of a Stalled=True condition, or None when not stalled."""
+    stalled = status.condition(STALLED)
+    return stalled.reason if stalled is not None and stalled.status == "True" else None
 
 
 def is_stalled(status: InstanceStatus) -> bool:

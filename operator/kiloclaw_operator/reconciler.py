@@ -7,6 +7,7 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from . import conditions, lifecycle, recovery
+from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
@@ -30,6 +31,7 @@ from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_i
 logger = logging.getLogger("kiloclaw.instance")
 
 ACTION_DEFERRED = "ActionDeferred"
+DUPLICATE_SANDBOX = "DuplicateSandbox"
 
 
 def utcnow() -> datetime:
@@ -59,6 +61,8 @@ class Context:
     kube: KubeClient
     observer: Observer
     clock: Callable[[], datetime] = utcnow
+    # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
+    claims: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class PollingObserver:
@@ -170,6 +174,9 @@ class InstanceDriver(ObjectDriver):
                 )
                 return self._backoff()
             self.failures = 0
+            if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
+                # A refused claimant looks again now and then: it may claim once the owner is gone.
+                return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
             return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
@@ -193,6 +200,11 @@ class InstanceDriver(ObjectDriver):
         return self._backoff(hint)
 
     async def _reconcile(self, instance: Instance) -> Instance:
+        if not ownership.has_claim(instance.status):
+            claimed = await self._claim(instance)
+            if claimed is None:
+                return self.current()
+            instance = claimed
         if instance.status.recovery is None and instance.status.pending_cleanup is not None:
             instance = await self._retry_pending_cleanup(instance)
         if instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None:
@@ -207,6 +219,46 @@ class InstanceDriver(ObjectDriver):
         if lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance):
             instance = await self._defer(instance)
         return await self._act(instance, decision, machine)
+
+    async def _claim(self, instance: Instance) -> Instance | None:
+        """Claim the instance's (flyApp, sandboxId) before its first Fly call, or refuse it as a duplicate.
+
+        Checked against an authoritative list and recorded (phase Provisioning, confirmed by the API server)
+        under one process-wide lock, so two instances never both claim; see ownership.py for the rule.
+        """
+        async with self.ctx.claims:
+            owner = ownership.claim_owner(instance, await self.ctx.kube.list_instances())
+            now = self.ctx.clock()
+            if owner is not None:
+                await self._refuse_duplicate(instance, owner)
+                return None
+            status = instance.status.model_copy(
+                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
+            )
+            if conditions.is_stalled(status):
+                status = conditions.clear_stalled(status, now, instance.generation)
+            return await self.commit(instance, status, "claim the sandbox before any Fly call")
+
+    async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
+        message = ownership.duplicate_message(instance, owner)
+        stalled = instance.status.condition(conditions.STALLED)
+        if (
+            stalled is not None
+            and stalled.status == "True"
+            and stalled.reason == conditions.REASON_DUPLICATE_SANDBOX
+            and stalled.message == message
+        ):
+            return
+        logger.warning("%s", message, extra=self._log_fields(instance))
+        status = conditions.mark_stalled(
+            instance.status.model_copy(update={"observed_generation": instance.generation}),
+            conditions.REASON_DUPLICATE_SANDBOX,
+            message,
+            self.ctx.clock(),
+            instance.generation,
+        )
+        await self.commit(instance, status, "refused as a duplicate claimant: nothing on Fly is touched")
+        await self.ctx.kube.post_event(instance.ref, DUPLICATE_SANDBOX, message, warning=True)
 
     async def _record_observation(self, instance: Instance, observation: Observation) -> Instance:
         """Fly state changes are written when they change, never on every poll (no status churn)."""
@@ -359,17 +411,23 @@ class InstanceDriver(ObjectDriver):
         )
 
     async def _adoptable_machine(self, instance: Instance) -> Machine | None:
+        volume_id = instance.status.volume_id
+        assert volume_id is not None
+        machines = await self._machines_on_volume(instance, volume_id)
+        return machines[0] if machines else None
+
+    async def _machines_on_volume(self, instance: Instance, volume_id: str) -> list[Machine]:
+        """Live machines that prove they are this instance's: our sandbox id in their metadata *and* a mount
+        of a volume id this instance recorded (volume ids are unique; a sandbox id alone is not proof)."""
         machines = await self.ctx.fly.list_machines(
             instance.spec.fly_app, metadata={lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
         )
-        volume_id = instance.status.volume_id
-        for machine in machines:
-            if machine.state in ("destroyed", "destroying"):
-                continue
-            mounts = machine.config.mounts if machine.config else []
-            if any(m.volume == volume_id for m in mounts):
-                return machine
-        return None
+        return [
+            machine
+            for machine in machines
+            if machine.state not in ("destroyed", "destroying")
+            and any(m.volume == volume_id for m in (machine.config.mounts if machine.config else []))
+        ]
 
     async def _start(self, instance: Instance, base: InstanceStatus, machine: Machine | None) -> Instance:
         spec = instance.spec
@@ -449,7 +507,13 @@ class InstanceDriver(ObjectDriver):
                     self.ctx.fly, app, pending.machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
                 )
             if pending.volume_id:
-                await delete_volume_checked(self.ctx.fly, app, pending.volume_id, instance.spec.sandbox_id)
+                await delete_volume_checked(
+                    self.ctx.fly,
+                    app,
+                    pending.volume_id,
+                    instance.spec.sandbox_id,
+                    recorded_machine_ids={pending.machine_id},
+                )
         except (FlyError, OwnershipMismatch) as exc:
             logger.warning("pending cleanup still failing: %s", exc, extra=self._log_fields(instance))
             return instance
@@ -476,22 +540,42 @@ class InstanceDriver(ObjectDriver):
             app = instance.spec.fly_app
             status = instance.status
             try:
+                # Only what this instance recorded, or proves it owns: a machine with our sandbox id that
+                # mounts our recorded volume (a create whose id never reached the status). Never every
+                # machine carrying the sandbox id: another instance may name the same sandbox.
                 machine_ids = {status.machine_id} if status.machine_id else set()
-                for machine in await self.ctx.fly.list_machines(
-                    app, metadata={lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
-                ):
-                    if machine.state not in ("destroyed",):
-                        machine_ids.add(machine.id)
+                if status.volume_id:
+                    machine_ids.update(
+                        m.id for m in await self._machines_on_volume(instance, status.volume_id)
+                    )
                 for machine_id in sorted(machine_ids):
                     await destroy_machine_if_present(
                         self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
                     )
-                if status.pending_cleanup and status.pending_cleanup.volume_id:
+                pending = status.pending_cleanup
+                if pending and pending.machine_id:
+                    await destroy_machine_if_present(
+                        self.ctx.fly,
+                        app,
+                        pending.machine_id,
+                        wait_seconds=self.ctx.settings.wait_call_seconds,
+                    )
+                if pending and pending.volume_id:
                     await delete_volume_checked(
-                        self.ctx.fly, app, status.pending_cleanup.volume_id, instance.spec.sandbox_id
+                        self.ctx.fly,
+                        app,
+                        pending.volume_id,
+                        instance.spec.sandbox_id,
+                        recorded_machine_ids={pending.machine_id},
                     )
                 if status.volume_id:
-                    await delete_volume_checked(self.ctx.fly, app, status.volume_id, instance.spec.sandbox_id)
+                    await delete_volume_checked(
+                        self.ctx.fly,
+                        app,
+                        status.volume_id,
+                        instance.spec.sandbox_id,
+                        recorded_machine_ids=machine_ids,
+                    )
             except (FlyError, OwnershipMismatch) as exc:
                 if isinstance(exc, Unauthorized):
                     raise RetryLater(

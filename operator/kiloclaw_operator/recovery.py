@@ -286,7 +286,7 @@ async def _replacement_machine(
             return await fly.get_machine(app, record.replacement_machine_id)
         except NotFound:
             pass
-    for machine in await fly.list_machines(app, metadata={lifecycle.METADATA_RECOVERY_ID: record.id}):
+    for machine in await fly.list_machines(app, metadata=_attempt_metadata(instance, record)):
         if machine.state not in ("destroyed", "destroying"):
             logger.info(
                 "adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance)
@@ -363,7 +363,13 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
             retain_until = now + timedelta(seconds=settings.retention_seconds)
         else:
             try:
-                await delete_volume_checked(fly, app, record.source_volume_id, instance.spec.sandbox_id)
+                await delete_volume_checked(
+                    fly,
+                    app,
+                    record.source_volume_id,
+                    instance.spec.sandbox_id,
+                    recorded_machine_ids={record.source_machine_id},
+                )
                 retain_until = None
             except (FlyError, OwnershipMismatch) as exc:
                 logger.warning(
@@ -462,7 +468,7 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
     if replacement_machine is None and record.replacement_volume_id:
         # A crash between create and record leaves a machine only its metadata can find.
         try:
-            found = await fly.list_machines(app, metadata={lifecycle.METADATA_RECOVERY_ID: record.id})
+            found = await fly.list_machines(app, metadata=_attempt_metadata(instance, record))
             replacement_machine = next((m.id for m in found if m.state != "destroyed"), None)
         except FlyError:
             pass
@@ -486,7 +492,13 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
         try:
             if leftover_machine is not None:
                 raise RecoveryStepFailed("its machine is not destroyed yet")
-            await delete_volume_checked(fly, app, replacement_volume, instance.spec.sandbox_id)
+            await delete_volume_checked(
+                fly,
+                app,
+                replacement_volume,
+                instance.spec.sandbox_id,
+                recorded_machine_ids={replacement_machine},
+            )
         except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
             logger.warning(
                 "could not delete replacement volume %s: %s", replacement_volume, exc, extra=_fields(instance)
@@ -566,6 +578,14 @@ def _is_fork_of_this_attempt(volume: Volume, name: str, record: RecoveryStatus) 
         and volume.created_at >= record.started_at
         and volume.state not in ("destroyed", "destroying", "pending_destroy")
     )
+
+
+def _attempt_metadata(instance: InstanceModel, record: RecoveryStatus) -> dict[str, str]:
+    """What proves a machine belongs to this recovery attempt: its unique id and our sandbox id."""
+    return {
+        lifecycle.METADATA_RECOVERY_ID: record.id,
+        lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id,
+    }
 
 
 def _fields(instance: InstanceModel, recovery_id: str | None = None) -> dict[str, Any]:

@@ -473,7 +473,11 @@ class RetainedVolumeDriver(ObjectDriver):
                 retained, volume_in_use_failure(spec.volume_id, holder, settings)
             )
         try:
-            await delete_volume_checked(self.ctx.fly, spec.fly_app, spec.volume_id, spec.sandbox_id)
+            # No machine is recorded for a retained volume (its machine was destroyed by the recovery): any
+            # machine attached now is someone else's, whatever sandbox id it carries (DESIGN 3.5).
+            await delete_volume_checked(
+                self.ctx.fly, spec.fly_app, spec.volume_id, spec.sandbox_id, recorded_machine_ids=()
+            )
         except (FlyError, OwnershipMismatch) as exc:
             failure = classify_failure(exc, retained.status.attempts + 1, settings)
             return await self._record_failure(retained, failure)

@@ -3,19 +3,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from .fly import FlyClient, NotFound
 
 
 class OwnershipMismatch(Exception):
-    """The volume is attached to a machine of another sandbox (or of none): nothing was destroyed."""
+    """The volume is attached to a machine of another sandbox (or of none), or to one the operator never
+    recorded for this volume: nothing was destroyed."""
 
     def __init__(self, machine_id: str, volume_id: str, expected: str, found: str | None) -> None:
-        super().__init__(
-            f"refusing to destroy attached machine {machine_id} for volume {volume_id}: "
+        detail = (
             f"expected sandbox {expected}, found {found or 'none'}"
+            if found != expected
+            else "not a machine recorded for this volume"
+        )
+        super().__init__(
+            f"refusing to destroy attached machine {machine_id} for volume {volume_id}: {detail}"
         )
         self.machine_id = machine_id
         self.volume_id = volume_id
@@ -39,11 +44,20 @@ async def destroy_machine_if_present(
         return
 
 
-async def delete_volume_checked(fly: FlyClient, app: str, volume_id: str, expected_sandbox_id: str) -> None:
-    """Delete ``volume_id`` only if whatever is attached to it belongs to ``expected_sandbox_id``.
+async def delete_volume_checked(
+    fly: FlyClient,
+    app: str,
+    volume_id: str,
+    expected_sandbox_id: str,
+    *,
+    recorded_machine_ids: Collection[str | None],
+) -> None:
+    """Delete ``volume_id`` only if whatever is attached to it is provably ours (DESIGN 3.5).
 
     404 on the volume means done. An attached machine is force-destroyed first (it would block the delete),
-    but only after its ``kiloclaw_sandbox_id`` metadata proves it is ours: a mismatch raises
+    but only if its ``kiloclaw_sandbox_id`` metadata is ``expected_sandbox_id`` **and** its id is one the
+    operator recorded for this volume (``recorded_machine_ids``: the instance's or the recovery's machine).
+    A sandbox id alone proves nothing (a second instance may name the same sandbox): anything else raises
     ``OwnershipMismatch`` before anything is destroyed.
     """
     try:
@@ -58,7 +72,7 @@ async def delete_volume_checked(fly: FlyClient, app: str, volume_id: str, expect
             machine = None
         if machine is not None and machine.state != "destroyed":
             found = machine.metadata.get("kiloclaw_sandbox_id")
-            if found != expected_sandbox_id:
+            if found != expected_sandbox_id or attached not in recorded_machine_ids:
                 raise OwnershipMismatch(attached, volume_id, expected_sandbox_id, found)
             await destroy_machine_if_present(fly, app, attached, wait_seconds=60)
     try:

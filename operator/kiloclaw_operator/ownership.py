@@ -1,0 +1,105 @@
+"""Ownership across instances (DESIGN 3.6): one KiloClawInstance owns a ``(flyApp, sandboxId)``.
+
+Pure functions over instance bodies; the driver calls ``claim_owner`` before an instance's first Fly call and
+refuses a second claimant (``Stalled`` reason ``DuplicateSandbox``) before it touches Fly.
+
+Why the rule is deterministic and race-free:
+- a *claim* is a fact in the status, written before the instance's first Fly call: any phase other than
+  ``Pending``, or any recorded Fly id. Once an instance holds a claim, no later claimant can win against
+  it, whatever order the operator sees events in (a restart does not reshuffle owners);
+- among instances without a claim, the oldest (``creationTimestamp``, then ``uid`` as the tie-break)
+  wins, so the original beats a copy applied later even when the copy's event arrives first;
+- the operator evaluates and records claims one at a time (one process-wide lock, an authoritative list
+  from the API server, and the claiming status write confirmed before the lock is released), so two
+  instances can never both see "no claimant" and both claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .models import Instance, InstanceStatus, Phase
+
+
+@dataclass(frozen=True)
+class Owner:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+#: Phases that by themselves claim nothing: not acted on yet, or a refused claimant being deleted.
+_UNCLAIMED_PHASES = frozenset({Phase.PENDING.value, Phase.DESTROYING.value})
+
+
+def has_claim(status: InstanceStatus) -> bool:
+    """Whether this status records a claim: the operator acted on the instance, or it holds Fly ids."""
+    return status.phase.value not in _UNCLAIMED_PHASES or _holds_ids(status.model_dump(by_alias=True))
+
+
+def _holds_ids(status: Mapping[str, Any]) -> bool:
+    pending = status.get("pendingCleanup") or {}
+    return bool(
+        status.get("volumeId")
+        or status.get("machineId")
+        or status.get("recovery")
+        or pending.get("volumeId")
+        or pending.get("machineId")
+    )
+
+
+def _body_has_claim(body: Mapping[str, Any]) -> bool:
+    status = body.get("status") or {}
+    return (status.get("phase") or Phase.PENDING.value) not in _UNCLAIMED_PHASES or _holds_ids(status)
+
+
+def _age_key(body: Mapping[str, Any]) -> tuple[str, str]:
+    meta = body.get("metadata") or {}
+    # RFC 3339 timestamps in UTC ("...Z") sort as strings; the uid breaks same-second ties.
+    return (str(meta.get("creationTimestamp") or ""), str(meta.get("uid") or ""))
+
+
+def claim_owner(instance: Instance, peers: Iterable[Mapping[str, Any]]) -> Owner | None:
+    """The instance that owns ``instance``'s ``(flyApp, sandboxId)`` if it is another one, else None.
+
+    ``peers`` are instance bodies as listed from the API server (any namespace; ``instance`` itself may be
+    among them). Claimants — even one being deleted, whose finalizer still needs its resources — win over
+    instances without a claim, the oldest claimant first; without any claimant the oldest undeleted
+    instance wins.
+    """
+    spec = instance.spec
+    contenders: list[tuple[bool, tuple[str, str], Owner | None]] = []
+    listed_self = False
+    for body in peers:
+        body_spec = body.get("spec") or {}
+        if body_spec.get("flyApp") != spec.fly_app or body_spec.get("sandboxId") != spec.sandbox_id:
+            continue
+        meta = body.get("metadata") or {}
+        is_self = meta.get("uid") == instance.ref.uid
+        listed_self = listed_self or is_self
+        if is_self:
+            contenders.append((has_claim(instance.status), _age_key(body), None))
+        elif _body_has_claim(body) or not meta.get("deletionTimestamp"):
+            contenders.append((_body_has_claim(body), _age_key(body), _owner(body)))
+    if not listed_self:
+        stamp = instance.created_at.strftime("%Y-%m-%dT%H:%M:%SZ") if instance.created_at else ""
+        contenders.append((has_claim(instance.status), (stamp, instance.ref.uid), None))
+    # Claimants first (False sorts before True, hence the negation), then by age.
+    _, _, winner = min(contenders, key=lambda c: (not c[0], c[1]))
+    return winner
+
+
+def _owner(body: Mapping[str, Any]) -> Owner:
+    meta = body.get("metadata") or {}
+    return Owner(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")))
+
+
+def duplicate_message(instance: Instance, owner: Owner) -> str:
+    return (
+        f"sandbox {instance.spec.sandbox_id} in Fly app {instance.spec.fly_app} is owned by instance "
+        f"{owner}; this instance touches nothing on Fly (delete it, or give it its own sandboxId)"
+    )

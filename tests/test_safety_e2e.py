@@ -1,0 +1,111 @@
+"""End-to-end safety stories (issue 10): no instance can hurt another, transient Fly faults never fail a
+recovery, an instance that should run converges or says why, and a restart does not eat a recovery's budget.
+
+The real operator against kubesim and flysim over HTTP, with short intervals; waits have deadlines, nothing
+asserts timings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness import Stack, condition, eventually, status
+from kiloclaw_operator.models import volume_name
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "instance.yaml"
+
+
+def example_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())["spec"]
+    return spec
+
+
+def stalled_reason(body: dict[str, Any]) -> str | None:
+    stalled = condition(body, "Stalled")
+    return stalled.get("reason") if stalled.get("status") == "True" else None
+
+
+def mutating_fly_requests(stack: Stack, app: str) -> list[tuple[str, str]]:
+    return [
+        (r.method, r.path)
+        for r in stack.fly.request_log
+        if r.method in ("POST", "DELETE") and r.path.startswith(f"/v1/apps/{app}/")
+    ]
+
+
+async def wait_event(stack: Stack, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
+    async def check() -> list[dict[str, Any]] | None:
+        found = [e for e in await stack.events(namespace, name) if e["reason"] == reason]
+        return found or None
+
+    return await eventually(check, timeout=10, what=f"event {reason} on {name}")
+
+
+async def running_and_ready(stack: Stack, namespace: str, name: str, timeout: float = 15) -> dict[str, Any]:
+    return await stack.wait_instance(
+        namespace,
+        name,
+        lambda b: status(b).get("phase") == "Running" and condition(b, "Ready").get("status") == "True",
+        timeout,
+        what="Running and Ready",
+    )
+
+
+# --- 1. ownership -----------------------------------------------------------------------------------------
+
+
+async def test_a_copy_with_the_same_sandbox_is_refused_and_deleting_it_leaves_the_original_running(
+    stack: Stack, namespace: str
+) -> None:
+    spec = example_spec()
+    app, sandbox = spec["flyApp"], spec["sandboxId"]
+    await stack.create_instance(namespace, "alice", **spec)
+    original = status(await running_and_ready(stack, namespace, "alice"))
+    before = mutating_fly_requests(stack, app)
+
+    await stack.create_instance(namespace, "alice-copy", **spec)
+    copy = await stack.wait_instance(
+        namespace,
+        "alice-copy",
+        lambda b: stalled_reason(b) == "DuplicateSandbox",
+        what="Stalled DuplicateSandbox",
+    )
+    message = condition(copy, "Stalled")["message"]
+    assert f"owned by instance {namespace}/alice" in message
+    assert not {"volumeId", "machineId"} & set(status(copy))
+    (event,) = await wait_event(stack, namespace, "alice-copy", "DuplicateSandbox")
+    assert event["type"] == "Warning" and f"{namespace}/alice" in event["message"]
+
+    await stack.delete_instance(namespace, "alice-copy")
+    await stack.wait_gone(namespace, "alice-copy")
+
+    assert mutating_fly_requests(stack, app) == before, "the copy touched Fly"
+    machine = stack.fly.machine(original["machineId"])
+    assert machine["state"] == "started"
+    assert [v["id"] for v in stack.live_volumes(app, name=volume_name(sandbox))] == [original["volumeId"]]
+    still = await stack.get_instance(namespace, "alice")
+    assert still is not None
+    assert status(still)["phase"] == "Running" and status(still)["machineId"] == original["machineId"]
+    await stack.delete_instance(namespace, "alice")
+    await stack.wait_gone(namespace, "alice")
+
+
+async def test_the_refused_copy_takes_over_the_sandbox_once_the_original_is_deleted(
+    stack: Stack, namespace: str
+) -> None:
+    app = f"acct-{namespace}"
+    await stack.create_instance(namespace, "first", flyApp=app, sandboxId=f"ki_{namespace}".replace("-", "_"))
+    await running_and_ready(stack, namespace, "first")
+    await stack.create_instance(
+        namespace, "second", flyApp=app, sandboxId=f"ki_{namespace}".replace("-", "_")
+    )
+    await stack.wait_instance(
+        namespace, "second", lambda b: stalled_reason(b) == "DuplicateSandbox", what="refused"
+    )
+    await stack.delete_instance(namespace, "first")
+    await stack.wait_gone(namespace, "first")
+    taken = status(await running_and_ready(stack, namespace, "second"))
+    assert [m["id"] for m in stack.live_machines(app)] == [taken["machineId"]]

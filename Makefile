@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 N      ?= 1000
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv dev run test lint bench e2e clean
+.PHONY: venv dev run test lint bench e2e cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,9 +36,19 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py --instances $(N)
 
-## make e2e: the end-to-end suite against the current kube context (skipped, saying why, when none answers)
+## make cluster: a real kube-apiserver + etcd on loopback, built once from Go modules (cached in ~/.cache)
+cluster:
+	tests/controlplane/cluster.sh up
+
+cluster-down:
+	tests/controlplane/cluster.sh down
+
+# make e2e uses the cluster of `make cluster` when it runs, otherwise the current kube context.
+E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeconfig,$(KUBECONFIG))
+
+## make e2e: the end-to-end suite against a real API server (skipped, saying why, when none answers)
 e2e: $(STAMP)
-	$(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py
+	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

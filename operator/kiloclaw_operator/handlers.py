@@ -16,7 +16,8 @@ import kopf
 from .config import Settings, load_settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import FlyClient
-from .kube import KubeClient, KubeConnection, write_temp_pem
+from .kube import KubeClient, KubeConnection, connection_from_login, pem_bytes, write_temp_pem
+from .kubeconfig import KubeconfigError, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import Context, InstanceDriver, PollingObserver, RetryLater, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
@@ -87,18 +88,46 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.login()
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is None:
-        return None
-    _runtime(memo).connect(_connection(info))
+    """In a pod: the service account. Elsewhere: the kubeconfig as kubectl reads it, including token files
+    and exec credential plugins (kopf's own kubeconfig login has neither); kopf calls this again on a 401 or
+    when the plugin's token expires."""
+    info = kopf.login_with_service_account(**kwargs)
+    if info is not None:
+        conn = _connection(info)
+    else:
+        try:
+            conn = connection_from_login(await asyncio.to_thread(load_kubeconfig))
+        except KubeconfigError as exc:
+            raise kopf.LoginError(str(exc)) from None
+        info = _connection_info(conn)
+    _runtime(memo).connect(conn)
     return info
+
+
+def _connection_info(conn: KubeConnection) -> kopf.ConnectionInfo:
+    token, expiration = conn.token, None
+    if conn.tokens is not None:
+        token, expiration = conn.tokens.token(), conn.tokens.expires_at
+    return kopf.ConnectionInfo(
+        server=conn.server,
+        token=token,
+        ca_path=conn.ca_path,
+        ca_data=conn.ca_data,
+        insecure=conn.insecure or None,
+        certificate_path=conn.certificate_path,
+        private_key_path=conn.private_key_path,
+        username=conn.username,
+        password=conn.password,
+        expiration=expiration,
+        priority=30,
+    )
 
 
 def _connection(info: kopf.ConnectionInfo) -> KubeConnection:
     def path(value: object) -> str | None:
         return None if value is None else str(value)
 
-    ca_data = info.ca_data.encode() if isinstance(info.ca_data, str) else info.ca_data
+    ca_data = pem_bytes(info.ca_data) if info.ca_data else None
     cert_path = path(info.certificate_path) or (
         write_temp_pem(info.certificate_data) if info.certificate_data else None
     )

@@ -9,16 +9,19 @@ Async httpx, sharing the credentials kopf logged in with (``KubeConnection``), s
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 import tempfile
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Generator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from . import __version__
+from .kubeconfig import ClusterLogin, TokenSource
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 
 logger = logging.getLogger("kiloclaw.kube")
@@ -56,16 +59,69 @@ class KubeConnection:
     private_key_path: str | None = None
     username: str | None = None
     password: str | None = None
+    # A token that changes (token file, exec credential plugin); it wins over ``token``.
+    tokens: TokenSource | None = field(default=None, compare=False)
 
 
-def _tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:
+def connection_from_login(login: ClusterLogin) -> KubeConnection:
+    """The connection for a kubeconfig context (see :mod:`.kubeconfig`)."""
+    cert = login.client_certificate_path or (
+        write_temp_pem(login.client_certificate_pem) if login.client_certificate_pem else None
+    )
+    key = login.client_key_path or (write_temp_pem(login.client_key_pem) if login.client_key_pem else None)
+    return KubeConnection(
+        server=login.server,
+        token=login.token,
+        ca_data=login.ca_pem,
+        ca_path=login.ca_path,
+        insecure=login.insecure,
+        certificate_path=cert,
+        private_key_path=key,
+        username=login.username,
+        password=login.password,
+        tokens=login.tokens,
+    )
+
+
+def pem_bytes(data: str | bytes) -> bytes:
+    """Certificate data as PEM: kubeconfigs and kopf carry it base64-encoded or as PEM text."""
+    raw = data.encode() if isinstance(data, str) else data
+    return raw if raw.lstrip().startswith(b"-----BEGIN ") else base64.b64decode(raw)
+
+
+class RefreshingBearerAuth(httpx.Auth):
+    """Bearer auth from a :class:`TokenSource`: a fresh token per request, and one retry after a 401 with a
+    newly fetched token (exec plugins' tokens expire; token files are rotated)."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._tokens.token()}"
+        response = yield request
+        if response.status_code == 401:
+            self._tokens.invalidate()
+            request.headers["Authorization"] = f"Bearer {self._tokens.token()}"
+            yield request
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = self._tokens.cached() or await asyncio.to_thread(self._tokens.token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            self._tokens.invalidate()
+            request.headers["Authorization"] = f"Bearer {await asyncio.to_thread(self._tokens.token)}"
+            yield request
+
+
+def tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:
     if not conn.server.startswith("https"):
         return True
     if conn.insecure:
         return False
     context = ssl.create_default_context(cafile=conn.ca_path)
     if conn.ca_data:
-        context.load_verify_locations(cadata=conn.ca_data.decode())
+        context.load_verify_locations(cadata=pem_bytes(conn.ca_data).decode())
     if conn.certificate_path:
         context.load_cert_chain(conn.certificate_path, conn.private_key_path)
     return context
@@ -86,12 +142,16 @@ def build_http_client(
     headers = {"Accept": "application/json", "User-Agent": user_agent or USER_AGENT}
     if conn.token:
         headers["Authorization"] = f"{conn.scheme} {conn.token}"
-    auth = httpx.BasicAuth(conn.username, conn.password) if conn.username and conn.password else None
+    auth: httpx.Auth | None = None
+    if conn.tokens is not None:
+        auth = RefreshingBearerAuth(conn.tokens)
+    elif conn.username and conn.password:
+        auth = httpx.BasicAuth(conn.username, conn.password)
     return httpx.AsyncClient(
         base_url=conn.server.rstrip("/"),
         headers=headers,
         auth=auth,
-        verify=_tls_context(conn),
+        verify=tls_context(conn),
         timeout=timeout,
         limits=httpx.Limits(
             max_connections=KUBE_MAX_CONNECTIONS, max_keepalive_connections=KUBE_MAX_CONNECTIONS

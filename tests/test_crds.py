@@ -8,16 +8,21 @@ structural, described and shaped for ``kubectl get`` as designed.
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 from pydantic import BaseModel
 
+import realcluster
 from kiloclaw_operator import models
 from kubesim import crdschema
 
@@ -134,14 +139,149 @@ def with_fields(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 def errors_of(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    """What the API server would answer to a create (or an update from ``old``) of ``obj``."""
+    """What kubesim's validation answers to a create (or an update from ``old``) of ``obj``."""
     schema = SCHEMAS[obj["kind"]]
     defaulted_old = crdschema.apply_defaults(schema, old) if old is not None else None
     return crdschema.validate(schema, crdschema.apply_defaults(schema, obj), defaulted_old)
 
 
-def assert_rejected(obj: dict[str, Any], expected: str, old: dict[str, Any] | None = None) -> None:
-    errors = errors_of(obj, old)
+class Server(Protocol):
+    """An API server's answer to a create, an update or a status write, as a list of field errors."""
+
+    name: str
+
+    def errors(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]: ...
+
+    def defaulted(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Kubesim:
+    name = "kubesim"
+
+    def errors(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+        if old is None and "status" in obj:  # a status write, as ApiServer does it
+            schema = SCHEMAS[obj["kind"]]
+            return crdschema.admit(schema, obj, None, "status").errors
+        return errors_of(obj, old)
+
+    def defaulted(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return crdschema.apply_defaults(SCHEMAS[obj["kind"]], obj)
+
+
+PLURALS = {"KiloClawInstance": "kiloclawinstances", "KiloClawRetainedVolume": "kiloclawretainedvolumes"}
+
+
+class ApiServer:
+    """The real kube-apiserver (``--cluster``): creates are server-side dry runs; an update or a status write
+    first creates the old object for real (under a unique name), then dry-runs the write against it."""
+
+    name = "apiserver"
+
+    def __init__(self, client: httpx.Client, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self._names = itertools.count(1)
+
+    def _path(self, kind: str, name: str | None = None, sub: str | None = None) -> str:
+        path = f"/apis/kiloclaw.kilo.ai/v1alpha1/namespaces/{self.namespace}/{PLURALS[kind]}"
+        return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    @staticmethod
+    def _field_errors(response: httpx.Response) -> list[str]:
+        if response.status_code in (200, 201):
+            return []
+        body = response.json()
+        assert response.status_code == 422, f"{response.status_code}: {body}"
+        return [f"{cause.get('field', '<nil>')}: {cause['message']}" for cause in body["details"]["causes"]]
+
+    def _in_namespace(self, obj: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        result = copy.deepcopy(obj)
+        result["metadata"] = {**result.get("metadata", {}), "namespace": self.namespace}
+        if name is not None:
+            result["metadata"]["name"] = name
+        return result
+
+    def _create_for_real(self, obj: dict[str, Any]) -> dict[str, Any]:
+        name = f"crd-case-{next(self._names)}"
+        body = self._in_namespace({k: v for k, v in obj.items() if k != "status"}, name)
+        response = self.client.post(self._path(obj["kind"]), json=body)
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
+
+    def _delete(self, obj: dict[str, Any]) -> None:
+        self.client.delete(self._path(obj["kind"], obj["metadata"]["name"]))
+
+    def errors(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+        kind = obj["kind"]
+        if old is None and "status" not in obj:
+            response = self.client.post(
+                self._path(kind), params={"dryRun": "All"}, json=self._in_namespace(obj)
+            )
+            return self._field_errors(response)
+        stored = self._create_for_real(old if old is not None else obj)
+        try:
+            name = stored["metadata"]["name"]
+            body = self._in_namespace(obj, name)
+            body["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"]
+            sub = "status" if "status" in obj and old is None else None
+            response = self.client.put(self._path(kind, name, sub), params={"dryRun": "All"}, json=body)
+            return self._field_errors(response)
+        finally:
+            self._delete(stored)
+
+    def defaulted(self, obj: dict[str, Any]) -> dict[str, Any]:
+        response = self.client.post(
+            self._path(obj["kind"]), params={"dryRun": "All"}, json=self._in_namespace(obj)
+        )
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+
+_api_server: ApiServer | None = None
+
+
+@pytest.fixture(params=["kubesim", "apiserver"])
+def server(request: pytest.FixtureRequest) -> Server:
+    """Each rule case runs against kubesim and, with ``--cluster`` (``make e2e``), the real API server."""
+    global _api_server
+    if request.param == "kubesim":
+        return Kubesim()
+    if not request.config.getoption("--cluster"):
+        pytest.skip("the real API server runs with --cluster (make cluster && make e2e)")
+    if _api_server is None:
+        try:
+            access = realcluster.load_access()
+        except realcluster.NoCluster as exc:
+            pytest.skip(str(exc))
+        client = access.client()
+        applied = subprocess.run(
+            ["kubectl", "apply", "--server-side", "--force-conflicts", "-k", str(CRD_DIR)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert applied.returncode == 0, applied.stderr
+        for crd in ("kiloclawinstances", "kiloclawretainedvolumes"):
+            waited = subprocess.run(
+                ["kubectl", "wait", "--for=condition=Established", f"crd/{crd}.kiloclaw.kilo.ai"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert waited.returncode == 0, waited.stderr
+        namespace = f"crd-rules-{os.getpid()}"
+        response = client.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
+        assert response.status_code in (201, 409), response.text
+        _api_server = ApiServer(client, namespace)
+    return _api_server
+
+
+def assert_rejected(
+    server: Server, obj: dict[str, Any], expected: str, old: dict[str, Any] | None = None
+) -> None:
+    errors = server.errors(obj, old)
     assert any(expected in error for error in errors), f"expected {expected!r} in {errors}"
 
 
@@ -158,8 +298,10 @@ def example_resources() -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize(("name", "resource"), example_resources(), ids=[n for n, _ in example_resources()])
-def test_every_example_resource_is_accepted_after_defaulting(name: str, resource: dict[str, Any]) -> None:
-    assert errors_of(resource) == []
+def test_every_example_resource_is_accepted_after_defaulting(
+    name: str, resource: dict[str, Any], server: Server
+) -> None:
+    assert server.errors(resource) == []
 
 
 def test_examples_cover_the_full_and_the_minimal_instance_and_the_retained_volume() -> None:
@@ -189,8 +331,8 @@ def test_minimal_example_has_only_the_required_fields() -> None:
 # ---------------------------------------------------------------------------------------------- defaults
 
 
-def test_minimal_instance_gets_the_documented_defaults_and_no_regions() -> None:
-    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, instance())["spec"]
+def test_minimal_instance_gets_the_documented_defaults_and_no_regions(server: Server) -> None:
+    spec = server.defaulted(instance())["spec"]
     assert spec["guest"] == {"cpuKind": "shared", "cpus": 1, "memoryMb": 2048}
     assert spec["volume"] == {"sizeGb": 10, "mountPath": "/root"}
     assert spec["state"] == "Running"
@@ -199,33 +341,33 @@ def test_minimal_instance_gets_the_documented_defaults_and_no_regions() -> None:
     assert "regions" not in spec  # the operator's configured default applies
 
 
-def test_defaults_fill_the_missing_fields_of_a_partly_given_object() -> None:
+def test_defaults_fill_the_missing_fields_of_a_partly_given_object(server: Server) -> None:
     obj = with_fields(instance(), spec__guest={"cpus": 2}, spec__volume={"sizeGb": 50})
-    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, obj)["spec"]
+    spec = server.defaulted(obj)["spec"]
     assert spec["guest"] == {"cpuKind": "shared", "cpus": 2, "memoryMb": 2048}
     assert spec["volume"] == {"sizeGb": 50, "mountPath": "/root"}
 
 
-def test_defaults_never_override_given_values() -> None:
+def test_defaults_never_override_given_values(server: Server) -> None:
     obj = with_fields(instance(), spec__state="Stopped", spec__recovery={"enabled": False})
-    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, obj)["spec"]
+    spec = server.defaulted(obj)["spec"]
     assert spec["state"] == "Stopped"
     assert spec["recovery"] == {"enabled": False}
 
 
-def test_a_null_field_that_is_not_nullable_takes_its_default() -> None:
-    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, with_fields(instance(), spec__state=None))["spec"]
+def test_a_null_field_that_is_not_nullable_takes_its_default(server: Server) -> None:
+    spec = server.defaulted(with_fields(instance(), spec__state=None))["spec"]
     assert spec["state"] == "Running"
 
 
-def test_retained_volume_defaults_to_no_early_delete_and_the_recovery_reason() -> None:
-    spec = crdschema.apply_defaults(RETAINED_SCHEMA, retained_volume())["spec"]
+def test_retained_volume_defaults_to_no_early_delete_and_the_recovery_reason(server: Server) -> None:
+    spec = server.defaulted(retained_volume())["spec"]
     assert spec["deleteNow"] is False
     assert spec["reason"] == "UnexpectedStopRecovery"
 
 
-def test_crd_defaults_agree_with_the_operator_models() -> None:
-    spec = crdschema.apply_defaults(INSTANCE_SCHEMA, instance())["spec"]
+def test_crd_defaults_agree_with_the_operator_models(server: Server) -> None:
+    spec = server.defaulted(instance())["spec"]
     assert models.InstanceSpec.model_validate(instance()["spec"]).dump() == spec
 
 
@@ -292,13 +434,25 @@ INSTANCE_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("mountPath root", {"spec__volume": {"mountPath": "/"}}, "mountPath must not be the root directory"),
     ("state unknown", {"spec__state": "Paused"}, 'spec.state: Unsupported value: "Paused"'),
     ("recovery.enabled a string", {"spec__recovery": {"enabled": "yes"}}, "must be of type boolean"),
-    ("env value a number", {"spec__env": {"PORT": 8080}}, "spec.env[PORT] in body must be of type string"),
+    ("env value a number", {"spec__env": {"PORT": 8080}}, "spec.env.PORT in body must be of type string"),
     ("env key starting with a digit", {"spec__env": {"1PORT": "1"}}, "env keys must be shell identifiers"),
     ("env key with a dash", {"spec__env": {"MY-VAR": "1"}}, "env keys must be shell identifiers"),
     ("env key with a dot", {"spec__env": {"my.var": "1"}}, "env keys must be shell identifiers"),
     ("env key empty", {"spec__env": {"": "1"}}, "env keys must be shell identifiers"),
     ("env key KILOCLAW_ENC_", {"spec__env": {"KILOCLAW_ENC_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
     ("env key KILOCLAW_ENV_", {"spec__env": {"KILOCLAW_ENV_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
+    ("env key of 129 chars", {"spec__env": {"K" * 129: "x"}}, "env keys are at most 128 characters"),
+    (
+        "env over 32768 characters in all",
+        {"spec__env": {f"K{i}": "v" * 4000 for i in range(9)}},
+        "env keys and values together are at most 32768 characters",
+    ),
+    ("env value of 4097 chars", {"spec__env": {"K": "v" * 4097}}, "spec.env.K: Too long"),
+    (
+        "name of 64 chars",
+        {"metadata__name": "a" * 64},
+        "instance names are at most 63 characters",
+    ),
 ]
 
 
@@ -307,46 +461,97 @@ INSTANCE_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     [(changes, expected) for _, changes, expected in INSTANCE_REJECTIONS],
     ids=[name for name, _, _ in INSTANCE_REJECTIONS],
 )
-def test_instance_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
-    assert_rejected(with_fields(instance(), **changes), expected)
+def test_instance_with_a_bad_field_is_rejected(
+    changes: dict[str, Any], expected: str, server: Server
+) -> None:
+    assert_rejected(server, with_fields(instance(), **changes), expected)
 
 
-def test_cel_rule_failures_read_like_kubernetes_field_errors() -> None:
-    errors = errors_of(with_fields(instance(), spec__env={"1A": "x"}))
+def test_cel_rule_failures_read_like_kubernetes_field_errors(server: Server) -> None:
+    errors = server.errors(with_fields(instance(), spec__env={"1A": "x"}))
     assert errors == [
         'spec.env: Invalid value: "object": env keys must be shell identifiers '
         "(letters, digits and underscores, not starting with a digit)"
     ]
 
 
-def test_env_keys_that_merely_resemble_reserved_prefixes_are_accepted() -> None:
+def test_env_keys_that_merely_resemble_reserved_prefixes_are_accepted(server: Server) -> None:
     env = {"KILOCLAW_TOKEN": "a", "_private": "b", "TZ": "Europe/Berlin", "kiloclaw_enc_x": "c"}
-    assert errors_of(with_fields(instance(), spec__env=env)) == []
+    assert server.errors(with_fields(instance(), spec__env=env)) == []
 
 
-def test_sandbox_id_cannot_change_on_update() -> None:
+def test_sandbox_id_cannot_change_on_update(server: Server) -> None:
     old = instance()
     new = with_fields(old, spec__sandboxId="ki_other")
-    assert errors_of(new, old) == ['spec.sandboxId: Invalid value: "string": sandboxId is immutable']
+    assert server.errors(new, old) == ['spec.sandboxId: Invalid value: "string": sandboxId is immutable']
 
 
-def test_fly_app_cannot_change_on_update() -> None:
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"spec__userId": "user-other"}, 'spec.userId: Invalid value: "string": userId is immutable'),
+        (
+            {"spec__volume": {"mountPath": "/data"}},
+            'spec.volume.mountPath: Invalid value: "string": mountPath is immutable',
+        ),
+    ],
+    ids=["userId", "mountPath"],
+)
+def test_user_id_and_mount_path_cannot_change_on_update(
+    changes: dict[str, Any], expected: str, server: Server
+) -> None:
     old = instance()
-    assert_rejected(with_fields(old, spec__flyApp="acct-other"), "flyApp is immutable", old)
+    assert server.errors(with_fields(old, **changes), old) == [expected]
 
 
-def test_updates_that_keep_the_sandbox_id_are_accepted() -> None:
+def test_env_at_every_limit_at_once_is_accepted(server: Server) -> None:
+    """The largest env the schema admits: 32768 characters of keys and values, keys of 128 characters."""
+    env = {f"{'K' * 124}{i:04d}": "v" * 3968 for i in range(7)}
+    env["LAST"] = "v" * (32768 - sum(len(k) + len(v) for k, v in env.items()) - len("LAST"))
+    assert sum(len(k) + len(v) for k, v in env.items()) == 32768
+    assert server.errors(with_fields(instance(), metadata__name="a" * 63, spec__env=env)) == []
+
+
+def test_the_largest_admissible_spec_leaves_room_for_kubectl_and_kopf_annotations() -> None:
+    """kubectl's last-applied and kopf's last-handled annotations each copy the spec; all annotations of
+    an object must stay under 256 KiB, so the largest admissible spec, twice, must fit with room to spare."""
+    spec = instance()["spec"]
+    spec |= {
+        "sandboxId": "k" * 64,
+        "userId": "u" * 128,
+        "flyApp": "a" * 63,
+        "image": "i" * _max_length(INSTANCE_SCHEMA["properties"]["spec"]["properties"]["image"]),
+        "regions": ["abc"]
+        * (INSTANCE_SCHEMA["properties"]["spec"]["properties"]["regions"].get("maxItems", 0)),
+        "volume": {"sizeGb": 500, "mountPath": "/" + "m" * 254},
+        "env": {f"K{i:03d}": "v" * 252 for i in range(128)},
+    }
+    size = len(json.dumps(spec))
+    assert 2 * size < 200 * 1024, size
+
+
+def _max_length(node: dict[str, Any]) -> int:
+    length: int = node["maxLength"]
+    return length
+
+
+def test_fly_app_cannot_change_on_update(server: Server) -> None:
+    old = instance()
+    assert_rejected(server, with_fields(old, spec__flyApp="acct-other"), "flyApp is immutable", old)
+
+
+def test_updates_that_keep_the_sandbox_id_are_accepted(server: Server) -> None:
     old = instance()
     new = with_fields(old, spec__image="registry.fly.io/kiloclaw:2026.12.0", spec__state="Stopped")
-    assert errors_of(new, old) == []
+    assert server.errors(new, old) == []
 
 
-def test_immutability_is_not_checked_on_create() -> None:
-    assert errors_of(with_fields(instance(), spec__sandboxId="anything_at_all")) == []
+def test_immutability_is_not_checked_on_create(server: Server) -> None:
+    assert server.errors(with_fields(instance(), spec__sandboxId="anything_at_all")) == []
 
 
-def test_type_errors_stop_cel_rules_from_running_like_the_api_server() -> None:
-    errors = errors_of(with_fields(instance(), spec__guest={"cpus": "x"}, spec__env={"1A": "x"}))
+def test_type_errors_stop_cel_rules_from_running_like_the_api_server(server: Server) -> None:
+    errors = server.errors(with_fields(instance(), spec__guest={"cpus": "x"}, spec__env={"1A": "x"}))
     assert not any("shell identifiers" in error for error in errors)
     assert any("some validation rules were not checked" in error for error in errors)
 
@@ -354,13 +559,13 @@ def test_type_errors_stop_cel_rules_from_running_like_the_api_server() -> None:
 # ------------------------------------------------------------------------------------- status rejections
 
 
-def test_a_complete_instance_status_is_accepted() -> None:
-    assert errors_of(with_fields(instance(), status=running_status())) == []
+def test_a_complete_instance_status_is_accepted(server: Server) -> None:
+    assert server.errors(with_fields(instance(), status=running_status())) == []
 
 
-def test_status_fields_may_be_null_where_the_design_says_none() -> None:
+def test_status_fields_may_be_null_where_the_design_says_none(server: Server) -> None:
     status = with_fields(running_status(), machineId=None, recovery=None, lastRecovery__retainedVolume=None)
-    assert errors_of(with_fields(instance(), status=status)) == []
+    assert server.errors(with_fields(instance(), status=status)) == []
 
 
 STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
@@ -378,23 +583,23 @@ STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     (
         "observedAt not a time",
         {"observedAt": "yesterday"},
-        "status.observedAt in body must be of type date-time",
+        'status.observedAt: Invalid value: "yesterday": observedAt in body must be of type date-time',
     ),
     (
         "deadline not a time",
         {"recovery__deadline": "soon"},
-        "status.recovery.deadline in body must be of type date-time",
+        "recovery.deadline in body must be of type date-time",
     ),
     ("recovery without id", {"recovery__id": DELETE}, "status.recovery.id: Required value"),
     (
         "negative generation",
         {"observedGeneration": -1},
-        "status.observedGeneration in body should be greater",
+        "status.observedGeneration: Invalid value: -1: observedGeneration in body should be greater",
     ),
     (
         "duration negative",
         {"lastRecovery__durationSeconds": -1},
-        "status.lastRecovery.durationSeconds in body",
+        "status.lastRecovery.durationSeconds: Invalid value: -1: lastRecovery.durationSeconds in body",
     ),
 ]
 
@@ -404,15 +609,21 @@ STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     [(changes, expected) for _, changes, expected in STATUS_REJECTIONS],
     ids=[name for name, _, _ in STATUS_REJECTIONS],
 )
-def test_instance_status_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
-    assert_rejected(with_fields(instance(), status=with_fields(running_status(), **changes)), expected)
+def test_instance_status_with_a_bad_field_is_rejected(
+    changes: dict[str, Any], expected: str, server: Server
+) -> None:
+    assert_rejected(
+        server, with_fields(instance(), status=with_fields(running_status(), **changes)), expected
+    )
 
 
-def test_two_conditions_of_the_same_type_are_rejected() -> None:
+def test_two_conditions_of_the_same_type_are_rejected(server: Server) -> None:
     status = running_status()
     status["conditions"].append(dict(status["conditions"][0], status="False"))
     assert_rejected(
-        with_fields(instance(), status=status), 'status.conditions[1]: Duplicate value: {"type": "Ready"}'
+        server,
+        with_fields(instance(), status=status),
+        'status.conditions[1]: Duplicate value: {"type":"Ready"}',
     )
 
 
@@ -420,16 +631,18 @@ def test_two_conditions_of_the_same_type_are_rejected() -> None:
     ("changes", "expected"),
     [
         ({"status": "Maybe"}, 'status.conditions[0].status: Unsupported value: "Maybe"'),
-        ({"reason": "not a reason"}, "status.conditions[0].reason in body should match"),
+        ({"reason": "not a reason"}, "conditions[0].reason in body should match"),
         ({"lastTransitionTime": DELETE}, "status.conditions[0].lastTransitionTime: Required value"),
         ({"type": DELETE}, "status.conditions[0].type: Required value"),
     ],
     ids=["status", "reason", "lastTransitionTime", "type"],
 )
-def test_conditions_must_have_the_metav1_condition_shape(changes: dict[str, Any], expected: str) -> None:
+def test_conditions_must_have_the_metav1_condition_shape(
+    changes: dict[str, Any], expected: str, server: Server
+) -> None:
     status = running_status()
     status["conditions"][0] = with_fields(status["conditions"][0], **changes)
-    assert_rejected(with_fields(instance(), status=status), expected)
+    assert_rejected(server, with_fields(instance(), status=status), expected)
 
 
 def test_kopf_bookkeeping_in_status_survives_pruning() -> None:
@@ -460,12 +673,12 @@ RETAINED_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     (
         "snapshotCount negative",
         {"status__snapshotCount": -1},
-        "status.snapshotCount in body should be greater",
+        "status.snapshotCount: Invalid value: -1: snapshotCount in body should be greater",
     ),
     (
         "nextAttemptAt not a time",
         {"status__nextAttemptAt": "later"},
-        "status.nextAttemptAt in body must be of type",
+        "nextAttemptAt in body must be of type date-time",
     ),
 ]
 
@@ -475,27 +688,29 @@ RETAINED_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     [(changes, expected) for _, changes, expected in RETAINED_REJECTIONS],
     ids=[name for name, _, _ in RETAINED_REJECTIONS],
 )
-def test_retained_volume_with_a_bad_field_is_rejected(changes: dict[str, Any], expected: str) -> None:
-    assert_rejected(with_fields(retained_volume(), **changes), expected)
+def test_retained_volume_with_a_bad_field_is_rejected(
+    changes: dict[str, Any], expected: str, server: Server
+) -> None:
+    assert_rejected(server, with_fields(retained_volume(), **changes), expected)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("volumeId", "vol_other"), ("sandboxId", "ki_other"), ("flyApp", "acct-other")],
 )
-def test_retained_volume_identity_cannot_change_on_update(field: str, value: str) -> None:
+def test_retained_volume_identity_cannot_change_on_update(field: str, value: str, server: Server) -> None:
     old = retained_volume()
     new = with_fields(old, **{f"spec__{field}": value})
-    assert errors_of(new, old) == [f'spec.{field}: Invalid value: "string": {field} is immutable']
+    assert server.errors(new, old) == [f'spec.{field}: Invalid value: "string": {field} is immutable']
 
 
-def test_admin_can_set_delete_now_and_extend_retention() -> None:
+def test_admin_can_set_delete_now_and_extend_retention(server: Server) -> None:
     old = retained_volume()
     new = with_fields(old, spec__deleteNow=True, spec__retainUntil="2026-12-09T12:00:00Z")
-    assert errors_of(new, old) == []
+    assert server.errors(new, old) == []
 
 
-def test_a_blocked_retained_volume_status_is_accepted() -> None:
+def test_a_blocked_retained_volume_status_is_accepted(server: Server) -> None:
     status = {
         "phase": "Blocked",
         "snapshotCount": 2,
@@ -513,7 +728,7 @@ def test_a_blocked_retained_volume_status_is_accepted() -> None:
             }
         ],
     }
-    assert errors_of(with_fields(retained_volume(), status=status)) == []
+    assert server.errors(with_fields(retained_volume(), status=status)) == []
 
 
 # --------------------------------------------------------------------------------------- CRD structure
@@ -549,12 +764,15 @@ def test_crd_schema_is_structural(crd: dict[str, Any]) -> None:
 
 @BOTH
 def test_every_field_has_a_description_for_kubectl_explain(crd: dict[str, Any]) -> None:
-    undescribed = [
-        path
-        for path, node in _walk(crdschema.load_crd_schema(crd, "v1alpha1"))
-        if not node.get("description")
-    ]
+    schema = crdschema.load_crd_schema(crd, "v1alpha1")
+    undescribed = [path for path, node in _walk(schema) if not node.get("description") and path != "metadata"]
     assert undescribed == []
+
+
+@BOTH
+def test_root_metadata_schema_is_bare_as_the_real_api_server_requires(crd: dict[str, Any]) -> None:
+    """apiextensions-apiserver refuses anything but name/generateName under the root metadata schema."""
+    assert crdschema.load_crd_schema(crd, "v1alpha1")["properties"]["metadata"] == {"type": "object"}
 
 
 @BOTH
@@ -758,7 +976,7 @@ def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_reject
     assert crdschema.apply_defaults(schema, {"a": None, "b": None}) == {"b": None}
     assert crdschema.validate(schema, {"a": None}) == [
         'a: Invalid value: "null": a in body must be of type string: "null"',
-        '<nil>: Invalid value: "null": some validation rules were not checked because the object was '
+        "<nil>: Invalid value: null: some validation rules were not checked because the object was "
         "invalid; correct the existing errors to complete validation",
     ]
 

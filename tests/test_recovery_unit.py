@@ -106,8 +106,20 @@ def test_retained_volume_names_of_different_volumes_differ() -> None:
     )
 
 
-def test_a_retained_volume_name_fits_a_kubernetes_name_even_for_the_longest_instance_name() -> None:
-    name = retained_volume_name("a" * 253, "vol_0123456789abcdef")
+@pytest.mark.parametrize(
+    ("instance_name", "volume_id"),
+    [
+        ("a" * 63, "vol_0123456789abcdef"),
+        ("a." * 31 + "b", "vol_0123456789abcdef"),
+        ("alice", "vol_ab_cd-.EF"),
+        ("alice", "vol_"),
+        ("alice", "vol_........"),
+    ],
+)
+def test_a_retained_volume_name_is_a_valid_kubernetes_name_for_every_admissible_instance_name(
+    instance_name: str, volume_id: str
+) -> None:
+    name = retained_volume_name(instance_name, volume_id)
     assert len(name) <= 253
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name)
 

@@ -75,8 +75,10 @@ def replacement_regions(
 
 
 def retained_volume_name(instance_name: str, volume_id: str) -> str:
-    suffix = volume_id.removeprefix("vol_").lower()[:8]
-    return f"{instance_name[:240]}-vol-{suffix}"
+    """A valid DNS-subdomain name for every admissible input: the CRD keeps instance names to 63 characters,
+    and the volume-id suffix keeps only characters a name may end with."""
+    suffix = "".join(ch for ch in volume_id.removeprefix("vol_").lower() if ch.isascii() and ch.isalnum())[:8]
+    return f"{instance_name[:63]}-vol-{suffix or 'x'}"
 
 
 # --- entry points ---------------------------------------------------------------------------------------

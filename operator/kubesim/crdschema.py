@@ -74,11 +74,28 @@ def load_crd_schema(crd: dict[str, Any], version: str) -> Schema:
     raise ValueError(f"CRD {crd.get('metadata', {}).get('name')} has no version {version}")
 
 
-def admit(schema: Schema, obj: dict[str, Any], old_obj: dict[str, Any] | None = None) -> Admission:
-    """Prune, default and validate ``obj`` as the API server does on create (or update, with ``old_obj``)."""
+def admit(
+    schema: Schema, obj: dict[str, Any], old_obj: dict[str, Any] | None = None, subresource: str | None = None
+) -> Admission:
+    """Prune, default and validate ``obj`` as the API server does on create (or update, with ``old_obj``).
+
+    A write to a subresource (``status``) is validated like the API server's status strategy does it: the
+    field paths are the object's, but the "in body" part of each message is relative to the subresource.
+    """
     pruned, unknown = prune_unknown_fields(schema, obj)
     defaulted = apply_defaults(schema, pruned)
-    return Admission(obj=defaulted, errors=validate(schema, defaulted, old_obj), unknown_fields=unknown)
+    problems = validate(schema, defaulted, old_obj)
+    if subresource:
+        problems = [_relative_to(subresource, problem) for problem in problems]
+    return Admission(obj=defaulted, errors=problems, unknown_fields=unknown)
+
+
+def _relative_to(subresource: str, problem: str) -> str:
+    field, _, message = problem.partition(": ")
+    prefix = f"{subresource}."
+    if field.startswith(prefix):
+        message = message.replace(f"{field} in body", f"{field.removeprefix(prefix)} in body", 1)
+    return f"{field}: {message}"
 
 
 # --------------------------------------------------------------------------------------------------- pruning
@@ -172,7 +189,7 @@ def validate(schema: Schema, obj: dict[str, Any], old_obj: dict[str, Any] | None
     type_errors = _validate_node(schema, obj, "", errors, is_resource=True)
     if type_errors:
         errors.append(
-            '<nil>: Invalid value: "null": some validation rules were not checked because the object was '
+            "<nil>: Invalid value: null: some validation rules were not checked because the object was "
             "invalid; correct the existing errors to complete validation"
         )
         return errors
@@ -298,7 +315,8 @@ def _validate_array(schema: Schema, value: list[Any], path: str, errors: list[st
                 continue
             identity = {key: item.get(key) for key in keys}
             if identity in seen_keys:
-                errors.append(f"{path}[{index}]: Duplicate value: {json.dumps(identity, sort_keys=True)}")
+                shown = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+                errors.append(f"{path}[{index}]: Duplicate value: {shown}")
             else:
                 seen_keys.append(identity)
     return blocked
@@ -327,7 +345,8 @@ def _validate_object(
         if key in properties:
             blocked |= _validate_node(properties[key], item, _join(path, key), errors)
         elif isinstance(additional, dict):
-            blocked |= _validate_node(additional, item, _key(path, key), errors)
+            # The OpenAPI validator joins map keys with a dot (spec.env.PORT); CEL paths use [key].
+            blocked |= _validate_node(additional, item, _join(path, key), errors)
         elif additional is False:
             errors.append(
                 f"{_join(path, key)}: Forbidden: {_join(path, key)} in body is a forbidden property"

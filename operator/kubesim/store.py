@@ -471,6 +471,7 @@ class Store:
         obj: dict[str, Any],
         old: dict[str, Any] | None,
         strict: bool,
+        subresource: str | None = None,
     ) -> dict[str, Any]:
         """Prune unknown fields, apply the CRD schema's defaults, then validate; errors are 422 Invalid.
 
@@ -481,7 +482,7 @@ class Store:
         if module is None:
             return obj
         name = obj.get("metadata", {}).get("name", "")
-        admission = module.admit(schema, obj, old)
+        admission = module.admit(schema, obj, old, subresource)
         if strict and admission.unknown_fields:
             raise errors.bad_request(
                 "strict decoding error: "
@@ -570,7 +571,7 @@ class Store:
         if resource_type.key == (CRD_GROUP, CRD_PLURAL) and subresource != "status":
             _resource_type_from_crd(result)  # refuses malformed CRDs with 422 before storing
 
-        result = self._admit(resource_type, version, result, old, strict)
+        result = self._admit(resource_type, version, result, old, strict, subresource)
         if result == self.as_version(resource_type, version, old):
             return old  # no-op: same resourceVersion, no watch event
 

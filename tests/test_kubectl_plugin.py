@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from harness import Stack, condition, status
 from kiloclaw_operator.models import GROUP, RETAINED_PLURAL, VERSION
@@ -170,6 +170,8 @@ async def test_list_marks_a_failed_recovery_recoveries_lists_it_and_retry_asks_t
     failed = await failed_recovery(stack, namespace, "broken")
     failed_id = status(failed)["lastRecovery"]["id"]
 
+    # The alerts' signal: the operator counts the instance as Stalled for its reason.
+    assert (REGISTRY.get_sample_value("kiloclaw_instances_stalled", {"reason": "RecoveryFailed"}) or 0) >= 1
     rows = {r["name"]: r for r in await plugin_json(stack, "list", "-n", namespace)}
     assert rows["broken"]["attention"] == ["Stalled: RecoveryFailed"]
     assert rows["healthy"]["attention"] == []

@@ -14,13 +14,17 @@ RECOVERY_DURATION = Histogram(
 )
 INSTANCES = Gauge("kiloclaw_instances", "KiloClawInstances by phase", ["phase"])
 RETAINED_VOLUMES = Gauge("kiloclaw_retained_volumes", "KiloClawRetainedVolumes by phase", ["phase"])
+INSTANCES_STALLED = Gauge(
+    "kiloclaw_instances_stalled", "KiloClawInstances with Stalled=True, by the condition's reason", ["reason"]
+)
 
 
 class PhaseCounter:
     """Keeps one phase per object and publishes the counts as a gauge, so the gauge never drifts."""
 
-    def __init__(self, gauge: Gauge) -> None:
+    def __init__(self, gauge: Gauge, label: str = "phase") -> None:
         self._gauge = gauge
+        self._label = label
         self._phases: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -31,15 +35,18 @@ class PhaseCounter:
                 return
             self._phases[uid] = phase
             if previous is not None:
-                self._gauge.labels(phase=previous).dec()
-            self._gauge.labels(phase=phase).inc()
+                self._gauge.labels(**{self._label: previous}).dec()
+            self._gauge.labels(**{self._label: phase}).inc()
 
     def forget(self, uid: str) -> None:
         with self._lock:
             previous = self._phases.pop(uid, None)
             if previous is not None:
-                self._gauge.labels(phase=previous).dec()
+                self._gauge.labels(**{self._label: previous}).dec()
 
 
 INSTANCE_PHASES = PhaseCounter(INSTANCES)
 RETAINED_PHASES = PhaseCounter(RETAINED_VOLUMES)
+# Stalled instances by reason (RecoveryFailed, InvalidSpec, FlyUnauthorized, DuplicateSandbox...): the alerts'
+# "needs a person" signal; a Failed phase is always Stalled too.
+STALLED_REASONS = PhaseCounter(INSTANCES_STALLED, label="reason")

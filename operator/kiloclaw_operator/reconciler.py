@@ -24,7 +24,7 @@ from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Un
 from .fly.models import Machine, Volume
 from .kube import KubeClient, KubeError
 from .lifecycle import Action, Decision, Observation
-from .metrics import INSTANCE_PHASES
+from .metrics import INSTANCE_PHASES, STALLED_REASONS
 from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
@@ -103,6 +103,7 @@ class InstanceDriver(ObjectDriver):
     def forgotten(self) -> None:
         super().forgotten()
         INSTANCE_PHASES.forget(self.metric_key)
+        STALLED_REASONS.forget(self.metric_key)
 
     def current(self) -> Instance:
         if self.latest is None:
@@ -129,6 +130,11 @@ class InstanceDriver(ObjectDriver):
         self.offer(body)
         updated = Instance.from_body(body)
         INSTANCE_PHASES.set(self.metric_key, updated.status.phase.value)
+        stalled = updated.status.condition("Stalled")
+        if stalled is not None and stalled.status == "True":
+            STALLED_REASONS.set(self.metric_key, stalled.reason)
+        else:
+            STALLED_REASONS.forget(self.metric_key)
         return updated
 
     def _log_fields(self, instance: Instance) -> dict[str, Any]:
@@ -591,6 +597,7 @@ class InstanceDriver(ObjectDriver):
                 "Fly confirmed machine and volume gone",
             )
             INSTANCE_PHASES.forget(self.metric_key)
+            STALLED_REASONS.forget(self.metric_key)
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+import realcluster
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.__main__ import run_operator
 from kiloclaw_operator.config import Settings
@@ -123,6 +124,35 @@ class Stack:
         self._operator: OperatorThread | None = None
         self.settings: Settings | None = None
         self.api: httpx.AsyncClient
+        self._access: realcluster.ClusterAccess | None = None
+
+    def get_object_now(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as the API server holds it, read synchronously: usable from any thread (e.g. flysim's
+        request callbacks), against kubesim or the real API server."""
+        if self._access is None:
+            return self.kube.get_object(GROUP, VERSION, plural, namespace, name)
+        with self._access.client(timeout=10) as client:
+            response = client.get(self.path(plural, namespace, name))
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def list_all(self, plural: str) -> list[dict[str, Any]]:
+        """Every object of ``plural`` in every namespace."""
+        response = await self.api.get(f"/apis/{GROUP}/{VERSION}/{plural}")
+        response.raise_for_status()
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
+
+    def new_client(self, timeout: float | None = None) -> httpx.AsyncClient:
+        """Another admin client of the API server (its own connections, e.g. for a long watch)."""
+        if self._access is not None:
+            client = self._access.async_client()
+            client.timeout = httpx.Timeout(timeout)
+            return client
+        return httpx.AsyncClient(base_url=str(self.api.base_url), timeout=timeout)
 
     @property
     def kube(self) -> KubeSim:
@@ -135,7 +165,7 @@ class Stack:
 
     async def start(self) -> None:
         if self._kube is None:
-            self.api = await _cluster_client()
+            self.api, self._access = await _cluster_client(self.workdir)
         else:
             self._kube.start_in_thread()
             self._kube.load_crds([CRDS])
@@ -296,33 +326,59 @@ class Stack:
         return volumes
 
 
-async def _cluster_client() -> httpx.AsyncClient:
-    """A client for the current kube context, after checking it answers and applying the CRDs."""
-    import kopf
+OPERATOR_NAMESPACE = "kiloclaw-system"
+OPERATOR_SERVICE_ACCOUNT = "kiloclaw-operator"
+OPERATOR_IDENTITY = tuple(
+    ROOT / "deploy" / "base" / name for name in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml")
+)
 
-    from kiloclaw_operator.handlers import _connection
-    from kiloclaw_operator.kube import build_http_client
 
+async def _kubectl(*args: str, kubeconfig: str | None = None) -> None:
+    env = dict(os.environ, **({"KUBECONFIG": kubeconfig} if kubeconfig else {}))
+    process = await asyncio.create_subprocess_exec(
+        "kubectl", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise ClusterUnavailable(f"kubectl {' '.join(args)} failed: {stderr.decode().strip()}")
+
+
+async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster.ClusterAccess]:
+    """An admin client for the current kube context, after checking it answers; installs the CRDs and the
+    operator's ServiceAccount and RBAC from deploy/, and points KUBECONFIG at a kubeconfig that authenticates
+    as that ServiceAccount (a TokenRequest token), so the real authorizer enforces least privilege on the
+    operator while the tests keep their admin client."""
+    admin_kubeconfig = realcluster.kubeconfig_path()
     try:
-        info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ClusterUnavailable(f"unreadable kubeconfig: {exc}") from exc
-    if info is None:
-        raise ClusterUnavailable("no kubeconfig (KUBECONFIG or ~/.kube/config)")
-    client = build_http_client(_connection(info), timeout=10, user_agent="kiloclaw-tests")
+        access = realcluster.load_access(admin_kubeconfig)
+    except (realcluster.NoCluster, OSError, ValueError, KeyError) as exc:
+        raise ClusterUnavailable(str(exc)) from exc
+    client = access.async_client(timeout=10)
     try:
         (await client.get("/version")).raise_for_status()
     except httpx.HTTPError as exc:
         await client.aclose()
-        raise ClusterUnavailable(f"the current kube context ({info.server}) does not answer: {exc}") from exc
-    apply = await asyncio.create_subprocess_exec(
-        "kubectl", "apply", "-k", str(CRDS), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await apply.communicate()
-    if apply.returncode != 0:
+        raise ClusterUnavailable(
+            f"the current kube context ({access.server}) does not answer: {exc}"
+        ) from exc
+    try:
+        await _kubectl("apply", "--server-side", "--force-conflicts", "-k", str(CRDS))
+        for crd in ("kiloclawinstances", "kiloclawretainedvolumes"):
+            await _kubectl("wait", "--for=condition=Established", f"crd/{crd}.{GROUP}")
+        for manifest in OPERATOR_IDENTITY:
+            await _kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
+        with access.client() as sync_admin:
+            token = await asyncio.to_thread(
+                realcluster.service_account_token, sync_admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
+            )
+    except BaseException:
         await client.aclose()
-        raise ClusterUnavailable(f"kubectl apply -k crds/ failed: {stderr.decode().strip()}")
-    return client
+        raise
+    operator_kubeconfig = realcluster.write_token_kubeconfig(
+        workdir / "operator-kubeconfig", admin_kubeconfig, token
+    )
+    os.environ["KUBECONFIG"] = str(operator_kubeconfig)
+    return client, access
 
 
 def status(body: dict[str, Any]) -> dict[str, Any]:

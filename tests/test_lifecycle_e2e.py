@@ -79,7 +79,7 @@ async def _stream(stack: Stack, namespace: str, history: History, started: async
     history.bodies.extend(listing["items"])
     params = {"watch": "true", "resourceVersion": version, "timeoutSeconds": "120"}
     async with (
-        httpx.AsyncClient(base_url=str(stack.api.base_url), timeout=None) as client,
+        stack.new_client(timeout=None) as client,
         client.stream("GET", path, params=params) as response,
     ):
         started.set()

@@ -17,13 +17,12 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from flysim import FlyApiError
 from harness import Stack, condition, eventually, status
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION, volume_name
+from kiloclaw_operator.models import INSTANCE_PLURAL, volume_name
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
 
 APP = "acct-test"
@@ -144,7 +143,7 @@ class FlyCreates:
 
 def stored_status(stack: Stack, namespace: str, name: str = NAME) -> dict[str, Any]:
     """The instance's status as the API server holds it now (thread-safe: usable in FlyTap callbacks)."""
-    body = stack.kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, namespace, name)
+    body = stack.get_object_now(INSTANCE_PLURAL, namespace, name)
     return status(body) if body else {}
 
 
@@ -188,7 +187,7 @@ async def watch_instance(
 
     async def run() -> None:
         async with (
-            httpx.AsyncClient(base_url=stack.kube.url, timeout=None) as client,
+            stack.new_client(timeout=None) as client,
             client.stream("GET", stack.path(INSTANCE_PLURAL, namespace), params=params) as response,
         ):
             async for line in response.aiter_lines():
@@ -266,7 +265,7 @@ async def healthy_fly(stack: Stack) -> AsyncIterator[None]:
     # A host failure also stops other tests' machines on that host: let their recoveries finish, so that
     # the next story's metrics and Fly calls are its own.
     async def quiet() -> bool | None:
-        instances = stack.kube.list_objects(GROUP, VERSION, INSTANCE_PLURAL)
+        instances = await stack.list_all(INSTANCE_PLURAL)
         return None if any(status(i).get("recovery") for i in instances) else True
 
     await eventually(quiet, timeout=30, what="no instance recovering")

@@ -16,7 +16,15 @@ import kopf
 from .config import Settings, load_settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import FlyClient
-from .kube import KubeClient, KubeConnection, connection_from_login, pem_bytes, write_temp_pem
+from .kube import (
+    SERVICE_ACCOUNT_TOKEN,
+    KubeClient,
+    KubeConnection,
+    connection_from_login,
+    pem_bytes,
+    with_token_file,
+    write_temp_pem,
+)
 from .kubeconfig import KubeconfigError, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import Context, InstanceDriver, PollingObserver, RetryLater, instance_drivers
@@ -93,7 +101,9 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     when the plugin's token expires."""
     info = kopf.login_with_service_account(**kwargs)
     if info is not None:
-        conn = _connection(info)
+        # Projected ServiceAccount tokens rotate (hourly by default): re-read the file rather than keep
+        # the token kopf read once.
+        conn = with_token_file(_connection(info), SERVICE_ACCOUNT_TOKEN)
     else:
         try:
             conn = connection_from_login(await asyncio.to_thread(load_kubeconfig))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import ssl
 import tempfile
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,6 +135,15 @@ def write_temp_pem(data: str | bytes) -> str:
     with tempfile.NamedTemporaryFile(prefix="kiloclaw-", suffix=".pem", delete=False) as handle:
         handle.write(raw)
         return handle.name
+
+
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def with_token_file(conn: KubeConnection, token_file: Path) -> KubeConnection:
+    """``conn`` authenticating with whatever ``token_file`` holds now: re-read periodically and after a
+    401, so a rotated token is picked up without a restart."""
+    return dataclasses.replace(conn, token=None, tokens=TokenSource(token_file=token_file))
 
 
 def build_http_client(

@@ -15,14 +15,20 @@ CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/kiloclaw/controlplane"
 
 binary() {
   command -v go >/dev/null 2>&1 || { echo "cluster: Go is needed to build kube-apiserver (go: not found)" >&2; exit 2; }
+  # The version kube-apiserver reports (kubectl compares it with its own); the module's version, as the
+  # upstream release build stamps it.
+  local k8s_version
+  k8s_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$HERE/go.mod")"
+  local pkg=k8s.io/component-base/version
+  local ldflags="-X $pkg.gitVersion=v$k8s_version -X $pkg.gitMajor=${k8s_version%%.*} -X $pkg.gitMinor=$(cut -d. -f2 <<<"$k8s_version") -X $pkg.gitTreeState=clean"
   local key
-  key="$( (cat "$HERE/go.mod" "$HERE/go.sum" "$HERE/main.go"; go version) | sha256sum | cut -c1-16)"
+  key="$( (cat "$HERE/go.mod" "$HERE/go.sum" "$HERE/main.go"; go version; echo "$ldflags") | sha256sum | cut -c1-16)"
   local bin="$CACHE/$key/kiloclaw-controlplane"
   if [[ ! -x "$bin" ]]; then
     echo "cluster: building kube-apiserver + etcd from Go modules (cold build: a few minutes; cached in $CACHE/$key)" >&2
     mkdir -p "$CACHE/$key"
     local started=$SECONDS
-    (cd "$HERE" && go build -trimpath -o "$bin.tmp" .)
+    (cd "$HERE" && go build -trimpath -ldflags "$ldflags" -o "$bin.tmp" .)
     mv "$bin.tmp" "$bin"
     echo "cluster: built in $((SECONDS - started)) s" >&2
   fi

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 N      ?= 1000
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv dev run test lint bench e2e cluster cluster-down clean
+.PHONY: venv dev run test lint bench bench-cluster e2e cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py --instances $(N)
+
+## make bench-cluster: the same benchmark against the real API server of `make cluster` (start it fresh)
+bench-cluster: $(STAMP)
+	KUBECONFIG=$(CURDIR)/.cluster/kubeconfig $(BIN)/python tests/benchmark.py --cluster --instances $(N)
 
 ## make cluster: a real kube-apiserver + etcd on loopback, built once from Go modules (cached in ~/.cache)
 cluster:

@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import psutil
 
+import realcluster
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
@@ -51,8 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 FLY_TOKEN = "bench-token"
 IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
-RESULTS_START = "<!-- bench:results:start -->"
-RESULTS_END = "<!-- bench:results:end -->"
+RESULTS_MARKERS = {
+    "kubesim": ("<!-- bench:results:start -->", "<!-- bench:results:end -->"),
+    "kube-apiserver": ("<!-- bench:results-apiserver:start -->", "<!-- bench:results-apiserver:end -->"),
+}
 LIST_PATH = f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
 
 
@@ -106,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--create-concurrency", type=int, default=32, help="concurrent creates")
     parser.add_argument("--phase-timeout", type=float, default=900, help="limit for each waiting phase (s)")
     parser.add_argument("--seed", type=int, default=20261125, help="random seed (host choice, victims)")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="use the real API server of the current KUBECONFIG (make cluster) instead of kubesim; "
+        "results go to their own section of the results file",
+    )
     args = parser.parse_args(argv)
     if min(args.instances, args.namespaces, args.instances_per_app) < 1:
         parser.error("--instances, --namespaces and --instances-per-app must be at least 1")
@@ -306,16 +315,103 @@ def route_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
     }
 
 
-def count_writes(kube: KubeSim, since: int) -> int:
-    """Kubernetes writes in kubesim's request log after index ``since`` (events included)."""
-    records = list(kube.request_log)[since:]
-    return sum(1 for record in records if record.verb in ("create", "update", "patch", "delete"))
+class EmbeddedKube:
+    """kubesim in a thread of this process; writes are counted from its request log."""
+
+    name = "kubesim"
+
+    def __init__(self) -> None:
+        self.sim = KubeSim(request_log_size=5_000_000)
+
+    def start(self, workdir: Path) -> Path:
+        self.sim.start_in_thread()
+        self.sim.load_crds([CRDS])
+        return self.sim.write_kubeconfig(workdir / "kubeconfig")
+
+    def stop(self) -> None:
+        self.sim.stop_thread()
+
+    def client(self, limits: httpx.Limits) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.sim.url, timeout=120, limits=limits)
+
+    async def create_namespace(self, name: str) -> None:
+        self.sim.create_namespace(name)
+
+    async def writes(self) -> int:
+        """Kubernetes writes so far (events included), a monotonic count."""
+        return sum(1 for r in list(self.sim.request_log) if r.verb in ("create", "update", "patch", "delete"))
+
+
+class RealKube:
+    """A real kube-apiserver (``--cluster``: the current KUBECONFIG, e.g. ``make cluster``). The operator
+    authenticates as its ServiceAccount, as in production; writes are counted from the server's own
+    ``apiserver_request_total`` metric."""
+
+    name = "kube-apiserver"
+    WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE")
+
+    def __init__(self) -> None:
+        self.access = realcluster.load_access()
+
+    def start(self, workdir: Path) -> Path:
+        admin_kubeconfig = realcluster.kubeconfig_path()
+        subprocess.run(
+            ["kubectl", "apply", "--server-side", "--force-conflicts", "-k", str(CRDS)],
+            check=True,
+            timeout=120,
+        )
+        for crd in ("kiloclawinstances", "kiloclawretainedvolumes"):
+            subprocess.run(
+                ["kubectl", "wait", "--for=condition=Established", f"crd/{crd}.{GROUP}"],
+                check=True,
+                timeout=120,
+            )
+        for manifest in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
+            subprocess.run(
+                ["kubectl", "apply", "-f", str(ROOT / "deploy" / "base" / manifest)], check=True, timeout=120
+            )
+        with self.access.client() as admin:
+            token = realcluster.service_account_token(admin, "kiloclaw-system", "kiloclaw-operator", 7200)
+        return realcluster.write_token_kubeconfig(workdir / "kubeconfig", admin_kubeconfig, token)
+
+    def stop(self) -> None:
+        pass
+
+    def client(self, limits: httpx.Limits) -> httpx.AsyncClient:
+        client = self.access.async_client(timeout=120)
+        return httpx.AsyncClient(
+            base_url=client.base_url,
+            headers=client.headers,
+            verify=self.access.ssl_context,
+            limits=limits,
+            timeout=120,
+        )
+
+    async def create_namespace(self, name: str) -> None:
+        async with self.access.async_client() as client:
+            response = await client.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+            if response.status_code not in (201, 409):
+                raise BenchmarkError(f"cannot create namespace {name}: {response.text}")
+
+    async def writes(self) -> int:
+        async with self.access.async_client() as client:
+            text = (await client.get("/metrics")).text
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{") and any(
+                f'verb="{verb}"' in line for verb in self.WRITE_VERBS
+            ):
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
+
+
+KubeTarget = EmbeddedKube | RealKube
 
 
 async def create_and_wait_running(
     api: httpx.AsyncClient,
     fly: FlySimulator,
-    kube: KubeSim,
+    kube: KubeTarget,
     args: argparse.Namespace,
     names: list[tuple[str, str]],
     apps: dict[tuple[str, str], str],
@@ -362,7 +458,7 @@ async def create_and_wait_running(
         )
 
     fly_before = fly.request_counts
-    kube_before = len(kube.request_log)
+    kube_before = await kube.writes()
     started = time.monotonic()
     watcher = asyncio.create_task(watch_running())
     try:
@@ -375,13 +471,13 @@ async def create_and_wait_running(
     results.to_running = [running_at[key] - created_at[key] for key in names]
     results.provision_fly_routes = route_delta(fly_before, fly.request_counts)
     # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
-    results.provision_kube_writes = count_writes(kube, kube_before) - len(names)
+    results.provision_kube_writes = await kube.writes() - kube_before - len(names)
     return final
 
 
 async def wait_settled(
     args: argparse.Namespace,
-    kube: KubeSim,
+    kube: KubeTarget,
     results: Results,
     process: subprocess.Popen[bytes],
     log: Path,
@@ -391,21 +487,22 @@ async def wait_settled(
     backlog of events after the last instance is Running); the steady-state window starts after that."""
     started = time.monotonic()
     deadline = started + args.phase_timeout
-    mark, quiet_since = len(kube.request_log), time.monotonic()
+    mark, quiet_since = await kube.writes(), time.monotonic()
     while time.monotonic() - quiet_since < quiet_seconds:
         if time.monotonic() > deadline:
             raise BenchmarkError(f"the operator kept writing to Kubernetes for {args.phase_timeout:.0f} s")
         check_operator(process, log)
         await asyncio.sleep(0.5)
-        if count_writes(kube, mark):
-            mark, quiet_since = len(kube.request_log), time.monotonic()
+        now = await kube.writes()
+        if now != mark:
+            mark, quiet_since = now, time.monotonic()
     results.settle_seconds = quiet_since - started
 
 
 async def measure_steady_state(
     args: argparse.Namespace,
     fly: FlySimulator,
-    kube: KubeSim,
+    kube: KubeTarget,
     sampler: ProcessSampler,
     results: Results,
     process: subprocess.Popen[bytes],
@@ -413,7 +510,7 @@ async def measure_steady_state(
 ) -> None:
     """Requests over a fixed window: the measurement is the window itself, not a wait for a condition."""
     fly_before = fly.request_counts
-    kube_before = len(kube.request_log)
+    kube_before = await kube.writes()
     cpu_before = sampler.cpu_seconds()
     started = time.monotonic()
     deadline = started + args.steady_seconds
@@ -424,7 +521,7 @@ async def measure_steady_state(
     results.steady_cpu_seconds = sampler.cpu_seconds() - cpu_before
     results.steady_fly_routes = route_delta(fly_before, fly.request_counts)
     results.steady_fly_requests = sum(results.steady_fly_routes.values())
-    results.steady_kube_writes = count_writes(kube, kube_before)
+    results.steady_kube_writes = await kube.writes() - kube_before
 
 
 async def fail_hosts_and_measure(
@@ -569,13 +666,16 @@ def results_section(results: Results, args: argparse.Namespace, table_text: str)
     )
     lists = results.list_seconds
     command = (
-        f"tests/benchmark.py --instances {args.instances} --namespaces {args.namespaces} "
+        f"tests/benchmark.py{' --cluster' if args.cluster else ''} --instances {args.instances} "
+        f"--namespaces {args.namespaces} "
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
         f"--instances-per-app {args.instances_per_app} "
         f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g}"
     )
-    return f"""{RESULTS_START}
-## Latest run
+    start, end = RESULTS_MARKERS["kube-apiserver" if args.cluster else "kubesim"]
+    server = "a real kube-apiserver (make cluster)" if args.cluster else "kubesim (the emulated API)"
+    return f"""{start}
+## Latest run against {server}
 
 - Date: {results.started_at.strftime("%Y-%m-%d %H:%M UTC")}
 - Machine: {machine_info()}
@@ -592,12 +692,13 @@ Fly requests by route until all were `Running`: {provision_routes or "none"}.
 Steady-state Fly requests by route: {routes}.
 Benchmark list calls (cluster-wide, all instances): {len(lists)}, median \
 {fmt_seconds(percentile(lists, 50))}, max {fmt_seconds(max(lists) if lists else math.nan)}.
-{RESULTS_END}"""
+{end}"""
 
 
 def write_results(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(RESULTS_START) + r".*?" + re.escape(RESULTS_END), re.DOTALL)
+    start, end = section.split("\n", 1)[0], section.rsplit("\n", 1)[1]
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
@@ -611,18 +712,21 @@ def write_results(path: Path, section: str) -> None:
 async def run_benchmark(
     args: argparse.Namespace,
     fly: FlySimulator,
-    kube: KubeSim,
+    kube: KubeTarget,
     workdir: Path,
     results: Results,
 ) -> None:
-    namespaces = [f"bench-{index:03d}" for index in range(args.namespaces)]
+    kubeconfig = await asyncio.to_thread(kube.start, workdir)
+    # A real API server keeps deleted namespaces Terminating without kube-controller-manager: each run gets
+    # namespaces of its own (run against a fresh `make cluster` for numbers without leftovers).
+    prefix = f"bench-{results.started_at:%H%M%S}" if isinstance(kube, RealKube) else "bench"
+    namespaces = [f"{prefix}-{index:03d}" for index in range(args.namespaces)]
     for namespace in namespaces:
-        kube.create_namespace(namespace)
+        await kube.create_namespace(namespace)
     names = [(namespaces[index % len(namespaces)], f"inst-{index:05d}") for index in range(args.instances)]
     # One sandbox per user, one Fly app per account: the operator's adoption look-ups list the app's machines
     # and volumes, so sharing apps would make them grow with the instances per app.
     apps = {key: f"acct-bench-{index // args.instances_per_app:05d}" for index, key in enumerate(names)}
-    kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
     health_port = free_port()
     log = workdir / "operator.log"
     with log.open("wb") as log_file:
@@ -639,7 +743,7 @@ async def run_benchmark(
         sampler.start()
         await wait_operator_ready(health_port, process, log)
         limits = httpx.Limits(max_connections=args.create_concurrency + 4)
-        async with httpx.AsyncClient(base_url=kube.url, timeout=120, limits=limits) as api:
+        async with kube.client(limits) as api:
             say(f"creating {args.instances} instances in {args.namespaces} namespaces")
             statuses = await create_and_wait_running(api, fly, kube, args, names, apps, results, process, log)
             say(f"all Running after {results.all_running_seconds:.1f} s; waiting for the operator to settle")
@@ -685,18 +789,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         request_log_size=1000,
     )
-    kube = KubeSim(request_log_size=5_000_000)
+    kube: KubeTarget = RealKube() if args.cluster else EmbeddedKube()
     results = Results(instances=args.instances, namespaces=args.namespaces, started_at=datetime.now(UTC))
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="kiloclaw-bench-"))
     fly.start_in_thread()
     try:
-        kube.start_in_thread()
         try:
-            kube.load_crds([CRDS])
             asyncio.run(run_benchmark(args, fly, kube, workdir, results))
         finally:
-            kube.stop_thread()
+            kube.stop()
     except BenchmarkError as exc:
         say(f"benchmark failed: {exc}")
         return 1

@@ -3,7 +3,6 @@ read from its file again when it rotates, and the RBAC of deploy/base is what th
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from collections.abc import Iterator

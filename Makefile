@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# The test doubles (flysim, kubesim) are not in the wheel: the development venv finds them in operator/.
+	$(BIN)/python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'kiloclaw-test-doubles.pth').write_text('$(CURDIR)/operator\n')"
 	touch $(STAMP)
 
 venv: $(STAMP)

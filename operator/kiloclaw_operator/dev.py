@@ -47,8 +47,14 @@ def _say(message: str) -> None:
 
 
 def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True) -> None:
-    from flysim import FlySimulator, SimTimings
-    from kubesim import KubeSim
+    try:
+        from flysim import FlySimulator, SimTimings
+        from kubesim import KubeSim
+    except ImportError:
+        raise SystemExit(
+            "kiloclaw-operator dev: the simulators (flysim, kubesim) are not installed; they are test "
+            "doubles that ship with the repository, not the package: run `make dev` from a clone"
+        ) from None
 
     project = _project_dir()
     work = Path(workdir).resolve()

@@ -983,12 +983,25 @@ def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_reject
 
 @pytest.mark.parametrize(
     ("value", "valid"),
+    # Verdicts of kube-apiserver v1.34.4 (kube-openapi strfmt.IsDateTime), checked on the real server; the
+    # parity suite (tests/test_parity.py) sends the same values to both servers.
     [
         ("2026-11-25T12:00:00Z", True),
         ("2026-11-25T12:00:00.123456Z", True),
+        ("2026-11-25T12:00:00.123456789123Z", True),
         ("2026-11-25T12:00:00+02:00", True),
-        ("2026-11-25T12:00:00", True),
+        ("2026-11-25T12:00:00-00:00", True),
+        ("2026-11-25t12:00:00z", True),
+        ("2026-11-25T12:00:00,5Z", True),
+        ("2026-11-25T12:00:00", False),  # no zone
+        ("2026-11-25 12:00:00Z", False),  # no T
+        ("2026-11-25T12:00:00+0200", False),
+        ("2026-11-25T12:00Z", False),
+        ("2026-11-25T24:00:00Z", False),
+        ("2026-11-25T12:00:60Z", False),
+        ("2026-02-30T12:00:00Z", False),
         ("2026-13-01T00:00:00Z", False),
+        ("2026-11-25T12:00:00Z\n", False),
         ("2026-11-25", False),
         ("tomorrow", False),
     ],
@@ -996,6 +1009,30 @@ def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_reject
 def test_date_time_format_follows_rfc3339_as_kube_openapi_reads_it(value: str, valid: bool) -> None:
     errors = crdschema.validate(_object({"t": {"type": "string", "format": "date-time"}}), {"t": value})
     assert (errors == []) is valid
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "valid"),
+    [
+        ("^[a-z]{3}$", "iad", True),
+        ("^[a-z]{3}$", "iad\n", False),  # RE2's $ is the very end; Python's also matches before a final \n
+        ("^a[$]b$", "a$b", True),
+        ("^\\d+$", "\u0663", False),  # RE2's \d is ASCII
+        ("^[a-z]+\\z", "abc", True),
+    ],
+)
+def test_pattern_follows_go_re2(pattern: str, value: str, valid: bool) -> None:
+    errors = crdschema.validate(_object({"s": {"type": "string", "pattern": pattern}}), {"s": value})
+    assert (errors == []) is valid
+
+
+def test_date_time_values_become_cel_timestamps_in_every_accepted_spelling() -> None:
+    schema = _object(
+        {"t": {"type": "string", "format": "date-time"}},
+        **{"x-kubernetes-validations": [{"rule": "self.t < timestamp('2026-11-25T12:00:01Z')"}]},
+    )
+    for value in ("2026-11-25t12:00:00z", "2026-11-25T12:00:00,5Z", "2026-11-25T14:00:00.999+02:00"):
+        assert crdschema.validate(schema, {"t": value}) == [], value
 
 
 def test_whole_floats_count_as_integers_like_json_numbers_do() -> None:

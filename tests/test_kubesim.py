@@ -263,15 +263,6 @@ def test_put_replaces_the_spec_and_keeps_server_owned_metadata(client: httpx.Cli
     assert replaced["metadata"]["generation"] == 2
 
 
-def test_put_without_resource_version_is_an_unconditional_update(
-    client: httpx.Client, namespace: str
-) -> None:
-    create(client, namespace, widget("unconditional"))
-    response = client.put(url(namespace, "unconditional"), json=widget("unconditional", "blue"))
-    assert response.status_code == 200
-    assert response.json()["spec"]["color"] == "blue"
-
-
 # -- patches ----------------------------------------------------------------------------------------
 
 
@@ -319,17 +310,6 @@ def test_json_patch_adds_a_finalizer_after_a_passing_resource_version_test_as_ko
     patched = response.json()
     assert patched["metadata"]["finalizers"] == ["example.com/f"]
     assert patched["metadata"]["generation"] == 1  # metadata-only change
-
-
-def test_strategic_merge_patch_is_accepted_like_a_merge_patch(client: httpx.Client, namespace: str) -> None:
-    create(client, namespace, widget("strategic"))
-    response = client.patch(
-        url(namespace, "strategic"),
-        content=json.dumps({"metadata": {"labels": {"a": "b"}}, "$setElementOrder/x": []}),
-        headers={"Content-Type": "application/strategic-merge-patch+json"},
-    )
-    assert response.status_code == 200
-    assert response.json()["metadata"]["labels"] == {"a": "b"}
 
 
 def test_unknown_patch_content_type_is_415(client: httpx.Client, namespace: str) -> None:
@@ -416,21 +396,6 @@ def test_without_a_status_subresource_status_changes_bump_generation(client: htt
     assert client.patch(f"{BASE}/gadgets/{name}/status", json={}).status_code == 404
 
 
-def test_a_no_op_patch_keeps_the_resource_version_and_emits_no_watch_event(
-    client: httpx.Client, namespace: str
-) -> None:
-    created = create(client, namespace, widget("noop"))
-    version = created["metadata"]["resourceVersion"]
-    same = merge(client, url(namespace, "noop"), {"spec": {"color": "red"}}).json()
-    assert same["metadata"]["resourceVersion"] == version
-    same_status = merge(client, url(namespace, "noop", "status"), {"status": None}).json()
-    assert same_status["metadata"]["resourceVersion"] == version
-    merge(client, url(namespace, "noop"), {"spec": {"color": "green"}})
-
-    events = watch(client, url(namespace), resourceVersion=version, timeoutSeconds=0.3)
-    assert [(event["type"], event["object"]["spec"]["color"]) for event in events] == [("MODIFIED", "green")]
-
-
 # -- deletion and finalizers ------------------------------------------------------------------------
 
 
@@ -440,43 +405,6 @@ def test_delete_without_finalizers_removes_at_once(client: httpx.Client, namespa
     assert response.status_code == 200
     assert client.get(url(namespace, "plain")).status_code == 404
     assert client.delete(url(namespace, "plain")).status_code == 404
-
-
-def test_finalizers_hold_deletion_until_the_last_one_is_removed(client: httpx.Client, namespace: str) -> None:
-    body = widget("held")
-    body["metadata"]["finalizers"] = ["example.com/a", "example.com/b"]
-    created = create(client, namespace, body)
-
-    response = client.delete(url(namespace, "held"))
-    assert response.status_code == 200
-    marked = response.json()
-    assert marked["metadata"]["deletionTimestamp"]
-    assert marked["metadata"]["deletionGracePeriodSeconds"] == 0
-    assert marked["metadata"]["generation"] == 2
-    assert client.get(url(namespace, "held")).status_code == 200
-    again = client.delete(url(namespace, "held")).json()
-    assert again["metadata"]["resourceVersion"] == marked["metadata"]["resourceVersion"]
-
-    refused = merge(
-        client, url(namespace, "held"), {"metadata": {"finalizers": ["example.com/a", "example.com/c"]}}
-    )
-    assert refused.status_code == 422
-    assert refused.json()["reason"] == "Invalid"
-    assert refused.json()["details"]["causes"][0]["field"] == "metadata.finalizers"
-    assert "no new finalizers can be added if the object is being deleted" in refused.json()["message"]
-
-    one_left = merge(client, url(namespace, "held"), {"metadata": {"finalizers": ["example.com/b"]}})
-    assert one_left.status_code == 200
-    assert client.get(url(namespace, "held")).status_code == 200
-    gone = merge(client, url(namespace, "held"), {"metadata": {"finalizers": None}})
-    assert gone.status_code == 200
-    assert client.get(url(namespace, "held")).status_code == 404
-
-    events = watch(
-        client, url(namespace), resourceVersion=created["metadata"]["resourceVersion"], timeoutSeconds=0.5
-    )
-    assert [event["type"] for event in events] == ["MODIFIED", "MODIFIED", "DELETED"]
-    assert not events[-1]["object"]["metadata"].get("finalizers")
 
 
 def test_a_deleted_namespace_terminates_until_its_finalized_contents_are_gone(
@@ -524,34 +452,6 @@ def test_watch_from_a_resource_version_sends_only_newer_events_and_ends_at_timeo
     assert [(event["type"], event["object"]["metadata"]["name"]) for event in events] == [("ADDED", "after")]
 
 
-def test_watch_without_a_resource_version_starts_with_synthetic_added_events(
-    client: httpx.Client, namespace: str
-) -> None:
-    create(client, namespace, widget("existing"))
-    events = watch(client, url(namespace), timeoutSeconds=0.3)
-    assert [(event["type"], event["object"]["metadata"]["name"]) for event in events] == [
-        ("ADDED", "existing")
-    ]
-
-
-def test_streaming_list_ends_its_initial_events_with_a_bookmark(client: httpx.Client, namespace: str) -> None:
-    create(client, namespace, widget("streamed"))
-    events = watch(
-        client,
-        url(namespace),
-        sendInitialEvents="true",
-        resourceVersionMatch="NotOlderThan",
-        allowWatchBookmarks="true",
-        timeoutSeconds=0.3,
-    )
-    assert [event["type"] for event in events] == ["ADDED", "BOOKMARK"]
-    bookmark = events[1]["object"]
-    assert bookmark["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
-    assert int(bookmark["metadata"]["resourceVersion"]) >= int(
-        events[0]["object"]["metadata"]["resourceVersion"]
-    )
-
-
 def test_watch_streams_live_events_as_they_happen(client: httpx.Client, sim: KubeSim, namespace: str) -> None:
     seen: list[tuple[str, str]] = []
     with client.stream("GET", url(namespace), params={"watch": "1", "timeoutSeconds": "5"}) as response:
@@ -579,7 +479,7 @@ def test_watch_from_a_compacted_resource_version_gets_410_gone() -> None:
             assert events[0]["type"] == "ERROR"
             assert events[0]["object"]["code"] == 410 and events[0]["object"]["reason"] == "Expired"
             recent = client.get("/api/v1/namespaces").json()["metadata"]["resourceVersion"]
-            assert watch(client, "/api/v1/namespaces", resourceVersion=recent, timeoutSeconds=0.2) == []
+            assert watch(client, "/api/v1/namespaces", resourceVersion=recent, timeoutSeconds=1) == []
     finally:
         small.stop_thread()
 
@@ -594,48 +494,9 @@ def test_events_of_other_resources_do_not_expire_a_quiet_resource_watch_window()
             for index in range(10):
                 event = {"metadata": {"name": f"e{index}"}, "reason": "Noise", "involvedObject": {}}
                 assert client.post("/api/v1/namespaces/quiet/events", json=event).status_code == 201
-            assert watch(client, "/api/v1/namespaces", resourceVersion=version, timeoutSeconds=0.2) == []
+            assert watch(client, "/api/v1/namespaces", resourceVersion=version, timeoutSeconds=1) == []
     finally:
         small.stop_thread()
-
-
-def test_a_filtered_watch_sees_objects_entering_and_leaving_its_selector(
-    client: httpx.Client, namespace: str
-) -> None:
-    created = create(client, namespace, widget("mover"))
-    path = url(namespace, "mover")
-    merge(client, path, {"metadata": {"labels": {"tier": "back"}}})
-    merge(client, path, {"metadata": {"labels": {"tier": "back", "x": "y"}}})
-    merge(client, path, {"metadata": {"labels": {"tier": "front"}}})
-    events = watch(
-        client,
-        url(namespace),
-        resourceVersion=created["metadata"]["resourceVersion"],
-        timeoutSeconds=0.3,
-        labelSelector="tier=back",
-    )
-    assert [event["type"] for event in events] == ["ADDED", "MODIFIED", "DELETED"]
-    assert events[-1]["object"]["metadata"]["labels"] == {"tier": "front", "x": "y"}
-
-
-def test_watch_respects_label_and_field_selectors(client: httpx.Client, namespace: str) -> None:
-    start = client.get(url(namespace)).json()["metadata"]["resourceVersion"]
-    for name, tier in (("w-front", "front"), ("w-back", "back")):
-        body = widget(name)
-        body["metadata"]["labels"] = {"tier": tier}
-        create(client, namespace, body)
-    by_label = watch(
-        client, url(namespace), resourceVersion=start, timeoutSeconds=0.3, labelSelector="tier=back"
-    )
-    assert [event["object"]["metadata"]["name"] for event in by_label] == ["w-back"]
-    by_name = watch(
-        client,
-        f"{BASE}/{PLURAL}",
-        resourceVersion=start,
-        timeoutSeconds=0.3,
-        fieldSelector="metadata.name=w-front",
-    )
-    assert [event["object"]["metadata"]["name"] for event in by_name] == ["w-front"]
 
 
 # -- lists and selectors ------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Parity: the same API-semantics cases, with the same assertions, against kubesim and a real kube-apiserver.
 
 Every test takes the ``server`` fixture, parametrised over ``kubesim`` (always) and ``apiserver`` (with
-``pytest --cluster``: the current kube context, normally the admin kubeconfig of ``make cluster``). A case that
-passes on the real server and fails on kubesim is a kubesim bug (kubesim must be at least as strict); a case
-that fails on the real server is a wrong belief about Kubernetes in this file.
+``pytest --cluster``: the current kube context, normally the admin kubeconfig of ``make cluster``). A case
+that passes on the real server and fails on kubesim is a kubesim bug (kubesim must be at least as strict); a
+case that fails on the real server is a wrong belief about Kubernetes in this file.
 
 The cases use small CRDs of their own (group ``parity.example.com``), applied on first use and left in place;
 each test works in a namespace of its own. No kube-controller-manager runs next to the ``make cluster`` API
@@ -207,7 +207,7 @@ def namespace(server: Server) -> str:
     return name
 
 
-# -- helpers -----------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 
 def widget(name: str, color: str = "red", **spec: Any) -> dict[str, Any]:
@@ -283,7 +283,7 @@ def invalid(response: httpx.Response) -> dict[str, Any]:
     return status
 
 
-# -- metadata, resourceVersion, conflicts ------------------------------------------------------------------
+# -- metadata, resourceVersion, conflicts --------------------------------------------------------------------
 
 
 def test_create_sets_uid_creation_timestamp_generation_and_a_growing_resource_version(
@@ -413,7 +413,7 @@ def test_put_of_a_custom_resource_without_resource_version_is_422(
     ]
 
 
-# -- custom-resource metadata validation ------------------------------------------------------------------
+# -- custom-resource metadata validation ---------------------------------------------------------------------
 
 DNS_SUBDOMAIN_ERROR = (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
@@ -472,7 +472,7 @@ def test_labels_keys_and_values_are_validated(client: httpx.Client, namespace: s
 def test_label_value_of_64_characters_is_refused_on_update_too(client: httpx.Client, namespace: str) -> None:
     create(client, namespace, widget("relabel"))
     response = merge(client, url(namespace, "relabel"), {"metadata": {"labels": {"x": "y" * 64}}})
-    # The real server lists the same cause more than once on updates (three validation passes), once in the message.
+    # The real server lists the cause three times on updates (three validation passes), once in the message.
     assert set(causes(response)) == {("metadata.labels", "FieldValueInvalid")}
     assert invalid(response)["message"] == (
         f'{KIND}.{GROUP} "relabel" is invalid: metadata.labels: Invalid value: "{"y" * 64}": '
@@ -534,7 +534,7 @@ def test_several_errors_are_listed_in_brackets(client: httpx.Client, namespace: 
     ]
 
 
-# -- schema: pruning, defaulting, validation ---------------------------------------------------------------
+# -- schema: pruning, defaulting, validation -----------------------------------------------------------------
 
 
 def test_crd_schema_defaults_are_applied_and_invalid_objects_are_422(
@@ -628,7 +628,7 @@ def test_date_time_format_is_as_strict_as_kube_openapi(client: httpx.Client, nam
     assert verdicts == DATE_TIMES
 
 
-# -- patches -----------------------------------------------------------------------------------------------
+# -- patches -------------------------------------------------------------------------------------------------
 
 
 def test_merge_patch_null_deletes_a_key_and_lists_are_replaced(client: httpx.Client, namespace: str) -> None:
@@ -713,7 +713,7 @@ def test_dry_run_requests_answer_as_if_but_store_nothing(client: httpx.Client, n
     assert client.get(url(namespace, "dry")).status_code == 200
 
 
-# -- status subresource and generation ----------------------------------------------------------------------
+# -- status subresource and generation -----------------------------------------------------------------------
 
 
 def test_create_drops_status_when_the_status_subresource_is_enabled(
@@ -1016,7 +1016,7 @@ def test_list_chunks_with_limit_and_continue(client: httpx.Client, namespace: st
     assert names == [f"chunk-{index}" for index in range(5)]
 
 
-# -- discovery and CRDs ----------------------------------------------------------------------------------------
+# -- discovery and CRDs --------------------------------------------------------------------------------------
 
 
 def test_core_discovery_serves_namespaces_and_events(client: httpx.Client) -> None:
@@ -1213,7 +1213,7 @@ def test_events_can_be_posted_with_generate_name_and_selected_by_involved_object
     assert [item["reason"] for item in listing.json()["items"]] == ["Tested"]
 
 
-# -- tables ----------------------------------------------------------------------------------------------------
+# -- tables --------------------------------------------------------------------------------------------------
 
 
 def test_table_output_uses_the_crd_printer_columns(client: httpx.Client, namespace: str) -> None:
@@ -1261,7 +1261,7 @@ def test_events_table_shows_what_kubectl_get_events_shows(client: httpx.Client, 
     ]
 
 
-# -- kubectl ---------------------------------------------------------------------------------------------------
+# -- kubectl -------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture()

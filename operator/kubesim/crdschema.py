@@ -20,7 +20,8 @@ of unchanged invalid fields, ``optionalOldSelf`` and CEL optional types, formats
 date, the ``allOf``/``anyOf``/``oneOf``/``not`` value validations, and the CEL library functions that
 cel-python lacks and this module does not add (``url``, ``quantity``, ``ip``, ``cidr``, ``semver``,
 ``format``, two-variable comprehensions).
-cel-python evaluates ``matches`` with Python's ``re`` rather than RE2; the two agree on the usual patterns.
+``pattern`` and the CEL regex functions (``matches``, ``find``, ``findAll``) follow Go's RE2 through
+:mod:`kubesim.re2` (``$`` only at the very end, ASCII classes).
 """
 
 from __future__ import annotations
@@ -35,22 +36,23 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import celpy
 from celpy import celtypes
+
+from kubesim import re2
 
 Schema = dict[str, Any]
 
 # Fields of the resource root that the API server handles itself and never prunes, defaults or CEL-hides.
 _ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 
-# RFC 3339 as accepted by kube-openapi's strfmt: optional fraction, Z or an offset, or no zone at all.
-_DATE_TIME = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$",
-)
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# kube-openapi's strfmt.IsDateTime (v0.34): the text, lowercased, split at "t"; the part before the first "t"
+# must be a full date, the part after it must match this (fraction separator: any character; zone required).
+_TIME_OF_DAY = re.compile(r"([0-9]{2}):([0-9]{2}):([0-9]{2})(.[0-9]+)?(z|([+-][0-9]{2}:[0-9]{2}))\Z")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 
 
 @dataclass
@@ -247,7 +249,7 @@ def _validate_string(schema: Schema, value: str, path: str, errors: list[str]) -
             f"{path}: Invalid value: {_render(value)}: {path} in body should be at least "
             f"{schema['minLength']} chars long"
         )
-    if "pattern" in schema and re.search(schema["pattern"], value) is None:
+    if "pattern" in schema and re2.search(schema["pattern"], value) is None:
         errors.append(
             f"{path}: Invalid value: {_render(value)}: {path} in body should match '{schema['pattern']}'"
         )
@@ -570,7 +572,10 @@ def _to_cel(schema: Schema, value: Any, *, is_resource: bool = False) -> Any:
     if isinstance(value, str):
         fmt = schema.get("format")
         if fmt == "date-time" and _is_date_time(value):
-            return celtypes.TimestampType(_parse_date_time(value))
+            try:
+                return celtypes.TimestampType(_parse_date_time(value))
+            except ValueError:
+                return celtypes.StringType(value)
         if fmt == "date" and _is_date(value):
             return celtypes.TimestampType(datetime.fromisoformat(value + "T00:00:00+00:00"))
         if fmt == "duration":
@@ -666,12 +671,12 @@ def _maximum(values: Any) -> Any:
 
 
 def _find(text: Any, pattern: Any) -> celtypes.StringType:
-    match = re.search(str(pattern), str(text))
+    match = re2.search(str(pattern), str(text))
     return celtypes.StringType(match.group(0) if match else "")
 
 
 def _find_all(text: Any, pattern: Any, limit: Any = None) -> celtypes.ListType:
-    found = [celtypes.StringType(m.group(0)) for m in re.finditer(str(pattern), str(text))]
+    found = [celtypes.StringType(m.group(0)) for m in re2.compile_re2(str(pattern)).finditer(str(text))]
     return _cel_list(found if limit is None or int(limit) < 0 else found[: int(limit)])
 
 
@@ -780,22 +785,28 @@ def _render(value: Any) -> str:
 
 
 def _parse_date_time(value: str) -> datetime:
-    text = value.replace("t", "T").replace(" ", "T").replace("z", "Z")
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(text)
-    # Like kube-openapi, a date-time without a zone is read as UTC.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    """A date-time that ``_is_date_time`` accepts, as a timestamp."""
+    day, rest = value.lower().split("t")[:2]
+    match = _TIME_OF_DAY.match(rest)
+    if match is None:
+        raise ValueError(f"not a date-time: {value!r}")
+    hours, minutes, seconds, fraction, zone = match.group(1, 2, 3, 4, 5)
+    micros = (fraction[1:] + "000000")[:6] if fraction else "000000"
+    offset = "+00:00" if zone == "z" else zone
+    return datetime.fromisoformat(f"{day}T{hours}:{minutes}:{seconds}.{micros}{offset}")
 
 
 def _is_date_time(value: str) -> bool:
-    if _DATE_TIME.match(value) is None:
+    """kube-openapi's ``strfmt.IsDateTime``: the ``T`` and a zone (``Z`` or ``±hh:mm``) are required."""
+    if len(value) < 4:
         return False
-    try:
-        _parse_date_time(value)
-    except ValueError:
+    parts = value.lower().split("t")
+    if len(parts) < 2 or not _is_date(parts[0]):
         return False
-    return True
+    match = _TIME_OF_DAY.match(parts[1])
+    if match is None:
+        return False
+    return match.group(1) <= "23" and match.group(2) <= "59" and match.group(3) <= "59"
 
 
 def _is_date(value: str) -> bool:

@@ -36,7 +36,7 @@ def not_found(group: str, plural: str, name: str) -> ApiError:
         404,
         "NotFound",
         f'{qualified} "{name}" not found',
-        {"name": name, "group": group, "kind": plural},
+        _details(name, group, plural),
     )
 
 
@@ -46,7 +46,7 @@ def already_exists(group: str, plural: str, name: str) -> ApiError:
         409,
         "AlreadyExists",
         f'{qualified} "{name}" already exists',
-        {"name": name, "group": group, "kind": plural},
+        _details(name, group, plural),
     )
 
 
@@ -57,39 +57,66 @@ def conflict(group: str, plural: str, name: str) -> ApiError:
         "Conflict",
         f'Operation cannot be fulfilled on {qualified} "{name}": the object has been modified; '
         "please apply your changes to the latest version and try again",
-        {"name": name, "group": group, "kind": plural},
+        _details(name, group, plural),
     )
+
+
+def _details(name: str, group: str, kind: str) -> dict[str, Any]:
+    """``StatusDetails``: empty name and group are omitted, as Go's ``omitempty`` does."""
+    details: dict[str, Any] = {}
+    if name:
+        details["name"] = name
+    if group:
+        details["group"] = group
+    details["kind"] = kind
+    return details
 
 
 def invalid(group: str, kind: str, name: str, causes: list[tuple[str, str]]) -> ApiError:
-    """422 Invalid; ``causes`` are (field, message) pairs, as in ``StatusDetails.causes``."""
+    """422 Invalid; ``causes`` are (field, message) pairs, as in ``StatusDetails.causes``.
+
+    The message reads like the API server's: one error as is, several in brackets, each shown once (the
+    causes keep repetitions, as the real server's do)."""
     qualified = f"{kind}.{group}" if group else kind
-    summary = "; ".join(f"{field}: {message}" if field else message for field, message in causes)
-    return ApiError(
-        422,
-        "Invalid",
-        f'{qualified} "{name}" is invalid: {summary}',
-        {
-            "name": name,
-            "group": group,
-            "kind": kind,
-            "causes": [
-                {"reason": "FieldValueInvalid", "message": message, "field": field}
-                for field, message in causes
-            ],
-        },
-    )
+    shown: list[str] = []
+    for field, message in causes:
+        line = f"{field}: {message}" if field else message
+        if line not in shown:
+            shown.append(line)
+    summary = shown[0] if len(shown) == 1 else "[" + ", ".join(shown) + "]"
+    details = _details(name, group, kind)
+    details["causes"] = [
+        {"reason": _cause_reason(message), "message": message, "field": field}
+        if field
+        else {"reason": _cause_reason(message), "message": message}
+        for field, message in causes
+    ]
+    return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {summary}', details)
+
+
+def invalid_fields(group: str, kind: str, name: str, problems: list[str]) -> ApiError:
+    """422 Invalid from ``"field: message"`` strings (what the schema and metadata validators return)."""
+    causes: list[tuple[str, str]] = []
+    for problem in problems:
+        field, separator, message = problem.partition(": ")
+        causes.append((field, message) if separator else ("", problem))
+    return invalid(group, kind, name, causes)
 
 
 def _cause_reason(message: str) -> str:
     """The ``StatusCause`` type Kubernetes derives from a field error's kind."""
+    if message.startswith("Invalid value") and " must be of type " in message:
+        return "FieldValueTypeInvalid"
     for prefix, reason in (
         ("Forbidden:", "FieldValueForbidden"),
         ("Required value", "FieldValueRequired"),
         ("Unsupported value", "FieldValueNotSupported"),
         ("Duplicate value", "FieldValueDuplicate"),
+        ("Too long", "FieldValueTooLong"),
+        ("Too many", "FieldValueTooMany"),
+        ("Internal error", "InternalError"),
     ):
-        if message.startswith(prefix) or f": {prefix}" in message:
+        if message.startswith(prefix):
             return reason
     return "FieldValueInvalid"
 

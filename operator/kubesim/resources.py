@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubesim.errors import ApiError
+from kubesim import errors, structural
 
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 SUBRESOURCE_VERBS = ("get", "patch", "update")
@@ -79,42 +80,44 @@ CRDS = ResourceType(
 BUILTINS = (NAMESPACES, EVENTS, CRDS)
 
 
-def _invalid_crd(name: str, message: str) -> ApiError:
-    return ApiError(
-        422,
-        "Invalid",
-        f'CustomResourceDefinition.apiextensions.k8s.io "{name}" is invalid: {message}',
-        {"name": name, "group": CRD_GROUP, "kind": "CustomResourceDefinition"},
-    )
-
-
 def resource_type_from_crd(crd: dict[str, Any]) -> ResourceType:
-    """Read an ``apiextensions.k8s.io/v1`` CRD; refuse the structural mistakes Kubernetes refuses."""
+    """Read an ``apiextensions.k8s.io/v1`` CRD; refuse (422) what the API server refuses, structural-schema
+    violations included (see :mod:`kubesim.structural`)."""
     name = crd.get("metadata", {}).get("name", "")
     spec = crd.get("spec") or {}
     names = spec.get("names") or {}
     group = spec.get("group", "")
     plural = names.get("plural", "")
     kind = names.get("kind", "")
-    if not group or not plural or not kind:
-        raise _invalid_crd(name, "spec.group, spec.names.plural and spec.names.kind are required")
+    problems: list[str] = []
+    if not group:
+        problems.append("spec.group: Required value")
+    if not plural:
+        problems.append("spec.names.plural: Required value")
+    if not kind:
+        problems.append("spec.names.kind: Required value")
     if name != f"{plural}.{group}":
-        raise _invalid_crd(
-            name, f'metadata.name: Invalid value: "{name}": must be spec.names.plural+"."+spec.group'
-        )
+        problems.append(f'metadata.name: Invalid value: "{name}": must be spec.names.plural+"."+spec.group')
     scope = spec.get("scope")
     if scope not in ("Namespaced", "Cluster"):
-        raise _invalid_crd(name, 'spec.scope: Unsupported value: must be "Namespaced" or "Cluster"')
-    served = [version for version in spec.get("versions") or [] if version.get("served", True)]
-    if not served:
-        raise _invalid_crd(
-            name, "spec.versions: Invalid value: must have exactly one version marked as storage"
+        problems.append(
+            f'spec.scope: Unsupported value: "{scope or ""}": supported values: "Cluster", "Namespaced"'
         )
-    storage = [version["name"] for version in spec.get("versions") or [] if version.get("storage")]
-    if len(storage) != 1:
-        raise _invalid_crd(
-            name, "spec.versions: Invalid value: must have exactly one version marked as storage"
+    versions = [version for version in spec.get("versions") or [] if isinstance(version, dict)]
+    served = [version for version in versions if version.get("served", True)]
+    storage = [version["name"] for version in versions if version.get("storage")]
+    if not versions:
+        problems.append(
+            "spec.versions: Invalid value: null: must have exactly one version marked as storage version"
         )
+    elif len(storage) != 1:
+        problems.append(
+            f"spec.versions: Invalid value: {json.dumps(storage)}: must have exactly one version marked as "
+            "storage version"
+        )
+    problems.extend(structural.validate_crd_schemas(crd))
+    if problems:
+        raise errors.invalid_fields(CRD_GROUP, "CustomResourceDefinition", name, problems)
     return ResourceType(
         group=group,
         versions=tuple(version["name"] for version in served),

@@ -2,8 +2,8 @@
 
 Label selectors support the full set-based grammar: ``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``,
 ``k notin (a,b)``, ``k`` (exists) and ``!k`` (does not exist). Field selectors support ``=``, ``==`` and
-``!=`` on any dotted path of the object (Kubernetes only allows ``metadata.name``, ``metadata.namespace``
-and a few per-kind fields; accepting any path is a superset that costs nothing).
+``!=`` on the field labels the API server supports for the resource (``metadata.name``,
+``metadata.namespace`` and a few per-kind fields); any other is a 400, as on a real server.
 """
 
 from __future__ import annotations
@@ -87,7 +87,32 @@ def _field_value(obj: dict[str, Any], path: str) -> str:
     return str(node)
 
 
-def field_selector(selector: str | None) -> Predicate:
+_COMMON_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+_FIELDS_BY_RESOURCE: dict[tuple[str, str], frozenset[str]] = {
+    ("", "namespaces"): _COMMON_FIELDS | {"status.phase"},
+    ("", "events"): _COMMON_FIELDS
+    | {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
+}
+
+
+def supported_fields(group: str, plural: str) -> frozenset[str]:
+    """The field labels the API server can select on for this resource (custom resources: name, namespace)."""
+    return _FIELDS_BY_RESOURCE.get((group, plural), _COMMON_FIELDS)
+
+
+def field_selector(selector: str | None, supported: frozenset[str] | None = None) -> Predicate:
     if not selector:
         return lambda obj: True
     checks: list[tuple[str, bool, str]] = []
@@ -95,6 +120,8 @@ def field_selector(selector: str | None) -> Predicate:
         for operator in ("!=", "==", "="):
             if operator in term:
                 path, value = (part.strip() for part in term.split(operator, 1))
+                if supported is not None and path not in supported:
+                    raise bad_request(f"field label not supported: {path}")
                 checks.append((path, operator != "!=", value))
                 break
         else:

@@ -58,6 +58,30 @@ def _json(body: Any, status: int = 200, content_type: str = "application/json") 
     return web.Response(body=json.dumps(body).encode(), status=status, content_type=content_type)
 
 
+def _require_resource_version(resource_type: ResourceType, name: str, body: Any) -> None:
+    """Custom resources (and CRDs) refuse unconditional updates: a PUT must carry the resourceVersion."""
+    if not (resource_type.custom or resource_type.plural == "customresourcedefinitions"):
+        return
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    if isinstance(metadata, dict) and metadata.get("resourceVersion"):
+        return
+    qualified = f"{resource_type.plural}.{resource_type.group}"
+    message = "Invalid value: 0: must be specified for an update"
+    raise ApiError(
+        422,
+        "Invalid",
+        f'{qualified} "{name}" is invalid: metadata.resourceVersion: {message}',
+        {
+            "name": name,
+            "group": resource_type.group,
+            "kind": resource_type.plural,
+            "causes": [
+                {"reason": "FieldValueInvalid", "message": message, "field": "metadata.resourceVersion"}
+            ],
+        },
+    )
+
+
 def _wants_table(request: web.Request) -> bool:
     return "as=Table" in request.headers.get("Accept", "")
 
@@ -310,7 +334,7 @@ class KubeSim:
                         )
                     )
                 return _json(obj)
-            predicate = self._predicate(query)
+            predicate = self._predicate(query, resource_type)
             if query.get("watch") in ("true", "1", "True"):
                 self._record("watch", target, request)
                 return await self._watch(request, target, predicate)
@@ -329,7 +353,7 @@ class KubeSim:
             if method == "DELETE":
                 self._record("deletecollection", target, request)
                 items = self.store.delete_collection(
-                    resource_type, version, namespace, self._predicate(query)
+                    resource_type, version, namespace, self._predicate(query, resource_type)
                 )
                 return _json(self._list_body(resource_type, version, items, self.store.resource_version))
             raise errors.method_not_allowed(f"{method} is not allowed on a collection")
@@ -338,6 +362,7 @@ class KubeSim:
         if method == "PUT":
             self._record("update", target, request)
             body = await self._body(request)
+            _require_resource_version(resource_type, name, body)
             return _json(
                 self.store.replace(
                     resource_type, version, namespace, name, body, subresource, strict=strict, dry_run=dry_run
@@ -345,7 +370,7 @@ class KubeSim:
             )
         if method == "PATCH":
             self._record("patch", target, request)
-            apply_patch = await self._patch_function(request)
+            apply_patch = await self._patch_function(request, resource_type)
             return _json(
                 self.store.patch(
                     resource_type,
@@ -390,8 +415,18 @@ class KubeSim:
         raise errors.unsupported_media_type(content_type)
 
     @staticmethod
-    async def _patch_function(request: web.Request) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    async def _patch_function(
+        request: web.Request, resource_type: ResourceType
+    ) -> Callable[[dict[str, Any]], dict[str, Any]]:
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if resource_type.custom and content_type not in (patching.JSON_PATCH, patching.MERGE_PATCH):
+            # Custom resources have no Go struct to carry patch strategies: no strategic merge patch.
+            raise errors.ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types include: "
+                f"{patching.JSON_PATCH}, {patching.MERGE_PATCH}",
+            )
         raw = await request.read()
         try:
             patch = json.loads(raw) if raw else None
@@ -416,9 +451,11 @@ class KubeSim:
         raise errors.unsupported_media_type(content_type)
 
     @staticmethod
-    def _predicate(query: Any) -> Callable[[dict[str, Any]], bool]:
+    def _predicate(query: Any, resource_type: ResourceType) -> Callable[[dict[str, Any]], bool]:
         by_label = selectors.label_selector(query.get("labelSelector"))
-        by_field = selectors.field_selector(query.get("fieldSelector"))
+        by_field = selectors.field_selector(
+            query.get("fieldSelector"), selectors.supported_fields(resource_type.group, resource_type.plural)
+        )
         return lambda obj: by_label(obj) and by_field(obj)
 
     @staticmethod
@@ -471,10 +508,10 @@ class KubeSim:
         )
         timeout: float | None = None
         if query.get("timeoutSeconds"):
-            try:
-                timeout = float(query["timeoutSeconds"])
-            except ValueError:
-                raise errors.bad_request("timeoutSeconds must be a number") from None
+            text = query["timeoutSeconds"]
+            if not text.lstrip("-").isdigit():  # Go's strconv.ParseInt: whole seconds only
+                raise errors.bad_request(f'strconv.ParseInt: parsing "{text}": invalid syntax')
+            timeout = float(text)
         as_table = _wants_table(request)
         include_object = query.get("includeObject", "")
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -504,7 +541,14 @@ class KubeSim:
             if not predicate(obj):
                 if event.previous is None or not predicate(event.previous):
                     return None
-                event_type = "DELETED"  # it stopped matching the selectors
+                # It stopped matching the selectors: the watch cache sends the previous content (which
+                # matched) at this event's resourceVersion.
+                event_type = "DELETED"
+                previous = Store.as_version(resource_type, version, event.previous)
+                obj = {
+                    **previous,
+                    "metadata": {**previous["metadata"], "resourceVersion": str(event.resource_version)},
+                }
             elif event.previous is not None and not predicate(event.previous):
                 event_type = "ADDED"  # it started matching the selectors
             if as_table:

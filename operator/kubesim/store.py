@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kubesim import errors
+from kubesim import errors, metavalidation
 from kubesim.resources import BUILTINS, CRD_GROUP, CRD_PLURAL, EVENTS, NAMESPACES, ResourceType
 from kubesim.resources import resource_type_from_crd as _resource_type_from_crd
 
@@ -106,6 +106,44 @@ def clone(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+_OBJECT_META_FIELDS = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)
+
+
+def _unknown_metadata_fields(obj: dict[str, Any]) -> list[str]:
+    metadata = obj.get("metadata")
+    return (
+        [f"metadata.{key}" for key in metadata if key not in _OBJECT_META_FIELDS]
+        if isinstance(metadata, dict)
+        else []
+    )
+
+
+def _name_validator(resource_type: ResourceType) -> metavalidation.NameValidator:
+    return (
+        metavalidation.name_is_dns_label
+        if resource_type is NAMESPACES
+        else metavalidation.name_is_dns_subdomain
+    )
+
+
 def _without(obj: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {key: value for key, value in obj.items() if key not in keys}
 
@@ -129,6 +167,9 @@ class Store:
     # -- resource types --------------------------------------------------------------------------
 
     def _register(self, resource_type: ResourceType) -> None:
+        if resource_type.key not in self._types:
+            # Like a new watch cache: a custom resource's history starts when its CRD is established.
+            self._expired_below[resource_type.key] = self._resource_version
         self._types[resource_type.key] = resource_type
         self._objects.setdefault(resource_type.key, {})
 
@@ -281,20 +322,13 @@ class Store:
             namespace = self._creation_namespace(resource_type, namespace, metadata)
             name = metadata.get("name") or ""
             objects = self._objects[resource_type.key]
-            if not name:
-                prefix = metadata.get("generateName")
-                if not prefix:
-                    raise errors.invalid(
-                        resource_type.group,
-                        resource_type.kind,
-                        "",
-                        [("metadata.name", "Required value: name or generateName is required")],
-                    )
-                name = self._generate_name(prefix, objects, namespace or "")
-            if (namespace or "", name) in objects:
-                raise errors.already_exists(resource_type.group, resource_type.plural, name)
-            if resource_type.namespaced:
+            if not name and metadata.get("generateName"):
+                name = metadata["name"] = self._generate_name(
+                    str(metadata["generateName"]), objects, namespace or ""
+                )
+            if resource_type.namespaced and name:
                 self._check_namespace_open(resource_type, namespace or "", name)
+            meta_problems = metavalidation.object_meta(metadata, _name_validator(resource_type))
             for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"):
                 metadata.pop(key, None)
             metadata["name"] = name
@@ -307,8 +341,10 @@ class Store:
             obj["kind"] = resource_type.kind
             if resource_type.has_status(version):
                 obj.pop("status", None)
-            obj = self._prepare_builtin(resource_type, obj)
-            obj = self._admit(resource_type, version, obj, None, strict)
+            obj = self._prepare_builtin(resource_type, obj, meta_problems)
+            obj = self._admit(resource_type, version, obj, None, strict, extra=meta_problems)
+            if (namespace or "", name) in objects:
+                raise errors.already_exists(resource_type.group, resource_type.plural, name)
             metadata = obj["metadata"]
             if dry_run:
                 return self.as_version(resource_type, version, obj)
@@ -435,13 +471,20 @@ class Store:
 
     @staticmethod
     def _generate_name(prefix: str, objects: dict[ObjectKey, dict[str, Any]], namespace: str) -> str:
+        prefix = prefix[: metavalidation.MAX_GENERATED_NAME_LENGTH]
         while True:
             name = prefix + "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))
             if (namespace, name) not in objects:
                 return name
 
     @staticmethod
-    def _prepare_builtin(resource_type: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_builtin(
+        resource_type: ResourceType, obj: dict[str, Any], meta_problems: list[str]
+    ) -> dict[str, Any]:
+        if meta_problems and resource_type.key == (CRD_GROUP, CRD_PLURAL):
+            raise errors.invalid_fields(
+                CRD_GROUP, resource_type.kind, obj["metadata"].get("name", ""), meta_problems
+            )
         if resource_type is NAMESPACES:
             name = obj["metadata"]["name"]
             obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
@@ -472,28 +515,32 @@ class Store:
         old: dict[str, Any] | None,
         strict: bool,
         subresource: str | None = None,
+        *,
+        extra: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Prune unknown fields, apply the CRD schema's defaults, then validate; errors are 422 Invalid.
+        """Prune unknown fields, apply the CRD schema's defaults, then validate; errors are 422 Invalid,
+        together with the ``extra`` (metadata) problems found before.
 
         With ``fieldValidation=Strict`` (what kubectl sends) unknown fields are a 400 instead of being pruned.
         """
+        name = obj.get("metadata", {}).get("name", "")
+        problems = list(extra or ())
         schema = resource_type.schemas.get(version)
         module = _schema_module() if schema else None
-        if module is None:
-            return obj
-        name = obj.get("metadata", {}).get("name", "")
-        admission = module.admit(schema, obj, old, subresource)
-        if strict and admission.unknown_fields:
-            raise errors.bad_request(
-                "strict decoding error: "
-                + ", ".join(f'unknown field "{path}"' for path in admission.unknown_fields)
-            )
-        if admission.errors:
-            raise errors.invalid(
-                resource_type.group, resource_type.kind, name, [("", problem) for problem in admission.errors]
-            )
-        result: dict[str, Any] = admission.obj
-        return result
+        if module is not None:
+            admission = module.admit(schema, obj, old, subresource)
+            unknown = admission.unknown_fields + _unknown_metadata_fields(obj)
+            if strict and unknown:
+                kind = resource_type.kind
+                raise errors.bad_request(
+                    f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: '
+                    + ", ".join(f'unknown field "{path}"' for path in sorted(unknown))
+                )
+            problems += admission.errors
+            obj = admission.obj
+        if problems:
+            raise errors.invalid_fields(resource_type.group, resource_type.kind, name, problems)
+        return obj
 
     def _update(
         self,
@@ -571,7 +618,8 @@ class Store:
         if resource_type.key == (CRD_GROUP, CRD_PLURAL) and subresource != "status":
             _resource_type_from_crd(result)  # refuses malformed CRDs with 422 before storing
 
-        result = self._admit(resource_type, version, result, old, strict, subresource)
+        meta_problems = metavalidation.object_meta_update(result["metadata"], _name_validator(resource_type))
+        result = self._admit(resource_type, version, result, old, strict, subresource, extra=meta_problems)
         if result == self.as_version(resource_type, version, old):
             return old  # no-op: same resourceVersion, no watch event
 
@@ -585,8 +633,10 @@ class Store:
         object_key = (old_meta.get("namespace", ""), name)
         if result["metadata"].get("deletionTimestamp") and not result["metadata"].get("finalizers"):
             del self._objects[resource_type.key][object_key]
-            self._emit(resource_type, "DELETED", result)
-            self._after_removal(resource_type, result)
+            # Watchers see the last stored state (etcd's previous value) at the deletion's resourceVersion.
+            gone = {**old, "metadata": {**old_meta, "resourceVersion": result["metadata"]["resourceVersion"]}}
+            self._emit(resource_type, "DELETED", gone)
+            self._after_removal(resource_type, gone)
             return result
         self._objects[resource_type.key][object_key] = result
         self._emit(resource_type, "MODIFIED", result, old)

@@ -522,6 +522,41 @@ def test_generate_name_must_be_a_dns_subdomain_prefix(client: httpx.Client, name
     assert [field for field, _ in causes(client.post(url(namespace), json=body))] == ["metadata.generateName"]
 
 
+def test_core_events_keep_lenient_names_but_namespaces_must_be_dns_labels(
+    client: httpx.Client, namespace: str
+) -> None:
+    event = {
+        "metadata": {"generateName": "alice-vol-exp."},
+        "involvedObject": {"kind": KIND, "name": "alice-vol-exp", "namespace": namespace},
+        "reason": "Tested",
+        "message": "m",
+        "type": "Normal",
+    }
+    response = client.post(f"/api/v1/namespaces/{namespace}/events", json=event)
+    assert response.status_code == 201, response.text
+    event["metadata"] = {"name": "Upper_Case.name"}
+    assert client.post(f"/api/v1/namespaces/{namespace}/events", json=event).status_code == 201
+    event["metadata"] = {"name": "x", "labels": {"bad key": "v"}}
+    assert causes(client.post(f"/api/v1/namespaces/{namespace}/events", json=event)) == [
+        ("metadata.labels", "FieldValueInvalid")
+    ]
+    status = invalid(client.post("/api/v1/namespaces", json={"metadata": {"name": "dotted.name"}}))
+    assert status["message"] == (
+        'Namespace "dotted.name" is invalid: metadata.name: Invalid value: "dotted.name": must not contain dots'
+    )
+    assert status["details"] == {
+        "name": "dotted.name",
+        "kind": "Namespace",
+        "causes": [
+            {
+                "reason": "FieldValueInvalid",
+                "message": 'Invalid value: "dotted.name": must not contain dots',
+                "field": "metadata.name",
+            }
+        ],
+    }
+
+
 def test_several_errors_are_listed_in_brackets(client: httpx.Client, namespace: str) -> None:
     body = widget("several", "purple", size=0)
     status = invalid(client.post(url(namespace), json=body))

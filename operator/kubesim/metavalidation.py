@@ -144,6 +144,15 @@ def name_is_dns_label(name: str, prefix: bool) -> list[str]:
     return is_dns1123_label(_mask_trailing_dash(name) if prefix else name)
 
 
+def name_is_path_segment(name: str, prefix: bool) -> list[str]:
+    """``path.ValidatePathSegmentName``: all the API server checks of a core/v1 Event's name."""
+    problems = []
+    if not prefix and name in (".", ".."):
+        problems.append(f"may not be '{name}'")
+    problems.extend(f"may not contain '{char}'" for char in ("/", "%") if char in name)
+    return problems
+
+
 def _invalid(field: str, value: str, message: str) -> str:
     return f"{field}: Invalid value: {_quote(value)}: {message}"
 

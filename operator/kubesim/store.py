@@ -137,11 +137,11 @@ def _unknown_metadata_fields(obj: dict[str, Any]) -> list[str]:
 
 
 def _name_validator(resource_type: ResourceType) -> metavalidation.NameValidator:
-    return (
-        metavalidation.name_is_dns_label
-        if resource_type is NAMESPACES
-        else metavalidation.name_is_dns_subdomain
-    )
+    if resource_type is NAMESPACES:
+        return metavalidation.name_is_dns_label
+    if resource_type is EVENTS:  # core/v1 Events keep their legacy, lenient name rules
+        return metavalidation.name_is_path_segment
+    return metavalidation.name_is_dns_subdomain
 
 
 def _without(obj: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -542,7 +542,8 @@ def test_core_events_keep_lenient_names_but_namespaces_must_be_dns_labels(
     ]
     status = invalid(client.post("/api/v1/namespaces", json={"metadata": {"name": "dotted.name"}}))
     assert status["message"] == (
-        'Namespace "dotted.name" is invalid: metadata.name: Invalid value: "dotted.name": must not contain dots'
+        'Namespace "dotted.name" is invalid: metadata.name: Invalid value: "dotted.name": '
+        "must not contain dots"
     )
     assert status["details"] == {
         "name": "dotted.name",

@@ -53,9 +53,8 @@ cluster-down:
 E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeconfig,$(KUBECONFIG))
 
 ## make e2e: the end-to-end suite against a real API server (skipped, saying why, when none answers)
-# First every CRD rule, the API semantics kubesim emulates (parity) and the install itself on the server (no
-# operator running), then the stories with the
-# operator authenticated as its ServiceAccount.
+# First every CRD rule, the API semantics kubesim emulates (parity) and the install itself on the server
+# (no operator running), then the stories with the operator authenticated as its ServiceAccount.
 e2e: $(STAMP)
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_crds.py tests/test_parity.py tests/test_install.py tests/test_kube_auth.py
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py

@@ -10,7 +10,10 @@ Steps:
    every instance is ``Running``: per-instance time from its create to the first list showing it ``Running``;
 2. steady state: Fly (and Kubernetes write) requests per instance per minute over ``--steady-seconds``;
 3. fail the hosts under ``--fail-percent`` of the instances' machines and measure, per affected instance, the
-   time from the failure to ``Recovering`` (detection) and to ``Running`` again (recovery).
+   time from the failure to ``Recovering`` (detection) and to ``Running`` again (recovery);
+4. fail-over: a standby replica has run beside the operator all along (leader election on a Lease); the
+   leader is SIGKILLed ``--failovers`` times (the killed one restarts as the standby, as its pod would) and
+   once stopped with SIGTERM; measured: kill → the standby holds the Lease, → its kopf lists the instances.
 
 Usage: ``.venv/bin/python tests/benchmark.py --instances 50 --steady-seconds 10`` (``--help`` for all knobs).
 """
@@ -57,6 +60,8 @@ RESULTS_MARKERS = {
     "kube-apiserver": ("<!-- bench:results-apiserver:start -->", "<!-- bench:results-apiserver:end -->"),
 }
 LIST_PATH = f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
+LEASE_NAMESPACE = "kiloclaw-system"
+LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/kiloclaw-operator"
 
 
 class BenchmarkError(Exception):
@@ -115,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use the real API server of the current KUBECONFIG (make cluster) instead of kubesim; "
         "results go to their own section of the results file",
     )
+    parser.add_argument(
+        "--failovers", type=int, default=3, help="leader SIGKILLs in the fail-over phase (0: no standby)"
+    )
     args = parser.parse_args(argv)
     if min(args.instances, args.namespaces, args.instances_per_app) < 1:
         parser.error("--instances, --namespaces and --instances-per-app must be at least 1")
@@ -147,6 +155,9 @@ class Results:
     cpu_seconds: float = 0.0
     total_seconds: float = 0.0
     list_seconds: list[float] = field(default_factory=list)
+    failover_lease: list[float] = field(default_factory=list)
+    failover_serving: list[float] = field(default_factory=list)
+    graceful_lease: float = math.nan
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -199,7 +210,7 @@ def free_port() -> int:
 
 
 def operator_env(
-    args: argparse.Namespace, fly_url: str, kubeconfig: Path, health_port: int
+    args: argparse.Namespace, fly_url: str, kubeconfig: Path, health_port: int, identity: str = "replica-a"
 ) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
     env.update(
@@ -214,6 +225,10 @@ def operator_env(
             "KILOCLAW_WAIT_CALL_SECONDS": str(args.wait_call),
             "KILOCLAW_METRICS_PORT": str(free_port()),
             "KILOCLAW_HEALTH_PORT": str(health_port),
+            # Lease timings are the operator's defaults (8 s duration, 5 s renew deadline, 1 s retry); the Lease
+            # lives where deploy/ grants it, as the operator authenticates as its ServiceAccount on a cluster.
+            "KILOCLAW_LEASE_IDENTITY": identity,
+            "KILOCLAW_LEASE_NAMESPACE": LEASE_NAMESPACE,
             # Proxies must not see loopback traffic.
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
@@ -326,6 +341,7 @@ class EmbeddedKube:
     def start(self, workdir: Path) -> Path:
         self.sim.start_in_thread()
         self.sim.load_crds([CRDS])
+        self.sim.create_namespace(LEASE_NAMESPACE)  # deploy/base's namespace, where the Lease lives
         return self.sim.write_kubeconfig(workdir / "kubeconfig")
 
     def stop(self) -> None:
@@ -338,8 +354,12 @@ class EmbeddedKube:
         self.sim.create_namespace(name)
 
     async def writes(self) -> int:
-        """Kubernetes writes so far (events included), a monotonic count."""
-        return sum(1 for r in list(self.sim.request_log) if r.verb in ("create", "update", "patch", "delete"))
+        """Kubernetes writes so far (events included; not the leader's Lease renewals), a monotonic count."""
+        return sum(
+            1
+            for r in list(self.sim.request_log)
+            if r.verb in ("create", "update", "patch", "delete") and r.resource != "leases"
+        )
 
 
 class RealKube:
@@ -398,8 +418,10 @@ class RealKube:
             text = (await client.get("/metrics")).text
         total = 0
         for line in text.splitlines():
-            if line.startswith("apiserver_request_total{") and any(
-                f'verb="{verb}"' in line for verb in self.WRITE_VERBS
+            if (
+                line.startswith("apiserver_request_total{")
+                and any(f'verb="{verb}"' in line for verb in self.WRITE_VERBS)
+                and 'resource="leases"' not in line  # the leader's renewals: per retry period, not per instance
             ):
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total
@@ -578,6 +600,108 @@ async def fail_hosts_and_measure(
     results.not_recovered = len(affected) - len(recovered)
 
 
+class Replica:
+    """One operator process of the two (leader election); restarted with the same identity after a kill, as
+    the container of a pod restarts."""
+
+    def __init__(self, args: argparse.Namespace, fly_url: str, kubeconfig: Path, workdir: Path, name: str):
+        self.name = name
+        self.health_port = free_port()
+        self.env = operator_env(args, fly_url, kubeconfig, self.health_port, identity=name)
+        self.workdir = workdir
+        self.log = workdir / f"operator-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                operator_command(), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir
+            )
+        return self.process
+
+    async def role(self) -> str | None:
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                body = (await client.get(f"http://127.0.0.1:{self.health_port}/healthz")).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        role: str | None = body.get("role")
+        return role
+
+
+async def lease_holder(api: httpx.AsyncClient) -> str:
+    response = await api.get(LEASE_PATH)
+    if response.status_code == 404:
+        return ""
+    response.raise_for_status()
+    holder: str = (response.json().get("spec") or {}).get("holderIdentity") or ""
+    return holder
+
+
+def instance_lists_since(kube: KubeTarget, since: int) -> bool | None:
+    """Whether kopf listed the instances since request ``since`` (kubesim's request log; None elsewhere)."""
+    if not isinstance(kube, EmbeddedKube):
+        return None
+    records = list(kube.sim.request_log)[since:]
+    return any(r.verb == "list" and r.resource == INSTANCE_PLURAL for r in records)
+
+
+async def measure_failover(
+    args: argparse.Namespace,
+    api: httpx.AsyncClient,
+    kube: KubeTarget,
+    leader: Replica,
+    standby: Replica,
+    results: Results,
+) -> None:
+    """SIGKILL the leader ``--failovers`` times, then SIGTERM it once; the killed replica restarts as the
+    standby each time."""
+    for round_ in range(args.failovers + 1):
+        graceful = round_ == args.failovers
+        await wait_role(standby, "standby", args.phase_timeout)
+        assert leader.process is not None
+        since = len(kube.sim.request_log) if isinstance(kube, EmbeddedKube) else 0
+        killed = time.monotonic()
+        if graceful:
+            leader.process.send_signal(signal.SIGTERM)
+        else:
+            leader.process.kill()
+        took_lease = served = math.nan
+        deadline = killed + args.phase_timeout
+        serving_known = isinstance(kube, EmbeddedKube)
+        while time.monotonic() < deadline and (
+            math.isnan(took_lease) or (serving_known and math.isnan(served))
+        ):
+            now = time.monotonic() - killed
+            if math.isnan(took_lease) and await lease_holder(api) == standby.name:
+                took_lease = now
+            if not math.isnan(took_lease) and math.isnan(served) and instance_lists_since(kube, since):
+                served = now
+            await asyncio.sleep(0.02)
+        if math.isnan(took_lease):
+            raise BenchmarkError(f"the standby did not take over in {args.phase_timeout:g} s")
+        if graceful:
+            results.graceful_lease = took_lease
+        else:
+            results.failover_lease.append(took_lease)
+            results.failover_serving.append(served)
+        say(f"fail-over {round_ + 1}: Lease after {took_lease:.2f} s, serving after {served:.2f} s")
+        await asyncio.to_thread(leader.process.wait)
+        leader.start()
+        leader, standby = standby, leader
+
+
+async def wait_role(replica: Replica, role: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if replica.process is not None and replica.process.poll() is not None:
+            raise BenchmarkError(f"replica {replica.name} exited:\n{log_tail(replica.log)}")
+        if await replica.role() == role:
+            return
+        await asyncio.sleep(0.1)
+    raise BenchmarkError(f"replica {replica.name} is not {role} after {timeout:g} s")
+
+
 # --- the report ----------------------------------------------------------------------------------------
 
 
@@ -628,6 +752,15 @@ def table(results: Results, args: argparse.Namespace) -> str:
         ("Failure → `Recovering`, p99", fmt_seconds(percentile(results.detection, 99))),
         ("Failure → `Running` again, p50", fmt_seconds(percentile(results.recovered, 50)) + recovery_note),
         ("Failure → `Running` again, p99", fmt_seconds(percentile(results.recovered, 99))),
+        (
+            f"Leader SIGKILL → standby holds the Lease, max of {len(results.failover_lease)}",
+            fmt_seconds(max(results.failover_lease, default=math.nan)),
+        ),
+        (
+            "Leader SIGKILL → new leader lists the instances, max",
+            fmt_seconds(max(results.failover_serving, default=math.nan)),
+        ),
+        ("Leader SIGTERM → standby holds the Lease (released)", fmt_seconds(results.graceful_lease)),
         ("Benchmark wall time", f"{results.total_seconds:.0f} s"),
     ]
     width = max(len(label) for label, _ in rows)
@@ -669,7 +802,7 @@ def results_section(results: Results, args: argparse.Namespace, table_text: str)
         f"tests/benchmark.py{' --cluster' if args.cluster else ''} --instances {args.instances} "
         f"--namespaces {args.namespaces} "
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
-        f"--instances-per-app {args.instances_per_app} "
+        f"--instances-per-app {args.instances_per_app} --failovers {args.failovers} "
         f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g}"
     )
     start, end = RESULTS_MARKERS["kube-apiserver" if args.cluster else "kubesim"]
@@ -727,21 +860,18 @@ async def run_benchmark(
     # One sandbox per user, one Fly app per account: the operator's adoption look-ups list the app's machines
     # and volumes, so sharing apps would make them grow with the instances per app.
     apps = {key: f"acct-bench-{index // args.instances_per_app:05d}" for index, key in enumerate(names)}
-    health_port = free_port()
-    log = workdir / "operator.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(  # noqa: ASYNC220 (started once, before any measurement)
-            operator_command(),
-            env=operator_env(args, fly.base_url, kubeconfig, health_port),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
+    leader = Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
+    standby = Replica(args, fly.base_url, kubeconfig, workdir, "replica-b")
+    health_port, log = leader.health_port, leader.log
+    process = leader.start()
     sampler: ProcessSampler | None = None
     try:
         sampler = ProcessSampler(process.pid)
         sampler.start()
         await wait_operator_ready(health_port, process, log)
+        await wait_role(leader, "leader", 60)
+        if args.failovers:
+            standby.start()
         limits = httpx.Limits(max_connections=args.create_concurrency + 4)
         async with kube.client(limits) as api:
             say(f"creating {args.instances} instances in {args.namespaces} namespaces")
@@ -756,11 +886,20 @@ async def run_benchmark(
             say(f"failing hosts under {args.fail_percent:g} % of the instances")
             await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
         results.cpu_seconds = sampler.cpu_seconds()
+        sampler.stop()
+        results.peak_rss_bytes = sampler.peak_rss
+        sampler = None
+        if args.failovers:
+            say(f"fail-over: SIGKILL the leader {args.failovers} times, then SIGTERM it")
+            async with kube.client(httpx.Limits(max_connections=4)) as api:
+                await measure_failover(args, api, kube, leader, standby, results)
     finally:
         if sampler is not None:
             sampler.stop()
             results.peak_rss_bytes = sampler.peak_rss
-        stop_process(process)
+        for replica in (leader, standby):
+            if replica.process is not None:
+                stop_process(replica.process)
         say(f"operator log: {log} ({log.stat().st_size / 2**20:.1f} MiB)")
 
 

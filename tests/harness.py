@@ -50,6 +50,8 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "wait_call_seconds": 1,
         "metrics_port": 0,
         "health_port": 0,
+        # Where deploy/ grants the Lease (the operator runs as its ServiceAccount against a real cluster).
+        "lease_namespace": "kiloclaw-system",
     }
     values.update(overrides)
     return Settings(**values)
@@ -169,6 +171,7 @@ class Stack:
         else:
             self._kube.start_in_thread()
             self._kube.load_crds([CRDS])
+            self._kube.create_namespace("kiloclaw-system")  # the operator's own namespace (its Lease)
             kubeconfig = self._kube.write_kubeconfig(self.workdir / "kubeconfig")
             os.environ["KUBECONFIG"] = str(kubeconfig)
             self.api = httpx.AsyncClient(
@@ -408,3 +411,118 @@ async def eventually(
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.2)
+
+
+# --- the operator as its own process (as a pod runs it): leader election and chaos -------------------------
+
+LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def operator_env(fly_url: str, kubeconfig: Path, identity: str, **overrides: str) -> dict[str, str]:
+    """The environment of one operator replica: short intervals (as test_settings) and a short Lease."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
+    env.update(
+        {
+            "KUBECONFIG": str(kubeconfig),
+            "FLY_API_TOKEN": FLY_TOKEN,
+            "FLY_API_BASE_URL": fly_url,
+            "KILOCLAW_POLL_RUNNING_SECONDS": "0.3",
+            "KILOCLAW_POLL_BUSY_SECONDS": "0.1",
+            "KILOCLAW_POLL_IDLE_SECONDS": "0.5",
+            "KILOCLAW_RETAINED_CHECK_SECONDS": "0.3",
+            "KILOCLAW_RETRY_BACKOFF_MIN_SECONDS": "0.1",
+            "KILOCLAW_RETRY_BACKOFF_MAX_SECONDS": "1",
+            "KILOCLAW_WAIT_CALL_SECONDS": "1",
+            "KILOCLAW_LEASE_IDENTITY": identity,
+            "KILOCLAW_LEASE_DURATION_SECONDS": "3",
+            "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": "2",
+            "KILOCLAW_LEASE_RETRY_PERIOD_SECONDS": "0.5",
+            "KILOCLAW_METRICS_PORT": str(free_port()),
+            "KILOCLAW_HEALTH_PORT": str(free_port()),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+class OperatorProcess:
+    """``kiloclaw-operator run`` in its own process, configured only by its environment; ``kill`` is a real
+    SIGKILL (nothing gets to finish, the Lease is not released)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.identity = env["KILOCLAW_LEASE_IDENTITY"]
+        self.health_port = int(env["KILOCLAW_HEALTH_PORT"])
+        self.log_path = log_path
+        self.process: Any = None
+
+    def start(self) -> OperatorProcess:
+        import subprocess
+        import sys
+
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kiloclaw_operator", "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the exit code."""
+        import signal
+        import subprocess
+
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code: int = self.process.returncode
+        return code
+
+    async def role(self) -> str | None:
+        """``leader`` / ``standby`` from the health endpoint; None while it does not answer."""
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                response = await client.get(f"http://127.0.0.1:{self.health_port}/healthz")
+            role: str = response.json()["role"]
+            return role
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def lease_holder(kube: KubeSim, namespace: str = "default", name: str = "kiloclaw-operator") -> str:
+    lease = kube.get_object(LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL, namespace, name) or {}
+    holder: str = (lease.get("spec") or {}).get("holderIdentity") or ""
+    return holder

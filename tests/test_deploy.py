@@ -48,6 +48,10 @@ OPERATOR_CALLS: frozenset[RbacCall] = frozenset(
         ("watch", "", "namespaces"),
     }
 )
+# Leader election (leadership.py), granted by a Role in the operator's namespace.
+LEADER_ELECTION_CALLS: frozenset[RbacCall] = frozenset(
+    (verb, "coordination.k8s.io", "leases") for verb in ("get", "create", "update")
+)
 
 
 # --- RBAC evaluation (reusable by the end-to-end tests) -------------------------------------------------
@@ -81,13 +85,15 @@ def missing_rbac(seen: set[RbacCall], rules: Iterable[Mapping[str, Any]]) -> set
 
 
 def operator_rbac_rules() -> list[dict[str, Any]]:
-    """The operator ClusterRole's rules, read from deploy/base/rbac.yaml (no kubectl needed).
+    """The rules of the operator's ClusterRole and of its leader-election Role, read from
+    deploy/base/rbac.yaml (no kubectl needed). The Role only holds in the operator's namespace, which the
+    request log's namespace-free calls cannot tell apart; test_deploy checks the Role's namespace.
 
     For the end-to-end suite: `assert missing_rbac(kube_api.rbac_verbs_seen, operator_rbac_rules()) == set()`.
     """
-    documents = yaml.safe_load_all((DEPLOY / "base" / "rbac.yaml").read_text())
-    role = next(d for d in documents if d and d["kind"] == "ClusterRole")
-    return list(role["rules"])
+    documents = list(yaml.safe_load_all((DEPLOY / "base" / "rbac.yaml").read_text()))
+    roles = [d for d in documents if d and d["kind"] in ("ClusterRole", "Role")]
+    return [rule for role in roles for rule in role["rules"]]
 
 
 _CORE_PREFIX = ("api", "v1")
@@ -247,11 +253,15 @@ def test_crds_are_protected_from_gitops_pruning() -> None:
 # --- the Deployment -------------------------------------------------------------------------------------
 
 
-def test_deployment_runs_one_non_root_replica_with_a_locked_down_container() -> None:
+def test_deployment_runs_two_non_root_replicas_with_a_locked_down_container() -> None:
     deployment = only(rendered("base"), "Deployment", "kiloclaw-operator")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one active (leader election); a rollout replaces one pod at a time.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "kiloclaw-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -271,6 +281,47 @@ def test_deployment_runs_one_non_root_replica_with_a_locked_down_container() -> 
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_deployment_elects_its_leader_on_a_lease_named_per_shard_with_the_pod_name_as_identity() -> None:
+    container = operator_container(only(rendered("base"), "Deployment"))
+    env = env_of(container)
+    assert env["KILOCLAW_LEASE_NAME"]["value"] == "kiloclaw-operator"
+    assert env["KILOCLAW_LEASE_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["KILOCLAW_LEASE_IDENTITY"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "KILOCLAW_LEADER_ELECTION" not in env, "on by default"
+
+
+def test_pod_disruption_budget_keeps_one_replica_of_each_shard() -> None:
+    manifests = rendered("shard-b")
+    budgets = {pdb["metadata"]["name"]: pdb for pdb in of_kind(manifests, "PodDisruptionBudget")}
+    deployments = {d["metadata"]["name"]: d for d in of_kind(manifests, "Deployment")}
+    assert set(budgets) == set(deployments)
+    for name, budget in budgets.items():
+        assert budget["spec"]["minAvailable"] == 1
+        assert budget["spec"]["selector"] == deployments[name]["spec"]["selector"]
+
+
+def test_leader_election_role_grants_leases_only_in_the_operator_namespace() -> None:
+    manifests = rendered("base")
+    role = only(manifests, "Role", "kiloclaw-operator-leader-election")
+    assert role["metadata"]["namespace"] == "kiloclaw-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]
+    binding = only(manifests, "RoleBinding", "kiloclaw-operator-leader-election")
+    assert binding["metadata"]["namespace"] == "kiloclaw-system"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "kiloclaw-operator-leader-election",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kiloclaw-operator", "namespace": "kiloclaw-system"}
+    ]
+    assert not any(
+        "coordination.k8s.io" in rule["apiGroups"] for rule in only(manifests, "ClusterRole")["rules"]
+    )
 
 
 def test_deployment_sets_resource_requests_and_limits() -> None:
@@ -340,8 +391,11 @@ def test_shard_overlay_runs_two_operators_on_disjoint_namespace_sets() -> None:
         value = env_of(operator_container(deployment))["KILOCLAW_NAMESPACES"]["value"]
         namespace_sets[name] = {ns.strip() for ns in value.split(",") if ns.strip()}
         assert namespace_sets[name], f"{name} must list its namespaces (empty means all)"
-        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["replicas"] == 2
+    leases = {
+        name: env_of(operator_container(d))["KILOCLAW_LEASE_NAME"]["value"] for name, d in deployments.items()
+    }
+    assert len(set(leases.values())) == 2, f"each shard needs its own Lease: {leases}"
     assert not namespace_sets["kiloclaw-operator"] & namespace_sets["kiloclaw-operator-shard-b"]
     # Each Deployment selects only its own pods.
     selectors = [d["spec"]["selector"]["matchLabels"] for d in deployments.values()]
@@ -374,9 +428,12 @@ def test_rbac_rules_use_no_wildcards() -> None:
 
 
 def test_rbac_grants_exactly_the_calls_the_operator_makes() -> None:
-    rules = cluster_role_rules(rendered("base"))
+    manifests = rendered("base")
+    rules = cluster_role_rules(manifests) + list(
+        only(manifests, "Role", "kiloclaw-operator-leader-election")["rules"]
+    )
     assert rules == operator_rbac_rules()
-    assert missing_rbac(set(OPERATOR_CALLS), rules) == set()
+    assert missing_rbac(set(OPERATOR_CALLS | LEADER_ELECTION_CALLS), rules) == set()
     granted = {
         (verb, group, resource)
         for rule in rules
@@ -384,7 +441,9 @@ def test_rbac_grants_exactly_the_calls_the_operator_makes() -> None:
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert granted - OPERATOR_CALLS == set(), "granted but not used: remove, or document the call"
+    assert granted - OPERATOR_CALLS - LEADER_ELECTION_CALLS == set(), (
+        "granted but not used: remove, or document the call"
+    )
 
 
 def test_rbac_binds_the_role_to_the_operator_service_account() -> None:

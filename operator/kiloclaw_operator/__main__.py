@@ -17,6 +17,8 @@ import kopf
 from prometheus_client import start_http_server
 
 from .config import ConfigError, Settings, load_settings
+from .kube import KubeClient
+from .leadership import LeadershipLost
 from .logs import configure_json_logging
 
 logger = logging.getLogger("kiloclaw.operator")
@@ -30,19 +32,37 @@ async def run_operator(
     liveness: bool = True,
     watch_server_timeout: int = 300,
 ) -> None:
-    """Run the kopf operator in the current event loop until ``stop_flag`` is set (or forever)."""
-    from . import handlers  # noqa: F401  (registers the handlers in kopf's default registry)
+    """Run the kopf operator in the current event loop until ``stop_flag`` is set (or forever); with leader
+    election (the default), only while this process holds the Lease (leadership.py)."""
+    from . import handlers  # registers the handlers in kopf's default registry
 
-    memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout)
-    await kopf.operator(
-        standalone=True,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        memo=memo,
-    )
+    async def serve(stop: asyncio.Event | threading.Event | None, liveness_endpoint: str | None) -> None:
+        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout)
+        await kopf.operator(
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=liveness_endpoint,
+            stop_flag=stop,
+            ready_flag=ready_flag,
+            memo=memo,
+        )
+
+    if not settings.leader_election:
+        await serve(stop_flag, f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None)
+        return
+    from .leadership import LeaderElector, LeaseConfig, run_elected
+
+    kube = KubeClient(await handlers.login_outside_kopf())
+    try:
+        await run_elected(
+            LeaderElector(kube, LeaseConfig.from_settings(settings)),
+            lambda stop: serve(stop, None),
+            stop_flag=stop_flag,
+            health_port=settings.health_port if liveness else None,
+        )
+    finally:
+        await kube.aclose()
 
 
 def _settings_or_exit(*, require_token: bool, **overrides: object) -> Settings:
@@ -64,7 +84,12 @@ def command_run(args: argparse.Namespace) -> None:
         "starting",
         extra={"fly_api": settings.fly_api_base_url, "namespaces": settings.namespaces or "all"},
     )
-    asyncio.run(run_operator(settings))
+    try:
+        asyncio.run(run_operator(settings))
+    except LeadershipLost as exc:
+        # Another replica may lead now; the pod restarts as a standby.
+        logger.error("stopping: %s", exc)
+        raise SystemExit(1) from None
 
 
 def command_dev(args: argparse.Namespace) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REGION_PATTERN = r"^[a-z]{3}$"
@@ -72,6 +72,25 @@ class Settings(BaseSettings):
         default=8080, ge=0, le=65535, validation_alias=AliasChoices("KILOCLAW_HEALTH_PORT")
     )
 
+    # Two replicas, one active (leadership.py): a coordination.k8s.io Lease in the operator's namespace.
+    leader_election: bool = Field(default=True, validation_alias=AliasChoices("KILOCLAW_LEADER_ELECTION"))
+    lease_name: str = Field(
+        default="kiloclaw-operator",
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        validation_alias=AliasChoices("KILOCLAW_LEASE_NAME"),
+    )
+    lease_namespace: str = Field(default="", validation_alias=AliasChoices("KILOCLAW_LEASE_NAMESPACE"))
+    lease_identity: str = Field(default="", validation_alias=AliasChoices("KILOCLAW_LEASE_IDENTITY"))
+    lease_duration_seconds: int = Field(
+        default=8, ge=1, validation_alias=AliasChoices("KILOCLAW_LEASE_DURATION_SECONDS")
+    )
+    lease_renew_deadline_seconds: float = Field(
+        default=5, gt=0, validation_alias=AliasChoices("KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS")
+    )
+    lease_retry_period_seconds: float = Field(
+        default=1, gt=0, validation_alias=AliasChoices("KILOCLAW_LEASE_RETRY_PERIOD_SECONDS")
+    )
+
     _split_regions = field_validator("default_regions", "namespaces", mode="before")(_split_csv)
 
     @field_validator("default_regions")
@@ -81,6 +100,23 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not Fly region codes (three lower-case letters): {', '.join(bad)}")
         return regions
+
+    @field_validator("lease_renew_deadline_seconds")
+    @classmethod
+    def _renew_deadline_within_lease(cls, deadline: float, info: ValidationInfo) -> float:
+        # A leader that cannot renew must stop acting before a standby may take the lease over.
+        duration = info.data.get("lease_duration_seconds")
+        if duration is not None and deadline >= duration:
+            raise ValueError("must be shorter than KILOCLAW_LEASE_DURATION_SECONDS")
+        return deadline
+
+    @field_validator("lease_retry_period_seconds")
+    @classmethod
+    def _retry_within_renew_deadline(cls, period: float, info: ValidationInfo) -> float:
+        deadline = info.data.get("lease_renew_deadline_seconds")
+        if deadline is not None and period >= deadline:
+            raise ValueError("must be shorter than KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS")
+        return period
 
     @field_validator("fly_org_slug")
     @classmethod

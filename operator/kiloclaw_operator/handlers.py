@@ -133,6 +133,18 @@ def _connection_info(conn: KubeConnection) -> kopf.ConnectionInfo:
     )
 
 
+async def login_outside_kopf() -> KubeConnection:
+    """The credentials the login handler above finds (ServiceAccount, else kubeconfig), for the leader
+    election, which runs before kopf starts."""
+    info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
+    if info is not None:
+        return with_token_file(_connection(info), SERVICE_ACCOUNT_TOKEN)
+    try:
+        return connection_from_login(await asyncio.to_thread(load_kubeconfig))
+    except KubeconfigError as exc:
+        raise kopf.LoginError(str(exc)) from None
+
+
 def _connection(info: kopf.ConnectionInfo) -> KubeConnection:
     def path(value: object) -> str | None:
         return None if value is None else str(value)

@@ -291,3 +291,31 @@ class KubeClient:
             await self._request("POST", f"/api/v1/namespaces/{ref.namespace}/events", json=body)
         except (KubeError, httpx.HTTPError) as exc:
             logger.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc)
+
+    # --- leases (leader election, leadership.py) -------------------------------------------------------
+
+    @staticmethod
+    def _lease_path(namespace: str, name: str | None = None) -> str:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        return f"{path}/{name}" if name else path
+
+    async def _lease_request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        # The elector must tell "the API server said no" from "no answer"; both arrive as KubeError.
+        try:
+            return await self._request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise KubeError(0, f"{type(exc).__name__}: {exc}") from exc
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._lease_request("GET", self._lease_path(namespace, name))
+        except KubeNotFound:
+            return None
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create; KubeConflict when another candidate created it first."""
+        return await self._lease_request("POST", self._lease_path(namespace), json=body)
+
+    async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT with the resourceVersion read: KubeConflict when someone wrote the Lease in between."""
+        return await self._lease_request("PUT", self._lease_path(namespace, name), json=body)

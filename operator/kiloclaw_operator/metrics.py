@@ -50,3 +50,5 @@ RETAINED_PHASES = PhaseCounter(RETAINED_VOLUMES)
 # Stalled instances by reason (RecoveryFailed, InvalidSpec, FlyUnauthorized, DuplicateSandbox...): the alerts'
 # "needs a person" signal; a Failed phase is always Stalled too.
 STALLED_REASONS = PhaseCounter(INSTANCES_STALLED, label="reason")
+
+LEADER = Gauge("kiloclaw_leader", "1 while this replica holds the leader Lease and runs the operator")

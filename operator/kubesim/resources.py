@@ -77,7 +77,16 @@ CRDS = ResourceType(
     categories=("api-extensions",),
     status_versions=frozenset({"v1"}),
 )
-BUILTINS = (NAMESPACES, EVENTS, CRDS)
+# Leader election of the operator's replicas (kiloclaw_operator.leadership).
+LEASES = ResourceType(
+    group="coordination.k8s.io",
+    versions=("v1",),
+    plural="leases",
+    singular="lease",
+    kind="Lease",
+    namespaced=True,
+)
+BUILTINS = (NAMESPACES, EVENTS, CRDS, LEASES)
 
 
 def resource_type_from_crd(crd: dict[str, Any]) -> ResourceType:

@@ -1,0 +1,363 @@
+"""Two replicas, one active: leader election on a ``coordination.k8s.io/v1`` Lease (DESIGN 3.7).
+
+Only the leader runs kopf: the standby watches nothing, never calls Fly and writes no status; it only reads
+the Lease. The protocol is client-go's (``k8s.io/client-go/tools/leaderelection``):
+
+- A candidate reads the Lease every retry period. It takes the Lease when there is none, when nobody holds it
+  (released on a graceful shutdown), when it holds it already (the restarted container of the same pod), or
+  when the record has not changed for ``leaseDurationSeconds`` *measured on the candidate's own clock from
+  when it first saw that record* — clocks of different nodes are never compared.
+- Every write carries the resourceVersion it read, so two candidates racing for an expired Lease cannot both
+  win (the API server answers 409 to the second).
+- The leader renews every retry period. When no renewal succeeded for the renew deadline (shorter than the
+  lease duration), it stops acting at once — before any standby may consider the Lease expired — and the
+  process exits so that its pod restarts as a standby.
+- On a graceful shutdown the leader first stops kopf (in-flight steps end, each recorded), then releases the
+  Lease (holder cleared), so the standby takes over within one retry period instead of a lease duration.
+
+After a SIGKILL the standby takes over at most ``lease duration + 2 × retry period`` after the leader's last
+renewal; with the defaults (8 s, 1 s) that is about 10 s, plus kopf's start. The new leader's drivers read
+every instance's status and resume in-flight recoveries from their recorded step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import Settings
+from .kube import KubeConflict, KubeError
+from .metrics import LEADER
+
+logger = logging.getLogger("kiloclaw.leadership")
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class LeadershipLost(Exception):
+    """The leader could not renew its Lease in time: it stopped acting, and the process must exit."""
+
+
+class LeaseStore(Protocol):
+    """The three Lease calls the elector makes (KubeClient implements them)."""
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    namespace: str
+    name: str
+    identity: str
+    duration_seconds: int
+    renew_deadline_seconds: float
+    retry_period_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LeaseConfig:
+        return cls(
+            namespace=settings.lease_namespace or default_lease_namespace(),
+            name=settings.lease_name,
+            identity=settings.lease_identity or default_identity(),
+            duration_seconds=settings.lease_duration_seconds,
+            renew_deadline_seconds=settings.lease_renew_deadline_seconds,
+            retry_period_seconds=settings.lease_retry_period_seconds,
+        )
+
+
+def default_lease_namespace() -> str:
+    """In a pod, its ServiceAccount's namespace (where deploy/ grants the Lease); elsewhere ``default``."""
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def default_identity() -> str:
+    """Host name (the pod name) and process id: stable across restarts of the pod's container (pid 1), so a
+    restarted leader takes its own Lease back at once, yet distinct for two processes on one laptop."""
+    return f"{socket.gethostname()}_{os.getpid()}"
+
+
+def micro_time(moment: datetime | None = None) -> str:
+    """``metav1.MicroTime`` as the API server writes it."""
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- the decision (pure) --------------------------------------------------------------------------------
+
+
+class Claim(Enum):
+    """What a candidate may do with the Lease it has just read."""
+
+    CREATE = "create"  # there is no Lease
+    TAKE = "take"  # free, ours already, or expired: write ourselves in
+    WAIT = "wait"  # another holder whose record is still fresh
+
+
+def claim(record: dict[str, Any] | None, identity: str, unchanged_for: float) -> Claim:
+    """``unchanged_for``: seconds on this candidate's clock since it first saw this exact record."""
+    if record is None:
+        return Claim.CREATE
+    spec = record.get("spec") or {}
+    holder = spec.get("holderIdentity") or ""
+    if not holder or holder == identity:
+        return Claim.TAKE
+    duration = spec.get("leaseDurationSeconds") or 0
+    return Claim.TAKE if unchanged_for >= duration else Claim.WAIT
+
+
+def lease_body(
+    config: LeaseConfig, previous: dict[str, Any] | None, *, holder: str, now: datetime
+) -> dict[str, Any]:
+    """The Lease to write: renewing keeps acquireTime, a new holder counts a transition."""
+    spec = (previous or {}).get("spec") or {}
+    previous_holder = spec.get("holderIdentity") or ""
+    same_holder = bool(holder) and previous_holder == holder
+    metadata: dict[str, Any] = {"name": config.name, "namespace": config.namespace}
+    if previous is not None:
+        metadata["resourceVersion"] = previous["metadata"]["resourceVersion"]
+    transitions = int(spec.get("leaseTransitions") or 0)
+    if holder and previous_holder and not same_holder:
+        transitions += 1
+    new_spec: dict[str, Any] = {
+        "leaseDurationSeconds": config.duration_seconds,
+        "leaseTransitions": transitions,
+        "renewTime": micro_time(now),
+        "acquireTime": spec.get("acquireTime") if same_holder else micro_time(now),
+    }
+    if holder:
+        new_spec["holderIdentity"] = holder
+    else:
+        # Released (client-go's ReleaseOnCancel): no holder, and a 1 s duration for older candidates.
+        new_spec["leaseDurationSeconds"] = 1
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": metadata,
+        "spec": new_spec,
+    }
+
+
+# --- the elector ----------------------------------------------------------------------------------------
+
+
+class LeaderElector:
+    def __init__(
+        self, leases: LeaseStore, config: LeaseConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._leases = leases
+        self.config = config
+        self._clock = clock
+        self.is_leader = False
+        self._seen_version: str | None = None
+        self._seen_at = 0.0
+        self._last_renewal = 0.0
+        self._ours: dict[str, Any] | None = None  # the Lease as we last wrote it
+
+    @property
+    def _lease_ref(self) -> str:
+        return f"{self.config.namespace}/{self.config.name}"
+
+    def _observe(self, record: dict[str, Any] | None) -> float:
+        """Remember when this record was first seen; return for how long it has not changed."""
+        now = self._clock()
+        version = None if record is None else record["metadata"].get("resourceVersion")
+        if version != self._seen_version:
+            self._seen_version, self._seen_at = version, now
+        return now - self._seen_at
+
+    async def try_acquire_or_renew(self) -> bool:
+        """One round: read the Lease and write ourselves in when the rules allow; True while we lead."""
+        config = self.config
+        try:
+            record = await self._leases.get_lease(config.namespace, config.name)
+            decision = claim(record, config.identity, self._observe(record))
+            if decision is Claim.WAIT:
+                self._set_leader(False)
+                return False
+            body = lease_body(config, record, holder=config.identity, now=datetime.now(UTC))
+            if decision is Claim.CREATE:
+                written = await self._leases.create_lease(config.namespace, body)
+            else:
+                written = await self._leases.replace_lease(config.namespace, config.name, body)
+        except KubeConflict:
+            return False  # another candidate wrote first; the next round reads what it wrote
+        except KubeError as exc:
+            logger.warning(
+                "lease %s/%s: %s", config.namespace, config.name, exc, extra={"identity": config.identity}
+            )
+            return False
+        self._ours = written
+        self._last_renewal = self._clock()
+        self._set_leader(True)
+        return True
+
+    def _set_leader(self, leader: bool) -> None:
+        if leader != self.is_leader:
+            logger.info(
+                "became the leader" if leader else "not the leader",
+                extra={"lease": self._lease_ref, "identity": self.config.identity},
+            )
+        self.is_leader = leader
+        LEADER.set(1 if leader else 0)
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Campaign until leader (True) or until ``stop`` is set (False)."""
+        while not stop.is_set():
+            if await self.try_acquire_or_renew():
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.retry_period_seconds)
+        return False
+
+    async def hold(self) -> None:
+        """Renew every retry period; return as soon as leadership is lost (renew deadline passed, or another
+        holder is in the Lease)."""
+        config = self.config
+        while True:
+            await asyncio.sleep(config.retry_period_seconds)
+            deadline = self._last_renewal + config.renew_deadline_seconds
+            while True:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self._lost("no renewal within the renew deadline")
+                    return
+                try:
+                    async with asyncio.timeout(remaining):
+                        renewed = await self.try_acquire_or_renew()
+                except TimeoutError:
+                    renewed = False
+                if renewed:
+                    break
+                if not self.is_leader:
+                    self._lost("another replica holds the lease")
+                    return
+                await asyncio.sleep(min(config.retry_period_seconds / 4, max(deadline - self._clock(), 0)))
+
+    def _lost(self, why: str) -> None:
+        logger.error(
+            "leadership lost: %s",
+            why,
+            extra={"lease": self._lease_ref, "identity": self.config.identity},
+        )
+        self._set_leader(False)
+
+    async def release(self) -> None:
+        """Clear the holder so a standby takes over at once; best effort (the Lease expires anyway)."""
+        if not self.is_leader or self._ours is None:
+            return
+        self._set_leader(False)
+        body = lease_body(self.config, self._ours, holder="", now=datetime.now(UTC))
+        try:
+            async with asyncio.timeout(self.config.renew_deadline_seconds):
+                await self._leases.replace_lease(self.config.namespace, self.config.name, body)
+        except (KubeError, TimeoutError) as exc:
+            logger.warning("could not release the lease: %s", exc)
+            return
+        logger.info("lease released", extra={"identity": self.config.identity})
+
+
+# --- running the operator as leader ------------------------------------------------------------------------
+
+Serve = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+async def lead(elector: LeaderElector, serve: Serve, stop: asyncio.Event) -> None:
+    """Campaign; once leader, ``serve(serve_stop)`` (kopf) until ``stop`` or until kopf ends by itself (it got
+    SIGTERM), then release the Lease. Losing the Lease cancels ``serve`` at once and raises LeadershipLost."""
+    if not await elector.acquire(stop):
+        return
+    serve_stop = asyncio.Event()
+    serving = asyncio.create_task(serve(serve_stop), name="kiloclaw-leader")
+    holding = asyncio.create_task(elector.hold(), name="kiloclaw-lease-renewal")
+    stopping = asyncio.create_task(stop.wait(), name="kiloclaw-stop")
+    try:
+        await asyncio.wait({serving, holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not holding.done():
+            # Graceful: let kopf finish its in-flight steps while the Lease is still renewed.
+            serve_stop.set()
+            await asyncio.wait({serving, holding}, return_when=asyncio.FIRST_COMPLETED)
+        if holding.done():
+            serve_stop.set()  # kopf must not treat the cancellation as a signal (no ultimate SIGKILL)
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await serving
+            raise LeadershipLost(f"lease {elector.config.namespace}/{elector.config.name} lost")
+        holding.cancel()
+        await elector.release()
+        serving.result()  # kopf's own failure, if any, after the Lease is released
+    finally:
+        for task in (serving, holding, stopping):
+            task.cancel()
+        await asyncio.gather(serving, holding, stopping, return_exceptions=True)
+
+
+async def run_elected(
+    elector: LeaderElector,
+    serve: Serve,
+    *,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    health_port: int | None = None,
+) -> None:
+    """The process's life under leader election: a health endpoint in both roles, SIGTERM/SIGINT stop a
+    standby too (kopf installs its own handlers once it leads), ``stop_flag`` stops either role."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    bridges: list[asyncio.Task[Any]] = []
+    if isinstance(stop_flag, asyncio.Event):
+        bridges.append(asyncio.create_task(_set_when(stop_flag.wait(), stop)))
+    elif isinstance(stop_flag, threading.Event):
+        # Held in an executor thread until the flag is set (the caller sets it when it gives up on us).
+        bridges.append(asyncio.create_task(_set_when(asyncio.to_thread(stop_flag.wait), stop)))
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signum, stop.set)
+    health = await serve_health(health_port, elector) if health_port is not None else None
+    try:
+        await lead(elector, serve, stop)
+    finally:
+        for bridge in bridges:
+            bridge.cancel()
+        if health is not None:
+            await health()
+
+
+async def _set_when(waiting: Awaitable[Any], event: asyncio.Event) -> None:
+    await waiting
+    event.set()
+
+
+async def serve_health(port: int, elector: LeaderElector) -> Callable[[], Awaitable[None]]:
+    """``/healthz`` answers 200 in both roles (a standby is healthy, and Ready so that rollouts proceed); the
+    body says which role. Returns the function that stops the server."""
+    from aiohttp import web  # kopf's HTTP stack; only needed when the process serves its own probe
+
+    async def healthz(_: web.Request) -> web.Response:
+        role = "leader" if elector.is_leader else "standby"
+        return web.Response(text=json.dumps({"role": role}), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner.cleanup

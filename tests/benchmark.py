@@ -225,8 +225,8 @@ def operator_env(
             "KILOCLAW_WAIT_CALL_SECONDS": str(args.wait_call),
             "KILOCLAW_METRICS_PORT": str(free_port()),
             "KILOCLAW_HEALTH_PORT": str(health_port),
-            # Lease timings are the operator's defaults (8 s duration, 5 s renew deadline, 1 s retry); the Lease
-            # lives where deploy/ grants it, as the operator authenticates as its ServiceAccount on a cluster.
+            # Lease timings are the operator's defaults (8 s duration, 5 s renew deadline, 1 s retry); the
+            # Lease lives where deploy/ grants it (on a cluster the operator runs as its ServiceAccount).
             "KILOCLAW_LEASE_IDENTITY": identity,
             "KILOCLAW_LEASE_NAMESPACE": LEASE_NAMESPACE,
             # Proxies must not see loopback traffic.
@@ -421,7 +421,8 @@ class RealKube:
             if (
                 line.startswith("apiserver_request_total{")
                 and any(f'verb="{verb}"' in line for verb in self.WRITE_VERBS)
-                and 'resource="leases"' not in line  # the leader's renewals: per retry period, not per instance
+                # The leader's Lease renewals: one per retry period, whatever the number of instances.
+                and 'resource="leases"' not in line
             ):
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total

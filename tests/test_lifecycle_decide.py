@@ -29,8 +29,10 @@ from kiloclaw_operator.models import (
     Instance,
     InstanceSpec,
     InstanceStatus,
+    LastRecovery,
     ObjectRef,
     Phase,
+    RecoveryOutcome,
     RecoveryStatus,
     RecoveryStep,
     volume_name,
@@ -133,14 +135,22 @@ ACK_RUNNING = Decision(Action.ACKNOWLEDGE, Phase.RUNNING)
 ACK_STOPPED = Decision(Action.ACKNOWLEDGE, Phase.STOPPED)
 ACK_STOPPED_FORGET = Decision(Action.ACKNOWLEDGE, Phase.STOPPED, clear_machine=True)
 START_FORGET = Decision(Action.START, clear_machine=True)
+# Converge or say why (DESIGN 3.6): a machine destroyed outside the operator is recreated with an Event; an
+# instance that should run but stops without a recovery is Stalled with the reason (and an Event).
+RECREATE = Decision(Action.START, clear_machine=True, event="MachineRecreated")
+START_FAILED = Decision(Action.SETTLE, Phase.STOPPED, stall="StartFailed")
+MACHINE_FAILED = Decision(Action.SETTLE, Phase.STOPPED, stall="MachineFailed")
+RECOVERY_DISABLED = Decision(Action.SETTLE, Phase.STOPPED, stall="RecoveryDisabled")
 
 
 def same(decision: Decision, expected: Decision) -> bool:
     """Decisions compare on what the reconciler acts on; the reason is for humans."""
-    return (decision.action, decision.phase, decision.clear_machine) == (
+    return (decision.action, decision.phase, decision.clear_machine, decision.stall, decision.event) == (
         expected.action,
         expected.phase,
         expected.clear_machine,
+        expected.stall,
+        expected.event,
     )
 
 
@@ -172,10 +182,10 @@ ROWS: list[Any] = [
             "starting": NOTHING,
             "started": TO_RUNNING,
             "stopping": NOTHING,
-            "stopped": TO_STOPPED,
-            "failed": TO_STOPPED,
+            "stopped": START_FAILED,
+            "failed": START_FAILED,
             "suspended": NOTHING,
-            "gone": TO_STOPPED_FORGET,
+            "gone": RECREATE,
             "unknown": NOTHING,
         },
     ),
@@ -189,9 +199,9 @@ ROWS: list[Any] = [
             "started": NOTHING,
             "stopping": NOTHING,
             "stopped": BEGIN_RECOVERY,
-            "failed": TO_STOPPED,
+            "failed": MACHINE_FAILED,
             "suspended": NOTHING,
-            "gone": TO_STOPPED_FORGET,
+            "gone": RECREATE,
             "unknown": NOTHING,
         },
     ),
@@ -204,10 +214,10 @@ ROWS: list[Any] = [
             "starting": NOTHING,
             "started": NOTHING,
             "stopping": NOTHING,
-            "stopped": TO_STOPPED,
-            "failed": TO_STOPPED,
+            "stopped": RECOVERY_DISABLED,
+            "failed": MACHINE_FAILED,
             "suspended": NOTHING,
-            "gone": TO_STOPPED_FORGET,
+            "gone": RECREATE,
             "unknown": NOTHING,
         },
     ),
@@ -422,6 +432,49 @@ def test_retry_annotation_change_releases_a_stalled_instance_and_starts_it() -> 
     released = stopped_after_failed_recovery(annotations={RETRY_ANNOTATION: "1"})
     assert not is_held(released)
     assert same(decide(released, Observation.found("stopped")), START)
+
+
+def failed_recovery() -> LastRecovery:
+    return LastRecovery(
+        id="01JD",
+        started_at=NOW,
+        finished_at=NOW,
+        outcome=RecoveryOutcome.FAILED,
+        message="unexpected stop recovery timed out",
+        duration_seconds=600,
+    )
+
+
+@pytest.mark.parametrize("observation", ["no-machine", "gone", "stopped", "failed"])
+def test_retry_annotation_after_a_failed_recovery_starts_a_new_recovery_never_a_plain_start(
+    observation: str,
+) -> None:
+    released = stopped_after_failed_recovery(annotations={RETRY_ANNOTATION: "1"}, machine_id=None)
+    released.status.last_recovery = failed_recovery()
+    assert same(decide(released, OBSERVATIONS[observation]), BEGIN_RECOVERY)
+
+
+def test_new_generation_after_a_failed_recovery_starts_a_new_recovery() -> None:
+    released = changed_spec(Phase.STOPPED, conditions=[stalled(2)], machine_id=None)
+    released.status.last_recovery = failed_recovery()
+    assert same(decide(released, Observation.no_machine()), BEGIN_RECOVERY)
+
+
+def test_after_a_failed_recovery_with_recovery_disabled_the_retry_starts_the_machine() -> None:
+    released = stopped_after_failed_recovery(annotations={RETRY_ANNOTATION: "1"}, recovery={"enabled": False})
+    released.status.last_recovery = failed_recovery()
+    assert same(decide(released, Observation.found("stopped")), START)
+
+
+def test_an_unauthorized_fly_token_never_holds_an_instance() -> None:
+    blocked = instance(Phase.RUNNING, conditions=[stalled(2, "FlyUnauthorized")])
+    assert not is_held(blocked)
+    assert same(decide(blocked, Observation.found("stopped")), BEGIN_RECOVERY)
+
+
+def test_a_machine_that_stops_or_fails_while_the_spec_wants_it_stopped_just_settles() -> None:
+    for state in ("stopped", "failed"):
+        assert same(decide(instance(Phase.RUNNING, state="Stopped"), Observation.found(state)), TO_STOPPED)
 
 
 def test_acknowledged_retry_annotation_keeps_the_instance_held() -> None:

@@ -265,7 +265,7 @@ async def test_image_update_changes_the_machine_config_and_advances_observed_gen
     history.assert_consistent("erin")
 
 
-async def test_destroyed_machine_is_forgotten_and_recreated_on_the_same_volume(
+async def test_machine_destroyed_outside_the_operator_is_recreated_on_the_same_volume_with_an_event(
     stack: Stack, namespace: str
 ) -> None:
     app = own_app(namespace)
@@ -275,26 +275,25 @@ async def test_destroyed_machine_is_forgotten_and_recreated_on_the_same_volume(
         old_machine, volume_id = status(first)["machineId"], status(first)["volumeId"]
 
         await destroy_machine_behind_the_operators_back(stack, app, old_machine)
-        gone = await stack.wait_instance(
+        again = await stack.wait_instance(
             namespace,
             "finn",
-            lambda b: status(b).get("phase") == "Stopped" and "machineId" not in status(b),
-            what="Stopped without a machine",
+            lambda b: (
+                status(b).get("machineId") not in (None, old_machine)
+                and status(b).get("phase") == "Running"
+                and ready(b)
+            ),
+            what="Running on a new machine",
         )
-        assert status(gone)["volumeId"] == volume_id
-        assert not ready(gone), "the spec still wants Running"
-
-        await stack.patch_instance(namespace, "finn", {"spec": {"state": "Stopped"}})
-        assert ready(await stopped(stack, namespace, "finn"))
-        await stack.patch_instance(namespace, "finn", {"spec": {"state": "Running"}})
-        again = await running(stack, namespace, "finn")
     new_machine = status(again)["machineId"]
-    assert new_machine != old_machine
     assert status(again)["volumeId"] == volume_id
     machines = stack.live_machines(app, sandbox_id=body["spec"]["sandboxId"])
     assert [m["id"] for m in machines] == [new_machine]
     assert machines[0]["config"]["mounts"][0]["volume"] == volume_id
     assert len(stack.live_volumes(app)) == 1
+    events = [e for e in await stack.events(namespace, "finn") if e["reason"] == "MachineRecreated"]
+    assert len(events) == 1 and old_machine in events[0]["message"]
+    assert condition(again, "Stalled")["status"] == "False"
     history.assert_consistent("finn")
 
 
@@ -346,7 +345,9 @@ async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_t
     assert len(stack.live_volumes(app, name=volume_name(second_sandbox))) == 2
 
 
-async def test_machine_that_fails_to_start_leaves_the_instance_stopped(stack: Stack, namespace: str) -> None:
+async def test_machine_that_fails_to_start_leaves_the_instance_stopped_and_stalled_saying_why(
+    stack: Stack, namespace: str
+) -> None:
     await stack.create_instance(namespace, "gus", flyApp=own_app(namespace))
     first = await running(stack, namespace, "gus")
     machine_id = status(first)["machineId"]
@@ -364,7 +365,10 @@ async def test_machine_that_fails_to_start_leaves_the_instance_stopped(stack: St
     assert status(failed)["phase"] == "Stopped"
     assert status(failed)["machineId"] == machine_id
     assert condition(failed, "Ready")["status"] == "False"
-    assert condition(failed, "Stalled")["status"] == "False"
+    stalled = condition(failed, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "StartFailed")
+    assert "kiloclaw.kilo.ai/retry" in stalled["message"]
+    assert "StartFailed" in await stack.event_reasons(namespace, "gus")
     starts = stack.fly.request_count("POST /v1/apps/{app_name}/machines/{machine_id}/start")
     # Stopped is settled: a failed machine is not restarted in a loop.
     await running_polls(stack, namespace, "gus", polls=3)

@@ -792,38 +792,40 @@ async def test_a_replacement_that_never_starts_is_removed_at_the_deadline_and_th
     assert recoveries("failed") == failed_before + 1
     assert recovery_durations() == durations + 1
 
-    # No automatic retry; a changed retry annotation makes the operator act again (on the source volume).
+    # No automatic retry; a changed retry annotation starts a new recovery attempt (new id) from the source
+    # volume — never a plain start on the old volume, which may sit on a dead host.
     current = await stack.get_instance(namespace, NAME)
     assert current is not None and status(current)["phase"] == "Stopped"
     with FlyCreates(stack, namespace) as creates:
         await stack.patch_instance(
             namespace, NAME, {"metadata": {"annotations": {"kiloclaw.kilo.ai/retry": "1"}}}
         )
-        running = await stack.wait_instance(
-            namespace,
-            NAME,
-            lambda b: status(b).get("phase") == "Running" and condition(b, "Ready").get("status") == "True",
-            what="running again after the retry annotation",
-        )
-    assert status(running)["volumeId"] == source_volume
+        running = await wait_recovered(stack, namespace, source_machine)
+    st = status(running)
+    assert st["lastRecovery"]["id"] != last["id"]
+    assert st["volumeId"] != source_volume and st["region"] != "iad"
     assert condition(running, "Stalled")["status"] == "False"
-    assert creates.machines() == [("iad", 200)] and not creates.volumes()
-    assert stack.fly.machine(status(running)["machineId"])["config"]["mounts"][0]["volume"] == source_volume
+    assert [code for _, code in creates.volumes()] == [200] and [code for _, code in creates.machines()] == [
+        200
+    ]
+    assert "iad" not in [region for region, _ in creates.machines()]
+    reasons = await wait_events(stack, namespace, "RecoverySucceeded")
+    assert reasons.count("RecoveryStarted") == 2
 
 
 FLY_STEP_FAULTS = {
     # step: (method, path template, status, apply_first: the request lands but the reply is lost)
     "2 GET source volume": ("GET", "volumes/{source_volume}", 422, False),
     "3 destroy source machine": ("DELETE", "machines/{source_machine}", 422, False),
-    "4 fork volume": ("POST", "volumes", 500, False),
-    "4 fork volume, reply lost": ("POST", "volumes", 500, True),
+    "4 fork volume": ("POST", "volumes", 422, False),
+    "4 fork volume, reply lost": ("POST", "volumes", 422, True),
     "5 create machine": ("POST", "machines", 422, False),
-    "5 create machine, reply lost": ("POST", "machines", 503, True),
+    "5 create machine, reply lost": ("POST", "machines", 422, True),
 }
 
 
 @pytest.mark.parametrize("step", list(FLY_STEP_FAULTS))
-async def test_a_fly_error_at_any_step_fails_the_recovery_without_leaving_a_replacement_resource(
+async def test_a_permanent_fly_error_at_any_step_fails_the_recovery_without_leaving_a_replacement_resource(
     stack: Stack, namespace: str, step: str, analytics: AnalyticsRecords
 ) -> None:
     method, template, fault_status, apply_first = FLY_STEP_FAULTS[step]
@@ -874,3 +876,92 @@ async def test_a_replacement_volume_that_cannot_be_deleted_is_kept_in_pending_cl
     assert all(not status(b).get("recovery") for b in history.bodies if status(b).get("pendingCleanup"))
     assert live_volume_ids(stack, namespace) == {source_volume}
     assert_failed_cleanly(stack, namespace, cleaned, source_volume)
+
+
+# --- transient Fly faults never fail a recovery (issue 10) -----------------------------------------------
+
+TRANSIENT_STEP_FAULTS = {
+    # name: (method, path template, status, count, apply_first: the request lands but the reply is lost)
+    "2 GET source volume, five 429s in a row": ("GET", "volumes/{source_volume}", 429, 5, False),
+    "3 destroy source machine, 503s": ("DELETE", "machines/{source_machine}", 503, 5, False),
+    "4 fork volume 503": ("POST", "volumes", 503, 1, False),
+    "4 fork volume 408": ("POST", "volumes", 408, 1, False),
+    "4 fork volume 429": ("POST", "volumes", 429, 1, False),
+    "4 fork volume, reply lost": ("POST", "volumes", 503, 1, True),
+    "5 create machine 503": ("POST", "machines", 503, 1, False),
+    "5 create machine 429": ("POST", "machines", 429, 1, False),
+    "5 create machine, reply lost": ("POST", "machines", 503, 1, True),
+    "6 wait for the machine, 503s": ("GET", "machines/*/wait", 503, 5, False),
+}
+
+
+@pytest.mark.parametrize("step", list(TRANSIENT_STEP_FAULTS))
+async def test_a_transient_fly_error_at_any_step_is_retried_and_the_recovery_succeeds_without_twins(
+    stack: Stack, namespace: str, step: str
+) -> None:
+    method, template, fault_status, count, apply_first = TRANSIENT_STEP_FAULTS[step]
+    body = await running_instance(stack, namespace)
+    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    path = template.format(source_volume=source_volume, source_machine=source_machine)
+    failed_before = recoveries("failed")
+    stack.fly.inject_faults(
+        f"{method} /v1/apps/{APP}/{path}",
+        fault_status,
+        count=count,
+        apply_first=apply_first,
+        retry_after=0.05 if fault_status == 429 else None,
+    )
+    with FlyCreates(stack, namespace) as creates:
+        stack.fly.crash_machine(source_machine)
+        done = await wait_recovered(stack, namespace, source_machine)
+    st = status(done)
+    assert recoveries("failed") == failed_before
+    assert condition(done, "Stalled")["status"] == "False"
+    # Creates are retried safely: a create whose reply was lost is adopted, never repeated.
+    assert creates.created("volume") == [st["volumeId"]]
+    assert creates.created("machine") == [st["machineId"]]
+    assert live_volume_ids(stack, namespace) == {st["volumeId"]}
+    assert live_machine_ids(stack, namespace) == {st["machineId"]}
+
+
+async def test_a_spec_change_while_recovering_is_announced_as_busy_once_and_applied_after_the_cutover(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    source_machine = status(body)["machineId"]
+    stack.fly.set_latency(0.5, route=f"POST /v1/apps/{APP}/volumes")
+    async with watch_instance(stack, namespace, body) as history:
+        stack.fly.crash_machine(source_machine)
+        await wait_step(stack, namespace, "SourceMachineDestroyed")
+        changed = await stack.patch_instance(namespace, NAME, {"spec": {"env": {"TZ": "UTC", "NEW": "1"}}})
+        generation = changed["metadata"]["generation"]
+        busy = await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: condition(b, "Reconciling").get("reason") == "Busy",
+            what="Reconciling Busy",
+        )
+        assert status(busy)["phase"] == "Recovering"
+        assert condition(busy, "Reconciling")["status"] == "True"
+        done = await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: (
+                status(b).get("observedGeneration") == generation
+                and status(b).get("phase") == "Running"
+                and condition(b, "Ready").get("status") == "True"
+                and not status(b).get("recovery")
+            ),
+            what="recovered and the new generation applied",
+        )
+        await caught_up(history, done)
+    assert stack.fly.machine(status(done)["machineId"])["config"]["env"]["NEW"] == "1"
+    assert status(done)["machineId"] != source_machine
+    reasons = await stack.event_reasons(namespace, NAME)
+    assert reasons.count("ActionDeferred") == 1
+    # observedGeneration never claimed the deferred generation before it was acted on.
+    assert all(
+        status(b).get("observedGeneration") != generation
+        for b in history.bodies
+        if status(b).get("phase") == "Recovering"
+    )

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     )
 
     fly_api_token: str = Field(default="", validation_alias=AliasChoices("FLY_API_TOKEN"), repr=False)
+    fly_api_token_file: str | None = Field(default=None, validation_alias=AliasChoices("FLY_API_TOKEN_FILE"))
     fly_api_base_url: str = Field(
         default="https://api.machines.dev", validation_alias=AliasChoices("FLY_API_BASE_URL")
     )
@@ -118,10 +119,10 @@ class Settings(BaseSettings):
             raise ValueError("must be shorter than KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS")
         return period
 
-    @field_validator("fly_org_slug")
+    @field_validator("fly_org_slug", "fly_api_token_file")
     @classmethod
-    def _blank_org_is_none(cls, slug: str | None) -> str | None:
-        return slug or None
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator("fly_api_base_url")
     @classmethod
@@ -146,6 +147,22 @@ def load_settings(*, require_token: bool = True, **overrides: object) -> Setting
         field = str(first["loc"][0]) if first["loc"] else "?"
         variable = _ENV_NAMES.get(field, field)
         raise ConfigError(f"invalid configuration: {variable}: {first['msg']}") from None
-    if require_token and not settings.fly_api_token:
-        raise ConfigError("invalid configuration: FLY_API_TOKEN: required (the Fly Machines API token)")
+    if settings.fly_api_token_file:
+        try:
+            with open(settings.fly_api_token_file, encoding="utf-8") as handle:
+                from_file = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration: FLY_API_TOKEN_FILE: cannot read {settings.fly_api_token_file}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        if require_token and not from_file:
+            raise ConfigError(
+                f"invalid configuration: FLY_API_TOKEN_FILE: {settings.fly_api_token_file} is empty"
+            )
+    elif require_token and not settings.fly_api_token:
+        raise ConfigError(
+            "invalid configuration: FLY_API_TOKEN: required (the Fly Machines API token; "
+            "or FLY_API_TOKEN_FILE, a file holding it)"
+        )
     return settings

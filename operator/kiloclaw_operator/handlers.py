@@ -39,7 +39,9 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.fly = FlyClient(settings.fly_api_base_url, settings.fly_api_token)
+        self.fly = FlyClient(
+            settings.fly_api_base_url, settings.fly_api_token, token_file=settings.fly_api_token_file
+        )
         self._ctx: Context | None = None
         self._instances: DriverRegistry[InstanceDriver] | None = None
         self._retained: DriverRegistry[RetainedVolumeDriver] | None = None

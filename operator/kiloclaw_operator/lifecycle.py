@@ -11,10 +11,10 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from .conditions import STALLED
+from .conditions import REASON_FLY_UNAUTHORIZED, STALLED
 from .config import Settings
 from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
-from .models import BUSY_PHASES, DesiredState, Instance, InstanceSpec, Phase
+from .models import BUSY_PHASES, DesiredState, Instance, InstanceSpec, Phase, RecoveryOutcome
 
 #: Fly machine states that are on their way somewhere; they never trigger anything by themselves.
 TRANSIENT_FLY_STATES = frozenset(
@@ -24,6 +24,13 @@ TRANSIENT_FLY_STATES = frozenset(
 METADATA_USER_ID = "kiloclaw_user_id"
 METADATA_SANDBOX_ID = "kiloclaw_sandbox_id"
 METADATA_RECOVERY_ID = "kiloclaw_recovery_id"
+
+# Why an instance whose spec wants it running sits Stopped (Stalled reason and Event reason), and the Event
+# of a machine recreated because it vanished (DESIGN 3.6: converge, or say why).
+REASON_MACHINE_FAILED = "MachineFailed"
+REASON_START_FAILED = "StartFailed"
+REASON_RECOVERY_DISABLED = "RecoveryDisabled"
+EVENT_MACHINE_RECREATED = "MachineRecreated"
 
 
 class ObservationKind(Enum):
@@ -77,12 +84,18 @@ class Decision:
     phase: Phase | None = None  # the phase to record (for SETTLE/ACKNOWLEDGE), None = unchanged
     clear_machine: bool = False  # the machine is gone: forget its id
     reason: str = ""
+    stall: str | None = None  # also mark Stalled with this reason (and post it as a Warning Event)
+    event: str | None = None  # also post this Event (reason; ``reason`` above is the message)
 
 
 def is_held(instance: Instance) -> bool:
-    """A stalled instance is left alone until its generation or its retry annotation changes."""
+    """A stalled instance is left alone until its generation or its retry annotation changes.
+
+    Not for an unauthorized Fly token: that is the operator's problem, not the instance's; such instances
+    keep being retried and the stall clears by itself once the token works again.
+    """
     stalled = instance.status.condition(STALLED)
-    if stalled is None or stalled.status != "True":
+    if stalled is None or stalled.status != "True" or stalled.reason == REASON_FLY_UNAUTHORIZED:
         return False
     return (
         stalled.observed_generation == instance.generation
@@ -116,7 +129,21 @@ def decide(instance: Instance, observation: Observation) -> Decision:
     if phase is Phase.FAILED:
         return _converge(instance, observation)
 
+    wants_running = instance.spec.state is DesiredState.RUNNING
     # Facts first: what Fly reports moves a settled or waiting phase, before any spec is applied.
+    if (
+        observation.kind is ObservationKind.GONE
+        and phase in (Phase.RUNNING, Phase.STARTING)
+        and wants_running
+    ):
+        # Destroyed outside the operator: the volume is still ours, so converging is safe.
+        return Decision(
+            Action.START,
+            clear_machine=True,
+            event=EVENT_MACHINE_RECREATED,
+            reason=f"machine {status.machine_id} was destroyed outside the operator: creating a new one "
+            f"on volume {status.volume_id}",
+        )
     if observation.kind is ObservationKind.GONE and phase in (Phase.RUNNING, Phase.STARTING, Phase.STOPPING):
         return Decision(Action.SETTLE, Phase.STOPPED, clear_machine=True, reason="machine is gone")
     if observation.kind is ObservationKind.NO_MACHINE and phase in (Phase.STARTING, Phase.RUNNING):
@@ -127,6 +154,14 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         if state == "started":
             return Decision(Action.SETTLE, Phase.RUNNING, reason="machine started")
         if state in ("stopped", "failed"):
+            if wants_running:
+                return Decision(
+                    Action.SETTLE,
+                    Phase.STOPPED,
+                    stall=REASON_START_FAILED,
+                    reason=f"machine {status.machine_id} is {state} instead of started; fix the cause and "
+                    "set the kiloclaw.kilo.ai/retry annotation to start it again",
+                )
             return Decision(Action.SETTLE, Phase.STOPPED, reason=f"machine {state} while starting")
         return Decision(Action.NOTHING, reason="waiting for the machine to start")
 
@@ -141,8 +176,24 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         if state == "stopped":
             if should_recover(instance):
                 return Decision(Action.BEGIN_RECOVERY, reason="machine stopped unexpectedly")
+            if wants_running:
+                return Decision(
+                    Action.SETTLE,
+                    Phase.STOPPED,
+                    stall=REASON_RECOVERY_DISABLED,
+                    reason=f"machine {status.machine_id} stopped unexpectedly and spec.recovery.enabled is "
+                    "false; set the kiloclaw.kilo.ai/retry annotation to start it again",
+                )
             return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
         if state == "failed":
+            if wants_running:
+                return Decision(
+                    Action.SETTLE,
+                    Phase.STOPPED,
+                    stall=REASON_MACHINE_FAILED,
+                    reason=f"machine {status.machine_id} failed; set the kiloclaw.kilo.ai/retry annotation "
+                    "to start it again",
+                )
             return Decision(Action.SETTLE, Phase.STOPPED, reason="machine failed")
         # A spec that wants the machine stopped is applied even when its generation was acted on: an
         # instance created with state Stopped is provisioned (the machine launches) and then stopped here.
@@ -159,6 +210,11 @@ def decide(instance: Instance, observation: Observation) -> Decision:
     return Decision(Action.NOTHING)
 
 
+def last_recovery_failed(instance: Instance) -> bool:
+    last = instance.status.last_recovery
+    return last is not None and last.outcome is RecoveryOutcome.FAILED
+
+
 def _retry_requested(instance: Instance) -> bool:
     return (instance.status.acknowledged_retry or "") != instance.retry_token
 
@@ -172,6 +228,9 @@ def _converge(instance: Instance, observation: Observation) -> Decision:
             return Decision(Action.PROVISION, reason="no volume yet")
         if state in TRANSIENT_FLY_STATES:
             return Decision(Action.NOTHING, reason=f"waiting for Fly state {state} to settle")
+        if last_recovery_failed(instance) and should_recover(instance) and state != "started":
+            # The old volume may sit on a dead host: a new attempt (new id), never a plain start on it.
+            return Decision(Action.BEGIN_RECOVERY, reason="the last recovery failed: a new attempt")
         if state == "started":
             if not observation.config_in_sync:
                 return Decision(Action.UPDATE_CONFIG, reason="machine config differs from spec")

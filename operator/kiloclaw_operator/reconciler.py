@@ -180,6 +180,15 @@ class InstanceDriver(ObjectDriver):
                 )
                 return self._backoff()
             self.failures = 0
+            if (
+                conditions.stalled_reason(instance.status) == conditions.REASON_FLY_UNAUTHORIZED
+                and self.ctx.fly.authorized
+            ):
+                instance = await self.commit(
+                    instance,
+                    conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
+                    "the Fly token works again",
+                )
             if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
                 # A refused claimant looks again now and then: it may claim once the owner is gone.
                 return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
@@ -187,18 +196,29 @@ class InstanceDriver(ObjectDriver):
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
         fields = self._log_fields(instance)
-        if isinstance(exc, Unauthorized | Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
-            reason = (
-                conditions.REASON_FLY_UNAUTHORIZED
-                if isinstance(exc, Unauthorized)
-                else conditions.REASON_INVALID_SPEC
+        if isinstance(exc, Unauthorized):
+            # An operator-level problem (the token), not the instance's: the phase stays, the instance says
+            # why it cannot progress, and it is retried until the token works again (then the stall clears).
+            logger.warning("Fly token unauthorized, will retry: %s", exc, extra=fields)
+            status = conditions.mark_stalled(
+                instance.status,
+                conditions.REASON_FLY_UNAUTHORIZED,
+                f"the operator's Fly API token is not authorized ({exc.message}); fix the token "
+                "(FLY_API_TOKEN_FILE is re-read on change) and this clears by itself",
+                self.ctx.clock(),
+                instance.generation,
             )
+            await self.commit(instance, status, "blocked by an unauthorized Fly token")
+            return self._backoff()
+        if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
             logger.error("Fly rejected the instance: %s", exc, extra=fields)
             now = self.ctx.clock()
             status = instance.status.model_copy(
                 update={"phase": Phase.FAILED, "observed_generation": instance.generation}
             )
-            status = conditions.mark_stalled(status, reason, exc.message, now, instance.generation)
+            status = conditions.mark_stalled(
+                status, conditions.REASON_INVALID_SPEC, exc.message, now, instance.generation
+            )
             await self.commit(instance, status, "permanent Fly error: stall until the spec changes")
             return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         hint = exc.retry_after if isinstance(exc, RateLimited) else None
@@ -215,9 +235,10 @@ class InstanceDriver(ObjectDriver):
             instance = await self._retry_pending_cleanup(instance)
         if instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None:
             return await recovery.resume(self, instance)
-        if lifecycle.is_held(instance):
-            return instance
         observation, machine = await self.ctx.observer.observe(instance)
+        if lifecycle.is_held(instance):
+            # Held: no action on Fly, but observation goes on (read paths are always safe).
+            return await self._record_observation(instance, observation)
         # Decide before recording: every commit acknowledges the retry annotation, so the observation write
         # would otherwise consume a retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
@@ -276,6 +297,16 @@ class InstanceDriver(ObjectDriver):
         status = instance.status.model_copy(update={"fly_state": state, "observed_at": self.ctx.clock()})
         return await self.commit(instance, status, "observed a new Fly state")
 
+    async def announce_deferral(self, instance: Instance) -> Instance:
+        """Between the steps of long work (a recovery): pick up the newest body (watch events keep arriving
+        while the lock is held) and announce a spec change that must wait (Reconciling Busy, one Event)."""
+        latest = self.current()
+        if latest.generation > instance.generation:
+            instance = latest
+        if lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance):
+            instance = await self._defer(instance)
+        return instance
+
     async def _defer(self, instance: Instance) -> Instance:
         reconciling = instance.status.condition(conditions.RECONCILING)
         if (
@@ -305,15 +336,25 @@ class InstanceDriver(ObjectDriver):
         base = instance.status
         if conditions.is_stalled(base):
             base = conditions.clear_stalled(base, now, instance.generation)
+        if decision.event is not None:
+            await self.ctx.kube.post_event(instance.ref, decision.event, decision.reason)
         if action is Action.SETTLE or action is Action.ACKNOWLEDGE:
             update: dict[str, Any] = {"phase": decision.phase or base.phase}
             if decision.clear_machine:
                 update["machine_id"] = None
             if action is Action.ACKNOWLEDGE:
                 update["observed_generation"] = instance.generation
-            return await self.commit(
-                instance, base.model_copy(update=update), decision.reason or action.value
-            )
+            status = base.model_copy(update=update)
+            if decision.stall is not None:
+                # Converge or say why: an instance that should run but cannot is never Stopped in silence.
+                status = conditions.mark_stalled(
+                    status, decision.stall, decision.reason, now, instance.generation
+                )
+            instance = await self.commit(instance, status, decision.reason or action.value)
+            if decision.stall is not None:
+                logger.warning("%s", decision.reason, extra=self._log_fields(instance))
+                await self.ctx.kube.post_event(instance.ref, decision.stall, decision.reason, warning=True)
+            return instance
         if action is Action.PROVISION:
             return await self._provision(instance, base)
         if action is Action.START:

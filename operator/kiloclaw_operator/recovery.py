@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import conditions, lifecycle
-from .fly import Capacity, FlyError, NotFound
+from .fly import Capacity, Fatal, FlyError, NotFound
 from .fly.models import Guest, Machine, Volume
 from .metrics import RECOVERIES, RECOVERY_DURATION
 from .models import (
@@ -103,10 +103,13 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
         source_volume_id=status.volume_id,
         source_region=status.region,
     )
+    begun = status.model_copy(
+        update={"phase": Phase.RECOVERING, "recovery": record, "observed_generation": instance.generation}
+    )
+    if conditions.is_stalled(begun):  # a new attempt after a failed one
+        begun = conditions.clear_stalled(begun, now, instance.generation)
     instance = await driver.commit(
-        instance,
-        status.model_copy(update={"phase": Phase.RECOVERING, "recovery": record}),
-        "recovery begins: the attempt is recorded before any Fly call",
+        instance, begun, "recovery begins: the attempt is recorded before any Fly call"
     )
     fields = _fields(instance)
     # The analytics record and metrics come first: once the Event is visible, they are too.
@@ -132,9 +135,14 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
             return instance
         if driver.ctx.clock() >= record.deadline:
             return await fail(driver, instance, TIMEOUT_MESSAGE, label="timeout")
+        instance = await driver.announce_deferral(instance)
         try:
             instance = await _run_step(driver, instance)
-        except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
+        except (Fatal, NotFound, Capacity, OwnershipMismatch, RecoveryStepFailed) as exc:
+            # Only permanent errors fail a step. Transient ones (5xx, 408, 429 after the client's own
+            # retries, timeouts, lost replies) and an unauthorized token propagate to the driver, which
+            # retries the pass with backoff (honouring Retry-After) until the deadline; the step then runs
+            # again from the last recorded one, and a create first adopts what a lost reply left behind.
             message = f"step after {record.step.value} failed: {exc}"
             return await fail(driver, instance, message, label="step_failed")
     if instance.status.phase is Phase.RECOVERING:

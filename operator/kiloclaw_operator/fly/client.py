@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -24,10 +25,10 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .errors import FlyError, RateLimited, Transient, classify
-from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS
+from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS, FLY_UNAUTHORIZED
 from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
 
-__all__ = ["FlyClient", "backoff_delay", "parse_retry_after"]
+__all__ = ["FlyClient", "TokenSource", "backoff_delay", "parse_retry_after"]
 
 log = logging.getLogger("kiloclaw.fly")
 
@@ -96,6 +97,51 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+class TokenSource:
+    """The Fly API token: a fixed value, or a file (a mounted Kubernetes Secret) that is re-read when it
+    changes and after a 401, so rotating the Secret needs no restart. A file that cannot be read keeps the
+    last token (the kubelet swaps Secret files atomically, but a read can still race the swap)."""
+
+    def __init__(self, token: str = "", path: str | None = None) -> None:
+        self._token = token
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        if path:
+            self.refresh()
+
+    @property
+    def value(self) -> str:
+        if self._path:
+            try:
+                stat = os.stat(self._path)
+            except OSError:
+                return self._token
+            if (stat.st_mtime_ns, stat.st_ino) != self._stamp:
+                self.refresh()
+        return self._token
+
+    def refresh(self) -> bool:
+        """Re-read the file; True when the token changed."""
+        if not self._path:
+            return False
+        try:
+            stat = os.stat(self._path)
+            with open(self._path, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            log.warning("cannot read the Fly API token file %s: %s", self._path, exc)
+            return False
+        self._stamp = (stat.st_mtime_ns, stat.st_ino)
+        changed = token != self._token
+        if changed and token:
+            log.info("Fly API token read from %s", self._path)
+            self._token = token
+        return changed and bool(token)
+
+    def known(self) -> list[str]:
+        return [self._token] if self._token else []
+
+
 class FlyClient:
     """Typed, retrying access to the Fly Machines API for one token."""
 
@@ -104,6 +150,7 @@ class FlyClient:
         base_url: str,
         token: str,
         *,
+        token_file: str | None = None,
         timeout: float = 30.0,
         max_retries: int = 4,
         backoff_base: float = 0.2,
@@ -111,14 +158,17 @@ class FlyClient:
         max_connections: int = 100,
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        self._token = token
+        self._tokens = TokenSource(token, token_file)
+        self._redacted: set[str] = set(self._tokens.known())
+        # False from the first 401 until any answer that is not a 401: the operator-level token problem.
+        self.authorized = True
         self._timeout = timeout
         self._max_retries = max_retries
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._http = httpx.AsyncClient(
             base_url=f"{self._base_url}/v1",
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            headers={"Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
@@ -296,8 +346,11 @@ class FlyClient:
         path = route.format(**{key: quote(value, safe="") for key, value in path_params.items()})
         request_timeout = httpx.Timeout(read_timeout) if read_timeout is not None else self._http.timeout
         attempt = 0
+        reread_after_401 = False
         while True:
             started = time.monotonic()
+            token = self._tokens.value
+            self._redacted.add(token)
             try:
                 async with self._slots:
                     response = await self._http.request(
@@ -306,6 +359,7 @@ class FlyClient:
                         params=dict(query) if query else None,
                         json=body,
                         timeout=request_timeout,
+                        headers={"Authorization": f"Bearer {token}"},
                     )
             except httpx.TransportError as exc:
                 elapsed = time.monotonic() - started
@@ -318,6 +372,13 @@ class FlyClient:
             else:
                 elapsed = time.monotonic() - started
                 self._observe(method, route, str(response.status_code), elapsed)
+                if response.status_code == 401 and not reread_after_401:
+                    # Perhaps the Secret was rotated: read the token again once and repeat the call with
+                    # it (a 401 means Fly did nothing, so even a create is safe to repeat).
+                    reread_after_401 = True
+                    if self._tokens.refresh():
+                        continue
+                self._token_state(response.status_code != 401)
                 if response.is_success or response.status_code in result_statuses:
                     log.debug(
                         "fly request ok",
@@ -387,7 +448,24 @@ class FlyClient:
         return text.strip()[:_MAX_MESSAGE_CHARS]
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._token, _REDACTED) if self._token else text
+        for token in self._redacted:
+            if token:
+                text = text.replace(token, _REDACTED)
+        return text
+
+    def _token_state(self, authorized: bool) -> None:
+        """Track the operator-level token problem: a metric, and one log line when it starts and ends."""
+        if authorized == self.authorized:
+            return
+        self.authorized = authorized
+        FLY_UNAUTHORIZED.set(0 if authorized else 1)
+        if authorized:
+            log.warning("the Fly API token is accepted again")
+        else:
+            log.error(
+                "the Fly API token is unauthorized (401): every instance is blocked until it is fixed; "
+                "the token file is re-read on change"
+            )
 
     @staticmethod
     def _observe(method: str, route: str, code: str, seconds: float) -> None:

@@ -6,10 +6,10 @@ the number of endpoints.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
-__all__ = ["CONNECTION_ERROR_CODE", "FLY_REQUESTS", "FLY_REQUEST_DURATION"]
+__all__ = ["CONNECTION_ERROR_CODE", "FLY_REQUESTS", "FLY_REQUEST_DURATION", "FLY_UNAUTHORIZED"]
 
 # The `code` label value for requests that never got an HTTP response.
 CONNECTION_ERROR_CODE = "error"
@@ -46,5 +46,15 @@ FLY_REQUEST_DURATION: Histogram = (
         labelnames=("method", "route"),
         # The wait endpoint blocks for up to 60 s, so the buckets reach that far.
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    )
+)
+
+_unauthorized = _already_registered("kiloclaw_fly_unauthorized")
+FLY_UNAUTHORIZED: Gauge = (
+    _unauthorized
+    if isinstance(_unauthorized, Gauge)
+    else Gauge(
+        "kiloclaw_fly_unauthorized",
+        "1 while the Fly API rejects the operator's token (401): every instance is blocked; 0 otherwise",
     )
 )

@@ -14,6 +14,7 @@ from kiloclaw_operator.config import ConfigError, Settings, load_settings
 
 VARIABLES = (
     "FLY_API_TOKEN",
+    "FLY_API_TOKEN_FILE",
     "FLY_API_BASE_URL",
     "FLY_ORG_SLUG",
     "KILOCLAW_DEFAULT_REGIONS",
@@ -102,6 +103,27 @@ def test_missing_token_is_a_configuration_error_outside_dev() -> None:
         load_settings()
     assert "FLY_API_TOKEN" in str(caught.value)
     assert load_settings(require_token=False).fly_api_token == ""
+
+
+def test_a_token_file_replaces_the_token_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = tmp_path / "token"
+    token.write_text("fo1_from_a_secret\n")
+    monkeypatch.setenv("FLY_API_TOKEN_FILE", str(token))
+    assert load_settings().fly_api_token_file == str(token)
+
+
+def test_an_unreadable_or_empty_token_file_is_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLY_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("invalid configuration: FLY_API_TOKEN_FILE: cannot read")
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("FLY_API_TOKEN_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "FLY_API_TOKEN_FILE" in str(caught.value) and "\n" not in str(caught.value)
 
 
 INVALID = [

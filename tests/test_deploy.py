@@ -343,13 +343,19 @@ def test_deployment_probes_kopf_health_endpoint_and_exposes_metrics() -> None:
     assert int(env["KILOCLAW_METRICS_PORT"]["value"]) == ports["metrics"] == settings_defaults.metrics_port
 
 
-def test_fly_token_comes_from_the_secret_and_no_secret_value_is_committed() -> None:
+def test_fly_token_is_a_file_mounted_from_the_secret_so_rotation_needs_no_restart() -> None:
     manifests = rendered("base")
     assert not of_kind(manifests, "Secret"), "the Fly token Secret is created by the user, never committed"
-    container = operator_container(only(manifests, "Deployment"))
-    token = env_of(container)["FLY_API_TOKEN"]
-    assert "value" not in token
-    assert token["valueFrom"] == {"secretKeyRef": {"name": "kiloclaw-fly", "key": "token", "optional": False}}
+    deployment = only(manifests, "Deployment")
+    container = operator_container(deployment)
+    env = env_of(container)
+    assert "FLY_API_TOKEN" not in env, "an environment variable would need a restart to rotate"
+    token_file = env["FLY_API_TOKEN_FILE"]["value"]
+    mount = next(m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly") is True and "subPath" not in mount, "subPath mounts never see updates"
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "kiloclaw-fly"
+    assert volume["secret"]["items"] == [{"key": "token", "path": token_file.rsplit("/", 1)[1]}]
 
 
 def test_deployment_environment_names_only_settings_the_operator_reads() -> None:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -518,3 +519,22 @@ async def test_requests_are_counted_by_templated_route_and_status(sim: FlySimula
     )
     assert observed is not None and observed >= 2
     assert all(machine.id not in str(metric) for metric in REGISTRY.collect())
+
+
+async def test_a_token_file_is_read_again_when_the_secret_is_rotated_and_the_401_state_clears(
+    sim: FlySimulator, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("revoked-token\n")
+    async with FlyClient(sim.base_url, "", token_file=str(token_file), backoff_base=0.01) as client:
+        with pytest.raises(Unauthorized):
+            await client.list_machines(APP)
+        assert client.authorized is False
+        assert REGISTRY.get_sample_value("kiloclaw_fly_unauthorized") == 1
+
+        token_file.write_text(TOKEN + "\n")  # the kubelet updates the mounted Secret
+        assert await client.list_machines(APP) == []
+        assert client.authorized is True
+        assert REGISTRY.get_sample_value("kiloclaw_fly_unauthorized") == 0
+    # Every request carried the token of its moment, and the old one was never retried in a loop.
+    assert len(requests_to(sim, "GET", f"/v1/apps/{APP}/machines")) == 2

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import REGISTRY
 
-from harness import Stack, condition, eventually, status
+from harness import FLY_TOKEN, Stack, condition, eventually, status
 from kiloclaw_operator.models import volume_name
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "instance.yaml"
@@ -109,3 +110,49 @@ async def test_the_refused_copy_takes_over_the_sandbox_once_the_original_is_dele
     await stack.wait_gone(namespace, "first")
     taken = status(await running_and_ready(stack, namespace, "second"))
     assert [m["id"] for m in stack.live_machines(app)] == [taken["machineId"]]
+
+
+# --- 3. a revoked Fly token is an operator-level hold that clears by itself --------------------------------
+
+
+async def test_a_revoked_token_stalls_until_the_rotated_secret_file_is_read_and_an_outage_stop_is_recovered(
+    stack: Stack, namespace: str, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(FLY_TOKEN + "\n")
+    app = f"acct-{namespace}"
+    await stack.restart_operator(fly_api_token_file=str(token_file), fly_api_token="")
+    try:
+        await stack.create_instance(namespace, "tess", flyApp=app)
+        source = status(await running_and_ready(stack, namespace, "tess"))
+
+        stack.fly.token = "rotated-token"  # Fly revokes the old token
+        blocked = await stack.wait_instance(
+            namespace,
+            "tess",
+            lambda b: stalled_reason(b) == "FlyUnauthorized",
+            what="Stalled FlyUnauthorized",
+        )
+        assert status(blocked)["phase"] == "Running", "a token problem is not the instance's failure"
+        assert "token" in condition(blocked, "Stalled")["message"]
+        assert REGISTRY.get_sample_value("kiloclaw_fly_unauthorized") == 1
+        stack.fly.crash_machine(source["machineId"])  # an unexpected stop during the outage
+
+        token_file.write_text("rotated-token\n")  # the Secret is rotated; no restart
+        recovered = await stack.wait_instance(
+            namespace,
+            "tess",
+            lambda b: (
+                status(b).get("phase") == "Running"
+                and (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+                and condition(b, "Ready").get("status") == "True"
+            ),
+            timeout=30,
+            what="recovered once the token works",
+        )
+        assert stalled_reason(recovered) is None
+        assert status(recovered)["machineId"] != source["machineId"]
+        assert REGISTRY.get_sample_value("kiloclaw_fly_unauthorized") == 0
+    finally:
+        stack.fly.token = FLY_TOKEN
+        await stack.restart_operator()

@@ -368,7 +368,11 @@ async def test_machine_that_fails_to_start_leaves_the_instance_stopped_and_stall
     stalled = condition(failed, "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "StartFailed")
     assert "kiloclaw.kilo.ai/retry" in stalled["message"]
-    assert "StartFailed" in await stack.event_reasons(namespace, "gus")
+
+    async def start_failed_event() -> bool | None:
+        return True if "StartFailed" in await stack.event_reasons(namespace, "gus") else None
+
+    await eventually(start_failed_event, timeout=10, what="StartFailed event")
     starts = stack.fly.request_count("POST /v1/apps/{app_name}/machines/{machine_id}/start")
     # Stopped is settled: a failed machine is not restarted in a loop.
     await running_polls(stack, namespace, "gus", polls=3)

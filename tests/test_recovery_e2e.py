@@ -929,7 +929,9 @@ async def test_a_spec_change_while_recovering_is_announced_as_busy_once_and_appl
 ) -> None:
     body = await running_instance(stack, namespace)
     source_machine = status(body)["machineId"]
-    stack.fly.set_latency(0.5, route=f"POST /v1/apps/{APP}/volumes")
+    # Slow creates keep the recovery in flight long enough to see the announcement (no timing asserted).
+    stack.fly.set_latency(1.0, route=f"POST /v1/apps/{APP}/volumes")
+    stack.fly.set_latency(1.0, route=f"POST /v1/apps/{APP}/machines")
     async with watch_instance(stack, namespace, body) as history:
         stack.fly.crash_machine(source_machine)
         await wait_step(stack, namespace, "SourceMachineDestroyed")

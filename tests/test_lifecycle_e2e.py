@@ -104,6 +104,16 @@ async def watched(stack: Stack, namespace: str) -> AsyncIterator[History]:
             await task
 
 
+async def caught_up(history: History, body: dict[str, Any]) -> None:
+    """Wait until the watch stream has delivered ``body`` (it may lag behind a GET)."""
+    version = body["metadata"]["resourceVersion"]
+
+    async def check() -> bool | None:
+        return True if any(b["metadata"]["resourceVersion"] == version for b in history.bodies) else None
+
+    await eventually(check, timeout=5, what=f"watch reached resourceVersion {version}")
+
+
 def ready(body: dict[str, Any]) -> bool:
     return condition(body, "Ready").get("status") == "True"
 
@@ -224,6 +234,7 @@ async def test_state_stopped_stops_the_machine_and_running_starts_the_same_machi
 
         await stack.patch_instance(namespace, "bob", {"spec": {"state": "Running"}})
         up = await running(stack, namespace, "bob")
+        await caught_up(history, up)
         assert up["metadata"]["generation"] == 3
         assert status(up)["machineId"] == machine_id
         assert stack.fly.machine(machine_id)["state"] == "started"

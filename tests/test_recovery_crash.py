@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from harness import Stack, eventually, status
+from kiloclaw_operator.models import volume_name
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
 from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture)
     APP,
@@ -30,6 +31,7 @@ from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture
     live_volume_ids,
     parse_time,
     running_instance,
+    sandbox_id,
     stored_status,
     wait_events,
     wait_failed,
@@ -116,7 +118,9 @@ async def test_an_operator_killed_after_a_recorded_step_completes_the_recovery_a
 
 
 @contextmanager
-def reply_to_create_held(stack: Stack, create: str, seconds: float) -> Iterator[list[str]]:
+def reply_to_create_held(
+    stack: Stack, create: str, seconds: float, sandbox: str | None = None
+) -> Iterator[list[str]]:
     """Fly executes the create at once but its reply is held back ``seconds``, so an operator killed meanwhile
     never learns the id (yields the ids created so far). flysim's latency applies before the request is
     executed, and a request whose client went away is never executed, so this wraps the step that serves a
@@ -130,8 +134,14 @@ def reply_to_create_held(stack: Stack, create: str, seconds: float) -> Iterator[
         response = await original(request, handler)
         if request.method == "POST" and request.path == path and response.status == 200:
             assert isinstance(response, web.Response) and response.text is not None
-            created.append(json.loads(response.text)["id"])
-            await asyncio.sleep(seconds)
+            made = json.loads(response.text)
+            # Only this sandbox's creates: a host failure also makes neighbours on the host recover.
+            if sandbox is None or sandbox in (
+                ((made.get("config") or {}).get("metadata") or {}).get("kiloclaw_sandbox_id"),
+                made.get("name"),
+            ):
+                created.append(made["id"])
+                await asyncio.sleep(seconds)
         return response
 
     fly._serve_fly = serve  # type: ignore[method-assign]
@@ -154,7 +164,8 @@ async def test_an_operator_killed_between_a_create_call_and_its_status_write_ado
     with FlyTap(stack) as tap, FlyCreates(stack, namespace) as creates:
         deletes_seen = watch_old_volume_deletes(tap, stack, namespace, source_volume)
         try:
-            with reply_to_create_held(stack, create, LATENCY) as created:
+            owned = sandbox_id(namespace) if create == "machines" else volume_name(sandbox_id(namespace))
+            with reply_to_create_held(stack, create, LATENCY, owned) as created:
                 stack.fly.fail_host(machine_id=source_machine)
 
                 async def executed() -> bool | None:

@@ -45,6 +45,13 @@ up() {
     echo "cluster: already running (pid $(cat "$STATE/pid")); KUBECONFIG=$STATE/kubeconfig"
     return
   fi
+  local port
+  for port in "$PORT" "$ETCD_PORT" "$((ETCD_PORT + 1))"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "cluster: port $port on 127.0.0.1 is in use (another cluster?); choose others with KILOCLAW_CLUSTER_PORT and KILOCLAW_CLUSTER_ETCD_PORT" >&2
+      exit 1
+    fi
+  done
   local bin
   bin="$(binary)"
   rm -rf "$STATE" && mkdir -p "$STATE"

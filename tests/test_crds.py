@@ -975,6 +975,11 @@ def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_reject
     schema = _object({"a": {"type": "string"}, "b": {"type": "string", "nullable": True}})
     assert crdschema.apply_defaults(schema, {"a": None, "b": None}) == {"b": None}
     assert crdschema.validate(schema, {"a": None}) == [
+        'a: Invalid value: "null": a in body must be of type string: "null"'
+    ]
+    # With CEL rules in the schema, the API server adds that it skipped them.
+    ruled = {**schema, "x-kubernetes-validations": [{"rule": "true"}]}
+    assert crdschema.validate(ruled, {"a": None}) == [
         'a: Invalid value: "null": a in body must be of type string: "null"',
         "<nil>: Invalid value: null: some validation rules were not checked because the object was "
         "invalid; correct the existing errors to complete validation",

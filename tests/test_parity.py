@@ -413,6 +413,129 @@ def test_put_of_a_custom_resource_without_resource_version_is_422(
     ]
 
 
+def test_a_create_carrying_a_resource_version_is_refused(client: httpx.Client, namespace: str) -> None:
+    body = widget("versioned")
+    body["metadata"]["resourceVersion"] = "5"
+    response = client.post(url(namespace), json=body)
+    assert response.status_code == 500
+    assert response.json()["message"] == "resourceVersion should not be set on objects to be created"
+
+
+def test_an_update_carrying_another_uid_is_409(client: httpx.Client, namespace: str) -> None:
+    created = create(client, namespace, widget("uid"))
+    forged = {**created, "metadata": {**created["metadata"], "uid": "forged"}}
+    response = client.put(url(namespace, "uid"), json=forged)
+    assert response.status_code == 409 and response.json()["reason"] == "Conflict"
+    assert (
+        "Precondition failed: UID in precondition: forged, UID in object meta: " in response.json()["message"]
+    )
+
+
+def test_delete_preconditions_are_checked(client: httpx.Client, namespace: str) -> None:
+    created = create(client, namespace, widget("precondition"))
+    meta = created["metadata"]
+    stale = client.request(
+        "DELETE", url(namespace, "precondition"), json={"preconditions": {"resourceVersion": "1"}}
+    )
+    assert stale.status_code == 409 and stale.json()["message"] == (
+        f'Operation cannot be fulfilled on {KIND}.{GROUP} "precondition": the ResourceVersion in the '
+        f"precondition (1) does not match the ResourceVersion in record ({meta['resourceVersion']}). "
+        "The object might have been modified"
+    )
+    other = client.request("DELETE", url(namespace, "precondition"), json={"preconditions": {"uid": "nope"}})
+    assert (
+        other.status_code == 409
+        and "the UID in the precondition (nope) does not match" in (other.json()["message"])
+    )
+    exact = {"preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}}
+    assert client.request("DELETE", url(namespace, "precondition"), json=exact).status_code == 200
+
+
+def test_a_custom_resource_body_must_say_what_it_is(client: httpx.Client, namespace: str) -> None:
+    untyped = client.post(url(namespace), json={"metadata": {"name": "untyped"}, "spec": {"color": "red"}})
+    assert untyped.status_code == 400
+    assert untyped.json()["message"].startswith(
+        f"the object provided is unrecognized (must be of type {KIND}): Object 'Kind' is missing in"
+    )
+    elsewhere = client.post(
+        url(namespace), json={**widget("elsewhere"), "apiVersion": "other.example.com/v1"}
+    )
+    assert elsewhere.status_code == 400 and elsewhere.json()["message"] == (
+        "the API version in the data (other.example.com/v1) does not match the expected API version "
+        f"({GROUP}/{VERSION})"
+    )
+    status = invalid(client.post(url(namespace), json={**widget("mistyped"), "kind": "Gadget"}))
+    assert (
+        status["message"]
+        == f'Gadget.{GROUP} "mistyped" is invalid: kind: Invalid value: "Gadget": must be {KIND}'
+    )
+
+
+def test_metadata_of_the_wrong_json_type_is_400(client: httpx.Client, namespace: str) -> None:
+    body = widget("typed")
+    body["metadata"]["labels"] = ["a"]
+    response = client.post(url(namespace), json=body)
+    assert response.status_code == 400 and response.json()["message"] == (
+        f'{KIND} in version "{VERSION}" cannot be handled as a {KIND}: json: cannot unmarshal array into Go '
+        "struct field ObjectMeta.labels of type map[string]string"
+    )
+    body["metadata"]["labels"] = {"a": 1}
+    response = client.post(url(namespace), json=body)
+    assert response.status_code == 400 and response.json()["message"].endswith(
+        "json: cannot unmarshal number into Go struct field ObjectMeta.labels of type string"
+    )
+    create(client, namespace, widget("typed"))
+    patched = merge(client, url(namespace, "typed"), {"metadata": {"finalizers": "example.com/f"}})
+    status = invalid(patched)  # after a patch: 422 on the field "patch", with the patched object in it
+    assert [c["field"] for c in status["details"]["causes"]] == ["patch"]
+    assert status["message"].startswith(' "" is invalid: patch: Invalid value: "{')
+    assert status["message"].endswith(
+        "json: cannot unmarshal string into Go struct field ObjectMeta.finalizers of type []string"
+    )
+
+
+def test_owner_references_need_api_version_kind_name_and_uid(client: httpx.Client, namespace: str) -> None:
+    body = widget("owned")
+    body["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner"}]
+    status = invalid(client.post(url(namespace), json=body))
+    assert status["details"]["causes"] == [
+        {
+            "reason": "FieldValueInvalid",
+            "message": 'Invalid value: "": must not be empty',
+            "field": "metadata.ownerReferences.uid",
+        }
+    ]
+    body["metadata"]["ownerReferences"][0]["uid"] = str(uuid.uuid4())
+    assert create(client, namespace, body)["metadata"]["ownerReferences"][0]["name"] == "owner"
+
+
+def test_malformed_selectors_and_continue_tokens_are_400(client: httpx.Client, namespace: str) -> None:
+    for params in (
+        {"labelSelector": "a===b"},
+        {"labelSelector": "a in b"},
+        {"labelSelector": "bad key=v"},
+        {"labelSelector": "k=bad value"},
+        {"fieldSelector": "spec.color=red"},
+        {"limit": "1", "continue": "bogus"},
+    ):
+        response = client.get(url(namespace), params=params)
+        assert response.status_code == 400, params
+        assert response.json()["reason"] == "BadRequest", params
+
+
+def test_type_errors_are_reported_alone_when_the_schema_has_no_rules(
+    client: httpx.Client, namespace: str
+) -> None:
+    status = invalid(client.post(url(namespace), json=widget("floaty", size=1.5)))
+    assert status["message"] == (
+        f'{KIND}.{GROUP} "floaty" is invalid: spec.size: Invalid value: "number": '
+        'spec.size in body must be of type integer: "number"'
+    )
+    assert causes(client.post(url(namespace), json=widget("floaty", size=1.5))) == [
+        ("spec.size", "FieldValueTypeInvalid")
+    ]
+
+
 # -- custom-resource metadata validation ---------------------------------------------------------------------
 
 DNS_SUBDOMAIN_ERROR = (

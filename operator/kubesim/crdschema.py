@@ -189,7 +189,7 @@ def validate(schema: Schema, obj: dict[str, Any], old_obj: dict[str, Any] | None
     """
     errors: list[str] = []
     type_errors = _validate_node(schema, obj, "", errors, is_resource=True)
-    if type_errors:
+    if type_errors and _has_rules(schema):  # the API server says so only when it has rules to skip
         errors.append(
             "<nil>: Invalid value: null: some validation rules were not checked because the object was "
             "invalid; correct the existing errors to complete validation"
@@ -197,6 +197,21 @@ def validate(schema: Schema, obj: dict[str, Any], old_obj: dict[str, Any] | None
         return errors
     _validate_rules(schema, obj, old_obj, "", errors, is_resource=True)
     return errors
+
+
+_HAS_RULES: dict[int, tuple[Schema, bool]] = {}
+
+
+def _has_rules(schema: Schema) -> bool:
+    """Whether any x-kubernetes-validations appear in the schema (memoised: validation is on the hot path)."""
+    cached = _HAS_RULES.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    found = "x-kubernetes-validations" in json.dumps(schema)
+    if len(_HAS_RULES) > 256:
+        _HAS_RULES.clear()
+    _HAS_RULES[id(schema)] = (schema, found)
+    return found
 
 
 def _validate_node(

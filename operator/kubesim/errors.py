@@ -25,6 +25,8 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if not self.reason:  # an internal error without a reason, as the API server sends it
+            del body["reason"]
         if self.details is not None:
             body["details"] = self.details
         return body
@@ -50,13 +52,15 @@ def already_exists(group: str, plural: str, name: str) -> ApiError:
     )
 
 
-def conflict(group: str, plural: str, name: str) -> ApiError:
+def conflict(group: str, plural: str, name: str, why: str = "") -> ApiError:
     qualified = f"{plural}.{group}" if group else plural
+    why = why or (
+        "the object has been modified; please apply your changes to the latest version and try again"
+    )
     return ApiError(
         409,
         "Conflict",
-        f'Operation cannot be fulfilled on {qualified} "{name}": the object has been modified; '
-        "please apply your changes to the latest version and try again",
+        f'Operation cannot be fulfilled on {qualified} "{name}": {why}',
         _details(name, group, plural),
     )
 

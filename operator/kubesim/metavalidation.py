@@ -214,12 +214,42 @@ def object_meta(metadata: dict[str, Any], name_validator: NameValidator) -> list
     else:
         problems.extend(_invalid("metadata.name", name, message) for message in name_validator(name, False))
     problems.extend(labels_and_annotations(metadata))
+    problems.extend(owner_references(metadata))
     problems.extend(finalizers(metadata))
+    return problems
+
+
+def owner_references(metadata: dict[str, Any]) -> list[str]:
+    """``ValidateOwnerReferences``: apiVersion (with a version), kind, name, uid; one controller at most."""
+    problems: list[str] = []
+    references = metadata.get("ownerReferences") or []
+    controller = ""
+    field = "metadata.ownerReferences"
+    for reference in references if isinstance(references, list) else []:
+        if not isinstance(reference, dict):
+            continue
+        api_version = str(reference.get("apiVersion") or "")
+        if not api_version or api_version.endswith("/"):
+            problems.append(
+                f"{field}.apiVersion: Invalid value: {_quote(api_version)}: version must not be empty"
+            )
+        for key in ("kind", "name", "uid"):
+            if not reference.get(key):
+                problems.append(f'{field}.{key}: Invalid value: "": must not be empty')
+        if reference.get("controller") is True:
+            current = f"{reference.get('kind', '')}/{reference.get('name', '')}"
+            if controller:
+                problems.append(
+                    f'{field}: Invalid value: "": Only one reference can have Controller set to true. Found '
+                    f'"true" in references for {controller} and {current}'
+                )
+            else:
+                controller = current
     return problems
 
 
 def object_meta_update(metadata: dict[str, Any], name_validator: NameValidator) -> list[str]:
     """What an update answers: the common-fields pass and then, twice more, labels and annotations (the real
     server lists those causes three times; its message shows each once)."""
-    repeated = labels_and_annotations(metadata)
+    repeated = labels_and_annotations(metadata) + owner_references(metadata)
     return object_meta(metadata, name_validator) + repeated + repeated

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from kubesim import metavalidation
 from kubesim.errors import bad_request
 
 Predicate = Callable[[dict[str, Any]], bool]
@@ -38,26 +39,45 @@ def _split_terms(selector: str) -> list[str]:
     return [term.strip() for term in terms if term.strip()]
 
 
+def _checked(term: str, key: str, values: list[str]) -> None:
+    """Keys must be qualified names and values label values, as labels.Parse checks them."""
+    for problem in metavalidation.is_qualified_name(key):
+        raise bad_request(f'unable to parse requirement: key: Invalid value: "{key}": {problem}')
+    for value in values:
+        if value.startswith(("=", "!")):
+            raise bad_request(f"unable to parse requirement: found '{value[0]}', expected: identifier")
+        for problem in metavalidation.is_valid_label_value(value):
+            raise bad_request(
+                f'unable to parse requirement: values[0][{key}]: Invalid value: "{value}": {problem}'
+            )
+
+
 def _label_term(term: str) -> Callable[[dict[str, str]], bool]:
     match = _SET_RE.match(term)
     if match:
         key, operator, raw_values = match.groups()
         values = {value.strip() for value in raw_values.split(",") if value.strip()}
+        _checked(term, key, sorted(values))
         if operator == "in":
             return lambda labels: labels.get(key) in values
         return lambda labels: labels.get(key) not in values
+    if re.match(r"^\s*[^\s!=(]+\s+(in|notin)\b", term):
+        raise bad_request(f"unable to parse requirement: found '{term.split()[-1]}' expected: '('")
     for operator in ("!=", "==", "="):
         if operator in term:
             key, value = (part.strip() for part in term.split(operator, 1))
             if not key:
                 raise bad_request(f"unable to parse requirement: {term!r}")
+            _checked(term, key, [value])
             if operator == "!=":
                 return lambda labels: labels.get(key) != value
             return lambda labels: labels.get(key) == value
     if term.startswith("!"):
         key = term[1:].strip()
+        _checked(term, key, [])
         return lambda labels: key not in labels
     if re.fullmatch(r"[A-Za-z0-9._/-]+", term):
+        _checked(term, term, [])
         return lambda labels: term in labels
     raise bad_request(f"unable to parse requirement: {term!r}")
 

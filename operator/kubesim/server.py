@@ -477,7 +477,10 @@ class KubeSim:
         query = request.query
         # Chunking (limit/continue): the token is the offset; the list is re-read, which is good enough
         # for a store that is not paginated by snapshots.
-        offset = int(query.get("continue") or 0) if (query.get("continue") or "0").isdigit() else 0
+        token = query.get("continue") or "0"
+        if not token.isdigit():
+            raise errors.bad_request(f"invalid continue token: continue key is not valid: {token!r}")
+        offset = int(token)
         limit = int(query["limit"]) if query.get("limit", "").isdigit() and int(query["limit"]) > 0 else None
         remaining = 0
         if limit is not None:

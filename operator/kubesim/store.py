@@ -127,6 +127,90 @@ _OBJECT_META_FIELDS = frozenset(
 )
 
 
+_STRING_MAPS = ("labels", "annotations")
+_STRINGS = ("name", "generateName", "namespace", "uid", "resourceVersion", "creationTimestamp")
+
+
+def _check_type_meta(resource_type: ResourceType, version: str, obj: dict[str, Any]) -> None:
+    """A custom resource's body must say what it is (the unstructured decoder needs ``kind``)."""
+    if not resource_type.custom:
+        return
+    kind = resource_type.kind
+    if not obj.get("kind"):
+        shown = json.dumps(obj, separators=(",", ":"))
+        raise errors.bad_request(
+            f"the object provided is unrecognized (must be of type {kind}): Object 'Kind' is missing in "
+            f"'{shown}' ({shown[:30]} ...)"
+        )
+    expected = resource_type.api_version(version)
+    if obj.get("apiVersion") and obj["apiVersion"] != expected:
+        raise errors.bad_request(
+            f"the API version in the data ({obj['apiVersion']}) does not match the expected API version "
+            f"({expected})"
+        )
+    if obj["kind"] != kind:
+        raise errors.invalid(
+            resource_type.group,
+            str(obj["kind"]),
+            (obj.get("metadata") or {}).get("name", "") if isinstance(obj.get("metadata"), dict) else "",
+            [("kind", f"Invalid value: {json.dumps(obj['kind'])}: must be {kind}")],
+        )
+
+
+def _go_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _check_metadata_types(
+    resource_type: ResourceType, version: str, metadata: dict[str, Any], patched: dict[str, Any] | None = None
+) -> None:
+    """ObjectMeta decodes into Go types: a label that is not a string is a 400 (a 422 on the ``patch`` field
+    after a patch), not a stored oddity."""
+    kind = resource_type.kind
+
+    def refuse(value: Any, field: str, go_type: str) -> None:
+        problem = f"json: cannot unmarshal {_go_type(value)} into Go struct field ObjectMeta.{field} "
+        problem += f"of type {go_type}"
+        if patched is None:
+            raise errors.bad_request(
+                f'{kind} in version "{version}" cannot be handled as a {kind}: {problem}'
+            )
+        shown = json.dumps(json.dumps(patched, sort_keys=True, separators=(",", ":")))
+        raise errors.invalid("", "", "", [("patch", f"Invalid value: {shown}: {problem}")])
+
+    for key in _STRINGS:
+        value = metadata.get(key)
+        if value is not None and not isinstance(value, str):
+            refuse(value, key, "string")
+    for key in _STRING_MAPS:
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            refuse(value, key, "map[string]string")
+        for item in value.values():
+            if item is not None and not isinstance(item, str):
+                refuse(item, key, "string")
+    finalizers = metadata.get("finalizers")
+    if finalizers is not None:
+        if not isinstance(finalizers, list):
+            refuse(finalizers, "finalizers", "[]string")
+        for item in finalizers:
+            if not isinstance(item, str):
+                refuse(item, "finalizers", "string")
+    owners = metadata.get("ownerReferences")
+    if owners is not None and (not isinstance(owners, list) or not all(isinstance(o, dict) for o in owners)):
+        refuse(owners, "ownerReferences", "[]v1.OwnerReference")
+
+
 def _unknown_metadata_fields(obj: dict[str, Any]) -> list[str]:
     metadata = obj.get("metadata")
     return (
@@ -319,7 +403,11 @@ class Store:
             metadata = obj.setdefault("metadata", {})
             if not isinstance(metadata, dict):
                 raise errors.bad_request("metadata must be an object")
+            _check_type_meta(resource_type, version, obj)
+            _check_metadata_types(resource_type, version, metadata)
             namespace = self._creation_namespace(resource_type, namespace, metadata)
+            if metadata.get("resourceVersion"):
+                raise errors.ApiError(500, "", "resourceVersion should not be set on objects to be created")
             name = metadata.get("name") or ""
             objects = self._objects[resource_type.key]
             if not name and metadata.get("generateName"):
@@ -394,6 +482,8 @@ class Store:
             patched = apply_patch(self.as_version(resource_type, version, old))
             if not isinstance(patched, dict):
                 raise errors.bad_request("the patched object must be a JSON object")
+            if subresource is None and isinstance(patched.get("metadata"), dict):
+                _check_metadata_types(resource_type, version, patched["metadata"], patched)
             # Merge patches share untouched subtrees with the stored object, which must stay immutable.
             return self._update(resource_type, version, old, clone(patched), subresource, strict, dry_run)
 
@@ -410,11 +500,25 @@ class Store:
         with self.lock:
             old = self._stored(resource_type, namespace, name)
             preconditions = preconditions or {}
+            group, kind = resource_type.group, resource_type.kind
             if preconditions.get("uid") and preconditions["uid"] != old["metadata"]["uid"]:
-                raise errors.conflict(resource_type.group, resource_type.plural, name)
+                raise errors.conflict(
+                    group,
+                    kind,
+                    name,
+                    f"the UID in the precondition ({preconditions['uid']}) does not match the UID in record "
+                    f"({old['metadata']['uid']}). The object might have been deleted and then recreated",
+                )
             expected_version = preconditions.get("resourceVersion")
             if expected_version and expected_version != old["metadata"]["resourceVersion"]:
-                raise errors.conflict(resource_type.group, resource_type.plural, name)
+                raise errors.conflict(
+                    group,
+                    kind,
+                    name,
+                    f"the ResourceVersion in the precondition ({expected_version}) does not match the "
+                    f"ResourceVersion in record ({old['metadata']['resourceVersion']}). "
+                    "The object might have been modified",
+                )
             if dry_run:
                 return self.as_version(resource_type, version, old)
             return self.as_version(resource_type, version, self._delete(resource_type, old))
@@ -574,6 +678,28 @@ class Store:
         claimed_version = new_meta.get("resourceVersion")
         if claimed_version and str(claimed_version) != old_meta["resourceVersion"]:
             raise errors.conflict(resource_type.group, resource_type.plural, name)
+        if new_meta.get("uid") and new_meta["uid"] != old_meta["uid"] and subresource is None:
+            key = "/".join(
+                part
+                for part in (
+                    "/registry",
+                    resource_type.group,
+                    resource_type.plural,
+                    old_meta.get("namespace"),
+                    name,
+                )
+                if part
+            )
+            raise errors.conflict(
+                resource_type.group,
+                resource_type.plural,
+                name,
+                f"StorageError: invalid object, Code: 4, Key: {key}, ResourceVersion: 0, AdditionalErrorMsg: "
+                f"Precondition failed: UID in precondition: {new_meta['uid']}, UID in object meta: "
+                f"{old_meta['uid']}",
+            )
+        if subresource is None:
+            _check_metadata_types(resource_type, version, new_meta)
 
         with_status = resource_type.has_status(version)
         if subresource == "status":

@@ -27,7 +27,10 @@ _app_numbers = itertools.count()
 
 @pytest.fixture
 def sim() -> Iterator[FlySimulator]:
-    simulator = FlySimulator(token=TOKEN, regions=("iad", "ord", "cdg"), timings=FAST, seed=7)
+    # These tests poll flysim as fast as they can (behaviour, not pacing); the rate limits have their own.
+    simulator = FlySimulator(
+        token=TOKEN, regions=("iad", "ord", "cdg"), timings=FAST, seed=7, rate_limits=None
+    )
     simulator.start_in_thread()
     yield simulator
     simulator.stop_thread()

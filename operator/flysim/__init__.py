@@ -105,7 +105,7 @@ Fault injection — Python API (thread-safe) and control routes (no auth unless 
   GET /_sim/requests?tail=200.
 """
 
-from .simulator import FlySimulator, RequestRecord
+from .simulator import FlySimulator, RateLimits, RequestRecord
 from .state import FlyApiError, SimTimings
 
-__all__ = ["FlyApiError", "FlySimulator", "RequestRecord", "SimTimings"]
+__all__ = ["FlyApiError", "FlySimulator", "RateLimits", "RequestRecord", "SimTimings"]

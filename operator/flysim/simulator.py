@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import random
 import re
 import threading
@@ -84,6 +85,45 @@ class FaultRule:
         return (self.method in ("*", method)) and self.path.match(path) is not None
 
 
+@dataclass(frozen=True)
+class RateLimits:
+    """Fly's documented Machines API limits, enforced per token bucket: every mutating action (create,
+    update, start, stop, destroy; volume create/delete) per machine (or per app for creates) at `action_rate`
+    requests/s with a burst of `action_burst`; reads (GET machine, wait, lists) per machine or app at
+    `read_rate` with `read_burst`. Beyond them: 429 with `Retry-After` (whole seconds)."""
+
+    action_rate: float = 1.0
+    action_burst: int = 3
+    read_rate: float = 5.0
+    read_burst: int = 10
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+# Route (aiohttp canonical) and method → (bucket name, match_info key naming the bucket's subject, mutating).
+_RATE_CLASSES: dict[tuple[str, str], tuple[str, str, bool]] = {
+    ("POST", "/v1/apps/{app_name}/machines"): ("create_machine", "app_name", True),
+    ("GET", "/v1/apps/{app_name}/machines"): ("list_machines", "app_name", False),
+    ("GET", "/v1/apps/{app_name}/machines/{machine_id}"): ("get_machine", "machine_id", False),
+    ("POST", "/v1/apps/{app_name}/machines/{machine_id}"): ("update_machine", "machine_id", True),
+    ("DELETE", "/v1/apps/{app_name}/machines/{machine_id}"): ("destroy_machine", "machine_id", True),
+    ("POST", "/v1/apps/{app_name}/machines/{machine_id}/start"): ("start_machine", "machine_id", True),
+    ("POST", "/v1/apps/{app_name}/machines/{machine_id}/stop"): ("stop_machine", "machine_id", True),
+    ("GET", "/v1/apps/{app_name}/machines/{machine_id}/wait"): ("wait_machine", "machine_id", False),
+    ("GET", "/v1/apps/{app_name}/volumes"): ("list_volumes", "app_name", False),
+    ("POST", "/v1/apps/{app_name}/volumes"): ("create_volume", "app_name", True),
+    ("GET", "/v1/apps/{app_name}/volumes/{volume_id}"): ("get_volume", "volume_id", False),
+    ("DELETE", "/v1/apps/{app_name}/volumes/{volume_id}"): ("delete_volume", "volume_id", True),
+    ("GET", "/v1/apps/{app_name}/volumes/{volume_id}/snapshots"): ("list_snapshots", "volume_id", False),
+    ("POST", "/v1/apps/{app_name}/volumes/{volume_id}/snapshots"): ("create_snapshot", "volume_id", True),
+    ("GET", "/v1/orgs/{org_slug}/machines"): ("list_org_machines", "org_slug", False),
+}
+
+
 @dataclass
 class LatencyRule:
     method: str
@@ -105,8 +145,16 @@ class FlySimulator:
         control_token: str | None = None,
         seed: int | None = None,
         request_log_size: int = 10000,
+        rate_limits: RateLimits | None = RateLimits(),
     ) -> None:
         self.token = token
+        #: Fly's rate limits (None: unlimited); 429s are counted in `rate_limited`.
+        self.rate_limits = rate_limits
+        self.rate_limited = 0
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        #: The organisation listing: seconds a cursor stays valid, and the most machines one page holds.
+        self.org_cursor_ttl = 60.0
+        self.org_page_limit = _MAX_ORG_PAGE
         self.org_slug = org_slug
         self.control_token = control_token
         self.state = FlyState(regions, timings, hosts_per_region=hosts_per_region, seed=seed)
@@ -431,6 +479,9 @@ class FlySimulator:
             return self._fault_response(fault)
         if request.headers.get("Authorization", "") != f"Bearer {self.token}":
             return _error(401, "unauthorized: missing or invalid bearer token")
+        limited = self._rate_limit(request)
+        if limited is not None:
+            return limited
         try:
             response = await handler(request)
         except FlyApiError as exc:
@@ -439,6 +490,36 @@ class FlySimulator:
             response = _error(exc.status, exc.reason.lower())
         if fault is not None:
             return self._fault_response(fault)
+        return response
+
+    def _rate_limit(self, request: web.Request) -> web.Response | None:
+        """429 with Retry-After when the request's token bucket is empty (see `RateLimits`)."""
+        limits = self.rate_limits
+        if limits is None:
+            return None
+        resource = request.match_info.route.resource
+        rate_class = _RATE_CLASSES.get((request.method, resource.canonical if resource else ""))
+        if rate_class is None:
+            return None
+        name, subject, mutating = rate_class
+        rate, burst = (
+            (limits.action_rate, limits.action_burst) if mutating else (limits.read_rate, limits.read_burst)
+        )
+        key = (name, request.match_info.get(subject, ""))
+        now = time.monotonic()
+        with self._control_lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(tokens=float(burst), at=now)
+            bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.at) * rate)
+            bucket.at = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return None
+            self.rate_limited += 1
+            wait = (1.0 - bucket.tokens) / rate
+        response = _error(429, f"rate limit exceeded for {name.replace('_', ' ')}")
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return response
 
     def _pick_latency_and_fault(self, method: str, path: str) -> tuple[float, FaultRule | None]:
@@ -628,7 +709,11 @@ class FlySimulator:
         if self.org_slug is not None and slug != self.org_slug:
             raise FlyApiError(404, "organization not found")
         query = request.query
-        after_seq = _decode_cursor(query["cursor"]) if query.get("cursor") else None
+        after_seq = None
+        if query.get("cursor"):
+            after_seq, issued = _decode_cursor(query["cursor"])
+            if issued is not None and time.time() - issued > self.org_cursor_ttl:
+                raise FlyApiError(400, "invalid_argument: cursor expired, start again from updated_after")
         updated_after = None
         if after_seq is None and query.get("updated_after"):
             try:
@@ -641,7 +726,8 @@ class FlySimulator:
             limit = int(query.get("limit", _MAX_ORG_PAGE))
         except ValueError:
             raise FlyApiError(400, "invalid_argument: limit must be an integer") from None
-        limit = min(max(limit, 1), _MAX_ORG_PAGE)
+        # The limit is advisory (the spec): the server may answer with fewer machines even when more remain.
+        limit = min(max(limit, 1), _MAX_ORG_PAGE, self.org_page_limit)
         summary = _flag(query.get("summary"))
         with self.state.lock:
             page, more = self.state.list_org_machines(
@@ -652,12 +738,12 @@ class FlySimulator:
                 states=_states(query),
                 limit=limit,
             )
-            body: JSON = {"machines": [m.to_org_api(summary=summary) for m in page]}
+            body: JSON = {"machines": [m.to_org_api(summary=summary, version=v) for m, v in page]}
             if page:
-                body["last_machine_id"] = page[-1].id
-                body["last_updated_at"] = rfc3339(page[-1].updated_at)
+                body["last_machine_id"] = page[-1][0].id
+                body["last_updated_at"] = rfc3339(page[-1][1].updated_at)
             if more:
-                body["next_cursor"] = _encode_cursor(page[-1].seq)
+                body["next_cursor"] = _encode_cursor(page[-1][1].seq, time.time())
         return _json(body)
 
     # --- HTTP: control API --------------------------------------------------------------------------
@@ -792,16 +878,18 @@ def _states(query: Any) -> set[str] | None:
     return {state.strip() for state in raw.split(",") if state.strip()}
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+def _encode_cursor(seq: int, issued: float) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}:{issued:.3f}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def _decode_cursor(cursor: str) -> tuple[int, float | None]:
+    """`(position, issued at)`; cursors expire `org_cursor_ttl` seconds after they were issued."""
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, number = text.partition(":")
+        prefix, _, rest = text.partition(":")
         if prefix != "seq":
             raise ValueError(cursor)
-        return int(number)
+        number, _, issued = rest.partition(":")
+        return int(number), (float(issued) if issued else None)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise FlyApiError(400, "invalid_argument: invalid cursor") from None

@@ -12,6 +12,7 @@ import hashlib
 import random
 import string
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class SimTimings:
     detach_delay: float = 0.0
     #: A destroyed machine stays visible (state `destroyed`) this long, then GET answers 404.
     destroyed_retention: float = 60.0
+    #: The organisation listing shows a change only after a delay drawn uniformly from 0..this (Fly: "recent
+    #: machine changes may take time to propagate"); until then it shows the machine's previous version.
+    org_propagation_delay: float = 0.0
 
 
 class FlyApiError(Exception):
@@ -155,6 +159,20 @@ class Volume:
         }
 
 
+@dataclass(frozen=True)
+class OrgVersion:
+    """One change of a machine as the organisation listing sees it, visible from `visible_at` (monotonic)."""
+
+    seq: int
+    updated_at: datetime
+    state: str
+    instance_id: str
+    visible_at: float
+
+
+_ORG_VERSIONS_KEPT = 8
+
+
 @dataclass
 class Machine:
     id: str
@@ -173,6 +191,14 @@ class Machine:
     op: int = 0
     start_break: StartBreak | None = None
     events: deque[JSON] = field(default_factory=lambda: deque(maxlen=_MAX_EVENTS))
+    org_versions: deque[OrgVersion] = field(default_factory=lambda: deque(maxlen=_ORG_VERSIONS_KEPT))
+
+    def org_version(self, now: float) -> OrgVersion | None:
+        """The newest change the organisation listing shows at monotonic time `now` (None: none yet)."""
+        for version in reversed(self.org_versions):
+            if version.visible_at <= now:
+                return version
+        return None
 
     def mounted_volume_ids(self) -> list[str]:
         return [
@@ -211,18 +237,21 @@ class Machine:
             body["host_status"] = "unreachable" if self.host.failed else "ok"
         return body
 
-    def to_org_api(self, *, summary: bool) -> JSON:
+    def to_org_api(self, *, summary: bool, version: OrgVersion | None = None) -> JSON:
+        state, updated_at, instance_id = self.state, self.updated_at, self.instance_id
+        if version is not None:
+            state, updated_at, instance_id = version.state, version.updated_at, version.instance_id
         body: JSON = {
             "id": self.id,
             "app_name": self.app,
             "name": self.name,
-            "state": self.state,
+            "state": state,
             "region": self.region,
-            "instance_id": self.instance_id,
-            "version": self.instance_id,
+            "instance_id": instance_id,
+            "version": instance_id,
             "private_ip": self.private_ip,
             "created_at": rfc3339(self.created_at),
-            "updated_at": rfc3339(self.updated_at),
+            "updated_at": rfc3339(updated_at),
         }
         if not summary:
             body["config"] = {
@@ -440,6 +469,16 @@ class FlyState:
         self._seq += 1
         machine.seq = self._seq
         machine.updated_at = self._now()
+        delay = self.timings.org_propagation_delay
+        machine.org_versions.append(
+            OrgVersion(
+                seq=machine.seq,
+                updated_at=machine.updated_at,
+                state=machine.state,
+                instance_id=machine.instance_id,
+                visible_at=time.monotonic() + (self._rng.uniform(0, delay) if delay > 0 else 0.0),
+            )
+        )
         self._org_order[machine.id] = None
         self._org_order.move_to_end(machine.id)
         self._notify(machine.id)
@@ -750,25 +789,37 @@ class FlyState:
         region: str | None,
         states: set[str] | None,
         limit: int,
-    ) -> tuple[list[Machine], bool]:
-        """Machines changed after a cursor position or time, oldest change first; `(page, more)`."""
+    ) -> tuple[list[tuple[Machine, OrgVersion]], bool]:
+        """Changes visible now after a cursor position or time, oldest change first; `(page, more)`.
+
+        A change becomes visible only after its propagation delay; until then a machine shows its previous
+        version (if that one is inside the window), so a late change can surface behind the cursor.
+        """
         with self.lock:
-            newest_first: list[Machine] = []
+            now = time.monotonic()
+            found: list[tuple[Machine, OrgVersion]] = []
             for machine_id in reversed(self._org_order):
                 machine = self._machines[machine_id]
                 if after_seq is not None and machine.seq <= after_seq:
                     break
                 if after_seq is None and updated_after is not None and machine.updated_at <= updated_after:
                     break
-                if machine.state in GONE_STATES and not include_deleted:
+                version = machine.org_version(now)
+                if version is None:
+                    continue
+                if after_seq is not None and version.seq <= after_seq:
+                    continue
+                if after_seq is None and updated_after is not None and version.updated_at <= updated_after:
+                    continue
+                if version.state in GONE_STATES and not include_deleted:
                     continue
                 if region is not None and machine.region != region:
                     continue
-                if states and machine.state not in states:
+                if states and version.state not in states:
                     continue
-                newest_first.append(machine)
-            newest_first.reverse()
-            return newest_first[:limit], len(newest_first) > limit
+                found.append((machine, version))
+            found.sort(key=lambda pair: pair[1].seq)
+            return found[:limit], len(found) > limit
 
     # --- volumes ------------------------------------------------------------------------------------
 

@@ -63,6 +63,37 @@ class Settings(BaseSettings):
     wait_call_seconds: int = Field(
         default=60, gt=0, le=60, validation_alias=AliasChoices("KILOCLAW_WAIT_CALL_SECONDS")
     )
+    # The organisation feed (with FLY_ORG_SLUG): sweep cadence, window overlap (Fly's changes propagate
+    # late), page size, when a silent feed counts as failed, the busy-phase fallback read, the safety audit.
+    feed_interval_seconds: float = Field(
+        default=2, gt=0, validation_alias=AliasChoices("KILOCLAW_FEED_INTERVAL_SECONDS")
+    )
+    feed_overlap_seconds: float = Field(
+        default=10, ge=0, validation_alias=AliasChoices("KILOCLAW_FEED_OVERLAP_SECONDS")
+    )
+    feed_page_limit: int = Field(
+        default=1000, ge=1, le=1000, validation_alias=AliasChoices("KILOCLAW_FEED_PAGE_LIMIT")
+    )
+    feed_stale_seconds: float = Field(
+        default=60, gt=0, validation_alias=AliasChoices("KILOCLAW_FEED_STALE_SECONDS")
+    )
+    feed_busy_fallback_seconds: float = Field(
+        default=30, gt=0, validation_alias=AliasChoices("KILOCLAW_FEED_BUSY_FALLBACK_SECONDS")
+    )
+    feed_fallback_concurrency: int = Field(
+        default=16, ge=1, validation_alias=AliasChoices("KILOCLAW_FEED_FALLBACK_CONCURRENCY")
+    )
+    audit_seconds: float = Field(default=1800, gt=0, validation_alias=AliasChoices("KILOCLAW_AUDIT_SECONDS"))
+    # Client-side pacing under Fly's rate limits (per machine and action; creates in flight).
+    fly_action_rate: float = Field(
+        default=0.9, gt=0, validation_alias=AliasChoices("KILOCLAW_FLY_ACTION_RATE")
+    )
+    fly_action_burst: int = Field(default=2, ge=1, validation_alias=AliasChoices("KILOCLAW_FLY_ACTION_BURST"))
+    fly_read_rate: float = Field(default=4.5, gt=0, validation_alias=AliasChoices("KILOCLAW_FLY_READ_RATE"))
+    fly_read_burst: int = Field(default=8, ge=1, validation_alias=AliasChoices("KILOCLAW_FLY_READ_BURST"))
+    fly_max_concurrent_creates: int = Field(
+        default=32, ge=1, validation_alias=AliasChoices("KILOCLAW_FLY_MAX_CONCURRENT_CREATES")
+    )
     namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=AliasChoices("KILOCLAW_NAMESPACES")
     )

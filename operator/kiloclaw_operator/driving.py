@@ -139,6 +139,10 @@ class DriverRegistry(Generic[D]):
             driver = self._drivers[key] = self._make(namespace, name)
         return driver
 
+    def find(self, namespace: str, name: str) -> D | None:
+        """The driver of a known object, without creating one."""
+        return self._drivers.get((namespace, name))
+
     def forget(self, namespace: str, name: str) -> None:
         driver = self._drivers.pop((namespace, name), None)
         if driver is not None:

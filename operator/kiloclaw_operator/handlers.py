@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from . import observation
 from .config import Settings, load_settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import FlyClient
@@ -27,7 +28,7 @@ from .kube import (
 )
 from .kubeconfig import KubeconfigError, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
-from .reconciler import Context, InstanceDriver, PollingObserver, RetryLater, instance_drivers
+from .reconciler import Context, InstanceDriver, RetryLater, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
 
 logger = logging.getLogger("kiloclaw.operator")
@@ -40,9 +41,13 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.fly = FlyClient(
-            settings.fly_api_base_url, settings.fly_api_token, token_file=settings.fly_api_token_file
+            settings.fly_api_base_url,
+            settings.fly_api_token,
+            token_file=settings.fly_api_token_file,
+            pacing=observation.pacing_limits(settings),
         )
         self._ctx: Context | None = None
+        self._feed: asyncio.Task[None] | None = None
         self._instances: DriverRegistry[InstanceDriver] | None = None
         self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
         self.ready = asyncio.Event()
@@ -50,11 +55,12 @@ class Runtime:
     def connect(self, conn: KubeConnection) -> None:
         if self._ctx is not None:
             return
-        self._ctx = Context(
-            settings=self.settings, fly=self.fly, kube=KubeClient(conn), observer=PollingObserver(self.fly)
-        )
+        kube = KubeClient(conn)
+        observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
+        self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
         self._retained = retained_volume_drivers(self._ctx)
+        observation.bind_wakeups(observer, self._instances)
         self.ready.set()
 
     @property
@@ -68,6 +74,8 @@ class Runtime:
         return self._retained
 
     async def aclose(self) -> None:
+        if self._feed is not None:
+            self._feed.cancel()
         await self.fly.aclose()
         if self._ctx is not None:
             await self._ctx.kube.aclose()

@@ -47,9 +47,13 @@ class RetryLater(Exception):
 
 
 class Observer(Protocol):
-    """Where observed Fly state comes from: per-instance polling now, an organisation feed later."""
+    """Where observed Fly state comes from: per-instance polling, or the organisation feed (feed.py)."""
 
     async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
+
+    def next_pass(self, instance: Instance) -> float:
+        """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
+        ...
 
 
 @dataclass
@@ -65,16 +69,47 @@ class Context:
     claims: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class PollingObserver:
-    """Observes an instance by ``GET /machines/{id}``; read paths never change the phase."""
+#: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
+_WAIT_STATES = {
+    Phase.STARTING: ("started", "stopped", "failed", "destroyed"),
+    Phase.STOPPING: ("stopped", "failed", "suspended", "destroyed"),
+}
 
-    def __init__(self, fly: FlyClient) -> None:
+
+class PollingObserver:
+    """Observes an instance by ``GET /machines/{id}``; read paths never change the phase.
+
+    ``Starting`` and ``Stopping`` first long-poll Fly's ``/wait`` (at most the busy cadence, so that deletion
+    never waits long for the driver), which answers the moment the machine gets there."""
+
+    def __init__(self, fly: FlyClient, settings: Settings) -> None:
         self._fly = fly
+        self._settings = settings
+
+    def next_pass(self, instance: Instance) -> float:
+        return lifecycle.poll_interval(instance.status.phase, self._settings)
 
     async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]:
         machine_id = instance.status.machine_id
         if machine_id is None:
             return Observation.no_machine(), None
+        waited_for = _WAIT_STATES.get(instance.status.phase)
+        if waited_for is not None and not lifecycle.has_unobserved_generation(instance):
+            try:
+                seconds = max(
+                    1, min(self._settings.wait_call_seconds, round(self._settings.poll_busy_seconds))
+                )
+                state = await self._fly.wait_for_states(
+                    instance.spec.fly_app, machine_id, waited_for, timeout_seconds=seconds
+                )
+            except NotFound:
+                return Observation.gone(), None
+            except (Unauthorized, Fatal):
+                raise
+            except FlyError as exc:
+                return Observation.unknown(str(exc)), None
+            if state is not None and state != "destroyed":
+                return Observation.found(state), None
         try:
             machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
         except NotFound:
@@ -192,7 +227,7 @@ class InstanceDriver(ObjectDriver):
             if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
                 # A refused claimant looks again now and then: it may claim once the owner is gone.
                 return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
-            return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)
+            return self.ctx.observer.next_pass(instance)
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
         fields = self._log_fields(instance)

@@ -14,6 +14,7 @@ from .models import (
     Snapshot,
     Volume,
 )
+from .pacing import Pacer, PacingLimits
 
 __all__ = [
     "Capacity",
@@ -28,6 +29,8 @@ __all__ = [
     "NotFound",
     "OrgMachine",
     "OrgMachinesPage",
+    "Pacer",
+    "PacingLimits",
     "RateLimited",
     "RestartPolicy",
     "Snapshot",

@@ -9,12 +9,13 @@ have happened — the caller adopts the resource by name or metadata instead of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -27,6 +28,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from .errors import FlyError, RateLimited, Transient, classify
 from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS, FLY_UNAUTHORIZED
 from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
+from .pacing import Pacer, PacingLimits
 
 __all__ = ["FlyClient", "TokenSource", "backoff_delay", "parse_retry_after"]
 
@@ -156,6 +158,7 @@ class FlyClient:
         backoff_base: float = 0.2,
         backoff_cap: float = 10.0,
         max_connections: int = 100,
+        pacing: PacingLimits | None = PacingLimits(),
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._tokens = TokenSource(token, token_file)
@@ -175,6 +178,10 @@ class FlyClient:
         # httpcore rescans its whole wait queue whenever a request completes (encode/httpcore#1035): a burst
         # of N queued calls costs O(N²). Queueing here keeps httpcore's queue no longer than the pool.
         self._slots = asyncio.Semaphore(max_connections)
+        #: Fly's clock at the last organisation listing (its `Date` header).
+        self.last_server_date: datetime | None = None
+        #: Fly's rate limits, kept by design (None: unpaced, for tests of the retry logic only).
+        self.pacer = Pacer(pacing) if pacing is not None else None
 
     def __repr__(self) -> str:
         return f"FlyClient(base_url={self._base_url!r})"
@@ -220,7 +227,7 @@ class FlyClient:
     async def create_machine(self, app: str, *, name: str, region: str, config: MachineConfig) -> Machine:
         """Create (and launch) a machine. Never retried: on any error the caller adopts by name/metadata."""
         body = {"name": name, "region": region, "config": self._dump(config)}
-        response = await self._request("POST", MACHINES, {"app": app}, body=body, retry=False)
+        response = await self._request("POST", MACHINES, {"app": app}, body=body, retry=False, create=True)
         return self._parse(response, Machine, "POST", MACHINES)
 
     async def update_machine(self, app: str, machine_id: str, config: MachineConfig) -> Machine:
@@ -264,6 +271,27 @@ class FlyClient:
         )
         return response.status_code != 408
 
+    async def wait_for_states(
+        self, app: str, machine_id: str, states: Sequence[str], *, timeout_seconds: int = 60
+    ) -> str | None:
+        """Block until the machine is in one of `states`: the state it reached, or None when Fly's wait timed
+        out (a long poll: the answer comes the moment the machine gets there)."""
+        response = await self._request(
+            "GET",
+            MACHINE_WAIT,
+            {"app": app, "id": machine_id},
+            query={"state": ",".join(states), "timeout": timeout_seconds},
+            read_timeout=self._timeout + timeout_seconds,
+            result_statuses=frozenset({408}),
+        )
+        if response.status_code == 408:
+            return None
+        try:
+            state = json.loads(response.content).get("state")
+        except (ValueError, AttributeError):
+            state = None
+        return str(state) if state else states[0]
+
     # Volumes
 
     async def list_volumes(self, app: str) -> list[Volume]:
@@ -295,7 +323,7 @@ class FlyClient:
             body["snapshot_id"] = snapshot_id
         if compute is not None:
             body["compute"] = self._dump(compute)
-        response = await self._request("POST", VOLUMES, {"app": app}, body=body, retry=False)
+        response = await self._request("POST", VOLUMES, {"app": app}, body=body, retry=False, create=True)
         return self._parse(response, Volume, "POST", VOLUMES)
 
     async def delete_volume(self, app: str, volume_id: str) -> None:
@@ -316,9 +344,16 @@ class FlyClient:
         cursor: str | None = None,
         limit: int | None = None,
         summary: bool = True,
+        include_deleted: bool = False,
     ) -> OrgMachinesPage:
-        """One page of the organisation's machines, oldest `updated_at` first; follow `next_cursor`."""
+        """One page of the organisation's machines, oldest `updated_at` first; follow `next_cursor`.
+
+        Fly's clock at the answer (its `Date` header) is kept in `last_server_date`: the feed's windows are
+        in Fly's clock, not ours.
+        """
         query: dict[str, str | int | bool] = {"summary": summary}
+        if include_deleted:
+            query["include_deleted"] = True
         if updated_after is not None:
             query["updated_after"] = _rfc3339(updated_after)
         if cursor is not None:
@@ -326,6 +361,10 @@ class FlyClient:
         if limit is not None:
             query["limit"] = limit
         response = await self._request("GET", ORG_MACHINES, {"org": org_slug}, query=query)
+        date = response.headers.get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                self.last_server_date = parsedate_to_datetime(date).astimezone(UTC)
         return self._parse(response, OrgMachinesPage, "GET", ORG_MACHINES)
 
     # Transport
@@ -341,13 +380,23 @@ class FlyClient:
         retry: bool = True,
         read_timeout: float | None = None,
         result_statuses: frozenset[int] = frozenset(),
+        create: bool = False,
     ) -> httpx.Response:
         """Send one logical call, retrying it if allowed; return a 2xx (or `result_statuses`) response."""
+        if create and self.pacer is not None:
+            async with self.pacer.creates:
+                return await self._request(
+                    method, route, path_params, query=query, body=body, retry=retry, read_timeout=read_timeout
+                )
         path = route.format(**{key: quote(value, safe="") for key, value in path_params.items()})
         request_timeout = httpx.Timeout(read_timeout) if read_timeout is not None else self._http.timeout
+        # Fly limits an action per machine, or per app for creates and lists, or per organisation.
+        subject = path_params.get("id") or path_params.get("app") or path_params.get("org") or ""
         attempt = 0
         reread_after_401 = False
         while True:
+            if self.pacer is not None:
+                await self.pacer.wait(f"{method} {route}", subject, mutating=method != "GET")
             started = time.monotonic()
             token = self._tokens.value
             self._redacted.add(token)

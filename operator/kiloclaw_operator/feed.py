@@ -1,0 +1,371 @@
+"""The organisation feed (DESIGN 3.2): one paged listing of the organisation's changed machines per interval,
+for all instances, instead of one ``GET /machines/{id}`` per instance per interval.
+
+``FeedObserver`` is an ``Observer`` (the seam the driver already calls). Its loop sweeps
+``GET /orgs/{org}/machines?updated_after=…&summary=true&include_deleted=true`` page by page (cursor), keeps
+the newest state per machine (de-duplicated by machine id + ``updated_at``), and wakes the driver of the
+instance whose ``status.machineId`` names a changed machine; that driver's next pass reads the state from
+here, with no Fly call. Detection latency is then the sweep interval, whatever the number of instances.
+
+The window is measured in Fly's clock, never ours: the next sweep starts at the newest ``updated_at`` seen,
+minus an overlap, because Fly warns that recent changes propagate late (a change can surface behind the
+cursor). After a restart the first window starts at the oldest ``status.observedAt`` of all instances minus
+the overlap, corrected by the clock offset read from Fly's ``Date`` header, so no change made while the
+operator was down is lost. A page that fails (5xx, 429) is retried; a cursor that went stale restarts the
+sweep from its window; a page may hold fewer machines than asked (the limit is advisory) and paging goes on
+until Fly gives no cursor.
+
+Where the feed cannot speak, the driver still reads the machine itself: a spec change to act on (the feed has
+no config), a busy phase with no news newer than what the driver last saw (a slow fallback, since the feed
+wakes it), a machine the feed has never covered, a feed that has failed for a while (then plain polling), and
+a slow, jittered safety-net audit of every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from . import lifecycle
+from .config import Settings
+from .fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
+from .fly.models import Machine
+from .lifecycle import Observation
+from .models import Instance, Phase
+
+logger = logging.getLogger("kiloclaw.feed")
+
+#: Phases whose completion the feed reports (a newer state than the one acted on).
+WAITING_PHASES = frozenset({Phase.STARTING, Phase.STOPPING})
+#: Phases in which the driver does not observe at all (recovery and deletion own them): no wake-ups.
+SELF_DRIVEN_PHASES = frozenset({Phase.RECOVERING, Phase.DESTROYING, Phase.PROVISIONING, Phase.PENDING})
+_GONE = "destroyed"
+_STALE_CURSOR_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """The newest known state of one machine, stamped with Fly's ``updated_at``."""
+
+    state: str
+    updated_at: datetime
+
+
+@dataclass
+class _Tracked:
+    namespace: str
+    name: str
+    phase: Phase
+    audit_at: float
+
+
+class FeedObserver:
+    """Observer backed by the organisation feed; falls back to per-instance reads where the feed is silent."""
+
+    def __init__(
+        self,
+        fly: FlyClient,
+        settings: Settings,
+        *,
+        oldest_observation: Callable[[], Awaitable[datetime | None]],
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        assert settings.fly_org_slug, "the feed needs FLY_ORG_SLUG"
+        self._fly = fly
+        self._settings = settings
+        self._org = settings.fly_org_slug
+        self._oldest_observation = oldest_observation
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self._latest: dict[str, MachineState] = {}
+        #: The ``updated_at`` of the state each machine's driver last acted on.
+        self._consumed: dict[str, datetime] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._machine_of: dict[tuple[str, str], str] = {}
+        self._wake: Callable[[str, str], None] = lambda namespace, name: None
+        #: Fly-clock start of the first window (None: the whole history was listed).
+        self._origin: datetime | None = None
+        self._watermark: datetime | None = None
+        #: Fly's clock minus ours, from the ``Date`` header (seconds).
+        self.clock_offset = 0.0
+        self._synced = asyncio.Event()
+        self._last_success: float | None = None
+        self._reads = asyncio.Semaphore(settings.feed_fallback_concurrency)
+        self.sweeps = 0
+        self.changes = 0
+
+    # --- wiring ----------------------------------------------------------------------------------------
+
+    def bind(self, wake: Callable[[str, str], None]) -> None:
+        """How to wake the driver of instance (namespace, name): given once the drivers exist."""
+        self._wake = wake
+
+    @property
+    def healthy(self) -> bool:
+        """The feed has synced and a sweep succeeded recently: its silence means "nothing changed"."""
+        return (
+            self._last_success is not None
+            and self._monotonic() - self._last_success <= self._settings.feed_stale_seconds
+        )
+
+    def known(self, machine_id: str) -> MachineState | None:
+        return self._latest.get(machine_id)
+
+    # --- the Observer seam -----------------------------------------------------------------------------
+
+    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]:
+        machine_id = instance.status.machine_id
+        if machine_id is None:
+            return Observation.no_machine(), None
+        await self._await_first_sync()
+        tracked = self._track(instance)
+        if not self.healthy:
+            return await self._read(instance)
+        now = self._monotonic()
+        if lifecycle.has_unobserved_generation(instance) or now >= tracked.audit_at:
+            # A spec change needs the machine's config, which the feed does not carry; the audit is the
+            # safety net for a change the feed missed.
+            tracked.audit_at = now + self._audit_interval()
+            return await self._read(instance)
+        news = self._news(machine_id)
+        phase = instance.status.phase
+        if phase in WAITING_PHASES:
+            if news is None:
+                return Observation.unknown("no news from the organisation feed yet"), None
+            return self._consume(machine_id, news), None
+        known = self._latest.get(machine_id)
+        if known is not None:
+            return self._consume(machine_id, known), None
+        if self._covers(instance) and instance.status.fly_state:
+            # Nothing changed since the status was written: the feed has listed every change since then.
+            return self._as_observation(instance.status.fly_state), None
+        return await self._read(instance)
+
+    def next_pass(self, instance: Instance) -> float:
+        """Seconds until the driver's next pass: the feed wakes it on news, so only the fallbacks count."""
+        self._track(instance)
+        phase = instance.status.phase
+        if not self.healthy or phase in SELF_DRIVEN_PHASES or instance.status.machine_id is None:
+            return lifecycle.poll_interval(phase, self._settings)
+        if phase in WAITING_PHASES:
+            return self._settings.feed_busy_fallback_seconds * self._rng.uniform(0.9, 1.1)
+        tracked = self._tracked[instance.status.machine_id]
+        return max(0.01, tracked.audit_at - self._monotonic())
+
+    # --- observation helpers ---------------------------------------------------------------------------
+
+    def _news(self, machine_id: str) -> MachineState | None:
+        """The newest state if it is newer than the one the driver last acted on."""
+        latest = self._latest.get(machine_id)
+        if latest is None:
+            return None
+        consumed = self._consumed.get(machine_id)
+        return latest if consumed is None or latest.updated_at > consumed else None
+
+    def _consume(self, machine_id: str, news: MachineState) -> Observation:
+        self._consumed[machine_id] = news.updated_at
+        return self._as_observation(news.state)
+
+    @staticmethod
+    def _as_observation(state: str) -> Observation:
+        if state == _GONE:
+            return Observation.gone()
+        # The feed has no config: only a spec change compares it, and a spec change always reads the machine.
+        return Observation.found(state)
+
+    def _covers(self, instance: Instance) -> bool:
+        if not self._synced.is_set():
+            return False
+        if self._origin is None:
+            return True
+        observed_at = instance.status.observed_at
+        if observed_at is None:
+            return False
+        in_fly_clock = observed_at + timedelta(seconds=self.clock_offset)
+        return in_fly_clock - timedelta(seconds=self._settings.feed_overlap_seconds) >= self._origin
+
+    async def _read(self, instance: Instance) -> tuple[Observation, Machine | None]:
+        """One ``GET /machines/{id}``, bounded so that a cold start or a failed feed does not stampede Fly."""
+        machine_id = instance.status.machine_id
+        assert machine_id is not None
+        async with self._reads:
+            try:
+                machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
+            except NotFound:
+                self._consumed[machine_id] = self._latest_time(machine_id)
+                return Observation.gone(), None
+            except (Unauthorized, Fatal):
+                raise
+            except FlyError as exc:
+                return Observation.unknown(str(exc)), None
+        if machine.updated_at is not None:
+            self._remember(machine_id, MachineState(machine.state, machine.updated_at))
+            self._consumed[machine_id] = max(machine.updated_at, self._latest_time(machine_id))
+        if machine.state == _GONE:
+            return Observation.gone(), machine
+        in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
+        return Observation.found(machine.state, config_in_sync=in_sync), machine
+
+    def _latest_time(self, machine_id: str) -> datetime:
+        latest = self._latest.get(machine_id)
+        return latest.updated_at if latest is not None else datetime.min.replace(tzinfo=UTC)
+
+    def _track(self, instance: Instance) -> _Tracked:
+        ref = (instance.ref.namespace, instance.ref.name)
+        machine_id = instance.status.machine_id
+        previous = self._machine_of.get(ref)
+        if previous is not None and previous != machine_id:
+            self._tracked.pop(previous, None)
+            self._consumed.pop(previous, None)
+            self._machine_of.pop(ref, None)
+        if machine_id is None:
+            return _Tracked(ref[0], ref[1], instance.status.phase, float("inf"))
+        tracked = self._tracked.get(machine_id)
+        if tracked is None:
+            # The first audit lands anywhere in the interval, so that a fleet started together is spread.
+            first = self._monotonic() + self._settings.audit_seconds * self._rng.uniform(0.1, 1.0)
+            tracked = self._tracked[machine_id] = _Tracked(ref[0], ref[1], instance.status.phase, first)
+            self._machine_of[ref] = machine_id
+        tracked.phase = instance.status.phase
+        return tracked
+
+    def _audit_interval(self) -> float:
+        return self._settings.audit_seconds * self._rng.uniform(0.9, 1.1)
+
+    async def _await_first_sync(self) -> None:
+        if self._synced.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), self._settings.feed_stale_seconds)
+
+    # --- the feed loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sweep every ``feed_interval_seconds`` until cancelled; failures back off and never end the loop."""
+        failures = 0
+        was_healthy = False
+        while True:
+            delay = self._settings.feed_interval_seconds
+            try:
+                if self._watermark is None and not self._synced.is_set():
+                    await self._start_window()
+                await self._sweep()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except FlyError as exc:
+                failures += 1
+                hint = exc.retry_after if isinstance(exc, RateLimited) else None
+                delay = max(hint or 0.0, min(60.0, delay * 2**failures) * self._rng.uniform(0.5, 1.0))
+                logger.warning("organisation feed sweep failed, retrying: %s", exc, extra={"retry_in": delay})
+            except Exception:
+                failures += 1
+                delay = min(60.0, delay * 2**failures)
+                logger.exception("organisation feed sweep crashed, retrying")
+            healthy = self.healthy
+            if was_healthy and not healthy:
+                # Drivers sleep until the audit while the feed speaks for them: wake them to poll instead.
+                logger.warning("organisation feed is stale: instances fall back to polling")
+                self._wake_all()
+            was_healthy = healthy
+            await asyncio.sleep(delay)
+
+    async def _start_window(self) -> None:
+        """After a (re)start: from the oldest observation minus the overlap, in Fly's clock."""
+        oldest = await self._oldest_observation()
+        await self._measure_clock_offset()
+        if oldest is None:
+            self._origin = None
+            return
+        overlap = timedelta(seconds=self._settings.feed_overlap_seconds)
+        self._origin = oldest + timedelta(seconds=self.clock_offset) - overlap
+
+    async def _measure_clock_offset(self) -> None:
+        """Fly's clock minus ours, from an empty page's ``Date`` header (one request at start-up)."""
+        before = datetime.now(UTC)
+        await self._fly.list_org_machines(
+            self._org or "", updated_after=before + timedelta(days=1), limit=1, summary=True
+        )
+        after = datetime.now(UTC)
+        server = self._fly.last_server_date
+        if server is not None:
+            ours = before + (after - before) / 2
+            # The header has whole seconds: below a second the offset is noise.
+            offset = (server - ours).total_seconds()
+            self.clock_offset = offset if abs(offset) > 1.5 else 0.0
+
+    def _window(self) -> datetime | None:
+        overlap = timedelta(seconds=self._settings.feed_overlap_seconds)
+        if self._watermark is not None:
+            start = self._watermark - overlap
+            return start if self._origin is None else max(start, self._origin - overlap)
+        return self._origin
+
+    async def _sweep(self) -> None:
+        start = self._window()
+        cursor: str | None = None
+        restarts = 0
+        newest = self._watermark
+        pages = 0
+        while True:
+            try:
+                page = await self._fly.list_org_machines(
+                    self._org or "",
+                    updated_after=start if cursor is None else None,
+                    cursor=cursor,
+                    limit=self._settings.feed_page_limit,
+                    summary=True,
+                    include_deleted=True,
+                )
+            except (Fatal, NotFound) as exc:
+                if cursor is None or restarts >= _STALE_CURSOR_RESTARTS:
+                    raise
+                # A cursor Fly no longer accepts: list the same window again (the de-duplication absorbs
+                # what was already seen).
+                restarts += 1
+                logger.info("organisation feed cursor went stale, restarting the window: %s", exc)
+                cursor = None
+                continue
+            pages += 1
+            for machine in page.machines:
+                if machine.updated_at is not None and (newest is None or machine.updated_at > newest):
+                    newest = machine.updated_at
+                self._apply(machine)
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+        # The window moves only once the whole sweep is in: a failed or restarted sweep repeats it.
+        self._watermark = newest
+        self._last_success = self._monotonic()
+        self.sweeps += 1
+        self._synced.set()
+
+    def _apply(self, machine: OrgMachine) -> None:
+        if machine.updated_at is None or not machine.state:
+            return
+        change = MachineState(machine.state, machine.updated_at)
+        if not self._remember(machine.id, change):
+            return
+        self.changes += 1
+        tracked = self._tracked.get(machine.id)
+        if tracked is not None and tracked.phase not in SELF_DRIVEN_PHASES:
+            self._wake(tracked.namespace, tracked.name)
+
+    def _remember(self, machine_id: str, change: MachineState) -> bool:
+        """Keep the newer of what is known and ``change``; True when ``change`` is news."""
+        known = self._latest.get(machine_id)
+        if known is not None and known.updated_at >= change.updated_at:
+            return False
+        self._latest[machine_id] = change
+        return True
+
+    def _wake_all(self) -> None:
+        for tracked in list(self._tracked.values()):
+            self._wake(tracked.namespace, tracked.name)

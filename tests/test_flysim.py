@@ -171,7 +171,9 @@ def test_stopped_machine_can_be_destroyed_without_force(fly: httpx.Client, app: 
 
 
 def test_destroyed_machine_answers_404_after_the_retention_time(app: str) -> None:
-    simulator = FlySimulator(token=TOKEN, timings=SimTimings(0.01, 0.01, 0.01, 0.01, 0.0, 0.05))
+    simulator = FlySimulator(
+        token=TOKEN, timings=SimTimings(0.01, 0.01, 0.01, 0.01, 0.0, 0.05), rate_limits=None
+    )
     simulator.start_in_thread()
     try:
         with httpx.Client(
@@ -369,7 +371,7 @@ def test_attached_volume_cannot_be_deleted_until_its_machine_is_destroyed(
 
 def test_volume_stays_bound_for_the_detach_delay_after_destroy(app: str) -> None:
     timings = SimTimings(0.01, 0.01, 0.01, 0.01, detach_delay=0.3)
-    simulator = FlySimulator(token=TOKEN, timings=timings)
+    simulator = FlySimulator(token=TOKEN, timings=timings, rate_limits=None)
     simulator.start_in_thread()
     try:
         with httpx.Client(
@@ -498,7 +500,7 @@ def test_org_listing_with_updated_after_returns_only_later_changes(fly: httpx.Cl
 
 
 def test_org_listing_checks_the_slug_when_one_is_configured(app: str) -> None:
-    simulator = FlySimulator(token=TOKEN, timings=FAST, org_slug="kilo")
+    simulator = FlySimulator(token=TOKEN, timings=FAST, org_slug="kilo", rate_limits=None)
     simulator.start_in_thread()
     try:
         with httpx.Client(
@@ -775,7 +777,7 @@ def test_control_api_drives_every_fault_kind_over_http(
 
 
 def test_control_api_requires_its_token_when_one_is_configured() -> None:
-    simulator = FlySimulator(token=TOKEN, timings=FAST, control_token="ctl")
+    simulator = FlySimulator(token=TOKEN, timings=FAST, control_token="ctl", rate_limits=None)
     simulator.start_in_thread()
     try:
         assert httpx.get(f"{simulator.base_url}/_sim/state").status_code == 401
@@ -800,7 +802,7 @@ def test_request_log_records_method_path_and_status(sim: FlySimulator, fly: http
 
 
 def test_request_log_is_capped(app: str) -> None:
-    simulator = FlySimulator(token=TOKEN, timings=FAST, request_log_size=5)
+    simulator = FlySimulator(token=TOKEN, timings=FAST, request_log_size=5, rate_limits=None)
     simulator.start_in_thread()
     try:
         with httpx.Client(
@@ -815,7 +817,7 @@ def test_request_log_is_capped(app: str) -> None:
 
 
 async def test_simulator_serves_in_the_current_event_loop(app: str) -> None:
-    simulator = FlySimulator(token=TOKEN, timings=FAST)
+    simulator = FlySimulator(token=TOKEN, timings=FAST, rate_limits=None)
     await simulator.start()
     try:
         async with httpx.AsyncClient(

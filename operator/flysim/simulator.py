@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.utils
 import json
 import math
 import random
@@ -155,6 +156,7 @@ class FlySimulator:
         #: The organisation listing: seconds a cursor stays valid, and the most machines one page holds.
         self.org_cursor_ttl = 60.0
         self.org_page_limit = _MAX_ORG_PAGE
+        self._expire_cursors = 0
         self.org_slug = org_slug
         self.control_token = control_token
         self.state = FlyState(regions, timings, hosts_per_region=hosts_per_region, seed=seed)
@@ -346,6 +348,21 @@ class FlySimulator:
         with self._control_lock:
             self._faults.append(rule)
 
+    def expire_cursors(self, count: int = 1) -> None:
+        """The next `count` organisation listings that carry a cursor answer 400 "cursor expired"."""
+        with self._control_lock:
+            self._expire_cursors += count
+
+    @property
+    def clock_offset(self) -> float:
+        """Seconds Fly's clock runs ahead of the host's (negative: behind): timestamps and the Date header."""
+        return self.state.clock_offset
+
+    @clock_offset.setter
+    def clock_offset(self, seconds: float) -> None:
+        with self.state.lock:
+            self.state.clock_offset = seconds
+
     def clear_faults(self) -> None:
         with self._control_lock:
             self._faults.clear()
@@ -458,6 +475,8 @@ class FlySimulator:
         if request.path.startswith("/_sim/"):
             return await self._serve_control(request, handler)
         response = await self._serve_fly(request, handler)
+        if self.state.clock_offset:
+            response.headers["Date"] = email.utils.format_datetime(self.state.clock(), usegmt=True)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else request.path
         record = RequestRecord(
@@ -712,7 +731,11 @@ class FlySimulator:
         after_seq = None
         if query.get("cursor"):
             after_seq, issued = _decode_cursor(query["cursor"])
-            if issued is not None and time.time() - issued > self.org_cursor_ttl:
+            with self._control_lock:
+                expire = self._expire_cursors > 0
+                if expire:
+                    self._expire_cursors -= 1
+            if expire or (issued is not None and time.time() - issued > self.org_cursor_ttl):
                 raise FlyApiError(400, "invalid_argument: cursor expired, start again from updated_after")
         updated_after = None
         if after_seq is None and query.get("updated_after"):

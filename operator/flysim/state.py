@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 JSON = dict[str, Any]
@@ -303,6 +303,8 @@ class FlyState:
         #: Machine ids ordered by last change (== updated_at order): the org listing walks it from the end.
         self._org_order: OrderedDict[str, None] = OrderedDict()
         self._seq = 0
+        #: Fly's clock may disagree with its clients': seconds added to every timestamp flysim shows.
+        self.clock_offset = 0.0
         self._last_now = datetime.now(UTC)
         self._exhausted: dict[str, set[str]] = {}
         self._exhausted_status: dict[str, int] = {}
@@ -321,10 +323,14 @@ class FlyState:
 
     # --- ids, clock ---------------------------------------------------------------------------------
 
+    def clock(self) -> datetime:
+        """Fly's wall clock (the host's, shifted by `clock_offset`)."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset)
+
     def _now(self) -> datetime:
         # Millisecond precision (what the API shows) and never decreasing, so that the order of changes is
         # also updated_at order: the org listing walks changes backwards and stops at `updated_after`.
-        now = datetime.now(UTC)
+        now = self.clock()
         now = max(now.replace(microsecond=now.microsecond // 1000 * 1000), self._last_now)
         self._last_now = now
         return now

@@ -63,6 +63,7 @@ class _Tracked:
     name: str
     phase: Phase
     audit_at: float
+    prompted: datetime | None = None
 
 
 class FeedObserver:
@@ -154,9 +155,15 @@ class FeedObserver:
         phase = instance.status.phase
         if not self.healthy or phase in SELF_DRIVEN_PHASES or instance.status.machine_id is None:
             return lifecycle.poll_interval(phase, self._settings)
+        tracked = self._tracked[instance.status.machine_id]
+        news = self._news(instance.status.machine_id)
+        if news is not None and tracked.prompted != news.updated_at:
+            # News that arrived before this machine was tracked (e.g. during the pass that recorded it) woke
+            # nobody: take it now (once: a pass that does not observe, e.g. a held instance, must not spin).
+            tracked.prompted = news.updated_at
+            return 0.0
         if phase in WAITING_PHASES:
             return self._settings.feed_busy_fallback_seconds * self._rng.uniform(0.9, 1.1)
-        tracked = self._tracked[instance.status.machine_id]
         return max(0.01, tracked.audit_at - self._monotonic())
 
     # --- observation helpers ---------------------------------------------------------------------------

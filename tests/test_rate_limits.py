@@ -64,7 +64,8 @@ async def test_flysim_allows_ten_reads_of_one_machine_at_once_and_refuses_the_el
 ) -> None:
     machine_id = await a_machine(sim)
     async with raw(sim) as fly:
-        statuses = [(await fly.get(f"/apps/acct-limits/machines/{machine_id}")).status_code for _ in range(11)]
+        path = f"/apps/acct-limits/machines/{machine_id}"
+        statuses = [(await fly.get(path)).status_code for _ in range(11)]
     assert statuses == [200] * 10 + [429]
 
 

@@ -47,13 +47,13 @@ import httpx
 import psutil
 
 import realcluster
-from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
-from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 FLY_TOKEN = "bench-token"
+FLY_ORG = "bench-org"
+MODES = ("polling", "feed")
 IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
 RESULTS_MARKERS = {
     "kubesim": ("<!-- bench:results:start -->", "<!-- bench:results:end -->"),
@@ -123,7 +123,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--failovers", type=int, default=3, help="leader SIGKILLs in the fail-over phase (0: no standby)"
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="observation modes to run one after the other, each on fresh simulators: polling (per-instance "
+        "GETs), feed (the organisation feed, FLY_ORG_SLUG); default both, reported side by side",
+    )
+    parser.add_argument(
+        "--audit",
+        type=float,
+        default=1800,
+        help="KILOCLAW_AUDIT_SECONDS in feed mode (operator default 1800)",
+    )
+    parser.add_argument(
+        "--cold-start-seconds",
+        type=float,
+        default=30,
+        help="after the leader is killed (and hosts fail while it is down): seconds Fly requests are counted",
+    )
     args = parser.parse_args(argv)
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not args.modes or any(mode not in MODES for mode in args.modes):
+        parser.error(f"--modes: a comma list of {', '.join(MODES)}")
     if min(args.instances, args.namespaces, args.instances_per_app) < 1:
         parser.error("--instances, --namespaces and --instances-per-app must be at least 1")
     return args
@@ -155,6 +176,16 @@ class Results:
     cpu_seconds: float = 0.0
     total_seconds: float = 0.0
     list_seconds: list[float] = field(default_factory=list)
+    mode: str = "polling"
+    provision_cpu_seconds: float = 0.0
+    rate_limited: int = 0
+    cold_affected: int = 0
+    cold_detection: list[float] = field(default_factory=list)
+    cold_not_detected: int = 0
+    cold_takeover_seconds: float = math.nan
+    cold_fly_requests: int = 0
+    cold_peak_fly_per_second: int = 0
+    cold_kube_writes: int = 0
     failover_lease: list[float] = field(default_factory=list)
     failover_serving: list[float] = field(default_factory=list)
     graceful_lease: float = math.nan
@@ -213,6 +244,8 @@ def operator_env(
     args: argparse.Namespace, fly_url: str, kubeconfig: Path, health_port: int, identity: str = "replica-a"
 ) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
+    if args.mode == "feed":
+        env.update({"FLY_ORG_SLUG": FLY_ORG, "KILOCLAW_AUDIT_SECONDS": str(args.audit)})
     env.update(
         {
             "KUBECONFIG": str(kubeconfig),
@@ -322,6 +355,12 @@ def parse_time(text: str | None) -> float | None:
 # --- the phases ----------------------------------------------------------------------------------------
 
 
+def list_interval(args: argparse.Namespace) -> float:
+    """Seconds between the benchmark's cluster-wide lists: 0.5 s, longer for big fleets (each list returns
+    every instance, and it must not load the machine the operator is measured on)."""
+    return max(0.5, args.instances / 2000)
+
+
 def route_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {
         route: count - before.get(route, 0)
@@ -330,36 +369,139 @@ def route_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
     }
 
 
-class EmbeddedKube:
-    """kubesim in a thread of this process; writes are counted from its request log."""
+class ServerProcess:
+    """A simulator in a process of its own (not a thread of the benchmark: it must not share a core with the
+    benchmark's own loop); stopped with SIGTERM."""
+
+    def __init__(self, name: str, command: list[str], workdir: Path) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        with self.log.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env()
+            )
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchmarkError(f"{self.name} exited with {self.process.returncode}:\n{log_tail(self.log)}")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def server_env() -> dict[str, str]:
+    paths = [str(ROOT / "operator"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), NO_PROXY="127.0.0.1,localhost")
+
+
+class FlyProcess(ServerProcess):
+    """flysim (``python -m flysim``) with Fly's rate limits on; read and driven through its control routes."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.port = free_port()
+        hosts_per_region = args.hosts_per_region or max(3, 2 * args.instances)
+        command = [
+            sys.executable,
+            "-m",
+            "flysim",
+            f"--port={self.port}",
+            f"--token={FLY_TOKEN}",
+            f"--start-delay={args.start_delay}",
+            f"--stop-delay={args.stop_delay}",
+            "--destroy-delay=0.5",
+            "--hydrate-delay=1.0",
+            f"--hosts-per-region={hosts_per_region}",
+            f"--seed={args.seed}",
+            "--request-log-size=1000",
+        ]
+        super().__init__("flysim", command, workdir)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.control = httpx.AsyncClient(base_url=f"{self.base_url}/_sim", timeout=60)
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.check()
+            with contextlib.suppress(httpx.HTTPError):
+                await self.control.get("/requests", params={"tail": 0})
+                return
+            await asyncio.sleep(0.1)
+        raise BenchmarkError("flysim did not start in 60 s")
+
+    async def counts(self) -> dict[str, int]:
+        body = (await self.control.get("/requests", params={"tail": 0})).json()
+        counts: dict[str, int] = body["counts"]
+        return counts
+
+    async def rate_limited(self) -> int:
+        return int((await self.control.get("/requests", params={"tail": 0})).json()["rate_limited"])
+
+    async def fail_host(self, machine_id: str) -> tuple[list[str], list[str]]:
+        """Fail the host of a machine: (failed hosts, machines stopped on them)."""
+        body = (await self.control.post("/hosts/fail", json={"machine_id": machine_id})).json()
+        return list(body["failed_hosts"]), list(body["stopped_machines"])
+
+    async def aclose(self) -> None:
+        await self.control.aclose()
+        self.stop()
+
+
+class KubeProcess(ServerProcess):
+    """kubesim in a process of its own (``tests/bench_kubesim.py``): writes and instance lists are counted
+    there and read through its control endpoint."""
 
     name = "kubesim"
 
-    def __init__(self) -> None:
-        self.sim = KubeSim(request_log_size=5_000_000)
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.ready_file = workdir / "kubesim.ready"
+        self.kubeconfig = workdir / "kubeconfig"
+        self.url = ""
+        self.control: httpx.AsyncClient | None = None
 
     def start(self, workdir: Path) -> Path:
-        self.sim.start_in_thread()
-        self.sim.load_crds([CRDS])
-        self.sim.create_namespace(LEASE_NAMESPACE)  # deploy/base's namespace, where the Lease lives
-        return self.sim.write_kubeconfig(workdir / "kubeconfig")
-
-    def stop(self) -> None:
-        self.sim.stop_thread()
+        command = [
+            sys.executable,
+            str(ROOT / "tests" / "bench_kubesim.py"),
+            f"--crds={CRDS}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--ready-file={self.ready_file}",
+            f"--namespace={LEASE_NAMESPACE}",  # deploy/base's namespace, where the Lease lives
+        ]
+        super().__init__("kubesim", command, workdir)
+        deadline = time.monotonic() + 60
+        while not self.ready_file.exists():
+            self.check()
+            if time.monotonic() > deadline:
+                raise BenchmarkError("kubesim did not start in 60 s")
+            time.sleep(0.1)
+        ready = json.loads(self.ready_file.read_text())
+        self.url = ready["url"]
+        self.control = httpx.AsyncClient(base_url=ready["control"], timeout=60)
+        return self.kubeconfig
 
     def client(self, limits: httpx.Limits) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.sim.url, timeout=120, limits=limits)
+        return httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits)
+
+    async def _counts(self) -> dict[str, int]:
+        assert self.control is not None
+        counts: dict[str, int] = (await self.control.get("/counts")).json()
+        return counts
 
     async def create_namespace(self, name: str) -> None:
-        self.sim.create_namespace(name)
+        assert self.control is not None
+        (await self.control.post(f"/namespaces/{name}")).raise_for_status()
 
     async def writes(self) -> int:
         """Kubernetes writes so far (events included; not the leader's Lease renewals), a monotonic count."""
-        return sum(
-            1
-            for r in list(self.sim.request_log)
-            if r.verb in ("create", "update", "patch", "delete") and r.resource != "leases"
-        )
+        return (await self._counts())["writes"]
+
+    async def list_mark(self) -> int:
+        return (await self._counts())["instance_lists"]
+
+    async def lists_since(self, mark: int) -> bool | None:
+        """Whether kopf listed the instances since ``mark``."""
+        return (await self._counts())["instance_lists"] > mark
 
 
 class RealKube:
@@ -369,6 +511,12 @@ class RealKube:
 
     name = "kube-apiserver"
     WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE")
+
+    async def list_mark(self) -> int:
+        return 0
+
+    async def lists_since(self, mark: int) -> bool | None:
+        return None
 
     def __init__(self) -> None:
         self.access = realcluster.load_access()
@@ -428,12 +576,12 @@ class RealKube:
         return total
 
 
-KubeTarget = EmbeddedKube | RealKube
+KubeTarget = KubeProcess | RealKube
 
 
 async def create_and_wait_running(
     api: httpx.AsyncClient,
-    fly: FlySimulator,
+    fly: FlyProcess,
     kube: KubeTarget,
     args: argparse.Namespace,
     names: list[tuple[str, str]],
@@ -441,6 +589,7 @@ async def create_and_wait_running(
     results: Results,
     process: subprocess.Popen[bytes],
     log: Path,
+    sampler: ProcessSampler,
 ) -> dict[tuple[str, str], dict[str, Any]]:
     created_at: dict[tuple[str, str], float] = {}
     running_at: dict[tuple[str, str], float] = {}
@@ -471,7 +620,7 @@ async def create_and_wait_running(
                     raise BenchmarkError(f"{key[0]}/{key[1]} is Failed: {status.get('conditions')}")
             if len(running_at) == len(names):
                 return last
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(list_interval(args))
         phases: dict[str, int] = {}
         for status in last.values():
             phases[str(status.get("phase"))] = phases.get(str(status.get("phase")), 0) + 1
@@ -480,8 +629,9 @@ async def create_and_wait_running(
             f"(phases: {phases})"
         )
 
-    fly_before = fly.request_counts
+    fly_before = await fly.counts()
     kube_before = await kube.writes()
+    cpu_before = sampler.cpu_seconds()
     started = time.monotonic()
     watcher = asyncio.create_task(watch_running())
     try:
@@ -492,7 +642,8 @@ async def create_and_wait_running(
         watcher.cancel()
     results.all_running_seconds = max(running_at.values()) - started
     results.to_running = [running_at[key] - created_at[key] for key in names]
-    results.provision_fly_routes = route_delta(fly_before, fly.request_counts)
+    results.provision_cpu_seconds = sampler.cpu_seconds() - cpu_before
+    results.provision_fly_routes = route_delta(fly_before, await fly.counts())
     # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
     results.provision_kube_writes = await kube.writes() - kube_before - len(names)
     return final
@@ -524,7 +675,7 @@ async def wait_settled(
 
 async def measure_steady_state(
     args: argparse.Namespace,
-    fly: FlySimulator,
+    fly: FlyProcess,
     kube: KubeTarget,
     sampler: ProcessSampler,
     results: Results,
@@ -532,7 +683,7 @@ async def measure_steady_state(
     log: Path,
 ) -> None:
     """Requests over a fixed window: the measurement is the window itself, not a wait for a condition."""
-    fly_before = fly.request_counts
+    fly_before = await fly.counts()
     kube_before = await kube.writes()
     cpu_before = sampler.cpu_seconds()
     started = time.monotonic()
@@ -542,63 +693,148 @@ async def measure_steady_state(
         await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     results.steady_seconds = time.monotonic() - started
     results.steady_cpu_seconds = sampler.cpu_seconds() - cpu_before
-    results.steady_fly_routes = route_delta(fly_before, fly.request_counts)
+    results.steady_fly_routes = route_delta(fly_before, await fly.counts())
     results.steady_fly_requests = sum(results.steady_fly_routes.values())
     results.steady_kube_writes = await kube.writes() - kube_before
+
+
+async def fail_hosts(
+    fly: FlyProcess,
+    by_machine: dict[str, tuple[str, str]],
+    candidates: list[str],
+    target: int,
+    exclude: set[tuple[str, str]],
+) -> tuple[set[str], set[tuple[str, str]]]:
+    """Fail hosts under candidates' machines until ``target`` instances (not in ``exclude``) are affected: a
+    failed host stops every machine on it. Returns (failed hosts, affected instances)."""
+    hosts: set[str] = set()
+    affected: set[tuple[str, str]] = set()
+    for machine_id in candidates:
+        if len(affected) >= target:
+            break
+        if by_machine[machine_id] in affected or by_machine[machine_id] in exclude:
+            continue
+        failed, stopped = await fly.fail_host(machine_id)
+        hosts.update(failed)
+        affected.update(by_machine[m] for m in stopped if m in by_machine and by_machine[m] not in exclude)
+    return hosts, affected
 
 
 async def fail_hosts_and_measure(
     api: httpx.AsyncClient,
     args: argparse.Namespace,
-    fly: FlySimulator,
+    fly: FlyProcess,
     statuses: dict[tuple[str, str], dict[str, Any]],
     results: Results,
     process: subprocess.Popen[bytes],
     log: Path,
-) -> None:
+) -> set[tuple[str, str]]:
     by_machine = {status["machineId"]: key for key, status in statuses.items() if status.get("machineId")}
     target = max(1, round(len(statuses) * args.fail_percent / 100))
     candidates = sorted(by_machine)
     random.Random(args.seed).shuffle(candidates)
-    running = {m["id"] for m in fly.machines() if m["state"] == "started"}
     failed_wall = time.time()
     failed_mono = time.monotonic()
-    hosts: set[str] = set()
-    affected: set[tuple[str, str]] = set()
-    # A failed host stops every machine on it: fail hosts until the target share of instances is affected.
-    for machine_id in candidates:
-        if len(affected) >= target:
-            break
-        if by_machine[machine_id] in affected:
-            continue
-        hosts.update(fly.fail_host(machine_id=machine_id))
-        stopped = {m["id"] for m in fly.machines() if m["state"] != "started"}
-        affected = {by_machine[m] for m in running & stopped if m in by_machine}
+    hosts, affected = await fail_hosts(fly, by_machine, candidates, target, set())
     results.failed_hosts = len(hosts)
     results.affected = len(affected)
+    detected, recovered = await measure_recoveries(
+        api, args, affected, failed_wall, failed_mono, results, process, log
+    )
+    results.detection = list(detected.values())
+    results.recovered = list(recovered.values())
+    results.not_detected = len(affected) - len(detected)
+    results.not_recovered = len(affected) - len(recovered)
+    return affected
+
+
+async def measure_recoveries(
+    api: httpx.AsyncClient,
+    args: argparse.Namespace,
+    affected: set[tuple[str, str]],
+    failed_wall: float,
+    failed_mono: float,
+    results: Results,
+    process: subprocess.Popen[bytes] | None,
+    log: Path,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Per affected instance: seconds from the failure to ``Recovering`` and to ``Running`` again."""
     detected: dict[tuple[str, str], float] = {}
     recovered: dict[tuple[str, str], float] = {}
     deadline = time.monotonic() + max(args.phase_timeout, 3 * args.poll_running + args.recovery_timeout)
     while time.monotonic() < deadline and len(recovered) < len(affected):
-        check_operator(process, log)
+        if process is not None:
+            check_operator(process, log)
         current = await list_instances(api, results)
         observed = time.monotonic() - failed_mono
         for key in affected - recovered.keys():
             status = current.get(key) or {}
             recovery = status.get("recovery") or {}
             last_recovery = status.get("lastRecovery") or {}
-            # Prefer the operator's own timestamps (exact); the list-poll time is the fallback (±0.5 s).
+            # Prefer the operator's own timestamps (exact); the list-poll time is the fallback.
             started = parse_time(recovery.get("startedAt")) or parse_time(last_recovery.get("startedAt"))
             if key not in detected and (status.get("phase") == "Recovering" or started is not None):
                 detected[key] = started - failed_wall if started is not None else observed
             finished = parse_time(last_recovery.get("finishedAt"))
             if key in detected and status.get("phase") == "Running" and not recovery:
                 recovered[key] = max(finished - failed_wall, 0.0) if finished is not None else observed
-        await asyncio.sleep(0.5)
-    results.detection = list(detected.values())
-    results.recovered = list(recovered.values())
-    results.not_detected = len(affected) - len(detected)
-    results.not_recovered = len(affected) - len(recovered)
+        await asyncio.sleep(min(list_interval(args), 1.0))
+    return detected, recovered
+
+
+async def measure_cold_start(
+    api: httpx.AsyncClient,
+    args: argparse.Namespace,
+    fly: FlyProcess,
+    kube: KubeTarget,
+    statuses: dict[tuple[str, str], dict[str, Any]],
+    exclude: set[tuple[str, str]],
+    leader: Replica,
+    standby: Replica,
+    results: Results,
+) -> tuple[Replica, Replica]:
+    """SIGKILL the leader, fail hosts while no operator runs, and let a new leader start cold (the standby,
+    or the restarted replica without one): how soon it notices the machines that stopped while it was down,
+    and how hard its first pass hits Fly (requests over ``--cold-start-seconds``, peak per second) and the
+    API server. Returns the replicas as (leader, standby) afterwards."""
+    by_machine = {status["machineId"]: key for key, status in statuses.items() if status.get("machineId")}
+    candidates = sorted(by_machine)
+    random.Random(args.seed + 1).shuffle(candidates)
+    target = max(1, round(len(statuses) * args.fail_percent / 100))
+    assert leader.process is not None
+    fly_before = sum((await fly.counts()).values())
+    kube_before = await kube.writes()
+    leader.process.kill()
+    await asyncio.to_thread(leader.process.wait)
+    failed_wall, failed_mono = time.time(), time.monotonic()
+    _, affected = await fail_hosts(fly, by_machine, candidates, target, exclude)
+    results.cold_affected = len(affected)
+    if standby.process is None:
+        leader.start()
+        new_leader, new_standby = leader, standby
+    else:
+        new_leader, new_standby = standby, leader
+    await wait_role(new_leader, "leader", args.phase_timeout)
+    results.cold_takeover_seconds = time.monotonic() - failed_mono
+    window_end = time.monotonic() + args.cold_start_seconds
+    previous, peak = fly_before, 0
+    while time.monotonic() < window_end:
+        await asyncio.sleep(1.0)
+        total = sum((await fly.counts()).values())
+        peak = max(peak, total - previous)
+        previous = total
+    results.cold_fly_requests = previous - fly_before
+    results.cold_peak_fly_per_second = peak
+    results.cold_kube_writes = await kube.writes() - kube_before
+    assert new_leader.process is not None
+    detected, _ = await measure_recoveries(
+        api, args, affected, failed_wall, failed_mono, results, new_leader.process, new_leader.log
+    )
+    results.cold_detection = list(detected.values())
+    results.cold_not_detected = len(affected) - len(detected)
+    if new_standby is leader and args.failovers:
+        leader.start()  # the killed replica comes back as the standby, as its pod would
+    return new_leader, new_standby
 
 
 class Replica:
@@ -639,14 +875,6 @@ async def lease_holder(api: httpx.AsyncClient) -> str:
     return holder
 
 
-def instance_lists_since(kube: KubeTarget, since: int) -> bool | None:
-    """Whether kopf listed the instances since request ``since`` (kubesim's request log; None elsewhere)."""
-    if not isinstance(kube, EmbeddedKube):
-        return None
-    records = list(kube.sim.request_log)[since:]
-    return any(r.verb == "list" and r.resource == INSTANCE_PLURAL for r in records)
-
-
 async def measure_failover(
     args: argparse.Namespace,
     api: httpx.AsyncClient,
@@ -661,7 +889,7 @@ async def measure_failover(
         graceful = round_ == args.failovers
         await wait_role(standby, "standby", args.phase_timeout)
         assert leader.process is not None
-        since = len(kube.sim.request_log) if isinstance(kube, EmbeddedKube) else 0
+        since = await kube.list_mark()
         killed = time.monotonic()
         if graceful:
             leader.process.send_signal(signal.SIGTERM)
@@ -669,14 +897,14 @@ async def measure_failover(
             leader.process.kill()
         took_lease = served = math.nan
         deadline = killed + args.phase_timeout
-        serving_known = isinstance(kube, EmbeddedKube)
+        serving_known = isinstance(kube, KubeProcess)
         while time.monotonic() < deadline and (
             math.isnan(took_lease) or (serving_known and math.isnan(served))
         ):
             now = time.monotonic() - killed
             if math.isnan(took_lease) and await lease_holder(api) == standby.name:
                 took_lease = now
-            if not math.isnan(took_lease) and math.isnan(served) and instance_lists_since(kube, since):
+            if not math.isnan(took_lease) and math.isnan(served) and await kube.lists_since(since):
                 served = now
             await asyncio.sleep(0.02)
         if math.isnan(took_lease):
@@ -710,7 +938,7 @@ def fmt_seconds(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f} s"
 
 
-def table(results: Results, args: argparse.Namespace) -> str:
+def rows_of(results: Results) -> list[tuple[str, str]]:
     n = results.instances
     per_minute = (
         results.steady_fly_requests / n / (results.steady_seconds / 60) if results.steady_seconds else 0
@@ -725,7 +953,10 @@ def table(results: Results, args: argparse.Namespace) -> str:
     recovery_note = ""
     if results.not_recovered:
         recovery_note = f" ({results.not_recovered} of {results.affected} not Running again)"
-    rows = [
+    cold_note = ""
+    if results.cold_not_detected:
+        cold_note = f" ({results.cold_not_detected} of {results.cold_affected} never detected)"
+    return [
         ("Instances (namespaces)", f"{n} ({results.namespaces})"),
         ("Create requests, all accepted", fmt_seconds(results.create_seconds)),
         ("Create → `Running`, p50", fmt_seconds(percentile(results.to_running, 50))),
@@ -736,15 +967,17 @@ def table(results: Results, args: argparse.Namespace) -> str:
             f"{sum(results.provision_fly_routes.values()) / n:.1f}",
         ),
         ("Kubernetes writes / instance to reach `Running`", f"{results.provision_kube_writes / n:.1f}"),
+        ("Operator CPU / instance to reach `Running`", f"{results.provision_cpu_seconds / n * 1000:.0f} ms"),
         ("All `Running` → operator's last Kubernetes write", fmt_seconds(results.settle_seconds)),
         (
             f"Fly requests / instance / minute, steady ({results.steady_seconds:.0f} s)",
-            f"{per_minute:.2f}",
+            f"{per_minute:.3f}",
         ),
         ("Kubernetes writes / instance / minute, steady", f"{kube_per_minute:.2f}"),
         ("Operator CPU at steady state", f"{steady_cpu:.1f} % of one core"),
         ("Operator peak RSS", f"{results.peak_rss_bytes / 2**20:.0f} MiB"),
-        ("Operator CPU seconds (whole run)", f"{results.cpu_seconds:.1f} s"),
+        ("Operator CPU seconds (create → recovered)", f"{results.cpu_seconds:.1f} s"),
+        ("Fly 429 answers (whole run)", str(results.rate_limited)),
         (
             "Failed hosts → affected instances",
             f"{results.failed_hosts} → {results.affected} ({results.affected / n * 100:.1f} %)",
@@ -753,6 +986,20 @@ def table(results: Results, args: argparse.Namespace) -> str:
         ("Failure → `Recovering`, p99", fmt_seconds(percentile(results.detection, 99))),
         ("Failure → `Running` again, p50", fmt_seconds(percentile(results.recovered, 50)) + recovery_note),
         ("Failure → `Running` again, p99", fmt_seconds(percentile(results.recovered, 99))),
+        ("Cold start: leader killed → new leader", fmt_seconds(results.cold_takeover_seconds)),
+        (
+            "Cold start: stopped while down → `Recovering`, p50",
+            fmt_seconds(percentile(results.cold_detection, 50)) + cold_note,
+        ),
+        (
+            "Cold start: stopped while down → `Recovering`, p99",
+            fmt_seconds(percentile(results.cold_detection, 99)),
+        ),
+        (
+            "Cold start: Fly requests in the first window (peak / s)",
+            f"{results.cold_fly_requests} ({results.cold_peak_fly_per_second})",
+        ),
+        ("Cold start: Kubernetes writes in the first window", str(results.cold_kube_writes)),
         (
             f"Leader SIGKILL → standby holds the Lease, max of {len(results.failover_lease)}",
             fmt_seconds(max(results.failover_lease, default=math.nan)),
@@ -764,13 +1011,20 @@ def table(results: Results, args: argparse.Namespace) -> str:
         ("Leader SIGTERM → standby holds the Lease (released)", fmt_seconds(results.graceful_lease)),
         ("Benchmark wall time", f"{results.total_seconds:.0f} s"),
     ]
-    width = max(len(label) for label, _ in rows)
-    value_width = max(len(value) for _, value in rows)
+
+
+def table(runs: list[Results]) -> str:
+    """One column per observation mode, side by side."""
+    columns = [rows_of(results) for results in runs]
+    labels = [label for label, _ in columns[0]]
+    heads = ["Measure", *(f"{results.mode}" for results in runs)]
+    cells = [[label, *(column[i][1] for column in columns)] for i, label in enumerate(labels)]
+    widths = [max(len(row[c]) for row in [heads, *cells]) for c in range(len(heads))]
     lines = [
-        f"| {'Measure'.ljust(width)} | {'Value'.ljust(value_width)} |",
-        f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
-    lines += [f"| {label.ljust(width)} | {value.ljust(value_width)} |" for label, value in rows]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -793,39 +1047,44 @@ def machine_info() -> str:
     )
 
 
-def results_section(results: Results, args: argparse.Namespace, table_text: str) -> str:
-    routes = ", ".join(f"`{route}` {count}" for route, count in results.steady_fly_routes.items()) or "none"
-    provision_routes = ", ".join(
-        f"`{route}` {count}" for route, count in results.provision_fly_routes.items()
-    )
-    lists = results.list_seconds
+def results_section(runs: list[Results], args: argparse.Namespace, table_text: str) -> str:
+    details = []
+    for results in runs:
+        routes = ", ".join(f"`{r}` {c}" for r, c in results.steady_fly_routes.items()) or "none"
+        provision = ", ".join(f"`{r}` {c}" for r, c in results.provision_fly_routes.items()) or "none"
+        lists = results.list_seconds
+        details.append(
+            f"- **{results.mode}**: Fly requests by route until all were `Running`: {provision}. "
+            f"Steady state: {routes}. Benchmark list calls: {len(lists)}, median "
+            f"{fmt_seconds(percentile(lists, 50))}, max {fmt_seconds(max(lists) if lists else math.nan)}."
+        )
     command = (
         f"tests/benchmark.py{' --cluster' if args.cluster else ''} --instances {args.instances} "
-        f"--namespaces {args.namespaces} "
+        f"--namespaces {args.namespaces} --modes {','.join(args.modes)} "
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
         f"--instances-per-app {args.instances_per_app} --failovers {args.failovers} "
-        f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g}"
+        f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g} "
+        f"--audit {args.audit:g}"
     )
     start, end = RESULTS_MARKERS["kube-apiserver" if args.cluster else "kubesim"]
     server = "a real kube-apiserver (make cluster)" if args.cluster else "kubesim (the emulated API)"
+    detail_text = "\n".join(details)
     return f"""{start}
 ## Latest run against {server}
 
-- Date: {results.started_at.strftime("%Y-%m-%d %H:%M UTC")}
-- Machine: {machine_info()}
+- Date: {runs[0].started_at.strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: {machine_info()}; load average before the run {args.load_before}
 - Command: `{command}`
 - Operator settings: running poll {args.poll_running:g} s, busy poll {args.poll_busy:g} s, idle poll \
 {args.poll_idle:g} s (each ±10 % jitter), Fly wait call {args.wait_call} s, recovery timeout \
-{args.recovery_timeout:g} s.
-- flysim timings: machine start {args.start_delay:g} s, stop {args.stop_delay:g} s;
-  {args.hosts_per_region or max(3, 2 * args.instances)} hosts per region.
+{args.recovery_timeout:g} s; feed: defaults (sweep every 2 s, overlap 10 s), audit {args.audit:g} s.
+- flysim (own process, Fly's rate limits on): machine start {args.start_delay:g} s, stop \
+{args.stop_delay:g} s; {args.hosts_per_region or max(3, 2 * args.instances)} hosts per region. The API \
+server: {"kube-apiserver" if args.cluster else "kubesim in its own process"}.
 
 {table_text}
 
-Fly requests by route until all were `Running`: {provision_routes or "none"}.
-Steady-state Fly requests by route: {routes}.
-Benchmark list calls (cluster-wide, all instances): {len(lists)}, median \
-{fmt_seconds(percentile(lists, 50))}, max {fmt_seconds(max(lists) if lists else math.nan)}.
+{detail_text}
 {end}"""
 
 
@@ -843,9 +1102,21 @@ def write_results(path: Path, section: str) -> None:
 # --- the run -------------------------------------------------------------------------------------------
 
 
+async def run_mode(args: argparse.Namespace, kube: KubeTarget, workdir: Path, results: Results) -> None:
+    """One observation mode from scratch: fresh flysim (and kubesim), operator replicas, all measurements."""
+    args.mode = results.mode
+    fly = FlyProcess(args, workdir)
+    try:
+        await fly.wait_ready()
+        await run_benchmark(args, fly, kube, workdir, results)
+        results.rate_limited = await fly.rate_limited()
+    finally:
+        await fly.aclose()
+
+
 async def run_benchmark(
     args: argparse.Namespace,
-    fly: FlySimulator,
+    fly: FlyProcess,
     kube: KubeTarget,
     workdir: Path,
     results: Results,
@@ -853,7 +1124,7 @@ async def run_benchmark(
     kubeconfig = await asyncio.to_thread(kube.start, workdir)
     # A real API server keeps deleted namespaces Terminating without kube-controller-manager: each run gets
     # namespaces of its own (run against a fresh `make cluster` for numbers without leftovers).
-    prefix = f"bench-{results.started_at:%H%M%S}" if isinstance(kube, RealKube) else "bench"
+    prefix = f"bench-{results.mode}-{results.started_at:%H%M%S}" if isinstance(kube, RealKube) else "bench"
     namespaces = [f"{prefix}-{index:03d}" for index in range(args.namespaces)]
     for namespace in namespaces:
         await kube.create_namespace(namespace)
@@ -876,7 +1147,9 @@ async def run_benchmark(
         limits = httpx.Limits(max_connections=args.create_concurrency + 4)
         async with kube.client(limits) as api:
             say(f"creating {args.instances} instances in {args.namespaces} namespaces")
-            statuses = await create_and_wait_running(api, fly, kube, args, names, apps, results, process, log)
+            statuses = await create_and_wait_running(
+                api, fly, kube, args, names, apps, results, process, log, sampler
+            )
             say(f"all Running after {results.all_running_seconds:.1f} s; waiting for the operator to settle")
             await wait_settled(args, kube, results, process, log)
             say(
@@ -885,11 +1158,15 @@ async def run_benchmark(
             )
             await measure_steady_state(args, fly, kube, sampler, results, process, log)
             say(f"failing hosts under {args.fail_percent:g} % of the instances")
-            await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
-        results.cpu_seconds = sampler.cpu_seconds()
-        sampler.stop()
-        results.peak_rss_bytes = sampler.peak_rss
-        sampler = None
+            affected = await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
+            results.cpu_seconds = sampler.cpu_seconds()
+            sampler.stop()
+            results.peak_rss_bytes = sampler.peak_rss
+            sampler = None
+            say(f"cold start: SIGKILL the leader, fail hosts under {args.fail_percent:g} % while it is down")
+            leader, standby = await measure_cold_start(
+                api, args, fly, kube, statuses, affected, leader, standby, results
+            )
         if args.failovers:
             say(f"fail-over: SIGKILL the leader {args.failovers} times, then SIGTERM it")
             async with kube.client(httpx.Limits(max_connections=4)) as api:
@@ -916,40 +1193,33 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    hosts_per_region = args.hosts_per_region or max(3, 2 * args.instances)
-    fly = FlySimulator(
-        token=FLY_TOKEN,
-        timings=SimTimings(
-            start_delay=args.start_delay,
-            stop_delay=args.stop_delay,
-            destroy_delay=0.5,
-            hydrate_delay=1.0,
-        ),
-        hosts_per_region=hosts_per_region,
-        seed=args.seed,
-        request_log_size=1000,
-    )
-    kube: KubeTarget = RealKube() if args.cluster else EmbeddedKube()
-    results = Results(instances=args.instances, namespaces=args.namespaces, started_at=datetime.now(UTC))
-    began = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="kiloclaw-bench-"))
-    fly.start_in_thread()
+    args.load_before = " / ".join(f"{load:.2f}" for load in os.getloadavg())
+    began_at = datetime.now(UTC)
+    runs: list[Results] = []
     try:
-        try:
-            asyncio.run(run_benchmark(args, fly, kube, workdir, results))
-        finally:
-            kube.stop()
+        for mode in args.modes:
+            results = Results(
+                instances=args.instances, namespaces=args.namespaces, started_at=began_at, mode=mode
+            )
+            began = time.monotonic()
+            workdir = Path(tempfile.mkdtemp(prefix=f"kiloclaw-bench-{mode}-"))
+            say(f"--- mode {mode} (work directory {workdir})")
+            kube: KubeTarget = RealKube() if args.cluster else KubeProcess(workdir)
+            try:
+                asyncio.run(run_mode(args, kube, workdir, results))
+            finally:
+                kube.stop()
+            results.total_seconds = time.monotonic() - began
+            runs.append(results)
+            print(table([results]), flush=True)
     except BenchmarkError as exc:
         say(f"benchmark failed: {exc}")
         return 1
-    finally:
-        fly.stop_thread()
-    results.total_seconds = time.monotonic() - began
-    table_text = table(results, args)
+    table_text = table(runs)
     print(table_text)
-    print(json.dumps({"fly_routes_steady": results.steady_fly_routes}))
+    print(json.dumps({r.mode: {"fly_routes_steady": r.steady_fly_routes} for r in runs}))
     if not args.no_write:
-        write_results(args.output, results_section(results, args, table_text))
+        write_results(args.output, results_section(runs, args, table_text))
         say(f"results written to {args.output}")
     return 0
 

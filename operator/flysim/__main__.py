@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
-from .simulator import FlySimulator
+from .simulator import FlySimulator, RateLimits
 from .state import SimTimings
 
 
@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--destroy-delay", type=float, default=0.5)
     parser.add_argument("--hydrate-delay", type=float, default=0.5)
     parser.add_argument("--destroyed-retention", type=float, default=300.0)
+    parser.add_argument("--org-propagation-delay", type=float, default=0.0)
+    parser.add_argument("--hosts-per-region", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--request-log-size", type=int, default=10000)
+    parser.add_argument(
+        "--no-rate-limits", action="store_true", help="do not enforce Fly's rate limits (on by default)"
+    )
     args = parser.parse_args(argv)
     timings = SimTimings(
         start_delay=args.start_delay,
@@ -34,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         destroy_delay=args.destroy_delay,
         hydrate_delay=args.hydrate_delay,
         destroyed_retention=args.destroyed_retention,
+        org_propagation_delay=args.org_propagation_delay,
     )
     simulator = FlySimulator(
         token=args.token,
@@ -41,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         timings=timings,
         org_slug=args.org,
         control_token=args.control_token,
+        hosts_per_region=args.hosts_per_region,
+        seed=args.seed,
+        request_log_size=args.request_log_size,
+        rate_limits=None if args.no_rate_limits else RateLimits(),
     )
 
     async def serve() -> None:

@@ -22,6 +22,7 @@ from aiohttp import web
 from .state import (
     GONE_STATES,
     JSON,
+    RENDER_SHIFT,
     SETTLED_STATES,
     WAITABLE_STATES,
     CapacityKind,
@@ -488,6 +489,7 @@ class FlySimulator:
         return response
 
     async def _serve_fly(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        RENDER_SHIFT.set(self.state.clock_offset)
         delay, fault = self._pick_latency_and_fault(request.method, request.path)
         if delay > 0:
             # Read the body first, as a server does before it works on a request: a request whose client
@@ -774,7 +776,9 @@ class FlySimulator:
     async def _control_fail_host(self, request: web.Request) -> web.Response:
         body = await _body(request)
         hosts = self.fail_host(body.get("machine_id"), region=body.get("region"), host=body.get("host"))
-        return web.json_response({"failed_hosts": hosts})
+        with self.state.lock:
+            stopped = self.state.machines_on_hosts(set(hosts), state="stopped")
+        return web.json_response({"failed_hosts": hosts, "stopped_machines": stopped})
 
     async def _control_exhaust(self, request: web.Request) -> web.Response:
         body = await _body(request)
@@ -857,6 +861,7 @@ class FlySimulator:
         return _json(
             {
                 "counts": self.request_counts,
+                "rate_limited": self.rate_limited,
                 "log": [
                     {"method": r.method, "path": r.path, "query": r.query, "status": r.status, "at": r.at}
                     for r in log

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -72,8 +73,16 @@ class FlyApiError(Exception):
         return body
 
 
+#: Seconds Fly's clock is ahead of the host's, as shown to the request being served (`clock_offset`):
+#: timestamps are kept in host time (so their order never breaks) and shifted only when shown or read.
+RENDER_SHIFT: ContextVar[float] = ContextVar("flysim_render_shift", default=0.0)
+
+
 def rfc3339(moment: datetime) -> str:
-    """Millisecond-precision RFC 3339 in UTC with a `Z` suffix."""
+    """Millisecond-precision RFC 3339 in UTC with a `Z` suffix (in Fly's clock, see `RENDER_SHIFT`)."""
+    shift = RENDER_SHIFT.get()
+    if shift:
+        moment = moment + timedelta(seconds=shift)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -81,7 +90,7 @@ def parse_rfc3339(text: str) -> datetime:
     moment = datetime.fromisoformat(text.strip().replace("z", "Z").replace(" ", "+"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    return moment.astimezone(UTC) - timedelta(seconds=RENDER_SHIFT.get())
 
 
 @dataclass
@@ -330,7 +339,7 @@ class FlyState:
     def _now(self) -> datetime:
         # Millisecond precision (what the API shows) and never decreasing, so that the order of changes is
         # also updated_at order: the org listing walks changes backwards and stops at `updated_after`.
-        now = self.clock()
+        now = datetime.now(UTC)
         now = max(now.replace(microsecond=now.microsecond // 1000 * 1000), self._last_now)
         self._last_now = now
         return now
@@ -465,6 +474,15 @@ class FlyState:
                 if machine.host.id in failed_ids and machine.state in ACTIVE_STATES:
                     self._exit(machine, exit_code=-1, reason="host failure", oom=False)
             return sorted(failed_ids)
+
+    def machines_on_hosts(self, host_ids: set[str], *, state: str | None = None) -> list[str]:
+        """Ids of the machines on these hosts (in `state`, if given)."""
+        with self.lock:
+            return sorted(
+                m.id
+                for m in self._machines.values()
+                if m.host.id in host_ids and (state is None or m.state == state)
+            )
 
     # --- machine transitions ------------------------------------------------------------------------
 

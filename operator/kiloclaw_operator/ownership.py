@@ -16,7 +16,7 @@ Why the rule is deterministic and race-free:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,51 @@ def claim_owner(instance: Instance, peers: Iterable[Mapping[str, Any]]) -> Owner
 def _owner(body: Mapping[str, Any]) -> Owner:
     meta = body.get("metadata") or {}
     return Owner(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")))
+
+
+class ClaimBook:
+    """The authoritative list ``claim_owner`` needs, without listing all instances for every claim (which costs
+    O(N) per claim, O(N²) for a fleet created at once).
+
+    One list is a consistent snapshot: if the claimant is in it, so is every instance created before it (an
+    older contender), and every claim recorded since was recorded here (claims are made one at a time, under
+    the caller's lock, by this process). So the snapshot is re-listed only when the claimant is not in it, and
+    before any refusal (a claimant in the snapshot may have been deleted since). Contenders are indexed by
+    ``(flyApp, sandboxId)``. Use it only under the claims lock.
+    """
+
+    def __init__(self, list_instances: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
+        self._list = list_instances
+        self._by_pair: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+        self._uids: set[str] = set()
+        self.lists = 0
+
+    async def owner(self, instance: Instance) -> Owner | None:
+        if instance.ref.uid not in self._uids:
+            await self._refresh()
+        owner = claim_owner(instance, self._peers(instance))
+        if owner is not None:
+            await self._refresh()
+            owner = claim_owner(instance, self._peers(instance))
+        return owner
+
+    def record(self, body: Mapping[str, Any]) -> None:
+        """A claim this process just wrote (the body as the API server stored it)."""
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        spec = body.get("spec") or {}
+        self._uids.add(uid)
+        self._by_pair.setdefault((str(spec.get("flyApp")), str(spec.get("sandboxId"))), {})[uid] = body
+
+    def _peers(self, instance: Instance) -> Iterable[Mapping[str, Any]]:
+        return self._by_pair.get((instance.spec.fly_app, instance.spec.sandbox_id), {}).values()
+
+    async def _refresh(self) -> None:
+        bodies = await self._list()
+        self.lists += 1
+        self._by_pair = {}
+        self._uids = set()
+        for body in bodies:
+            self.record(body)
 
 
 def duplicate_message(instance: Instance, owner: Owner) -> str:

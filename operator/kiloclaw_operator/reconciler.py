@@ -67,6 +67,10 @@ class Context:
     clock: Callable[[], datetime] = utcnow
     # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
     claims: asyncio.Lock = field(default_factory=asyncio.Lock)
+    claim_book: ownership.ClaimBook = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claim_book = ownership.ClaimBook(self.kube.list_instances)
 
 
 #: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
@@ -289,7 +293,7 @@ class InstanceDriver(ObjectDriver):
         under one process-wide lock, so two instances never both claim; see ownership.py for the rule.
         """
         async with self.ctx.claims:
-            owner = ownership.claim_owner(instance, await self.ctx.kube.list_instances())
+            owner = await self.ctx.claim_book.owner(instance)
             now = self.ctx.clock()
             if owner is not None:
                 await self._refuse_duplicate(instance, owner)
@@ -299,7 +303,10 @@ class InstanceDriver(ObjectDriver):
             )
             if conditions.is_stalled(status):
                 status = conditions.clear_stalled(status, now, instance.generation)
-            return await self.commit(instance, status, "claim the sandbox before any Fly call")
+            claimed = await self.commit(instance, status, "claim the sandbox before any Fly call")
+            if self.latest is not None:
+                self.ctx.claim_book.record(self.latest)
+            return claimed
 
     async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
         message = ownership.duplicate_message(instance, owner)

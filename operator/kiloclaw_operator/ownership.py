@@ -99,8 +99,8 @@ def _owner(body: Mapping[str, Any]) -> Owner:
 
 
 class ClaimBook:
-    """The authoritative list ``claim_owner`` needs, without listing all instances for every claim (which costs
-    O(N) per claim, O(N²) for a fleet created at once).
+    """The authoritative list ``claim_owner`` needs, without listing all instances for every claim (O(N) per
+    claim, O(N²) for a fleet created at once).
 
     One list is a consistent snapshot: if the claimant is in it, so is every instance created before it (an
     older contender), and every claim recorded since was recorded here (claims are made one at a time, under

@@ -536,6 +536,120 @@ def test_type_errors_are_reported_alone_when_the_schema_has_no_rules(
     ]
 
 
+def test_unknown_and_duplicate_fields_are_warned_about_or_refused_as_field_validation_says(
+    client: httpx.Client, namespace: str
+) -> None:
+    body = {**widget("warned", bogus=1), "top": 1}
+    warned = client.post(url(namespace), json=body)
+    assert warned.status_code == 201
+    assert warned.headers.get_list("warning") == [
+        '299 - "unknown field \\"spec.bogus\\""',
+        '299 - "unknown field \\"top\\""',
+    ]
+    body["metadata"]["name"] = "ignored"
+    ignored = client.post(url(namespace), params={"fieldValidation": "Ignore"}, json=body)
+    assert ignored.status_code == 201 and ignored.headers.get_list("warning") == []
+    duplicated = (
+        f'{{"apiVersion":"{GROUP}/{VERSION}","kind":"{KIND}","metadata":{{"name":"twice-said"}},'
+        '"spec":{"color":"red","color":"blue"}}'
+    )
+    headers = {"Content-Type": "application/json"}
+    refused = client.post(
+        url(namespace), params={"fieldValidation": "Strict"}, content=duplicated, headers=headers
+    )
+    assert refused.status_code == 400 and refused.json()["message"] == (
+        f'{KIND} in version "{VERSION}" cannot be handled as a {KIND}: strict decoding error: '
+        'duplicate field "spec.color"'
+    )
+    last_wins = client.post(url(namespace), content=duplicated, headers=headers)
+    assert last_wins.status_code == 201 and last_wins.json()["spec"]["color"] == "blue"
+    assert last_wins.headers.get_list("warning") == ['299 - "duplicate field \\"spec.color\\""']
+    strict_patch = client.patch(
+        url(namespace, "warned"),
+        params={"fieldValidation": "Strict"},
+        content=json.dumps({"spec": {"bogus": 2}}),
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    status = invalid(strict_patch)  # after a patch: a 422 on the field "patch"
+    assert [c["field"] for c in status["details"]["causes"]] == ["patch"]
+    assert status["message"].endswith('strict decoding error: unknown field "spec.bogus"')
+
+
+def test_write_options_are_validated(client: httpx.Client, namespace: str) -> None:
+    create(client, namespace, widget("optioned"))
+    cases = [
+        ("POST", url(namespace), {"dryRun": "Bogus"}, "CreateOptions", "dryRun"),
+        ("PUT", url(namespace, "optioned"), {"dryRun": "Bogus"}, "UpdateOptions", "dryRun"),
+        ("DELETE", url(namespace, "optioned"), {"dryRun": "Bogus"}, "DeleteOptions", "dryRun"),
+        ("POST", url(namespace), {"fieldValidation": "Bogus"}, "CreateOptions", "fieldValidation"),
+        ("PATCH", url(namespace, "optioned"), {"fieldValidation": "x"}, "PatchOptions", "fieldValidation"),
+    ]
+    for method, path, params, kind, field in cases:  # (a DELETE with a body takes its options from the body)
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        body = {"POST": json.dumps(widget("optioned")), "PUT": json.dumps(widget("optioned")), "PATCH": "{}"}
+        response = client.request(method, path, params=params, content=body.get(method), headers=headers)
+        status = invalid(response)
+        assert status["message"].startswith(f'{kind}.meta.k8s.io "" is invalid: {field}: Unsupported value: ')
+        assert causes(response) == [(field, "FieldValueNotSupported")]
+
+
+def test_list_resource_versions_are_checked(client: httpx.Client, namespace: str) -> None:
+    garbled = client.get(url(namespace), params={"resourceVersion": "abc"})
+    assert garbled.status_code == 400 and garbled.json()["message"] == (
+        'invalid resource version: resourceVersion: Invalid value: "abc": strconv.ParseUint: parsing "abc": '
+        "invalid syntax"
+    )
+    future = client.get(
+        url(namespace), params={"resourceVersion": "999999999", "resourceVersionMatch": "Exact"}
+    )
+    assert future.status_code == 504 and future.json()["reason"] == "Timeout"
+    assert future.json()["message"].startswith("Timeout: Too large resource version: 999999999, current: ")
+    watched = client.get(url(namespace), params={"watch": "1", "resourceVersion": "abc"})
+    assert watched.status_code == 500
+
+
+def test_an_event_must_be_in_the_namespace_of_its_object(client: httpx.Client, namespace: str) -> None:
+    event = {
+        "metadata": {"name": "elsewhere"},
+        "involvedObject": {"kind": KIND, "name": "x", "namespace": "other"},
+        "reason": "Tested",
+    }
+    status = invalid(client.post(f"/api/v1/namespaces/{namespace}/events", json=event))
+    assert status["message"] == (
+        'Event "elsewhere" is invalid: involvedObject.namespace: Invalid value: "other": does not match '
+        "event.namespace"
+    )
+    del event["involvedObject"]["namespace"]
+    assert causes(client.post(f"/api/v1/namespaces/{namespace}/events", json=event)) == [
+        ("involvedObject.namespace", "FieldValueInvalid")
+    ]
+
+
+def test_a_crd_keeps_its_scope_kind_group_and_plural_and_gets_defaults(client: httpx.Client) -> None:
+    crd = client.get(f"{CRDS_PATH}/gadgets.{GROUP}").json()
+    assert crd["spec"]["names"]["listKind"] == "GadgetList"
+    assert crd["spec"]["conversion"] == {"strategy": "None"}
+    changed = {**crd, "spec": {**crd["spec"], "scope": "Namespaced"}}
+    changed["spec"]["names"] = {**crd["spec"]["names"], "kind": "Gizmo"}
+    status = invalid(client.put(f"{CRDS_PATH}/gadgets.{GROUP}", params={"dryRun": "All"}, json=changed))
+    assert sorted(c["field"] for c in status["details"]["causes"]) == ["spec.names.kind", "spec.scope"]
+    assert 'spec.scope: Invalid value: "Namespaced": field is immutable' in status["message"]
+
+
+def test_a_status_write_names_the_status_itself_with_an_empty_path(
+    client: httpx.Client, namespace: str
+) -> None:
+    create(client, namespace, widget("bad-status"))
+    status = invalid(merge(client, url(namespace, "bad-status", "status"), {"status": "not an object"}))
+    assert status["details"]["causes"] == [
+        {
+            "reason": "FieldValueTypeInvalid",
+            "message": 'Invalid value: "string":  in body must be of type object: "string"',
+            "field": "status",
+        }
+    ]
+
+
 # -- custom-resource metadata validation ---------------------------------------------------------------------
 
 DNS_SUBDOMAIN_ERROR = (
@@ -1396,6 +1510,16 @@ def test_table_output_uses_the_crd_printer_columns(client: httpx.Client, namespa
     assert table["rows"][0]["object"]["metadata"]["name"] == "tabled"
     single = client.get(url(namespace, "tabled"), headers={"Accept": TABLE}).json()
     assert single["kind"] == "Table" and single["rows"][0]["cells"][:4] == cells[:4]
+    assert single["metadata"]["resourceVersion"] == single["rows"][0]["object"]["metadata"]["resourceVersion"]
+    bare = client.get(url(namespace), headers={"Accept": TABLE}, params={"includeObject": "None"}).json()
+    assert bare["rows"][0]["object"] is None and bare["rows"][0]["cells"][:4] == cells[:4]
+    crds = client.get(CRDS_PATH, headers={"Accept": TABLE}).json()
+    assert [(c["name"], c["type"]) for c in crds["columnDefinitions"]] == [
+        ("Name", "string"),
+        ("Created At", "date"),
+    ]
+    row = next(row for row in crds["rows"] if row["cells"][0] == f"{PLURAL}.{GROUP}")
+    assert row["cells"][1] == row["object"]["metadata"]["creationTimestamp"]
 
 
 def test_events_table_shows_what_kubectl_get_events_shows(client: httpx.Client, namespace: str) -> None:
@@ -1417,6 +1541,18 @@ def test_events_table_shows_what_kubectl_get_events_shows(client: httpx.Client, 
         "RecoveryFailed",
         "kiloclawinstance/bob",
         "no capacity",
+    ]
+    assert [(c["name"], c["type"], c["priority"]) for c in columns] == [
+        ("Last Seen", "string", 0),
+        ("Type", "string", 0),
+        ("Reason", "string", 0),
+        ("Object", "string", 0),
+        ("Subobject", "string", 1),
+        ("Source", "string", 1),
+        ("Message", "string", 0),
+        ("First Seen", "string", 1),
+        ("Count", "string", 1),
+        ("Name", "string", 1),
     ]
 
 

@@ -97,6 +97,8 @@ def _relative_to(subresource: str, problem: str) -> str:
     prefix = f"{subresource}."
     if field.startswith(prefix):
         message = message.replace(f"{field} in body", f"{field.removeprefix(prefix)} in body", 1)
+    elif field == subresource:  # the subresource itself: the API server names it with an empty path
+        message = message.replace(f"{field} in body", " in body", 1)
     return f"{field}: {message}"
 
 

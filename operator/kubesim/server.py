@@ -16,6 +16,7 @@ import yaml
 from aiohttp import web
 
 from kubesim import errors, openapi, patching, protobuf, selectors, tables
+from kubesim import store as store_module
 from kubesim.errors import ApiError
 from kubesim.resources import ALL_VERBS, SUBRESOURCE_VERBS, ResourceType
 from kubesim.store import Store, WatchEvent, clone
@@ -56,6 +57,81 @@ class _Target(NamedTuple):
 
 def _json(body: Any, status: int = 200, content_type: str = "application/json") -> web.Response:
     return web.Response(body=json.dumps(body).encode(), status=status, content_type=content_type)
+
+
+_OPTIONS_KIND = {
+    "POST": "CreateOptions",
+    "PUT": "UpdateOptions",
+    "PATCH": "PatchOptions",
+    "DELETE": "DeleteOptions",
+}
+_FIELD_VALIDATION = ("", "Ignore", "Strict", "Warn")
+
+
+def _check_options(method: str, query: Any, has_body: bool) -> None:
+    """The write options the API server validates: dryRun (only "All") and fieldValidation."""
+    kind = _OPTIONS_KIND.get(method)
+    if kind is None or (method == "DELETE" and has_body):  # then DeleteOptions come from the body
+        return
+    dry_run = query.getall("dryRun", [])
+    if any(value != "All" for value in dry_run):
+        shown = "[" + ", ".join(json.dumps(value) for value in dry_run) + "]"
+        raise errors.invalid(
+            "meta.k8s.io", kind, "", [("dryRun", f'Unsupported value: {shown}: supported values: "All"')]
+        )
+    field_validation = query.get("fieldValidation", "")
+    if method != "DELETE" and field_validation not in _FIELD_VALIDATION:
+        supported = ", ".join(json.dumps(value) for value in _FIELD_VALIDATION)
+        raise errors.invalid(
+            "meta.k8s.io",
+            kind,
+            "",
+            [
+                (
+                    "fieldValidation",
+                    f"Unsupported value: {json.dumps(field_validation)}: supported values: {supported}",
+                )
+            ],
+        )
+
+
+class _Pairs(dict[str, Any]):
+    """A decoded JSON object that remembers the keys it saw more than once."""
+
+    duplicates: list[str]
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
+    result = _Pairs()
+    result.duplicates = []
+    for key, value in pairs:
+        if key in result and key not in result.duplicates:
+            result.duplicates.append(key)
+        result[key] = value
+    return result
+
+
+def _duplicate_fields(raw: bytes) -> list[str]:
+    """Paths of the keys a JSON document has twice (``spec.color``)."""
+    if not raw:
+        return []
+    try:
+        document = json.loads(raw, object_pairs_hook=_pairs)
+    except ValueError:
+        return []
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, _Pairs):
+            found.extend(f"{path}.{key}" if path else key for key in node.duplicates)
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else key)
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, f"{path}[{index}]")
+
+    walk(document, "")
+    return found
 
 
 def _require_resource_version(resource_type: ResourceType, name: str, body: Any) -> None:
@@ -321,16 +397,32 @@ class KubeSim:
         method = request.method
         query = request.query
         resource_type, version, namespace, name, subresource = target
+        _check_options(method, query, request.can_read_body)
         strict = query.get("fieldValidation") == "Strict"
         dry_run = query.get("dryRun") == "All"
+        if method in ("POST", "PUT", "PATCH"):
+            warnings = store_module.collect_warnings()
+            try:
+                response = await self._write(request, target, strict=strict, dry_run=dry_run)
+            finally:
+                store_module.stop_collecting_warnings()
+            if query.get("fieldValidation") != "Ignore":
+                for warning in warnings:
+                    response.headers.add("Warning", f"299 - {json.dumps(warning)}")
+            return response
         if method in ("GET", "HEAD"):
             if name is not None:
                 self._record("get", target, request)
                 obj = self.store.get(resource_type, version, namespace, name)
                 if _wants_table(request):
+                    resource_version = int(obj["metadata"].get("resourceVersion") or 0) or None
                     return _json(
                         tables.table(
-                            resource_type, version, [obj], None, include_object=query.get("includeObject", "")
+                            resource_type,
+                            version,
+                            [obj],
+                            resource_version,
+                            include_object=query.get("includeObject", ""),
                         )
                     )
                 return _json(obj)
@@ -340,15 +432,6 @@ class KubeSim:
                 return await self._watch(request, target, predicate)
             self._record("list", target, request)
             return self._list(request, target, predicate)
-        if method == "POST":
-            if name is not None:
-                raise errors.method_not_allowed("POST is not allowed on a named object")
-            self._record("create", target, request)
-            body = await self._body(request)
-            created = self.store.create(
-                resource_type, version, namespace, body, strict=strict, dry_run=dry_run
-            )
-            return _json(created, status=201)
         if name is None:
             if method == "DELETE":
                 self._record("deletecollection", target, request)
@@ -359,38 +442,81 @@ class KubeSim:
             raise errors.method_not_allowed(f"{method} is not allowed on a collection")
         if subresource is not None and method == "DELETE":
             raise errors.method_not_allowed("DELETE is not allowed on a subresource")
+        if method == "DELETE":
+            self._record("delete", target, request)
+            options = await self._body(request, optional=True)
+            preconditions = options.get("preconditions") if isinstance(options, dict) else None
+            if isinstance(options, dict) and options:  # a body's DeleteOptions replace the query's
+                dry_run = options.get("dryRun") == ["All"]
+            return _json(
+                self.store.delete(resource_type, version, namespace, name, preconditions, dry_run=dry_run)
+            )
+        raise errors.method_not_allowed(f"{method} is not allowed")
+
+    async def _write(
+        self, request: web.Request, target: _Target, *, strict: bool, dry_run: bool
+    ) -> web.Response:
+        """POST (create), PUT (update) and PATCH."""
+        method = request.method
+        resource_type, version, namespace, name, subresource = target
+        if method == "POST":
+            if name is not None:
+                raise errors.method_not_allowed("POST is not allowed on a named object")
+            self._record("create", target, request)
+            body = await self._body(request)
+            await self._check_duplicates(request, resource_type, version, strict)
+            created = self.store.create(
+                resource_type, version, namespace, body, strict=strict, dry_run=dry_run
+            )
+            return _json(created, status=201)
+        if name is None:
+            raise errors.method_not_allowed(f"{method} is not allowed on a collection")
         if method == "PUT":
             self._record("update", target, request)
             body = await self._body(request)
+            await self._check_duplicates(request, resource_type, version, strict)
             _require_resource_version(resource_type, name, body)
             return _json(
                 self.store.replace(
                     resource_type, version, namespace, name, body, subresource, strict=strict, dry_run=dry_run
                 )
             )
-        if method == "PATCH":
-            self._record("patch", target, request)
-            apply_patch = await self._patch_function(request, resource_type)
-            return _json(
-                self.store.patch(
-                    resource_type,
-                    version,
-                    namespace,
-                    name,
-                    apply_patch,
-                    subresource,
-                    strict=strict,
-                    dry_run=dry_run,
-                )
+        self._record("patch", target, request)
+        apply_patch = await self._patch_function(request, resource_type)
+        return _json(
+            self.store.patch(
+                resource_type,
+                version,
+                namespace,
+                name,
+                apply_patch,
+                subresource,
+                strict=strict,
+                dry_run=dry_run,
             )
-        if method == "DELETE":
-            self._record("delete", target, request)
-            options = await self._body(request, optional=True)
-            preconditions = options.get("preconditions") if isinstance(options, dict) else None
-            return _json(
-                self.store.delete(resource_type, version, namespace, name, preconditions, dry_run=dry_run)
+        )
+
+    @staticmethod
+    async def _check_duplicates(
+        request: web.Request, resource_type: ResourceType, version: str, strict: bool
+    ) -> None:
+        """A JSON object with a key twice: last one wins, with a warning; with Strict validation, a 400."""
+        content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if not content_type.endswith("json"):
+            return
+        duplicates = _duplicate_fields(await request.read())
+        if not duplicates:
+            return
+        problems = [f'duplicate field "{path}"' for path in duplicates]
+        if strict:
+            kind = resource_type.kind
+            raise errors.bad_request(
+                f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: '
+                + ", ".join(problems)
             )
-        raise errors.method_not_allowed(f"{method} is not allowed")
+        warnings = store_module.current_warnings()
+        if warnings is not None:
+            warnings.extend(problems)
 
     @staticmethod
     async def _body(request: web.Request, *, optional: bool = False) -> Any:
@@ -473,8 +599,27 @@ class KubeSim:
         self, request: web.Request, target: _Target, predicate: Callable[[dict[str, Any]], bool]
     ) -> web.Response:
         resource_type, version, namespace = target.resource_type, target.version, target.namespace
-        items, resource_version = self.store.list_items(resource_type, version, namespace, predicate)
         query = request.query
+        asked = query.get("resourceVersion", "")
+        if asked:
+            if not asked.isdigit():
+                raise errors.bad_request(
+                    f'invalid resource version: resourceVersion: Invalid value: "{asked}": '
+                    f'strconv.ParseUint: parsing "{asked}": invalid syntax'
+                )
+            if int(asked) > self.store.resource_version:
+                raise errors.ApiError(
+                    504,
+                    "Timeout",
+                    f"Timeout: Too large resource version: {asked}, current: {self.store.resource_version}",
+                    {
+                        "causes": [
+                            {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                        ],
+                        "retryAfterSeconds": 1,
+                    },
+                )
+        items, resource_version = self.store.list_items(resource_type, version, namespace, predicate)
         # Chunking (limit/continue): the token is the offset; the list is re-read, which is good enough
         # for a store that is not paginated by snapshots.
         token = query.get("continue") or "0"

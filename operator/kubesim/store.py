@@ -127,8 +127,85 @@ _OBJECT_META_FIELDS = frozenset(
 )
 
 
+# Per-thread request context: the patched object of a patch (for its error shape) and the warnings a request
+# collects (unknown fields), which the HTTP layer turns into Warning headers.
+_REQUEST = threading.local()
+
+
+def collect_warnings() -> list[str]:
+    """Start collecting this thread's warnings; the returned list fills as the request runs."""
+    warnings: list[str] = []
+    _REQUEST.warnings = warnings
+    return warnings
+
+
+def current_warnings() -> list[str] | None:
+    warnings: list[str] | None = getattr(_REQUEST, "warnings", None)
+    return warnings
+
+
+def stop_collecting_warnings() -> None:
+    _REQUEST.warnings = None
+
+
 _STRING_MAPS = ("labels", "annotations")
 _STRINGS = ("name", "generateName", "namespace", "uid", "resourceVersion", "creationTimestamp")
+
+
+def _default_crd(crd: dict[str, Any]) -> None:
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    if names.get("kind") and not names.get("listKind"):
+        names["listKind"] = f"{names['kind']}List"
+    if not names.get("singular") and names.get("kind"):
+        names["singular"] = str(names["kind"]).lower()
+    spec.setdefault("conversion", {"strategy": "None"})
+
+
+def _check_crd_update(crd: dict[str, Any], old: dict[str, Any]) -> None:
+    """Scope, kind, group and plural decide where objects are stored: the API server keeps them."""
+    spec, old_spec = crd.get("spec") or {}, old.get("spec") or {}
+    problems = [
+        f"spec.{path}: Invalid value: {json.dumps(new)}: field is immutable"
+        for path, new, before in (
+            ("scope", spec.get("scope"), old_spec.get("scope")),
+            ("names.kind", (spec.get("names") or {}).get("kind"), (old_spec.get("names") or {}).get("kind")),
+            ("group", spec.get("group"), old_spec.get("group")),
+            (
+                "names.plural",
+                (spec.get("names") or {}).get("plural"),
+                (old_spec.get("names") or {}).get("plural"),
+            ),
+        )
+        if new != before
+    ]
+    if problems:
+        raise errors.invalid_fields(CRD_GROUP, "CustomResourceDefinition", crd["metadata"]["name"], problems)
+
+
+def _check_event(event: dict[str, Any]) -> None:
+    """core/v1 legacy Event validation: the involved object lives in the Event's namespace."""
+    namespace = event["metadata"].get("namespace", "")
+    involved = event.get("involvedObject")
+    involved_namespace = str(involved.get("namespace") or "") if isinstance(involved, dict) else ""
+    if event.get("eventTime"):
+        wrong = not involved_namespace and namespace not in ("default", "kube-system")
+    elif not involved_namespace:
+        wrong = namespace not in ("", "default")
+    else:
+        wrong = namespace != involved_namespace
+    if wrong:
+        raise errors.invalid(
+            "",
+            "Event",
+            event["metadata"].get("name", ""),
+            [
+                (
+                    "involvedObject.namespace",
+                    f"Invalid value: {json.dumps(involved_namespace)}: does not match event.namespace",
+                )
+            ],
+        )
 
 
 def _check_type_meta(resource_type: ResourceType, version: str, obj: dict[str, Any]) -> None:
@@ -343,7 +420,12 @@ class Store:
                 try:
                     start = int(since)
                 except ValueError:
-                    raise errors.bad_request(f"invalid resource version: {since!r}") from None
+                    raise errors.ApiError(
+                        500,
+                        "",
+                        f'resourceVersion: Invalid value: "{since}": strconv.ParseUint: parsing "{since}": '
+                        "invalid syntax",
+                    ) from None
                 expired_below = self._expired_below.get(resource_type.key, 0)
                 if start < expired_below:
                     raise errors.gone(f"too old resource version: {start} ({expired_below + 1})")
@@ -485,7 +567,11 @@ class Store:
             if subresource is None and isinstance(patched.get("metadata"), dict):
                 _check_metadata_types(resource_type, version, patched["metadata"], patched)
             # Merge patches share untouched subtrees with the stored object, which must stay immutable.
-            return self._update(resource_type, version, old, clone(patched), subresource, strict, dry_run)
+            _REQUEST.patched = patched
+            try:
+                return self._update(resource_type, version, old, clone(patched), subresource, strict, dry_run)
+            finally:
+                _REQUEST.patched = None
 
     def delete(
         self,
@@ -594,8 +680,11 @@ class Store:
             obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
             obj["status"] = {"phase": "Active"}
+        elif resource_type is EVENTS:
+            _check_event(obj)
         elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
             resource_type_from = _resource_type_from_crd(obj)  # refuses malformed CRDs with 422
+            _default_crd(obj)
             obj["status"] = {
                 "acceptedNames": obj["spec"]["names"],
                 "conditions": [
@@ -633,13 +722,22 @@ class Store:
         module = _schema_module() if schema else None
         if module is not None:
             admission = module.admit(schema, obj, old, subresource)
-            unknown = admission.unknown_fields + _unknown_metadata_fields(obj)
+            unknown = sorted(admission.unknown_fields + _unknown_metadata_fields(obj))
             if strict and unknown:
                 kind = resource_type.kind
+                problem = "strict decoding error: " + ", ".join(f'unknown field "{path}"' for path in unknown)
+                patched = getattr(_REQUEST, "patched", None)
+                if (
+                    patched is not None
+                ):  # after a patch: a 422 on the field "patch", as the API server says it
+                    shown = json.dumps(json.dumps(patched, sort_keys=True, separators=(",", ":")))
+                    raise errors.invalid("", "", "", [("patch", f"Invalid value: {shown}: {problem}")])
                 raise errors.bad_request(
-                    f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: '
-                    + ", ".join(f'unknown field "{path}"' for path in sorted(unknown))
+                    f'{kind} in version "{version}" cannot be handled as a {kind}: {problem}'
                 )
+            warnings = getattr(_REQUEST, "warnings", None)
+            if warnings is not None:
+                warnings.extend(f'unknown field "{path}"' for path in unknown)
             problems += admission.errors
             obj = admission.obj
         if problems:
@@ -743,6 +841,8 @@ class Store:
                 )
         if resource_type.key == (CRD_GROUP, CRD_PLURAL) and subresource != "status":
             _resource_type_from_crd(result)  # refuses malformed CRDs with 422 before storing
+            _check_crd_update(result, old)
+            _default_crd(result)
 
         meta_problems = metavalidation.object_meta_update(result["metadata"], _name_validator(resource_type))
         result = self._admit(resource_type, version, result, old, strict, subresource, extra=meta_problems)

@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any
 
-from kubesim.resources import EVENTS, NAMESPACES, ResourceType
+from kubesim.resources import CRD_GROUP, CRD_PLURAL, EVENTS, NAMESPACES, ResourceType
 
 _TOKEN_RE = re.compile(
     r"""\.(?P<key>[A-Za-z0-9_\-/]+)"""
@@ -107,6 +107,13 @@ def _event_object(obj: dict[str, Any]) -> str:
     return f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}"
 
 
+def _event_source(obj: dict[str, Any]) -> str:
+    source = obj.get("source") or {}
+    component = str(source.get("component") or obj.get("reportingComponent") or "")
+    host = str(source.get("host") or "")
+    return f"{component}, {host}" if component and host else component or host
+
+
 def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
     """Column definitions plus, per column, how to compute its cell (``jsonPath`` or ``compute``)."""
     name: dict[str, Any] = {
@@ -125,12 +132,27 @@ def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
     if resource_type is EVENTS:
         # What `kubectl get events` shows against a real cluster; the name only with -o wide.
         columns: list[dict[str, Any]] = [
-            {"name": "Last Seen", "type": "date", "jsonPath": ".lastTimestamp"},
+            {"name": "Last Seen", "type": "string", "jsonPath": ".lastTimestamp", "age": True},
             {"name": "Type", "type": "string", "jsonPath": ".type"},
             {"name": "Reason", "type": "string", "jsonPath": ".reason"},
             {"name": "Object", "type": "string", "compute": _event_object},
+            {"name": "Subobject", "type": "string", "jsonPath": ".involvedObject.fieldPath", "priority": 1},
+            {"name": "Source", "type": "string", "compute": _event_source, "priority": 1},
             {"name": "Message", "type": "string", "jsonPath": ".message"},
+            {
+                "name": "First Seen",
+                "type": "string",
+                "jsonPath": ".firstTimestamp",
+                "priority": 1,
+                "age": True,
+            },
+            {"name": "Count", "type": "string", "compute": lambda obj: obj.get("count"), "priority": 1},
             {**name, "priority": 1},
+        ]
+    elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
+        columns = [
+            name,
+            {"name": "Created At", "type": "date", "jsonPath": ".metadata.creationTimestamp", "raw": True},
         ]
     else:
         columns = list(resource_type.printer_columns.get(version) or [])
@@ -146,6 +168,8 @@ def _columns(resource_type: ResourceType, version: str) -> list[dict[str, Any]]:
             "priority": column.get("priority", 0),
             "jsonPath": column.get("jsonPath", ""),
             "compute": column.get("compute"),
+            "raw": column.get("raw", False),
+            "age": column.get("age", False),
         }
         for column in columns
     ]
@@ -158,7 +182,7 @@ def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
     if not values or values[0] is None:
         return None
     value = values[0]
-    if column["type"] == "date":
+    if (column["type"] == "date" and not column["raw"]) or column["age"]:
         return _age(value)
     if column["type"] == "string" and not isinstance(value, str):
         return str(value).lower() if isinstance(value, bool) else str(value)
@@ -167,6 +191,8 @@ def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
 
 def _row(columns: list[dict[str, Any]], obj: dict[str, Any], include_object: str) -> dict[str, Any]:
     cells = [_cell(column, obj) for column in columns]
+    if include_object == "None":
+        return {"cells": cells, "object": None}
     if include_object == "Object":
         row_object: dict[str, Any] = obj
     else:
@@ -199,7 +225,7 @@ def table(
     }
     if with_columns:
         result["columnDefinitions"] = [
-            {key: value for key, value in column.items() if key not in ("jsonPath", "compute")}
+            {key: value for key, value in column.items() if key not in ("jsonPath", "compute", "raw", "age")}
             for column in columns
         ]
     return result

@@ -142,6 +142,20 @@ INVALID = [
     ("KILOCLAW_HEALTH_PORT", "-1"),
     ("KILOCLAW_RETAINED_CHECK_SECONDS", "0"),
     ("KILOCLAW_WAIT_CALL_SECONDS", "61"),
+    # Above the documented maxima (README, Configuration).
+    ("KILOCLAW_RETRY_BACKOFF_MIN_SECONDS", "5000"),
+    ("KILOCLAW_RETRY_BACKOFF_MAX_SECONDS", "86401"),
+    ("KILOCLAW_RECOVERY_TIMEOUT_SECONDS", "86401"),
+    ("KILOCLAW_RETENTION_SECONDS", "31536001"),
+    ("KILOCLAW_POLL_RUNNING_SECONDS", "3601"),
+    ("KILOCLAW_POLL_BUSY_SECONDS", "301"),
+    ("KILOCLAW_POLL_IDLE_SECONDS", "86401"),
+    ("KILOCLAW_RETAINED_CHECK_SECONDS", "3601"),
+    # Separators without a namespace are not "all namespaces"; names are DNS labels or globs.
+    ("KILOCLAW_NAMESPACES", " , "),
+    ("KILOCLAW_NAMESPACES", "tenants,,staging"),
+    ("KILOCLAW_NAMESPACES", "Tenants"),
+    ("KILOCLAW_NAMESPACES", "tenants b"),
 ]
 
 
@@ -190,3 +204,78 @@ def test_cli_run_with_invalid_configuration_exits_2_with_one_line(env: dict[str,
     assert len(lines) == 1, result.stderr
     assert variable in lines[0]
     assert lines[0].startswith("kiloclaw-operator: invalid configuration: ")
+
+
+def test_a_backoff_minimum_above_the_maximum_is_rejected_naming_the_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILOCLAW_RETRY_BACKOFF_MIN_SECONDS", "120")
+    monkeypatch.setenv("KILOCLAW_RETRY_BACKOFF_MAX_SECONDS", "60")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(require_token=False)
+    assert str(caught.value) == (
+        "invalid configuration: KILOCLAW_RETRY_BACKOFF_MIN_SECONDS: 120 is above "
+        "KILOCLAW_RETRY_BACKOFF_MAX_SECONDS (60)"
+    )
+
+
+def test_a_misspelled_variable_is_rejected_naming_it_and_the_one_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILOCLAW_POLL_RUNING_SECONDS", "5")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(require_token=False)
+    assert str(caught.value) == (
+        "invalid configuration: KILOCLAW_POLL_RUNING_SECONDS: unknown variable "
+        "(did you mean KILOCLAW_POLL_RUNNING_SECONDS?)"
+    )
+
+
+def test_unrelated_kiloclaw_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILOCLAW_DEV_KUBE_PORT", "6444")
+    monkeypatch.setenv("KILOCLAW_CLUSTER_DIR", "/tmp/x")
+    assert load_settings(require_token=False).namespaces == []
+
+
+@pytest.mark.parametrize(
+    ("value", "watched", "not_watched"),
+    [
+        ("tenants,staging", ["tenants", "staging"], ["tenants-b", "other"]),
+        ("tenants-*", ["tenants-a", "tenants-b"], ["tenants", "other"]),
+        ("tenants-*,!tenants-b*", ["tenants-a", "tenants-c"], ["tenants-b", "tenants-b-2", "other"]),
+        ("!tenants-b*", ["tenants-a", "other", "default"], ["tenants-b", "tenants-b-2"]),
+        ("a-*,b-*,!*-test", ["a-live", "b-live"], ["a-test", "b-test", "c-live"]),
+    ],
+)
+def test_namespaces_accept_kopf_globs_and_negations_that_exclude_from_every_entry(
+    monkeypatch: pytest.MonkeyPatch, value: str, watched: list[str], not_watched: list[str]
+) -> None:
+    from kopf._cogs.structs.references import match_namespace
+
+    monkeypatch.setenv("KILOCLAW_NAMESPACES", value)
+    patterns = load_settings(require_token=False).namespaces
+
+    def is_watched(namespace: str) -> bool:
+        return any(match_namespace(namespace, pattern) for pattern in patterns)  # type: ignore[arg-type]
+
+    assert [ns for ns in watched if not is_watched(ns)] == []
+    assert [ns for ns in not_watched if is_watched(ns)] == []
+
+
+def test_the_shard_overlay_splits_every_namespace_between_exactly_two_operators() -> None:
+    from kopf._cogs.structs.references import match_namespace
+
+    from test_deploy import env_of, of_kind, operator_container, rendered
+
+    shards = []
+    for deployment in of_kind(rendered("shard-b"), "Deployment"):
+        value = env_of(operator_container(deployment))["KILOCLAW_NAMESPACES"]["value"]
+        shards.append(Settings(KILOCLAW_NAMESPACES=value).namespaces)
+    assert len(shards) == 2
+    for namespace in ("tenants-a", "tenants-b", "tenants-b-eu", "tenants-c", "new-team", "default"):
+        owners = [
+            i
+            for i, patterns in enumerate(shards)
+            if any(match_namespace(namespace, p) for p in patterns)  # type: ignore[arg-type]
+        ]
+        assert len(owners) == 1, f"{namespace} is watched by {len(owners)} shards"

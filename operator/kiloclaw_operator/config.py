@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REGION_PATTERN = r"^[a-z]{3}$"
@@ -18,6 +21,39 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+# A namespace name, or a kopf glob (``*``, ``?``), optionally negated with ``!``.
+_NAMESPACE_GLOB = re.compile(r"^!?[a-z0-9*?]([-a-z0-9*?]{0,61}[a-z0-9*?])?$")
+
+
+def namespace_patterns(value: object) -> object:
+    """``KILOCLAW_NAMESPACES`` as kopf namespace patterns.
+
+    Entries are names or globs; ``!glob`` excludes. Negations apply to every inclusive entry (kopf applies a
+    negation only within one comma pattern, so each inclusive entry becomes ``"glob, !neg1, !neg2"``); with
+    negations alone, every namespace but those is watched. ``tenants-*,!tenants-b*`` → all ``tenants-*``
+    but shard B's; ``!tenants-b*`` → every namespace but shard B's. Empty → all namespaces. A value with
+    commas but no entry (``' , '``) is an error, not "all"."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return []
+    entries = [item.strip() for item in value.split(",")]
+    if not any(entries):
+        raise ValueError(f"no namespace in {value!r} (leave it empty to watch all namespaces)")
+    if not all(entries):
+        raise ValueError(f"empty entry in {value!r}")
+    bad = [e for e in entries if not _NAMESPACE_GLOB.match(e)]
+    if bad:
+        raise ValueError(f"not namespace names or globs: {', '.join(bad)}")
+    exclusions = [e for e in entries if e.startswith("!")]
+    inclusions = [e for e in entries if not e.startswith("!")]
+    if not exclusions:
+        return inclusions
+    if not inclusions:
+        return [", ".join(exclusions)]
+    return [", ".join([inclusion, *exclusions]) for inclusion in inclusions]
 
 
 class Settings(BaseSettings):
@@ -37,28 +73,28 @@ class Settings(BaseSettings):
         min_length=1,
     )
     recovery_timeout_seconds: float = Field(
-        default=600, gt=0, validation_alias=AliasChoices("KILOCLAW_RECOVERY_TIMEOUT_SECONDS")
+        default=600, gt=0, le=86400, validation_alias=AliasChoices("KILOCLAW_RECOVERY_TIMEOUT_SECONDS")
     )
     retention_seconds: float = Field(
-        default=604800, ge=0, validation_alias=AliasChoices("KILOCLAW_RETENTION_SECONDS")
+        default=604800, ge=0, le=31536000, validation_alias=AliasChoices("KILOCLAW_RETENTION_SECONDS")
     )
     poll_running_seconds: float = Field(
-        default=60, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_RUNNING_SECONDS")
+        default=60, gt=0, le=3600, validation_alias=AliasChoices("KILOCLAW_POLL_RUNNING_SECONDS")
     )
     poll_busy_seconds: float = Field(
-        default=5, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_BUSY_SECONDS")
+        default=5, gt=0, le=300, validation_alias=AliasChoices("KILOCLAW_POLL_BUSY_SECONDS")
     )
     poll_idle_seconds: float = Field(
-        default=300, gt=0, validation_alias=AliasChoices("KILOCLAW_POLL_IDLE_SECONDS")
+        default=300, gt=0, le=86400, validation_alias=AliasChoices("KILOCLAW_POLL_IDLE_SECONDS")
     )
     retained_check_seconds: float = Field(
-        default=60, gt=0, validation_alias=AliasChoices("KILOCLAW_RETAINED_CHECK_SECONDS")
+        default=60, gt=0, le=3600, validation_alias=AliasChoices("KILOCLAW_RETAINED_CHECK_SECONDS")
     )
     retry_backoff_min_seconds: float = Field(
-        default=30, gt=0, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MIN_SECONDS")
+        default=30, gt=0, le=3600, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MIN_SECONDS")
     )
     retry_backoff_max_seconds: float = Field(
-        default=3600, gt=0, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MAX_SECONDS")
+        default=3600, gt=0, le=86400, validation_alias=AliasChoices("KILOCLAW_RETRY_BACKOFF_MAX_SECONDS")
     )
     wait_call_seconds: int = Field(
         default=60, gt=0, le=60, validation_alias=AliasChoices("KILOCLAW_WAIT_CALL_SECONDS")
@@ -123,7 +159,17 @@ class Settings(BaseSettings):
         default=1, gt=0, validation_alias=AliasChoices("KILOCLAW_LEASE_RETRY_PERIOD_SECONDS")
     )
 
-    _split_regions = field_validator("default_regions", "namespaces", mode="before")(_split_csv)
+    _split_regions = field_validator("default_regions", mode="before")(_split_csv)
+    _namespace_patterns = field_validator("namespaces", mode="before")(namespace_patterns)
+
+    @model_validator(mode="after")
+    def _backoff_min_not_above_max(self) -> Settings:
+        if self.retry_backoff_min_seconds > self.retry_backoff_max_seconds:
+            raise ValueError(
+                f"retry_backoff_min_seconds: {self.retry_backoff_min_seconds:g} is above "
+                f"KILOCLAW_RETRY_BACKOFF_MAX_SECONDS ({self.retry_backoff_max_seconds:g})"
+            )
+        return self
 
     @field_validator("default_regions")
     @classmethod
@@ -169,15 +215,37 @@ _ENV_NAMES = {
 }
 
 
+def misspelled_variables(environ: dict[str, str] | os._Environ[str] | None = None) -> list[tuple[str, str]]:
+    """(variable, the setting it is probably meant to be) for set variables that look like a typo of one of
+    ours: silently ignoring ``KILOCLAW_POLL_RUNING_SECONDS`` would run with the default instead."""
+    known = {str(name) for name in _ENV_NAMES.values()}
+    found = []
+    for name in sorted(environ if environ is not None else os.environ):
+        upper = name.upper()
+        if upper in known or not upper.startswith(("KILOCLAW_", "FLY_")):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.9)
+        if close:
+            found.append((name, str(close[0])))
+    return found
+
+
 def load_settings(*, require_token: bool = True, **overrides: object) -> Settings:
     """Read the settings; any invalid value raises ConfigError naming the variable in one line."""
+    typos = misspelled_variables()
+    if typos:
+        name, meant = typos[0]
+        raise ConfigError(f"invalid configuration: {name}: unknown variable (did you mean {meant}?)")
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        variable = _ENV_NAMES.get(field, field)
-        raise ConfigError(f"invalid configuration: {variable}: {first['msg']}") from None
+        field = str(first["loc"][0]) if first["loc"] else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if not field and ": " in message:  # a model-level rule names its field first
+            field, message = message.split(": ", 1)
+        variable = _ENV_NAMES.get(field, field or "?")
+        raise ConfigError(f"invalid configuration: {variable}: {message}") from None
     if settings.fly_api_token_file:
         try:
             with open(settings.fly_api_token_file, encoding="utf-8") as handle:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,20 +20,12 @@ from typing import Any
 import httpx
 import yaml
 
-from .__main__ import run_operator
+from .__main__ import run_operator, serve_metrics
 from .config import load_settings
+from .logs import configure_json_logging
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 
 DEV_TOKEN = "dev-token"
-
-
-class _DevFormatter(logging.Formatter):
-    """Plain lines for a terminal, naming the object a record is about."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        namespace, name = getattr(record, "namespace", None), getattr(record, "instance", None)
-        return f"{line} [{namespace}/{name}]" if namespace and name else line
 
 
 def _project_dir() -> Path:
@@ -43,10 +36,43 @@ def _project_dir() -> Path:
 
 
 def _say(message: str) -> None:
-    print(f"\033[1m[dev {time.strftime('%H:%M:%S')}]\033[0m {message}", flush=True)
+    stamp = f"[dev {time.strftime('%H:%M:%S')}]"
+    if sys.stdout.isatty():
+        stamp = f"\033[1m{stamp}\033[0m"
+    print(f"{stamp} {message}", flush=True)
 
 
-def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True) -> None:
+def _port_free(port: int, host: str) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _check_ports(ports: list[tuple[int, str, str, str]]) -> None:
+    """One line naming a busy port and the flag that chooses another (a second ``make dev``, say)."""
+    for port, host, what, flag in ports:
+        if port and not _port_free(port, host):
+            print(
+                f"kiloclaw-operator dev: port {port} ({what}) is in use, perhaps by another `make dev`: "
+                f"choose another with {flag}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+
+
+def run_dev(
+    *,
+    port: int,
+    fly_port: int,
+    workdir: str,
+    metrics_port: int = 9090,
+    health_port: int = 8080,
+    demo_failure: bool = True,
+) -> None:
     try:
         from flysim import FlySimulator, SimTimings
         from kubesim import KubeSim
@@ -57,12 +83,18 @@ def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True
         ) from None
 
     project = _project_dir()
+    _check_ports(
+        [
+            (port, "127.0.0.1", "emulated Kubernetes API", "--port (or KILOCLAW_DEV_KUBE_PORT)"),
+            (fly_port, "127.0.0.1", "Fly simulator", "--fly-port (or KILOCLAW_DEV_FLY_PORT)"),
+            (metrics_port, "0.0.0.0", "operator /metrics", "--metrics-port (or KILOCLAW_METRICS_PORT)"),
+            (health_port, "0.0.0.0", "operator /healthz", "--health-port (or KILOCLAW_HEALTH_PORT)"),
+        ]
+    )
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_DevFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger("kiloclaw").setLevel(logging.INFO)
+    # The operator logs JSON on stderr as in production; the narration goes to stdout.
+    configure_json_logging(logging.INFO)
 
     fly = FlySimulator(
         token=DEV_TOKEN,
@@ -83,10 +115,15 @@ def run_dev(*, port: int, fly_port: int, workdir: str, demo_failure: bool = True
         poll_idle_seconds=5,
         recovery_timeout_seconds=120,
         retained_check_seconds=5,
-        metrics_port=int(os.environ.get("KILOCLAW_METRICS_PORT", "9090")),
-        health_port=int(os.environ.get("KILOCLAW_HEALTH_PORT", "8080")),
+        metrics_port=metrics_port,
+        health_port=health_port,
     )
+    serve_metrics(settings.metrics_port, "--metrics-port")
     _say(f"emulated Kubernetes API on {kube.url}, Fly simulator on {fly.base_url}")
+    _say(
+        f"operator metrics on http://127.0.0.1:{settings.metrics_port}/metrics, "
+        f"liveness on http://127.0.0.1:{settings.health_port}/healthz"
+    )
     _say(f"kubeconfig written to {kubeconfig}")
     try:
         asyncio.run(_dev(settings, kube.url, fly, project, kubeconfig, demo_failure))
@@ -103,7 +140,7 @@ async def _dev(
     # The narrator exists before kopf starts: kopf cancels every task created after it, when it stops.
     narrator = asyncio.create_task(_narrate(kube_url, fly, project, kubeconfig, demo_failure))
     try:
-        await run_operator(settings, liveness=False)
+        await run_operator(settings, liveness=True)
     finally:
         narrator.cancel()
 
@@ -156,6 +193,11 @@ async def _narrate(kube_url: str, fly: Any, project: Path, kubeconfig: Path, dem
             if status.get("phase") == "Running" and status.get("flyState") == "started":
                 running_since = running_since or time.monotonic()
             if demo_failure and failed_at is None and running_since and time.monotonic() - running_since > 3:
+                fly.add_snapshot(status["volumeId"])
+                _say(
+                    f"took a snapshot of volume {status['volumeId']} (so the old volume is kept as a "
+                    "retained volume after the recovery)"
+                )
                 _say(f"simulating a host failure under machine {status['machineId']} (flysim fail_host)")
                 fly.fail_host(machine_id=status["machineId"])
                 failed_at = time.monotonic()
@@ -184,14 +226,17 @@ def _print_next_steps(kubeconfig: Path, fly_url: str, namespace: str, name: str)
 The operator keeps running (Ctrl-C stops everything). Next, in another terminal:
 
   export KUBECONFIG={rel}
-  kubectl get kci -A -w                          # instances with phase, Fly state, region, machine
-  kubectl get kcrv -A                            # retained volumes
+  kubectl kiloclaw list -A                       # every instance; "!" marks those that need you
+  kubectl kiloclaw status {name} -n {namespace}          # the card: phase, recovery, retained volumes, Events
+  kubectl kiloclaw retained -A                   # retained volumes and their time left
+  kubectl get kci -A -w                          # printer columns, live
   kubectl patch kci {name} -n {namespace} --type merge -p '{{"spec":{{"state":"Stopped"}}}}'
-  kubectl get events -n {namespace}
 
-  # simulate a host failure under the current machine of {name}:
+  # cause trouble through the Fly simulator (README, "The Fly simulator's /_sim routes"):
   MACHINE=$(kubectl get kci {name} -n {namespace} -o jsonpath='{{.status.machineId}}')
   curl -s -X POST {fly_url}/_sim/hosts/fail -d "{{\\"machine_id\\": \\"$MACHINE\\"}}"
+  curl -s -X POST {fly_url}/_sim/capacity/exhaust -d '{{"region": "ord", "kind": "volumes"}}'
+  curl -s -X POST {fly_url}/_sim/faults -d '{{"route": "POST /v1/apps/*/volumes", "status": 503, "count": 3}}'
 """,
         file=sys.stdout,
         flush=True,

@@ -21,6 +21,7 @@ from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
+from .fly import set_log_context as set_fly_log_context
 from .fly.models import Machine, Volume
 from .kube import KubeClient, KubeError
 from .lifecycle import Action, Decision, Observation
@@ -203,6 +204,7 @@ class InstanceDriver(ObjectDriver):
             instance = self.current()
             if instance.deleting:
                 return self.ctx.settings.poll_busy_seconds
+            set_fly_log_context(**self._log_fields(instance))
             try:
                 instance = await self._reconcile(instance)
             except FlyError as exc:
@@ -415,6 +417,11 @@ class InstanceDriver(ObjectDriver):
                 update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
             )
             instance = await self.commit(instance, base, "provisioning begins")
+        logger.info(
+            "provisioning: volume and machine in app %s",
+            instance.spec.fly_app,
+            extra=self._log_fields(instance),
+        )
         if instance.status.volume_id is None:
             volume = await self._adopt_or_create_volume(instance)
             instance = await self.commit(
@@ -555,6 +562,7 @@ class InstanceDriver(ObjectDriver):
         status = base.model_copy(update={"phase": Phase.STOPPING, "observed_generation": instance.generation})
         instance = await self.commit(instance, status, "stopping the machine")
         assert instance.status.machine_id is not None
+        logger.info("stopping machine %s", instance.status.machine_id, extra=self._log_fields(instance))
         try:
             await self.ctx.fly.stop_machine(instance.spec.fly_app, instance.status.machine_id)
         except NotFound:
@@ -617,6 +625,13 @@ class InstanceDriver(ObjectDriver):
         self.stop()
         async with self.lock:
             instance = self.current()
+            set_fly_log_context(**self._log_fields(instance))
+            logger.info(
+                "destroying: machine %s, volume %s",
+                instance.status.machine_id,
+                instance.status.volume_id,
+                extra=self._log_fields(instance),
+            )
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
                 instance = await recovery.settle_for_deletion(self, instance)

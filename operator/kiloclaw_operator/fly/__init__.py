@@ -1,6 +1,6 @@
 """The Fly Machines API: typed async client, payload models and the one error taxonomy."""
 
-from .client import FlyClient, backoff_delay, parse_retry_after
+from .client import FlyClient, backoff_delay, parse_retry_after, set_log_context
 from .errors import Capacity, Fatal, FlyError, NotFound, RateLimited, Transient, Unauthorized, classify
 from .models import (
     Guest,
@@ -40,4 +40,5 @@ __all__ = [
     "backoff_delay",
     "classify",
     "parse_retry_after",
+    "set_log_context",
 ]

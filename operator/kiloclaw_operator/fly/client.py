@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -33,6 +34,26 @@ from .pacing import Pacer, PacingLimits
 __all__ = ["FlyClient", "TokenSource", "backoff_delay", "parse_retry_after"]
 
 log = logging.getLogger("kiloclaw.fly")
+
+# Who a Fly call is made for (namespace, instance, sandbox_id, ...): set by the driver of the object for its
+# own task, so the client's log lines name the instance without every call passing it down.
+REQUEST_CONTEXT: ContextVar[Mapping[str, str] | None] = ContextVar(
+    "kiloclaw_fly_request_context", default=None
+)
+
+
+def set_log_context(**fields: str) -> None:
+    """Name the object the current task's Fly calls are made for, in their log lines."""
+    REQUEST_CONTEXT.set(fields)
+
+
+def _subject(route: str, path_params: Mapping[str, str]) -> dict[str, str]:
+    """The app, and the machine or volume a call addresses, for its log lines."""
+    subject = {"app": path_params["app"]} if "app" in path_params else {}
+    if "id" in path_params:
+        subject["machine" if route.startswith("/apps/{app}/machines/") else "volume"] = path_params["id"]
+    return subject
+
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -444,6 +465,8 @@ class FlyClient:
 
             delay = self._retry_delay(error, attempt) if retry else None
             fields = {
+                **(REQUEST_CONTEXT.get() or {}),
+                **_subject(route, path_params),
                 "method": method,
                 "route": route,
                 "status": error.status,

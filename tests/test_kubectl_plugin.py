@@ -29,6 +29,8 @@ pytestmark = [
     pytest.mark.xdist_group("kubectl-plugin"),
 ]
 VENV_BIN = str(Path(sys.executable).parent)
+# With --cluster (make e2e) the admin's kubeconfig, read before the stack points KUBECONFIG at the operator's.
+ADMIN_KUBECONFIG = os.environ.get("KUBECONFIG", "")
 
 
 def kubectl(*args: str, kubeconfig: Path | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -42,9 +44,14 @@ def kubectl(*args: str, kubeconfig: Path | None = None, stdin: str = "") -> subp
     )
 
 
+def stack_kubeconfig(stack: Stack) -> Path:
+    """kubesim's kubeconfig, or with ``--cluster`` (make e2e) the real cluster admin's."""
+    return Path(ADMIN_KUBECONFIG.split(os.pathsep)[0]) if stack.cluster else stack.workdir / "kubeconfig"
+
+
 async def plugin(stack: Stack, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        kubectl, "kiloclaw", *args, kubeconfig=stack.workdir / "kubeconfig", stdin=stdin
+        kubectl, "kiloclaw", *args, kubeconfig=stack_kubeconfig(stack), stdin=stdin
     )
 
 
@@ -282,7 +289,7 @@ async def test_report_bundles_spec_status_events_and_metrics_without_env_values_
         )
     )
     applied = await asyncio.to_thread(
-        kubectl, "apply", "-f", str(manifest), kubeconfig=stack.workdir / "kubeconfig"
+        kubectl, "apply", "-f", str(manifest), kubeconfig=stack_kubeconfig(stack)
     )
     assert applied.returncode == 0, applied.stderr
     await stack.wait_phase(namespace, "dave", "Running")

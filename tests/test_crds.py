@@ -287,10 +287,10 @@ def assert_rejected(
 
 def example_resources() -> list[tuple[str, dict[str, Any]]]:
     found = []
-    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
+    for path in sorted(EXAMPLES_DIR.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and doc.get("kind") in SCHEMAS:
-                found.append((f"{path.name}:{doc['metadata']['name']}", doc))
+                found.append((f"{path.relative_to(EXAMPLES_DIR)}:{doc['metadata']['name']}", doc))
     return found
 
 
@@ -306,13 +306,27 @@ def test_every_example_resource_is_accepted_after_defaulting(
 
 def test_examples_cover_the_full_and_the_minimal_instance_and_the_retained_volume() -> None:
     names = {name for name, _ in example_resources()}
-    assert names == {"instance.yaml:alice", "instance-minimal.yaml:bob", "retainedvolume.yaml:alice-vol-5xk2"}
+    assert names == {
+        "instance.yaml:alice",
+        "instance-minimal.yaml:bob",
+        "reference/retainedvolume.yaml:alice-vol-5xk2",
+    }
 
 
 def test_examples_kustomization_applies_the_namespace_and_instances_but_never_a_retained_volume() -> None:
     kustomization = _load(EXAMPLES_DIR / "kustomization.yaml")
-    assert kustomization["resources"] == ["namespace.yaml", "instance.yaml", "instance-minimal.yaml"]
-    assert "illustrative" in (EXAMPLES_DIR / "retainedvolume.yaml").read_text().lower()
+    assert kustomization["resources"] == ["00-namespace.yaml", "instance.yaml", "instance-minimal.yaml"]
+    assert "illustrative" in (EXAMPLES_DIR / "reference" / "retainedvolume.yaml").read_text().lower()
+
+
+def test_kubectl_apply_of_the_examples_directory_never_creates_the_illustrative_retained_volume() -> None:
+    """`kubectl apply -f examples/` reads the directory's own files only (not reference/), and the namespace
+    sorts first so the instances find it."""
+    top_level = sorted(EXAMPLES_DIR.glob("*.yaml"))
+    kinds = [doc.get("kind") for path in top_level for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert "KiloClawRetainedVolume" not in kinds
+    resources = [path.name for path in top_level if path.name != "kustomization.yaml"]
+    assert resources[0] == "00-namespace.yaml"
 
 
 def test_full_example_matches_the_design_sample_for_alice() -> None:
@@ -320,7 +334,7 @@ def test_full_example_matches_the_design_sample_for_alice() -> None:
     assert alice["metadata"] == {"name": "alice", "namespace": "tenants"}
     assert alice["spec"]["regions"] == ["iad", "ord", "cdg"]
     assert alice["spec"]["env"] == {"TZ": "Europe/Berlin"}
-    assert _load(EXAMPLES_DIR / "namespace.yaml")["metadata"]["name"] == "tenants"
+    assert _load(EXAMPLES_DIR / "00-namespace.yaml")["metadata"]["name"] == "tenants"
 
 
 def test_minimal_example_has_only_the_required_fields() -> None:

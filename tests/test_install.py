@@ -77,7 +77,7 @@ def test_the_whole_install_passes_server_side_validation(kubeconfig: str, kustom
 def test_the_examples_apply_on_the_real_api_server(kubeconfig: str) -> None:
     built = kubectl(kubeconfig, "kustomize", str(ROOT / "examples"))
     assert built.returncode == 0, built.stderr
-    namespace = kubectl(kubeconfig, "apply", "-f", str(ROOT / "examples" / "namespace.yaml"))
+    namespace = kubectl(kubeconfig, "apply", "-f", str(ROOT / "examples" / "00-namespace.yaml"))
     assert namespace.returncode == 0, namespace.stderr
     dry_run = kubectl(
         kubeconfig, "apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=built.stdout

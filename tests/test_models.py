@@ -103,7 +103,7 @@ def test_instance_from_body_reads_identity_generation_and_status() -> None:
 
 
 def test_retained_volume_example_round_trips_through_the_model() -> None:
-    stored = admitted(RETAINED_SCHEMA, load(ROOT / "examples" / "retainedvolume.yaml"))
+    stored = admitted(RETAINED_SCHEMA, load(ROOT / "examples" / "reference" / "retainedvolume.yaml"))
     spec = RetainedVolumeSpec.model_validate(stored["spec"])
     assert spec.dump() == stored["spec"]
     volume = RetainedVolume.from_body(stored)
@@ -193,7 +193,7 @@ def test_succeeded_last_recovery_without_retained_volume_is_accepted() -> None:
 
 @pytest.mark.parametrize("phase", list(RetainedPhase), ids=lambda p: p.value)
 def test_retained_volume_status_written_by_the_models_is_accepted_by_the_crd(phase: RetainedPhase) -> None:
-    body = load(ROOT / "examples" / "retainedvolume.yaml")
+    body = load(ROOT / "examples" / "reference" / "retainedvolume.yaml")
     wire = RetainedVolumeStatus(
         phase=phase,
         snapshot_count=2,

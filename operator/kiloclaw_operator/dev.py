@@ -147,7 +147,7 @@ async def _dev(
 
 async def _apply_examples(api: httpx.AsyncClient, project: Path) -> list[tuple[str, str]]:
     instances: list[tuple[str, str]] = []
-    for name in ("namespace.yaml", "instance.yaml", "instance-minimal.yaml"):
+    for name in ("00-namespace.yaml", "instance.yaml", "instance-minimal.yaml"):
         for doc in yaml.safe_load_all((project / "examples" / name).read_text()):
             if not isinstance(doc, dict):
                 continue

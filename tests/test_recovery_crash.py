@@ -25,11 +25,13 @@ from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture
     APP,
     FlyCreates,
     FlyTap,
+    caught_up,
     fly_requests,
     healthy_fly,
     live_machine_ids,
     live_volume_ids,
     parse_time,
+    replacement_machines_hang,
     running_instance,
     sandbox_id,
     stored_status,
@@ -37,6 +39,7 @@ from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture
     wait_failed,
     wait_recovered,
     wait_step,
+    watch_instance,
 )
 
 pytestmark = pytest.mark.xdist_group("operator-restart")
@@ -205,11 +208,12 @@ async def test_an_operator_killed_after_the_cutover_retains_a_snapshotted_old_vo
     assert live_volume_ids(stack, namespace) == {source_volume, status(done)["volumeId"]}
 
 
-async def test_an_operator_restarted_after_the_deadline_runs_the_failure_cleanup(
+async def test_an_operator_down_past_the_deadline_resumes_the_recovery_with_a_fair_budget_and_finishes_it(
     stack: Stack, namespace: str
 ) -> None:
+    """Operator downtime does not count against a recovery: it is resumed, not failed, on restart."""
     body = await running_instance(stack, namespace)
-    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    source_machine = status(body)["machineId"]
     await stack.restart_operator(recovery_timeout_seconds=2)
     try:
         stack.fly.set_latency(LATENCY, route=NEXT_CALL["ReplacementMachineCreated"])
@@ -217,16 +221,40 @@ async def test_an_operator_restarted_after_the_deadline_runs_the_failure_cleanup
         held = await wait_step(stack, namespace, "ReplacementMachineCreated")
         await stack.crash_operator()
         record = status(held)["recovery"]
-        deadline = parse_time(record["deadline"]).timestamp()
-
-        async def deadline_passed() -> bool | None:
-            return True if time.time() > deadline else None
-
-        await eventually(deadline_passed, timeout=5, what="the recovery deadline passed")
+        await past(parse_time(record["deadline"]).timestamp())
     finally:
         stack.fly.clear_latency()
-        await stack.restart_operator()
-    failed = await wait_failed(stack, namespace)
+    async with watch_instance(stack, namespace, held) as history:
+        await stack.restart_operator(recovery_timeout_seconds=2)
+        done = await wait_recovered(stack, namespace, source_machine)
+        await caught_up(history, done)
+    await stack.restart_operator()
+    st = status(done)
+    assert st["lastRecovery"]["id"] == record["id"]
+    assert st["machineId"] == record["replacementMachineId"]
+    deadlines = {(status(b).get("recovery") or {}).get("deadline") for b in history.bodies} - {None}
+    assert any(parse_time(d) > parse_time(record["deadline"]) for d in deadlines), "the budget was renewed"
+    reasons = await wait_events(stack, namespace, "RecoverySucceeded")
+    assert "RecoveryFailed" not in reasons
+
+
+async def test_a_resumed_recovery_still_fails_on_its_own_merits_and_cleans_up(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    with replacement_machines_hang(stack):
+        await stack.restart_operator(recovery_timeout_seconds=2)
+        try:
+            stack.fly.crash_machine(source_machine)
+            held = await wait_step(stack, namespace, "ReplacementMachineCreated")
+            await stack.crash_operator()
+            record = status(held)["recovery"]
+            await past(parse_time(record["deadline"]).timestamp())
+            await stack.start_operator(recovery_timeout_seconds=2)
+            failed = await wait_failed(stack, namespace)
+        finally:
+            await stack.restart_operator()
     st = status(failed)
     assert st["lastRecovery"]["message"] == TIMEOUT_MESSAGE
     assert st["lastRecovery"]["id"] == record["id"]
@@ -236,3 +264,10 @@ async def test_an_operator_restarted_after_the_deadline_runs_the_failure_cleanup
     assert not fly_requests(stack, "DELETE", f"volumes/{source_volume}")
     assert st["volumeId"] == source_volume and "pendingCleanup" not in st
     assert await stack.list_retained(namespace) == []
+
+
+async def past(moment: float) -> None:
+    async def passed() -> bool | None:
+        return True if time.time() > moment else None
+
+    await eventually(passed, timeout=5, what="the recovery deadline passed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +14,12 @@ import pytest
 from kiloclaw_operator import lifecycle
 from kiloclaw_operator.lifecycle import Action, Observation
 from kiloclaw_operator.models import Instance, Phase
-from kiloclaw_operator.recovery import new_recovery_id, replacement_regions, retained_volume_name
+from kiloclaw_operator.recovery import (
+    new_recovery_id,
+    replacement_regions,
+    resumed_deadline,
+    retained_volume_name,
+)
 
 _ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -188,3 +194,21 @@ def test_a_stopped_machine_seen_again_while_recovering_resumes_the_same_recovery
 def test_a_stopped_machine_outside_running_never_triggers_a_recovery(phase: str) -> None:
     decision = lifecycle.decide(_instance(phase), Observation.found("stopped"))
     assert decision.action is not Action.BEGIN_RECOVERY
+
+
+# --- the deadline of a resumed recovery (issue 10: downtime is not the recovery's fault) ------------------
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def test_a_recovery_resumed_with_more_than_half_its_budget_left_keeps_its_deadline() -> None:
+    deadline = T0 + timedelta(seconds=500)
+    assert resumed_deadline(deadline, T0, 600) == deadline
+
+
+def test_a_recovery_resumed_past_its_deadline_gets_half_the_timeout_from_now() -> None:
+    assert resumed_deadline(T0 - timedelta(hours=2), T0, 600) == T0 + timedelta(seconds=300)
+
+
+def test_a_recovery_resumed_with_little_budget_left_gets_half_the_timeout_from_now() -> None:
+    assert resumed_deadline(T0 + timedelta(seconds=10), T0, 600) == T0 + timedelta(seconds=300)

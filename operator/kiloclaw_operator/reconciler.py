@@ -135,6 +135,8 @@ class InstanceDriver(ObjectDriver):
 
     ctx: Context = field(kw_only=True)
     failures: int = 0
+    # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
+    recoveries_driven: set[str] = field(default_factory=set)
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         annotations = body.get("metadata", {}).get("annotations") or {}

@@ -74,6 +74,20 @@ def replacement_regions(
     return order
 
 
+def resumed_deadline(deadline: datetime, now: datetime, timeout_seconds: float) -> datetime:
+    """The deadline of a recovery that an operator process takes over without having begun it (a restart,
+    or a standby taking over from a dead leader).
+
+    A recovery's deadline measures the recovery, not the operator's absence: the time the operator was down
+    is not the recovery's fault, and how much of the recorded budget was really used before the crash is
+    unknown. The rule: the recovery keeps its recorded deadline if that leaves at least half the recovery
+    timeout, otherwise it gets half the timeout from the moment it is resumed. So a recovery interrupted
+    early keeps its full remaining budget, and one found past its deadline gets a fair half budget; it then
+    fails only on its own merits (a permanent error, or that budget running out while the operator is up).
+    """
+    return max(deadline, now + timedelta(seconds=timeout_seconds / 2))
+
+
 def retained_volume_name(instance_name: str, volume_id: str) -> str:
     """A valid DNS-subdomain name for every admissible input: the CRD keeps instance names to 63 characters,
     and the volume-id suffix keeps only characters a name may end with."""
@@ -103,6 +117,7 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
         source_volume_id=status.volume_id,
         source_region=status.region,
     )
+    driver.recoveries_driven.add(record.id)
     begun = status.model_copy(
         update={"phase": Phase.RECOVERING, "recovery": record, "observed_generation": instance.generation}
     )
@@ -127,6 +142,7 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
 
 async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
     """Run the remaining steps from the last one recorded, until done, failed, or asked to stop."""
+    instance = await _take_over(driver, instance)
     while instance.status.recovery is not None:
         record = instance.status.recovery
         if step_reached(record.step, RecoveryStep.CUT_OVER):
@@ -153,6 +169,34 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
             "no recovery record to resume",
         )
     return instance
+
+
+async def _take_over(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+    """A recovery this operator process did not begin gets a fair budget (``resumed_deadline``), recorded
+    before the next Fly call so that the rule's outcome is visible in ``status.recovery.deadline``."""
+    record = instance.status.recovery
+    if record is None or record.id in driver.recoveries_driven:
+        return instance
+    driver.recoveries_driven.add(record.id)
+    if step_reached(record.step, RecoveryStep.CUT_OVER):
+        return instance
+    deadline = resumed_deadline(
+        record.deadline, driver.ctx.clock(), driver.ctx.settings.recovery_timeout_seconds
+    )
+    if deadline == record.deadline:
+        return instance
+    logger.info(
+        "resuming recovery %s after an operator restart: deadline moved from %s to %s",
+        record.id,
+        record.deadline.isoformat(),
+        deadline.isoformat(),
+        extra=_fields(instance),
+    )
+    return await driver.commit(
+        instance,
+        instance.status.model_copy(update={"recovery": record.model_copy(update={"deadline": deadline})}),
+        "a resumed recovery gets a fair budget: the new deadline is recorded before the next Fly call",
+    )
 
 
 async def settle_for_deletion(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:

@@ -277,7 +277,14 @@ def field(record: logging.LogRecord, name: str) -> Any:
 
 
 def recoveries(outcome: str) -> float:
-    return REGISTRY.get_sample_value("kiloclaw_recoveries_total", {"outcome": outcome}) or 0.0
+    """Recoveries with ``outcome``, whatever their reason."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "kiloclaw_recoveries"
+        for sample in metric.samples
+        if sample.name == "kiloclaw_recoveries_total" and sample.labels.get("outcome") == outcome
+    )
 
 
 def recovery_durations() -> float:

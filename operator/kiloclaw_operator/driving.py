@@ -62,11 +62,6 @@ class ObjectDriver:
         self.latest = body
         return previous is None or self.work_signature(previous) != self.work_signature(body)
 
-    @property
-    def metric_key(self) -> str:
-        uid = (self.latest or {}).get("metadata", {}).get("uid")
-        return str(uid) if uid else f"{self.namespace}/{self.name}"
-
     def wake(self) -> None:
         self.wakeup.set()
 
@@ -150,3 +145,14 @@ class DriverRegistry(Generic[D]):
 
     def __len__(self) -> int:
         return len(self._drivers)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The newest body of every known object (for metrics counted at scrape time, from another thread:
+        the copy is taken in one step, and a resize racing it is simply retried)."""
+        for _ in range(3):
+            try:
+                drivers = list(self._drivers.values())
+            except RuntimeError:
+                continue
+            return [driver.latest for driver in drivers if driver.latest is not None]
+        return []

@@ -27,6 +27,7 @@ from .kube import (
     write_temp_pem,
 )
 from .kubeconfig import KubeconfigError, load_kubeconfig
+from .metrics import OBJECTS
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import Context, InstanceDriver, RetryLater, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
@@ -61,6 +62,7 @@ class Runtime:
         self._instances = instance_drivers(self._ctx)
         self._retained = retained_volume_drivers(self._ctx)
         observation.bind_wakeups(observer, self._instances)
+        OBJECTS.attach(self._instances.bodies, self._retained.bodies)
         self.ready.set()
 
     @property
@@ -74,6 +76,7 @@ class Runtime:
         return self._retained
 
     async def aclose(self) -> None:
+        OBJECTS.detach()
         if self._feed is not None:
             self._feed.cancel()
         await self.fly.aclose()

@@ -2,53 +2,107 @@
 
 from __future__ import annotations
 
-import threading
+import platform
+from collections import Counter as TallyCounter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-RECOVERIES = Counter("kiloclaw_recoveries_total", "Unexpected-stop recoveries by outcome", ["outcome"])
+from . import __version__
+from .models import Phase, RetainedPhase
+
+RECOVERIES = Counter(
+    "kiloclaw_recoveries_total",
+    "Unexpected-stop recoveries by outcome; failures carry a reason (timeout, no_capacity, "
+    "source_volume_missing, fly_rejected, not_found, ownership_mismatch, deleted, step_failed)",
+    ["outcome", "reason"],
+)
 RECOVERY_DURATION = Histogram(
     "kiloclaw_recovery_duration_seconds",
     "Duration of unexpected-stop recoveries, from trigger to cutover or failure",
     buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900),
 )
-INSTANCES = Gauge("kiloclaw_instances", "KiloClawInstances by phase", ["phase"])
-RETAINED_VOLUMES = Gauge("kiloclaw_retained_volumes", "KiloClawRetainedVolumes by phase", ["phase"])
-INSTANCES_STALLED = Gauge(
-    "kiloclaw_instances_stalled", "KiloClawInstances with Stalled=True, by the condition's reason", ["reason"]
-)
+BUILD_INFO = Info("kiloclaw_build", "The running operator's version and Python")
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+
+Bodies = Callable[[], Iterable[Mapping[str, Any]]]
 
 
-class PhaseCounter:
-    """Keeps one phase per object and publishes the counts as a gauge, so the gauge never drifts."""
-
-    def __init__(self, gauge: Gauge, label: str = "phase") -> None:
-        self._gauge = gauge
-        self._label = label
-        self._phases: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def set(self, uid: str, phase: str) -> None:
-        with self._lock:
-            previous = self._phases.get(uid)
-            if previous == phase:
-                return
-            self._phases[uid] = phase
-            if previous is not None:
-                self._gauge.labels(**{self._label: previous}).dec()
-            self._gauge.labels(**{self._label: phase}).inc()
-
-    def forget(self, uid: str) -> None:
-        with self._lock:
-            previous = self._phases.pop(uid, None)
-            if previous is not None:
-                self._gauge.labels(**{self._label: previous}).dec()
+def _nothing() -> Iterable[Mapping[str, Any]]:
+    return ()
 
 
-INSTANCE_PHASES = PhaseCounter(INSTANCES)
-RETAINED_PHASES = PhaseCounter(RETAINED_VOLUMES)
-# Stalled instances by reason (RecoveryFailed, InvalidSpec, FlyUnauthorized, DuplicateSandbox...): the alerts'
-# "needs a person" signal; a Failed phase is always Stalled too.
-STALLED_REASONS = PhaseCounter(INSTANCES_STALLED, label="reason")
+class ObjectsCollector(Collector):
+    """Counts the objects the operator knows, by phase (and stalled reason, and recoveries in flight), at
+    scrape time from the bodies its drivers hold: true right after a restart, never drifting, and gone with
+    the object. A running operator attaches its driver registries; a standby attaches nothing."""
+
+    def __init__(self) -> None:
+        self._instances: Bodies = _nothing
+        self._retained: Bodies = _nothing
+
+    def attach(self, instances: Bodies, retained: Bodies) -> None:
+        self._instances, self._retained = instances, retained
+
+    def detach(self) -> None:
+        self._instances, self._retained = _nothing, _nothing
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(_nothing, _nothing)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._instances, self._retained)
+
+    @staticmethod
+    def _families(instances: Bodies, retained: Bodies) -> list[Metric]:
+        phases: TallyCounter[str] = TallyCounter({p.value: 0 for p in Phase})
+        stalled: TallyCounter[str] = TallyCounter()
+        in_flight = 0
+        for body in instances():
+            status = body.get("status") or {}
+            phases[str(status.get("phase") or Phase.PENDING.value)] += 1
+            reason = next(
+                (
+                    c.get("reason")
+                    for c in status.get("conditions") or []
+                    if c.get("type") == "Stalled" and c.get("status") == "True"
+                ),
+                None,
+            )
+            if reason:
+                stalled[str(reason)] += 1
+            if status.get("recovery"):
+                in_flight += 1
+        retained_phases: TallyCounter[str] = TallyCounter({p.value: 0 for p in RetainedPhase})
+        for body in retained():
+            retained_phases[str((body.get("status") or {}).get("phase") or RetainedPhase.RETAINED.value)] += 1
+
+        by_phase = GaugeMetricFamily("kiloclaw_instances", "KiloClawInstances by phase", labels=["phase"])
+        for phase, count in sorted(phases.items()):
+            by_phase.add_metric([phase], count)
+        by_reason = GaugeMetricFamily(
+            "kiloclaw_instances_stalled",
+            "KiloClawInstances with Stalled=True, by the condition's reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stalled.items()):
+            by_reason.add_metric([reason], count)
+        recovering = GaugeMetricFamily(
+            "kiloclaw_recoveries_in_flight", "Unexpected-stop recoveries begun and not yet finished"
+        )
+        recovering.add_metric([], in_flight)
+        kept = GaugeMetricFamily(
+            "kiloclaw_retained_volumes", "KiloClawRetainedVolumes by phase", labels=["phase"]
+        )
+        for phase, count in sorted(retained_phases.items()):
+            kept.add_metric([phase], count)
+        return [by_phase, by_reason, recovering, kept]
+
+
+OBJECTS = ObjectsCollector()
+REGISTRY.register(OBJECTS)
 
 LEADER = Gauge("kiloclaw_leader", "1 while this replica holds the leader Lease and runs the operator")

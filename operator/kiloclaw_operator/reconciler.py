@@ -25,7 +25,6 @@ from .fly import set_log_context as set_fly_log_context
 from .fly.models import Machine, Volume
 from .kube import KubeClient, KubeError
 from .lifecycle import Action, Decision, Observation
-from .metrics import INSTANCE_PHASES, STALLED_REASONS
 from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
@@ -142,11 +141,6 @@ class InstanceDriver(ObjectDriver):
         annotations = body.get("metadata", {}).get("annotations") or {}
         return (*super().work_signature(body), annotations.get(RETRY_ANNOTATION))
 
-    def forgotten(self) -> None:
-        super().forgotten()
-        INSTANCE_PHASES.forget(self.metric_key)
-        STALLED_REASONS.forget(self.metric_key)
-
     def current(self) -> Instance:
         if self.latest is None:
             raise RuntimeError(f"instance {self.namespace}/{self.name} has no known body yet")
@@ -170,14 +164,7 @@ class InstanceDriver(ObjectDriver):
             return instance
         logger.debug("status committed: %s", why, extra=self._log_fields(instance))
         self.offer(body)
-        updated = Instance.from_body(body)
-        INSTANCE_PHASES.set(self.metric_key, updated.status.phase.value)
-        stalled = updated.status.condition("Stalled")
-        if stalled is not None and stalled.status == "True":
-            STALLED_REASONS.set(self.metric_key, stalled.reason)
-        else:
-            STALLED_REASONS.forget(self.metric_key)
-        return updated
+        return Instance.from_body(body)
 
     def _log_fields(self, instance: Instance) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -696,8 +683,6 @@ class InstanceDriver(ObjectDriver):
                 ),
                 "Fly confirmed machine and volume gone",
             )
-            INSTANCE_PHASES.forget(self.metric_key)
-            STALLED_REASONS.forget(self.metric_key)
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

@@ -53,6 +53,25 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 class RecoveryStepFailed(Exception):
     """A recovery step cannot succeed; the attempt fails and is cleaned up."""
 
+    def __init__(self, message: str, reason: str = "step_failed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def failure_reason(exc: Exception) -> str:
+    """The ``reason`` label of ``kiloclaw_recoveries_total{outcome="failed"}``: a small fixed vocabulary."""
+    if isinstance(exc, RecoveryStepFailed):
+        return exc.reason
+    if isinstance(exc, OwnershipMismatch):
+        return "ownership_mismatch"
+    if isinstance(exc, Capacity):
+        return "no_capacity"
+    if isinstance(exc, NotFound):
+        return "not_found"
+    if isinstance(exc, Fatal):
+        return "fly_rejected"
+    return "step_failed"
+
 
 def new_recovery_id() -> str:
     """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32 (sortable by start time)."""
@@ -150,7 +169,7 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
         if driver.stop_requested.is_set():
             return instance
         if driver.ctx.clock() >= record.deadline:
-            return await fail(driver, instance, TIMEOUT_MESSAGE, label="timeout")
+            return await fail(driver, instance, TIMEOUT_MESSAGE, label="timeout", reason="timeout")
         instance = await driver.announce_deferral(instance)
         try:
             instance = await _run_step(driver, instance)
@@ -160,7 +179,7 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
             # retries the pass with backoff (honouring Retry-After) until the deadline; the step then runs
             # again from the last recorded one, and a create first adopts what a lost reply left behind.
             message = f"step after {record.step.value} failed: {exc}"
-            return await fail(driver, instance, message, label="step_failed")
+            return await fail(driver, instance, message, label="step_failed", reason=failure_reason(exc))
     if instance.status.phase is Phase.RECOVERING:
         # A Recovering phase without a recovery record cannot be resumed: settle it, never guess ids.
         return await driver.commit(
@@ -207,7 +226,7 @@ async def settle_for_deletion(driver: InstanceDriver, instance: InstanceModel) -
         return instance
     if step_reached(record.step, RecoveryStep.CUT_OVER):
         return await _dispose_of_source_volume(driver, instance)
-    return await fail(driver, instance, "instance deleted during recovery", label="deleted")
+    return await fail(driver, instance, "instance deleted during recovery", label="deleted", reason="deleted")
 
 
 # --- steps 2-7 --------------------------------------------------------------------------------------------
@@ -224,7 +243,9 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
         try:
             await fly.get_volume(app, record.source_volume_id)
         except NotFound:
-            raise RecoveryStepFailed(f"source volume missing: {record.source_volume_id}") from None
+            raise RecoveryStepFailed(
+                f"source volume missing: {record.source_volume_id}", "source_volume_missing"
+            ) from None
         return await _record(driver, instance, RecoveryStep.SOURCE_VOLUME_CHECKED, "source volume exists")
 
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
@@ -325,7 +346,7 @@ async def _replacement_volume(
         except Capacity as exc:
             errors.append(f"{region}: {exc.message}")
     raise RecoveryStepFailed(
-        "no capacity for the replacement volume in any region (" + "; ".join(errors) + ")"
+        "no capacity for the replacement volume in any region (" + "; ".join(errors) + ")", "no_capacity"
     )
 
 
@@ -458,7 +479,7 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
         "recovery finished: old volume disposed of",
     )
     duration = last.duration_seconds if last is not None else (now - record.started_at).total_seconds()
-    RECOVERIES.labels(outcome="succeeded").inc()
+    RECOVERIES.labels(outcome="succeeded", reason="").inc()
     RECOVERY_DURATION.observe(duration)
     # The analytics record and metrics come first: once the Event is visible, they are too.
     analytics.info(
@@ -508,7 +529,9 @@ def _retained_volume_body(
 # --- failure ----------------------------------------------------------------------------------------------
 
 
-async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *, label: str) -> InstanceModel:
+async def fail(
+    driver: InstanceDriver, instance: InstanceModel, message: str, *, label: str, reason: str
+) -> InstanceModel:
     """Failure cleanup shared by errors, the deadline and deletion: remove the replacement resources (never
     the source volume), settle in Stopped, stall until a person acts."""
     record = instance.status.recovery
@@ -589,7 +612,7 @@ async def fail(driver: InstanceDriver, instance: InstanceModel, message: str, *,
     instance = await driver.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )
-    RECOVERIES.labels(outcome="failed").inc()
+    RECOVERIES.labels(outcome="failed", reason=reason).inc()
     RECOVERY_DURATION.observe(duration)
     # The analytics record and metrics come first: once the Event is visible, they are too.
     analytics.info(

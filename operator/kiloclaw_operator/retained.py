@@ -38,7 +38,6 @@ from .config import Settings
 from .driving import DriverRegistry, ObjectDriver
 from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
 from .kube import KubeError, KubeNotFound
-from .metrics import RETAINED_PHASES
 from .models import (
     INSTANCE_KIND,
     Condition,
@@ -345,10 +344,6 @@ class RetainedVolumeDriver(ObjectDriver):
     observed_generation: int | None = None
     observed_until: float = 0.0
 
-    def forgotten(self) -> None:
-        super().forgotten()
-        RETAINED_PHASES.forget(self.metric_key)
-
     def current(self) -> RetainedVolume:
         if self.latest is None:
             raise RuntimeError(f"retained volume {self.namespace}/{self.name} has no known body yet")
@@ -374,9 +369,7 @@ class RetainedVolumeDriver(ObjectDriver):
             return retained
         logger.debug("status committed: %s", why, extra=self._log_fields(retained))
         self.offer(body)
-        updated = RetainedVolume.from_body(body)
-        RETAINED_PHASES.set(self.metric_key, updated.status.phase.value)
-        return updated
+        return RetainedVolume.from_body(body)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -406,7 +399,6 @@ class RetainedVolumeDriver(ObjectDriver):
                     "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(retained)
                 )
                 return settings.retry_backoff_min_seconds
-            RETAINED_PHASES.set(self.metric_key, retained.status.phase.value)
             return next_check_delay(retained, self.ctx.clock(), settings)
 
     async def _reconcile(self, retained: RetainedVolume) -> RetainedVolume:
@@ -540,7 +532,6 @@ class RetainedVolumeDriver(ObjectDriver):
     async def _release(self, retained: RetainedVolume) -> None:
         """The volume is gone: delete the resource; the finalizer then finds nothing left to do."""
         await self.ctx.kube.delete_retained_volume(retained.ref.namespace, retained.ref.name)
-        RETAINED_PHASES.forget(self.metric_key)
         self.stop()
 
     # --- deletion through the finalizer -----------------------------------------------------------------
@@ -573,7 +564,6 @@ class RetainedVolumeDriver(ObjectDriver):
                     retained.status.last_error or "volume not deleted yet",
                     _seconds_until(retry_at, self.ctx.clock()),
                 )
-            RETAINED_PHASES.forget(self.metric_key)
             self.stop()
 
 

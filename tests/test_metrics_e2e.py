@@ -1,0 +1,145 @@
+"""Metrics that are true (issue 10, item 7): object counts computed at scrape time, right after a restart; a
+recoveries-in-flight gauge; a ``reason`` on failed recoveries; ``kiloclaw_build_info``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from flysim import FlySimulator
+from harness import CRDS, FLY_TOKEN, Stack, eventually, status
+from kiloclaw_operator import __version__
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kubesim import KubeSim
+from test_monitoring import free_port, wait_for_metrics
+from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture)
+    APP,
+    healthy_fly,
+    replacement_machines_hang,
+    running_instance,
+    wait_failed,
+    wait_step,
+)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_build_info_names_the_version_and_python() -> None:
+    info = {"version": __version__, "python": platform.python_version()}
+    assert REGISTRY.get_sample_value("kiloclaw_build_info", info) == 1
+
+
+async def test_recoveries_in_flight_counts_a_recovery_until_it_ends_and_a_failure_carries_its_reason(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    before = sample("kiloclaw_recoveries_total", outcome="failed", reason="fly_rejected")
+    stack.fly.inject_faults(f"POST /v1/apps/{APP}/machines", 422, count=1)
+    stack.fly.set_latency(1.0, route=f"POST /v1/apps/{APP}/volumes")  # a recovery in flight for a while
+    stack.fly.crash_machine(status(body)["machineId"])
+    await wait_step(stack, namespace, "SourceMachineDestroyed")
+
+    async def counted() -> bool | None:
+        return True if sample("kiloclaw_recoveries_in_flight") >= 1 else None
+
+    await eventually(counted, timeout=5, what="the recovery counted in flight")
+    await wait_failed(stack, namespace)
+    assert sample("kiloclaw_recoveries_total", outcome="failed", reason="fly_rejected") == before + 1
+
+    async def none_in_flight() -> bool | None:
+        instances = await stack.api.get(f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}")
+        recovering = sum(1 for i in instances.json()["items"] if status(i).get("recovery"))
+        return True if sample("kiloclaw_recoveries_in_flight") == recovering else None
+
+    await eventually(none_in_flight, timeout=10, what="the gauge agrees with the API server")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[KubeSim, FlySimulator]]:
+    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
+    kube.start_in_thread()
+    fly.start_in_thread()
+    kube.load_crds([CRDS])
+    kube.create_namespace("metrics")
+    try:
+        yield kube, fly
+    finally:
+        kube.stop_thread()
+        fly.stop_thread()
+
+
+def operator_process(
+    tmp_path: Path, kube: KubeSim, fly: FlySimulator, metrics_port: int, log_name: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        "FLY_API_TOKEN": FLY_TOKEN,
+        "FLY_API_BASE_URL": fly.base_url,
+        "KILOCLAW_POLL_BUSY_SECONDS": "0.2",
+        "KILOCLAW_POLL_RUNNING_SECONDS": "0.5",
+        "KILOCLAW_METRICS_PORT": str(metrics_port),
+        "KILOCLAW_HEALTH_PORT": str(free_port()),
+    }
+    log = (tmp_path / log_name).open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "kiloclaw_operator", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def test_instance_phases_are_counted_right_after_a_restart_without_any_status_change(
+    tmp_path: Path, cluster: tuple[KubeSim, FlySimulator]
+) -> None:
+    kube, fly = cluster
+    kube.create_object(
+        GROUP,
+        VERSION,
+        INSTANCE_PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "KiloClawInstance",
+            "metadata": {"name": "counted", "namespace": "metrics"},
+            "spec": {"sandboxId": "ki_counted", "userId": "u", "flyApp": "acct-metrics", "image": "img:1"},
+        },
+        namespace="metrics",
+    )
+    port = free_port()
+    first = operator_process(tmp_path, kube, fly, port, "first.log")
+    try:
+        wait_for_metrics(f"http://127.0.0.1:{port}/metrics", first, 'kiloclaw_instances{phase="Running"} 1.0')
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    stored = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "metrics", "counted")
+    assert stored is not None
+    version = stored["metadata"]["resourceVersion"]
+
+    port = free_port()
+    second = operator_process(tmp_path, kube, fly, port, "second.log")
+    try:
+        text = wait_for_metrics(
+            f"http://127.0.0.1:{port}/metrics", second, 'kiloclaw_instances{phase="Running"} 1.0'
+        )
+        assert 'kiloclaw_instances{phase="Stopped"} 0.0' in text.splitlines()
+        assert "kiloclaw_recoveries_in_flight 0.0" in text.splitlines()
+        assert "kiloclaw_build_info{" in text
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.wait()
+    # Counted from what the restarted operator read, not from a status write it made.
+    stored = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "metrics", "counted")
+    assert stored is not None and stored["metadata"]["resourceVersion"] == version

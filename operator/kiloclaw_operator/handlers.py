@@ -62,7 +62,7 @@ class Runtime:
         self._instances = instance_drivers(self._ctx)
         self._retained = retained_volume_drivers(self._ctx)
         observation.bind_wakeups(observer, self._instances)
-        OBJECTS.attach(self._instances.bodies, self._retained.bodies)
+        OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
         self.ready.set()
 
     @property
@@ -76,7 +76,7 @@ class Runtime:
         return self._retained
 
     async def aclose(self) -> None:
-        OBJECTS.detach()
+        OBJECTS.detach(self)
         if self._feed is not None:
             self._feed.cancel()
         await self.fly.aclose()

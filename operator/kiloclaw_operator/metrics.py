@@ -41,20 +41,25 @@ class ObjectsCollector(Collector):
     the object. A running operator attaches its driver registries; a standby attaches nothing."""
 
     def __init__(self) -> None:
-        self._instances: Bodies = _nothing
-        self._retained: Bodies = _nothing
+        # The most recently attached running operator counts; more than one exists only in tests that run
+        # operators in one process, and one stopping must not blank out another.
+        self._sources: list[tuple[object, Bodies, Bodies]] = []
 
-    def attach(self, instances: Bodies, retained: Bodies) -> None:
-        self._instances, self._retained = instances, retained
+    def attach(self, owner: object, instances: Bodies, retained: Bodies) -> None:
+        self._sources.append((owner, instances, retained))
 
-    def detach(self) -> None:
-        self._instances, self._retained = _nothing, _nothing
+    def detach(self, owner: object) -> None:
+        self._sources = [source for source in self._sources if source[0] is not owner]
 
     def describe(self) -> Iterable[Metric]:
         return self._families(_nothing, _nothing)
 
     def collect(self) -> Iterable[Metric]:
-        return self._families(self._instances, self._retained)
+        sources = self._sources
+        if not sources:
+            return self._families(_nothing, _nothing)
+        _, instances, retained = sources[-1]
+        return self._families(instances, retained)
 
     @staticmethod
     def _families(instances: Bodies, retained: Bodies) -> list[Metric]:

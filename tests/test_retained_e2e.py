@@ -44,17 +44,20 @@ def fly_volume(stack: Stack, name: str = "kiloclaw_retained", region: str = "iad
 
 async def attach_machine(fly_api: httpx.AsyncClient, volume_id: str, sandbox_id: str | None) -> str:
     metadata = {"kiloclaw_sandbox_id": sandbox_id} if sandbox_id else {}
-    response = await fly_api.post(
-        f"/apps/{APP}/machines",
-        json={
-            "region": "iad",
-            "config": {
-                "image": "registry.fly.io/other:1",
-                "metadata": metadata,
-                "mounts": [{"volume": volume_id, "path": "/data"}],
-            },
+    body = {
+        "region": "iad",
+        "config": {
+            "image": "registry.fly.io/other:1",
+            "metadata": metadata,
+            "mounts": [{"volume": volume_id, "path": "/data"}],
         },
-    )
+    }
+
+    async def created() -> httpx.Response | None:
+        response = await fly_api.post(f"/apps/{APP}/machines", json=body)
+        return None if response.status_code == 429 else response  # Fly's create rate limit: try again
+
+    response = await eventually(created, timeout=10, what="a machine created past Fly's rate limit")
     assert response.status_code == 200, response.text
     machine_id: str = response.json()["id"]
     return machine_id

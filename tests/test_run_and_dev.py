@@ -229,8 +229,8 @@ def test_top_level_and_run_help_show_no_docstring_markup() -> None:
 
 
 def succeeded_recoveries(metrics: str) -> float:
-    prefix = 'kiloclaw_recoveries_total{outcome="succeeded"} '
-    return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
+    prefix = 'kiloclaw_recoveries_total{outcome="succeeded"'  # whatever the reason label says
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
 
 
 # --- dev ------------------------------------------------------------------------------------------------

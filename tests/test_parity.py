@@ -650,6 +650,69 @@ def test_a_status_write_names_the_status_itself_with_an_empty_path(
     ]
 
 
+def test_leases_decode_into_go_types_and_are_validated(client: httpx.Client, namespace: str) -> None:
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    spec = {
+        "holderIdentity": "replica-a",
+        "leaseDurationSeconds": 15,
+        "acquireTime": "2026-12-01T15:00:00.000000Z",
+        "renewTime": "2026-12-01T15:00:00.123456+02:00",
+        "leaseTransitions": 0,
+    }
+
+    def lease(name: str, **changes: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name},
+            "spec": {**spec, **changes},
+        }
+
+    created = client.post(leases, json=lease("leader"))
+    assert created.status_code == 201, created.text
+    assert "generation" not in created.json()["metadata"]
+    for name, changes, code, field in (
+        ("zero", {"leaseDurationSeconds": 0}, 422, "spec.leaseDurationSeconds"),
+        ("negative", {"leaseTransitions": -1}, 422, "spec.leaseTransitions"),
+    ):
+        response = client.post(leases, json=lease(name, **changes))
+        assert response.status_code == code and causes(response) == [(field, "FieldValueInvalid")]
+    for name, changes in (
+        ("seconds-only", {"renewTime": "2026-12-01T15:00:00Z"}),  # MicroTime: exactly six fractional digits
+        ("millis", {"acquireTime": "2026-12-01T15:00:00.123Z"}),
+        ("worded", {"renewTime": "yesterday"}),
+        ("textual", {"leaseDurationSeconds": "15"}),
+    ):
+        response = client.post(leases, json=lease(name, **changes))
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["message"].startswith('Lease in version "v1" cannot be handled as a Lease: ')
+    strict = client.post(leases, params={"fieldValidation": "Strict"}, json=lease("strict", bogus=1))
+    assert strict.status_code == 400 and strict.json()["message"].endswith('unknown field "spec.bogus"')
+    unconditional = client.put(f"{leases}/leader", json=lease("leader", holderIdentity="replica-b"))
+    assert invalid(unconditional)["message"] == (
+        'leases.coordination.k8s.io "leader" is invalid: metadata.resourceVersion: Invalid value: 0: '
+        "must be specified for an update"
+    )
+    strategic = client.patch(
+        f"{leases}/leader",
+        content=json.dumps({"spec": {"holderIdentity": "replica-c"}}),
+        headers={"Content-Type": "application/strategic-merge-patch+json"},
+    )
+    assert strategic.status_code == 200 and strategic.json()["spec"]["holderIdentity"] == "replica-c"
+
+
+def test_only_custom_resources_and_crds_carry_a_generation(client: httpx.Client, namespace: str) -> None:
+    namespace_object = client.get(f"/api/v1/namespaces/{namespace}").json()
+    assert "generation" not in namespace_object["metadata"]
+    labelled = merge(client, f"/api/v1/namespaces/{namespace}", {"metadata": {"labels": {"a": "b"}}}).json()
+    assert "generation" not in labelled["metadata"]
+    event = {"metadata": {"name": "e"}, "involvedObject": {"namespace": namespace}, "reason": "R"}
+    posted = client.post(f"/api/v1/namespaces/{namespace}/events", json=event).json()
+    assert "generation" not in posted["metadata"]
+    assert create(client, namespace, widget("generational"))["metadata"]["generation"] == 1
+    assert client.get(f"{CRDS_PATH}/{PLURAL}.{GROUP}").json()["metadata"]["generation"] >= 1
+
+
 # -- custom-resource metadata validation ---------------------------------------------------------------------
 
 DNS_SUBDOMAIN_ERROR = (

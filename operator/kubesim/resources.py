@@ -85,6 +85,27 @@ LEASES = ResourceType(
     singular="lease",
     kind="Lease",
     namespaced=True,
+    # Only so that unknown fields are pruned (with a warning) or refused with Strict field validation, as
+    # the Go decoder does; the Go types themselves are checked by the store (400 when they do not decode).
+    schemas={
+        "v1": {
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "properties": {
+                        "holderIdentity": {"type": "string"},
+                        "leaseDurationSeconds": {"type": "integer"},
+                        "acquireTime": {"type": "string"},
+                        "renewTime": {"type": "string"},
+                        "leaseTransitions": {"type": "integer"},
+                        "strategy": {"type": "string"},
+                        "preferredHolder": {"type": "string"},
+                    },
+                }
+            },
+        }
+    },
 )
 BUILTINS = (NAMESPACES, EVENTS, CRDS, LEASES)
 

@@ -135,8 +135,8 @@ def _duplicate_fields(raw: bytes) -> list[str]:
 
 
 def _require_resource_version(resource_type: ResourceType, name: str, body: Any) -> None:
-    """Custom resources (and CRDs) refuse unconditional updates: a PUT must carry the resourceVersion."""
-    if not (resource_type.custom or resource_type.plural == "customresourcedefinitions"):
+    """Custom resources, CRDs and Leases refuse unconditional updates: a PUT carries the resourceVersion."""
+    if not (resource_type.custom or resource_type.plural in ("customresourcedefinitions", "leases")):
         return
     metadata = body.get("metadata") if isinstance(body, dict) else None
     if isinstance(metadata, dict) and metadata.get("resourceVersion"):

@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import json
 import random
+import re
 import threading
 import uuid
 from collections import deque
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubesim import errors, metavalidation
-from kubesim.resources import BUILTINS, CRD_GROUP, CRD_PLURAL, EVENTS, NAMESPACES, ResourceType
+from kubesim.resources import BUILTINS, CRD_GROUP, CRD_PLURAL, EVENTS, LEASES, NAMESPACES, ResourceType
 from kubesim.resources import resource_type_from_crd as _resource_type_from_crd
 
 ObjectKey = tuple[str, str]  # (namespace or "", name)
@@ -150,6 +151,82 @@ def stop_collecting_warnings() -> None:
 
 _STRING_MAPS = ("labels", "annotations")
 _STRINGS = ("name", "generateName", "namespace", "uid", "resourceVersion", "creationTimestamp")
+
+
+def _has_generation(resource_type: ResourceType) -> bool:
+    """Custom resources and CRDs track metadata.generation; Namespaces, Events and Leases do not."""
+    return resource_type.custom or resource_type.key == (CRD_GROUP, CRD_PLURAL)
+
+
+_MICRO_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}(Z|[+-][0-9]{2}:[0-9]{2})\Z"
+)
+_MICRO_TIME_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
+_LEASE_SPEC = {
+    "holderIdentity": "string",
+    "leaseDurationSeconds": "int32",
+    "acquireTime": "MicroTime",
+    "renewTime": "MicroTime",
+    "leaseTransitions": "int32",
+    "strategy": "string",
+    "preferredHolder": "string",
+}
+
+
+def _check_lease(lease: dict[str, Any]) -> None:
+    """coordination.k8s.io/v1 Lease: Go types (int32, RFC 3339 with exactly six fractional digits for
+    MicroTime) decode or the request is a 400; then durations > 0 and transitions >= 0 (422)."""
+
+    def undecodable(problem: str) -> errors.ApiError:
+        return errors.bad_request(f'Lease in version "v1" cannot be handled as a Lease: {problem}')
+
+    spec = lease.get("spec")
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise undecodable(
+            f"json: cannot unmarshal {_go_type(spec)} into Go struct field Lease.spec of type v1.LeaseSpec"
+        )
+    for key, kind in _LEASE_SPEC.items():
+        value = spec.get(key)
+        if value is None:
+            continue
+        if kind == "int32":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+                raise undecodable(
+                    f"json: cannot unmarshal {_go_type(value)} into Go struct field LeaseSpec.spec.{key} of "
+                    "type int32"
+                )
+        elif not isinstance(value, str):
+            raise undecodable(
+                f"json: cannot unmarshal {_go_type(value)} into Go struct field LeaseSpec.spec.{key} of type "
+                + ("string" if kind == "string" else "v1.MicroTime")
+            )
+        elif kind == "MicroTime" and value and not _is_micro_time(value):
+            raise undecodable(f'parsing time "{value}" as "{_MICRO_TIME_LAYOUT}": cannot parse "{value}"')
+    problems = []
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and duration <= 0:
+        problems.append(f"spec.leaseDurationSeconds: Invalid value: {int(duration)}: must be greater than 0")
+    transitions = spec.get("leaseTransitions")
+    if transitions is not None and transitions < 0:
+        problems.append(
+            f"spec.leaseTransitions: Invalid value: {int(transitions)}: must be greater than or equal to 0"
+        )
+    if problems:
+        raise errors.invalid_fields(
+            "coordination.k8s.io", "Lease", lease["metadata"].get("name", ""), problems
+        )
+
+
+def _is_micro_time(value: str) -> bool:
+    if _MICRO_TIME.match(value) is None:
+        return False
+    try:
+        datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _default_crd(crd: dict[str, Any]) -> None:
@@ -506,7 +583,8 @@ class Store:
                 metadata["namespace"] = namespace
             metadata["uid"] = str(uuid.uuid4())
             metadata["creationTimestamp"] = now_timestamp()
-            metadata["generation"] = 1
+            if _has_generation(resource_type):
+                metadata["generation"] = 1
             obj["apiVersion"] = resource_type.api_version(version)
             obj["kind"] = resource_type.kind
             if resource_type.has_status(version):
@@ -682,6 +760,8 @@ class Store:
             obj["status"] = {"phase": "Active"}
         elif resource_type is EVENTS:
             _check_event(obj)
+        elif resource_type is LEASES:
+            _check_lease(obj)
         elif resource_type.key == (CRD_GROUP, CRD_PLURAL):
             resource_type_from = _resource_type_from_crd(obj)  # refuses malformed CRDs with 422
             _default_crd(obj)
@@ -843,6 +923,8 @@ class Store:
             _resource_type_from_crd(result)  # refuses malformed CRDs with 422 before storing
             _check_crd_update(result, old)
             _default_crd(result)
+        if resource_type is LEASES:
+            _check_lease(result)
 
         meta_problems = metavalidation.object_meta_update(result["metadata"], _name_validator(resource_type))
         result = self._admit(resource_type, version, result, old, strict, subresource, extra=meta_problems)
@@ -850,8 +932,9 @@ class Store:
             return old  # no-op: same resourceVersion, no watch event
 
         ignored = ("metadata", "status") if with_status else ("metadata",)
-        if _without(result, *ignored, "apiVersion") != _without(old, *ignored, "apiVersion"):
-            result["metadata"]["generation"] = int(old_meta.get("generation", 1)) + 1
+        changed = _without(result, *ignored, "apiVersion") != _without(old, *ignored, "apiVersion")
+        if changed and "generation" in old_meta:
+            result["metadata"]["generation"] = int(old_meta["generation"]) + 1
         if dry_run:
             return result
         result["metadata"]["resourceVersion"] = self._next_resource_version()
@@ -884,10 +967,11 @@ class Store:
                     **old_meta,
                     "deletionTimestamp": now_timestamp(),
                     "deletionGracePeriodSeconds": 0,
-                    "generation": int(old_meta.get("generation", 1)) + 1,
                     "resourceVersion": self._next_resource_version(),
                 },
             }
+            if "generation" in old_meta:
+                marked["metadata"]["generation"] = int(old_meta["generation"]) + 1
             self._objects[resource_type.key][key] = marked
             self._emit(resource_type, "MODIFIED", marked, old)
             return marked

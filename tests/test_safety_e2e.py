@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from prometheus_client import REGISTRY
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
 from kiloclaw_operator.models import volume_name
+from test_recovery_e2e import set_fly_state
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "instance.yaml"
 
@@ -156,3 +158,68 @@ async def test_a_revoked_token_stalls_until_the_rotated_secret_file_is_read_and_
     finally:
         stack.fly.token = FLY_TOKEN
         await stack.restart_operator()
+
+
+async def test_deleting_an_instance_leaves_a_machine_that_merely_carries_its_sandbox_id(
+    stack: Stack, namespace: str
+) -> None:
+    app = f"acct-{namespace}"
+    body = await stack.create_instance(namespace, "own", flyApp=app)
+    mine = status(await running_and_ready(stack, namespace, "own"))
+    other_volume = stack.fly.create_volume(app, "someone_elses", "iad")["id"]
+    async with httpx.AsyncClient(
+        base_url=f"{stack.fly.base_url}/v1", headers={"Authorization": f"Bearer {FLY_TOKEN}"}
+    ) as fly:
+
+        async def created() -> httpx.Response | None:
+            response = await fly.post(
+                f"/apps/{app}/machines",
+                json={
+                    "region": "iad",
+                    "config": {
+                        "image": "registry.fly.io/other:1",
+                        "metadata": {"kiloclaw_sandbox_id": body["spec"]["sandboxId"]},
+                        "mounts": [{"volume": other_volume, "path": "/data"}],
+                    },
+                },
+            )
+            return None if response.status_code == 429 else response
+
+        response = await eventually(created, timeout=10, what="a look-alike machine created")
+        assert response.status_code == 200, response.text
+        look_alike = response.json()["id"]
+
+    await stack.delete_instance(namespace, "own")
+    await stack.wait_gone(namespace, "own")
+    assert stack.fly.machine(mine["machineId"])["state"] in ("destroyed", "destroying")
+    assert stack.fly.machine(look_alike)["state"] not in ("destroyed", "destroying")
+    assert other_volume in {v["id"] for v in stack.live_volumes(app)}
+
+
+async def test_a_failed_machine_stalls_the_instance_saying_why_and_the_held_instance_is_still_observed(
+    stack: Stack, namespace: str
+) -> None:
+    app = f"acct-{namespace}"
+    await stack.create_instance(namespace, "fay", flyApp=app)
+    machine_id = status(await running_and_ready(stack, namespace, "fay"))["machineId"]
+    set_fly_state(stack, machine_id, "failed")
+    held = await stack.wait_instance(
+        namespace, "fay", lambda b: stalled_reason(b) == "MachineFailed", what="Stalled MachineFailed"
+    )
+    assert status(held)["phase"] == "Stopped"
+    assert "kiloclaw.kilo.ai/retry" in condition(held, "Stalled")["message"]
+    (event,) = await wait_event(stack, namespace, "fay", "MachineFailed")
+    assert event["type"] == "Warning"
+
+    set_fly_state(stack, machine_id, "stopped")  # held: no action, but what Fly says is still recorded
+    observed = await stack.wait_instance(
+        namespace, "fay", lambda b: status(b).get("flyState") == "stopped", what="flyState stopped"
+    )
+    assert stalled_reason(observed) == "MachineFailed" and status(observed)["phase"] == "Stopped"
+    assert stack.fly.machine(machine_id)["state"] == "stopped", "a held instance touches nothing"
+
+    await stack.patch_instance(
+        namespace, "fay", {"metadata": {"annotations": {"kiloclaw.kilo.ai/retry": "1"}}}
+    )
+    again = status(await running_and_ready(stack, namespace, "fay"))
+    assert again["machineId"] == machine_id

@@ -974,3 +974,47 @@ async def test_a_spec_change_while_recovering_is_announced_as_busy_once_and_appl
         for b in history.bodies
         if status(b).get("phase") == "Recovering"
     )
+
+
+async def test_a_spec_change_deferred_during_a_recovery_that_fails_is_not_lost_it_starts_a_new_attempt(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    await stack.restart_operator(recovery_timeout_seconds=2)
+    try:
+        with replacement_machines_hang(stack):
+            stack.fly.crash_machine(status(body)["machineId"])
+            await wait_step(stack, namespace, "ReplacementMachineCreated")
+            changed = await stack.patch_instance(namespace, NAME, {"spec": {"env": {"TZ": "UTC"}}})
+            generation = changed["metadata"]["generation"]
+
+            async def two_attempts_failed() -> list[str] | None:
+                reasons = await stack.event_reasons(namespace, NAME)
+                return reasons if reasons.count("RecoveryFailed") >= 2 else None
+
+            reasons = await eventually(two_attempts_failed, timeout=30, what="a second attempt, failed too")
+    finally:
+        await stack.restart_operator()
+    assert reasons.count("RecoveryStarted") == 2
+    assert reasons.count("ActionDeferred") == 1
+    final = await wait_failed(stack, namespace)
+    assert status(final)["observedGeneration"] == generation  # acted on by the second attempt
+    assert condition(final, "Stalled")["reason"] == "RecoveryFailed"
+
+
+async def test_a_recovery_under_twenty_percent_transient_fly_faults_succeeds(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    source_machine = status(body)["machineId"]
+    for fault, extra in ((503, {}), (429, {"retry_after": 0.05}), (408, {})):
+        stack.fly.inject_faults(f"* /v1/apps/{APP}/**", fault, rate=0.07, **extra)  # type: ignore[arg-type]
+    stack.fly.inject_faults(f"POST /v1/apps/{APP}/**", 503, rate=0.05, apply_first=True)  # lost replies
+    with FlyCreates(stack, namespace) as creates:
+        stack.fly.crash_machine(source_machine)
+        done = await wait_recovered(stack, namespace, source_machine, timeout=40)
+    stack.fly.clear_faults()
+    st = status(done)
+    assert creates.created("volume") == [st["volumeId"]]
+    assert creates.created("machine") == [st["machineId"]]
+    assert "RecoveryFailed" not in await stack.event_reasons(namespace, NAME)

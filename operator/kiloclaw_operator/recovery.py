@@ -587,6 +587,9 @@ async def fail(
     if leftover_machine or leftover_volume:
         pending = PendingCleanup(machine_id=leftover_machine, volume_id=leftover_volume)
     duration = (now - record.started_at).total_seconds()
+    # The generation the attempt acted on (recorded when it began): a spec change made during the attempt was
+    # deferred, and stays unobserved, so it starts a new attempt now instead of being lost under the stall.
+    acted_on = instance.status.observed_generation or instance.generation
     status = instance.status.model_copy(
         update={
             "phase": Phase.STOPPED,
@@ -595,7 +598,7 @@ async def fail(
             "region": record.source_region,
             "recovery": None,
             "pending_cleanup": pending,
-            "observed_generation": instance.generation,
+            "observed_generation": acted_on,
             "last_recovery": LastRecovery(
                 id=record.id,
                 started_at=record.started_at,
@@ -606,9 +609,7 @@ async def fail(
             ),
         }
     )
-    status = conditions.mark_stalled(
-        status, conditions.REASON_RECOVERY_FAILED, message, now, instance.generation
-    )
+    status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, acted_on)
     instance = await driver.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )

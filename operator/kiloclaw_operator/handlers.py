@@ -84,6 +84,18 @@ class Runtime:
             await self._ctx.kube.aclose()
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No create/update handlers are registered (drivers compare generations themselves; deletion is seen by
+    its timestamp), so kopf's last-handled-configuration annotation would only cost one more write per object:
+    every body counts as already handled."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def _runtime(memo: Any) -> Runtime:
     runtime: Runtime = memo.runtime
     return runtime
@@ -94,9 +106,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     operator_settings: Settings = memo.get("settings") or load_settings()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     # CRD scanning stays on (it needs list/watch on CRDs): an operator that starts before its CRDs are
     # established, as `kubectl apply -k deploy/` allows, begins serving them when they appear.
     settings.posting.level = logging.WARNING

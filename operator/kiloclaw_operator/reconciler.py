@@ -272,8 +272,12 @@ class InstanceDriver(ObjectDriver):
         # Decide before recording: every commit acknowledges the retry annotation, so the observation write
         # would otherwise consume a retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
+        deferring = lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance)
+        if decision.action is Action.SETTLE and not deferring:
+            # No Fly call follows: the new Fly state goes into the settling write (one write, not two).
+            return await self._act(instance, decision, machine, observed=observation)
         instance = await self._record_observation(instance, observation)
-        if lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance):
+        if deferring:
             instance = await self._defer(instance)
         return await self._act(instance, decision, machine)
 
@@ -327,6 +331,9 @@ class InstanceDriver(ObjectDriver):
         state = observation.state
         if state == instance.status.fly_state:
             return instance
+        if instance.status.phase is Phase.STARTING and state in lifecycle.TRANSIENT_FLY_STATES:
+            # On its way to started, as the phase already says: the next settled state is written.
+            return instance
         status = instance.status.model_copy(update={"fly_state": state, "observed_at": self.ctx.clock()})
         return await self.commit(instance, status, "observed a new Fly state")
 
@@ -357,7 +364,14 @@ class InstanceDriver(ObjectDriver):
 
     # --- acting -----------------------------------------------------------------------------------------
 
-    async def _act(self, instance: Instance, decision: Decision, machine: Machine | None) -> Instance:
+    async def _act(
+        self,
+        instance: Instance,
+        decision: Decision,
+        machine: Machine | None,
+        *,
+        observed: Observation | None = None,
+    ) -> Instance:
         action = decision.action
         if action is Action.NOTHING:
             return instance
@@ -373,6 +387,12 @@ class InstanceDriver(ObjectDriver):
             await self.ctx.kube.post_event(instance.ref, decision.event, decision.reason)
         if action is Action.SETTLE or action is Action.ACKNOWLEDGE:
             update: dict[str, Any] = {"phase": decision.phase or base.phase}
+            if (
+                observed is not None
+                and observed.kind is not lifecycle.ObservationKind.UNKNOWN
+                and observed.state != base.fly_state
+            ):
+                update.update(fly_state=observed.state, observed_at=now)
             if decision.clear_machine:
                 update["machine_id"] = None
             if action is Action.ACKNOWLEDGE:

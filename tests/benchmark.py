@@ -136,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="KILOCLAW_AUDIT_SECONDS in feed mode (operator default 1800)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the operator with py-spy from the first create until all are Running; the top frames go "
+        "into the report",
+    )
+    parser.add_argument(
         "--cold-start-seconds",
         type=float,
         default=30,
@@ -177,6 +183,7 @@ class Results:
     total_seconds: float = 0.0
     list_seconds: list[float] = field(default_factory=list)
     mode: str = "polling"
+    profile: str = ""
     provision_cpu_seconds: float = 0.0
     rate_limited: int = 0
     cold_affected: int = 0
@@ -232,6 +239,79 @@ class ProcessSampler:
         self.sample()
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class Profiler:
+    """py-spy sampling one process into a raw (collapsed-stack) file until stopped."""
+
+    def __init__(self, pid: int, path: Path) -> None:
+        executable = Path(sys.executable).with_name("py-spy")
+        self.path = path
+        self.process = subprocess.Popen(
+            [str(executable), "record", "-p", str(pid), "-o", str(path), "--format", "raw", "--rate", "67"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return summarize_profile(self.path)
+
+
+PROFILE_BUCKETS = (
+    ("httpcore / httpx / anyio (HTTP client)", ("httpcore", "httpx", "anyio", "h11")),
+    ("aiohttp (kopf's HTTP client)", ("aiohttp", "yarl", "multidict")),
+    ("kopf", ("/kopf/",)),
+    ("pydantic", ("pydantic",)),
+    ("json", ("/json/",)),
+    ("logging", ("/logging/",)),
+    ("kiloclaw_operator", ("kiloclaw_operator",)),
+    ("asyncio (event loop)", ("/asyncio/",)),
+)
+
+
+def summarize_profile(path: Path, top: int = 12) -> str:
+    """Top frames by own samples, and the share of samples under each library (the innermost match)."""
+    own: dict[str, int] = {}
+    buckets: dict[str, int] = {}
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return "(no profile)"
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        if frames and frames[-1].startswith("process "):
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        bucket = "other"
+        for frame in reversed(frames):
+            match = next(
+                (name for name, needles in PROFILE_BUCKETS if any(n in frame for n in needles)), None
+            )
+            if match is not None:
+                bucket = match
+                break
+        buckets[bucket] = buckets.get(bucket, 0) + count
+    if not total:
+        return "(no samples)"
+    by_bucket = ", ".join(
+        f"{name} {count / total * 100:.0f} %" for name, count in sorted(buckets.items(), key=lambda i: -i[1])
+    )
+    frames = "\n".join(
+        f"  {count / total * 100:5.1f} %  {frame}"
+        for frame, count in sorted(own.items(), key=lambda i: -i[1])[:top]
+    )
+    return f"{total} samples; innermost library: {by_bucket}\ntop frames (own samples):\n{frames}"
 
 
 def free_port() -> int:
@@ -632,6 +712,7 @@ async def create_and_wait_running(
     fly_before = await fly.counts()
     kube_before = await kube.writes()
     cpu_before = sampler.cpu_seconds()
+    profiler = Profiler(process.pid, log.with_name(f"profile-{results.mode}.txt")) if args.profile else None
     started = time.monotonic()
     watcher = asyncio.create_task(watch_running())
     try:
@@ -643,6 +724,9 @@ async def create_and_wait_running(
     results.all_running_seconds = max(running_at.values()) - started
     results.to_running = [running_at[key] - created_at[key] for key in names]
     results.provision_cpu_seconds = sampler.cpu_seconds() - cpu_before
+    if profiler is not None:
+        results.profile = profiler.stop()
+        say(f"profile of the provisioning ({results.mode}):\n{results.profile}")
     results.provision_fly_routes = route_delta(fly_before, await fly.counts())
     # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
     results.provision_kube_writes = await kube.writes() - kube_before - len(names)
@@ -1069,6 +1153,11 @@ def results_section(runs: list[Results], args: argparse.Namespace, table_text: s
     start, end = RESULTS_MARKERS["kube-apiserver" if args.cluster else "kubesim"]
     server = "a real kube-apiserver (make cluster)" if args.cluster else "kubesim (the emulated API)"
     detail_text = "\n".join(details)
+    profiles = "".join(
+        f"\n\nProfile of the operator while provisioning ({r.mode}, py-spy):\n\n```\n{r.profile}\n```"
+        for r in runs
+        if r.profile
+    )
     return f"""{start}
 ## Latest run against {server}
 
@@ -1084,7 +1173,7 @@ server: {"kube-apiserver" if args.cluster else "kubesim in its own process"}.
 
 {table_text}
 
-{detail_text}
+{detail_text}{profiles}
 {end}"""
 
 

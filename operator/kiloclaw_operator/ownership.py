@@ -126,10 +126,13 @@ class ClaimBook:
 
     def record(self, body: Mapping[str, Any]) -> None:
         """A claim this process just wrote (the body as the API server stored it)."""
-        uid = str((body.get("metadata") or {}).get("uid") or "")
+        meta = body.get("metadata") or {}
         spec = body.get("spec") or {}
+        uid = str(meta.get("uid") or "")
         self._uids.add(uid)
-        self._by_pair.setdefault((str(spec.get("flyApp")), str(spec.get("sandboxId"))), {})[uid] = body
+        self._by_pair.setdefault((str(spec.get("flyApp")), str(spec.get("sandboxId"))), {})[uid] = _essence(
+            body
+        )
 
     def _peers(self, instance: Instance) -> Iterable[Mapping[str, Any]]:
         return self._by_pair.get((instance.spec.fly_app, instance.spec.sandbox_id), {}).values()
@@ -141,6 +144,29 @@ class ClaimBook:
         self._uids = set()
         for body in bodies:
             self.record(body)
+
+
+def _essence(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``claim_owner`` reads of a body (a fleet's worth of whole bodies would double the memory)."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    pending = status.get("pendingCleanup") or {}
+    return {
+        "metadata": {
+            key: meta[key]
+            for key in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp")
+            if key in meta
+        },
+        "spec": {"flyApp": spec.get("flyApp"), "sandboxId": spec.get("sandboxId")},
+        "status": {
+            "phase": status.get("phase"),
+            "volumeId": status.get("volumeId"),
+            "machineId": status.get("machineId"),
+            "recovery": bool(status.get("recovery")),
+            "pendingCleanup": {"volumeId": pending.get("volumeId"), "machineId": pending.get("machineId")},
+        },
+    }
 
 
 def duplicate_message(instance: Instance, owner: Owner) -> str:

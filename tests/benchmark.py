@@ -1302,6 +1302,9 @@ def main(argv: list[str] | None = None) -> int:
             results.total_seconds = time.monotonic() - began
             runs.append(results)
             print(table([results]), flush=True)
+            if not args.no_write:
+                # After each mode, so that a long run that fails later still leaves what it measured.
+                write_results(args.output, results_section(runs, args, table(runs)))
     except BenchmarkError as exc:
         say(f"benchmark failed: {exc}")
         return 1

@@ -91,6 +91,9 @@ class PollingObserver:
         self._settings = settings
 
     def next_pass(self, instance: Instance) -> float:
+        if instance.status.phase in _WAIT_STATES:
+            # The next pass long-polls /wait, which paces it: come back soon, not after a busy interval.
+            return min(self._settings.poll_busy_seconds, 1.0) * random.uniform(0.9, 1.1)
         return lifecycle.poll_interval(instance.status.phase, self._settings)
 
     async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]:
@@ -114,6 +117,9 @@ class PollingObserver:
                 return Observation.unknown(str(exc)), None
             if state is not None and state != "destroyed":
                 return Observation.found(state), None
+            if state is None and instance.status.phase is Phase.STARTING:
+                # Not started, stopped or failed yet: still on its way, nothing to decide.
+                return Observation.unknown("still starting"), None
         try:
             machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
         except NotFound:

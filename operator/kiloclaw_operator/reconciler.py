@@ -245,7 +245,9 @@ class InstanceDriver(ObjectDriver):
                 instance.generation,
             )
             await self.commit(instance, status, "blocked by an unauthorized Fly token")
-            return self._backoff()
+            # Backed off, but never longer than a Running instance's cadence: a fixed token must be noticed
+            # (and observation resumed) soon, not after the hour-long cap of failing deletes.
+            return min(self._backoff(), self.ctx.settings.poll_running_seconds)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
             logger.error("Fly rejected the instance: %s", exc, extra=fields)
             now = self.ctx.clock()

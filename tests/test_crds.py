@@ -450,10 +450,10 @@ INSTANCE_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("recovery.enabled a string", {"spec__recovery": {"enabled": "yes"}}, "must be of type boolean"),
     ("env value a number", {"spec__env": {"PORT": 8080}}, "spec.env.PORT in body must be of type string"),
     ("env key starting with a digit", {"spec__env": {"1PORT": "1"}}, "env keys must be shell identifiers"),
-    ("env key with a dash", {"spec__env": {"MY-VAR": "1"}}, "env keys must be shell identifiers"),
+    ("env key with a dash", {"spec__env": {"MY-VAR": "1"}}, "not starting with a digit): MY-VAR"),
     ("env key with a dot", {"spec__env": {"my.var": "1"}}, "env keys must be shell identifiers"),
     ("env key empty", {"spec__env": {"": "1"}}, "env keys must be shell identifiers"),
-    ("env key KILOCLAW_ENC_", {"spec__env": {"KILOCLAW_ENC_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
+    ("env key KILOCLAW_ENC_", {"spec__env": {"KILOCLAW_ENC_TOKEN": "x"}}, "are reserved: KILOCLAW_ENC_TOKEN"),
     ("env key KILOCLAW_ENV_", {"spec__env": {"KILOCLAW_ENV_TOKEN": "x"}}, "KILOCLAW_ENV_ are reserved"),
     ("env key of 129 chars", {"spec__env": {"K" * 129: "x"}}, "env keys are at most 128 characters"),
     (
@@ -485,7 +485,7 @@ def test_cel_rule_failures_read_like_kubernetes_field_errors(server: Server) -> 
     errors = server.errors(with_fields(instance(), spec__env={"1A": "x"}))
     assert errors == [
         'spec.env: Invalid value: "object": env keys must be shell identifiers '
-        "(letters, digits and underscores, not starting with a digit)"
+        "(letters, digits and underscores, not starting with a digit): 1A"
     ]
 
 

@@ -479,8 +479,8 @@ def _evaluate_rule(
         return f"rule did not evaluate to a bool: {expression}"
     if bool(result):
         return None
-    if rule.get("message"):
-        return str(rule["message"])
+    # As in the API server: messageExpression wins when it yields a usable one-line string; message is the
+    # fallback.
     if "messageExpression" in rule:
         try:
             text = _program(rule["messageExpression"]).evaluate(activation)
@@ -488,6 +488,8 @@ def _evaluate_rule(
             text = None
         if isinstance(text, str) and text.strip() and "\n" not in text:
             return str(text)
+    if rule.get("message"):
+        return str(rule["message"])
     return f"failed rule: {expression}"
 
 

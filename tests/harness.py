@@ -21,9 +21,9 @@ import httpx
 
 import realcluster
 from flysim import FlySimulator, SimTimings
-from kiloclaw_operator.__main__ import run_operator
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from kiloclaw_operator.run import run_operator
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,61 +11,15 @@ import asyncio
 import logging
 import os
 import sys
-import threading
 from collections.abc import Sequence
-from typing import NoReturn
-
-import kopf
-from prometheus_client import start_http_server
 
 from .config import ConfigError, Settings, load_settings
-from .kube import KubeClient
 from .leadership import LeadershipLost
 from .logs import configure_json_logging
 from .preflight import StartupError, check_cluster
+from .run import exit_with, run_operator, serve_metrics
 
 logger = logging.getLogger("kiloclaw.operator")
-
-
-async def run_operator(
-    settings: Settings,
-    *,
-    stop_flag: asyncio.Event | threading.Event | None = None,
-    ready_flag: asyncio.Event | threading.Event | None = None,
-    liveness: bool = True,
-    watch_server_timeout: int = 300,
-) -> None:
-    """Run the kopf operator in the current event loop until ``stop_flag`` is set (or forever); with leader
-    election (the default), only while this process holds the Lease (leadership.py)."""
-    from . import handlers  # registers the handlers in kopf's default registry
-
-    async def serve(stop: asyncio.Event | threading.Event | None, liveness_endpoint: str | None) -> None:
-        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout)
-        await kopf.operator(
-            standalone=True,
-            clusterwide=not settings.namespaces,
-            namespaces=settings.namespaces,
-            liveness_endpoint=liveness_endpoint,
-            stop_flag=stop,
-            ready_flag=ready_flag,
-            memo=memo,
-        )
-
-    if not settings.leader_election:
-        await serve(stop_flag, f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None)
-        return
-    from .leadership import LeaderElector, LeaseConfig, run_elected
-
-    kube = KubeClient(await handlers.login_outside_kopf())
-    try:
-        await run_elected(
-            LeaderElector(kube, LeaseConfig.from_settings(settings)),
-            lambda stop: serve(stop, None),
-            stop_flag=stop_flag,
-            health_port=settings.health_port if liveness else None,
-        )
-    finally:
-        await kube.aclose()
 
 
 def _settings_or_exit(*, require_token: bool, **overrides: object) -> Settings:
@@ -76,19 +30,6 @@ def _settings_or_exit(*, require_token: bool, **overrides: object) -> Settings:
         raise SystemExit(2) from None
 
 
-def _exit(message: str, code: int = 1) -> NoReturn:
-    print(f"kiloclaw-operator: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def serve_metrics(port: int, variable: str) -> None:
-    """Prometheus metrics on ``port``; a busy port is one line naming it and how to choose another."""
-    try:
-        start_http_server(port)
-    except OSError as exc:
-        _exit(f"cannot serve metrics on port {port} ({exc.strerror}): choose another with {variable}=PORT")
-
-
 def command_run(args: argparse.Namespace) -> None:
     overrides: dict[str, object] = {}
     if args.namespaces is not None:
@@ -97,7 +38,7 @@ def command_run(args: argparse.Namespace) -> None:
     try:
         warning = check_cluster()
     except StartupError as exc:
-        _exit(str(exc))
+        exit_with(str(exc))
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     if warning:
         logger.warning(warning)

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import yaml
 
-from .__main__ import run_operator, serve_metrics
 from .config import load_settings
 from .logs import configure_json_logging
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from .run import run_operator, serve_metrics
 
 DEV_TOKEN = "dev-token"
 

@@ -11,9 +11,55 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, Protocol, TypeVar
 
-from .models import ObjectRef, WireModel
+from . import ownership
+from .config import Settings
+from .fly import FlyClient
+from .fly.models import Machine
+from .kube import KubeClient
+from .lifecycle import Observation
+from .models import Instance, ObjectRef, WireModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RetryLater(Exception):
+    """The work could not finish now and must be retried after ``delay`` seconds (the handler maps it)."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class Observer(Protocol):
+    """Where observed Fly state comes from: per-instance polling, or the organisation feed (feed.py)."""
+
+    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
+
+    def next_pass(self, instance: Instance) -> float:
+        """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
+        ...
+
+
+@dataclass
+class Context:
+    """Everything a driver needs from the outside world; built once at start-up."""
+
+    settings: Settings
+    fly: FlyClient
+    kube: KubeClient
+    observer: Observer
+    clock: Callable[[], datetime] = utcnow
+    # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
+    claims: asyncio.Lock = field(default_factory=asyncio.Lock)
+    claim_book: ownership.ClaimBook = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claim_book = ownership.ClaimBook(self.kube.list_instances)
 
 
 def merge_patch(old: Any, new: Any) -> Any:

@@ -15,7 +15,7 @@ import kopf
 
 from . import observation
 from .config import Settings, load_settings
-from .driving import DriverRegistry, ObjectDriver
+from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import FlyClient
 from .kube import (
     SERVICE_ACCOUNT_TOKEN,
@@ -29,7 +29,7 @@ from .kube import (
 from .kubeconfig import KubeconfigError, load_kubeconfig
 from .metrics import OBJECTS
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
-from .reconciler import Context, InstanceDriver, RetryLater, instance_drivers
+from .reconciler import InstanceDriver, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
 
 logger = logging.getLogger("kiloclaw.operator")

@@ -7,11 +7,11 @@ import asyncio
 from datetime import datetime
 
 from .config import Settings
-from .driving import DriverRegistry
+from .driving import DriverRegistry, Observer
 from .feed import FeedObserver
 from .fly import FlyClient, PacingLimits
 from .kube import KubeClient
-from .reconciler import InstanceDriver, Observer, PollingObserver
+from .reconciler import InstanceDriver, PollingObserver
 
 
 def pacing_limits(settings: Settings) -> PacingLimits:

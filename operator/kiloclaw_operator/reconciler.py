@@ -7,23 +7,21 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import timedelta
+from typing import Any
 
 import httpx
 
 from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
-from .driving import DriverRegistry, ObjectDriver
+from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
 from .fly.models import Machine, Volume
-from .kube import KubeClient, KubeError
+from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
@@ -32,45 +30,6 @@ logger = logging.getLogger("kiloclaw.instance")
 
 ACTION_DEFERRED = "ActionDeferred"
 DUPLICATE_SANDBOX = "DuplicateSandbox"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class RetryLater(Exception):
-    """The work could not finish now and must be retried after ``delay`` seconds (the handler maps it)."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
-class Observer(Protocol):
-    """Where observed Fly state comes from: per-instance polling, or the organisation feed (feed.py)."""
-
-    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
-
-    def next_pass(self, instance: Instance) -> float:
-        """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
-        ...
-
-
-@dataclass
-class Context:
-    """Everything a driver needs from the outside world; built once at start-up."""
-
-    settings: Settings
-    fly: FlyClient
-    kube: KubeClient
-    observer: Observer
-    clock: Callable[[], datetime] = utcnow
-    # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
-    claims: asyncio.Lock = field(default_factory=asyncio.Lock)
-    claim_book: ownership.ClaimBook = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.claim_book = ownership.ClaimBook(self.kube.list_instances)
 
 
 #: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
@@ -172,6 +131,19 @@ class InstanceDriver(ObjectDriver):
         self.offer(body)
         return Instance.from_body(body)
 
+    def recovery_port(self) -> recovery.Port:
+        """The narrow interface a recovery works through (never the driver itself)."""
+        return recovery.Port(
+            commit=self.commit,
+            settings=self.ctx.settings,
+            fly=self.ctx.fly,
+            kube=self.ctx.kube,
+            clock=self.ctx.clock,
+            stopping=self.stop_requested.is_set,
+            between_steps=self.announce_deferral,
+            driven=self.recoveries_driven,
+        )
+
     def _log_fields(self, instance: Instance) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "namespace": instance.ref.namespace,
@@ -272,7 +244,7 @@ class InstanceDriver(ObjectDriver):
         if instance.status.recovery is None and instance.status.pending_cleanup is not None:
             instance = await self._retry_pending_cleanup(instance)
         if instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None:
-            return await recovery.resume(self, instance)
+            return await recovery.resume(self.recovery_port(), instance)
         observation, machine = await self.ctx.observer.observe(instance)
         if lifecycle.is_held(instance):
             # Held: no action on Fly, but observation goes on (read paths are always safe).
@@ -384,9 +356,9 @@ class InstanceDriver(ObjectDriver):
         if action is Action.NOTHING:
             return instance
         if action is Action.RESUME_RECOVERY:
-            return await recovery.resume(self, instance)
+            return await recovery.resume(self.recovery_port(), instance)
         if action is Action.BEGIN_RECOVERY:
-            return await recovery.begin(self, instance)
+            return await recovery.begin(self.recovery_port(), instance)
         now = self.ctx.clock()
         base = instance.status
         if conditions.is_stalled(base):
@@ -651,7 +623,7 @@ class InstanceDriver(ObjectDriver):
             )
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
-                instance = await recovery.settle_for_deletion(self, instance)
+                instance = await recovery.settle_for_deletion(self.recovery_port(), instance)
             if instance.status.phase is not Phase.DESTROYING:
                 instance = await self.commit(
                     instance,

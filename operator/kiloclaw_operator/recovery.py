@@ -17,16 +17,21 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import conditions, lifecycle
-from .fly import Capacity, Fatal, FlyError, NotFound
+from .config import Settings
+from .driving import RetryLater
+from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
 from .fly.models import Guest, Machine, Volume
+from .kube import KubeClient
 from .metrics import RECOVERIES, RECOVERY_DURATION
 from .models import (
     INSTANCE_LABEL,
+    InstanceStatus,
     LastRecovery,
     PendingCleanup,
     Phase,
@@ -39,9 +44,6 @@ from .models import (
 )
 from .models import Instance as InstanceModel
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
-
-if TYPE_CHECKING:
-    from .reconciler import InstanceDriver
 
 logger = logging.getLogger("kiloclaw.recovery")
 analytics = logging.getLogger("kiloclaw.analytics")
@@ -114,35 +116,53 @@ def retained_volume_name(instance_name: str, volume_id: str) -> str:
     return f"{instance_name[:63]}-vol-{suffix or 'x'}"
 
 
+@dataclass(frozen=True)
+class Port:
+    """What a recovery needs from its instance's driver, and nothing more: commit a status (confirmed by the
+    API server), settings, the clients, the clock, whether the driver is asked to stop, the hook run between
+    steps, and the ids of the recoveries this process drives."""
+
+    commit: Callable[[InstanceModel, InstanceStatus, str], Awaitable[InstanceModel]]
+    settings: Settings
+    fly: FlyClient
+    kube: KubeClient
+    clock: Callable[[], datetime]
+    stopping: Callable[[], bool]
+    #: Between the steps of a recovery: pick up the newest body and announce a deferred spec change.
+    between_steps: Callable[[InstanceModel], Awaitable[InstanceModel]]
+    #: Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
+    driven: set[str]
+
+
 # --- entry points ---------------------------------------------------------------------------------------
 
 
-async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def begin(port: Port, instance: InstanceModel) -> InstanceModel:
     """Step 1: record the attempt (phase Recovering, ids) before any Fly call; then run the steps."""
     status = instance.status
     if status.volume_id is None or status.region is None:
-        return await driver.commit(
+        return await port.commit(
             instance,
             status.model_copy(update={"phase": Phase.STOPPED}),
             "stopped without a recorded volume: nothing to recover from",
         )
-    now = driver.ctx.clock()
+    now = port.clock()
     record = RecoveryStatus(
         id=new_recovery_id(),
         started_at=now,
-        deadline=now + timedelta(seconds=driver.ctx.settings.recovery_timeout_seconds),
+        deadline=now + timedelta(seconds=port.settings.recovery_timeout_seconds),
         step=RecoveryStep.STARTED,
         source_machine_id=status.machine_id,
         source_volume_id=status.volume_id,
         source_region=status.region,
     )
-    driver.recoveries_driven.add(record.id)
+    port.driven.add(record.id)
     begun = status.model_copy(
         update={"phase": Phase.RECOVERING, "recovery": record, "observed_generation": instance.generation}
     )
     if conditions.is_stalled(begun):  # a new attempt after a failed one
         begun = conditions.clear_stalled(begun, now, instance.generation)
-    instance = await driver.commit(
+    instance = await port.commit(
         instance, begun, "recovery begins: the attempt is recorded before any Fly call"
     )
     fields = _fields(instance)
@@ -151,38 +171,38 @@ async def begin(driver: InstanceDriver, instance: InstanceModel) -> InstanceMode
         "instance.unexpected_stop_recovery_started",
         extra={"event": "instance.unexpected_stop_recovery_started", **fields},
     )
-    await driver.ctx.kube.post_event(
+    await port.kube.post_event(
         instance.ref,
         "RecoveryStarted",
         f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
     )
-    return await resume(driver, instance)
+    return await resume(port, instance)
 
 
-async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
     """Run the remaining steps from the last one recorded, until done, failed, or asked to stop."""
-    instance = await _take_over(driver, instance)
+    instance = await _take_over(port, instance)
     while instance.status.recovery is not None:
         record = instance.status.recovery
         if step_reached(record.step, RecoveryStep.CUT_OVER):
-            return await _dispose_of_source_volume(driver, instance)
-        if driver.stop_requested.is_set():
+            return await _dispose_of_source_volume(port, instance)
+        if port.stopping():
             return instance
-        if driver.ctx.clock() >= record.deadline:
-            return await fail(driver, instance, TIMEOUT_MESSAGE, label="timeout", reason="timeout")
-        instance = await driver.announce_deferral(instance)
+        if port.clock() >= record.deadline:
+            return await fail(port, instance, TIMEOUT_MESSAGE, label="timeout", reason="timeout")
+        instance = await port.between_steps(instance)
         try:
-            instance = await _run_step(driver, instance)
+            instance = await _run_step(port, instance)
         except (Fatal, NotFound, Capacity, OwnershipMismatch, RecoveryStepFailed) as exc:
             # Only permanent errors fail a step. Transient ones (5xx, 408, 429 after the client's own
             # retries, timeouts, lost replies) and an unauthorized token propagate to the driver, which
             # retries the pass with backoff (honouring Retry-After) until the deadline; the step then runs
             # again from the last recorded one, and a create first adopts what a lost reply left behind.
             message = f"step after {record.step.value} failed: {exc}"
-            return await fail(driver, instance, message, label="step_failed", reason=failure_reason(exc))
+            return await fail(port, instance, message, label="step_failed", reason=failure_reason(exc))
     if instance.status.phase is Phase.RECOVERING:
         # A Recovering phase without a recovery record cannot be resumed: settle it, never guess ids.
-        return await driver.commit(
+        return await port.commit(
             instance,
             instance.status.model_copy(update={"phase": Phase.STOPPED}),
             "no recovery record to resume",
@@ -190,18 +210,16 @@ async def resume(driver: InstanceDriver, instance: InstanceModel) -> InstanceMod
     return instance
 
 
-async def _take_over(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def _take_over(port: Port, instance: InstanceModel) -> InstanceModel:
     """A recovery this operator process did not begin gets a fair budget (``resumed_deadline``), recorded
     before the next Fly call so that the rule's outcome is visible in ``status.recovery.deadline``."""
     record = instance.status.recovery
-    if record is None or record.id in driver.recoveries_driven:
+    if record is None or record.id in port.driven:
         return instance
-    driver.recoveries_driven.add(record.id)
+    port.driven.add(record.id)
     if step_reached(record.step, RecoveryStep.CUT_OVER):
         return instance
-    deadline = resumed_deadline(
-        record.deadline, driver.ctx.clock(), driver.ctx.settings.recovery_timeout_seconds
-    )
+    deadline = resumed_deadline(record.deadline, port.clock(), port.settings.recovery_timeout_seconds)
     if deadline == record.deadline:
         return instance
     logger.info(
@@ -211,31 +229,31 @@ async def _take_over(driver: InstanceDriver, instance: InstanceModel) -> Instanc
         deadline.isoformat(),
         extra=_fields(instance),
     )
-    return await driver.commit(
+    return await port.commit(
         instance,
         instance.status.model_copy(update={"recovery": record.model_copy(update={"deadline": deadline})}),
         "a resumed recovery gets a fair budget: the new deadline is recorded before the next Fly call",
     )
 
 
-async def settle_for_deletion(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def settle_for_deletion(port: Port, instance: InstanceModel) -> InstanceModel:
     """Deletion during a recovery: finish disposing of the old volume if the cutover is committed (the
     replacement is then the instance's own), otherwise run the failure cleanup."""
     record = instance.status.recovery
     if record is None:
         return instance
     if step_reached(record.step, RecoveryStep.CUT_OVER):
-        return await _dispose_of_source_volume(driver, instance)
-    return await fail(driver, instance, "instance deleted during recovery", label="deleted", reason="deleted")
+        return await _dispose_of_source_volume(port, instance)
+    return await fail(port, instance, "instance deleted during recovery", label="deleted", reason="deleted")
 
 
 # --- steps 2-7 --------------------------------------------------------------------------------------------
 
 
-async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
     record = instance.status.recovery
     assert record is not None
-    fly = driver.ctx.fly
+    fly = port.fly
     app = instance.spec.fly_app
     step = record.step
 
@@ -246,21 +264,21 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
             raise RecoveryStepFailed(
                 f"source volume missing: {record.source_volume_id}", "source_volume_missing"
             ) from None
-        return await _record(driver, instance, RecoveryStep.SOURCE_VOLUME_CHECKED, "source volume exists")
+        return await _record(port, instance, RecoveryStep.SOURCE_VOLUME_CHECKED, "source volume exists")
 
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
         if record.source_machine_id:
             await destroy_machine_if_present(
-                fly, app, record.source_machine_id, wait_seconds=driver.ctx.settings.wait_call_seconds
+                fly, app, record.source_machine_id, wait_seconds=port.settings.wait_call_seconds
             )
         return await _record(
-            driver, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
+            port, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
         )
 
     if step is RecoveryStep.SOURCE_MACHINE_DESTROYED:
-        volume = await _replacement_volume(driver, instance, record)
+        volume = await _replacement_volume(port, instance, record)
         return await _record(
-            driver,
+            port,
             instance,
             RecoveryStep.REPLACEMENT_VOLUME_CREATED,
             "replacement volume exists: its id is recorded before the machine is created",
@@ -268,9 +286,9 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
         )
 
     if step is RecoveryStep.REPLACEMENT_VOLUME_CREATED:
-        machine = await _replacement_machine(driver, instance, record)
+        machine = await _replacement_machine(port, instance, record)
         return await _record(
-            driver,
+            port,
             instance,
             RecoveryStep.REPLACEMENT_MACHINE_CREATED,
             "replacement machine exists: its id is recorded before waiting for it",
@@ -279,8 +297,8 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
 
     if step is RecoveryStep.REPLACEMENT_MACHINE_CREATED:
         assert record.replacement_machine_id is not None
-        remaining = (record.deadline - driver.ctx.clock()).total_seconds()
-        wait_seconds = max(1, min(driver.ctx.settings.wait_call_seconds, int(remaining + 0.999)))
+        remaining = (record.deadline - port.clock()).total_seconds()
+        wait_seconds = max(1, min(port.settings.wait_call_seconds, int(remaining + 0.999)))
         try:
             started = await fly.wait_machine(
                 app, record.replacement_machine_id, "started", timeout_seconds=wait_seconds
@@ -292,28 +310,26 @@ async def _run_step(driver: InstanceDriver, instance: InstanceModel) -> Instance
         if not started:
             return instance
         return await _record(
-            driver, instance, RecoveryStep.REPLACEMENT_MACHINE_STARTED, "replacement machine started"
+            port, instance, RecoveryStep.REPLACEMENT_MACHINE_STARTED, "replacement machine started"
         )
 
     if step is RecoveryStep.REPLACEMENT_MACHINE_STARTED:
-        return await _cut_over(driver, instance, record)
+        return await _cut_over(port, instance, record)
 
     raise AssertionError(f"unknown recovery step {step}")
 
 
 async def _record(
-    driver: InstanceDriver, instance: InstanceModel, step: RecoveryStep, why: str, **ids: str
+    port: Port, instance: InstanceModel, step: RecoveryStep, why: str, **ids: str
 ) -> InstanceModel:
     record = instance.status.recovery
     assert record is not None
     updated = record.model_copy(update={"step": step, **ids})
-    return await driver.commit(instance, instance.status.model_copy(update={"recovery": updated}), why)
+    return await port.commit(instance, instance.status.model_copy(update={"recovery": updated}), why)
 
 
-async def _replacement_volume(
-    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
-) -> Volume:
-    fly = driver.ctx.fly
+async def _replacement_volume(port: Port, instance: InstanceModel, record: RecoveryStatus) -> Volume:
+    fly = port.fly
     app = instance.spec.fly_app
     if record.replacement_volume_id:
         try:
@@ -331,7 +347,7 @@ async def _replacement_volume(
             return volume
     guest = instance.spec.guest
     regions = replacement_regions(
-        lifecycle.ordered_regions(instance.spec, driver.ctx.settings), record.source_region
+        lifecycle.ordered_regions(instance.spec, port.settings), record.source_region
     )
     errors: list[str] = []
     for region in regions:
@@ -350,10 +366,8 @@ async def _replacement_volume(
     )
 
 
-async def _replacement_machine(
-    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
-) -> Machine:
-    fly = driver.ctx.fly
+async def _replacement_machine(port: Port, instance: InstanceModel, record: RecoveryStatus) -> Machine:
+    fly = port.fly
     app = instance.spec.fly_app
     assert record.replacement_volume_id is not None
     if record.replacement_machine_id:
@@ -376,11 +390,11 @@ async def _replacement_machine(
     )
 
 
-async def _cut_over(driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus) -> InstanceModel:
+async def _cut_over(port: Port, instance: InstanceModel, record: RecoveryStatus) -> InstanceModel:
     """Step 7: one status write moves the instance onto the replacement; from here on there is no undo."""
     assert record.replacement_machine_id and record.replacement_volume_id
-    volume = await driver.ctx.fly.get_volume(instance.spec.fly_app, record.replacement_volume_id)
-    now = driver.ctx.clock()
+    volume = await port.fly.get_volume(instance.spec.fly_app, record.replacement_volume_id)
+    now = port.clock()
     last = LastRecovery(
         id=record.id,
         started_at=record.started_at,
@@ -401,7 +415,7 @@ async def _cut_over(driver: InstanceDriver, instance: InstanceModel, record: Rec
             "recovery": record.model_copy(update={"step": RecoveryStep.CUT_OVER}),
         }
     )
-    return await driver.commit(
+    return await port.commit(
         instance, status, "cutover: the replacement becomes the instance's machine and volume"
     )
 
@@ -409,17 +423,15 @@ async def _cut_over(driver: InstanceDriver, instance: InstanceModel, record: Rec
 # --- step 8 -----------------------------------------------------------------------------------------------
 
 
-async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceModel) -> InstanceModel:
+async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> InstanceModel:
     """Step 8, only after a committed cutover: keep the old volume if it has snapshots (or we cannot tell),
     delete it if it has none; a failed delete falls back to a retained resource that expires at once."""
-    from .reconciler import RetryLater
-
     record = instance.status.recovery
     assert record is not None
-    fly = driver.ctx.fly
+    fly = port.fly
     app = instance.spec.fly_app
-    settings = driver.ctx.settings
-    now = driver.ctx.clock()
+    settings = port.settings
+    now = port.clock()
     retain_until: datetime | None
     try:
         snapshots = await fly.list_volume_snapshots(app, record.source_volume_id)
@@ -458,14 +470,14 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
     if retain_until is not None:
         retained_name = retained_volume_name(instance.ref.name, record.source_volume_id)
         try:
-            await driver.ctx.kube.create_retained_volume(
+            await port.kube.create_retained_volume(
                 instance.ref.namespace, _retained_volume_body(instance, record, retained_name, retain_until)
             )
         except Exception as exc:
             raise RetryLater(
                 f"could not create retained volume {retained_name}: {exc}", settings.poll_busy_seconds
             ) from exc
-        await driver.ctx.kube.post_event(
+        await port.kube.post_event(
             instance.ref,
             "RetainedVolumeCreated",
             f"old volume {record.source_volume_id} kept as {retained_name}",
@@ -473,7 +485,7 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
     last = instance.status.last_recovery
     if last is not None and last.id == record.id:
         last = last.model_copy(update={"retained_volume": retained_name})
-    instance = await driver.commit(
+    instance = await port.commit(
         instance,
         instance.status.model_copy(update={"recovery": None, "last_recovery": last}),
         "recovery finished: old volume disposed of",
@@ -491,7 +503,7 @@ async def _dispose_of_source_volume(driver: InstanceDriver, instance: InstanceMo
             "retainedVolume": retained_name,
         },
     )
-    await driver.ctx.kube.post_event(
+    await port.kube.post_event(
         instance.ref,
         "RecoverySucceeded",
         f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
@@ -530,14 +542,14 @@ def _retained_volume_body(
 
 
 async def fail(
-    driver: InstanceDriver, instance: InstanceModel, message: str, *, label: str, reason: str
+    port: Port, instance: InstanceModel, message: str, *, label: str, reason: str
 ) -> InstanceModel:
     """Failure cleanup shared by errors, the deadline and deletion: remove the replacement resources (never
     the source volume), settle in Stopped, stall until a person acts."""
     record = instance.status.recovery
     assert record is not None
     assert not step_reached(record.step, RecoveryStep.CUT_OVER), "a committed cutover is never undone"
-    fly = driver.ctx.fly
+    fly = port.fly
     app = instance.spec.fly_app
     leftover_machine: str | None = None
     leftover_volume: str | None = None
@@ -552,7 +564,7 @@ async def fail(
     if replacement_machine:
         try:
             await destroy_machine_if_present(
-                fly, app, replacement_machine, wait_seconds=driver.ctx.settings.wait_call_seconds
+                fly, app, replacement_machine, wait_seconds=port.settings.wait_call_seconds
             )
         except FlyError as exc:
             logger.warning(
@@ -563,7 +575,7 @@ async def fail(
             )
             leftover_machine = replacement_machine
     replacement_volume = record.replacement_volume_id or await _unrecorded_replacement_volume(
-        driver, instance, record
+        port, instance, record
     )
     if replacement_volume and replacement_volume != record.source_volume_id:
         try:
@@ -581,7 +593,7 @@ async def fail(
                 "could not delete replacement volume %s: %s", replacement_volume, exc, extra=_fields(instance)
             )
             leftover_volume = replacement_volume
-    now = driver.ctx.clock()
+    now = port.clock()
     source_machine_destroyed = step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED)
     pending = None
     if leftover_machine or leftover_volume:
@@ -610,7 +622,7 @@ async def fail(
         }
     )
     status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, acted_on)
-    instance = await driver.commit(
+    instance = await port.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )
     RECOVERIES.labels(outcome="failed", reason=reason).inc()
@@ -626,21 +638,21 @@ async def fail(
             "durationMs": int(duration * 1000),
         },
     )
-    await driver.ctx.kube.post_event(
+    await port.kube.post_event(
         instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True
     )
     return instance
 
 
 async def _unrecorded_replacement_volume(
-    driver: InstanceDriver, instance: InstanceModel, record: RecoveryStatus
+    port: Port, instance: InstanceModel, record: RecoveryStatus
 ) -> str | None:
     """A fork created just before a crash, before its id reached the status (same rule as adoption)."""
     if not step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED):
         return None
     name = volume_name(instance.spec.sandbox_id)
     try:
-        volumes = await driver.ctx.fly.list_volumes(instance.spec.fly_app)
+        volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
     return next((v.id for v in volumes if _is_fork_of_this_attempt(v, name, record)), None)

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from . import conditions
 from .config import Settings
-from .driving import DriverRegistry, ObjectDriver
+from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
 from .kube import KubeError, KubeNotFound
 from .models import (
@@ -47,7 +47,6 @@ from .models import (
     RetainedVolume,
     RetainedVolumeStatus,
 )
-from .reconciler import Context, RetryLater
 from .volumes import OwnershipMismatch, delete_volume_checked, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.retained")

@@ -1,0 +1,71 @@
+"""Running the operator: kopf in the current event loop (behind the leader election), and the metrics
+endpoint. Used by ``kiloclaw-operator run`` and ``dev`` (``__main__``, ``dev.py``) and by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from typing import NoReturn
+
+import kopf
+from prometheus_client import start_http_server
+
+from .config import Settings
+from .kube import KubeClient
+
+
+def exit_with(message: str, code: int = 1) -> NoReturn:
+    print(f"kiloclaw-operator: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+async def run_operator(
+    settings: Settings,
+    *,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    liveness: bool = True,
+    watch_server_timeout: int = 300,
+) -> None:
+    """Run the kopf operator in the current event loop until ``stop_flag`` is set (or forever); with leader
+    election (the default), only while this process holds the Lease (leadership.py)."""
+    from . import handlers  # registers the handlers in kopf's default registry
+
+    async def serve(stop: asyncio.Event | threading.Event | None, liveness_endpoint: str | None) -> None:
+        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout)
+        await kopf.operator(
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=liveness_endpoint,
+            stop_flag=stop,
+            ready_flag=ready_flag,
+            memo=memo,
+        )
+
+    if not settings.leader_election:
+        await serve(stop_flag, f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None)
+        return
+    from .leadership import LeaderElector, LeaseConfig, run_elected
+
+    kube = KubeClient(await handlers.login_outside_kopf())
+    try:
+        await run_elected(
+            LeaderElector(kube, LeaseConfig.from_settings(settings)),
+            lambda stop: serve(stop, None),
+            stop_flag=stop_flag,
+            health_port=settings.health_port if liveness else None,
+        )
+    finally:
+        await kube.aclose()
+
+
+def serve_metrics(port: int, variable: str) -> None:
+    """Prometheus metrics on ``port``; a busy port is one line naming it and how to choose another."""
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        exit_with(
+            f"cannot serve metrics on port {port} ({exc.strerror}): choose another with {variable}=PORT"
+        )

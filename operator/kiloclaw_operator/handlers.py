@@ -65,6 +65,15 @@ class Runtime:
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
         self.ready.set()
 
+    def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:
+        """Every instance event keeps the claim book current (see ownership.ClaimBook)."""
+        if self._ctx is None:
+            return
+        if event_type == "DELETED":
+            self._ctx.claim_book.forget(body)
+        else:
+            self._ctx.claim_book.seen(body)
+
     @property
     def instances(self) -> DriverRegistry[InstanceDriver]:
         assert self._instances is not None, "not logged in yet"
@@ -242,7 +251,9 @@ def _driver(registry: DriverRegistry[Any], body: kopf.Body) -> Any:
 
 @kopf.on.event(GROUP, VERSION, INSTANCE_PLURAL)
 async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    _object_changed(_runtime(memo).instances, body, type)
+    runtime = _runtime(memo)
+    _object_changed(runtime.instances, body, type)
+    runtime.claims_seen(body, type)
 
 
 @kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)

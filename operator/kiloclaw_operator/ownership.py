@@ -99,40 +99,69 @@ def _owner(body: Mapping[str, Any]) -> Owner:
 
 
 class ClaimBook:
-    """The authoritative list ``claim_owner`` needs, without listing all instances for every claim (O(N) per
-    claim, O(N²) for a fleet created at once).
+    """What ``claim_owner`` needs to know about every instance, without listing all of them for every claim
+    (O(N) per claim, O(N²) for a fleet created at once; at 10,000 instances each list also stalls the event
+    loop for seconds).
 
-    One list is a consistent snapshot: if the claimant is in it, so is every instance created before it (an
-    older contender), and every claim recorded since was recorded here (claims are made one at a time, under
-    the caller's lock, by this process). So the snapshot is re-listed only when the claimant is not in it, and
-    before any refusal (a claimant in the snapshot may have been deleted since). Contenders are indexed by
-    ``(flyApp, sandboxId)``. Use it only under the claims lock.
+    Kept current from three sources: one authoritative list before the first claim after a start (every claim
+    persisted before, by this process or an earlier leader, is known); every watch event (``seen``,
+    ``forget``); and every claim this process writes (``record``, under the claims lock, before the lock is
+    released). Claims are made only by the one active operator, one at a time, so no claim of a watched
+    namespace can be missing from the book: two instances never both own a pair. The book may lag on an
+    unclaimed contender whose watch event has not arrived yet; then "the oldest unclaimed instance wins" can
+    pick the younger of two duplicates created within the same instant, and the other is refused: still one
+    owner. A refusal is always confirmed by a fresh list (the owner in the book may have been deleted since).
+    Kept per instance: what ``claim_owner`` reads; the newest ``resourceVersion`` wins. Use ``owner`` only
+    under the claims lock.
     """
 
     def __init__(self, list_instances: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
         self._list = list_instances
-        self._by_pair: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
-        self._uids: set[str] = set()
+        self._by_pair: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._pair_of: dict[str, tuple[str, str]] = {}
+        self._listed = False
         self.lists = 0
 
-    async def owner(self, instance: Instance) -> Owner | None:
-        if instance.ref.uid not in self._uids:
+    async def owner(self, instance: Instance, body: Mapping[str, Any]) -> Owner | None:
+        """The other instance that owns ``instance``'s pair, if any (``body``: the claimant as last seen)."""
+        if not self._listed:
             await self._refresh()
+        self.seen(body)
         owner = claim_owner(instance, self._peers(instance))
         if owner is not None:
             await self._refresh()
+            self.seen(body)
             owner = claim_owner(instance, self._peers(instance))
         return owner
 
     def record(self, body: Mapping[str, Any]) -> None:
         """A claim this process just wrote (the body as the API server stored it)."""
+        self.seen(body)
+
+    def seen(self, body: Mapping[str, Any]) -> None:
+        """An instance body from the watch, a list or a write; an older ``resourceVersion`` never wins."""
         meta = body.get("metadata") or {}
         spec = body.get("spec") or {}
         uid = str(meta.get("uid") or "")
-        self._uids.add(uid)
-        self._by_pair.setdefault((str(spec.get("flyApp")), str(spec.get("sandboxId"))), {})[uid] = _essence(
-            body
-        )
+        if not uid:
+            return
+        pair = (str(spec.get("flyApp")), str(spec.get("sandboxId")))
+        known = self._by_pair.get(pair, {}).get(uid)
+        essence = _essence(body)
+        if known is not None and known["rv"] > essence["rv"]:
+            return
+        previous = self._pair_of.get(uid)
+        if previous is not None and previous != pair:
+            self._by_pair.get(previous, {}).pop(uid, None)
+        self._pair_of[uid] = pair
+        self._by_pair.setdefault(pair, {})[uid] = essence
+
+    def forget(self, body: Mapping[str, Any]) -> None:
+        """The instance is gone from the API server."""
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        pair = self._pair_of.pop(uid, None)
+        if pair is not None:
+            self._by_pair.get(pair, {}).pop(uid, None)
 
     def _peers(self, instance: Instance) -> Iterable[Mapping[str, Any]]:
         return self._by_pair.get((instance.spec.fly_app, instance.spec.sandbox_id), {}).values()
@@ -140,10 +169,11 @@ class ClaimBook:
     async def _refresh(self) -> None:
         bodies = await self._list()
         self.lists += 1
+        self._listed = True
         self._by_pair = {}
-        self._uids = set()
+        self._pair_of = {}
         for body in bodies:
-            self.record(body)
+            self.seen(body)
 
 
 def _essence(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,7 +182,12 @@ def _essence(body: Mapping[str, Any]) -> dict[str, Any]:
     spec = body.get("spec") or {}
     status = body.get("status") or {}
     pending = status.get("pendingCleanup") or {}
+    try:
+        rv = int(meta.get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        rv = 0
     return {
+        "rv": rv,
         "metadata": {
             key: meta[key]
             for key in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp")

@@ -268,7 +268,7 @@ class InstanceDriver(ObjectDriver):
         under one process-wide lock, so two instances never both claim; see ownership.py for the rule.
         """
         async with self.ctx.claims:
-            owner = await self.ctx.claim_book.owner(instance)
+            owner = await self.ctx.claim_book.owner(instance, self.latest or {})
             now = self.ctx.clock()
             if owner is not None:
                 await self._refuse_duplicate(instance, owner)

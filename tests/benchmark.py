@@ -326,6 +326,16 @@ def operator_env(
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
     if args.mode == "feed":
         env.update({"FLY_ORG_SLUG": FLY_ORG, "KILOCLAW_AUDIT_SECONDS": str(args.audit)})
+    if args.instances >= 5000:
+        # The Lease is renewed from the operator's event loop, which falls behind by more than the default 5 s
+        # renew deadline while thousands of instances are provisioned on 2 shared cores (see BENCHMARKS.md).
+        env.update(
+            {
+                "KILOCLAW_LEASE_DURATION_SECONDS": "60",
+                "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": "40",
+                "KILOCLAW_LEASE_RETRY_PERIOD_SECONDS": "2",
+            }
+        )
     env.update(
         {
             "KUBECONFIG": str(kubeconfig),

@@ -119,6 +119,7 @@ class ClaimBook:
         self._list = list_instances
         self._by_pair: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._pair_of: dict[str, tuple[str, str]] = {}
+        self._reserved: dict[str, tuple[tuple[str, str], dict[str, Any]]] = {}
         self._listed = False
         self.lists = 0
 
@@ -133,6 +134,28 @@ class ClaimBook:
             self.seen(body)
             owner = claim_owner(instance, self._peers(instance))
         return owner
+
+    def reserve(self, body: Mapping[str, Any]) -> None:
+        """Count the claimant as a claimant from now on, before its claim is written: the claims lock need not
+        be held across the write (at 10,000 instances, claims one write at a time were the bottleneck).
+        ``settle`` ends the reservation once the write is confirmed or failed; the claimant makes no Fly call
+        before its claim is confirmed."""
+        essence = _essence(body)
+        essence["rv"] = float("inf")
+        essence["status"]["phase"] = Phase.PROVISIONING.value
+        uid = str(essence["metadata"].get("uid") or "")
+        pair = (str(essence["spec"]["flyApp"]), str(essence["spec"]["sandboxId"]))
+        self._reserved[uid] = (pair, essence)
+        self._put(uid, pair, essence)
+
+    def settle(self, body: Mapping[str, Any]) -> None:
+        """The claim write of a reserved claimant is over: keep what the API server stored (``body``)."""
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        reserved = self._reserved.pop(uid, None)
+        if reserved is not None:
+            self._by_pair.get(reserved[0], {}).pop(uid, None)
+            self._pair_of.pop(uid, None)
+        self.seen(body)
 
     def record(self, body: Mapping[str, Any]) -> None:
         """A claim this process just wrote (the body as the API server stored it)."""
@@ -150,6 +173,9 @@ class ClaimBook:
         essence = _essence(body)
         if known is not None and known["rv"] > essence["rv"]:
             return
+        self._put(uid, pair, essence)
+
+    def _put(self, uid: str, pair: tuple[str, str], essence: dict[str, Any]) -> None:
         previous = self._pair_of.get(uid)
         if previous is not None and previous != pair:
             self._by_pair.get(previous, {}).pop(uid, None)
@@ -174,6 +200,8 @@ class ClaimBook:
         self._pair_of = {}
         for body in bodies:
             self.seen(body)
+        for uid, (pair, essence) in self._reserved.items():
+            self._put(uid, pair, essence)
 
 
 def _essence(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -264,24 +264,28 @@ class InstanceDriver(ObjectDriver):
     async def _claim(self, instance: Instance) -> Instance | None:
         """Claim the instance's (flyApp, sandboxId) before its first Fly call, or refuse it as a duplicate.
 
-        Checked against an authoritative list and recorded (phase Provisioning, confirmed by the API server)
-        under one process-wide lock, so two instances never both claim; see ownership.py for the rule.
+        Checked against the claim book and reserved there under one process-wide lock, so two instances never
+        both claim; the claim (phase Provisioning) is confirmed by the API server before the first Fly call.
+        See ownership.py for the rule.
         """
+        book = self.ctx.claim_book
         async with self.ctx.claims:
-            owner = await self.ctx.claim_book.owner(instance, self.latest or {})
-            now = self.ctx.clock()
+            owner = await book.owner(instance, self.latest or {})
             if owner is not None:
                 await self._refuse_duplicate(instance, owner)
                 return None
-            status = instance.status.model_copy(
-                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
-            )
-            if conditions.is_stalled(status):
-                status = conditions.clear_stalled(status, now, instance.generation)
-            claimed = await self.commit(instance, status, "claim the sandbox before any Fly call")
-            if self.latest is not None:
-                self.ctx.claim_book.record(self.latest)
-            return claimed
+            # Counted as a claimant from here on; the write itself need not hold up the other claimants.
+            book.reserve(self.latest or {})
+        now = self.ctx.clock()
+        status = instance.status.model_copy(
+            update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
+        )
+        if conditions.is_stalled(status):
+            status = conditions.clear_stalled(status, now, instance.generation)
+        try:
+            return await self.commit(instance, status, "claim the sandbox before any Fly call")
+        finally:
+            book.settle(self.latest or {})
 
     async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
         message = ownership.duplicate_message(instance, owner)

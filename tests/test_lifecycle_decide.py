@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kiloclaw_operator.config import Settings
+from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount
 from kiloclaw_operator.lifecycle import (
     Action,
@@ -35,7 +36,6 @@ from kiloclaw_operator.models import (
     RecoveryOutcome,
     RecoveryStatus,
     RecoveryStep,
-    volume_name,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, volume_name
+from kiloclaw_operator.fly import volume_name
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL
 
 BUSY = {"Pending", "Provisioning", "Starting", "Stopping", "Recovering", "Destroying"}
 NEW_IMAGE = "registry.fly.io/kiloclaw:2026.12.0"

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from harness import Stack, eventually, status
-from kiloclaw_operator.models import volume_name
+from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
 from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture)
     APP,

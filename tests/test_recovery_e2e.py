@@ -22,7 +22,8 @@ from prometheus_client import REGISTRY
 
 from flysim import FlyApiError
 from harness import Stack, condition, eventually, status
-from kiloclaw_operator.models import INSTANCE_PLURAL, volume_name
+from kiloclaw_operator.fly import volume_name
+from kiloclaw_operator.models import INSTANCE_PLURAL
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
 
 APP = "acct-test"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kiloclaw_operator import lifecycle
+from kiloclaw_operator.fly.vocabulary import TRANSIENT_MACHINE_STATES
 from kiloclaw_operator.lifecycle import Action, Observation
 from kiloclaw_operator.models import Instance, Phase
 from kiloclaw_operator.recovery import (
@@ -163,7 +164,7 @@ def test_a_running_instance_whose_machine_stopped_begins_a_recovery() -> None:
     assert decision.action is Action.BEGIN_RECOVERY
 
 
-@pytest.mark.parametrize("state", sorted(lifecycle.TRANSIENT_FLY_STATES | {"started", "suspended"}))
+@pytest.mark.parametrize("state", sorted(TRANSIENT_MACHINE_STATES | {"started", "suspended"}))
 def test_created_and_transient_fly_states_never_trigger_a_recovery(state: str) -> None:
     decision = lifecycle.decide(_instance(), Observation.found(state))
     assert decision.action is not Action.BEGIN_RECOVERY

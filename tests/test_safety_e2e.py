@@ -15,7 +15,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
-from kiloclaw_operator.models import volume_name
+from kiloclaw_operator.fly import volume_name
 from test_recovery_e2e import set_fly_state
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "instance.yaml"

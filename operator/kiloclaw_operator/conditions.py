@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from .fly import vocabulary as fly
 from .models import (
     BUSY_PHASES,
     Condition,
@@ -93,7 +94,7 @@ def summarize(
     if status.condition(STALLED) is None:
         conditions = set_condition(conditions, STALLED, "False", "Progressing", "", now, generation)
 
-    if status.phase is Phase.RUNNING and status.fly_state == "started":
+    if status.phase is Phase.RUNNING and status.fly_state == fly.STARTED:
         ready = ("True", "Running", "machine is started")
     elif status.phase is Phase.STOPPED and spec.state is DesiredState.STOPPED:
         ready = ("True", "Stopped", "machine is stopped as requested")

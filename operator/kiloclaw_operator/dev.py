@@ -21,6 +21,7 @@ import httpx
 import yaml
 
 from .config import load_settings
+from .fly import vocabulary as fly_vocabulary
 from .logs import configure_json_logging
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .run import run_operator, serve_metrics
@@ -190,7 +191,7 @@ async def _narrate(kube_url: str, fly: Any, project: Path, kubeconfig: Path, dem
                     f"{namespace}/{name}: phase={seen[0]} flyState={seen[1]} "
                     f"region={seen[2]} machine={seen[3]}"
                 )
-            if status.get("phase") == "Running" and status.get("flyState") == "started":
+            if status.get("phase") == "Running" and status.get("flyState") == fly_vocabulary.STARTED:
                 running_since = running_since or time.monotonic()
             if demo_failure and failed_at is None and running_since and time.monotonic() - running_since > 3:
                 fly.add_snapshot(status["volumeId"])

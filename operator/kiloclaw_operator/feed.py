@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from . import lifecycle
 from .config import Settings
 from .fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
+from .fly import vocabulary as fly
 from .fly.models import Machine
 from .lifecycle import Observation
 from .models import Instance, Phase
@@ -45,7 +46,6 @@ logger = logging.getLogger("kiloclaw.feed")
 WAITING_PHASES = frozenset({Phase.STARTING, Phase.STOPPING})
 #: Phases in which the driver does not observe at all (recovery and deletion own them): no wake-ups.
 SELF_DRIVEN_PHASES = frozenset({Phase.RECOVERING, Phase.DESTROYING, Phase.PROVISIONING, Phase.PENDING})
-_GONE = "destroyed"
 _STALE_CURSOR_RESTARTS = 3
 
 
@@ -182,7 +182,7 @@ class FeedObserver:
 
     @staticmethod
     def _as_observation(state: str) -> Observation:
-        if state == _GONE:
+        if state == fly.DESTROYED:
             return Observation.gone()
         # The feed has no config: only a spec change compares it, and a spec change always reads the machine.
         return Observation.found(state)
@@ -215,7 +215,7 @@ class FeedObserver:
         if machine.updated_at is not None:
             self._remember(machine_id, MachineState(machine.state, machine.updated_at))
             self._consumed[machine_id] = max(machine.updated_at, self._latest_time(machine_id))
-        if machine.state == _GONE:
+        if machine.state == fly.DESTROYED:
             return Observation.gone(), machine
         in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
         return Observation.found(machine.state, config_in_sync=in_sync), machine

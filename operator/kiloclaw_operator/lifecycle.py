@@ -13,17 +13,9 @@ from enum import Enum
 
 from .conditions import REASON_FLY_UNAUTHORIZED, STALLED
 from .config import Settings
+from .fly import vocabulary as fly
 from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
 from .models import BUSY_PHASES, DesiredState, Instance, InstanceSpec, Phase, RecoveryOutcome
-
-#: Fly machine states that are on their way somewhere; they never trigger anything by themselves.
-TRANSIENT_FLY_STATES = frozenset(
-    {"created", "starting", "stopping", "replacing", "destroying", "updating", "launch_failed", "suspending"}
-)
-
-METADATA_USER_ID = "kiloclaw_user_id"
-METADATA_SANDBOX_ID = "kiloclaw_sandbox_id"
-METADATA_RECOVERY_ID = "kiloclaw_recovery_id"
 
 # Why an instance whose spec wants it running sits Stopped (Stalled reason and Event reason), and the Event
 # of a machine recreated because it vanished (DESIGN 3.6: converge, or say why).
@@ -59,7 +51,7 @@ class Observation:
 
     @classmethod
     def gone(cls) -> Observation:
-        return cls(ObservationKind.GONE, state="destroyed")
+        return cls(ObservationKind.GONE, state=fly.DESTROYED)
 
     @classmethod
     def unknown(cls, error: str) -> Observation:
@@ -151,9 +143,9 @@ def decide(instance: Instance, observation: Observation) -> Decision:
     state = observation.state
 
     if phase is Phase.STARTING:
-        if state == "started":
+        if state == fly.STARTED:
             return Decision(Action.SETTLE, Phase.RUNNING, reason="machine started")
-        if state in ("stopped", "failed"):
+        if state in (fly.STOPPED, fly.FAILED):
             if wants_running:
                 return Decision(
                     Action.SETTLE,
@@ -166,14 +158,17 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         return Decision(Action.NOTHING, reason="waiting for the machine to start")
 
     if phase is Phase.STOPPING:
-        if state in ("stopped", "failed", "suspended") or observation.kind is ObservationKind.NO_MACHINE:
+        if (
+            state in (fly.STOPPED, fly.FAILED, fly.SUSPENDED)
+            or observation.kind is ObservationKind.NO_MACHINE
+        ):
             return Decision(Action.SETTLE, Phase.STOPPED, reason=f"machine {state or 'absent'}")
-        if state == "started":
+        if state == fly.STARTED:
             return Decision(Action.STOP, reason="machine still started")
         return Decision(Action.NOTHING, reason="waiting for the machine to stop")
 
     if phase is Phase.RUNNING:
-        if state == "stopped":
+        if state == fly.STOPPED:
             if should_recover(instance):
                 return Decision(Action.BEGIN_RECOVERY, reason="machine stopped unexpectedly")
             if wants_running:
@@ -185,7 +180,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
                     "false; set the kiloclaw.kilo.ai/retry annotation to start it again",
                 )
             return Decision(Action.SETTLE, Phase.STOPPED, reason="machine stopped")
-        if state == "failed":
+        if state == fly.FAILED:
             if wants_running:
                 return Decision(
                     Action.SETTLE,
@@ -198,7 +193,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         # A spec that wants the machine stopped is applied even when its generation was acted on: an
         # instance created with state Stopped is provisioned (the machine launches) and then stopped here.
         wants_stop = instance.spec.state is DesiredState.STOPPED
-        if state == "started" and (has_unobserved_generation(instance) or wants_stop):
+        if state == fly.STARTED and (has_unobserved_generation(instance) or wants_stop):
             return _converge(instance, observation)
         return Decision(Action.NOTHING)
 
@@ -226,19 +221,19 @@ def _converge(instance: Instance, observation: Observation) -> Decision:
     if instance.spec.state is DesiredState.RUNNING:
         if status.volume_id is None:
             return Decision(Action.PROVISION, reason="no volume yet")
-        if state in TRANSIENT_FLY_STATES:
+        if state in fly.TRANSIENT_MACHINE_STATES:
             return Decision(Action.NOTHING, reason=f"waiting for Fly state {state} to settle")
-        if last_recovery_failed(instance) and should_recover(instance) and state != "started":
+        if last_recovery_failed(instance) and should_recover(instance) and state != fly.STARTED:
             # The old volume may sit on a dead host: a new attempt (new id), never a plain start on it.
             return Decision(Action.BEGIN_RECOVERY, reason="the last recovery failed: a new attempt")
-        if state == "started":
+        if state == fly.STARTED:
             if not observation.config_in_sync:
                 return Decision(Action.UPDATE_CONFIG, reason="machine config differs from spec")
             return Decision(Action.ACKNOWLEDGE, Phase.RUNNING)
         # A destroyed machine cannot be started: forget it and create another one on the volume.
         gone = observation.kind is ObservationKind.GONE
         return Decision(Action.START, clear_machine=gone, reason="spec wants the machine running")
-    if state in ("started", "starting", "created"):
+    if state in (fly.STARTED, fly.STARTING, fly.CREATED):
         return Decision(Action.STOP, reason="spec wants the machine stopped")
     return Decision(Action.ACKNOWLEDGE, Phase.STOPPED, clear_machine=observation.kind is ObservationKind.GONE)
 
@@ -263,9 +258,9 @@ def desired_machine_config(
     spec: InstanceSpec, volume_id: str, *, recovery_id: str | None = None
 ) -> MachineConfig:
     """The machine config the spec asks for (DESIGN 3.1)."""
-    metadata = {METADATA_USER_ID: spec.user_id, METADATA_SANDBOX_ID: spec.sandbox_id}
+    metadata = {fly.METADATA_USER_ID: spec.user_id, fly.METADATA_SANDBOX_ID: spec.sandbox_id}
     if recovery_id is not None:
-        metadata[METADATA_RECOVERY_ID] = recovery_id
+        metadata[fly.METADATA_RECOVERY_ID] = recovery_id
     return MachineConfig(
         image=spec.image,
         guest=Guest(cpu_kind=spec.guest.cpu_kind, cpus=spec.guest.cpus, memory_mb=spec.guest.memory_mb),

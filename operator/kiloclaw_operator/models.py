@@ -265,9 +265,3 @@ class RetainedVolume(BaseModel):
             spec=RetainedVolumeSpec.model_validate(body.get("spec") or {}),
             status=RetainedVolumeStatus.model_validate(body.get("status") or {}),
         )
-
-
-def volume_name(sandbox_id: str) -> str:
-    """Fly volume name for a sandbox: ``kiloclaw_<sandboxId>``, lower-cased, [a-z0-9_] only, ≤ 30 chars."""
-    raw = f"kiloclaw_{sandbox_id}".lower()
-    return "".join(ch if ("a" <= ch <= "z" or "0" <= ch <= "9" or ch == "_") else "_" for ch in raw)[:30]

@@ -20,10 +20,11 @@ from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
+from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
-from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase, volume_name
+from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -34,8 +35,8 @@ DUPLICATE_SANDBOX = "DuplicateSandbox"
 
 #: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
 _WAIT_STATES = {
-    Phase.STARTING: ("started", "stopped", "failed", "destroyed"),
-    Phase.STOPPING: ("stopped", "failed", "suspended", "destroyed"),
+    Phase.STARTING: (fly.STARTED, fly.STOPPED, fly.FAILED, fly.DESTROYED),
+    Phase.STOPPING: (fly.STOPPED, fly.FAILED, fly.SUSPENDED, fly.DESTROYED),
 }
 
 
@@ -74,7 +75,7 @@ class PollingObserver:
                 raise
             except FlyError as exc:
                 return Observation.unknown(str(exc)), None
-            if state is not None and state != "destroyed":
+            if state is not None and state != fly.DESTROYED:
                 return Observation.found(state), None
             if state is None and instance.status.phase is Phase.STARTING:
                 # Not started, stopped or failed yet: still on its way, nothing to decide.
@@ -87,7 +88,7 @@ class PollingObserver:
             raise
         except FlyError as exc:
             return Observation.unknown(str(exc)), None
-        if machine.state == "destroyed":
+        if machine.is_destroyed:
             return Observation.gone(), machine
         in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
         return Observation.found(machine.state, config_in_sync=in_sync), machine
@@ -315,7 +316,7 @@ class InstanceDriver(ObjectDriver):
         state = observation.state
         if state == instance.status.fly_state:
             return instance
-        if instance.status.phase is Phase.STARTING and state in lifecycle.TRANSIENT_FLY_STATES:
+        if instance.status.phase is Phase.STARTING and state in fly.TRANSIENT_MACHINE_STATES:
             # On its way to started, as the phase already says: the next settled state is written.
             return instance
         status = instance.status.model_copy(update={"fly_state": state, "observed_at": self.ctx.clock()})
@@ -426,7 +427,7 @@ class InstanceDriver(ObjectDriver):
 
     async def _adopt_or_create_volume(self, instance: Instance) -> Volume:
         spec = instance.spec
-        name = volume_name(spec.sandbox_id)
+        name = fly.volume_name(spec.sandbox_id)
         adoptable = await self._adoptable_volumes(instance, name)
         if adoptable:
             logger.info(
@@ -456,7 +457,7 @@ class InstanceDriver(ObjectDriver):
             v
             for v in volumes
             if v.name == name
-            and v.state not in ("destroyed", "destroying", "pending_destroy")
+            and not v.is_gone
             and not v.attached_machine_id
             and (
                 instance.created_at is None
@@ -509,12 +510,12 @@ class InstanceDriver(ObjectDriver):
         """Live machines that prove they are this instance's: our sandbox id in their metadata *and* a mount
         of a volume id this instance recorded (volume ids are unique; a sandbox id alone is not proof)."""
         machines = await self.ctx.fly.list_machines(
-            instance.spec.fly_app, metadata={lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
+            instance.spec.fly_app, metadata={fly.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
         )
         return [
             machine
             for machine in machines
-            if machine.state not in ("destroyed", "destroying")
+            if not machine.is_gone
             and any(m.volume == volume_id for m in (machine.config.mounts if machine.config else []))
         ]
 
@@ -603,6 +604,7 @@ class InstanceDriver(ObjectDriver):
                     pending.volume_id,
                     instance.spec.sandbox_id,
                     recorded_machine_ids={pending.machine_id},
+                    wait_seconds=self.ctx.settings.wait_call_seconds,
                 )
         except (FlyError, OwnershipMismatch) as exc:
             logger.warning("pending cleanup still failing: %s", exc, extra=self._log_fields(instance))
@@ -664,6 +666,7 @@ class InstanceDriver(ObjectDriver):
                         pending.volume_id,
                         instance.spec.sandbox_id,
                         recorded_machine_ids={pending.machine_id},
+                        wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
                 if status.volume_id:
                     await delete_volume_checked(
@@ -672,6 +675,7 @@ class InstanceDriver(ObjectDriver):
                         status.volume_id,
                         instance.spec.sandbox_id,
                         recorded_machine_ids=machine_ids,
+                        wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
             except (FlyError, OwnershipMismatch) as exc:
                 if isinstance(exc, Unauthorized):

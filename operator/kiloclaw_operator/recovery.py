@@ -26,6 +26,7 @@ from . import conditions, lifecycle
 from .config import Settings
 from .driving import RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
+from .fly import vocabulary as fly
 from .fly.models import Guest, Machine, Volume
 from .kube import KubeClient
 from .metrics import RECOVERIES, RECOVERY_DURATION
@@ -40,7 +41,6 @@ from .models import (
     RecoveryStep,
     RetainedVolumeSpec,
     step_reached,
-    volume_name,
 )
 from .models import Instance as InstanceModel
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
@@ -253,13 +253,13 @@ async def settle_for_deletion(port: Port, instance: InstanceModel) -> InstanceMo
 async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
     record = instance.status.recovery
     assert record is not None
-    fly = port.fly
+    client = port.fly
     app = instance.spec.fly_app
     step = record.step
 
     if step is RecoveryStep.STARTED:
         try:
-            await fly.get_volume(app, record.source_volume_id)
+            await client.get_volume(app, record.source_volume_id)
         except NotFound:
             raise RecoveryStepFailed(
                 f"source volume missing: {record.source_volume_id}", "source_volume_missing"
@@ -269,7 +269,7 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
         if record.source_machine_id:
             await destroy_machine_if_present(
-                fly, app, record.source_machine_id, wait_seconds=port.settings.wait_call_seconds
+                client, app, record.source_machine_id, wait_seconds=port.settings.wait_call_seconds
             )
         return await _record(
             port, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
@@ -300,8 +300,8 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
         remaining = (record.deadline - port.clock()).total_seconds()
         wait_seconds = max(1, min(port.settings.wait_call_seconds, int(remaining + 0.999)))
         try:
-            started = await fly.wait_machine(
-                app, record.replacement_machine_id, "started", timeout_seconds=wait_seconds
+            started = await client.wait_machine(
+                app, record.replacement_machine_id, fly.STARTED, timeout_seconds=wait_seconds
             )
         except NotFound:
             raise RecoveryStepFailed(
@@ -329,19 +329,19 @@ async def _record(
 
 
 async def _replacement_volume(port: Port, instance: InstanceModel, record: RecoveryStatus) -> Volume:
-    fly = port.fly
+    client = port.fly
     app = instance.spec.fly_app
     if record.replacement_volume_id:
         try:
-            return await fly.get_volume(app, record.replacement_volume_id)
+            return await client.get_volume(app, record.replacement_volume_id)
         except NotFound:
             logger.warning(
                 "recorded replacement volume %s is gone; forking again",
                 record.replacement_volume_id,
                 extra=_fields(instance),
             )
-    name = volume_name(instance.spec.sandbox_id)
-    for volume in await fly.list_volumes(app):
+    name = fly.volume_name(instance.spec.sandbox_id)
+    for volume in await client.list_volumes(app):
         if _is_fork_of_this_attempt(volume, name, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
@@ -352,7 +352,7 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
     errors: list[str] = []
     for region in regions:
         try:
-            return await fly.create_volume(
+            return await client.create_volume(
                 app,
                 name=name,
                 region=region,
@@ -367,22 +367,22 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
 
 
 async def _replacement_machine(port: Port, instance: InstanceModel, record: RecoveryStatus) -> Machine:
-    fly = port.fly
+    client = port.fly
     app = instance.spec.fly_app
     assert record.replacement_volume_id is not None
     if record.replacement_machine_id:
         try:
-            return await fly.get_machine(app, record.replacement_machine_id)
+            return await client.get_machine(app, record.replacement_machine_id)
         except NotFound:
             pass
-    for machine in await fly.list_machines(app, metadata=_attempt_metadata(instance, record)):
-        if machine.state not in ("destroyed", "destroying"):
+    for machine in await client.list_machines(app, metadata=_attempt_metadata(instance, record)):
+        if not machine.is_gone:
             logger.info(
                 "adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance)
             )
             return machine
-    volume = await fly.get_volume(app, record.replacement_volume_id)
-    return await fly.create_machine(
+    volume = await client.get_volume(app, record.replacement_volume_id)
+    return await client.create_machine(
         app,
         name=instance.spec.sandbox_id,
         region=volume.region,
@@ -409,7 +409,7 @@ async def _cut_over(port: Port, instance: InstanceModel, record: RecoveryStatus)
             "machine_id": record.replacement_machine_id,
             "volume_id": record.replacement_volume_id,
             "region": volume.region,
-            "fly_state": "started",
+            "fly_state": fly.STARTED,
             "observed_at": now,
             "last_recovery": last,
             "recovery": record.model_copy(update={"step": RecoveryStep.CUT_OVER}),
@@ -428,13 +428,13 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
     delete it if it has none; a failed delete falls back to a retained resource that expires at once."""
     record = instance.status.recovery
     assert record is not None
-    fly = port.fly
+    client = port.fly
     app = instance.spec.fly_app
     settings = port.settings
     now = port.clock()
     retain_until: datetime | None
     try:
-        snapshots = await fly.list_volume_snapshots(app, record.source_volume_id)
+        snapshots = await client.list_volume_snapshots(app, record.source_volume_id)
     except NotFound:
         retain_until = None  # already gone (a previous pass deleted it): nothing left to keep
     except FlyError as exc:
@@ -451,11 +451,12 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         else:
             try:
                 await delete_volume_checked(
-                    fly,
+                    client,
                     app,
                     record.source_volume_id,
                     instance.spec.sandbox_id,
                     recorded_machine_ids={record.source_machine_id},
+                    wait_seconds=port.settings.wait_call_seconds,
                 )
                 retain_until = None
             except (FlyError, OwnershipMismatch) as exc:
@@ -549,7 +550,7 @@ async def fail(
     record = instance.status.recovery
     assert record is not None
     assert not step_reached(record.step, RecoveryStep.CUT_OVER), "a committed cutover is never undone"
-    fly = port.fly
+    client = port.fly
     app = instance.spec.fly_app
     leftover_machine: str | None = None
     leftover_volume: str | None = None
@@ -557,14 +558,14 @@ async def fail(
     if replacement_machine is None and record.replacement_volume_id:
         # A crash between create and record leaves a machine only its metadata can find.
         try:
-            found = await fly.list_machines(app, metadata=_attempt_metadata(instance, record))
-            replacement_machine = next((m.id for m in found if m.state != "destroyed"), None)
+            found = await client.list_machines(app, metadata=_attempt_metadata(instance, record))
+            replacement_machine = next((m.id for m in found if not m.is_destroyed), None)
         except FlyError:
             pass
     if replacement_machine:
         try:
             await destroy_machine_if_present(
-                fly, app, replacement_machine, wait_seconds=port.settings.wait_call_seconds
+                client, app, replacement_machine, wait_seconds=port.settings.wait_call_seconds
             )
         except FlyError as exc:
             logger.warning(
@@ -582,11 +583,12 @@ async def fail(
             if leftover_machine is not None:
                 raise RecoveryStepFailed("its machine is not destroyed yet")
             await delete_volume_checked(
-                fly,
+                client,
                 app,
                 replacement_volume,
                 instance.spec.sandbox_id,
                 recorded_machine_ids={replacement_machine},
+                wait_seconds=port.settings.wait_call_seconds,
             )
         except (FlyError, OwnershipMismatch, RecoveryStepFailed) as exc:
             logger.warning(
@@ -650,7 +652,7 @@ async def _unrecorded_replacement_volume(
     """A fork created just before a crash, before its id reached the status (same rule as adoption)."""
     if not step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED):
         return None
-    name = volume_name(instance.spec.sandbox_id)
+    name = fly.volume_name(instance.spec.sandbox_id)
     try:
         volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
@@ -666,15 +668,15 @@ def _is_fork_of_this_attempt(volume: Volume, name: str, record: RecoveryStatus) 
         and volume.id != record.source_volume_id
         and volume.created_at is not None
         and volume.created_at >= record.started_at
-        and volume.state not in ("destroyed", "destroying", "pending_destroy")
+        and not volume.is_gone
     )
 
 
 def _attempt_metadata(instance: InstanceModel, record: RecoveryStatus) -> dict[str, str]:
     """What proves a machine belongs to this recovery attempt: its unique id and our sandbox id."""
     return {
-        lifecycle.METADATA_RECOVERY_ID: record.id,
-        lifecycle.METADATA_SANDBOX_ID: instance.spec.sandbox_id,
+        fly.METADATA_RECOVERY_ID: record.id,
+        fly.METADATA_SANDBOX_ID: instance.spec.sandbox_id,
     }
 
 

@@ -66,9 +66,6 @@ REASON_VOLUME_IN_USE = "VolumeInUse"
 REASON_FLY_UNAUTHORIZED = conditions.REASON_FLY_UNAUTHORIZED
 REASON_FLY_REJECTED = "FlyRejected"
 
-# Volume states in which Fly is already getting rid of the volume: nothing is retained any more.
-GONE_VOLUME_STATES = frozenset({"destroyed", "destroying", "pending_destroy"})
-
 # Never sleep less than this between passes, so a clock skew or an error path cannot spin the loop.
 MIN_DELAY_SECONDS = 0.05
 
@@ -427,7 +424,7 @@ class RetainedVolumeDriver(ObjectDriver):
         except FlyError as exc:
             logger.warning("cannot observe the volume: %s", exc, extra=self._log_fields(retained))
             return retained
-        exists = volume is not None and volume.state not in GONE_VOLUME_STATES
+        exists = volume is not None and not volume.is_gone
         snapshot_count = retained.status.snapshot_count if exists else None
         if exists:
             try:
@@ -467,7 +464,12 @@ class RetainedVolumeDriver(ObjectDriver):
             # No machine is recorded for a retained volume (its machine was destroyed by the recovery): any
             # machine attached now is someone else's, whatever sandbox id it carries (DESIGN 3.5).
             await delete_volume_checked(
-                self.ctx.fly, spec.fly_app, spec.volume_id, spec.sandbox_id, recorded_machine_ids=()
+                self.ctx.fly,
+                spec.fly_app,
+                spec.volume_id,
+                spec.sandbox_id,
+                recorded_machine_ids=(),
+                wait_seconds=self.ctx.settings.wait_call_seconds,
             )
         except (FlyError, OwnershipMismatch) as exc:
             failure = classify_failure(exc, retained.status.attempts + 1, settings)

@@ -7,6 +7,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from .fly import FlyClient, NotFound
+from .fly.vocabulary import DESTROYED
 
 
 class OwnershipMismatch(Exception):
@@ -28,18 +29,16 @@ class OwnershipMismatch(Exception):
         self.found = found
 
 
-async def destroy_machine_if_present(
-    fly: FlyClient, app: str, machine_id: str, *, wait_seconds: int = 0
-) -> None:
+async def destroy_machine_if_present(fly: FlyClient, app: str, machine_id: str, *, wait_seconds: int) -> None:
     """Force-destroy; a machine that is already gone counts as destroyed.
 
-    With ``wait_seconds`` it also waits until Fly reports ``destroyed``, because Fly keeps the volume attached
-    until then and a volume delete right after the destroy call would be refused.
+    It also waits (at most ``wait_seconds``) until Fly reports it destroyed, because Fly keeps the volume
+    attached until then and a volume delete right after the destroy call would be refused.
     """
     try:
         await fly.destroy_machine(app, machine_id, force=True)
         if wait_seconds:
-            await fly.wait_machine(app, machine_id, "destroyed", timeout_seconds=wait_seconds)
+            await fly.wait_machine(app, machine_id, DESTROYED, timeout_seconds=wait_seconds)
     except NotFound:
         return
 
@@ -51,11 +50,12 @@ async def delete_volume_checked(
     expected_sandbox_id: str,
     *,
     recorded_machine_ids: Collection[str | None],
+    wait_seconds: int,
 ) -> None:
     """Delete ``volume_id`` only if whatever is attached to it is provably ours (DESIGN 3.5).
 
     404 on the volume means done. An attached machine is force-destroyed first (it would block the delete),
-    but only if its ``kiloclaw_sandbox_id`` metadata is ``expected_sandbox_id`` **and** its id is one the
+    but only if its sandbox-id metadata is ``expected_sandbox_id`` **and** its id is one the
     operator recorded for this volume (``recorded_machine_ids``: the instance's or the recovery's machine).
     A sandbox id alone proves nothing (a second instance may name the same sandbox): anything else raises
     ``OwnershipMismatch`` before anything is destroyed.
@@ -70,11 +70,11 @@ async def delete_volume_checked(
             machine = await fly.get_machine(app, attached)
         except NotFound:
             machine = None
-        if machine is not None and machine.state != "destroyed":
-            found = machine.metadata.get("kiloclaw_sandbox_id")
+        if machine is not None and not machine.is_destroyed:
+            found = machine.sandbox_id
             if found != expected_sandbox_id or attached not in recorded_machine_ids:
                 raise OwnershipMismatch(attached, volume_id, expected_sandbox_id, found)
-            await destroy_machine_if_present(fly, app, attached, wait_seconds=60)
+            await destroy_machine_if_present(fly, app, attached, wait_seconds=wait_seconds)
     try:
         await fly.delete_volume(app, volume_id)
     except NotFound:

@@ -15,6 +15,7 @@ from .models import (
     Volume,
 )
 from .pacing import Pacer, PacingLimits
+from .vocabulary import volume_name
 
 __all__ = [
     "Capacity",
@@ -41,4 +42,5 @@ __all__ = [
     "classify",
     "parse_retry_after",
     "set_log_context",
+    "volume_name",
 ]

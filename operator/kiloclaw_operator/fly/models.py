@@ -11,6 +11,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .vocabulary import DESTROYED, GONE_MACHINE_STATES, GONE_VOLUME_STATES, METADATA_SANDBOX_ID
+
 __all__ = [
     "Guest",
     "Machine",
@@ -92,6 +94,21 @@ class Machine(FlyModel):
     def metadata(self) -> dict[str, str]:
         return dict(self.config.metadata) if self.config is not None else {}
 
+    @property
+    def sandbox_id(self) -> str | None:
+        """The sandbox the operator created this machine for (its metadata), if any."""
+        return self.metadata.get(METADATA_SANDBOX_ID)
+
+    @property
+    def is_gone(self) -> bool:
+        """Destroyed or being destroyed: never adopted, never someone's live machine."""
+        return self.state in GONE_MACHINE_STATES
+
+    @property
+    def is_destroyed(self) -> bool:
+        """The destroy finished: the machine holds nothing (a destroying one still holds its volume)."""
+        return self.state == DESTROYED
+
 
 class Volume(FlyModel):
     """`Volume`."""
@@ -114,6 +131,11 @@ class Volume(FlyModel):
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return _empty_to_none(value)
+
+    @property
+    def is_gone(self) -> bool:
+        """Destroyed or on its way out: nothing left to retain or adopt."""
+        return self.state in GONE_VOLUME_STATES
 
 
 class Snapshot(FlyModel):

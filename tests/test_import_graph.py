@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import kiloclaw_operator
 
 PACKAGE = "kiloclaw_operator"
@@ -101,3 +103,35 @@ def test_the_graph_holds_function_level_imports() -> None:
 
 def test_no_module_of_the_operator_is_part_of_an_import_cycle() -> None:
     assert find_cycles(import_graph()) == []
+
+
+def _external_imports(module: str) -> set[str]:
+    path = _modules()[module]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+CORE_AND_DRIVERS = (
+    "conditions",
+    "driving",
+    "feed",
+    "lifecycle",
+    "models",
+    "observation",
+    "ownership",
+    "reconciler",
+    "recovery",
+    "retained",
+    "volumes",
+)
+
+
+@pytest.mark.parametrize("name", CORE_AND_DRIVERS)
+def test_the_core_and_the_drivers_import_neither_httpx_nor_kopf(name: str) -> None:
+    # The adapters (fly/, kube.py) translate their transport's errors; only handlers.py registers with kopf.
+    assert _external_imports(f"{PACKAGE}.{name}") & {"httpx", "kopf"} == set()

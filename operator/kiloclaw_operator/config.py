@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,11 @@ def namespace_patterns(value: object) -> object:
     return [", ".join([inclusion, *exclusions]) for inclusion in inclusions]
 
 
+def _busy_cadence(data: dict[str, Any]) -> float:
+    """The default of a delay that is the busy cadence unless set on its own."""
+    return float(data.get("poll_busy_seconds", 5))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True
@@ -98,6 +103,26 @@ class Settings(BaseSettings):
     )
     wait_call_seconds: int = Field(
         default=60, gt=0, le=60, validation_alias=AliasChoices("KILOCLAW_WAIT_CALL_SECONDS")
+    )
+    # One setting, one meaning. These three default to the busy cadence (KILOCLAW_POLL_BUSY_SECONDS), as they
+    # did when that setting doubled as each of them.
+    #: First delay after an instance's failed pass; it doubles per failure, capped at the backoff maximum.
+    failure_backoff_base_seconds: float = Field(
+        default_factory=_busy_cadence,
+        gt=0,
+        le=300,
+        validation_alias=AliasChoices("KILOCLAW_FAILURE_BACKOFF_BASE_SECONDS"),
+    )
+    #: How soon a driver looks again when it may not act: no body known yet, or the finalizer owns the object.
+    recheck_seconds: float = Field(
+        default_factory=_busy_cadence, gt=0, le=300, validation_alias=AliasChoices("KILOCLAW_RECHECK_SECONDS")
+    )
+    #: How soon a recovery retries creating the retained volume of its old volume after Kubernetes refused.
+    retained_create_retry_seconds: float = Field(
+        default_factory=_busy_cadence,
+        gt=0,
+        le=300,
+        validation_alias=AliasChoices("KILOCLAW_RETAINED_CREATE_RETRY_SECONDS"),
     )
     # The organisation feed (with FLY_ORG_SLUG): sweep cadence, window overlap (Fly's changes propagate
     # late), page size, when a silent feed counts as failed, the busy-phase fallback read, the safety audit.

@@ -18,15 +18,13 @@ from .config import Settings, load_settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import FlyClient
 from .kube import (
-    SERVICE_ACCOUNT_TOKEN,
     KubeClient,
     KubeConnection,
-    connection_from_login,
-    pem_bytes,
-    with_token_file,
-    write_temp_pem,
+    kopf_connection_fields,
+    kubeconfig_connection,
+    service_account_connection,
 )
-from .kubeconfig import KubeconfigError, load_kubeconfig
+from .kubeconfig import KubeconfigError
 from .metrics import OBJECTS
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import InstanceDriver, instance_drivers
@@ -128,78 +126,27 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.login()
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the service account. Elsewhere: the kubeconfig as kubectl reads it, including token files
-    and exec credential plugins (kopf's own kubeconfig login has neither); kopf calls this again on a 401 or
-    when the plugin's token expires."""
+    """In a pod: the service account. Elsewhere: the kubeconfig as kubectl reads it (kube.py); kopf calls
+    this again on a 401 or when the plugin's token expires."""
     info = kopf.login_with_service_account(**kwargs)
-    if info is not None:
-        # Projected ServiceAccount tokens rotate (hourly by default): re-read the file rather than keep
-        # the token kopf read once.
-        conn = with_token_file(_connection(info), SERVICE_ACCOUNT_TOKEN)
-    else:
-        try:
-            conn = connection_from_login(await asyncio.to_thread(load_kubeconfig))
-        except KubeconfigError as exc:
-            raise kopf.LoginError(str(exc)) from None
-        info = _connection_info(conn)
+    conn = await _connection(info)
     _runtime(memo).connect(conn)
-    return info
-
-
-def _connection_info(conn: KubeConnection) -> kopf.ConnectionInfo:
-    token, expiration = conn.token, None
-    if conn.tokens is not None:
-        token, expiration = conn.tokens.token(), conn.tokens.expires_at
-    return kopf.ConnectionInfo(
-        server=conn.server,
-        token=token,
-        ca_path=conn.ca_path,
-        ca_data=conn.ca_data,
-        insecure=conn.insecure or None,
-        certificate_path=conn.certificate_path,
-        private_key_path=conn.private_key_path,
-        username=conn.username,
-        password=conn.password,
-        expiration=expiration,
-        priority=30,
-    )
+    return info if info is not None else kopf.ConnectionInfo(**kopf_connection_fields(conn))
 
 
 async def login_outside_kopf() -> KubeConnection:
     """The credentials the login handler above finds (ServiceAccount, else kubeconfig), for the leader
     election, which runs before kopf starts."""
-    info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
-    if info is not None:
-        return with_token_file(_connection(info), SERVICE_ACCOUNT_TOKEN)
+    return await _connection(kopf.login_with_service_account(settings=kopf.OperatorSettings()))
+
+
+async def _connection(service_account: kopf.ConnectionInfo | None) -> KubeConnection:
+    if service_account is not None:
+        return service_account_connection(service_account)
     try:
-        return connection_from_login(await asyncio.to_thread(load_kubeconfig))
+        return await kubeconfig_connection()
     except KubeconfigError as exc:
         raise kopf.LoginError(str(exc)) from None
-
-
-def _connection(info: kopf.ConnectionInfo) -> KubeConnection:
-    def path(value: object) -> str | None:
-        return None if value is None else str(value)
-
-    ca_data = pem_bytes(info.ca_data) if info.ca_data else None
-    cert_path = path(info.certificate_path) or (
-        write_temp_pem(info.certificate_data) if info.certificate_data else None
-    )
-    key_path = path(info.private_key_path) or (
-        write_temp_pem(info.private_key_data) if info.private_key_data else None
-    )
-    return KubeConnection(
-        server=info.server,
-        token=info.token,
-        scheme=info.scheme or "Bearer",
-        ca_data=ca_data,
-        ca_path=path(info.ca_path),
-        insecure=bool(info.insecure),
-        certificate_path=cert_path,
-        private_key_path=key_path,
-        username=info.username,
-        password=info.password,
-    )
 
 
 @kopf.on.cleanup()

@@ -4,6 +4,13 @@ retained-volume resources and Events.
 kopf owns watching and finalizers; these calls exist because a recovery must know that a status write was
 confirmed by the API server *before* its next Fly call, which a handler's return value cannot promise.
 Async httpx, sharing the credentials kopf logged in with (``KubeConnection``), so the event loop never blocks.
+
+The adapter has the Fly client's discipline: every failure is raised as a ``KubeError`` (no httpx error
+escapes; ``KubeUnavailable`` when no answer came), and idempotent calls (GET, DELETE, merge-PATCH) are retried
+with full-jitter exponential backoff on 429 (honouring ``Retry-After``), 5xx and lost connections or timeouts.
+Creates and lease writes are never retried here: their callers decide (a lost create's reply is a conflict the
+next time, and the leader election retries on its own cadence). It also translates the credentials kopf logs
+in with (``connection_from_kopf``, ``kopf_connection_fields``) without importing kopf.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Any
 import httpx
 
 from . import __version__
-from .kubeconfig import ClusterLogin, TokenSource
+from .fly import backoff_delay, parse_retry_after
+from .kubeconfig import ClusterLogin, TokenSource, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 
 logger = logging.getLogger("kiloclaw.kube")
@@ -45,6 +53,16 @@ class KubeNotFound(KubeError):
 
 class KubeConflict(KubeError):
     pass
+
+
+class KubeUnavailable(KubeError):
+    """No answer from the API server (connection refused or lost, timeout): status 0."""
+
+
+#: Answers worth asking again for an idempotent call: the API server is busy or briefly unavailable.
+RETRIED_STATUSES = frozenset({0, 429, 500, 502, 503, 504})
+#: Calls that may be repeated after a lost reply with the same effect (a merge patch sets the same values).
+IDEMPOTENT_METHODS = frozenset({"GET", "DELETE", "PATCH"})
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,65 @@ def tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:
     return context
 
 
+def connection_from_kopf(info: Any) -> KubeConnection:
+    """The connection for the credentials kopf found (a ``kopf.ConnectionInfo``, read by attribute)."""
+
+    def path(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    ca_data = pem_bytes(info.ca_data) if info.ca_data else None
+    cert_path = path(info.certificate_path) or (
+        write_temp_pem(info.certificate_data) if info.certificate_data else None
+    )
+    key_path = path(info.private_key_path) or (
+        write_temp_pem(info.private_key_data) if info.private_key_data else None
+    )
+    return KubeConnection(
+        server=info.server,
+        token=info.token,
+        scheme=info.scheme or "Bearer",
+        ca_data=ca_data,
+        ca_path=path(info.ca_path),
+        insecure=bool(info.insecure),
+        certificate_path=cert_path,
+        private_key_path=key_path,
+        username=info.username,
+        password=info.password,
+    )
+
+
+def kopf_connection_fields(conn: KubeConnection) -> dict[str, Any]:
+    """The keyword arguments of the ``kopf.ConnectionInfo`` that logs kopf in with ``conn``."""
+    token, expiration = conn.token, None
+    if conn.tokens is not None:
+        token, expiration = conn.tokens.token(), conn.tokens.expires_at
+    return {
+        "server": conn.server,
+        "token": token,
+        "ca_path": conn.ca_path,
+        "ca_data": conn.ca_data,
+        "insecure": conn.insecure or None,
+        "certificate_path": conn.certificate_path,
+        "private_key_path": conn.private_key_path,
+        "username": conn.username,
+        "password": conn.password,
+        "expiration": expiration,
+        "priority": 30,
+    }
+
+
+def service_account_connection(info: Any) -> KubeConnection:
+    """In a pod: kopf's ServiceAccount login, re-reading the projected token (it rotates, hourly by default)
+    rather than keeping the token kopf read once."""
+    return with_token_file(connection_from_kopf(info), SERVICE_ACCOUNT_TOKEN)
+
+
+async def kubeconfig_connection() -> KubeConnection:
+    """Outside a pod: the kubeconfig as kubectl reads it, including token files and exec credential plugins
+    (kopf's own kubeconfig login has neither); raises ``KubeconfigError``."""
+    return connection_from_login(await asyncio.to_thread(load_kubeconfig))
+
+
 def write_temp_pem(data: str | bytes) -> str:
     """kopf may hand over inline client certificates; ssl only loads them from files."""
     raw = data.encode() if isinstance(data, str) else data
@@ -170,27 +247,73 @@ def build_http_client(
     )
 
 
+def _error_from(response: httpx.Response) -> KubeError:
+    try:
+        message = response.json().get("message", response.text)
+    except ValueError:
+        message = response.text
+    error = {404: KubeNotFound, 409: KubeConflict}.get(response.status_code, KubeError)
+    return error(response.status_code, message)
+
+
 class KubeClient:
-    def __init__(self, conn: KubeConnection, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        conn: KubeConnection,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 5.0,
+    ) -> None:
         self._http = build_http_client(conn, timeout=timeout)
         # Bounded like the pool: httpcore rescans its wait queue on every completion (encode/httpcore#1035).
         self._slots = asyncio.Semaphore(KUBE_MAX_CONNECTIONS)
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        async with self._slots:
-            response = await self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
+    async def _request(
+        self, method: str, path: str, *, retry: bool | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """One call; ``KubeError`` on any failure. ``retry`` defaults to whether the method is idempotent."""
+        retry = method in IDEMPOTENT_METHODS if retry is None else retry
+        attempt = 0
+        while True:
+            retry_after: float | None = None
             try:
-                message = response.json().get("message", response.text)
-            except ValueError:
-                message = response.text
-            error = {404: KubeNotFound, 409: KubeConflict}.get(response.status_code, KubeError)
-            raise error(response.status_code, message)
-        result: dict[str, Any] = response.json()
-        return result
+                async with self._slots:
+                    response = await self._http.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                error: KubeError = KubeUnavailable(0, f"{type(exc).__name__}: {exc}")
+            else:
+                if response.status_code < 400:
+                    result: dict[str, Any] = response.json()
+                    return result
+                error = _error_from(response)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            delay = self._retry_delay(error, attempt, retry_after) if retry else None
+            if delay is None:
+                raise error
+            logger.info(
+                "Kubernetes API call retrying",
+                extra={"method": method, "path": path, "status": error.status, "attempt": attempt},
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _retry_delay(self, error: KubeError, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds before the next attempt, or None when the error must be raised now (not worth repeating,
+        out of attempts, or a server asking for a longer pause than this call should hold a worker)."""
+        if error.status not in RETRIED_STATUSES or attempt >= self._max_retries:
+            return None
+        if retry_after is not None and retry_after > self._backoff_cap:
+            return None
+        delay = backoff_delay(attempt, base=self._backoff_base, cap=self._backoff_cap)
+        return max(delay, retry_after or 0.0)
 
     @staticmethod
     def _path(plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
@@ -289,7 +412,7 @@ class KubeClient:
         }
         try:
             await self._request("POST", f"/api/v1/namespaces/{ref.namespace}/events", json=body)
-        except (KubeError, httpx.HTTPError) as exc:
+        except KubeError as exc:
             logger.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc)
 
     # --- leases (leader election, leadership.py) -------------------------------------------------------
@@ -300,11 +423,8 @@ class KubeClient:
         return f"{path}/{name}" if name else path
 
     async def _lease_request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        # The elector must tell "the API server said no" from "no answer"; both arrive as KubeError.
-        try:
-            return await self._request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise KubeError(0, f"{type(exc).__name__}: {exc}") from exc
+        # Never retried here: the elector retries on its own cadence, within its renew deadline.
+        return await self._request(method, path, retry=False, **kwargs)
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import httpx
-
 from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
@@ -159,7 +157,7 @@ class InstanceDriver(ObjectDriver):
 
     def _backoff(self, hint: float | None = None) -> float:
         self.failures += 1
-        base = self.ctx.settings.poll_busy_seconds
+        base = self.ctx.settings.failure_backoff_base_seconds
         delay = min(self.ctx.settings.retry_backoff_max_seconds, base * (2 ** min(self.failures, 10)))
         delay = random.uniform(base, delay)
         return max(delay, hint or 0.0)
@@ -168,10 +166,10 @@ class InstanceDriver(ObjectDriver):
         """One pass under the lock; returns seconds until the next pass."""
         async with self.lock:
             if self.latest is None:
-                return self.ctx.settings.poll_busy_seconds
+                return self.ctx.settings.recheck_seconds
             instance = self.current()
             if instance.deleting:
-                return self.ctx.settings.poll_busy_seconds
+                return self.ctx.settings.recheck_seconds
             set_fly_log_context(**self._log_fields(instance))
             try:
                 instance = await self._reconcile(instance)
@@ -183,7 +181,7 @@ class InstanceDriver(ObjectDriver):
             except RetryLater as exc:
                 logger.info("retrying later: %s", exc, extra=self._log_fields(instance))
                 return self._backoff(exc.delay)
-            except (KubeError, httpx.HTTPError) as exc:
+            except KubeError as exc:
                 logger.warning(
                     "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(instance)
                 )

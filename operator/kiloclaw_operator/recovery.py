@@ -476,7 +476,8 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
             )
         except Exception as exc:
             raise RetryLater(
-                f"could not create retained volume {retained_name}: {exc}", settings.poll_busy_seconds
+                f"could not create retained volume {retained_name}: {exc}",
+                settings.retained_create_retry_seconds,
             ) from exc
         await port.kube.post_event(
             instance.ref,

@@ -30,7 +30,6 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 
 from . import conditions
@@ -390,7 +389,7 @@ class RetainedVolumeDriver(ObjectDriver):
                 logger.info("resource is gone; driver stops", extra=self._log_fields(retained))
                 self.stop()
                 return 0.0
-            except (KubeError, httpx.HTTPError) as exc:
+            except KubeError as exc:
                 logger.warning(
                     "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(retained)
                 )
@@ -501,7 +500,7 @@ class RetainedVolumeDriver(ObjectDriver):
         """The instance the volume belonged to, or the retained volume itself once the instance is gone."""
         try:
             body = await self.ctx.kube.get_instance(retained.ref.namespace, retained.spec.instance_name)
-        except (KubeError, httpx.HTTPError):
+        except KubeError:
             return retained.ref
         return ObjectRef(
             namespace=retained.ref.namespace,
@@ -555,7 +554,7 @@ class RetainedVolumeDriver(ObjectDriver):
                     retained = await self._delete(retained, Trigger.RESOURCE_DELETED)
             except KubeNotFound:
                 return
-            except (KubeError, httpx.HTTPError) as exc:
+            except KubeError as exc:
                 raise RetryLater(
                     f"Kubernetes API call failed: {exc}", settings.retry_backoff_min_seconds
                 ) from exc

@@ -1,0 +1,92 @@
+"""The Kubernetes adapter's discipline, as for the Fly client: only typed errors leave it, and idempotent
+calls are retried (bounded, with backoff) when the API server is busy or does not answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from kiloclaw_operator.kube import KubeClient, KubeConnection, KubeError, KubeNotFound, KubeUnavailable
+from kiloclaw_operator.models import ObjectRef
+
+Handler = Callable[[httpx.Request], httpx.Response]
+REF = ObjectRef(namespace="tenants", name="alice", uid="u1", kind="KiloClawInstance")
+
+
+def _client(handler: Handler, *, max_retries: int = 3) -> tuple[KubeClient, list[str]]:
+    calls: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        return handler(request)
+
+    client = KubeClient(
+        KubeConnection(server="http://kube.invalid"), max_retries=max_retries, backoff_base=0.001
+    )
+    client._http = httpx.AsyncClient(base_url="http://kube.invalid", transport=httpx.MockTransport(record))
+    return client, calls
+
+
+def _answers(*statuses: int) -> Handler:
+    remaining = list(statuses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = remaining.pop(0) if remaining else 200
+        return httpx.Response(status, json={"message": f"status {status}", "items": []})
+
+    return handler
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 504])
+async def test_a_read_answered_busy_is_asked_again_until_it_succeeds(status: int) -> None:
+    client, calls = _client(_answers(status, status))
+    assert await client.list_instances("tenants") == []
+    assert calls == ["GET", "GET", "GET"]
+
+
+async def test_a_status_patch_that_timed_out_is_sent_again() -> None:
+    attempts = iter([httpx.ReadTimeout("slow"), None])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        exc = next(attempts)
+        if exc is not None:
+            raise exc
+        return httpx.Response(200, json={"metadata": {"name": "alice"}})
+
+    client, calls = _client(handler)
+    assert await client.patch_instance_status(REF, {"phase": "Running"}) == {"metadata": {"name": "alice"}}
+    assert calls == ["PATCH", "PATCH"]
+
+
+async def test_retries_are_bounded_and_end_in_a_typed_error() -> None:
+    client, calls = _client(_answers(503, 503, 503, 503, 503), max_retries=2)
+    with pytest.raises(KubeError) as raised:
+        await client.get_instance("tenants", "alice")
+    assert raised.value.status == 503
+    assert calls == ["GET", "GET", "GET"]
+
+
+async def test_a_create_is_never_repeated_by_the_adapter() -> None:
+    client, calls = _client(_answers(503))
+    with pytest.raises(KubeError):
+        await client.create_lease("kiloclaw-system", {"metadata": {"name": "lease"}})
+    assert calls == ["POST"]
+
+
+async def test_a_refusal_is_not_retried() -> None:
+    client, calls = _client(_answers(404))
+    with pytest.raises(KubeNotFound):
+        await client.get_instance("tenants", "alice")
+    assert calls == ["GET"]
+
+
+async def test_no_answer_is_a_typed_error_not_an_httpx_one() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    client, calls = _client(handler, max_retries=1)
+    with pytest.raises(KubeUnavailable):
+        await client.list_instances()
+    assert calls == ["GET", "GET"]

@@ -3,20 +3,27 @@
 kopf runs daemons, event handlers and deletion handlers concurrently on one object. A driver makes them
 take turns: watch events only hand over the newest body and wake the driver when the body asks for work;
 the driver's loop (run by a kopf daemon) does every pass under its lock, and so does deletion.
+
+``ObjectDriver`` is the one loop of both kinds, parameterised by the kind's model: reading the newest body,
+the durable status write (``write``), the log fields, and the pass skeleton; a kind supplies its pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import ValidationError
 
 from . import ownership
 from .config import Settings
 from .fly import FlyClient
+from .fly import set_log_context as set_fly_log_context
 from .fly.models import Machine
 from .kube import KubeClient
 from .lifecycle import Observation
@@ -85,14 +92,57 @@ def resource_version(body: dict[str, Any]) -> int:
         return 0
 
 
+class KindModel(Protocol):
+    """What the loop needs of a kind's model (``Instance``, ``RetainedVolume``)."""
+
+    @property
+    def ref(self) -> ObjectRef: ...
+
+    @property
+    def status(self) -> WireModel: ...
+
+    @property
+    def deleting(self) -> bool: ...
+
+
+M = TypeVar("M", bound=KindModel)
+
+
 @dataclass
-class ObjectDriver:
+class ObjectDriver(Generic[M]):
     namespace: str
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     latest: dict[str, Any] | None = None
+    ctx: Context = field(kw_only=True)
+
+    #: The kind's logger, and how its objects are named in messages.
+    logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
+    kind: ClassVar[str] = "object"
+
+    # --- what a kind supplies ---------------------------------------------------------------------------
+
+    def read(self, body: dict[str, Any]) -> M:
+        """The kind's model of a body."""
+        raise NotImplementedError
+
+    def log_fields(self, obj: M) -> dict[str, Any]:
+        """The structured fields of every log record about ``obj``."""
+        raise NotImplementedError
+
+    async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource; returns the object as the API server stored it."""
+        raise NotImplementedError
+
+    def recheck_delay(self) -> float:
+        """Seconds until the next pass when this one may not act (no body yet, unreadable, being deleted)."""
+        raise NotImplementedError
+
+    async def reconcile(self, obj: M) -> float:
+        """One pass over ``obj`` (under the lock); returns seconds until the next pass."""
+        raise NotImplementedError
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         """What in a body asks the driver for a pass; other changes (echoes of our own status writes, kopf's
@@ -116,9 +166,29 @@ class ObjectDriver:
         self.stop_requested.set()
         self.wakeup.set()
 
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def current(self) -> M:
+        if self.latest is None:
+            raise RuntimeError(f"{self.kind} {self.namespace}/{self.name} has no known body yet")
+        return self.read(self.latest)
+
     async def reconcile_once(self) -> float:
         """One pass under the lock; returns seconds until the next pass."""
-        raise AssertionError(f"{type(self).__name__} must define reconcile_once")
+        async with self.lock:
+            if self.latest is None:
+                return self.recheck_delay()
+            try:
+                obj = self.current()
+            except ValidationError as exc:
+                # The CRD schema should make this impossible; never let one bad object kill the daemon.
+                self.logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
+                return self.recheck_delay()
+            if obj.deleting:
+                # The finalizer owns an object that is being deleted.
+                return self.recheck_delay()
+            set_fly_log_context(**self.log_fields(obj))
+            return await self.reconcile(obj)
 
     async def run(self) -> None:
         """Reconcile until asked to stop; between passes sleep the returned delay or until woken."""
@@ -136,31 +206,29 @@ class ObjectDriver:
             async with asyncio.timeout(delay):
                 await self.wakeup.wait()
 
-    async def write_status(
-        self,
-        ref: ObjectRef,
-        stored: WireModel,
-        wanted: WireModel,
-        patch_status: Callable[[ObjectRef, dict[str, Any]], Awaitable[dict[str, Any]]],
-    ) -> dict[str, Any] | None:
-        """Merge-patch the status from ``stored`` to ``wanted``; return the object as the API server stored
-        it (and keep it as the latest body), or None when nothing changed."""
+    async def write(self, obj: M, status: WireModel, why: str) -> M:
+        """The one durable status write: a merge patch from ``obj``'s stored status to ``status``; returns
+        only once the API server has stored it, as the object it stored (kept as the latest body).
+
+        ``why`` names the step that must survive a crash; it goes into the debug log with the write.
+        """
         # Diff against what is stored (the fields present in the body), not the model's defaults: a new value
         # that equals a default (phase Pending, attempts 0) must still be written.
-        before = stored.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
-        patch = merge_patch(before, wanted.dump())
+        before = obj.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+        patch = merge_patch(before, status.dump())
         if not patch:
-            return None
-        body = await patch_status(ref, patch)
+            return obj
+        body = await self.patch_status(obj.ref, patch)
         self.offer(body)
-        return body
+        self.logger.debug("status committed: %s", why, extra=self.log_fields(obj))
+        return self.read(body)
 
     def forgotten(self) -> None:
         """The object is gone from the API server: stop, and drop what is kept about it."""
         self.stop()
 
 
-D = TypeVar("D", bound=ObjectDriver)
+D = TypeVar("D", bound=ObjectDriver[Any])
 
 
 class DriverRegistry(Generic[D]):

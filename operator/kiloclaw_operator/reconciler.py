@@ -11,7 +11,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
@@ -22,7 +22,7 @@ from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
-from .models import RETRY_ANNOTATION, Instance, InstanceStatus, Phase
+from .models import RETRY_ANNOTATION, Instance, InstanceStatus, ObjectRef, Phase
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -93,10 +93,9 @@ class PollingObserver:
 
 
 @dataclass
-class InstanceDriver(ObjectDriver):
+class InstanceDriver(ObjectDriver[Instance]):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
 
-    ctx: Context = field(kw_only=True)
     failures: int = 0
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
@@ -105,10 +104,17 @@ class InstanceDriver(ObjectDriver):
         annotations = body.get("metadata", {}).get("annotations") or {}
         return (*super().work_signature(body), annotations.get(RETRY_ANNOTATION))
 
-    def current(self) -> Instance:
-        if self.latest is None:
-            raise RuntimeError(f"instance {self.namespace}/{self.name} has no known body yet")
-        return Instance.from_body(self.latest)
+    logger: ClassVar[logging.Logger] = logger
+    kind: ClassVar[str] = "instance"
+
+    def read(self, body: dict[str, Any]) -> Instance:
+        return Instance.from_body(body)
+
+    async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.ctx.kube.patch_instance_status(ref, patch)
+
+    def recheck_delay(self) -> float:
+        return self.ctx.settings.recheck_seconds
 
     async def commit(
         self, instance: Instance, status: InstanceStatus, why: str, *, deferred: bool = False
@@ -121,14 +127,7 @@ class InstanceDriver(ObjectDriver):
         status = conditions.summarize(
             instance.spec, status, instance.generation, self.ctx.clock(), deferred=deferred
         )
-        body = await self.write_status(
-            instance.ref, instance.status, status, self.ctx.kube.patch_instance_status
-        )
-        if body is None:
-            return instance
-        logger.debug("status committed: %s", why, extra=self._log_fields(instance))
-        self.offer(body)
-        return Instance.from_body(body)
+        return await self.write(instance, status, why)
 
     def recovery_port(self) -> recovery.Port:
         """The narrow interface a recovery works through (never the driver itself)."""
@@ -143,7 +142,7 @@ class InstanceDriver(ObjectDriver):
             driven=self.recoveries_driven,
         )
 
-    def _log_fields(self, instance: Instance) -> dict[str, Any]:
+    def log_fields(self, instance: Instance) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "namespace": instance.ref.namespace,
             "instance": instance.ref.name,
@@ -162,47 +161,37 @@ class InstanceDriver(ObjectDriver):
         delay = random.uniform(base, delay)
         return max(delay, hint or 0.0)
 
-    async def reconcile_once(self) -> float:
-        """One pass under the lock; returns seconds until the next pass."""
-        async with self.lock:
-            if self.latest is None:
-                return self.ctx.settings.recheck_seconds
-            instance = self.current()
-            if instance.deleting:
-                return self.ctx.settings.recheck_seconds
-            set_fly_log_context(**self._log_fields(instance))
-            try:
-                instance = await self._reconcile(instance)
-            except FlyError as exc:
-                return await self._on_fly_error(self.current(), exc)
-            except OwnershipMismatch as exc:
-                logger.warning("%s", exc, extra=self._log_fields(instance))
-                return self._backoff()
-            except RetryLater as exc:
-                logger.info("retrying later: %s", exc, extra=self._log_fields(instance))
-                return self._backoff(exc.delay)
-            except KubeError as exc:
-                logger.warning(
-                    "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(instance)
-                )
-                return self._backoff()
-            self.failures = 0
-            if (
-                conditions.stalled_reason(instance.status) == conditions.REASON_FLY_UNAUTHORIZED
-                and self.ctx.fly.authorized
-            ):
-                instance = await self.commit(
-                    instance,
-                    conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
-                    "the Fly token works again",
-                )
-            if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
-                # A refused claimant looks again now and then: it may claim once the owner is gone.
-                return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
-            return self.ctx.observer.next_pass(instance)
+    async def reconcile(self, instance: Instance) -> float:
+        try:
+            instance = await self._reconcile(instance)
+        except FlyError as exc:
+            return await self._on_fly_error(self.current(), exc)
+        except OwnershipMismatch as exc:
+            logger.warning("%s", exc, extra=self.log_fields(instance))
+            return self._backoff()
+        except RetryLater as exc:
+            logger.info("retrying later: %s", exc, extra=self.log_fields(instance))
+            return self._backoff(exc.delay)
+        except KubeError as exc:
+            logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self.log_fields(instance))
+            return self._backoff()
+        self.failures = 0
+        if (
+            conditions.stalled_reason(instance.status) == conditions.REASON_FLY_UNAUTHORIZED
+            and self.ctx.fly.authorized
+        ):
+            instance = await self.commit(
+                instance,
+                conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
+                "the Fly token works again",
+            )
+        if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
+            # A refused claimant looks again now and then: it may claim once the owner is gone.
+            return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
+        return self.ctx.observer.next_pass(instance)
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
-        fields = self._log_fields(instance)
+        fields = self.log_fields(instance)
         if isinstance(exc, Unauthorized):
             # An operator-level problem (the token), not the instance's: the phase stays, the instance says
             # why it cannot progress, and it is retried until the token works again (then the stall clears).
@@ -296,7 +285,7 @@ class InstanceDriver(ObjectDriver):
             and stalled.message == message
         ):
             return
-        logger.warning("%s", message, extra=self._log_fields(instance))
+        logger.warning("%s", message, extra=self.log_fields(instance))
         status = conditions.mark_stalled(
             instance.status.model_copy(update={"observed_generation": instance.generation}),
             conditions.REASON_DUPLICATE_SANDBOX,
@@ -388,7 +377,7 @@ class InstanceDriver(ObjectDriver):
                 )
             instance = await self.commit(instance, status, decision.reason or action.value)
             if decision.stall is not None:
-                logger.warning("%s", decision.reason, extra=self._log_fields(instance))
+                logger.warning("%s", decision.reason, extra=self.log_fields(instance))
                 await self.ctx.kube.post_event(instance.ref, decision.stall, decision.reason, warning=True)
             return instance
         if action is Action.PROVISION:
@@ -412,7 +401,7 @@ class InstanceDriver(ObjectDriver):
         logger.info(
             "provisioning: volume and machine in app %s",
             instance.spec.fly_app,
-            extra=self._log_fields(instance),
+            extra=self.log_fields(instance),
         )
         if instance.status.volume_id is None:
             volume = await self._adopt_or_create_volume(instance)
@@ -431,7 +420,7 @@ class InstanceDriver(ObjectDriver):
             logger.info(
                 "adopting volume %s left by an earlier attempt",
                 adoptable[0].id,
-                extra=self._log_fields(instance),
+                extra=self.log_fields(instance),
             )
             return adoptable[0]
         errors: list[str] = []
@@ -540,7 +529,7 @@ class InstanceDriver(ObjectDriver):
             logger.info(
                 "machine %s is gone; creating a new one on the volume",
                 machine_id,
-                extra=self._log_fields(instance),
+                extra=self.log_fields(instance),
             )
             instance = await self.commit(
                 instance,
@@ -554,7 +543,7 @@ class InstanceDriver(ObjectDriver):
         status = base.model_copy(update={"phase": Phase.STOPPING, "observed_generation": instance.generation})
         instance = await self.commit(instance, status, "stopping the machine")
         assert instance.status.machine_id is not None
-        logger.info("stopping machine %s", instance.status.machine_id, extra=self._log_fields(instance))
+        logger.info("stopping machine %s", instance.status.machine_id, extra=self.log_fields(instance))
         try:
             await self.ctx.fly.stop_machine(instance.spec.fly_app, instance.status.machine_id)
         except NotFound:
@@ -605,7 +594,7 @@ class InstanceDriver(ObjectDriver):
                     wait_seconds=self.ctx.settings.wait_call_seconds,
                 )
         except (FlyError, OwnershipMismatch) as exc:
-            logger.warning("pending cleanup still failing: %s", exc, extra=self._log_fields(instance))
+            logger.warning("pending cleanup still failing: %s", exc, extra=self.log_fields(instance))
             return instance
         return await self.commit(
             instance, instance.status.model_copy(update={"pending_cleanup": None}), "pending cleanup done"
@@ -618,12 +607,12 @@ class InstanceDriver(ObjectDriver):
         self.stop()
         async with self.lock:
             instance = self.current()
-            set_fly_log_context(**self._log_fields(instance))
+            set_fly_log_context(**self.log_fields(instance))
             logger.info(
                 "destroying: machine %s, volume %s",
                 instance.status.machine_id,
                 instance.status.volume_id,
-                extra=self._log_fields(instance),
+                extra=self.log_fields(instance),
             )
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.

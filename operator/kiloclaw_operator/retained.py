@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
-
-from pydantic import ValidationError
+from typing import Any, ClassVar
 
 from . import conditions
 from .config import Settings
@@ -331,20 +329,20 @@ def starts_blocked_episode(before: RetainedVolumeStatus, after: RetainedVolumeSt
 
 
 @dataclass
-class RetainedVolumeDriver(ObjectDriver):
+class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
     """The single writer of one KiloClawRetainedVolume (status, Fly calls, removal)."""
 
-    ctx: Context = field(kw_only=True)
     # Observation is a read path: a wake-up caused by our own status write must not cost two Fly calls.
     observed_generation: int | None = None
     observed_until: float = 0.0
 
-    def current(self) -> RetainedVolume:
-        if self.latest is None:
-            raise RuntimeError(f"retained volume {self.namespace}/{self.name} has no known body yet")
-        return RetainedVolume.from_body(self.latest)
+    logger: ClassVar[logging.Logger] = logger
+    kind: ClassVar[str] = "retained volume"
 
-    def _log_fields(self, retained: RetainedVolume) -> dict[str, Any]:
+    def read(self, body: dict[str, Any]) -> RetainedVolume:
+        return RetainedVolume.from_body(body)
+
+    def log_fields(self, retained: RetainedVolume) -> dict[str, Any]:
         return {
             "namespace": retained.ref.namespace,
             "retained_volume": retained.ref.name,
@@ -353,48 +351,31 @@ class RetainedVolumeDriver(ObjectDriver):
             "volume_id": retained.spec.volume_id,
         }
 
+    async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.ctx.kube.patch_retained_status(ref, patch)
+
+    def recheck_delay(self) -> float:
+        return self.ctx.settings.retained_check_seconds
+
     async def commit(
         self, retained: RetainedVolume, status: RetainedVolumeStatus, why: str
     ) -> RetainedVolume:
         """The one status write: a merge patch of what changed, confirmed by the API server."""
-        body = await self.write_status(
-            retained.ref, retained.status, status, self.ctx.kube.patch_retained_status
-        )
-        if body is None:
-            return retained
-        logger.debug("status committed: %s", why, extra=self._log_fields(retained))
-        self.offer(body)
-        return RetainedVolume.from_body(body)
+        return await self.write(retained, status, why)
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    async def reconcile_once(self) -> float:
-        """One pass under the lock; returns seconds until the next pass."""
-        settings = self.ctx.settings
-        async with self.lock:
-            if self.latest is None:
-                return settings.retained_check_seconds
-            try:
-                retained = self.current()
-            except ValidationError as exc:
-                # The CRD schema should make this impossible; never let one bad object kill the daemon.
-                logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
-                return settings.retained_check_seconds
-            if retained.deleting:
-                # The finalizer (finalize) owns a resource that is being deleted.
-                return settings.retained_check_seconds
-            try:
-                retained = await self._reconcile(retained)
-            except KubeNotFound:
-                logger.info("resource is gone; driver stops", extra=self._log_fields(retained))
-                self.stop()
-                return 0.0
-            except KubeError as exc:
-                logger.warning(
-                    "Kubernetes API call failed, will retry: %s", exc, extra=self._log_fields(retained)
-                )
-                return settings.retry_backoff_min_seconds
-            return next_check_delay(retained, self.ctx.clock(), settings)
+    async def reconcile(self, retained: RetainedVolume) -> float:
+        try:
+            retained = await self._reconcile(retained)
+        except KubeNotFound:
+            logger.info("resource is gone; driver stops", extra=self.log_fields(retained))
+            self.stop()
+            return 0.0
+        except KubeError as exc:
+            logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self.log_fields(retained))
+            return self.ctx.settings.retry_backoff_min_seconds
+        return next_check_delay(retained, self.ctx.clock(), self.ctx.settings)
 
     async def _reconcile(self, retained: RetainedVolume) -> RetainedVolume:
         decision = decide_retained(retained, self.ctx.clock())
@@ -421,7 +402,7 @@ class RetainedVolumeDriver(ObjectDriver):
         except NotFound:
             volume = None
         except FlyError as exc:
-            logger.warning("cannot observe the volume: %s", exc, extra=self._log_fields(retained))
+            logger.warning("cannot observe the volume: %s", exc, extra=self.log_fields(retained))
             return retained
         exists = volume is not None and not volume.is_gone
         snapshot_count = retained.status.snapshot_count if exists else None
@@ -429,9 +410,7 @@ class RetainedVolumeDriver(ObjectDriver):
             try:
                 snapshot_count = len(await fly.list_volume_snapshots(spec.fly_app, spec.volume_id))
             except FlyError as exc:
-                logger.warning(
-                    "cannot list the volume's snapshots: %s", exc, extra=self._log_fields(retained)
-                )
+                logger.warning("cannot list the volume's snapshots: %s", exc, extra=self.log_fields(retained))
         status = observed_status(
             retained,
             self.ctx.clock(),
@@ -484,7 +463,7 @@ class RetainedVolumeDriver(ObjectDriver):
     async def _record_failure(self, retained: RetainedVolume, failure: DeleteFailure) -> RetainedVolume:
         before = retained.status
         status = failed_status(retained, self.ctx.clock(), failure)
-        fields = {**self._log_fields(retained), "reason": failure.reason, "attempts": status.attempts}
+        fields = {**self.log_fields(retained), "reason": failure.reason, "attempts": status.attempts}
         if failure.stalled:
             logger.warning("delete refused: %s", failure.message, extra=fields)
         else:
@@ -520,7 +499,7 @@ class RetainedVolumeDriver(ObjectDriver):
             ANALYTICS_DELETED,
             extra={
                 "event": ANALYTICS_DELETED,
-                **self._log_fields(retained),
+                **self.log_fields(retained),
                 "fly_app": spec.fly_app,
                 "trigger": trigger.value,
                 "recovery_id": spec.recovery_id,

@@ -78,6 +78,7 @@ class Decision:
     reason: str = ""
     stall: str | None = None  # also mark Stalled with this reason (and post it as a Warning Event)
     event: str | None = None  # also post this Event (reason; ``reason`` above is the message)
+    held: bool = False  # stalled: no action on Fly, but the observation is still recorded
 
 
 def is_held(instance: Instance) -> bool:
@@ -95,6 +96,11 @@ def is_held(instance: Instance) -> bool:
     )
 
 
+def recovery_in_flight(instance: Instance) -> bool:
+    """A recovery owns the instance: it observes Fly itself, step by step (recovery.py)."""
+    return instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None
+
+
 def has_unobserved_generation(instance: Instance) -> bool:
     return instance.status.observed_generation != instance.generation
 
@@ -105,15 +111,18 @@ def should_recover(instance: Instance) -> bool:
 
 
 def decide(instance: Instance, observation: Observation) -> Decision:
-    """The next step for one instance. Recovery and deletion own their phases; everything else is here."""
+    """The next step for one instance, in the one order of precedence: deletion, then a recovery in flight,
+    then a stall, then what Fly reports, then the spec. Recovery and deletion own their phases."""
     status = instance.status
     phase = status.phase
     if instance.deleting or phase is Phase.DESTROYING:
         return Decision(Action.NOTHING, reason="deletion is handled by the finalizer")
-    if phase is Phase.RECOVERING or status.recovery is not None:
+    if recovery_in_flight(instance):
         return Decision(Action.RESUME_RECOVERY)
     if is_held(instance):
-        return Decision(Action.NOTHING, reason="stalled: waiting for a spec change or the retry annotation")
+        return Decision(
+            Action.NOTHING, held=True, reason="stalled: waiting for a spec change or the retry annotation"
+        )
     if phase in (Phase.PENDING, Phase.PROVISIONING):
         return Decision(Action.PROVISION)
     if observation.kind is ObservationKind.UNKNOWN:

@@ -31,6 +31,9 @@ ACTION_DEFERRED = "ActionDeferred"
 DUPLICATE_SANDBOX = "DuplicateSandbox"
 
 
+#: What a driver decides on while a recovery owns the instance (the recovery observes Fly itself).
+NOT_OBSERVED = Observation.unknown("a recovery observes Fly itself")
+
 #: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
 _WAIT_STATES = {
     Phase.STARTING: (fly.STARTED, fly.STOPPED, fly.FAILED, fly.DESTROYED),
@@ -67,12 +70,8 @@ class PollingObserver:
                 state = await self._fly.wait_for_states(
                     instance.spec.fly_app, machine_id, waited_for, timeout_seconds=seconds
                 )
-            except NotFound:
-                return Observation.gone(), None
-            except (Unauthorized, Fatal):
-                raise
             except FlyError as exc:
-                return Observation.unknown(str(exc)), None
+                return _failed_read(exc), None
             if state is not None and state != fly.DESTROYED:
                 return Observation.found(state), None
             if state is None and instance.status.phase is Phase.STARTING:
@@ -80,16 +79,22 @@ class PollingObserver:
                 return Observation.unknown("still starting"), None
         try:
             machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
-        except NotFound:
-            return Observation.gone(), None
-        except (Unauthorized, Fatal):
-            raise
         except FlyError as exc:
-            return Observation.unknown(str(exc)), None
+            return _failed_read(exc), None
         if machine.is_destroyed:
             return Observation.gone(), machine
         in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
         return Observation.found(machine.state, config_in_sync=in_sync), machine
+
+
+def _failed_read(exc: FlyError) -> Observation:
+    """What a failed read of the machine says: gone on a 404, nothing (unknown) on a transient failure. An
+    unauthorized token or a rejected request is not an observation: re-raised for the driver."""
+    if isinstance(exc, NotFound):
+        return Observation.gone()
+    if isinstance(exc, Unauthorized | Fatal):
+        raise exc
+    return Observation.unknown(str(exc))
 
 
 @dataclass
@@ -229,17 +234,20 @@ class InstanceDriver(ObjectDriver[Instance]):
             if claimed is None:
                 return self.current()
             instance = claimed
-        if instance.status.recovery is None and instance.status.pending_cleanup is not None:
-            instance = await self._retry_pending_cleanup(instance)
-        if instance.status.phase is Phase.RECOVERING or instance.status.recovery is not None:
+        instance = await recovery.retry_pending_cleanup(self.recovery_port(), instance)
+        if lifecycle.recovery_in_flight(instance):
+            observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
+        else:
+            observation, machine = await self.ctx.observer.observe(instance)
+        # Every route goes through the decision core, which owns the precedence. Decide before recording:
+        # every commit acknowledges the retry annotation, so the observation write would otherwise consume a
+        # retry request before the decision sees it.
+        decision = lifecycle.decide(instance, observation)
+        if decision.action is Action.RESUME_RECOVERY:
             return await recovery.resume(self.recovery_port(), instance)
-        observation, machine = await self.ctx.observer.observe(instance)
-        if lifecycle.is_held(instance):
+        if decision.held:
             # Held: no action on Fly, but observation goes on (read paths are always safe).
             return await self._record_observation(instance, observation)
-        # Decide before recording: every commit acknowledges the retry annotation, so the observation write
-        # would otherwise consume a retry request before the decision sees it.
-        decision = lifecycle.decide(instance, observation)
         deferring = lifecycle.is_busy(instance.status.phase) and lifecycle.has_unobserved_generation(instance)
         if decision.action is Action.SETTLE and not deferring:
             # No Fly call follows: the new Fly state goes into the settling write (one write, not two).
@@ -347,8 +355,6 @@ class InstanceDriver(ObjectDriver[Instance]):
         action = decision.action
         if action is Action.NOTHING:
             return instance
-        if action is Action.RESUME_RECOVERY:
-            return await recovery.resume(self.recovery_port(), instance)
         if action is Action.BEGIN_RECOVERY:
             return await recovery.begin(self.recovery_port(), instance)
         now = self.ctx.clock()
@@ -531,10 +537,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                 machine_id,
                 extra=self.log_fields(instance),
             )
-            instance = await self.commit(
-                instance,
-                instance.status.model_copy(update={"machine_id": None, "phase": Phase.PROVISIONING}),
-                "machine gone: forget it before creating another",
+            instance = await self._forget_gone_machine(
+                instance, Phase.PROVISIONING, "machine gone: forget it before creating another"
             )
             return await self._ensure_machine(instance)
         return instance
@@ -547,11 +551,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         try:
             await self.ctx.fly.stop_machine(instance.spec.fly_app, instance.status.machine_id)
         except NotFound:
-            return await self.commit(
-                instance,
-                instance.status.model_copy(update={"machine_id": None, "phase": Phase.STOPPED}),
-                "machine gone while stopping",
-            )
+            return await self._forget_gone_machine(instance, Phase.STOPPED, "machine gone while stopping")
         return instance
 
     async def _update_config(self, instance: Instance, base: InstanceStatus) -> Instance:
@@ -567,37 +567,16 @@ class InstanceDriver(ObjectDriver[Instance]):
         except NotFound:
             # Gone between the observation and the update: the same outcome as observing it gone (not a
             # rejected spec, which a 404 on a POST would otherwise mean).
-            return await self.commit(
-                instance,
-                instance.status.model_copy(update={"machine_id": None, "phase": Phase.STOPPED}),
-                "machine gone while updating its config",
+            return await self._forget_gone_machine(
+                instance, Phase.STOPPED, "machine gone while updating its config"
             )
         return instance
 
-    async def _retry_pending_cleanup(self, instance: Instance) -> Instance:
-        """Replacement resources a failed recovery could not remove; retried outside recoveries only."""
-        pending = instance.status.pending_cleanup
-        assert pending is not None
-        app = instance.spec.fly_app
-        try:
-            if pending.machine_id:
-                await destroy_machine_if_present(
-                    self.ctx.fly, app, pending.machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
-                )
-            if pending.volume_id:
-                await delete_volume_checked(
-                    self.ctx.fly,
-                    app,
-                    pending.volume_id,
-                    instance.spec.sandbox_id,
-                    recorded_machine_ids={pending.machine_id},
-                    wait_seconds=self.ctx.settings.wait_call_seconds,
-                )
-        except (FlyError, OwnershipMismatch) as exc:
-            logger.warning("pending cleanup still failing: %s", exc, extra=self.log_fields(instance))
-            return instance
+    async def _forget_gone_machine(self, instance: Instance, phase: Phase, why: str) -> Instance:
+        """The machine vanished between the observation and a Fly call on it: forget its id (never act on a
+        machine that is gone) and record the phase that follows; the volume stays the instance's."""
         return await self.commit(
-            instance, instance.status.model_copy(update={"pending_cleanup": None}), "pending cleanup done"
+            instance, instance.status.model_copy(update={"machine_id": None, "phase": phase}), why
         )
 
     # --- deletion ---------------------------------------------------------------------------------------
@@ -638,23 +617,7 @@ class InstanceDriver(ObjectDriver[Instance]):
                     await destroy_machine_if_present(
                         self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
                     )
-                pending = status.pending_cleanup
-                if pending and pending.machine_id:
-                    await destroy_machine_if_present(
-                        self.ctx.fly,
-                        app,
-                        pending.machine_id,
-                        wait_seconds=self.ctx.settings.wait_call_seconds,
-                    )
-                if pending and pending.volume_id:
-                    await delete_volume_checked(
-                        self.ctx.fly,
-                        app,
-                        pending.volume_id,
-                        instance.spec.sandbox_id,
-                        recorded_machine_ids={pending.machine_id},
-                        wait_seconds=self.ctx.settings.wait_call_seconds,
-                    )
+                await recovery.remove_pending_cleanup(self.recovery_port(), instance)
                 if status.volume_id:
                     await delete_volume_checked(
                         self.ctx.fly,

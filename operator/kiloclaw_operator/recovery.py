@@ -165,16 +165,15 @@ async def begin(port: Port, instance: InstanceModel) -> InstanceModel:
     instance = await port.commit(
         instance, begun, "recovery begins: the attempt is recorded before any Fly call"
     )
-    fields = _fields(instance)
-    # The analytics record and metrics come first: once the Event is visible, they are too.
-    analytics.info(
-        "instance.unexpected_stop_recovery_started",
-        extra={"event": "instance.unexpected_stop_recovery_started", **fields},
-    )
-    await port.kube.post_event(
-        instance.ref,
-        "RecoveryStarted",
-        f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
+    await _announce(
+        port,
+        instance,
+        "started",
+        _fields(instance),
+        event=(
+            "RecoveryStarted",
+            f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
+        ),
     )
     return await resume(port, instance)
 
@@ -493,23 +492,17 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         "recovery finished: old volume disposed of",
     )
     duration = last.duration_seconds if last is not None else (now - record.started_at).total_seconds()
-    RECOVERIES.labels(outcome="succeeded", reason="").inc()
-    RECOVERY_DURATION.observe(duration)
-    # The analytics record and metrics come first: once the Event is visible, they are too.
-    analytics.info(
-        "instance.unexpected_stop_recovery_succeeded",
-        extra={
-            "event": "instance.unexpected_stop_recovery_succeeded",
-            **_fields(instance, record.id),
-            "durationMs": int(duration * 1000),
-            "retainedVolume": retained_name,
-        },
-    )
-    await port.kube.post_event(
-        instance.ref,
-        "RecoverySucceeded",
-        f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
-        f"in {instance.status.region}",
+    await _announce(
+        port,
+        instance,
+        "succeeded",
+        {**_fields(instance, record.id), "durationMs": int(duration * 1000), "retainedVolume": retained_name},
+        event=(
+            "RecoverySucceeded",
+            f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
+            f"in {instance.status.region}",
+        ),
+        duration=duration,
     )
     return instance
 
@@ -628,23 +621,83 @@ async def fail(
     instance = await port.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )
-    RECOVERIES.labels(outcome="failed", reason=reason).inc()
-    RECOVERY_DURATION.observe(duration)
-    # The analytics record and metrics come first: once the Event is visible, they are too.
-    analytics.info(
-        "instance.unexpected_stop_recovery_failed",
-        extra={
-            "event": "instance.unexpected_stop_recovery_failed",
+    await _announce(
+        port,
+        instance,
+        "failed",
+        {
             **_fields(instance, record.id),
             "error": message,
             "label": label,
             "durationMs": int(duration * 1000),
         },
-    )
-    await port.kube.post_event(
-        instance.ref, "RecoveryFailed", f"recovery {record.id} failed: {message}", warning=True
+        event=("RecoveryFailed", f"recovery {record.id} failed: {message}"),
+        duration=duration,
+        reason=reason,
+        warning=True,
     )
     return instance
+
+
+async def _announce(
+    port: Port,
+    instance: InstanceModel,
+    outcome: str,
+    fields: dict[str, Any],
+    *,
+    event: tuple[str, str],
+    duration: float | None = None,
+    reason: str = "",
+    warning: bool = False,
+) -> None:
+    """A recovery's start or outcome, told everywhere in one order: the metrics (for an outcome), the
+    analytics record ``instance.unexpected_stop_recovery_<outcome>``, then the Event. The analytics record and
+    metrics come first: once the Event is visible, they are too."""
+    if duration is not None:
+        RECOVERIES.labels(outcome=outcome, reason=reason).inc()
+        RECOVERY_DURATION.observe(duration)
+    name = f"instance.unexpected_stop_recovery_{outcome}"
+    analytics.info(name, extra={"event": name, **fields})
+    await port.kube.post_event(instance.ref, *event, warning=warning)
+
+
+# --- what a failed recovery left behind --------------------------------------------------------------------
+
+
+async def remove_pending_cleanup(port: Port, instance: InstanceModel) -> None:
+    """Destroy the replacement machine and delete the replacement volume a failed recovery could not remove
+    (``status.pendingCleanup``); raises what stops it (FlyError, OwnershipMismatch)."""
+    pending = instance.status.pending_cleanup
+    if pending is None:
+        return
+    app = instance.spec.fly_app
+    if pending.machine_id:
+        await destroy_machine_if_present(
+            port.fly, app, pending.machine_id, wait_seconds=port.settings.wait_call_seconds
+        )
+    if pending.volume_id:
+        await delete_volume_checked(
+            port.fly,
+            app,
+            pending.volume_id,
+            instance.spec.sandbox_id,
+            recorded_machine_ids={pending.machine_id},
+            wait_seconds=port.settings.wait_call_seconds,
+        )
+
+
+async def retry_pending_cleanup(port: Port, instance: InstanceModel) -> InstanceModel:
+    """Outside recoveries only: try again to remove what a failed recovery left behind; done is recorded."""
+    if instance.status.recovery is not None or instance.status.pending_cleanup is None:
+        return instance
+    try:
+        await remove_pending_cleanup(port, instance)
+    except (FlyError, OwnershipMismatch) as exc:
+        logger.warning("pending cleanup still failing: %s", exc, extra=_fields(instance))
+        return instance
+    return await port.commit(
+        instance, instance.status.model_copy(update={"pending_cleanup": None}), "pending cleanup done"
+    )
 
 
 async def _unrecorded_replacement_volume(

@@ -27,6 +27,13 @@ from kiloclaw_operator.run import run_operator
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def sandbox_id(namespace: str, name: str) -> str:
+    """The sandbox id ``Stack.create_instance`` gives an instance (unless the test names one)."""
+    return f"ki_{name}_{namespace}".replace("-", "_")[:64]
+
+
 CRDS = ROOT / "crds"
 FLY_TOKEN = "test-token"
 T = TypeVar("T")
@@ -229,7 +236,7 @@ class Stack:
 
     async def create_instance(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
         body_spec: dict[str, Any] = {
-            "sandboxId": f"ki_{name}_{namespace}".replace("-", "_")[:64],
+            "sandboxId": sandbox_id(namespace, name),
             "userId": f"user-{name}",
             "flyApp": "acct-test",
             "image": "registry.fly.io/kiloclaw:2026.11.1",

@@ -13,11 +13,14 @@ import lupa.lua51 as lua51
 import pytest
 import yaml
 
+from kiloclaw_operator.models import UNSETTLED_PHASES
+
 DEPLOY_ARGOCD = Path(__file__).resolve().parent.parent / "deploy" / "argocd"
 HEALTH_LUA = DEPLOY_ARGOCD / "health-kiloclaw.lua"
 ARGOCD_CM_KEY = "resource.customizations.health.kiloclaw.kilo.ai_KiloClawInstance"
 ARGOCD_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
-BUSY_PHASES = ("Pending", "Provisioning", "Starting", "Stopping", "Recovering", "Destroying")
+# The phases in which the operator reports Reconciling=True (the product's set, not a copy of it).
+BUSY_PHASES = sorted(phase.value for phase in UNSETTLED_PHASES)
 
 
 def argocd_health(obj: dict[str, Any]) -> dict[str, str]:

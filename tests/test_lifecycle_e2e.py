@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
+from kiloclaw_operator.conditions import is_ready
 from kiloclaw_operator.fly import volume_name
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, UNSETTLED_PHASES, DesiredState, Phase
 
-BUSY = {"Pending", "Provisioning", "Starting", "Stopping", "Recovering", "Destroying"}
+BUSY = {phase.value for phase in UNSETTLED_PHASES}
 NEW_IMAGE = "registry.fly.io/kiloclaw:2026.12.0"
 
 
@@ -61,9 +62,7 @@ class History:
             assert set(conditions) == {"Ready", "Reconciling", "Stalled"}, where
             phase, ready = st.get("phase"), conditions["Ready"]["status"]
             wants = body["spec"].get("state", "Running")
-            ready_expected = (phase == "Running" and st.get("flyState") == "started") or (
-                phase == "Stopped" and wants == "Stopped"
-            )
+            ready_expected = is_ready(Phase(phase), st.get("flyState"), DesiredState(wants))
             # The status write carries the generation it was computed for; a spec change lands in between.
             if conditions["Ready"].get("observedGeneration") == generation:
                 assert (ready == "True") == ready_expected, where

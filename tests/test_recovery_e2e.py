@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from flysim import FlyApiError
 from harness import Stack, condition, eventually, status
+from harness import sandbox_id as stack_sandbox_id
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.models import INSTANCE_PLURAL
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
@@ -305,7 +306,7 @@ def live_machine_ids(stack: Stack, namespace: str, name: str = NAME) -> set[str]
 
 
 def sandbox_id(namespace: str, name: str = NAME) -> str:
-    return f"ki_{name}_{namespace}".replace("-", "_")[:64]
+    return stack_sandbox_id(namespace, name)
 
 
 def parse_time(value: str) -> datetime:

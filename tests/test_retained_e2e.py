@@ -213,21 +213,16 @@ async def test_retained_volume_reports_snapshots_and_attached_machine_and_is_rea
     await wait_retained_gone(stack, namespace, "alice-vol-a")
 
 
-async def test_expiry_deletes_the_volume_and_the_resource_within_one_check_interval(
-    stack: Stack, namespace: str
-) -> None:
+async def test_expiry_deletes_the_volume_and_the_resource(stack: Stack, namespace: str) -> None:
     volume_id = fly_volume(stack)
     retain_until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
     await create_retained(stack, namespace, "alice-vol-exp", volume_id, retain_until=retain_until)
     await wait_retained(stack, namespace, "alice-vol-exp", is_retained_and_ready, "Retained")
     assert volume_alive(stack, volume_id)
 
+    # Eventually, not within a measured time: how soon after retainUntil is next_check_delay's (unit-tested).
     await wait_retained_gone(stack, namespace, "alice-vol-exp")
-    lag = (datetime.now(UTC) - retain_until).total_seconds()
     assert not volume_alive(stack, volume_id)
-    assert stack.settings is not None
-    # Polled from the test, so the lag seen here includes the test's own polling and the watch round trip.
-    assert lag <= stack.settings.retained_check_seconds + 2.0, f"deleted {lag:.2f}s after retainUntil"
     # The instance does not exist, so the Event lands on the retained volume itself.
     deleted = await reasons(stack, namespace, "alice-vol-exp", "RetainedVolumeDeleted")
     assert len(deleted) == 1

@@ -12,6 +12,7 @@ from datetime import datetime
 from .fly import vocabulary as fly
 from .models import (
     BUSY_PHASES,
+    UNSETTLED_PHASES,
     Condition,
     ConditionStatus,
     DesiredState,
@@ -80,6 +81,13 @@ def is_stalled(status: InstanceStatus) -> bool:
     return stalled is not None and stalled.status == "True"
 
 
+def is_ready(phase: Phase, fly_state: str | None, desired: DesiredState) -> bool:
+    """The Ready rule: running with a started machine, or stopped as the spec asks."""
+    return (phase is Phase.RUNNING and fly_state == fly.STARTED) or (
+        phase is Phase.STOPPED and desired is DesiredState.STOPPED
+    )
+
+
 def summarize(
     spec: InstanceSpec,
     status: InstanceStatus,
@@ -94,10 +102,12 @@ def summarize(
     if status.condition(STALLED) is None:
         conditions = set_condition(conditions, STALLED, "False", "Progressing", "", now, generation)
 
-    if status.phase is Phase.RUNNING and status.fly_state == fly.STARTED:
-        ready = ("True", "Running", "machine is started")
-    elif status.phase is Phase.STOPPED and spec.state is DesiredState.STOPPED:
-        ready = ("True", "Stopped", "machine is stopped as requested")
+    if is_ready(status.phase, status.fly_state, spec.state):
+        ready = (
+            ("True", "Running", "machine is started")
+            if status.phase is Phase.RUNNING
+            else ("True", "Stopped", "machine is stopped as requested")
+        )
     else:
         detail = f"phase {status.phase.value}" + (
             f", Fly state {status.fly_state}" if status.fly_state else ""
@@ -123,7 +133,7 @@ def summarize(
         )
     elif stalled:
         reconciling = ("False", "Stalled", "waiting for a spec change or the retry annotation")
-    elif status.phase in BUSY_PHASES or status.phase is Phase.PENDING:
+    elif status.phase in UNSETTLED_PHASES:
         reconciling = ("True", status.phase.value, f"phase {status.phase.value}")
     elif status.observed_generation != generation:
         reconciling = ("True", "Progressing", f"generation {generation} not yet acted on")

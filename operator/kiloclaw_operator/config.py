@@ -10,8 +10,6 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REGION_PATTERN = r"^[a-z]{3}$"
-
 
 class ConfigError(Exception):
     """Configuration that cannot start the operator; the message is one line naming the variable."""

@@ -49,7 +49,6 @@ class Runtime:
         self._feed: asyncio.Task[None] | None = None
         self._instances: DriverRegistry[InstanceDriver] | None = None
         self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
-        self.ready = asyncio.Event()
 
     def connect(self, conn: KubeConnection) -> None:
         if self._ctx is not None:
@@ -61,7 +60,6 @@ class Runtime:
         self._retained = retained_volume_drivers(self._ctx)
         observation.bind_wakeups(observer, self._instances)
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
-        self.ready.set()
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:
         """Every instance event keeps the claim book current (see ownership.ClaimBook)."""

@@ -15,7 +15,15 @@ from .conditions import REASON_FLY_UNAUTHORIZED, STALLED
 from .config import Settings
 from .fly import vocabulary as fly
 from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
-from .models import BUSY_PHASES, DesiredState, Instance, InstanceSpec, Phase, RecoveryOutcome
+from .models import (
+    BUSY_PHASES,
+    UNSETTLED_PHASES,
+    DesiredState,
+    Instance,
+    InstanceSpec,
+    Phase,
+    RecoveryOutcome,
+)
 
 # Why an instance whose spec wants it running sits Stopped (Stalled reason and Event reason), and the Event
 # of a machine recreated because it vanished (DESIGN 3.6: converge, or say why).
@@ -253,7 +261,7 @@ def is_busy(phase: Phase) -> bool:
 
 def poll_interval(phase: Phase, settings: Settings, rng: random.Random | None = None) -> float:
     """Seconds until the next observation of an instance in ``phase``, with ±10 % jitter to spread load."""
-    if phase in BUSY_PHASES or phase is Phase.PENDING:
+    if phase in UNSETTLED_PHASES:
         base = settings.poll_busy_seconds
     elif phase is Phase.RUNNING:
         base = settings.poll_running_seconds

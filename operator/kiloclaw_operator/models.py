@@ -49,6 +49,8 @@ class Phase(StrEnum):
 BUSY_PHASES = frozenset(
     {Phase.PROVISIONING, Phase.STARTING, Phase.STOPPING, Phase.RECOVERING, Phase.DESTROYING}
 )
+#: Phases in which the instance is not settled: the busy ones and Pending (Reconciling is True, busy cadence).
+UNSETTLED_PHASES = BUSY_PHASES | {Phase.PENDING}
 
 
 class DesiredState(StrEnum):

@@ -217,19 +217,20 @@ def observed_status(
     )
 
 
+def _in_progress(retained: RetainedVolume, now: datetime, reason: str, message: str) -> list[Condition]:
+    """Ready=False and Stalled=False for the same ``reason``: the delete is under way, nothing blocks it."""
+    return _with_conditions(
+        retained.status, retained.generation, now, ("False", reason, message), ("False", reason, "")
+    )
+
+
 def deleting_status(retained: RetainedVolume, now: datetime, trigger: Trigger) -> RetainedVolumeStatus:
     status = retained.status
     message = f"deleting volume {retained.spec.volume_id} ({trigger.value})"
     return status.model_copy(
         update={
             "phase": RetainedPhase.DELETING,
-            "conditions": _with_conditions(
-                status,
-                retained.generation,
-                now,
-                ("False", REASON_DELETING, message),
-                ("False", REASON_DELETING, ""),
-            ),
+            "conditions": _in_progress(retained, now, REASON_DELETING, message),
         }
     )
 
@@ -242,12 +243,8 @@ def deleted_status(retained: RetainedVolume, now: datetime) -> RetainedVolumeSta
             "attached_machine_id": None,
             "last_error": None,
             "next_attempt_at": None,
-            "conditions": _with_conditions(
-                status,
-                retained.generation,
-                now,
-                ("False", REASON_VOLUME_DELETED, f"volume {retained.spec.volume_id} is deleted in Fly"),
-                ("False", REASON_VOLUME_DELETED, ""),
+            "conditions": _in_progress(
+                retained, now, REASON_VOLUME_DELETED, f"volume {retained.spec.volume_id} is deleted in Fly"
             ),
         }
     )

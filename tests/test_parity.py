@@ -154,7 +154,8 @@ def _apply_crd(client: httpx.Client, crd: dict[str, Any]) -> None:
         assert response.status_code == 201, response.text
 
     def established() -> bool:
-        conditions = client.get(f"{CRDS_PATH}/{name}").json().get("status", {}).get("conditions", [])
+        # A CRD just created may answer "conditions": null until the establishing controller has run.
+        conditions = (client.get(f"{CRDS_PATH}/{name}").json().get("status") or {}).get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     wait_for(established, within=20)

@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 N      ?= 1000
 PYTEST_WORKERS ?= 2
+RUNS   ?= 200
+SEED   ?=
+CHAOS_JOBS ?= 1
 
-.PHONY: venv dev run test lint bench bench-cluster e2e cluster cluster-down clean
+.PHONY: venv dev run test lint bench bench-cluster chaos e2e cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +40,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py --instances $(N)
+
+## make chaos: RUNS seeded fault-injection runs (default 200) of two replicas against flysim and kubesim;
+## a campaign writes its table into RELIABILITY.md, SEED=<seed> RUNS=1 replays one run (printed only)
+chaos: $(STAMP)
+	nice $(BIN)/python tests/chaos.py --runs $(RUNS) --jobs $(CHAOS_JOBS) $(if $(SEED),--seed $(SEED),--write RELIABILITY.md)
 
 ## make bench-cluster: the same benchmark against the real API server of `make cluster` (start it fresh)
 bench-cluster: $(STAMP)

@@ -72,6 +72,25 @@ FAULTS: tuple[tuple[int, float, float | None, bool], ...] = (
     (503, 0.02, None, True),
 )
 
+#: Violations of open, understood bugs (each explained with its seeds in RELIABILITY.md). The short profile in
+#: `make test` reports them without failing; the long profile counts them as failures. Remove an entry with
+#: its fix.
+KNOWN_OPEN: dict[str, str] = {
+    "transient-create-fails-recovery": (r"Stalled RecoveryFailed: .*(503|502|500|429|408): "),
+    "start-on-failed-host-is-invalid-spec": (
+        r"Stalled InvalidSpec: failed_precondition: .*host.* is unreachable"
+    ),
+}
+
+
+def known_open(violation: str) -> str | None:
+    """The KNOWN_OPEN entry a violation belongs to, if any."""
+    for name, pattern in KNOWN_OPEN.items():
+        if re.search(pattern, violation):
+            return name
+    return None
+
+
 EVENT_WEIGHTS = {
     "host_failure": 4,
     "kill_leader": 3,
@@ -311,7 +330,12 @@ def check_invariants(
         sandbox = machines[machine_id].get("config", {}).get("metadata", {}).get("kiloclaw_sandbox_id")
         problems.append(f"orphan machine {machine_id} (sandbox {sandbox}, {machines[machine_id]['state']})")
     for volume_id in sorted(volumes.keys() - known_volumes - retained_volumes):
-        problems.append(f"orphan volume {volume_id} ({volumes[volume_id]['name']})")
+        volume = volumes[volume_id]
+        fork = f", a fork of {volume['source_volume_id']}" if volume.get("source_volume_id") else ""
+        problems.append(
+            f"orphan volume {volume_id} ({volume['name']}{fork}, created {volume.get('created_at')}, "
+            f"attached to {volume.get('attached_machine_id')})"
+        )
     for volume_id in sorted(snapshotted - volumes.keys() - retained_volumes):
         problems.append(f"volume {volume_id} had snapshots and was deleted without a retained volume")
     return problems

@@ -529,6 +529,11 @@ class Run:
             return
         victim = self.rng.choice(names)
         self.expected.discard(victim)
+        # Deleting an instance deletes its own volumes, snapshots or not (DESIGN 3.1): invariant 3 is about
+        # volumes a recovery replaced.
+        body = instances(self.kube).get(victim)
+        if body is not None:
+            self.snapshotted -= recorded_ids(status_of(body))[1]
         await self._delete_checking_others(victim)
 
     async def event_delete_duplicate(self) -> None:

@@ -76,7 +76,6 @@ FAULTS: tuple[tuple[int, float, float | None, bool], ...] = (
 #: `make test` reports them without failing; the long profile counts them as failures. Remove an entry with
 #: its fix.
 KNOWN_OPEN: dict[str, str] = {
-    "transient-create-fails-recovery": (r"Stalled RecoveryFailed: .*(503|502|500|429|408): "),
     "start-on-failed-host-is-invalid-spec": (
         r"Stalled InvalidSpec: failed_precondition: .*host.* is unreachable"
     ),

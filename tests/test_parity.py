@@ -304,6 +304,7 @@ def test_create_sets_uid_creation_timestamp_generation_and_a_growing_resource_ve
 def test_a_namespace_in_the_body_that_differs_from_the_url_is_400(
     client: httpx.Client, namespace: str
 ) -> None:
+    assert create(client, namespace, widget("from-url"))["metadata"]["namespace"] == namespace
     body = widget("mismatch")
     body["metadata"]["namespace"] = "default"
     response = client.post(url(namespace), json=body)
@@ -1045,7 +1046,9 @@ def test_dry_run_requests_answer_as_if_but_store_nothing(client: httpx.Client, n
     created = create(client, namespace, widget("dry"))
     patched = merge(client, url(namespace, "dry"), {"spec": {"size": 9}}, dryRun="All")
     assert patched.status_code == 200 and patched.json()["spec"]["size"] == 9
-    assert client.get(url(namespace, "dry")).json()["spec"] == created["spec"]
+    stored = client.get(url(namespace, "dry")).json()
+    assert stored["spec"] == created["spec"]
+    assert stored["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
     assert client.delete(url(namespace, "dry"), params={"dryRun": "All"}).status_code == 200
     assert client.get(url(namespace, "dry")).status_code == 200
 
@@ -1379,6 +1382,7 @@ def test_a_crd_makes_its_resource_discoverable_with_names_and_subresources(clien
     assert set(widgets["verbs"]) >= {"get", "list", "watch", "create", "update", "patch", "delete"}
     assert resources[f"{PLURAL}/status"]["verbs"] == ["get", "patch", "update"]
     assert "gadgets/status" not in resources and resources["gadgets"]["namespaced"] is False
+    assert client.get(CRDS_PATH).json()["kind"] == "CustomResourceDefinitionList"
     crd = client.get(f"{CRDS_PATH}/{PLURAL}.{GROUP}").json()
     conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
@@ -1571,6 +1575,7 @@ def test_table_output_uses_the_crd_printer_columns(client: httpx.Client, namespa
     ]
     cells = table["rows"][0]["cells"]
     assert cells[:4] == ["tabled", "Running", "True", 3]
+    assert cells[4].endswith("s")  # the Age of a date column: a duration such as 0s
     assert table["rows"][0]["object"]["metadata"]["name"] == "tabled"
     single = client.get(url(namespace, "tabled"), headers={"Accept": TABLE}).json()
     assert single["kind"] == "Table" and single["rows"][0]["cells"][:4] == cells[:4]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -402,6 +404,33 @@ def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
             result: dict[str, Any] = cond
             return result
     return {}
+
+
+class LogRecords(logging.Handler):
+    """The INFO and higher records of a logger while ``capturing`` (the Stack's operator runs in a thread of
+    this process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, namespace: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if getattr(r, "namespace", None) == namespace]
+
+    @contextmanager
+    def capturing(self, logger_name: str) -> Iterator[Any]:
+        logger = logging.getLogger(logger_name)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
 
 
 async def eventually(

@@ -3,11 +3,9 @@ recoveries-in-flight gauge; a ``reason`` on failed recoveries; ``kiloclaw_build_
 
 from __future__ import annotations
 
-import os
 import platform
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +13,19 @@ import pytest
 from prometheus_client import REGISTRY
 
 from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN, Stack, eventually, status
+from harness import Stack, eventually, status
 from kiloclaw_operator import __version__
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
-from test_monitoring import free_port, wait_for_metrics
+from processes import (
+    create_instance,
+    free_port,
+    operator_env,
+    simulators,
+    start_operator,
+    stop,
+    wait_for_metrics,
+)
 from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture)
     APP,
     healthy_fly,
@@ -65,61 +71,31 @@ async def test_recoveries_in_flight_counts_a_recovery_until_it_ends_and_a_failur
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[KubeSim, FlySimulator]]:
-    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
-    kube.start_in_thread()
-    fly.start_in_thread()
-    kube.load_crds([CRDS])
-    kube.create_namespace("metrics")
-    try:
-        yield kube, fly
-    finally:
-        kube.stop_thread()
-        fly.stop_thread()
+def cluster() -> Iterator[tuple[KubeSim, FlySimulator]]:
+    with simulators("metrics") as both:
+        yield both
 
 
 def operator_process(
     tmp_path: Path, kube: KubeSim, fly: FlySimulator, metrics_port: int, log_name: str
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
-        "FLY_API_TOKEN": FLY_TOKEN,
-        "FLY_API_BASE_URL": fly.base_url,
-        "KILOCLAW_POLL_BUSY_SECONDS": "0.2",
-        "KILOCLAW_POLL_RUNNING_SECONDS": "0.5",
-        "KILOCLAW_METRICS_PORT": str(metrics_port),
-        "KILOCLAW_HEALTH_PORT": str(free_port()),
-    }
-    log = (tmp_path / log_name).open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "kiloclaw_operator", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+    env = operator_env(
+        kube.write_kubeconfig(tmp_path / "kubeconfig"), fly.base_url, KILOCLAW_METRICS_PORT=str(metrics_port)
     )
+    return start_operator(env, tmp_path / log_name)
 
 
 def test_instance_phases_are_counted_right_after_a_restart_without_any_status_change(
     tmp_path: Path, cluster: tuple[KubeSim, FlySimulator]
 ) -> None:
     kube, fly = cluster
-    kube.create_object(
-        GROUP,
-        VERSION,
-        INSTANCE_PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": "counted", "namespace": "metrics"},
-            "spec": {"sandboxId": "ki_counted", "userId": "u", "flyApp": "acct-metrics", "image": "img:1"},
-        },
-        namespace="metrics",
-    )
+    create_instance(kube, "metrics", "counted", "acct-metrics")
     port = free_port()
     first = operator_process(tmp_path, kube, fly, port, "first.log")
     try:
         wait_for_metrics(f"http://127.0.0.1:{port}/metrics", first, 'kiloclaw_instances{phase="Running"} 1.0')
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        stop(first, signal.SIGKILL)
     stored = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "metrics", "counted")
     assert stored is not None
     version = stored["metadata"]["resourceVersion"]
@@ -134,12 +110,7 @@ def test_instance_phases_are_counted_right_after_a_restart_without_any_status_ch
         assert "kiloclaw_recoveries_in_flight 0.0" in text.splitlines()
         assert "kiloclaw_build_info{" in text
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            second.wait()
+        stop(second)
     # Counted from what the restarted operator read, not from a status write it made.
     stored = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "metrics", "counted")
     assert stored is not None and stored["metadata"]["resourceVersion"] == version

@@ -5,25 +5,25 @@ operator really serves."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
-from kubesim import KubeSim
+from processes import (
+    create_instance,
+    free_port,
+    operator_env,
+    simulators,
+    start_operator,
+    stop,
+    wait_for_metrics,
+)
 from promtool_binary import GoMissing, promtool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,83 +157,23 @@ def test_the_dashboards_queries_are_valid_promql(promtool_path: Path, tmp_path: 
 # --- promtool: the operator's real /metrics ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def operator_metrics(tmp_path: Path) -> Iterator[str]:
     """/metrics of a `kiloclaw-operator run` process that has provisioned one instance."""
-    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
-    kube.start_in_thread()
-    fly.start_in_thread()
-    kube.load_crds([CRDS])
-    kube.create_namespace("metrics")
-    metrics_port = free_port()
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
-        "FLY_API_TOKEN": FLY_TOKEN,
-        "FLY_API_BASE_URL": fly.base_url,
-        "KILOCLAW_POLL_BUSY_SECONDS": "0.2",
-        "KILOCLAW_POLL_RUNNING_SECONDS": "0.5",
-        "KILOCLAW_METRICS_PORT": str(metrics_port),
-        "KILOCLAW_HEALTH_PORT": str(free_port()),
-    }
-    log = (tmp_path / "operator.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kiloclaw_operator", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        kube.create_object(
-            GROUP,
-            VERSION,
-            INSTANCE_PLURAL,
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "KiloClawInstance",
-                "metadata": {"name": "scraped", "namespace": "metrics"},
-                "spec": {
-                    "sandboxId": "ki_scraped",
-                    "userId": "u",
-                    "flyApp": "acct-metrics",
-                    "image": "img:1",
-                },
-            },
-            namespace="metrics",
+    with simulators("metrics") as (kube, fly):
+        metrics_port = free_port()
+        env = operator_env(
+            kube.write_kubeconfig(tmp_path / "kubeconfig"),
+            fly.base_url,
+            KILOCLAW_METRICS_PORT=str(metrics_port),
         )
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield wait_for_metrics(url, process, 'kiloclaw_instances{phase="Running"} 1.0')
-    finally:
-        process.send_signal(signal.SIGTERM)
+        process = start_operator(env, tmp_path / "operator.log")
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        kube.stop_thread()
-        fly.stop_thread()
-
-
-def wait_for_metrics(url: str, process: subprocess.Popen[bytes], line: str, timeout: float = 30) -> str:
-    import time
-
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the operator exited"
-        try:
-            text = httpx.get(url, timeout=2).text
-        except httpx.HTTPError:
-            text = ""
-        if line in text.splitlines():
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"{line!r} never appeared in {url}:\n{text[-2000:]}")
+            create_instance(kube, "metrics", "scraped", "acct-metrics")
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            yield wait_for_metrics(url, process, 'kiloclaw_instances{phase="Running"} 1.0')
+        finally:
+            stop(process)
 
 
 def test_promtool_lints_the_metrics_the_operator_serves_clean(

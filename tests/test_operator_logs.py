@@ -8,38 +8,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import Stack, eventually, status
+from harness import LogRecords, Stack, eventually, status
 
 
-class Records(logging.Handler):
-    """The ``kiloclaw`` records (the operator runs in a thread of this process)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def about(self, namespace: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if getattr(r, "namespace", None) == namespace]
+class Records(LogRecords):
+    """The ``kiloclaw`` records."""
 
     def messages(self, namespace: str) -> list[str]:
-        return [r.getMessage() for r in self.about(namespace) if r.levelno >= logging.INFO]
+        return [r.getMessage() for r in self.of(namespace) if r.levelno >= logging.INFO]
 
 
 @pytest.fixture
 def records() -> Iterator[Records]:
-    logger = logging.getLogger("kiloclaw")
-    handler = Records()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with Records().capturing("kiloclaw") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 async def test_provisioning_stop_and_delete_are_logged_at_info_with_the_instance(
@@ -57,7 +39,7 @@ async def test_provisioning_stop_and_delete_are_logged_at_info_with_the_instance
     assert "provisioning: volume and machine in app acct-test" in messages
     assert f"stopping machine {machine}" in messages
     assert f"destroying: machine {machine}, volume {volume}" in messages
-    for record in records.about(namespace):
+    for record in records.of(namespace):
         assert getattr(record, "instance", None) == "logged"
 
 

@@ -3,39 +3,23 @@ its CRDs exist."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN, eventually
+from harness import CRDS, eventually
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from processes import create_instance, operator_env, simulators, start_operator, stop
 
 
 @pytest.fixture
 def empty_cluster(tmp_path: Path) -> Iterator[tuple[KubeSim, FlySimulator, Path]]:
-    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
-    kube.start_in_thread()
-    fly.start_in_thread()
-    try:
+    with simulators(crds=False) as (kube, fly):
         yield kube, fly, kube.write_kubeconfig(tmp_path / "kubeconfig")
-    finally:
-        kube.stop_thread()
-        fly.stop_thread()
 
 
 @pytest.fixture
@@ -43,29 +27,11 @@ def operator_process(
     empty_cluster: tuple[KubeSim, FlySimulator, Path], tmp_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     _, fly, kubeconfig = empty_cluster
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "FLY_API_TOKEN": FLY_TOKEN,
-        "FLY_API_BASE_URL": fly.base_url,
-        "KILOCLAW_POLL_BUSY_SECONDS": "0.2",
-        "KILOCLAW_POLL_RUNNING_SECONDS": "0.5",
-        "KILOCLAW_METRICS_PORT": str(free_port()),
-        "KILOCLAW_HEALTH_PORT": str(free_port()),
-    }
-    with (tmp_path / "operator.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kiloclaw_operator", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    process = start_operator(operator_env(kubeconfig, fly.base_url), tmp_path / "operator.log")
+    try:
+        yield process
+    finally:
+        stop(process)
 
 
 async def test_operator_started_before_its_crds_serves_them_once_they_appear(
@@ -83,18 +49,7 @@ async def test_operator_started_before_its_crds_serves_them_once_they_appear(
     # As with `kubectl apply -k deploy/`: the CRDs may be established after the operator is up.
     kube.load_crds([CRDS])
     kube.create_namespace("late")
-    kube.create_object(
-        GROUP,
-        VERSION,
-        INSTANCE_PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": "early-bird", "namespace": "late"},
-            "spec": {"sandboxId": "ki_early", "userId": "u", "flyApp": "acct-late", "image": "img:1"},
-        },
-        namespace="late",
-    )
+    create_instance(kube, "late", "early-bird", "acct-late")
 
     async def running() -> bool | None:
         body = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "late", "early-bird") or {}

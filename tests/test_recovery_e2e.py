@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from flysim import FlyApiError
-from harness import Stack, condition, eventually, status
+from harness import LogRecords, Stack, condition, eventually, status
 from harness import sandbox_id as stack_sandbox_id
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.models import INSTANCE_PLURAL
@@ -214,18 +214,8 @@ async def caught_up(history: History, body: dict[str, Any]) -> None:
     await eventually(check, timeout=5, what=f"watch reached resourceVersion {version}")
 
 
-class AnalyticsRecords(logging.Handler):
-    """The ``kiloclaw.analytics`` records (the operator runs in a thread of this process)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def of(self, namespace: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if getattr(r, "namespace", None) == namespace]
+class AnalyticsRecords(LogRecords):
+    """The ``kiloclaw.analytics`` records."""
 
     def events(self, namespace: str) -> list[str]:
         return [str(getattr(r, "event", r.getMessage())) for r in self.of(namespace)]
@@ -233,16 +223,8 @@ class AnalyticsRecords(logging.Handler):
 
 @pytest.fixture
 def analytics() -> Iterator[AnalyticsRecords]:
-    logger = logging.getLogger("kiloclaw.analytics")
-    handler = AnalyticsRecords()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with AnalyticsRecords().capturing("kiloclaw.analytics") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def heal_hosts(stack: Stack) -> None:

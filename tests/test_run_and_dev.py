@@ -5,7 +5,6 @@ serves /metrics and /healthz, logs JSON and ends its demo with a retained volume
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,25 +18,19 @@ import pytest
 import yaml
 
 from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN
+from harness import CRDS, ROOT
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
+from processes import (
+    clean_env,
+    create_instance,
+    free_port,
+    operator_env,
+    simulators,
+    start_operator,
+    stop,
+)
 from test_kubectl_plugin import exec_user, fake_exec_plugin, write_kubeconfig
-
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_PREFIXES = ("KILOCLAW_", "FLY_")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES) and k != "KUBECONFIG"}
-    return {**base, "FLY_API_TOKEN": FLY_TOKEN, **extra}
 
 
 def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,25 +61,10 @@ def wait_for(
         time.sleep(0.1)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[KubeSim, FlySimulator]]:
-    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
-    kube.start_in_thread()
-    fly.start_in_thread()
-    try:
-        yield kube, fly
-    finally:
-        kube.stop_thread()
-        fly.stop_thread()
+def cluster() -> Iterator[tuple[KubeSim, FlySimulator]]:
+    with simulators(crds=False) as both:
+        yield both
 
 
 # --- run: what is missing, in one line ------------------------------------------------------------------
@@ -139,29 +117,12 @@ def operator_run(cluster: tuple[KubeSim, FlySimulator], tmp_path: Path) -> Itera
 
     def start(kubeconfig: Path) -> Path:
         log = tmp_path / f"operator-{len(processes)}.log"
-        env = clean_env(
-            KUBECONFIG=str(kubeconfig),
-            FLY_API_BASE_URL=fly.base_url,
-            KILOCLAW_POLL_BUSY_SECONDS="0.2",
-            KILOCLAW_POLL_RUNNING_SECONDS="0.5",
-            KILOCLAW_METRICS_PORT=str(free_port()),
-            KILOCLAW_HEALTH_PORT=str(free_port()),
-        )
-        with log.open("wb") as out:
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "kiloclaw_operator", "run"],
-                    env=env,
-                    stdout=out,
-                    stderr=out,
-                    cwd=ROOT,
-                )
-            )
+        processes.append(start_operator(operator_env(kubeconfig, fly.base_url), log))
         return log
 
     yield start
     for process in processes:
-        stop(process)
+        stop(process, signal.SIGINT)
 
 
 def test_run_logs_in_with_an_exec_credential_plugin_and_drives_an_instance(
@@ -173,18 +134,7 @@ def test_run_logs_in_with_an_exec_credential_plugin_and_drives_an_instance(
     fake_exec_plugin(tmp_path)
     seen = tmp_path / "seen.json"
     operator_run(write_kubeconfig(tmp_path, kube.url, exec_user(seen)))
-    kube.create_object(
-        GROUP,
-        VERSION,
-        INSTANCE_PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": "via-exec", "namespace": "exec"},
-            "spec": {"sandboxId": "ki_via_exec", "userId": "u", "flyApp": "acct-exec", "image": "img:1"},
-        },
-        namespace="exec",
-    )
+    create_instance(kube, "exec", "via-exec", "acct-exec")
 
     def running() -> bool:
         body = kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, "exec", "via-exec") or {}
@@ -283,4 +233,4 @@ def test_dev_serves_metrics_and_healthz_logs_json_and_its_demo_leaves_a_retained
             "another `make dev`: choose another with --port (or KILOCLAW_DEV_KUBE_PORT)"
         )
     finally:
-        stop(process)
+        stop(process, signal.SIGINT)

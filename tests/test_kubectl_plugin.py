@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY, start_http_server
 from harness import Stack, condition, status
 from kiloclaw_operator.models import GROUP, RETAINED_PLURAL, VERSION
 from kubesim import KubeSim
+from test_recovery_e2e import wait_failed
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = [
@@ -97,16 +98,7 @@ async def failed_recovery(stack: Stack, namespace: str, name: str) -> dict[str, 
         stack.fly.exhaust_capacity(region, "volumes")
     try:
         stack.fly.fail_host(machine_id=status(body)["machineId"])
-        return await stack.wait_instance(
-            namespace,
-            name,
-            lambda b: (
-                (status(b).get("lastRecovery") or {}).get("outcome") == "Failed"
-                and status(b).get("phase") == "Stopped"
-            ),
-            timeout=30,
-            what="recovery failed",
-        )
+        return await wait_failed(stack, namespace, name, timeout=30)
     finally:
         for region in ("ams", "sjc"):
             stack.fly.restore_capacity(region)

@@ -15,86 +15,29 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from kubesim import KubeSim
-
-GROUP, VERSION, PLURAL, KIND = "example.com", "v1", "widgets", "Widget"
-BASE = f"/apis/{GROUP}/{VERSION}"
-
-WIDGET_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": f"{PLURAL}.{GROUP}"},
-    "spec": {
-        "group": GROUP,
-        "scope": "Namespaced",
-        "names": {
-            "plural": PLURAL,
-            "singular": "widget",
-            "kind": KIND,
-            "shortNames": ["wd"],
-            "categories": ["toys"],
-        },
-        "versions": [
-            {
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                    {
-                        "name": "Ready",
-                        "type": "string",
-                        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-                    },
-                    {"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "spec": {
-                                "type": "object",
-                                "required": ["color"],
-                                "properties": {
-                                    "color": {"type": "string", "enum": ["red", "green", "blue"]},
-                                    "size": {"type": "integer", "default": 1, "minimum": 1},
-                                    "tags": {"type": "array", "items": {"type": "string"}},
-                                    "extra": {"type": "string"},
-                                },
-                            },
-                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                        },
-                    }
-                },
-            }
-        ],
-    },
-}
-
-# A cluster-scoped resource without a status subresource, to check the other half of the generation rules.
-GADGET_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": f"gadgets.{GROUP}"},
-    "spec": {
-        "group": GROUP,
-        "scope": "Cluster",
-        "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
-        "versions": [{"name": VERSION, "served": True, "storage": True}],
-    },
-}
+from test_parity import (
+    BASE,
+    GADGET_CRD,
+    GROUP,
+    PLURAL,
+    VERSION,
+    WIDGET_CRD,
+    create,
+    merge,
+    url,
+    wait_for,
+    watch,
+    widget,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,55 +64,6 @@ def namespace(sim: KubeSim) -> str:
     name = f"ns-{uuid.uuid4().hex[:8]}"
     sim.create_namespace(name)
     return name
-
-
-def widget(name: str, color: str = "red", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {"name": name},
-        "spec": {"color": color, **spec},
-    }
-
-
-def create(client: httpx.Client, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post(f"{BASE}/namespaces/{namespace}/{PLURAL}", json=body)
-    assert response.status_code == 201, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-def url(namespace: str, name: str = "", subresource: str = "") -> str:
-    path = f"{BASE}/namespaces/{namespace}/{PLURAL}"
-    return "/".join(part for part in (path, name, subresource) if part)
-
-
-def merge(client: httpx.Client, path: str, patch: Any) -> httpx.Response:
-    return client.patch(
-        path, content=json.dumps(patch), headers={"Content-Type": "application/merge-patch+json"}
-    )
-
-
-def watch(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
-    """All events of a watch that the server ends (``timeoutSeconds``)."""
-    events = []
-    with client.stream("GET", path, params={"watch": "true", **params}) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("application/json")
-        for line in response.iter_lines():
-            if line.strip():
-                events.append(json.loads(line))
-    return events
-
-
-def wait_for(condition: Callable[[], Any], within: float = 5.0) -> Any:
-    deadline = time.monotonic() + within
-    value = condition()
-    while not value and time.monotonic() < deadline:
-        time.sleep(0.02)
-        value = condition()
-    assert value, f"condition not met within {within}s"
-    return value
 
 
 # -- namespace deletion (kube-controller-manager's part; none runs next to the parity suite's server) --
@@ -364,7 +258,7 @@ def test_kubectl_get_watch_prints_new_objects(
         "--cache-dir",
         str(tmp_path / "cache"),
         "get",
-        "wd",
+        "pwd",
         "-w",
     ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
+import processes
 from flysim import FlySimulator
 from harness import (
-    CRDS,
-    FLY_TOKEN,
     LEASE_GROUP,
     LEASE_PLURAL,
     LEASE_VERSION,
@@ -241,33 +240,17 @@ class TwoReplicas:
 
 @pytest.fixture
 def replicas(tmp_path: Path) -> Iterator[TwoReplicas]:
-    kube, fly = KubeSim(), FlySimulator(token=FLY_TOKEN)
-    kube.start_in_thread()
-    fly.start_in_thread()
-    kube.load_crds([CRDS])
-    pair = TwoReplicas(kube, fly, tmp_path)
-    try:
-        yield pair
-    finally:
-        pair.stop_all()
-        kube.stop_thread()
-        fly.stop_thread()
+    with processes.simulators() as (kube, fly):
+        pair = TwoReplicas(kube, fly, tmp_path)
+        try:
+            yield pair
+        finally:
+            pair.stop_all()
 
 
 def create_instance(kube: KubeSim, namespace: str, name: str) -> None:
     kube.create_namespace(namespace)
-    kube.create_object(
-        GROUP,
-        VERSION,
-        INSTANCE_PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"sandboxId": f"ki_{name}", "userId": "u", "flyApp": "acct-ha", "image": "img:1"},
-        },
-        namespace=namespace,
-    )
+    processes.create_instance(kube, namespace, name, "acct-ha", sandbox=f"ki_{name}")
 
 
 def live_machines(fly: FlySimulator, sandbox_id: str) -> list[dict[str, Any]]:

@@ -75,11 +75,7 @@ FAULTS: tuple[tuple[int, float, float | None, bool], ...] = (
 #: Violations of open, understood bugs (each explained with its seeds in RELIABILITY.md). The short profile in
 #: `make test` reports them without failing; the long profile counts them as failures. Remove an entry with
 #: its fix.
-KNOWN_OPEN: dict[str, str] = {
-    "start-on-failed-host-is-invalid-spec": (
-        r"Stalled InvalidSpec: failed_precondition: .*host.* is unreachable"
-    ),
-}
+KNOWN_OPEN: dict[str, str] = {}
 
 
 def known_open(violation: str) -> str | None:

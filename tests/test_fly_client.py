@@ -20,6 +20,7 @@ from kiloclaw_operator.fly import (
     FlyClient,
     FlyError,
     Guest,
+    HostUnavailable,
     Machine,
     MachineConfig,
     Mount,
@@ -54,6 +55,7 @@ from kiloclaw_operator.fly import (
         (422, '{"error":"invalid config"}', Fatal),
         (409, '{"error":"volume is attached to a machine"}', Fatal),
         (412, '{"error":"precondition failed"}', Fatal),
+        (412, '{"error":"failed_precondition: machine host is unreachable"}', HostUnavailable),
     ],
 )
 def test_status_and_body_map_to_one_error_type(

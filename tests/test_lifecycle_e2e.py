@@ -244,6 +244,54 @@ async def test_state_stopped_stops_the_machine_and_running_starts_the_same_machi
     history.assert_consistent("bob")
 
 
+async def test_starting_a_stopped_instance_whose_host_died_relocates_it_instead_of_failing(
+    stack: Stack, namespace: str
+) -> None:
+    """Chaos seed class 'start on a failed host': the host dies while the instance is Stopped; starting it
+    again is answered 412 'machine host is unreachable'. The spec is fine, so the instance must not go
+    Failed/InvalidSpec: it is relocated like an unexpected stop and converges to Running elsewhere."""
+    await stack.create_instance(namespace, "hana", flyApp=own_app(namespace))
+    first = await running(stack, namespace, "hana")
+    old_machine, old_volume = status(first)["machineId"], status(first)["volumeId"]
+    await stack.patch_instance(namespace, "hana", {"spec": {"state": "Stopped"}})
+    await stopped(stack, namespace, "hana")
+    stack.fly.fail_host(old_machine)
+
+    await stack.patch_instance(namespace, "hana", {"spec": {"state": "Running"}})
+    up = await stack.wait_instance(
+        namespace,
+        "hana",
+        lambda b: status(b).get("phase") == "Running" and status(b).get("machineId") != old_machine,
+        timeout=30,
+        what="Running on a replacement machine",
+    )
+    assert status(up)["volumeId"] != old_volume
+    assert condition(up, "Stalled").get("status") != "True"
+    assert (status(up).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+    assert "RecoveryStarted" in await stack.event_reasons(namespace, "hana")
+
+
+async def test_starting_on_a_dead_host_with_recovery_disabled_stalls_saying_why(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "ines", flyApp=own_app(namespace), recovery={"enabled": False})
+    first = await running(stack, namespace, "ines")
+    await stack.patch_instance(namespace, "ines", {"spec": {"state": "Stopped"}})
+    await stopped(stack, namespace, "ines")
+    stack.fly.fail_host(status(first)["machineId"])
+
+    await stack.patch_instance(namespace, "ines", {"spec": {"state": "Running"}})
+    held = await stack.wait_instance(
+        namespace,
+        "ines",
+        lambda b: condition(b, "Stalled").get("reason") == "HostUnavailable",
+        what="Stalled HostUnavailable",
+    )
+    assert status(held)["phase"] == "Stopped"
+    assert "unreachable" in condition(held, "Stalled")["message"]
+    assert "HostUnavailable" in await stack.event_reasons(namespace, "ines")
+
+
 async def test_instance_created_stopped_settles_stopped_and_ready(stack: Stack, namespace: str) -> None:
     body = await stack.create_instance(namespace, "dora", flyApp=own_app(namespace), state="Stopped")
     down = await stopped(stack, namespace, "dora")

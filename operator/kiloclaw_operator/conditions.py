@@ -30,6 +30,7 @@ REASON_RECOVERY_FAILED = "RecoveryFailed"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
 REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
+REASON_HOST_UNAVAILABLE = "HostUnavailable"
 
 
 def set_condition(

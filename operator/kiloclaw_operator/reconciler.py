@@ -16,13 +16,13 @@ from typing import Any, ClassVar
 from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
-from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound, RateLimited, Unauthorized
+from .fly import Capacity, Fatal, FlyClient, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
-from .models import RETRY_ANNOTATION, Instance, InstanceStatus, ObjectRef, Phase
+from .models import RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -213,6 +213,8 @@ class InstanceDriver(ObjectDriver[Instance]):
             # Backed off, but never longer than a Running instance's cadence: a fixed token must be noticed
             # (and observation resumed) soon, not after the hour-long cap of failing deletes.
             return min(self._backoff(), self.ctx.settings.poll_running_seconds)
+        if isinstance(exc, HostUnavailable) and instance.spec.state is DesiredState.RUNNING:
+            return await self._on_host_unavailable(instance, exc)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
             logger.error("Fly rejected the instance: %s", exc, extra=fields)
             now = self.ctx.clock()
@@ -227,6 +229,35 @@ class InstanceDriver(ObjectDriver[Instance]):
         hint = exc.retry_after if isinstance(exc, RateLimited) else None
         logger.warning("Fly call failed, will retry: %s", exc, extra=fields)
         return self._backoff(hint)
+
+    async def _on_host_unavailable(self, instance: Instance, exc: HostUnavailable) -> float:
+        """The machine cannot start on its host again (e.g. the host died around a Stopped → Running flip).
+        The spec is fine and the sandbox should run: relocate it as an unexpected stop is relocated, or, with
+        recovery off, say why it stays stopped."""
+        fields = self.log_fields(instance)
+        if instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region:
+            logger.warning("machine host unreachable, relocating the sandbox: %s", exc, extra=fields)
+            relocated = await recovery.begin(self.recovery_port(), instance)
+            return lifecycle.poll_interval(relocated.status.phase, self.ctx.settings)
+        message = (
+            f"the host of machine {instance.status.machine_id} is unreachable ({exc.message}) and recovery "
+            "is disabled: enable spec.recovery to relocate the sandbox, or set the kiloclaw.kilo.ai/retry "
+            "annotation once the host is back"
+        )
+        logger.warning("machine host unreachable, recovery disabled: %s", exc, extra=fields)
+        status = instance.status.model_copy(
+            update={"phase": Phase.STOPPED, "observed_generation": instance.generation}
+        )
+        status = conditions.mark_stalled(
+            status, conditions.REASON_HOST_UNAVAILABLE, message, self.ctx.clock(), instance.generation
+        )
+        instance = await self.commit(
+            instance, status, "host unreachable: stall until the host or the spec changes"
+        )
+        await self.ctx.kube.post_event(
+            instance.ref, conditions.REASON_HOST_UNAVAILABLE, message, warning=True
+        )
+        return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
         if not ownership.has_claim(instance.status):

@@ -1,7 +1,17 @@
 """The Fly Machines API: typed async client, payload models and the one error taxonomy."""
 
 from .client import FlyClient, backoff_delay, parse_retry_after, set_log_context
-from .errors import Capacity, Fatal, FlyError, NotFound, RateLimited, Transient, Unauthorized, classify
+from .errors import (
+    Capacity,
+    Fatal,
+    FlyError,
+    HostUnavailable,
+    NotFound,
+    RateLimited,
+    Transient,
+    Unauthorized,
+    classify,
+)
 from .models import (
     Guest,
     Machine,
@@ -23,6 +33,7 @@ __all__ = [
     "FlyClient",
     "FlyError",
     "Guest",
+    "HostUnavailable",
     "Machine",
     "MachineConfig",
     "MachineSummaryConfig",

@@ -10,6 +10,7 @@ __all__ = [
     "Capacity",
     "Fatal",
     "FlyError",
+    "HostUnavailable",
     "NotFound",
     "RateLimited",
     "Transient",
@@ -101,6 +102,14 @@ class Fatal(FlyError):
     """Fly rejected the request itself (other 4xx): retrying the same call cannot succeed."""
 
 
+class HostUnavailable(Fatal):
+    """The machine's (or volume's) host is unreachable (412 failed_precondition): the machine cannot start
+    there again, but the sandbox can move elsewhere — not a fault of the spec."""
+
+
+_HOST_UNAVAILABLE_PHRASES = ("host is unreachable", "host unreachable", "host is unavailable")
+
+
 def is_capacity_error(status: int | None, body_text: str) -> bool:
     """True when a response says the region is out of room (see DESIGN.md 3.3 step 4)."""
     text = body_text.lower()
@@ -123,4 +132,6 @@ def classify(status: int | None, body_text: str) -> type[FlyError]:
         return RateLimited
     if status == 408 or status >= 500:
         return Transient
+    if status == 412 and any(phrase in body_text.lower() for phrase in _HOST_UNAVAILABLE_PHRASES):
+        return HostUnavailable
     return Fatal

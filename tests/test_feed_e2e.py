@@ -194,3 +194,19 @@ async def test_with_a_failing_feed_instances_fall_back_to_reading_their_machines
     finally:
         stack.fly.clear_faults()
     assert machine_reads(stack, machine_id) >= 1
+
+
+async def test_a_starting_instance_the_feed_has_no_news_for_reads_its_machine_after_the_fallback_interval(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.restart_operator(**{**FEED, "feed_busy_fallback_seconds": 1.0})
+    timings = stack.fly.state.timings
+    # The listing shows no change for a minute: only the fallback read can see the machine start.
+    stack.fly.state.timings = dataclasses.replace(timings, org_propagation_delay=60.0)
+    try:
+        await stack.create_instance(namespace, "i")
+        machine_id = (await running(stack, namespace, "i"))["machineId"]
+        assert machine_reads(stack, machine_id) >= 1
+    finally:
+        stack.fly.state.timings = timings
+        await stack.restart_operator(**FEED)

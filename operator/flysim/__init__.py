@@ -46,12 +46,13 @@ Fly API served (all under `/v1`, `Authorization: Bearer <token>` required, else 
   change first; `limit` default/max 1000; `next_cursor` is present only when more machines remain.
   `summary=true` omits `config` (else config = {image, guest, metadata}). Any org slug is accepted unless
   `FlySimulator(org_slug=...)` is given (then others → 404). Destroyed machines only with include_deleted.
-  As on Fly, the listing is "a point in time" whose recent changes propagate late: a change shows only after
-  a delay drawn from 0..`SimTimings.org_propagation_delay` (default 0), the machine's previous version until
-  then, so a change can surface behind a cursor. `limit` is advisory (`sim.org_page_limit` caps pages,
-  default 1000); cursors expire after `sim.org_cursor_ttl` seconds (default 60) and `sim.expire_cursors(n)`
-  makes the next n cursor requests fail: 400 `invalid_argument: cursor expired, ...`. `sim.clock_offset`
-  shifts Fly's clock (every timestamp and the `Date` header) against the host's.
+  As on Fly, the listing is "a point in time" whose recent changes propagate late: a change shows only
+  after a delay drawn from ½..1 × `SimTimings.org_propagation_delay` (default 0), the machine's previous
+  version until then, so a change can surface behind a cursor. `limit` is advisory
+  (`sim.org_page_limit` caps pages, default 1000); cursors expire after `sim.org_cursor_ttl` seconds
+  (default 60) and `sim.expire_cursors(n)` makes the next n cursor requests fail: 400
+  `invalid_argument: cursor expired, ...`. `sim.clock_offset` shifts Fly's clock (every timestamp and the
+  `Date` header) against the host's.
 
 Rate limits (`FlySimulator(rate_limits=RateLimits())`, Fly's documented limits, on by default; None turns
 them off): one token bucket per action and machine (per app for creates, per org for the org listing);

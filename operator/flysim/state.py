@@ -52,8 +52,8 @@ class SimTimings:
     detach_delay: float = 0.0
     #: A destroyed machine stays visible (state `destroyed`) this long, then GET answers 404.
     destroyed_retention: float = 60.0
-    #: The organisation listing shows a change only after a delay drawn uniformly from 0..this (Fly: "recent
-    #: machine changes may take time to propagate"); until then it shows the machine's previous version.
+    #: The organisation listing shows a change only after a delay drawn uniformly from half this to this (Fly:
+    #: "recent machine changes may take time to propagate"); until then it shows the previous version.
     org_propagation_delay: float = 0.0
 
 
@@ -506,7 +506,7 @@ class FlyState:
                 updated_at=machine.updated_at,
                 state=machine.state,
                 instance_id=machine.instance_id,
-                visible_at=time.monotonic() + (self._rng.uniform(0, delay) if delay > 0 else 0.0),
+                visible_at=time.monotonic() + (self._rng.uniform(delay / 2, delay) if delay > 0 else 0.0),
             )
         )
         self._org_order[machine.id] = None

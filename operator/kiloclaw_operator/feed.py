@@ -64,6 +64,8 @@ class _Tracked:
     phase: Phase
     audit_at: float
     prompted: datetime | None = None
+    #: When the driver last learned something about the machine (news or a read), monotonic.
+    heard_at: float = 0.0
 
 
 class FeedObserver:
@@ -138,9 +140,14 @@ class FeedObserver:
         news = self._news(machine_id)
         phase = instance.status.phase
         if phase in WAITING_PHASES:
-            if news is None:
-                return Observation.unknown("no news from the organisation feed yet"), None
-            return self._consume(machine_id, news), None
+            if news is not None:
+                tracked.heard_at = now
+                return self._consume(machine_id, news), None
+            if now - tracked.heard_at >= self._settings.feed_busy_fallback_seconds:
+                # No news for a while: read the machine itself (a change the feed has not shown yet).
+                tracked.heard_at = now
+                return await self._read(instance)
+            return Observation.unknown("no news from the organisation feed yet"), None
         known = self._latest.get(machine_id)
         if known is not None:
             return self._consume(machine_id, known), None
@@ -238,7 +245,9 @@ class FeedObserver:
         if tracked is None:
             # The first audit lands anywhere in the interval, so that a fleet started together is spread.
             first = self._monotonic() + self._settings.audit_seconds * self._rng.uniform(0.1, 1.0)
-            tracked = self._tracked[machine_id] = _Tracked(ref[0], ref[1], instance.status.phase, first)
+            tracked = self._tracked[machine_id] = _Tracked(
+                ref[0], ref[1], instance.status.phase, first, heard_at=self._monotonic()
+            )
             self._machine_of[ref] = machine_id
         tracked.phase = instance.status.phase
         return tracked

@@ -310,7 +310,10 @@ async def running_instance(stack: Stack, namespace: str, name: str = NAME, **spe
         ),
         what="Running and Ready",
     )
-    assert status(body)["region"] == (spec.get("regions") or ["iad"])[0]
+    # A region of the preference list: the first one unless earlier tests of this worker's shared flysim
+    # filled its hosts, when falling through to the next is the designed behaviour (DESIGN 3.1).
+    preference = spec.get("regions") or (stack.settings.default_regions if stack.settings else ["iad"])
+    assert status(body)["region"] in preference
     return body
 
 

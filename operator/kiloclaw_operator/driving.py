@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,7 +110,7 @@ M = TypeVar("M", bound=KindModel)
 
 
 @dataclass
-class ObjectDriver(Generic[M]):
+class ObjectDriver(ABC, Generic[M]):
     namespace: str
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -124,25 +125,30 @@ class ObjectDriver(Generic[M]):
 
     # --- what a kind supplies ---------------------------------------------------------------------------
 
+    @abstractmethod
     def read(self, body: dict[str, Any]) -> M:
         """The kind's model of a body."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def log_fields(self, obj: M) -> dict[str, Any]:
         """The structured fields of every log record about ``obj``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource; returns the object as the API server stored it."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def recheck_delay(self) -> float:
         """Seconds until the next pass when this one may not act (no body yet, unreadable, being deleted)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     async def reconcile(self, obj: M) -> float:
         """One pass over ``obj`` (under the lock); returns seconds until the next pass."""
-        raise NotImplementedError
+        ...
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         """What in a body asks the driver for a pass; other changes (echoes of our own status writes, kopf's

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -327,10 +328,10 @@ async def run_elected(
     elif isinstance(stop_flag, threading.Event):
         # Held in an executor thread until the flag is set (the caller sets it when it gives up on us).
         bridges.append(asyncio.create_task(_set_when(asyncio.to_thread(stop_flag.wait), stop)))
-    if threading.current_thread() is threading.main_thread():
+    # Signal handlers belong to the main thread; Windows event loops have none (the operator runs on Linux).
+    if threading.current_thread() is threading.main_thread() and sys.platform != "win32":
         for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, stop.set)
     health = await serve_health(health_port, elector) if health_port is not None else None
     try:
         await lead(elector, serve, stop)

@@ -377,6 +377,12 @@ async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster
         await _kubectl("apply", "--server-side", "--force-conflicts", "-k", str(CRDS))
         for crd in ("kiloclawinstances", "kiloclawretainedvolumes"):
             await _kubectl("wait", "--for=condition=Established", f"crd/{crd}.{GROUP}")
+            # Established is not yet served: a fresh CRD's storage answers 429 "(re)initializing" for a while,
+            # which kopf backs off from; start the operator only once a list succeeds.
+            for _ in range(100):
+                if (await client.get(f"/apis/{GROUP}/{VERSION}/{crd}")).status_code == 200:
+                    break
+                await asyncio.sleep(0.2)
         for manifest in OPERATOR_IDENTITY:
             await _kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
         with access.client() as sync_admin:

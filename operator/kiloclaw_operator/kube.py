@@ -33,6 +33,7 @@ from . import __version__
 from .fly import backoff_delay, parse_retry_after
 from .kubeconfig import ClusterLogin, TokenSource, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
+from .transport import AiohttpTransport
 
 logger = logging.getLogger("kiloclaw.kube")
 
@@ -239,11 +240,8 @@ def build_http_client(
         base_url=conn.server.rstrip("/"),
         headers=headers,
         auth=auth,
-        verify=tls_context(conn),
         timeout=timeout,
-        limits=httpx.Limits(
-            max_connections=KUBE_MAX_CONNECTIONS, max_keepalive_connections=KUBE_MAX_CONNECTIONS
-        ),
+        transport=AiohttpTransport(max_connections=KUBE_MAX_CONNECTIONS, verify=tls_context(conn)),
     )
 
 
@@ -267,7 +265,7 @@ class KubeClient:
         backoff_cap: float = 5.0,
     ) -> None:
         self._http = build_http_client(conn, timeout=timeout)
-        # Bounded like the pool: httpcore rescans its wait queue on every completion (encode/httpcore#1035).
+        # Calls wait here for one of the pool's connections, outside their own timeouts.
         self._slots = asyncio.Semaphore(KUBE_MAX_CONNECTIONS)
         self._max_retries = max_retries
         self._backoff_base = backoff_base

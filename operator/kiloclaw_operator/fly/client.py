@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from ..transport import AiohttpTransport
 from .errors import FlyError, RateLimited, Transient, classify
 from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS, FLY_UNAUTHORIZED
 from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
@@ -194,10 +195,10 @@ class FlyClient:
             base_url=f"{self._base_url}/v1",
             headers={"Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=AiohttpTransport(max_connections=max_connections),
         )
-        # httpcore rescans its whole wait queue whenever a request completes (encode/httpcore#1035): a burst
-        # of N queued calls costs O(N²). Queueing here keeps httpcore's queue no longer than the pool.
+        # Calls wait here for one of the pool's connections, outside their own timeouts (a burst of
+        # thousands would otherwise time out in the pool's queue).
         self._slots = asyncio.Semaphore(max_connections)
         #: Fly's clock at the last organisation listing (its `Date` header).
         self.last_server_date: datetime | None = None

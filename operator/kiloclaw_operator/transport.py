@@ -1,0 +1,113 @@
+"""An httpx transport over aiohttp's connection pool, shared by the Fly and Kubernetes adapters.
+
+The adapters keep httpx's interface (requests, responses, auth flows, errors); only the connection handling
+underneath changes. httpcore's pool checks every pooled connection on each request and on each response
+(`has_expired` → a socket readability probe per connection) and rescans its whole wait queue on every
+completion (encode/httpcore#1035): at thousands of concurrent drivers that bookkeeping was ~70 % of the
+operator's CPU (BENCHMARKS.md). aiohttp's connector keeps idle connections per host in a deque and its waiters
+in a FIFO, so a request costs the same whatever the pool size; kopf already depends on aiohttp.
+
+Bodies are read whole: every call of the adapters is a small JSON document (watches are kopf's, not ours).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+
+import aiohttp
+import httpx
+
+#: How long an idle pooled connection is kept (httpx's default keep-alive expiry).
+KEEPALIVE_SECONDS = 5.0
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx requests sent through one aiohttp session (created in the running loop on first use)."""
+
+    def __init__(self, *, max_connections: int, verify: ssl.SSLContext | bool = True) -> None:
+        self._max_connections = max_connections
+        # aiohttp: True verifies with the default context, False skips verification, a context is used as is.
+        self._ssl: ssl.SSLContext | bool = verify
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=0,
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                ssl=self._ssl,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # httpx decodes Content-Encoding itself and sets every header it sends (Host, Accept,
+                # Accept-Encoding, User-Agent): aiohttp must neither decompress nor add its own.
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+                # Honour HTTP(S)_PROXY / NO_PROXY as httpx would.
+                trust_env=True,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session_for_loop()
+        timeout = _client_timeout(request.extensions.get("timeout", {}))
+        body = await request.aread()
+        try:
+            async with session.request(
+                request.method,
+                str(request.url),
+                headers=[
+                    (key.decode("latin-1"), value.decode("latin-1")) for key, value in request.headers.raw
+                ],
+                data=body or None,
+                allow_redirects=False,
+                timeout=timeout,
+                compress=None,
+            ) as response:
+                content = await response.read()
+                return httpx.Response(
+                    response.status,
+                    headers=[(bytes(key), bytes(value)) for key, value in response.raw_headers],
+                    stream=httpx.ByteStream(content),
+                    extensions={"http_version": b"HTTP/1.1"},
+                )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _httpx_error(exc, request) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _client_timeout(timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+    """httpx's per-phase timeouts (connect, read, write, pool) in aiohttp's terms."""
+    connect = timeouts.get("connect")
+    pool = timeouts.get("pool")
+    # aiohttp's `connect` covers waiting for a free pooled connection as well as the TCP/TLS handshake.
+    waiting = None if connect is None and pool is None else (connect or 0.0) + (pool or 0.0)
+    return aiohttp.ClientTimeout(
+        total=None, connect=waiting, sock_connect=connect, sock_read=timeouts.get("read")
+    )
+
+
+def _httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx error the adapters already classify (all are transient to them)."""
+    message = str(exc) or type(exc).__name__
+    error: type[httpx.TransportError]
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        error = httpx.ConnectTimeout
+    elif isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        error = httpx.ReadTimeout
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        error = httpx.ConnectError
+    elif isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientResponseError
+    ):
+        error = httpx.RemoteProtocolError
+    else:
+        error = httpx.ReadError
+    return error(message, request=request)

@@ -263,8 +263,8 @@ class Profiler:
 
 
 PROFILE_BUCKETS = (
-    ("httpcore / httpx / anyio (HTTP client)", ("httpcore", "httpx", "anyio", "h11")),
-    ("aiohttp (kopf's HTTP client)", ("aiohttp", "yarl", "multidict")),
+    ("httpx / httpcore / anyio (the adapters' HTTP interface)", ("httpcore", "httpx", "anyio", "h11")),
+    ("aiohttp (connections: the adapters' transport and kopf's client)", ("aiohttp", "yarl", "multidict")),
     ("kopf", ("/kopf/",)),
     ("pydantic", ("pydantic",)),
     ("json", ("/json/",)),

@@ -172,3 +172,26 @@ async def test_connections_are_reused_across_requests() -> None:
         for _ in range(5):
             assert (await client.get("/again")).status_code == 200
     assert connections == 1
+
+
+async def test_a_proxy_from_the_environment_carries_requests_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxied: list[str] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line, _, _ = await _read_request(reader)
+        proxied.append(request_line)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async with _server(proxy) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        async with _client("http://sandbox.invalid") as client:
+            assert (await client.get("/via-proxy")).status_code == 200
+        async with _client("http://direct.invalid") as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/not-via-proxy")
+    assert proxied == ["GET http://sandbox.invalid/via-proxy HTTP/1.1"]

@@ -13,6 +13,7 @@ Bodies are read whole: every call of the adapters is a small JSON document (watc
 from __future__ import annotations
 
 import ssl
+import urllib.request
 from collections.abc import Mapping
 
 import aiohttp
@@ -30,6 +31,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # aiohttp: True verifies with the default context, False skips verification, a context is used as is.
         self._ssl: ssl.SSLContext | bool = verify
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str, int | None], str | None] = {}
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -45,8 +47,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 # Accept-Encoding, User-Agent): aiohttp must neither decompress nor add its own.
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
-                # Honour HTTP(S)_PROXY / NO_PROXY as httpx would.
-                trust_env=True,
+                # Not aiohttp's trust_env: it reads ~/.netrc in a thread for every request. Proxies from the
+                # environment are applied below, per origin.
+                trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=None),
             )
         return self._session
@@ -64,6 +67,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ],
                 data=body or None,
                 allow_redirects=False,
+                proxy=self._proxy_for(request.url),
                 timeout=timeout,
                 compress=None,
             ) as response:
@@ -76,6 +80,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _httpx_error(exc, request) from exc
+
+    def _proxy_for(self, url: httpx.URL) -> str | None:
+        """HTTP(S)_PROXY / NO_PROXY from the environment, as httpx applies them (read once per origin)."""
+        origin = (url.scheme, url.host, url.port)
+        if origin not in self._proxies:
+            proxies = urllib.request.getproxies_environment()
+            proxy = proxies.get(url.scheme) or proxies.get("all")
+            # Not in the type stubs, but part of urllib.request since Python 3.
+            bypass = urllib.request.proxy_bypass_environment(url.host, proxies)  # type: ignore[attr-defined]
+            if proxy and bypass:
+                proxy = None
+            self._proxies[origin] = proxy or None
+        return self._proxies[origin]
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -138,8 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="sample the operator with py-spy from the first create until all are Running; the top frames go "
-        "into the report",
+        help="sample the operator with py-spy from the first create until all are Running, and the new "
+        "leader over the cold start's window; the top frames go into the report",
     )
     parser.add_argument(
         "--cold-start-seconds",
@@ -184,6 +184,7 @@ class Results:
     list_seconds: list[float] = field(default_factory=list)
     mode: str = "polling"
     profile: str = ""
+    cold_profile: str = ""
     provision_cpu_seconds: float = 0.0
     rate_limited: int = 0
     cold_affected: int = 0
@@ -911,6 +912,12 @@ async def measure_cold_start(
         new_leader, new_standby = standby, leader
     await wait_role(new_leader, "leader", args.phase_timeout)
     results.cold_takeover_seconds = time.monotonic() - failed_mono
+    assert new_leader.process is not None
+    profiler = (
+        Profiler(new_leader.process.pid, new_leader.log.with_name(f"profile-cold-{results.mode}.txt"))
+        if args.profile
+        else None
+    )
     window_end = time.monotonic() + args.cold_start_seconds
     previous, peak = fly_before, 0
     while time.monotonic() < window_end:
@@ -921,7 +928,9 @@ async def measure_cold_start(
     results.cold_fly_requests = previous - fly_before
     results.cold_peak_fly_per_second = peak
     results.cold_kube_writes = await kube.writes() - kube_before
-    assert new_leader.process is not None
+    if profiler is not None:
+        results.cold_profile = profiler.stop()
+        say(f"profile of the cold start ({results.mode}):\n{results.cold_profile}")
     detected, _ = await measure_recoveries(
         api, args, affected, failed_wall, failed_mono, results, new_leader.process, new_leader.log
     )
@@ -1168,6 +1177,11 @@ def results_section(runs: list[Results], args: argparse.Namespace, table_text: s
         f"\n\nProfile of the operator while provisioning ({r.mode}, py-spy):\n\n```\n{r.profile}\n```"
         for r in runs
         if r.profile
+    ) + "".join(
+        f"\n\nProfile of the new leader over the cold start's window ({r.mode}, py-spy):\n\n```\n"
+        f"{r.cold_profile}\n```"
+        for r in runs
+        if r.cold_profile
     )
     return f"""{start}
 ## Latest run against {server}

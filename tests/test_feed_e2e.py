@@ -12,6 +12,7 @@ stories that follow.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -153,6 +154,29 @@ async def test_a_restarted_operator_notices_a_machine_that_stopped_while_it_was_
     await stack.start_operator(**FEED)
     await recovering(stack, namespace, "f")
     assert machine_reads(stack, machine_id) == 0
+
+
+async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_get_a_pass_before_kopf(
+    stack: Stack, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await stack.create_instance(namespace, "h1")
+    await stack.create_instance(namespace, "h2")
+    stopped = (await running(stack, namespace, "h1"))["machineId"]
+    await running(stack, namespace, "h2")
+    await stack.crash_operator()
+    stack.fly.crash_machine(stopped)
+    caplog.set_level(logging.DEBUG, logger="kiloclaw.observation")
+    await stack.start_operator(**FEED)
+    await recovering(stack, namespace, "h1")
+    early = {
+        record.__dict__.get("instance")
+        for record in caplog.records
+        if record.name == "kiloclaw.observation"
+        and record.getMessage() == "early pass"
+        and record.__dict__.get("namespace") == namespace
+    }
+    assert early == {"h1"}
+    assert machine_reads(stack, stopped) == 0
 
 
 async def test_a_fly_clock_an_hour_behind_ours_loses_no_change_across_a_restart(

@@ -28,9 +28,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from . import lifecycle
 from .config import Settings
@@ -76,7 +77,7 @@ class FeedObserver:
         fly: FlyClient,
         settings: Settings,
         *,
-        oldest_observation: Callable[[], Awaitable[datetime | None]],
+        list_instances: Callable[[], Awaitable[list[dict[str, Any]]]],
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -84,7 +85,7 @@ class FeedObserver:
         self._fly = fly
         self._settings = settings
         self._org = settings.fly_org_slug
-        self._oldest_observation = oldest_observation
+        self._list_instances = list_instances
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._latest: dict[str, MachineState] = {}
@@ -93,6 +94,9 @@ class FeedObserver:
         self._tracked: dict[str, _Tracked] = {}
         self._machine_of: dict[tuple[str, str], str] = {}
         self._wake: Callable[[str, str], None] = lambda namespace, name: None
+        self._start_early: Callable[[list[dict[str, Any]]], None] = lambda bodies: None
+        #: The instances listed at start, until the first sweep has told which machines changed meanwhile.
+        self._listed_at_start: list[dict[str, Any]] = []
         #: Fly-clock start of the first window (None: the whole history was listed).
         self._origin: datetime | None = None
         self._watermark: datetime | None = None
@@ -106,9 +110,16 @@ class FeedObserver:
 
     # --- wiring ----------------------------------------------------------------------------------------
 
-    def bind(self, wake: Callable[[str, str], None]) -> None:
-        """How to wake the driver of instance (namespace, name): given once the drivers exist."""
+    def bind(
+        self,
+        wake: Callable[[str, str], None],
+        start_early: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        """How to wake the driver of instance (namespace, name), and how to give the instances whose machine
+        changed while no operator ran a pass before kopf reaches them: given once the drivers exist."""
         self._wake = wake
+        if start_early is not None:
+            self._start_early = start_early
 
     @property
     def healthy(self) -> bool:
@@ -295,7 +306,8 @@ class FeedObserver:
 
     async def _start_window(self) -> None:
         """After a (re)start: from the oldest observation minus the overlap, in Fly's clock."""
-        oldest = await self._oldest_observation()
+        self._listed_at_start = await self._list_instances()
+        oldest = oldest_observation(self._listed_at_start)
         await self._measure_clock_offset()
         if oldest is None:
             self._origin = None
@@ -362,6 +374,15 @@ class FeedObserver:
         self._last_success = self._monotonic()
         self.sweeps += 1
         self._synced.set()
+        if self._listed_at_start:
+            listed, self._listed_at_start = self._listed_at_start, []
+            changed = changed_while_away(listed, self._latest, self.clock_offset)
+            if changed:
+                logger.info(
+                    "machines changed while no operator ran: their instances go first",
+                    extra={"instances": len(changed)},
+                )
+                self._start_early(changed)
 
     def _apply(self, machine: OrgMachine) -> None:
         if machine.updated_at is None or not machine.state:
@@ -385,3 +406,49 @@ class FeedObserver:
     def _wake_all(self) -> None:
         for tracked in list(self._tracked.values()):
             self._wake(tracked.namespace, tracked.name)
+
+
+def oldest_observation(bodies: list[dict[str, Any]]) -> datetime | None:
+    """The oldest ``status.observedAt`` among instances that name a machine (where the feed must resume)."""
+    oldest: datetime | None = None
+    for body in bodies:
+        observed_at = _observed_at(body)
+        if observed_at is not None and (oldest is None or observed_at < oldest):
+            oldest = observed_at
+    return oldest
+
+
+def changed_while_away(
+    bodies: list[dict[str, Any]], latest: Mapping[str, MachineState], clock_offset: float
+) -> list[dict[str, Any]]:
+    """The instances whose machine the feed shows in another state than their status recorded, changed after
+    that observation (Fly's clock): after a restart, the ones with something to act on.
+
+    At 10,000 instances kopf takes seconds to reach the last one of its initial listing; these must not wait
+    for it (a machine that stopped while the operator was down is noticed within the feed's interval)."""
+    changed: list[dict[str, Any]] = []
+    for body in bodies:
+        status = body.get("status")
+        observed_at = _observed_at(body)
+        if not isinstance(status, dict) or observed_at is None:
+            continue
+        known = latest.get(str(status["machineId"]))
+        if known is None or known.state == status.get("flyState"):
+            continue
+        if known.updated_at > observed_at + timedelta(seconds=clock_offset):
+            changed.append(body)
+    return changed
+
+
+def _observed_at(body: Mapping[str, Any]) -> datetime | None:
+    """``status.observedAt`` of an instance that names a machine."""
+    status = body.get("status")
+    if not isinstance(status, dict) or not status.get("machineId"):
+        return None
+    text = status.get("observedAt")
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None

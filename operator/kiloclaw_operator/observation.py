@@ -4,7 +4,8 @@ instance polling without it (DESIGN 3.2). Called once at login by ``handlers.Run
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+import logging
+from typing import Any
 
 from .config import Settings
 from .driving import DriverRegistry, Observer
@@ -12,6 +13,8 @@ from .feed import FeedObserver
 from .fly import FlyClient, PacingLimits
 from .kube import KubeClient
 from .reconciler import InstanceDriver, PollingObserver
+
+logger = logging.getLogger("kiloclaw.observation")
 
 
 def pacing_limits(settings: Settings) -> PacingLimits:
@@ -31,15 +34,13 @@ def start_observer(
     if not settings.fly_org_slug:
         return PollingObserver(fly, settings), None
 
-    async def oldest() -> datetime | None:
-        return oldest_observation(await kube.list_instances())
-
-    feed = FeedObserver(fly, settings, oldest_observation=oldest)
+    feed = FeedObserver(fly, settings, list_instances=kube.list_instances)
     return feed, asyncio.get_running_loop().create_task(feed.run(), name="kiloclaw-org-feed")
 
 
 def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver]) -> None:
-    """The feed wakes the driver of an instance whose machine changed (never creating a driver)."""
+    """The feed wakes the driver of an instance whose machine changed (never creating a driver); after a
+    restart it starts a pass at once for the instances whose machine changed while no operator ran."""
     if isinstance(observer, FeedObserver):
 
         def wake(namespace: str, name: str) -> None:
@@ -47,23 +48,33 @@ def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver]) ->
             if driver is not None:
                 driver.wake()
 
-        observer.bind(wake)
+        observer.bind(wake, EarlyPasses(drivers).start)
 
 
-def oldest_observation(bodies: list[dict[str, object]]) -> datetime | None:
-    """The oldest ``status.observedAt`` among instances that name a machine (where the feed must resume)."""
-    oldest: datetime | None = None
-    for body in bodies:
-        status = body.get("status")
-        if not isinstance(status, dict) or not status.get("machineId"):
-            continue
-        text = status.get("observedAt")
-        if not isinstance(text, str):
-            continue
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            continue
-        if oldest is None or moment < oldest:
-            oldest = moment
-    return oldest
+class EarlyPasses:
+    """Passes for instances kopf has not reached yet (its initial listing takes seconds at 10,000): each under
+    its driver's lock, like every pass, so the daemon's own first pass simply follows it."""
+
+    def __init__(self, drivers: DriverRegistry[InstanceDriver], concurrency: int = 32) -> None:
+        self._drivers = drivers
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, bodies: list[dict[str, Any]]) -> None:
+        for body in bodies:
+            metadata = body.get("metadata", {})
+            driver = self._drivers.get(metadata.get("namespace", ""), metadata.get("name", ""))
+            driver.offer(body)
+            task = asyncio.get_running_loop().create_task(self._pass(driver))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pass(self, driver: InstanceDriver) -> None:
+        async with self._slots:
+            logger.debug("early pass", extra={"namespace": driver.namespace, "instance": driver.name})
+            try:
+                await driver.reconcile_once()
+            except Exception:
+                # The daemon's passes retry whatever this one could not finish.
+                fields = {"namespace": driver.namespace, "instance": driver.name}
+                logger.exception("early pass failed", extra=fields)

@@ -1,0 +1,59 @@
+"""Pure parts of the organisation feed: where a restarted operator resumes, which instances go first."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kiloclaw_operator.feed import MachineState, changed_while_away, oldest_observation
+
+OBSERVED = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def body(name: str, machine_id: str | None, fly_state: str = "started", observed: datetime = OBSERVED) -> Any:
+    status: dict[str, Any] = {"phase": "Running", "flyState": fly_state, "observedAt": observed.isoformat()}
+    if machine_id is not None:
+        status["machineId"] = machine_id
+    return {"metadata": {"namespace": "ns", "name": name}, "status": status}
+
+
+def names(bodies: list[dict[str, Any]]) -> list[str]:
+    return [b["metadata"]["name"] for b in bodies]
+
+
+def test_an_instance_whose_machine_stopped_after_its_observation_is_taken_first() -> None:
+    latest = {"m1": MachineState("stopped", OBSERVED + timedelta(seconds=5))}
+    assert names(changed_while_away([body("a", "m1")], latest, 0.0)) == ["a"]
+
+
+def test_a_machine_in_the_recorded_state_is_not_a_change() -> None:
+    latest = {"m1": MachineState("started", OBSERVED + timedelta(seconds=5))}
+    assert changed_while_away([body("a", "m1")], latest, 0.0) == []
+
+
+def test_a_state_older_than_the_observation_is_not_a_change() -> None:
+    latest = {"m1": MachineState("stopped", OBSERVED - timedelta(seconds=5))}
+    assert changed_while_away([body("a", "m1")], latest, 0.0) == []
+
+
+def test_the_observation_is_compared_in_flys_clock() -> None:
+    # Fly's clock runs an hour behind ours: a change 5 s after our observation carries Fly's earlier stamp.
+    latest = {"m1": MachineState("stopped", OBSERVED - timedelta(hours=1) + timedelta(seconds=5))}
+    assert names(changed_while_away([body("a", "m1")], latest, -3600.0)) == ["a"]
+    assert changed_while_away([body("a", "m1")], latest, 0.0) == []
+
+
+def test_instances_without_a_machine_or_unknown_to_the_feed_are_left_to_kopf() -> None:
+    latest = {"m1": MachineState("stopped", OBSERVED + timedelta(seconds=5))}
+    assert changed_while_away([body("a", None), body("b", "m2")], latest, 0.0) == []
+
+
+def test_the_feed_resumes_from_the_oldest_observation_of_an_instance_with_a_machine() -> None:
+    earlier = OBSERVED - timedelta(minutes=3)
+    bodies = [
+        body("a", "m1"),
+        body("b", "m2", observed=earlier),
+        body("c", None, observed=earlier - timedelta(1)),
+    ]
+    assert oldest_observation(bodies) == earlier
+    assert oldest_observation([body("c", None)]) is None

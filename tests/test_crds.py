@@ -606,6 +606,11 @@ STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("recovery without id", {"recovery__id": DELETE}, "status.recovery.id: Required value"),
     (
+        "resumptions negative",
+        {"recovery__resumptions": -1},
+        "status.recovery.resumptions: Invalid value: -1: recovery.resumptions in body should be greater",
+    ),
+    (
         "negative generation",
         {"observedGeneration": -1},
         "status.observedGeneration: Invalid value: -1: observedGeneration in body should be greater",

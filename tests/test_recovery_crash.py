@@ -20,9 +20,11 @@ from aiohttp import web
 
 from harness import Stack, eventually, status
 from kiloclaw_operator.fly import volume_name
+from kiloclaw_operator.models import INSTANCE_PLURAL
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE
 from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture)
     APP,
+    NAME,
     FlyCreates,
     FlyTap,
     caught_up,
@@ -234,6 +236,8 @@ async def test_an_operator_down_past_the_deadline_resumes_the_recovery_with_a_fa
     assert st["machineId"] == record["replacementMachineId"]
     deadlines = {(status(b).get("recovery") or {}).get("deadline") for b in history.bodies} - {None}
     assert any(parse_time(d) > parse_time(record["deadline"]) for d in deadlines), "the budget was renewed"
+    resumptions = {(status(b).get("recovery") or {}).get("resumptions") for b in history.bodies} - {None}
+    assert resumptions == {1}, "the fresh budget is counted"
     reasons = await wait_events(stack, namespace, "RecoverySucceeded")
     assert "RecoveryFailed" not in reasons
 
@@ -264,6 +268,39 @@ async def test_a_resumed_recovery_still_fails_on_its_own_merits_and_cleans_up(
     assert not fly_requests(stack, "DELETE", f"volumes/{source_volume}")
     assert st["volumeId"] == source_volume and "pendingCleanup" not in st
     assert await stack.list_retained(namespace) == []
+
+
+async def test_a_recovery_that_had_three_fresh_budgets_keeps_its_deadline_when_resumed_again(
+    stack: Stack, namespace: str
+) -> None:
+    """An operator that crashes again and again cannot keep one recovery alive forever."""
+    body = await running_instance(stack, namespace)
+    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    with replacement_machines_hang(stack):
+        await stack.restart_operator(recovery_timeout_seconds=2)
+        try:
+            stack.fly.crash_machine(source_machine)
+            held = await wait_step(stack, namespace, "ReplacementMachineCreated")
+            await stack.crash_operator()
+            record = status(held)["recovery"]
+            # Three earlier operator processes each gave it a fresh budget.
+            response = await stack.api.patch(
+                stack.path(INSTANCE_PLURAL, namespace, NAME, sub="status"),
+                json={"status": {"recovery": {"resumptions": 3}}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            assert response.status_code == 200, response.text
+            await past(parse_time(record["deadline"]).timestamp())
+            async with watch_instance(stack, namespace, held) as history:
+                await stack.start_operator(recovery_timeout_seconds=2)
+                failed = await wait_failed(stack, namespace)
+                await caught_up(history, failed)
+        finally:
+            await stack.restart_operator()
+    assert status(failed)["lastRecovery"]["message"] == TIMEOUT_MESSAGE
+    deadlines = {(status(b).get("recovery") or {}).get("deadline") for b in history.bodies} - {None}
+    assert deadlines == {record["deadline"]}, "the deadline was not moved again"
+    assert live_volume_ids(stack, namespace) == {source_volume}
 
 
 async def past(moment: float) -> None:

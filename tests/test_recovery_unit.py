@@ -213,3 +213,9 @@ def test_a_recovery_resumed_past_its_deadline_gets_half_the_timeout_from_now() -
 
 def test_a_recovery_resumed_with_little_budget_left_gets_half_the_timeout_from_now() -> None:
     assert resumed_deadline(T0 + timedelta(seconds=10), T0, 600) == T0 + timedelta(seconds=300)
+
+
+def test_a_recovery_that_had_its_fresh_budgets_keeps_its_deadline_even_when_past() -> None:
+    deadline = T0 - timedelta(hours=2)
+    assert resumed_deadline(deadline, T0, 600, resumptions=2) == T0 + timedelta(seconds=300)
+    assert resumed_deadline(deadline, T0, 600, resumptions=3) == deadline

@@ -124,6 +124,7 @@ class RecoveryStatus(WireModel):
     id: str
     started_at: datetime
     deadline: datetime
+    resumptions: int = 0
     step: RecoveryStep
     source_machine_id: str | None = None
     source_volume_id: str

@@ -95,7 +95,13 @@ def replacement_regions(
     return order
 
 
-def resumed_deadline(deadline: datetime, now: datetime, timeout_seconds: float) -> datetime:
+#: Fresh budgets one recovery can get from operator processes that did not begin it (restarts, fail-overs).
+MAX_RESUMPTIONS = 3
+
+
+def resumed_deadline(
+    deadline: datetime, now: datetime, timeout_seconds: float, resumptions: int = 0
+) -> datetime:
     """The deadline of a recovery that an operator process takes over without having begun it (a restart,
     or a standby taking over from a dead leader).
 
@@ -105,7 +111,11 @@ def resumed_deadline(deadline: datetime, now: datetime, timeout_seconds: float) 
     timeout, otherwise it gets half the timeout from the moment it is resumed. So a recovery interrupted
     early keeps its full remaining budget, and one found past its deadline gets a fair half budget; it then
     fails only on its own merits (a permanent error, or that budget running out while the operator is up).
+    A recovery that has already been given ``MAX_RESUMPTIONS`` fresh budgets keeps its deadline: an operator
+    that crashes again and again (and so never lets a budget run out) cannot keep a recovery alive forever.
     """
+    if resumptions >= MAX_RESUMPTIONS:
+        return deadline
     return max(deadline, now + timedelta(seconds=timeout_seconds / 2))
 
 
@@ -218,7 +228,9 @@ async def _take_over(port: Port, instance: InstanceModel) -> InstanceModel:
     port.driven.add(record.id)
     if step_reached(record.step, RecoveryStep.CUT_OVER):
         return instance
-    deadline = resumed_deadline(record.deadline, port.clock(), port.settings.recovery_timeout_seconds)
+    deadline = resumed_deadline(
+        record.deadline, port.clock(), port.settings.recovery_timeout_seconds, record.resumptions
+    )
     if deadline == record.deadline:
         return instance
     logger.info(
@@ -230,7 +242,13 @@ async def _take_over(port: Port, instance: InstanceModel) -> InstanceModel:
     )
     return await port.commit(
         instance,
-        instance.status.model_copy(update={"recovery": record.model_copy(update={"deadline": deadline})}),
+        instance.status.model_copy(
+            update={
+                "recovery": record.model_copy(
+                    update={"deadline": deadline, "resumptions": record.resumptions + 1}
+                )
+            }
+        ),
         "a resumed recovery gets a fair budget: the new deadline is recorded before the next Fly call",
     )
 

@@ -25,6 +25,7 @@ from kiloclaw_operator.fly import (
     MachineConfig,
     Mount,
     NotFound,
+    NotLeading,
     OrgMachinesPage,
     RateLimited,
     RestartPolicy,
@@ -541,3 +542,27 @@ async def test_a_token_file_is_read_again_when_the_secret_is_rotated_and_the_401
         assert REGISTRY.get_sample_value("kiloclaw_fly_unauthorized") == 0
     # Every request carried the token of its moment, and the old one was never retried in a loop.
     assert len(requests_to(sim, "GET", f"/v1/apps/{APP}/machines")) == 2
+
+
+async def test_a_replica_that_is_not_sure_it_leads_sends_no_changing_call_but_still_reads(
+    sim: FlySimulator, fly: FlyClient
+) -> None:
+    volume = await fly.create_volume(APP, name="kiloclaw_ki_fenced", region="iad", size_gb=1)
+    machine = await fly.create_machine(APP, name="ki_fenced", region="iad", config=sandbox_config(volume.id))
+    leading = False
+    fenced = FlyClient(sim.base_url, TOKEN, max_retries=3, fence=lambda: leading)
+    try:
+        sent_before = len(sim.request_log)
+        with pytest.raises(NotLeading):
+            await fenced.stop_machine(APP, machine.id)
+        with pytest.raises(NotLeading):
+            await fenced.create_volume(APP, name="kiloclaw_ki_other", region="iad", size_gb=1)
+        with pytest.raises(NotLeading):
+            await fenced.destroy_machine(APP, machine.id)
+        assert len(sim.request_log) == sent_before, "nothing reached Fly"
+        assert (await fenced.get_machine(APP, machine.id)).id == machine.id
+        leading = True
+        await fenced.stop_machine(APP, machine.id)
+    finally:
+        await fenced.aclose()
+    assert requests_to(sim, "POST", f"/v1/apps/{APP}/machines/{machine.id}/stop")

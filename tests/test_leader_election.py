@@ -312,3 +312,19 @@ async def test_a_leader_stopped_gracefully_releases_the_lease_for_its_standby(re
     assert lease_holder(replicas.kube) == "", "released on SIGTERM"
     standby = replicas.start("replica-b", **long_lease)
     await replicas.wait_role(standby, "leader", timeout=30)
+
+
+async def test_a_leader_acts_only_while_its_last_renewal_is_within_the_renew_deadline(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    clock = ManualClock()
+    leader = LeaderElector(client, config("a", renew_deadline_seconds=5), clock=clock)
+    assert not leader.acting(), "a candidate never acts"
+    assert await leader.try_acquire_or_renew()
+    assert leader.acting()
+    clock.now += 4.9
+    assert leader.acting()
+    clock.now += 0.2
+    assert not leader.acting(), "a renewal is overdue: a standby may take over soon"
+    assert await leader.try_acquire_or_renew()
+    assert leader.acting()

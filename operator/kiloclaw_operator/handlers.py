@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -37,13 +38,14 @@ class Runtime:
     """What one operator run shares between handlers (kept in kopf's memo, never in module globals, so an
     in-process restart starts clean)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, fence: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.fly = FlyClient(
             settings.fly_api_base_url,
             settings.fly_api_token,
             token_file=settings.fly_api_token_file,
             pacing=observation.pacing_limits(settings),
+            fence=fence,
         )
         self._ctx: Context | None = None
         self._feed: asyncio.Task[None] | None = None
@@ -123,7 +125,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
-    memo.runtime = Runtime(operator_settings)
+    memo.runtime = Runtime(operator_settings, memo.get("fence"))
 
 
 @kopf.on.login()

@@ -211,6 +211,12 @@ class LeaderElector:
         self._set_leader(True)
         return True
 
+    def acting(self) -> bool:
+        """Whether this process may still act as the leader: it holds the Lease and renewed it within the
+        renew deadline (checked before every changing Fly call, so that a leader whose event loop fell behind
+        its renewals stops before a standby can take over, not only when ``hold`` notices)."""
+        return self.is_leader and self._clock() - self._last_renewal < self.config.renew_deadline_seconds
+
     def _set_leader(self, leader: bool) -> None:
         if leader != self.is_leader:
             logger.info(

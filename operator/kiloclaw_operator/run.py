@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 import kopf
@@ -32,8 +33,12 @@ async def run_operator(
     election (the default), only while this process holds the Lease (leadership.py)."""
     from . import handlers  # registers the handlers in kopf's default registry
 
-    async def serve(stop: asyncio.Event | threading.Event | None, liveness_endpoint: str | None) -> None:
-        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout)
+    async def serve(
+        stop: asyncio.Event | threading.Event | None,
+        liveness_endpoint: str | None,
+        fence: Callable[[], bool] | None = None,
+    ) -> None:
+        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout, fence=fence)
         await kopf.operator(
             standalone=True,
             clusterwide=not settings.namespaces,
@@ -50,10 +55,11 @@ async def run_operator(
     from .leadership import LeaderElector, LeaseConfig, run_elected
 
     kube = KubeClient(await handlers.login_outside_kopf())
+    elector = LeaderElector(kube, LeaseConfig.from_settings(settings))
     try:
         await run_elected(
-            LeaderElector(kube, LeaseConfig.from_settings(settings)),
-            lambda stop: serve(stop, None),
+            elector,
+            lambda stop: serve(stop, None, elector.acting),
             stop_flag=stop_flag,
             health_port=settings.health_port if liveness else None,
         )

@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..transport import AiohttpTransport
-from .errors import FlyError, RateLimited, Transient, classify
+from .errors import FlyError, NotLeading, RateLimited, Transient, classify
 from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS, FLY_UNAUTHORIZED
 from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
 from .pacing import Pacer, PacingLimits
@@ -181,8 +181,12 @@ class FlyClient:
         backoff_cap: float = 10.0,
         max_connections: int = 100,
         pacing: PacingLimits | None = PacingLimits(),
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        #: Whether this process may still change things on Fly (leader election); checked right before every
+        #: changing call is sent. None: no election, always.
+        self._fence = fence
         self._tokens = TokenSource(token, token_file)
         self._redacted: set[str] = set(self._tokens.known())
         # False from the first 401 until any answer that is not a 401: the operator-level token problem.
@@ -419,6 +423,12 @@ class FlyClient:
         while True:
             if self.pacer is not None:
                 await self.pacer.wait(f"{method} {route}", subject, mutating=method != "GET")
+            if method != "GET" and self._fence is not None and not self._fence():
+                raise NotLeading(
+                    "not sent: this replica is no longer sure it holds the leader Lease",
+                    method=method,
+                    route=route,
+                )
             started = time.monotonic()
             token = self._tokens.value
             self._redacted.add(token)

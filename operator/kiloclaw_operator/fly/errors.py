@@ -94,6 +94,12 @@ class Transient(FlyError):
     """5xx, 408, connection failures and timeouts: the same call may succeed later."""
 
 
+class NotLeading(Transient):
+    """A changing call refused before it was sent: this process no longer knows itself the leader (its Lease
+    was not renewed within the renew deadline), and a standby may be acting already. Nothing reached Fly; the
+    process is about to exit, and the new leader repeats the step."""
+
+
 class Unauthorized(FlyError):
     """The token is missing, wrong or lacks access (401/403): a person must fix the credentials."""
 

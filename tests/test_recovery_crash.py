@@ -246,14 +246,10 @@ async def test_a_resumed_recovery_still_fails_on_its_own_merits_and_cleans_up(
     stack: Stack, namespace: str
 ) -> None:
     body = await running_instance(stack, namespace)
-    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    source_volume = status(body)["volumeId"]
     with replacement_machines_hang(stack):
-        await stack.restart_operator(recovery_timeout_seconds=2)
         try:
-            stack.fly.crash_machine(source_machine)
-            held = await wait_step(stack, namespace, "ReplacementMachineCreated")
-            await stack.crash_operator()
-            record = status(held)["recovery"]
+            _, record = await kill_the_operator_of_a_hanging_recovery(stack, namespace, body)
             await past(parse_time(record["deadline"]).timestamp())
             await stack.start_operator(recovery_timeout_seconds=2)
             failed = await wait_failed(stack, namespace)
@@ -275,14 +271,10 @@ async def test_a_recovery_that_had_three_fresh_budgets_keeps_its_deadline_when_r
 ) -> None:
     """An operator that crashes again and again cannot keep one recovery alive forever."""
     body = await running_instance(stack, namespace)
-    source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
+    source_volume = status(body)["volumeId"]
     with replacement_machines_hang(stack):
-        await stack.restart_operator(recovery_timeout_seconds=2)
         try:
-            stack.fly.crash_machine(source_machine)
-            held = await wait_step(stack, namespace, "ReplacementMachineCreated")
-            await stack.crash_operator()
-            record = status(held)["recovery"]
+            held, record = await kill_the_operator_of_a_hanging_recovery(stack, namespace, body)
             # Three earlier operator processes each gave it a fresh budget.
             response = await stack.api.patch(
                 stack.path(INSTANCE_PLURAL, namespace, NAME, sub="status"),
@@ -301,6 +293,19 @@ async def test_a_recovery_that_had_three_fresh_budgets_keeps_its_deadline_when_r
     deadlines = {(status(b).get("recovery") or {}).get("deadline") for b in history.bodies} - {None}
     assert deadlines == {record["deadline"]}, "the deadline was not moved again"
     assert live_volume_ids(stack, namespace) == {source_volume}
+
+
+async def kill_the_operator_of_a_hanging_recovery(
+    stack: Stack, namespace: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Under ``replacement_machines_hang``: an operator with a 2 s recovery timeout recovers ``body``'s
+    instance and is killed once the replacement machine is recorded. Returns the stored body and its
+    recovery record."""
+    await stack.restart_operator(recovery_timeout_seconds=2)
+    stack.fly.crash_machine(status(body)["machineId"])
+    held = await wait_step(stack, namespace, "ReplacementMachineCreated")
+    await stack.crash_operator()
+    return held, status(held)["recovery"]
 
 
 async def past(moment: float) -> None:

@@ -50,7 +50,7 @@ SELF_DRIVEN_PHASES = frozenset({Phase.RECOVERING, Phase.DESTROYING, Phase.PROVIS
 _STALE_CURSOR_RESTARTS = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MachineState:
     """The newest known state of one machine, stamped with Fly's ``updated_at``."""
 
@@ -58,7 +58,7 @@ class MachineState:
     updated_at: datetime
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     namespace: str
     name: str

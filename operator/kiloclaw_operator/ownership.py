@@ -16,9 +16,10 @@ Why the rule is deterministic and race-free:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .models import Instance, InstanceStatus, Phase
 
@@ -57,10 +58,41 @@ def _body_has_claim(body: Mapping[str, Any]) -> bool:
     return (status.get("phase") or Phase.PENDING.value) not in _UNCLAIMED_PHASES or _holds_ids(status)
 
 
-def _age_key(body: Mapping[str, Any]) -> tuple[str, str]:
-    meta = body.get("metadata") or {}
-    # RFC 3339 timestamps in UTC ("...Z") sort as strings; the uid breaks same-second ties.
-    return (str(meta.get("creationTimestamp") or ""), str(meta.get("uid") or ""))
+class Peer(NamedTuple):
+    """What ``claim_owner`` reads of one instance body: a tuple, not the body (the claim book keeps one per
+    instance; a fleet's worth of bodies, or even of dicts cut down to these fields, would cost ~1 KB each)."""
+
+    uid: str
+    namespace: str
+    name: str
+    #: (creationTimestamp, uid): RFC 3339 timestamps in UTC ("...Z") sort as strings; the uid breaks ties.
+    age: tuple[str, str]
+    claimed: bool
+    deleting: bool
+    resource_version: float
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> Peer:
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        try:
+            rv = int(meta.get("resourceVersion") or 0)
+        except (TypeError, ValueError):
+            rv = 0
+        return cls(
+            uid=uid,
+            namespace=sys.intern(str(meta.get("namespace", ""))),
+            name=str(meta.get("name", "")),
+            age=(str(meta.get("creationTimestamp") or ""), uid),
+            claimed=_body_has_claim(body),
+            deleting=bool(meta.get("deletionTimestamp")),
+            resource_version=rv,
+        )
+
+
+def _pair(body: Mapping[str, Any]) -> tuple[str, str]:
+    spec = body.get("spec") or {}
+    return (str(spec.get("flyApp")), str(spec.get("sandboxId")))
 
 
 def claim_owner(instance: Instance, peers: Iterable[Mapping[str, Any]]) -> Owner | None:
@@ -71,31 +103,27 @@ def claim_owner(instance: Instance, peers: Iterable[Mapping[str, Any]]) -> Owner
     instances without a claim, the oldest claimant first; without any claimant the oldest undeleted
     instance wins.
     """
-    spec = instance.spec
+    pair = (instance.spec.fly_app, instance.spec.sandbox_id)
+    return _owner_among(instance, (Peer.of(body) for body in peers if _pair(body) == pair))
+
+
+def _owner_among(instance: Instance, peers: Iterable[Peer]) -> Owner | None:
+    """``claim_owner`` over the peers that name ``instance``'s pair."""
     contenders: list[tuple[bool, tuple[str, str], Owner | None]] = []
     listed_self = False
-    for body in peers:
-        body_spec = body.get("spec") or {}
-        if body_spec.get("flyApp") != spec.fly_app or body_spec.get("sandboxId") != spec.sandbox_id:
-            continue
-        meta = body.get("metadata") or {}
-        is_self = meta.get("uid") == instance.ref.uid
+    for peer in peers:
+        is_self = peer.uid == instance.ref.uid
         listed_self = listed_self or is_self
         if is_self:
-            contenders.append((has_claim(instance.status), _age_key(body), None))
-        elif _body_has_claim(body) or not meta.get("deletionTimestamp"):
-            contenders.append((_body_has_claim(body), _age_key(body), _owner(body)))
+            contenders.append((has_claim(instance.status), peer.age, None))
+        elif peer.claimed or not peer.deleting:
+            contenders.append((peer.claimed, peer.age, Owner(namespace=peer.namespace, name=peer.name)))
     if not listed_self:
         stamp = instance.created_at.strftime("%Y-%m-%dT%H:%M:%SZ") if instance.created_at else ""
         contenders.append((has_claim(instance.status), (stamp, instance.ref.uid), None))
     # Claimants first (False sorts before True, hence the negation), then by age.
     _, _, winner = min(contenders, key=lambda c: (not c[0], c[1]))
     return winner
-
-
-def _owner(body: Mapping[str, Any]) -> Owner:
-    meta = body.get("metadata") or {}
-    return Owner(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")))
 
 
 class ClaimBook:
@@ -111,15 +139,15 @@ class ClaimBook:
     unclaimed contender whose watch event has not arrived yet; then "the oldest unclaimed instance wins" can
     pick the younger of two duplicates created within the same instant, and the other is refused: still one
     owner. A refusal is always confirmed by a fresh list (the owner in the book may have been deleted since).
-    Kept per instance: what ``claim_owner`` reads; the newest ``resourceVersion`` wins. Use ``owner`` only
-    under the claims lock.
+    Kept per instance: a ``Peer`` (what ``claim_owner`` reads); the newest ``resourceVersion`` wins. Use
+    ``owner`` only under the claims lock.
     """
 
     def __init__(self, list_instances: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
         self._list = list_instances
-        self._by_pair: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._by_pair: dict[tuple[str, str], dict[str, Peer]] = {}
         self._pair_of: dict[str, tuple[str, str]] = {}
-        self._reserved: dict[str, tuple[tuple[str, str], dict[str, Any]]] = {}
+        self._reserved: dict[str, tuple[tuple[str, str], Peer]] = {}
         self._listed = False
         self.lists = 0
 
@@ -128,11 +156,11 @@ class ClaimBook:
         if not self._listed:
             await self._refresh()
         self.seen(body)
-        owner = claim_owner(instance, self._peers(instance))
+        owner = _owner_among(instance, self._peers(instance))
         if owner is not None:
             await self._refresh()
             self.seen(body)
-            owner = claim_owner(instance, self._peers(instance))
+            owner = _owner_among(instance, self._peers(instance))
         return owner
 
     def reserve(self, body: Mapping[str, Any]) -> None:
@@ -140,13 +168,10 @@ class ClaimBook:
         be held across the write (at 10,000 instances, claims one write at a time were the bottleneck).
         ``settle`` ends the reservation once the write is confirmed or failed; the claimant makes no Fly call
         before its claim is confirmed."""
-        essence = _essence(body)
-        essence["rv"] = float("inf")
-        essence["status"]["phase"] = Phase.PROVISIONING.value
-        uid = str(essence["metadata"].get("uid") or "")
-        pair = (str(essence["spec"]["flyApp"]), str(essence["spec"]["sandboxId"]))
-        self._reserved[uid] = (pair, essence)
-        self._put(uid, pair, essence)
+        peer = Peer.of(body)._replace(claimed=True, resource_version=float("inf"))
+        pair = _pair(body)
+        self._reserved[peer.uid] = (pair, peer)
+        self._put(pair, peer)
 
     def settle(self, body: Mapping[str, Any]) -> None:
         """The claim write of a reserved claimant is over: keep what the API server stored (``body``)."""
@@ -163,33 +188,35 @@ class ClaimBook:
 
     def seen(self, body: Mapping[str, Any]) -> None:
         """An instance body from the watch, a list or a write; an older ``resourceVersion`` never wins."""
-        meta = body.get("metadata") or {}
-        spec = body.get("spec") or {}
-        uid = str(meta.get("uid") or "")
-        if not uid:
+        peer = Peer.of(body)
+        if not peer.uid:
             return
-        pair = (str(spec.get("flyApp")), str(spec.get("sandboxId")))
-        known = self._by_pair.get(pair, {}).get(uid)
-        essence = _essence(body)
-        if known is not None and known["rv"] > essence["rv"]:
+        pair = _pair(body)
+        known = self._by_pair.get(pair, {}).get(peer.uid)
+        if known is not None and known.resource_version > peer.resource_version:
             return
-        self._put(uid, pair, essence)
+        self._put(pair, peer)
 
-    def _put(self, uid: str, pair: tuple[str, str], essence: dict[str, Any]) -> None:
-        previous = self._pair_of.get(uid)
+    def _put(self, pair: tuple[str, str], peer: Peer) -> None:
+        previous = self._pair_of.get(peer.uid)
         if previous is not None and previous != pair:
-            self._by_pair.get(previous, {}).pop(uid, None)
-        self._pair_of[uid] = pair
-        self._by_pair.setdefault(pair, {})[uid] = essence
+            self._by_pair.get(previous, {}).pop(peer.uid, None)
+            if not self._by_pair.get(previous, True):
+                del self._by_pair[previous]
+        self._pair_of[peer.uid] = pair
+        self._by_pair.setdefault(pair, {})[peer.uid] = peer
 
     def forget(self, body: Mapping[str, Any]) -> None:
         """The instance is gone from the API server."""
         uid = str((body.get("metadata") or {}).get("uid") or "")
         pair = self._pair_of.pop(uid, None)
         if pair is not None:
-            self._by_pair.get(pair, {}).pop(uid, None)
+            peers = self._by_pair.get(pair, {})
+            peers.pop(uid, None)
+            if not peers:
+                self._by_pair.pop(pair, None)
 
-    def _peers(self, instance: Instance) -> Iterable[Mapping[str, Any]]:
+    def _peers(self, instance: Instance) -> Iterable[Peer]:
         return self._by_pair.get((instance.spec.fly_app, instance.spec.sandbox_id), {}).values()
 
     async def _refresh(self) -> None:
@@ -200,36 +227,8 @@ class ClaimBook:
         self._pair_of = {}
         for body in bodies:
             self.seen(body)
-        for uid, (pair, essence) in self._reserved.items():
-            self._put(uid, pair, essence)
-
-
-def _essence(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``claim_owner`` reads of a body (a fleet's worth of whole bodies would double the memory)."""
-    meta = body.get("metadata") or {}
-    spec = body.get("spec") or {}
-    status = body.get("status") or {}
-    pending = status.get("pendingCleanup") or {}
-    try:
-        rv = int(meta.get("resourceVersion") or 0)
-    except (TypeError, ValueError):
-        rv = 0
-    return {
-        "rv": rv,
-        "metadata": {
-            key: meta[key]
-            for key in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp")
-            if key in meta
-        },
-        "spec": {"flyApp": spec.get("flyApp"), "sandboxId": spec.get("sandboxId")},
-        "status": {
-            "phase": status.get("phase"),
-            "volumeId": status.get("volumeId"),
-            "machineId": status.get("machineId"),
-            "recovery": bool(status.get("recovery")),
-            "pendingCleanup": {"volumeId": pending.get("volumeId"), "machineId": pending.get("machineId")},
-        },
-    }
+        for pair, peer in self._reserved.values():
+            self._put(pair, peer)
 
 
 def duplicate_message(instance: Instance, owner: Owner) -> str:

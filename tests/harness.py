@@ -59,6 +59,8 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "wait_call_seconds": 1,
         "metrics_port": 0,
         "health_port": 0,
+        # Small, so that the end-to-end tests provision through the bound with others waiting at it.
+        "provisioning_concurrency": 2,
         # Where deploy/ grants the Lease (the operator runs as its ServiceAccount against a real cluster).
         "lease_namespace": "kiloclaw-system",
     }

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     fly_max_concurrent_creates: int = Field(
         default=32, ge=1, validation_alias=AliasChoices("KILOCLAW_FLY_MAX_CONCURRENT_CREATES")
     )
+    # Passes that provision (an instance in Pending or Provisioning) at once; the others wait before they read
+    # their instance, holding nothing (at 10,000 new instances, thousands of passes queued at the clients'
+    # limits, each with its models and requests, made most of the operator's peak memory).
+    provisioning_concurrency: int = Field(
+        default=128, ge=1, validation_alias=AliasChoices("KILOCLAW_PROVISIONING_CONCURRENCY")
+    )
     namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=AliasChoices("KILOCLAW_NAMESPACES")
     )

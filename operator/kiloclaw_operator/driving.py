@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -65,9 +65,12 @@ class Context:
     # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
     claims: asyncio.Lock = field(default_factory=asyncio.Lock)
     claim_book: ownership.ClaimBook = field(init=False)
+    # Passes that provision at once (see ObjectDriver.admission).
+    provisioning: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.claim_book = ownership.ClaimBook(self.kube.list_instances)
+        self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -114,10 +117,13 @@ class ObjectDriver(ABC, Generic[M]):
     namespace: str
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     latest: dict[str, Any] | None = None
     ctx: Context = field(kw_only=True)
+    # Wake-ups and the stop request are two flags and, only while the loop sleeps, one future: an idle
+    # driver holds no event (an asyncio.Event keeps a deque of waiters, ~0.7 KB; thousands of drivers idle).
+    _woken: bool = field(default=False, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _sleeper: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     #: The kind's logger, and how its objects are named in messages.
     logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
@@ -150,27 +156,46 @@ class ObjectDriver(ABC, Generic[M]):
         """One pass over ``obj`` (under the lock); returns seconds until the next pass."""
         ...
 
+    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
+        """The process-wide bound a pass over ``body`` waits for before it starts, if any (taken before the
+        lock and before the body is read into a model, so a waiting pass holds neither)."""
+        return None
+
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         """What in a body asks the driver for a pass; other changes (echoes of our own status writes, kopf's
         bookkeeping patches) wake nobody, since each wasted pass costs a Fly call."""
         meta = body.get("metadata", {})
         return (meta.get("generation"), bool(meta.get("deletionTimestamp")))
 
-    def offer(self, body: dict[str, Any]) -> bool:
+    def offer(self, body: dict[str, Any], *, own_write: bool = False) -> bool:
         """Keep whichever is newer, a watch event's body or our own last write's response; return whether
-        the body asks for work."""
+        the body asks for work.
+
+        At an equal ``resourceVersion`` (the same object as stored) the watch's body wins: it shares its parts
+        with kopf's copy of the body, so the driver then holds no second copy of it (``own_write``: the
+        response of our own write, a copy of its own, which replaces only an older body).
+        """
         previous = self.latest
-        if previous is not None and resource_version(body) <= resource_version(previous):
-            return False
+        if previous is not None:
+            newer, kept = resource_version(body), resource_version(previous)
+            if newer < kept or (own_write and newer == kept):
+                return False
         self.latest = body
         return previous is None or self.work_signature(previous) != self.work_signature(body)
 
     def wake(self) -> None:
-        self.wakeup.set()
+        self._woken = True
+        sleeper = self._sleeper
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
 
     def stop(self) -> None:
-        self.stop_requested.set()
-        self.wakeup.set()
+        self._stopping = True
+        self.wake()
+
+    def stopping(self) -> bool:
+        """Whether the driver was asked to stop (its loop ends after the current pass)."""
+        return self._stopping
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -196,21 +221,58 @@ class ObjectDriver(ABC, Generic[M]):
             set_fly_log_context(**self.log_fields(obj))
             return await self.reconcile(obj)
 
-    async def run(self) -> None:
-        """Reconcile until asked to stop; between passes sleep the returned delay or until woken."""
-        while not self.stop_requested.is_set():
+    async def run(self, stopped: Callable[[], bool] = lambda: False) -> None:
+        """Reconcile until asked to stop; between passes sleep the returned delay or until woken.
+
+        ``stopped`` tells whether the daemon running the loop was told to stop (kopf's flag). kopf cancels a
+        daemon that does not end by itself within a few loop cycles of that flag; a cancellation that finds
+        the loop asleep with the flag set is that stop, and ends the loop cleanly (no pass is interrupted,
+        and no helper task per driver waits on the flag). One in a pass still cancels the pass.
+        """
+        while not self._stopping and not stopped():
             # Cleared before the pass, not after: a change that arrives during a pass wakes the next one.
-            self.wakeup.clear()
-            delay = await self.reconcile_once()
-            if self.stop_requested.is_set():
+            self._woken = False
+            gate = self.admission(self.latest) if self.latest is not None else None
+            if gate is not None:
+                if not await self._idle(gate.acquire(), stopped):
+                    return
+                try:
+                    delay = await self.reconcile_once()
+                finally:
+                    gate.release()
+            else:
+                delay = await self.reconcile_once()
+            if self._stopping or stopped():
                 return
-            await self._sleep(delay)
+            if not await self._idle(self._sleep(delay), stopped):
+                return
+
+    async def _idle(self, waiting: Awaitable[Any], stopped: Callable[[], bool]) -> bool:
+        """Wait outside a pass; False when kopf's stop cancelled the wait (the loop then ends cleanly)."""
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if not stopped():
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self._stopping = True
+            return False
+        return True
 
     async def _sleep(self, delay: float) -> None:
-        # One event for wake-ups and stop requests, and no helper tasks: thousands of drivers sleep at once.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self.wakeup.wait()
+        # One future for wake-ups and stop requests while asleep, and no helper tasks: thousands of drivers
+        # sleep at once.
+        if self._woken or self._stopping:
+            return
+        self._sleeper = asyncio.get_running_loop().create_future()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._sleeper
+        finally:
+            self._sleeper = None
 
     async def write(self, obj: M, status: WireModel, why: str) -> M:
         """The one durable status write: a merge patch from ``obj``'s stored status to ``status``; returns
@@ -225,7 +287,7 @@ class ObjectDriver(ABC, Generic[M]):
         if not patch:
             return obj
         body = await self.patch_status(obj.ref, patch)
-        self.offer(body)
+        self.offer(body, own_write=True)
         self.logger.debug("status committed: %s", why, extra=self.log_fields(obj))
         return self.read(body)
 

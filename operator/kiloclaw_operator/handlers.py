@@ -173,16 +173,9 @@ def _object_changed(registry: DriverRegistry[Any], body: kopf.Body, event_type: 
 
 async def _drive(driver: ObjectDriver, stopped: kopf.DaemonStopped, body: kopf.Body) -> None:
     driver.offer(dict(body))
-    stop_watch = asyncio.create_task(_stop_when(stopped, driver.stop))
-    try:
-        await driver.run()
-    finally:
-        stop_watch.cancel()
-
-
-async def _stop_when(stopped: kopf.DaemonStopped, stop: Any) -> None:
-    await stopped.wait()
-    stop()
+    # kopf's stop reaches the driver through its flag and the cancellation that follows it (driving.py): no
+    # task per daemon waits on the flag.
+    await driver.run(stopped.is_set)
 
 
 async def _finalize(driver: InstanceDriver | RetainedVolumeDriver, body: kopf.Body) -> None:

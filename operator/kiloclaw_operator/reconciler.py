@@ -7,6 +7,7 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ def _failed_read(exc: FlyError) -> Observation:
     return Observation.unknown(str(exc))
 
 
+#: Phases whose passes provision (the claim, the volume, the machine): bounded process-wide.
+_PROVISIONING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value})
+
+
 @dataclass
 class InstanceDriver(ObjectDriver[Instance]):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
@@ -104,6 +109,14 @@ class InstanceDriver(ObjectDriver[Instance]):
     failures: int = 0
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
+
+    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
+        """Passes that provision take a place among ``provisioning_concurrency``; no other pass waits."""
+        meta = body.get("metadata") or {}
+        phase = (body.get("status") or {}).get("phase") or Phase.PENDING.value
+        if phase in _PROVISIONING_PHASES and not meta.get("deletionTimestamp"):
+            return self.ctx.provisioning
+        return None
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         annotations = body.get("metadata", {}).get("annotations") or {}
@@ -142,7 +155,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             fly=self.ctx.fly,
             kube=self.ctx.kube,
             clock=self.ctx.clock,
-            stopping=self.stop_requested.is_set,
+            stopping=self.stopping,
             between_steps=self.announce_deferral,
             driven=self.recoveries_driven,
         )

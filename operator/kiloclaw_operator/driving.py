@@ -11,7 +11,6 @@ the durable status write (``write``), the log fields, and the pass skeleton; a k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -110,6 +109,11 @@ class KindModel(Protocol):
 
 
 M = TypeVar("M", bound=KindModel)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
@@ -244,35 +248,43 @@ class ObjectDriver(ABC, Generic[M]):
                 delay = await self.reconcile_once()
             if self._stopping or stopped():
                 return
-            if not await self._idle(self._sleep(delay), stopped):
+            # Asleep between passes (inline, not in a coroutine of its own: thousands of drivers sleep at
+            # once, each frame counts): one future for wake-ups and stop requests, one timer, no helper task.
+            if self._woken:
+                continue
+            loop = asyncio.get_running_loop()
+            sleeper = self._sleeper = loop.create_future()
+            timer = loop.call_later(delay, _resolve, sleeper)
+            try:
+                await sleeper
+            except asyncio.CancelledError:
+                if not self._stopped_by_kopf(stopped):
+                    raise
                 return
+            finally:
+                timer.cancel()
+                self._sleeper = None
 
     async def _idle(self, waiting: Awaitable[Any], stopped: Callable[[], bool]) -> bool:
         """Wait outside a pass; False when kopf's stop cancelled the wait (the loop then ends cleanly)."""
         try:
             await waiting
         except asyncio.CancelledError:
-            if not stopped():
+            if not self._stopped_by_kopf(stopped):
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            self._stopping = True
             return False
         return True
 
-    async def _sleep(self, delay: float) -> None:
-        # One future for wake-ups and stop requests while asleep, and no helper tasks: thousands of drivers
-        # sleep at once.
-        if self._woken or self._stopping:
-            return
-        self._sleeper = asyncio.get_running_loop().create_future()
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._sleeper
-        finally:
-            self._sleeper = None
+    def _stopped_by_kopf(self, stopped: Callable[[], bool]) -> bool:
+        """Whether a cancellation of a wait outside a pass is kopf's stop (its flag is set): then it is taken
+        back and the driver stops."""
+        if not stopped():
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self._stopping = True
+        return True
 
     async def write(self, obj: M, status: WireModel, why: str) -> M:
         """The one durable status write: a merge patch from ``obj``'s stored status to ``status``; returns

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import Stack, eventually, status
+import processes
+from flysim import FlySimulator
+from harness import Stack, condition, eventually, sandbox_id, status
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from test_lifecycle_e2e import History, caught_up, watched
+from test_recovery_e2e import FlyTap
 
 pytestmark = pytest.mark.xdist_group("feed")
 
@@ -234,3 +241,172 @@ async def test_a_starting_instance_the_feed_has_no_news_for_reads_its_machine_af
     finally:
         stack.fly.state.timings = timings
         await stack.restart_operator(**FEED)
+
+
+# --- the settle window after a machine create (one write for the machine id and Running) -----------------
+
+
+async def operator_writes(stack: Stack, history: History, body: dict[str, Any]) -> int:
+    """Kubernetes writes the operator made to reach ``body`` (the instance as the test last read it): every
+    version the API server stored after the test's own create, plus the Events posted in the namespace. A
+    refused attempt stores nothing and is not counted (kopf's finalizer patch carries a resourceVersion test
+    and is refused, then repeated, when the operator's first status write lands before it)."""
+    await caught_up(history, body)
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    versions = {b["metadata"]["resourceVersion"] for b in history.of(name)}
+    return len(versions) - 1 + len(await stack.events(namespace))
+
+
+@contextmanager
+def machine_start_hangs(fly: FlySimulator, sandbox: str) -> Iterator[list[str]]:
+    """Machines created for ``sandbox`` hang in ``starting`` until ``repair_machine_start`` (yields their
+    ids); broken inside the create call, so no start slips through first."""
+    state = fly.state
+    original = state.create_machine
+    created: list[str] = []
+
+    def create(app_name: str, body: dict[str, Any]) -> Any:
+        machine = original(app_name, body)
+        if ((body.get("config") or {}).get("metadata") or {}).get("kiloclaw_sandbox_id") == sandbox:
+            state.break_machine_start(machine.id, "hang")
+            created.append(machine.id)
+        return machine
+
+    state.create_machine = create  # type: ignore[method-assign]
+    try:
+        yield created
+    finally:
+        del state.create_machine
+
+
+async def in_settle_window(stack: Stack, namespace: str, name: str, created: list[str]) -> str:
+    """Wait until Fly has the instance's machine while its status does not name it yet (the driver holds its
+    id in memory); returns the machine id."""
+
+    async def check() -> str | None:
+        body = stack.get_object_now(INSTANCE_PLURAL, namespace, name)
+        if not created or body is None:
+            return None
+        st = status(body)
+        assert "machineId" not in st, "the settle window ended before the test could act in it"
+        return created[0] if st.get("volumeId") and st.get("phase") == "Provisioning" else None
+
+    return await eventually(check, timeout=10, what="machine created, id not yet written")
+
+
+async def test_with_the_feed_a_new_instance_reaches_running_in_four_kubernetes_writes(
+    stack: Stack, namespace: str
+) -> None:
+    async with watched(stack, namespace) as history:
+        await stack.create_instance(namespace, "w")
+        body = await stack.wait_phase(namespace, "w", "Running")
+        # kopf's finalizer, the claim, the volume id, and the machine id together with Running: the feed
+        # reported the new machine started within the settle window, so no write says Starting.
+        assert await operator_writes(stack, history, body) == 4
+    assert history.phases("w") == ["Provisioning", "Running"]
+    assert status(body)["flyState"] == "started"
+    assert condition(body, "Ready")["status"] == "True"
+    assert machine_reads(stack, status(body)["machineId"]) == 0
+
+
+async def test_with_the_feed_silent_past_the_settle_window_the_machine_id_is_written_with_starting_first(
+    stack: Stack, namespace: str
+) -> None:
+    with machine_start_hangs(stack.fly, sandbox_id(namespace, "x")) as created:
+        async with watched(stack, namespace) as history:
+            await stack.create_instance(namespace, "x")
+            starting = await stack.wait_phase(namespace, "x", "Starting", timeout=20)
+            # The machine is still starting (the feed said nothing that settles it): its id went out alone.
+            assert status(starting)["machineId"] == created[0]
+            stack.fly.repair_machine_start(created[0])
+            body = await stack.wait_phase(namespace, "x", "Running")
+            assert await operator_writes(stack, history, body) == 5
+    assert history.phases("x") == ["Provisioning", "Starting", "Running"]
+    assert status(body)["machineId"] == created[0]
+    # Completed from the feed, as every Starting is.
+    assert machine_reads(stack, created[0]) == 0
+
+
+async def test_with_the_feed_an_instance_deleted_in_the_settle_window_destroys_its_unrecorded_machine(
+    stack: Stack, namespace: str
+) -> None:
+    # A window far longer than the test: only the deletion can end it.
+    await stack.restart_operator(**{**FEED, "start_settle_seconds": 60.0})
+    try:
+        with machine_start_hangs(stack.fly, sandbox_id(namespace, "y")) as created, FlyTap(stack) as tap:
+            await stack.create_instance(namespace, "y")
+            machine_id = await in_settle_window(stack, namespace, "y", created)
+            at_destroy: list[dict[str, Any]] = []
+            tap.on(
+                "DELETE",
+                f"/v1/apps/{APP}/machines/{machine_id}",
+                lambda: at_destroy.append(
+                    status(stack.get_object_now(INSTANCE_PLURAL, namespace, "y") or {})
+                ),
+            )
+            await stack.delete_instance(namespace, "y")
+            await stack.wait_gone(namespace, "y", timeout=30)
+    finally:
+        await stack.restart_operator(**FEED)
+    # The window ended at once and wrote the machine's id, so the destroy was of a machine in the status.
+    assert at_destroy and at_destroy[0]["machineId"] == machine_id
+    assert at_destroy[0]["phase"] == "Destroying"
+    assert stack.live_machines(APP, sandbox_id=sandbox_id(namespace, "y")) == []
+    assert not [v for v in stack.live_volumes(APP) if v["id"] == at_destroy[0]["volumeId"]]
+
+
+async def test_an_operator_sigkilled_in_the_settle_window_adopts_the_machine_it_created_and_leaves_no_orphan(
+    tmp_path: Path,
+) -> None:
+    # A real SIGKILL (an operator process): a graceful stop or a cancelled task ends the window with the
+    # machine's id written, and only a kill leaves the machine unrecorded.
+    namespace, name, sandbox = "settle-crash", "k", "ki_settle_crash"
+    with processes.simulators(namespace) as (kube, fly), machine_start_hangs(fly, sandbox) as created:
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+        env = processes.operator_env(
+            kubeconfig,
+            fly.base_url,
+            FLY_ORG_SLUG=ORG,
+            KILOCLAW_FEED_INTERVAL_SECONDS="0.2",
+            KILOCLAW_FEED_BUSY_FALLBACK_SECONDS="60",
+            KILOCLAW_LEADER_ELECTION="false",
+        )
+
+        def stored() -> dict[str, Any]:
+            return status(kube.get_object(GROUP, VERSION, INSTANCE_PLURAL, namespace, name) or {})
+
+        first = processes.start_operator(
+            {**env, "KILOCLAW_START_SETTLE_SECONDS": "60"}, tmp_path / "first.log"
+        )
+        try:
+            processes.create_instance(kube, namespace, name, APP, sandbox=sandbox)
+
+            async def in_window() -> str | None:
+                assert first.poll() is None, "the operator exited"
+                st = stored()
+                assert "machineId" not in st, "the settle window ended before the kill"
+                return created[0] if created and st.get("volumeId") else None
+
+            machine_id = await eventually(in_window, timeout=30, what="machine created, id not written")
+        finally:
+            first.kill()
+            first.wait()
+        killed_at = stored()
+        assert killed_at["phase"] == "Provisioning" and "machineId" not in killed_at
+        # The machine starts while no operator runs; the next one must find it, not create another.
+        fly.repair_machine_start(machine_id)
+        second = processes.start_operator(env, tmp_path / "second.log")
+        try:
+
+            async def running_again() -> dict[str, Any] | None:
+                assert second.poll() is None, "the operator exited"
+                st = stored()
+                return st if st.get("phase") == "Running" else None
+
+            done = await eventually(running_again, timeout=30, what="Running after the restart")
+        finally:
+            processes.stop(second)
+        assert created == [machine_id], "the restarted operator created another machine"
+        assert done["machineId"] == machine_id
+        live = [m["id"] for m in fly.machines(APP) if m["state"] not in ("destroyed", "destroying")]
+        assert live == [machine_id]

@@ -22,7 +22,9 @@ from kiloclaw_operator.lifecycle import (
     desired_machine_config,
     is_held,
     ordered_regions,
+    phase_after_create,
     poll_interval,
+    start_settled,
 )
 from kiloclaw_operator.models import (
     RETRY_ANNOTATION,
@@ -608,6 +610,28 @@ def test_regions_come_from_the_spec_else_from_the_operator_default() -> None:
     settings = Settings(default_regions=["ams", "fra"])
     assert ordered_regions(spec(regions=["ord", "iad"]), settings) == ["ord", "iad"]
     assert ordered_regions(spec(), settings) == ["ams", "fra"]
+
+
+# --- after a machine create (the settle window) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "settled", "phase"),
+    [
+        (None, False, Phase.STARTING),
+        ("created", False, Phase.STARTING),
+        ("starting", False, Phase.STARTING),
+        ("started", True, Phase.RUNNING),
+        ("stopped", True, Phase.STARTING),
+        ("failed", True, Phase.STARTING),
+        ("destroyed", True, Phase.STARTING),
+    ],
+)
+def test_only_a_reported_start_records_a_new_machine_as_running_and_any_other_settled_state_ends_the_wait(
+    state: str | None, settled: bool, phase: Phase
+) -> None:
+    assert start_settled(state) is settled
+    assert phase_after_create(state) is phase
 
 
 # --- volume name ------------------------------------------------------------------------------------------

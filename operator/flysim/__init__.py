@@ -107,7 +107,8 @@ Fault injection — Python API (thread-safe) and control routes (no auth unless 
   DELETE /_sim/latency.
 - `crash_machine(id, *, exit_code=1, oom=False)` POST /_sim/machines/{id}/crash → `stopped` (exit event).
 - `break_machine_start(id, mode="hang"|"fail")` POST /_sim/machines/{id}/break_start `{"mode"}`: starts hang
-  in `starting` or end `failed`; `repair_machine_start(id)` POST /_sim/machines/{id}/repair_start.
+  in `starting` or end `failed`; `repair_machine_start(id)` POST /_sim/machines/{id}/repair_start (a start
+  hanging in `starting` then completes).
 - `create_volume(app, name, region, size_gb=10)` POST /_sim/volumes `{"app","name","region","size_gb"}`;
   `add_snapshot(volume_id)` POST /_sim/volumes/{id}/snapshots; `known_apps` PUT /_sim/known_apps
   `{"apps": [...] | null}`.

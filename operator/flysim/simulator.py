@@ -391,6 +391,7 @@ class FlySimulator:
         self.state.break_machine_start(machine_id, mode)
 
     def repair_machine_start(self, machine_id: str) -> None:
+        """Starts work again; a start hanging in `starting` completes (after the start delay)."""
         self.state.repair_machine_start(machine_id)
 
     # --- Python API: introspection ------------------------------------------------------------------

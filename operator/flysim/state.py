@@ -980,8 +980,13 @@ class FlyState:
                     machine.op += 1  # cancels the pending `started`
 
     def repair_machine_start(self, machine_id: str) -> None:
+        """Starts work again; a start hanging in `starting` completes (after the start delay)."""
         with self.lock:
-            self.find_machine(machine_id).start_break = None
+            machine = self.find_machine(machine_id)
+            hung = machine.start_break == "hang" and machine.state == "starting"
+            machine.start_break = None
+            if hung:
+                self._later(self.timings.start_delay, machine, self._finish_start)
 
     # --- introspection ------------------------------------------------------------------------------
 

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
         default=16, ge=1, validation_alias=AliasChoices("KILOCLAW_FEED_FALLBACK_CONCURRENCY")
     )
     audit_seconds: float = Field(default=1800, gt=0, validation_alias=AliasChoices("KILOCLAW_AUDIT_SECONDS"))
+    # After a machine create, how long the driver waits (no Fly call) for the feed to report it started, so
+    # that its id and Running go into one status write (0: never wait; polling mode never waits).
+    start_settle_seconds: float = Field(
+        default=5, ge=0, le=60, validation_alias=AliasChoices("KILOCLAW_START_SETTLE_SECONDS")
+    )
     # Client-side pacing under Fly's rate limits (per machine and action; creates in flight).
     fly_action_rate: float = Field(
         default=0.9, gt=0, validation_alias=AliasChoices("KILOCLAW_FLY_ACTION_RATE")

@@ -93,6 +93,8 @@ class FeedObserver:
         self._consumed: dict[str, datetime] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._machine_of: dict[tuple[str, str], str] = {}
+        #: Machines a driver just created and has not recorded yet, and how to tell it of their news.
+        self._expected: dict[str, Callable[[], None]] = {}
         self._wake: Callable[[str, str], None] = lambda namespace, name: None
         self._start_early: Callable[[list[dict[str, Any]]], None] = lambda bodies: None
         #: The instances listed at start, until the first sweep has told which machines changed meanwhile.
@@ -131,6 +133,23 @@ class FeedObserver:
 
     def known(self, machine_id: str) -> MachineState | None:
         return self._latest.get(machine_id)
+
+    # --- a machine not recorded yet (reconciler: the settle window after a create) ---------------------
+
+    def expect(self, machine_id: str, notify: Callable[[], None]) -> None:
+        """Tell ``notify`` of news about ``machine_id``, which no ``status.machineId`` names yet (its driver
+        holds it in memory between the create and the status write). In memory only; ``unexpect`` ends it."""
+        self._expected[machine_id] = notify
+
+    def unexpect(self, machine_id: str) -> None:
+        self._expected.pop(machine_id, None)
+
+    def acted_on(self, machine_id: str, change: MachineState) -> None:
+        """The driver recorded ``change`` itself (with the machine's id): it is no news to its next pass. A
+        newer change that arrived meanwhile still is."""
+        consumed = self._consumed.get(machine_id)
+        if consumed is None or consumed < change.updated_at:
+            self._consumed[machine_id] = change.updated_at
 
     # --- the Observer seam -----------------------------------------------------------------------------
 
@@ -391,6 +410,9 @@ class FeedObserver:
         if not self._remember(machine.id, change):
             return
         self.changes += 1
+        expected = self._expected.get(machine.id)
+        if expected is not None:
+            expected()
         tracked = self._tracked.get(machine.id)
         if tracked is not None and tracked.phase not in SELF_DRIVEN_PHASES:
             self._wake(tracked.namespace, tracked.name)

@@ -255,6 +255,24 @@ def _converge(instance: Instance, observation: Observation) -> Decision:
     return Decision(Action.ACKNOWLEDGE, Phase.STOPPED, clear_machine=observation.kind is ObservationKind.GONE)
 
 
+#: The states a just-created machine passes through on its way to ``started``: the settle window goes on.
+_ON_THE_WAY_TO_STARTED = frozenset({fly.CREATED, fly.STARTING})
+
+
+def start_settled(state: str | None) -> bool:
+    """Whether a just-created machine's reported state ends the settle window after its create: ``started``,
+    or any state it does not pass through on its way there (stopped, failed, destroyed, ...)."""
+    return state is not None and state not in _ON_THE_WAY_TO_STARTED
+
+
+def phase_after_create(state: str | None) -> Phase:
+    """The phase recorded with a new machine's id. ``Running`` only when Fly (the organisation feed) already
+    reported it ``started``: nothing is left to wait for, so the id and ``Running`` go into one write.
+    Otherwise ``Starting`` with what is known, and the wait goes on as in every other ``Starting``
+    (``decide`` settles stopped, failed or destroyed from there)."""
+    return Phase.RUNNING if state == fly.STARTED else Phase.STARTING
+
+
 def is_busy(phase: Phase) -> bool:
     return phase in BUSY_PHASES
 

@@ -8,6 +8,7 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 from . import conditions, lifecycle, ownership, recovery
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
+from .feed import FeedObserver, MachineState
 from .fly import Capacity, Fatal, FlyClient, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
@@ -109,6 +111,8 @@ class InstanceDriver(ObjectDriver[Instance]):
     failures: int = 0
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
+    # Set while the driver waits for news of a machine it just created (the settle window), else None.
+    _start_news: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
         """Passes that provision take a place among ``provisioning_concurrency``; no other pass waits."""
@@ -133,6 +137,12 @@ class InstanceDriver(ObjectDriver[Instance]):
 
     def recheck_delay(self) -> float:
         return self.ctx.settings.recheck_seconds
+
+    def stop(self) -> None:
+        super().stop()
+        if self._start_news is not None:
+            # Deletion or shutdown ends a settle window at once: the machine's id is written first.
+            self._start_news.set()
 
     async def commit(
         self, instance: Instance, status: InstanceStatus, why: str, *, deferred: bool = False
@@ -523,19 +533,61 @@ class InstanceDriver(ObjectDriver[Instance]):
                 region=instance.status.region or lifecycle.ordered_regions(spec, self.ctx.settings)[0],
                 config=lifecycle.desired_machine_config(spec, volume_id),
             )
-        return await self.commit(
+        # No Fly call for this instance until the id is written; the feed's listing is not one.
+        news = await self._settle_window(machine.id)
+        phase = lifecycle.phase_after_create(news.state if news is not None else None)
+        update: dict[str, Any] = {
+            "machine_id": machine.id,
+            "region": machine.region or instance.status.region,
+            "phase": phase,
+            "fly_state": machine.state,
+            "observed_at": self.ctx.clock(),
+        }
+        if phase is not Phase.RUNNING:
+            return await self.commit(
+                instance,
+                instance.status.model_copy(update=update),
+                "machine created: record its id before waiting for it",
+            )
+        assert news is not None and isinstance(self.ctx.observer, FeedObserver)
+        update["fly_state"] = news.state
+        instance = await self.commit(
             instance,
-            instance.status.model_copy(
-                update={
-                    "machine_id": machine.id,
-                    "region": machine.region or instance.status.region,
-                    "phase": Phase.STARTING,
-                    "fly_state": machine.state,
-                    "observed_at": self.ctx.clock(),
-                }
-            ),
-            "machine created: record its id before waiting for it",
+            instance.status.model_copy(update=update),
+            "machine created and started: record its id and Running in one write",
         )
+        self.ctx.observer.acted_on(machine.id, news)
+        return instance
+
+    async def _settle_window(self, machine_id: str) -> MachineState | None:
+        """In feed mode, wait up to ``start_settle_seconds`` for the organisation feed to report the machine
+        just created settled (started, or anything but on its way there), so that its id and ``Running`` go
+        into one status write instead of two. Returns what the feed knows of it by then (None: nothing).
+
+        No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
+        one; a crash in the window leaves what a crash between the create and its write leaves (the machine
+        is adopted by its metadata and mount). Deletion and shutdown end the window at once (``stop``).
+        Polling mode never waits: its next step is a Fly call (``/wait``), so the id must be written first.
+        """
+        feed = self.ctx.observer
+        seconds = self.ctx.settings.start_settle_seconds
+        if not isinstance(feed, FeedObserver) or seconds <= 0 or not feed.healthy:
+            return None
+        news = self._start_news = asyncio.Event()
+        feed.expect(machine_id, news.set)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    while not self.stopping():
+                        known = feed.known(machine_id)
+                        if known is not None and lifecycle.start_settled(known.state):
+                            break
+                        news.clear()
+                        await news.wait()
+        finally:
+            feed.unexpect(machine_id)
+            self._start_news = None
+        return feed.known(machine_id)
 
     async def _adoptable_machine(self, instance: Instance) -> Machine | None:
         volume_id = instance.status.volume_id

@@ -15,6 +15,10 @@ operator was down is lost. A page that fails (5xx, 429) is retried; a cursor tha
 sweep from its window; a page may hold fewer machines than asked (the limit is advisory) and paging goes on
 until Fly gives no cursor.
 
+A driver that has just created a machine (its id not in any status yet) registers it with ``expect`` for the
+short settle window after the create: the feed tells it of the machine's news, so that its id and ``Running``
+can go into one status write (reconciler.py).
+
 Where the feed cannot speak, the driver still reads the machine itself: a spec change to act on (the feed has
 no config), a busy phase with no news newer than what the driver last saw (a slow fallback, since the feed
 wakes it), a machine the feed has never covered, a feed that has failed for a while (then plain polling), and

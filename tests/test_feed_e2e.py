@@ -39,6 +39,8 @@ FEED = {
     # Longer than any test: what completes, completed from the feed.
     "feed_busy_fallback_seconds": 60.0,
     "audit_seconds": 3600.0,
+    # After a machine create, how long the feed has to report it started (the operator default is 10 s).
+    "start_settle_seconds": 5.0,
 }
 
 

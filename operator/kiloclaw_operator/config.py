@@ -144,9 +144,10 @@ class Settings(BaseSettings):
     )
     audit_seconds: float = Field(default=1800, gt=0, validation_alias=AliasChoices("KILOCLAW_AUDIT_SECONDS"))
     # After a machine create, how long the driver waits (no Fly call) for the feed to report it started, so
-    # that its id and Running go into one status write (0: never wait; polling mode never waits).
+    # that its id and Running go into one status write (0: never wait; polling mode never waits). Generous:
+    # Running comes from the same news either way, and a burst of creates delays the feed by seconds.
     start_settle_seconds: float = Field(
-        default=5, ge=0, le=60, validation_alias=AliasChoices("KILOCLAW_START_SETTLE_SECONDS")
+        default=10, ge=0, le=60, validation_alias=AliasChoices("KILOCLAW_START_SETTLE_SECONDS")
     )
     # Client-side pacing under Fly's rate limits (per machine and action; creates in flight).
     fly_action_rate: float = Field(

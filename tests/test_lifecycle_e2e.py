@@ -18,7 +18,14 @@ import pytest
 from harness import FLY_TOKEN, Stack, condition, eventually, status
 from kiloclaw_operator.conditions import is_ready
 from kiloclaw_operator.fly import volume_name
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, UNSETTLED_PHASES, DesiredState, Phase
+from kiloclaw_operator.models import (
+    FINALIZER,
+    GROUP,
+    INSTANCE_PLURAL,
+    UNSETTLED_PHASES,
+    DesiredState,
+    Phase,
+)
 
 BUSY = {phase.value for phase in UNSETTLED_PHASES}
 NEW_IMAGE = "registry.fly.io/kiloclaw:2026.12.0"
@@ -194,6 +201,20 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
     assert volumes[0]["region"] == "iad" and volumes[0]["size_gb"] == 10
     assert history.phases("alice")[-3:] == ["Provisioning", "Starting", "Running"]
     history.assert_consistent("alice")
+
+
+async def test_an_instance_is_claimed_only_once_the_finalizer_guards_its_deletion(
+    stack: Stack, namespace: str
+) -> None:
+    # Claimed before kopf added its finalizer, a deletion right then would skip the cleanup of what Fly
+    # creates next (and kopf's finalizer patch, which tests the resourceVersion, was refused and resent).
+    async with watched(stack, namespace) as history:
+        await stack.create_instance(namespace, "fin", flyApp=own_app(namespace))
+        done = await running(stack, namespace, "fin")
+        await caught_up(history, done)
+    with_status = [b for b in history.of("fin") if status(b)]
+    assert with_status
+    assert all(FINALIZER in b["metadata"].get("finalizers", []) for b in with_status)
 
 
 async def test_printer_columns_show_the_live_values(stack: Stack, namespace: str) -> None:

@@ -27,7 +27,7 @@ from .kube import (
 )
 from .kubeconfig import KubeconfigError
 from .metrics import OBJECTS
-from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from .models import FINALIZER, GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import InstanceDriver, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
 
@@ -115,7 +115,7 @@ def _runtime(memo: Any) -> Runtime:
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings: Settings = memo.get("settings") or load_settings()
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
     # CRD scanning stays on (it needs list/watch on CRDs): an operator that starts before its CRDs are

@@ -22,6 +22,8 @@ INSTANCE_KIND = "KiloClawInstance"
 RETAINED_KIND = "KiloClawRetainedVolume"
 INSTANCE_LABEL = f"{GROUP}/instance"
 RETRY_ANNOTATION = f"{GROUP}/retry"
+#: kopf's finalizer on both kinds (handlers.py configures it): deletion waits for the operator's cleanup.
+FINALIZER = f"{GROUP}/finalizer"
 
 
 class WireModel(BaseModel):

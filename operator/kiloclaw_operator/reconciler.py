@@ -25,7 +25,7 @@ from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
-from .models import RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
+from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -123,8 +123,11 @@ class InstanceDriver(ObjectDriver[Instance]):
         return None
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
-        annotations = body.get("metadata", {}).get("annotations") or {}
-        return (*super().work_signature(body), annotations.get(RETRY_ANNOTATION))
+        meta = body.get("metadata", {})
+        annotations = meta.get("annotations") or {}
+        # The finalizer's arrival wakes a driver that waits for it before claiming (``_reconcile``).
+        finalized = FINALIZER in (meta.get("finalizers") or ())
+        return (*super().work_signature(body), annotations.get(RETRY_ANNOTATION), finalized)
 
     logger: ClassVar[logging.Logger] = logger
     kind: ClassVar[str] = "instance"
@@ -284,6 +287,11 @@ class InstanceDriver(ObjectDriver[Instance]):
 
     async def _reconcile(self, instance: Instance) -> Instance:
         if not ownership.has_claim(instance.status):
+            if FINALIZER not in ((self.latest or {}).get("metadata", {}).get("finalizers") or ()):
+                # kopf adds its finalizer as the daemon starts: claim (and touch Fly) only once deletion is
+                # guarded by it. Claiming first also made kopf's finalizer patch, which carries a
+                # resourceVersion test, fail and be sent again: one more write per instance.
+                return instance
             claimed = await self._claim(instance)
             if claimed is None:
                 return self.current()

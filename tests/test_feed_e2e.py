@@ -39,8 +39,9 @@ FEED = {
     # Longer than any test: what completes, completed from the feed.
     "feed_busy_fallback_seconds": 60.0,
     "audit_seconds": 3600.0,
-    # After a machine create, how long the feed has to report it started (the operator default is 10 s).
-    "start_settle_seconds": 5.0,
+    # After a machine create, how long the feed has to report it started (operator default 10 s): longer
+    # than any test, so that a loaded machine never makes the write count vary.
+    "start_settle_seconds": 30.0,
 }
 
 
@@ -232,7 +233,7 @@ async def test_with_a_failing_feed_instances_fall_back_to_reading_their_machines
 async def test_a_starting_instance_the_feed_has_no_news_for_reads_its_machine_after_the_fallback_interval(
     stack: Stack, namespace: str
 ) -> None:
-    await stack.restart_operator(**{**FEED, "feed_busy_fallback_seconds": 1.0})
+    await stack.restart_operator(**{**FEED, "feed_busy_fallback_seconds": 1.0, "start_settle_seconds": 0.5})
     timings = stack.fly.state.timings
     # The listing shows no change for a minute: only the fallback read can see the machine start.
     stack.fly.state.timings = dataclasses.replace(timings, org_propagation_delay=60.0)
@@ -304,6 +305,9 @@ async def in_settle_window(stack: Stack, namespace: str, name: str, created: lis
 async def test_with_the_feed_a_new_instance_reaches_running_in_four_kubernetes_writes(
     stack: Stack, namespace: str
 ) -> None:
+    # A fresh feed: after a test that failed it on purpose, it may still back off (it counts as failing, and
+    # a failing feed is not waited for).
+    await stack.restart_operator(**FEED)
     async with watched(stack, namespace) as history:
         await stack.create_instance(namespace, "w")
         body = await stack.wait_phase(namespace, "w", "Running")
@@ -319,15 +323,19 @@ async def test_with_the_feed_a_new_instance_reaches_running_in_four_kubernetes_w
 async def test_with_the_feed_silent_past_the_settle_window_the_machine_id_is_written_with_starting_first(
     stack: Stack, namespace: str
 ) -> None:
-    with machine_start_hangs(stack.fly, sandbox_id(namespace, "x")) as created:
-        async with watched(stack, namespace) as history:
-            await stack.create_instance(namespace, "x")
-            starting = await stack.wait_phase(namespace, "x", "Starting", timeout=20)
-            # The machine is still starting (the feed said nothing that settles it): its id went out alone.
-            assert status(starting)["machineId"] == created[0]
-            stack.fly.repair_machine_start(created[0])
-            body = await stack.wait_phase(namespace, "x", "Running")
-            assert await operator_writes(stack, history, body) == 5
+    await stack.restart_operator(**{**FEED, "start_settle_seconds": 1.0})
+    try:
+        with machine_start_hangs(stack.fly, sandbox_id(namespace, "x")) as created:
+            async with watched(stack, namespace) as history:
+                await stack.create_instance(namespace, "x")
+                starting = await stack.wait_phase(namespace, "x", "Starting", timeout=20)
+                # Still starting (the feed said nothing that settles it): its id went out alone.
+                assert status(starting)["machineId"] == created[0]
+                stack.fly.repair_machine_start(created[0])
+                body = await stack.wait_phase(namespace, "x", "Running")
+                assert await operator_writes(stack, history, body) == 5
+    finally:
+        await stack.restart_operator(**FEED)
     assert history.phases("x") == ["Provisioning", "Starting", "Running"]
     assert status(body)["machineId"] == created[0]
     # Completed from the feed, as every Starting is.
@@ -337,24 +345,20 @@ async def test_with_the_feed_silent_past_the_settle_window_the_machine_id_is_wri
 async def test_with_the_feed_an_instance_deleted_in_the_settle_window_destroys_its_unrecorded_machine(
     stack: Stack, namespace: str
 ) -> None:
-    # A window far longer than the test: only the deletion can end it.
-    await stack.restart_operator(**{**FEED, "start_settle_seconds": 60.0})
-    try:
-        with machine_start_hangs(stack.fly, sandbox_id(namespace, "y")) as created, FlyTap(stack) as tap:
-            await stack.create_instance(namespace, "y")
-            machine_id = await in_settle_window(stack, namespace, "y", created)
-            at_destroy: list[dict[str, Any]] = []
-            tap.on(
-                "DELETE",
-                f"/v1/apps/{APP}/machines/{machine_id}",
-                lambda: at_destroy.append(
-                    status(stack.get_object_now(INSTANCE_PLURAL, namespace, "y") or {})
-                ),
-            )
-            await stack.delete_instance(namespace, "y")
-            await stack.wait_gone(namespace, "y", timeout=30)
-    finally:
-        await stack.restart_operator(**FEED)
+    # The module's window (30 s) is longer than the wait for the deletion below: only the deletion ends it.
+    # A fresh feed, as above (a failing one is not waited for).
+    await stack.restart_operator(**FEED)
+    with machine_start_hangs(stack.fly, sandbox_id(namespace, "y")) as created, FlyTap(stack) as tap:
+        await stack.create_instance(namespace, "y")
+        machine_id = await in_settle_window(stack, namespace, "y", created)
+        at_destroy: list[dict[str, Any]] = []
+        tap.on(
+            "DELETE",
+            f"/v1/apps/{APP}/machines/{machine_id}",
+            lambda: at_destroy.append(status(stack.get_object_now(INSTANCE_PLURAL, namespace, "y") or {})),
+        )
+        await stack.delete_instance(namespace, "y")
+        await stack.wait_gone(namespace, "y", timeout=20)
     # The window ended at once and wrote the machine's id, so the destroy was of a machine in the status.
     assert at_destroy and at_destroy[0]["machineId"] == machine_id
     assert at_destroy[0]["phase"] == "Destroying"

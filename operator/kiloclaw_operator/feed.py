@@ -135,6 +135,12 @@ class FeedObserver:
             and self._monotonic() - self._last_success <= self._settings.feed_stale_seconds
         )
 
+    @property
+    def failing(self) -> bool:
+        """A sweep succeeded once but none has for ``feed_stale_seconds``: no news is to be expected. (Before
+        the first sweep the feed is not healthy yet, but it is not failing: its news is on the way.)"""
+        return self._last_success is not None and not self.healthy
+
     def known(self, machine_id: str) -> MachineState | None:
         return self._latest.get(machine_id)
 

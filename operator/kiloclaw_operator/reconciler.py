@@ -579,7 +579,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         """
         feed = self.ctx.observer
         seconds = self.ctx.settings.start_settle_seconds
-        if not isinstance(feed, FeedObserver) or seconds <= 0 or not feed.healthy:
+        if not isinstance(feed, FeedObserver) or seconds <= 0 or feed.failing:
             return None
         news = self._start_news = asyncio.Event()
         feed.expect(machine_id, news.set)

@@ -144,7 +144,7 @@ class InstanceDriver(ObjectDriver[Instance]):
     def stop(self) -> None:
         super().stop()
         if self._start_news is not None:
-            # Deletion or shutdown ends a settle window at once: the machine's id is written first.
+            # A deletion ends a settle window at once: the machine's id is written before the destroy.
             self._start_news.set()
 
     async def commit(
@@ -574,7 +574,8 @@ class InstanceDriver(ObjectDriver[Instance]):
 
         No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
         one; a crash in the window leaves what a crash between the create and its write leaves (the machine
-        is adopted by its metadata and mount). Deletion and shutdown end the window at once (``stop``).
+        is adopted by its metadata and mount), and so does a shutdown that cancels the pass. A deletion ends
+        the window at once (``stop``), so the destroy finds the id in the status.
         Polling mode never waits: its next step is a Fly call (``/wait``), so the id must be written first.
         """
         feed = self.ctx.observer

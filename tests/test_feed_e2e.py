@@ -342,7 +342,7 @@ async def test_with_the_feed_silent_past_the_settle_window_the_machine_id_is_wri
     assert machine_reads(stack, created[0]) == 0
 
 
-async def test_with_the_feed_an_instance_deleted_in_the_settle_window_destroys_its_unrecorded_machine(
+async def test_with_the_feed_an_instance_deleted_in_the_settle_window_leaves_no_machine_or_volume_behind(
     stack: Stack, namespace: str
 ) -> None:
     # The module's window (30 s) is longer than the wait for the deletion below: only the deletion ends it.
@@ -359,9 +359,11 @@ async def test_with_the_feed_an_instance_deleted_in_the_settle_window_destroys_i
         )
         await stack.delete_instance(namespace, "y")
         await stack.wait_gone(namespace, "y", timeout=20)
-    # The window ended at once and wrote the machine's id, so the destroy was of a machine in the status.
-    assert at_destroy and at_destroy[0]["machineId"] == machine_id
-    assert at_destroy[0]["phase"] == "Destroying"
+    # The destroy came after Destroying was recorded, of the machine the window held: either its id reached
+    # the status (the deletion ended the window) or kopf cancelled the pass first, and the finalizer found
+    # the machine by our sandbox id and a mount of the recorded volume (as after a crash in the window).
+    assert at_destroy and at_destroy[0]["phase"] == "Destroying"
+    assert at_destroy[0].get("machineId") in (None, machine_id)
     assert stack.live_machines(APP, sandbox_id=sandbox_id(namespace, "y")) == []
     assert not [v for v in stack.live_volumes(APP) if v["id"] == at_destroy[0]["volumeId"]]
 

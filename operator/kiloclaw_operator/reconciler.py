@@ -575,7 +575,8 @@ class InstanceDriver(ObjectDriver[Instance]):
         No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
         one; a crash in the window leaves what a crash between the create and its write leaves (the machine
         is adopted by its metadata and mount), and so does a shutdown that cancels the pass. A deletion ends
-        the window at once (``stop``), so the destroy finds the id in the status.
+        the window at once (``stop``); the destroy finds the machine by its id, or by its metadata and mount
+        when kopf cancelled this pass before the write.
         Polling mode never waits: its next step is a Fly call (``/wait``), so the id must be written first.
         """
         feed = self.ctx.observer

@@ -113,14 +113,18 @@ class InstanceDriver(ObjectDriver[Instance]):
     recoveries_driven: set[str] = field(default_factory=set)
     # Set while the driver waits for news of a machine it just created (the settle window), else None.
     _start_news: asyncio.Event | None = field(default=None, init=False, repr=False)
+    # The admission the current pass holds (``admission``), given up while it waits in the settle window.
+    _admitted: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
     def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
         """Passes that provision take a place among ``provisioning_concurrency``; no other pass waits."""
         meta = body.get("metadata") or {}
         phase = (body.get("status") or {}).get("phase") or Phase.PENDING.value
+        gate = None
         if phase in _PROVISIONING_PHASES and not meta.get("deletionTimestamp"):
-            return self.ctx.provisioning
-        return None
+            gate = self.ctx.provisioning
+        self._admitted = gate
+        return gate
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         meta = body.get("metadata", {})
@@ -585,6 +589,10 @@ class InstanceDriver(ObjectDriver[Instance]):
             return None
         news = self._start_news = asyncio.Event()
         feed.expect(machine_id, news.set)
+        # Waiting on the feed is not provisioning work: the pass's place goes to another instance meanwhile.
+        gate, self._admitted = self._admitted, None
+        if gate is not None:
+            gate.release()
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
@@ -597,6 +605,11 @@ class InstanceDriver(ObjectDriver[Instance]):
         finally:
             feed.unexpect(machine_id)
             self._start_news = None
+            if gate is not None:
+                # Taken back for the loop, which releases it after the pass; shielded, so that a cancelled
+                # pass still takes it back (later) rather than leaving the loop's release unmatched.
+                await asyncio.shield(gate.acquire())
+                self._admitted = gate
         return feed.known(machine_id)
 
     async def _adoptable_machine(self, instance: Instance) -> Machine | None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from harness import Stack
 from kiloclaw_operator.kube import KubeClient, KubeConnection, KubeError, KubeNotFound, KubeUnavailable
 from kiloclaw_operator.models import ObjectRef
 
@@ -90,3 +91,19 @@ async def test_no_answer_is_a_typed_error_not_an_httpx_one() -> None:
     with pytest.raises(KubeUnavailable):
         await client.list_instances()
     assert calls == ["GET", "GET"]
+
+
+async def test_instances_are_listed_page_by_page_until_the_server_gives_no_continue_token(
+    stack: Stack, namespace: str
+) -> None:
+    for index in range(5):
+        await stack.create_instance(namespace, f"paged-{index}", state="Stopped")
+    client = KubeClient(KubeConnection(server=str(stack.api.base_url).rstrip("/"), token="test"))
+    try:
+        pages = [page async for page in client.instance_pages(namespace, page_size=2)]
+    finally:
+        await client.aclose()
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert sorted(item["metadata"]["name"] for page in pages for item in page) == [
+        f"paged-{index}" for index in range(5)
+    ]

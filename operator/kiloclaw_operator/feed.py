@@ -32,10 +32,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import lifecycle
 from .config import Settings
@@ -81,7 +81,7 @@ class FeedObserver:
         fly: FlyClient,
         settings: Settings,
         *,
-        list_instances: Callable[[], Awaitable[list[dict[str, Any]]]],
+        instance_pages: Callable[[], AsyncIterator[list[dict[str, Any]]]],
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -89,7 +89,7 @@ class FeedObserver:
         self._fly = fly
         self._settings = settings
         self._org = settings.fly_org_slug
-        self._list_instances = list_instances
+        self._instance_pages = instance_pages
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._latest: dict[str, MachineState] = {}
@@ -100,9 +100,9 @@ class FeedObserver:
         #: Machines a driver just created and has not recorded yet, and how to tell it of their news.
         self._expected: dict[str, Callable[[], None]] = {}
         self._wake: Callable[[str, str], None] = lambda namespace, name: None
-        self._start_early: Callable[[list[dict[str, Any]]], None] = lambda bodies: None
+        self._start_early: Callable[[list[tuple[str, str]]], None] = lambda refs: None
         #: The instances listed at start, until the first sweep has told which machines changed meanwhile.
-        self._listed_at_start: list[dict[str, Any]] = []
+        self._listed_at_start: list[ListedInstance] = []
         #: Fly-clock start of the first window (None: the whole history was listed).
         self._origin: datetime | None = None
         self._watermark: datetime | None = None
@@ -119,7 +119,7 @@ class FeedObserver:
     def bind(
         self,
         wake: Callable[[str, str], None],
-        start_early: Callable[[list[dict[str, Any]]], None] | None = None,
+        start_early: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
         """How to wake the driver of instance (namespace, name), and how to give the instances whose machine
         changed while no operator ran a pass before kopf reaches them: given once the drivers exist."""
@@ -335,7 +335,13 @@ class FeedObserver:
 
     async def _start_window(self) -> None:
         """After a (re)start: from the oldest observation minus the overlap, in Fly's clock."""
-        self._listed_at_start = await self._list_instances()
+        # Page by page, keeping a few fields of each: at 10,000 the whole list at once is ~100 MB of JSON.
+        self._listed_at_start = [
+            listed
+            async for page in self._instance_pages()
+            for listed in map(ListedInstance.of, page)
+            if listed is not None
+        ]
         oldest = oldest_observation(self._listed_at_start)
         await self._measure_clock_offset()
         if oldest is None:
@@ -440,47 +446,56 @@ class FeedObserver:
             self._wake(tracked.namespace, tracked.name)
 
 
-def oldest_observation(bodies: list[dict[str, Any]]) -> datetime | None:
+class ListedInstance(NamedTuple):
+    """What the feed keeps of an instance listed at start: where to resume, and whether it changed since."""
+
+    namespace: str
+    name: str
+    machine_id: str
+    fly_state: str | None
+    observed_at: datetime
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ListedInstance | None:
+        """The instance's record, if it names a machine and when it last observed it."""
+        status = body.get("status")
+        if not isinstance(status, dict) or not status.get("machineId"):
+            return None
+        text = status.get("observedAt")
+        if not isinstance(text, str):
+            return None
+        try:
+            observed_at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        metadata = body.get("metadata") or {}
+        return cls(
+            str(metadata.get("namespace", "")),
+            str(metadata.get("name", "")),
+            str(status["machineId"]),
+            status.get("flyState"),
+            observed_at,
+        )
+
+
+def oldest_observation(listed: Sequence[ListedInstance]) -> datetime | None:
     """The oldest ``status.observedAt`` among instances that name a machine (where the feed must resume)."""
-    oldest: datetime | None = None
-    for body in bodies:
-        observed_at = _observed_at(body)
-        if observed_at is not None and (oldest is None or observed_at < oldest):
-            oldest = observed_at
-    return oldest
+    return min((instance.observed_at for instance in listed), default=None)
 
 
 def changed_while_away(
-    bodies: list[dict[str, Any]], latest: Mapping[str, MachineState], clock_offset: float
-) -> list[dict[str, Any]]:
-    """The instances whose machine the feed shows in another state than their status recorded, changed after
-    that observation (Fly's clock): after a restart, the ones with something to act on.
+    listed: Sequence[ListedInstance], latest: Mapping[str, MachineState], clock_offset: float
+) -> list[tuple[str, str]]:
+    """The instances (namespace, name) whose machine the feed shows in another state than their status
+    recorded, changed after that observation (Fly's clock): after a restart, the ones with work to do.
 
     At 10,000 instances kopf takes seconds to reach the last one of its initial listing; these must not wait
     for it (a machine that stopped while the operator was down is noticed within the feed's interval)."""
-    changed: list[dict[str, Any]] = []
-    for body in bodies:
-        status = body.get("status")
-        observed_at = _observed_at(body)
-        if not isinstance(status, dict) or observed_at is None:
+    changed: list[tuple[str, str]] = []
+    for instance in listed:
+        known = latest.get(instance.machine_id)
+        if known is None or known.state == instance.fly_state:
             continue
-        known = latest.get(str(status["machineId"]))
-        if known is None or known.state == status.get("flyState"):
-            continue
-        if known.updated_at > observed_at + timedelta(seconds=clock_offset):
-            changed.append(body)
+        if known.updated_at > instance.observed_at + timedelta(seconds=clock_offset):
+            changed.append((instance.namespace, instance.name))
     return changed
-
-
-def _observed_at(body: Mapping[str, Any]) -> datetime | None:
-    """``status.observedAt`` of an instance that names a machine."""
-    status = body.get("status")
-    if not isinstance(status, dict) or not status.get("machineId"):
-        return None
-    text = status.get("observedAt")
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None

@@ -60,7 +60,7 @@ class Runtime:
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
         self._retained = retained_volume_drivers(self._ctx)
-        observation.bind_wakeups(observer, self._instances)
+        observation.bind_wakeups(observer, self._instances, kube)
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:

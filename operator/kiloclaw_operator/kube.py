@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -373,13 +373,31 @@ class KubeClient:
         )
 
     async def list_instances(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        path = (
-            self._path(INSTANCE_PLURAL, namespace)
-            if namespace
-            else f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
+        items: list[dict[str, Any]] = (await self._request("GET", self._instances_path(namespace))).get(
+            "items", []
         )
-        items: list[dict[str, Any]] = (await self._request("GET", path)).get("items", [])
         return items
+
+    async def instance_pages(
+        self, namespace: str | None = None, page_size: int = 500
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """All instances, ``page_size`` at a time (the API server's chunked list: ``limit`` and ``continue``),
+        for a caller that keeps only a little of each."""
+        token: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": page_size}
+            if token:
+                params["continue"] = token
+            page = await self._request("GET", self._instances_path(namespace), params=params)
+            yield page.get("items", [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
+    def _instances_path(self, namespace: str | None) -> str:
+        if namespace:
+            return self._path(INSTANCE_PLURAL, namespace)
+        return f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
 
     # --- events ----------------------------------------------------------------------------------------
 

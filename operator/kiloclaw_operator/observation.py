@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from .config import Settings
 from .driving import DriverRegistry, Observer
 from .feed import FeedObserver
 from .fly import FlyClient, PacingLimits
-from .kube import KubeClient
+from .kube import KubeClient, KubeNotFound
 from .reconciler import InstanceDriver, PollingObserver
 
 logger = logging.getLogger("kiloclaw.observation")
@@ -34,11 +33,11 @@ def start_observer(
     if not settings.fly_org_slug:
         return PollingObserver(fly, settings), None
 
-    feed = FeedObserver(fly, settings, list_instances=kube.list_instances)
+    feed = FeedObserver(fly, settings, instance_pages=kube.instance_pages)
     return feed, asyncio.get_running_loop().create_task(feed.run(), name="kiloclaw-org-feed")
 
 
-def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver]) -> None:
+def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver], kube: KubeClient) -> None:
     """The feed wakes the driver of an instance whose machine changed (never creating a driver); after a
     restart it starts a pass at once for the instances whose machine changed while no operator ran."""
     if isinstance(observer, FeedObserver):
@@ -48,33 +47,39 @@ def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver]) ->
             if driver is not None:
                 driver.wake()
 
-        observer.bind(wake, EarlyPasses(drivers).start)
+        observer.bind(wake, EarlyPasses(drivers, kube).start)
 
 
 class EarlyPasses:
     """Passes for instances kopf has not reached yet (its initial listing takes seconds at 10,000): each under
     its driver's lock, like every pass, so the daemon's own first pass simply follows it."""
 
-    def __init__(self, drivers: DriverRegistry[InstanceDriver], concurrency: int = 32) -> None:
+    def __init__(
+        self, drivers: DriverRegistry[InstanceDriver], kube: KubeClient, concurrency: int = 32
+    ) -> None:
         self._drivers = drivers
+        self._kube = kube
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, bodies: list[dict[str, Any]]) -> None:
-        for body in bodies:
-            metadata = body.get("metadata", {})
-            driver = self._drivers.get(metadata.get("namespace", ""), metadata.get("name", ""))
-            driver.offer(body)
-            task = asyncio.get_running_loop().create_task(self._pass(driver))
+    def start(self, refs: list[tuple[str, str]]) -> None:
+        for namespace, name in refs:
+            task = asyncio.get_running_loop().create_task(self._pass(namespace, name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pass(self, driver: InstanceDriver) -> None:
+    async def _pass(self, namespace: str, name: str) -> None:
+        fields = {"namespace": namespace, "instance": name}
         async with self._slots:
-            logger.debug("early pass", extra={"namespace": driver.namespace, "instance": driver.name})
+            logger.debug("early pass", extra=fields)
             try:
+                # Read now: the feed kept only a few fields of each instance it listed.
+                body = await self._kube.get_instance(namespace, name)
+                driver = self._drivers.get(namespace, name)
+                driver.offer(body)
                 await driver.reconcile_once()
+            except KubeNotFound:
+                return
             except Exception:
                 # The daemon's passes retry whatever this one could not finish.
-                fields = {"namespace": driver.namespace, "instance": driver.name}
                 logger.exception("early pass failed", extra=fields)

@@ -1,22 +1,23 @@
 """Every kopf registration of the operator, and nothing else: each handler is a few lines that delegate.
 
-Per instance, a kopf daemon runs the one ``InstanceDriver`` (the single writer). Watch events only hand the
-newest body to the driver and wake it; deletion waits for the driver's lock, so nothing runs concurrently on
-one object. Retained volumes follow the same pattern with their own driver.
+Per instance, one ``InstanceDriver`` (the single writer) runs its loop, started by the first watch event that
+names the instance. Watch events only hand the newest body to the driver and wake it; deletion waits for the
+driver's lock, so nothing runs concurrently on one object. Retained volumes follow the same pattern with their
+own driver.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from . import observation
 from .config import Settings, load_settings
-from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
+from .driving import Context, DriverRegistry, RetryLater
 from .fly import FlyClient
 from .kube import (
     KubeClient,
@@ -86,6 +87,9 @@ class Runtime:
         OBJECTS.detach(self)
         if self._feed is not None:
             self._feed.cancel()
+        for registry in (self._instances, self._retained):
+            if registry is not None:
+                await registry.aclose()
         await self.fly.aclose()
         if self._ctx is not None:
             await self._ctx.kube.aclose()
@@ -158,7 +162,7 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).aclose()
 
 
-# --- both kinds: watch events wake drivers, a daemon runs each driver, deletion goes through it -----------
+# --- both kinds: watch events start and wake drivers (a loop each), deletion goes through them ------------
 
 
 def _object_changed(registry: DriverRegistry[Any], body: kopf.Body, event_type: str | None) -> None:
@@ -166,18 +170,9 @@ def _object_changed(registry: DriverRegistry[Any], body: kopf.Body, event_type: 
     if event_type == "DELETED":
         registry.forget(namespace, name)
         return
-    driver = registry.get(namespace, name)
+    driver = registry.running(namespace, name)
     if driver.offer(dict(body)):
         driver.wake()
-
-
-def _drive(driver: ObjectDriver, stopped: kopf.DaemonStopped, body: kopf.Body) -> Coroutine[Any, Any, None]:
-    """The driver's loop for its daemon to await (returned, not awaited here: one frame less per daemon).
-
-    kopf's stop reaches the driver through its flag and the cancellation that follows it (driving.py): no
-    task per daemon waits on the flag."""
-    driver.offer(dict(body))
-    return driver.run(stopped.is_set)
 
 
 async def _finalize(driver: InstanceDriver | RetainedVolumeDriver, body: kopf.Body) -> None:
@@ -202,11 +197,6 @@ async def instance_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, *
     runtime.claims_seen(body, type)
 
 
-@kopf.daemon(GROUP, VERSION, INSTANCE_PLURAL, cancellation_timeout=30)
-async def drive_instance(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _drive(_driver(_runtime(memo).instances, body), stopped, body)
-
-
 @kopf.on.delete(GROUP, VERSION, INSTANCE_PLURAL)
 async def destroy_instance(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _finalize(_driver(_runtime(memo).instances, body), body)
@@ -218,13 +208,6 @@ async def destroy_instance(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, RETAINED_PLURAL)
 async def retained_volume_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     _object_changed(_runtime(memo).retained, body, type)
-
-
-@kopf.daemon(GROUP, VERSION, RETAINED_PLURAL, cancellation_timeout=30)
-async def drive_retained_volume(
-    stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    await _drive(_driver(_runtime(memo).retained, body), stopped, body)
 
 
 @kopf.on.delete(GROUP, VERSION, RETAINED_PLURAL)

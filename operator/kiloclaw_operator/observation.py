@@ -75,7 +75,7 @@ class EarlyPasses:
             try:
                 # Read now: the feed kept only a few fields of each instance it listed.
                 body = await self._kube.get_instance(namespace, name)
-                driver = self._drivers.get(namespace, name)
+                driver = self._drivers.running(namespace, name)
                 driver.offer(body)
                 await driver.reconcile_once()
             except KubeNotFound:

@@ -1,6 +1,6 @@
 """The single-writer pattern shared by both kinds: one driver per object, its lock, its wake-ups, its loop.
 
-kopf runs daemons, event handlers and deletion handlers concurrently on one object. A driver makes them
+kopf runs event handlers and deletion handlers concurrently on one object. A driver makes them
 take turns: watch events only hand over the newest body and wake the driver when the body asks for work;
 the driver's loop (a task per object, see ``DriverRegistry``) does every pass under its lock, and so does
 deletion.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -221,7 +221,7 @@ class ObjectDriver(ABC, Generic[M]):
             try:
                 obj = self.current()
             except ValidationError as exc:
-                # The CRD schema should make this impossible; never let one bad object kill the daemon.
+                # The CRD schema should make this impossible; never let one bad object end its loop.
                 self.logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
                 return self.recheck_delay()
             if obj.deleting:
@@ -230,28 +230,22 @@ class ObjectDriver(ABC, Generic[M]):
             set_fly_log_context(**self.log_fields(obj))
             return await self.reconcile(obj)
 
-    async def run(self, stopped: Callable[[], bool] = lambda: False) -> None:
-        """Reconcile until asked to stop; between passes sleep the returned delay or until woken.
-
-        ``stopped`` tells whether the daemon running the loop was told to stop (kopf's flag). kopf cancels a
-        daemon that does not end by itself within a few loop cycles of that flag; a cancellation that finds
-        the loop asleep with the flag set is that stop, and ends the loop cleanly (no pass is interrupted,
-        and no helper task per driver waits on the flag). One in a pass still cancels the pass.
-        """
-        while not self._stopping and not stopped():
+    async def run(self) -> None:
+        """Reconcile until asked to stop; between passes sleep the returned delay or until woken. A stop ends
+        the loop after the current pass; the registry cancels a pass in flight when the operator stops."""
+        while not self._stopping:
             # Cleared before the pass, not after: a change that arrives during a pass wakes the next one.
             self._woken = False
             gate = self.admission(self.latest) if self.latest is not None else None
             if gate is not None:
-                if not await self._idle(gate.acquire(), stopped):
-                    return
+                await gate.acquire()
                 try:
                     delay = await self.reconcile_once()
                 finally:
                     gate.release()
             else:
                 delay = await self.reconcile_once()
-            if self._stopping or stopped():
+            if self._stopping:
                 return
             # Asleep between passes (inline, not in a coroutine of its own: thousands of drivers sleep at
             # once, each frame counts): one future for wake-ups and stop requests, one timer, no helper task.
@@ -262,34 +256,9 @@ class ObjectDriver(ABC, Generic[M]):
             timer = loop.call_later(delay, _resolve, sleeper)
             try:
                 await sleeper
-            except asyncio.CancelledError:
-                if not self._stopped_by_kopf(stopped):
-                    raise
-                return
             finally:
                 timer.cancel()
                 self._sleeper = None
-
-    async def _idle(self, waiting: Awaitable[Any], stopped: Callable[[], bool]) -> bool:
-        """Wait outside a pass; False when kopf's stop cancelled the wait (the loop then ends cleanly)."""
-        try:
-            await waiting
-        except asyncio.CancelledError:
-            if not self._stopped_by_kopf(stopped):
-                raise
-            return False
-        return True
-
-    def _stopped_by_kopf(self, stopped: Callable[[], bool]) -> bool:
-        """Whether a cancellation of a wait outside a pass is kopf's stop (its flag is set): then it is taken
-        back and the driver stops."""
-        if not stopped():
-            return False
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        self._stopping = True
-        return True
 
     async def write(self, obj: M, status: WireModel, why: str) -> M:
         """The one durable status write: a merge patch from ``obj``'s stored status to ``status``; returns
@@ -396,6 +365,6 @@ async def _keep_running(driver: ObjectDriver[Any]) -> None:
                 "%s loop failed, restarting in %.0f s",
                 driver.kind,
                 delay,
-                extra={"namespace": driver.namespace, "name": driver.name},
+                extra={"namespace": driver.namespace, "object": driver.name},
             )
             await asyncio.sleep(delay)

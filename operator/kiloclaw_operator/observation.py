@@ -52,7 +52,7 @@ def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver], ku
 
 class EarlyPasses:
     """Passes for instances kopf has not reached yet (its initial listing takes seconds at 10,000): each under
-    its driver's lock, like every pass, so the daemon's own first pass simply follows it."""
+    its driver's lock, like every pass, so the loop's own first pass simply follows it."""
 
     def __init__(
         self, drivers: DriverRegistry[InstanceDriver], kube: KubeClient, concurrency: int = 32
@@ -81,5 +81,5 @@ class EarlyPasses:
             except KubeNotFound:
                 return
             except Exception:
-                # The daemon's passes retry whatever this one could not finish.
+                # The loop's passes retry whatever this one could not finish.
                 logger.exception("early pass failed", extra=fields)

@@ -1,6 +1,6 @@
 """One driver per instance: the single writer that observes Fly, asks the decision core, acts, and commits.
 
-kopf runs timers and change handlers concurrently on the same object; here every piece of work on an
+kopf runs event and deletion handlers concurrently on the same object; here every piece of work on an
 instance — observation ticks, spec changes, recovery steps and deletion — goes through the driver's lock, so
 exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single writer").
 """
@@ -292,8 +292,8 @@ class InstanceDriver(ObjectDriver[Instance]):
     async def _reconcile(self, instance: Instance) -> Instance:
         if not ownership.has_claim(instance.status):
             if FINALIZER not in ((self.latest or {}).get("metadata", {}).get("finalizers") or ()):
-                # kopf adds its finalizer as the daemon starts: claim (and touch Fly) only once deletion is
-                # guarded by it. Claiming first also made kopf's finalizer patch, which carries a
+                # kopf adds its finalizer when it first handles the instance: claim (and touch Fly) only once
+                # deletion is guarded by it. Claiming first also made kopf's finalizer patch, which carries a
                 # resourceVersion test, fail and be sent again: one more write per instance.
                 return instance
             claimed = await self._claim(instance)
@@ -579,8 +579,8 @@ class InstanceDriver(ObjectDriver[Instance]):
         No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
         one; a crash in the window leaves what a crash between the create and its write leaves (the machine
         is adopted by its metadata and mount), and so does a shutdown that cancels the pass. A deletion ends
-        the window at once (``stop``); the destroy finds the machine by its id, or by its metadata and mount
-        when kopf cancelled this pass before the write.
+        the window at once (``stop``): the pass writes the id, and the destroy, which waits for the lock,
+        finds it recorded.
         Polling mode never waits: its next step is a Fly call (``/wait``), so the id must be written first.
         """
         feed = self.ctx.observer

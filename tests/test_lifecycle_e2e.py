@@ -597,11 +597,12 @@ async def test_operator_crash_between_volume_create_and_status_write_adopts_the_
     try:
         body = await stack.create_instance(namespace, "mia", flyApp=app)
 
-        async def create_answered() -> bool | None:
-            log = stack.fly.request_log
-            return True if any(r.method == "POST" and r.path == volumes_path for r in log) else None
+        async def create_landed() -> bool | None:
+            # The volume itself, not an answered request: on the worker's shared flysim a create can be
+            # refused (a region full of earlier tests' volumes) and still answered with the injected 503.
+            return True if stack.live_volumes(app) else None
 
-        await eventually(create_answered, timeout=10, what="the volume create")
+        await eventually(create_landed, timeout=10, what="the volume create")
         await stack.crash_operator()
     finally:
         stack.fly.clear_latency()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import realcluster
-from kiloclaw_operator.kube import KubeConnection, build_http_client, with_token_file
+from kiloclaw_operator.kube import KubeClient, KubeConnection, build_http_client, with_token_file
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE, SERVICE_ACCOUNT = "kiloclaw-system", "kiloclaw-operator"
@@ -99,3 +99,44 @@ def test_the_test_run_uses_a_real_api_server_not_kubesim(admin: realcluster.Clus
         version = client.get("/version").json()
     assert version["gitVersion"].startswith("v1.34."), version
     assert os.environ.get("KUBECONFIG")
+
+
+async def test_the_operators_client_lists_instances_page_by_page_on_the_real_server(
+    admin: realcluster.ClusterAccess, tmp_path: Path
+) -> None:
+    """The feed's start-up listing (``instance_pages``: limit and continue) as the real API server chunks it,
+    read with the operator's own client (the aiohttp transport over TLS) and its ServiceAccount token."""
+    namespace = f"paging-{os.getpid()}"
+    names = [f"paged-{index}" for index in range(5)]
+    with admin.client() as client:
+        created = client.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
+        assert created.status_code == 201, created.text
+        try:
+            for name in names:
+                body = {
+                    "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
+                    "kind": "KiloClawInstance",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "sandboxId": f"ki_{name}".replace("-", "_"),
+                        "userId": f"user-{name}",
+                        "flyApp": "acct-paging",
+                        "image": "registry.fly.io/kiloclaw:2026.11.1",
+                        "state": "Stopped",
+                    },
+                }
+                response = client.post(
+                    f"/apis/kiloclaw.kilo.ai/v1alpha1/namespaces/{namespace}/kiloclawinstances", json=body
+                )
+                assert response.status_code == 201, response.text
+            token_file = tmp_path / "token"
+            token_file.write_text(_token(admin))
+            kube = KubeClient(with_token_file(_connection_to_the_cluster(), token_file))
+            try:
+                pages = [page async for page in kube.instance_pages(namespace, page_size=2)]
+            finally:
+                await kube.aclose()
+        finally:
+            client.delete(f"/api/v1/namespaces/{namespace}")
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert sorted(item["metadata"]["name"] for page in pages for item in page) == names

@@ -534,6 +534,17 @@ class OperatorProcess:
         if self.process is not None:
             self.process.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process, its event loop and its Lease renewals freeze (a stalled node, a long GC)."""
+        import signal
+
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGCONT)
+
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM and wait for the exit code."""
         import signal

@@ -240,6 +240,12 @@ def sandbox_config(
     )
 
 
+async def eventually_holds(predicate: Callable[[], bool], deadline: float = 5.0) -> None:
+    async with asyncio.timeout(deadline):
+        while not predicate():  # noqa: ASYNC110 - a plain predicate, nothing to await on
+            await asyncio.sleep(0.01)
+
+
 def requests_to(sim: FlySimulator, method: str, path: str) -> list[RequestRecord]:
     return [record for record in sim.request_log if record.method == method and record.path == path]
 
@@ -566,3 +572,27 @@ async def test_a_replica_that_is_not_sure_it_leads_sends_no_changing_call_but_st
     finally:
         await fenced.aclose()
     assert requests_to(sim, "POST", f"/v1/apps/{APP}/machines/{machine.id}/stop")
+
+
+async def test_a_changing_call_that_waited_for_a_connection_slot_is_not_sent_once_leadership_lapsed(
+    sim: FlySimulator, fly: FlyClient
+) -> None:
+    volume = await fly.create_volume(APP, name="kiloclaw_ki_slot", region="iad", size_gb=1)
+    machine = await fly.create_machine(APP, name="ki_slot", region="iad", config=sandbox_config(volume.id))
+    leading = True
+    fenced = FlyClient(sim.base_url, TOKEN, max_retries=3, max_connections=1, fence=lambda: leading)
+    sim.set_latency(1.0, route="GET /v1/apps/*/machines/*")
+    try:
+        holding_the_slot = asyncio.create_task(fenced.get_machine(APP, machine.id))
+        await eventually_holds(lambda: fenced._slots.locked())  # the one slot is taken by the slow read
+        # Admitted while leading, then queued behind the slow read; the Lease lapses meanwhile.
+        stopping = asyncio.create_task(fenced.stop_machine(APP, machine.id))
+        await asyncio.sleep(0)
+        leading = False
+        with pytest.raises(NotLeading):
+            await stopping
+        await holding_the_slot
+    finally:
+        sim.set_latency(0.0, route="GET /v1/apps/*/machines/*")
+        await fenced.aclose()
+    assert not requests_to(sim, "POST", f"/v1/apps/{APP}/machines/{machine.id}/stop"), "nothing reached Fly"

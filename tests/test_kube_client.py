@@ -9,14 +9,23 @@ import httpx
 import pytest
 
 from harness import Stack
-from kiloclaw_operator.kube import KubeClient, KubeConnection, KubeError, KubeNotFound, KubeUnavailable
+from kiloclaw_operator.kube import (
+    KubeClient,
+    KubeConnection,
+    KubeError,
+    KubeNotFound,
+    KubeNotLeading,
+    KubeUnavailable,
+)
 from kiloclaw_operator.models import ObjectRef
 
 Handler = Callable[[httpx.Request], httpx.Response]
 REF = ObjectRef(namespace="tenants", name="alice", uid="u1", kind="KiloClawInstance")
 
 
-def _client(handler: Handler, *, max_retries: int = 3) -> tuple[KubeClient, list[str]]:
+def _client(
+    handler: Handler, *, max_retries: int = 3, fence: Callable[[], bool] | None = None
+) -> tuple[KubeClient, list[str]]:
     calls: list[str] = []
 
     def record(request: httpx.Request) -> httpx.Response:
@@ -24,7 +33,7 @@ def _client(handler: Handler, *, max_retries: int = 3) -> tuple[KubeClient, list
         return handler(request)
 
     client = KubeClient(
-        KubeConnection(server="http://kube.invalid"), max_retries=max_retries, backoff_base=0.001
+        KubeConnection(server="http://kube.invalid"), max_retries=max_retries, backoff_base=0.001, fence=fence
     )
     client._http = httpx.AsyncClient(base_url="http://kube.invalid", transport=httpx.MockTransport(record))
     return client, calls
@@ -107,3 +116,19 @@ async def test_instances_are_listed_page_by_page_until_the_server_gives_no_conti
     assert sorted(item["metadata"]["name"] for page in pages for item in page) == [
         f"paged-{index}" for index in range(5)
     ]
+
+
+async def test_a_replica_that_is_not_sure_it_leads_writes_nothing_but_still_reads() -> None:
+    leading = False
+    client, calls = _client(_answers(), fence=lambda: leading)
+    with pytest.raises(KubeNotLeading):
+        await client.patch_instance_status(REF, {"phase": "Recovering"})
+    with pytest.raises(KubeNotLeading):
+        await client.create_retained_volume("tenants", {"metadata": {"name": "alice-vol"}})
+    with pytest.raises(KubeNotLeading):
+        await client.delete_retained_volume("tenants", "alice-vol")
+    assert calls == [], "nothing reached the API server, and a refused write is not retried"
+    await client.get_instance("tenants", "alice")
+    leading = True
+    await client.patch_instance_status(REF, {"phase": "Recovering"})
+    assert calls == ["GET", "PATCH"]

@@ -301,6 +301,56 @@ async def test_the_standby_finishes_a_recovery_whose_leader_was_sigkilled_mid_st
     assert [mount["volume"] for mount in machines[0]["config"]["mounts"]] == [status["volumeId"]]
 
 
+MUTATING = ("POST", "DELETE", "PUT", "PATCH")
+
+
+@pytest.mark.xdist_group("operator-processes")
+async def test_a_leader_paused_past_its_lease_writes_and_sends_nothing_after_the_standby_took_over(
+    replicas: TwoReplicas,
+) -> None:
+    leader = replicas.start("replica-a")
+    await replicas.wait_role(leader, "leader")
+    standby = replicas.start("replica-b")
+    await replicas.wait_role(standby, "standby")
+    create_instance(replicas.kube, "ha", "alice")
+    running = await replicas.wait_instance("ha", "alice", lambda s: s.get("phase") == "Running", "Running")
+    source_machine = running["status"]["machineId"]
+
+    # Freeze the leader while its read of the machine is in flight: the read answers `stopped` while it
+    # sleeps. The standby takes over and recovers; the recovery the old leader would begin on waking must not
+    # be written over the standby's record.
+    replicas.fly.set_latency(2.0, route="GET /v1/apps/*/machines/*")
+    replicas.fly.fail_host(machine_id=source_machine)
+    leader.pause()
+    try:
+        replicas.fly.set_latency(0.0, route="GET /v1/apps/*/machines/*")
+        await replicas.wait_role(standby, "leader")
+        done = await replicas.wait_instance(
+            "ha",
+            "alice",
+            lambda s: s.get("phase") == "Running" and not s.get("recovery") and s.get("lastRecovery"),
+            "the standby finished the recovery",
+        )
+        fly_requests_before = len(replicas.fly.request_log)
+    finally:
+        leader.resume()
+
+    async def exited() -> bool | None:
+        return True if not leader.alive else None
+
+    await eventually(exited, timeout=30, what="the paused leader to notice it lost the Lease and exit")
+    assert "leadership lost" in leader.log_tail(200)
+    after = replicas.instance("ha", "alice")["status"]
+    assert after.get("machineId") == done["status"]["machineId"] != source_machine
+    assert after.get("recovery") is None, "the old leader's stale recovery record was not written"
+    assert after["lastRecovery"] == done["status"]["lastRecovery"]
+    changed_on_fly = [
+        f"{r.method} {r.path}" for r in replicas.fly.request_log[fly_requests_before:] if r.method in MUTATING
+    ]
+    assert changed_on_fly == [], "the old leader changed nothing on Fly once resumed"
+    assert lease_holder(replicas.kube) == "replica-b"
+
+
 @pytest.mark.xdist_group("operator-processes")
 async def test_a_leader_stopped_gracefully_releases_the_lease_for_its_standby(replicas: TwoReplicas) -> None:
     # A long lease: only a release lets the standby in before it would expire.

@@ -41,6 +41,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, fence: Callable[[], bool] | None = None) -> None:
         self.settings = settings
+        self._fence = fence
         self.fly = FlyClient(
             settings.fly_api_base_url,
             settings.fly_api_token,
@@ -56,7 +57,7 @@ class Runtime:
     def connect(self, conn: KubeConnection) -> None:
         if self._ctx is not None:
             return
-        kube = KubeClient(conn)
+        kube = KubeClient(conn, fence=self._fence)
         observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +58,17 @@ class KubeConflict(KubeError):
 
 class KubeUnavailable(KubeError):
     """No answer from the API server (connection refused or lost, timeout): status 0."""
+
+
+class KubeNotLeading(KubeError):
+    """A write refused before it was sent: this process no longer knows itself the leader (its Lease was not
+    renewed within the renew deadline), so a standby may already be writing the same objects. Nothing reached
+    the API server; the process is about to exit and the new leader repeats the step from what it reads."""
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(
+            0, f"{method} {path} not sent: this replica is no longer sure it holds the leader Lease"
+        )
 
 
 #: Answers worth asking again for an idempotent call: the API server is busy or briefly unavailable.
@@ -263,8 +274,12 @@ class KubeClient:
         max_retries: int = 3,
         backoff_base: float = 0.2,
         backoff_cap: float = 5.0,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self._http = build_http_client(conn, timeout=timeout)
+        # Whether this process may still write as the leader; checked once a connection slot is taken, right
+        # before each changing request is sent (a pass that waited for a slot may have outlived the Lease).
+        self._fence = fence
         # Calls wait here for one of the pool's connections, outside their own timeouts.
         self._slots = asyncio.Semaphore(KUBE_MAX_CONNECTIONS)
         self._max_retries = max_retries
@@ -284,6 +299,8 @@ class KubeClient:
             retry_after: float | None = None
             try:
                 async with self._slots:
+                    if method != "GET" and self._fence is not None and not self._fence():
+                        raise KubeNotLeading(method, path)
                     response = await self._http.request(method, path, **kwargs)
             except httpx.HTTPError as exc:
                 error: KubeError = KubeUnavailable(0, f"{type(exc).__name__}: {exc}")

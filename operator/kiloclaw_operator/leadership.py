@@ -188,6 +188,9 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One round: read the Lease and write ourselves in when the rules allow; True while we lead."""
         config = self.config
+        # A renewal counts from before its request: the API server may have written it at any moment until
+        # the reply, so a slow reply must shrink the time left, never extend it (client-go times it so too).
+        attempted_at = self._clock()
         try:
             record = await self._leases.get_lease(config.namespace, config.name)
             decision = claim(record, config.identity, self._observe(record))
@@ -207,7 +210,7 @@ class LeaderElector:
             )
             return False
         self._ours = written
-        self._last_renewal = self._clock()
+        self._last_renewal = attempted_at
         self._set_leader(True)
         return True
 

@@ -423,17 +423,19 @@ class FlyClient:
         while True:
             if self.pacer is not None:
                 await self.pacer.wait(f"{method} {route}", subject, mutating=method != "GET")
-            if method != "GET" and self._fence is not None and not self._fence():
-                raise NotLeading(
-                    "not sent: this replica is no longer sure it holds the leader Lease",
-                    method=method,
-                    route=route,
-                )
             started = time.monotonic()
             token = self._tokens.value
             self._redacted.add(token)
             try:
                 async with self._slots:
+                    # Checked once the slot is ours, right before sending: waiting for a slot (or the pacer)
+                    # may have outlasted the Lease.
+                    if method != "GET" and self._fence is not None and not self._fence():
+                        raise NotLeading(
+                            "not sent: this replica is no longer sure it holds the leader Lease",
+                            method=method,
+                            route=route,
+                        )
                     response = await self._http.request(
                         method,
                         path,

@@ -4,6 +4,7 @@ leader is SIGKILLed in the middle of a recovery."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,17 @@ from harness import (
     operator_env,
 )
 from kiloclaw_operator.kube import KubeClient, KubeConnection
-from kiloclaw_operator.leadership import Claim, LeaderElector, LeaseConfig, claim, lease_body, micro_time
+from kiloclaw_operator.leadership import (
+    Claim,
+    ElectionLoop,
+    LeaderElector,
+    LeadershipLost,
+    LeaseConfig,
+    claim,
+    lease_body,
+    micro_time,
+    run_elected,
+)
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
 
@@ -197,6 +208,52 @@ async def test_a_leader_that_cannot_reach_the_api_server_stops_within_its_renew_
     await asyncio.to_thread(kube.stop_thread)
     await asyncio.wait_for(holding, timeout=10)
     assert not leader.is_leader
+
+
+def renew_time(kube: KubeSim) -> str:
+    lease = kube.get_object(LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL, NAMESPACE, "kiloclaw-operator") or {}
+    renewed: str = (lease.get("spec") or {}).get("renewTime") or ""
+    return renewed
+
+
+async def run_blocking_leader(kube: KubeSim, block_seconds: float, stall_seconds: float) -> list[str]:
+    """A leader whose work blocks its event loop for ``block_seconds`` once it leads; returns the Lease's
+    renewTime before and after the block. Raises LeadershipLost when the Lease is lost meanwhile."""
+    election = ElectionLoop().start()
+    leases = KubeClient(KubeConnection(server=kube.url, token="test"))
+    elector = LeaderElector(leases, config("a", renew_deadline_seconds=0.5, retry_period_seconds=0.05))
+    seen: list[str] = []
+
+    async def serve(stop: asyncio.Event) -> None:
+        seen.append(renew_time(kube))
+        time.sleep(block_seconds)  # noqa: ASYNC251 - a burst that holds the loop (CPU work, a blocking call)
+        seen.append(renew_time(kube))
+        await asyncio.sleep(0.3)  # the loop runs again: the election notices a loss, if there was one
+        stop_serving.set()
+
+    stop_serving = asyncio.Event()
+    try:
+        await run_elected(
+            elector, serve, election=election, loop_stall_seconds=stall_seconds, stop_flag=stop_serving
+        )
+    finally:
+        await election.run(leases.aclose())
+        election.stop()
+    return seen
+
+
+async def test_a_leader_whose_event_loop_is_busy_past_the_renew_deadline_keeps_renewing_its_lease(
+    kube: KubeSim,
+) -> None:
+    before, after = await run_blocking_leader(kube, block_seconds=1.5, stall_seconds=10)
+    assert after > before, "renewed from the election thread while the operator's loop was blocked"
+
+
+async def test_a_leader_whose_event_loop_stopped_making_progress_stops_renewing_and_hands_over(
+    kube: KubeSim,
+) -> None:
+    with pytest.raises(LeadershipLost):
+        await run_blocking_leader(kube, block_seconds=2.0, stall_seconds=0.5)
 
 
 # --- two operator processes -------------------------------------------------------------------------------

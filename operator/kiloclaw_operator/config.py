@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     lease_retry_period_seconds: float = Field(
         default=1, gt=0, validation_alias=AliasChoices("KILOCLAW_LEASE_RETRY_PERIOD_SECONDS")
     )
+    # The Lease is renewed from a thread of its own; it stops renewing for an event loop that has not run for
+    # this long (really stopped, not merely busy), so that a hung leader still hands over.
+    loop_stall_seconds: float = Field(
+        default=15, gt=0, validation_alias=AliasChoices("KILOCLAW_LOOP_STALL_SECONDS")
+    )
 
     _split_regions = field_validator("default_regions", mode="before")(_split_csv)
     _namespace_patterns = field_validator("namespaces", mode="before")(namespace_patterns)

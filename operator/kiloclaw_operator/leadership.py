@@ -15,6 +15,13 @@ the Lease. The protocol is client-go's (``k8s.io/client-go/tools/leaderelection`
 - On a graceful shutdown the leader first stops kopf (in-flight steps end, each recorded), then releases the
   Lease (holder cleared), so the standby takes over within one retry period instead of a lease duration.
 
+- Renewals run on an event loop of their own, in a thread (``ElectionLoop``), as client-go renews in a
+  goroutine of its own: a burst of work on the operator's loop (thousands of instances starting at once) must
+  not delay them past the renew deadline. The operator's loop proves it is alive with a heartbeat; the
+  elector stops renewing for a loop whose last beat is older than ``KILOCLAW_LOOP_STALL_SECONDS`` (a loop that
+  has really stopped, not merely fallen behind), so a hung leader still hands over. The fence (``acting``)
+  reads the monotonic time of the last renewal, wherever it was made.
+
 After a SIGKILL the standby takes over at most ``lease duration + 2 × retry period`` after the leader's last
 renewal; with the defaults (8 s, 1 s) that is about 10 s, plus kopf's start. The new leader's drivers read
 every instance's status and resume in-flight recoveries from their recorded step.
@@ -37,11 +44,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .config import Settings
 from .kube import KubeConflict, KubeError
-from .metrics import LEADER
+from .metrics import EVENT_LOOP_LAG, LEADER
 
 logger = logging.getLogger("kiloclaw.leadership")
 
@@ -162,9 +169,17 @@ def lease_body(
 
 class LeaderElector:
     def __init__(
-        self, leases: LeaseStore, config: LeaseConfig, *, clock: Callable[[], float] = time.monotonic
+        self,
+        leases: LeaseStore,
+        config: LeaseConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        loop_alive: Callable[[], bool] | None = None,
     ) -> None:
         self._leases = leases
+        #: Whether the operator's event loop still makes progress (set when renewals run on a loop of their
+        #: own); None: renewals share the operator's loop, so a stalled loop cannot renew anyway.
+        self.loop_alive = loop_alive
         self.config = config
         self._clock = clock
         self.is_leader = False
@@ -188,6 +203,13 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One round: read the Lease and write ourselves in when the rules allow; True while we lead."""
         config = self.config
+        if self.loop_alive is not None and not self.loop_alive():
+            # The operator's loop has stopped: holding the Lease for it would only keep the standby out.
+            logger.warning(
+                "not renewing: the operator's event loop has stopped making progress",
+                extra={"lease": self._lease_ref, "identity": config.identity},
+            )
+            return False
         # A renewal counts from before its request: the API server may have written it at any moment until
         # the reply, so a slow reply must shrink the time left, never extend it (client-go times it so too).
         attempted_at = self._clock()
@@ -229,14 +251,12 @@ class LeaderElector:
         self.is_leader = leader
         LEADER.set(1 if leader else 0)
 
-    async def acquire(self, stop: asyncio.Event) -> bool:
-        """Campaign until leader (True) or until ``stop`` is set (False)."""
-        while not stop.is_set():
+    async def acquire(self) -> None:
+        """Campaign until leader (cancel the call to give up)."""
+        while True:
             if await self.try_acquire_or_renew():
-                return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.retry_period_seconds)
-        return False
+                return
+            await asyncio.sleep(self.config.retry_period_seconds)
 
     async def hold(self) -> None:
         """Renew every retry period; return as soon as leadership is lost (renew deadline passed, or another
@@ -288,17 +308,79 @@ class LeaderElector:
 # --- running the operator as leader ------------------------------------------------------------------------
 
 Serve = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+T = TypeVar("T")
 
 
-async def lead(elector: LeaderElector, serve: Serve, stop: asyncio.Event) -> None:
+class ElectionLoop:
+    """A thread with an event loop of its own, where the Lease is read, renewed and released. The Lease store
+    the elector uses must be used on this loop only (its connections belong to it)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kiloclaw-election", daemon=True)
+
+    def start(self) -> ElectionLoop:
+        self._thread.start()
+        return self
+
+    def run(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Start ``work`` on the election loop now (not when the caller's loop next gets round to it); the
+        returned future, of the caller's loop, gives its result, and cancelling it cancels the work."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class Heartbeat:
+    """The operator's event loop proving that it runs: a beat every ``interval``; how far a beat fell behind
+    its schedule is the loop's lag (the worst is kept, logged when it grows past a second, and exported)."""
+
+    def __init__(self, interval: float = 0.25, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self.last = clock()
+        self.max_lag = 0.0
+
+    def age(self) -> float:
+        return self._clock() - self.last
+
+    async def run(self) -> None:
+        while True:
+            due = self._clock() + self.interval
+            await asyncio.sleep(self.interval)
+            self.last = self._clock()
+            lag = max(self.last - due, 0.0)
+            if lag > self.max_lag:
+                if lag >= 1.0:
+                    logger.warning("event loop fell %.1f s behind", lag, extra={"lag_seconds": round(lag, 3)})
+                self.max_lag = lag
+                EVENT_LOOP_LAG.set(lag)
+
+
+async def lead(
+    elector: LeaderElector, serve: Serve, stop: asyncio.Event, *, election: ElectionLoop | None = None
+) -> None:
     """Campaign; once leader, ``serve(serve_stop)`` (kopf) until ``stop`` or until kopf ends by itself (it got
-    SIGTERM), then release the Lease. Losing the Lease cancels ``serve`` at once and raises LeadershipLost."""
-    if not await elector.acquire(stop):
+    SIGTERM), then release the Lease. Losing the Lease cancels ``serve`` at once and raises LeadershipLost.
+    With ``election``, every Lease call runs on that loop, never behind the work of this one."""
+
+    def elected(work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        return election.run(work) if election is not None else asyncio.ensure_future(work)
+
+    acquiring: asyncio.Future[Any] = elected(elector.acquire())
+    stopping: asyncio.Future[Any] = asyncio.create_task(stop.wait(), name="kiloclaw-stop")
+    await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not acquiring.done():
+        acquiring.cancel()
+        await asyncio.gather(acquiring, stopping, return_exceptions=True)
         return
+    holding: asyncio.Future[Any] = elected(elector.hold())  # renewing before the operator's work starts
     serve_stop = asyncio.Event()
-    serving = asyncio.create_task(serve(serve_stop), name="kiloclaw-leader")
-    holding = asyncio.create_task(elector.hold(), name="kiloclaw-lease-renewal")
-    stopping = asyncio.create_task(stop.wait(), name="kiloclaw-stop")
+    serving: asyncio.Future[Any] = asyncio.create_task(serve(serve_stop), name="kiloclaw-leader")
     try:
         await asyncio.wait({serving, holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not holding.done():
@@ -312,7 +394,9 @@ async def lead(elector: LeaderElector, serve: Serve, stop: asyncio.Event) -> Non
                 await serving
             raise LeadershipLost(f"lease {elector.config.namespace}/{elector.config.name} lost")
         holding.cancel()
-        await elector.release()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holding
+        await elected(elector.release())
         serving.result()  # kopf's own failure, if any, after the Lease is released
     finally:
         for task in (serving, holding, stopping):
@@ -324,14 +408,21 @@ async def run_elected(
     elector: LeaderElector,
     serve: Serve,
     *,
+    election: ElectionLoop | None = None,
+    loop_stall_seconds: float = 15.0,
     stop_flag: asyncio.Event | threading.Event | None = None,
     health_port: int | None = None,
 ) -> None:
     """The process's life under leader election: a health endpoint in both roles, SIGTERM/SIGINT stop a
-    standby too (kopf installs its own handlers once it leads), ``stop_flag`` stops either role."""
+    standby too (kopf installs its own handlers once it leads), ``stop_flag`` stops either role. With
+    ``election`` the Lease is renewed there, for as long as this loop beats within ``loop_stall_seconds``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    bridges: list[asyncio.Task[Any]] = []
+    heartbeat = Heartbeat()
+    beating = asyncio.create_task(heartbeat.run(), name="kiloclaw-heartbeat")
+    if election is not None:
+        elector.loop_alive = lambda: heartbeat.age() < loop_stall_seconds
+    bridges: list[asyncio.Task[Any]] = [beating]
     if isinstance(stop_flag, asyncio.Event):
         bridges.append(asyncio.create_task(_set_when(stop_flag.wait(), stop)))
     elif isinstance(stop_flag, threading.Event):
@@ -343,7 +434,7 @@ async def run_elected(
             loop.add_signal_handler(signum, stop.set)
     health = await serve_health(health_port, elector) if health_port is not None else None
     try:
-        await lead(elector, serve, stop)
+        await lead(elector, serve, stop, election=election)
     finally:
         for bridge in bridges:
             bridge.cancel()

@@ -110,4 +110,8 @@ class ObjectsCollector(Collector):
 OBJECTS = ObjectsCollector()
 REGISTRY.register(OBJECTS)
 
+EVENT_LOOP_LAG = Gauge(
+    "kiloclaw_event_loop_lag_max_seconds",
+    "Longest delay of the operator's event loop behind a scheduled heartbeat since the process started",
+)
 LEADER = Gauge("kiloclaw_leader", "1 while this replica holds the leader Lease and runs the operator")

@@ -52,19 +52,24 @@ async def run_operator(
     if not settings.leader_election:
         await serve(stop_flag, f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None)
         return
-    from .leadership import LeaderElector, LeaseConfig, run_elected
+    from .leadership import ElectionLoop, LeaderElector, LeaseConfig, run_elected
 
+    # The Lease client lives on the election loop (a thread of its own) and is used and closed there only.
+    election = ElectionLoop().start()
     kube = KubeClient(await handlers.login_outside_kopf())
     elector = LeaderElector(kube, LeaseConfig.from_settings(settings))
     try:
         await run_elected(
             elector,
             lambda stop: serve(stop, None, elector.acting),
+            election=election,
+            loop_stall_seconds=settings.loop_stall_seconds,
             stop_flag=stop_flag,
             health_port=settings.health_port if liveness else None,
         )
     finally:
-        await kube.aclose()
+        await election.run(kube.aclose())
+        election.stop()
 
 
 def serve_metrics(port: int, variable: str) -> None:

@@ -182,6 +182,10 @@ class KubeSim:
         self._url: str | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
+        #: Seconds each watch event is held before it is sent. The real API server's echo of a write reaches
+        #: watchers measurably later than the write's reply (its watch cache); a delay here makes that order
+        #: of events — reply first, watch echo later — as visible as it is on a real cluster.
+        self.watch_delay = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -739,6 +743,8 @@ class KubeSim:
                     next_event = await watcher.queue.get()
                     if next_event is None:
                         break
+                    if self.watch_delay:
+                        await asyncio.sleep(self.watch_delay)
                     line = encode(next_event)
                     if line is not None:
                         await response.write(line)

@@ -54,6 +54,7 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "recovery_timeout_seconds": 20,
         "retention_seconds": 3600,
         "retained_check_seconds": 0.3,
+        "retained_provenance_grace_seconds": 1,
         "retry_backoff_min_seconds": 0.1,
         "retry_backoff_max_seconds": 1.0,
         "wait_call_seconds": 1,

@@ -1,7 +1,9 @@
 """End-to-end stories of KiloClawRetainedVolume over HTTP: the real operator against kubesim and flysim.
 
-Each test creates its Fly volume in flysim and its retained resource through the emulated API (as the recovery
-would), then acts as a user would: waits, patches ``deleteNow``, deletes with the finalizer, or breaks Fly.
+Each test creates its Fly volume in flysim and mints its retained resource through the API as the recovery
+does (the resource, then its provenance through the status subresource: ``mint_retained``), then acts as a
+user would: waits, patches ``deleteNow``, deletes with the finalizer, or breaks Fly. A resource made by hand,
+without the provenance, is never acted on (``test_a_hand_made_retained_volume_...``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def retained_path(namespace: str, name: str | None = None) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{RETAINED_PLURAL}" + (f"/{name}" if name else "")
 
 
+RECOVERY_ID = "01JDTESTRECOVERY0000000000"
+
+
 async def create_retained(
     stack: Stack,
     namespace: str,
@@ -90,19 +95,23 @@ async def create_retained(
     delete_now: bool = False,
     sandbox_id: str = SANDBOX,
     instance_name: str = "alice",
+    app: str = APP,
+    minted: bool = True,
 ) -> dict[str, Any]:
+    """The resource as a recovery mints it (``minted``: then its provenance, written through the status
+    subresource as the operator writes it), or as a tenant would make it by hand (no provenance)."""
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawRetainedVolume",
         "metadata": {"name": name, "labels": {f"{GROUP}/instance": instance_name}},
         "spec": {
-            "flyApp": APP,
+            "flyApp": app,
             "volumeId": volume_id,
             "sandboxId": sandbox_id,
             "instanceName": instance_name,
             "region": "iad",
             "reason": "UnexpectedStopRecovery",
-            "recoveryId": "01JDTESTRECOVERY0000000000",
+            "recoveryId": RECOVERY_ID,
             "retainUntil": rfc3339(retain_until or datetime.now(UTC) + timedelta(days=7)),
             "deleteNow": delete_now,
         },
@@ -110,6 +119,21 @@ async def create_retained(
     response = await stack.api.post(retained_path(namespace), json=body)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
+    if minted:
+        provenance = {
+            "instanceUid": f"uid-of-{instance_name}",
+            "recoveryId": RECOVERY_ID,
+            "flyApp": app,
+            "volumeId": volume_id,
+            "sandboxId": sandbox_id,
+        }
+        response = await stack.api.patch(
+            retained_path(namespace, name) + "/status",
+            json={"status": {"provenance": provenance}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()
     return result
 
 
@@ -259,6 +283,57 @@ async def test_kubectl_delete_deletes_the_volume_through_the_finalizer(stack: St
     await wait_retained_gone(stack, namespace, "alice-vol-del")
     assert not volume_alive(stack, volume_id)
     assert len(await reasons(stack, namespace, "alice-vol-del", "RetainedVolumeDeleted")) == 1
+
+
+# --- provenance: only what the operator minted ------------------------------------------------------------
+
+
+def fly_requests_naming(stack: Stack, volume_id: str) -> list[str]:
+    return [f"{r.method} {r.path}" for r in stack.fly.request_log if volume_id in r.path]
+
+
+@pytest.mark.parametrize("how", ["expired", "deleteNow"])
+async def test_a_hand_made_retained_volume_naming_another_namespaces_volume_never_touches_it(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient, how: str
+) -> None:
+    # The victim: an instance in another namespace whose machine was destroyed outside the operator, so its
+    # current volume is unattached for a moment (the attack of issue 17, tried end to end on main).
+    victim_ns = await stack.create_namespace("victim")
+    victim = await stack.create_instance(victim_ns, "alice")
+    running = await stack.wait_phase(victim_ns, "alice", "Running")
+    volume_id = status(running)["volumeId"]
+    await destroy_machine(fly_api, status(running)["machineId"])
+
+    past = datetime.now(UTC) - timedelta(hours=1)
+    await create_retained(
+        stack,
+        namespace,
+        "stolen",
+        volume_id,
+        sandbox_id=victim["spec"]["sandboxId"],
+        instance_name="alice",
+        retain_until=past if how == "expired" else None,
+        delete_now=how == "deleteNow",
+        minted=False,
+    )
+    blocked = await wait_retained(
+        stack,
+        namespace,
+        "stolen",
+        lambda b: stalled_reason(b) == "NotMintedByOperator",
+        "NotMintedByOperator",
+    )
+    assert status(blocked)["phase"] == "Blocked"
+    message = condition(blocked, "Stalled")["message"]
+    assert "not created by the operator" in message and victim_ns not in message
+    # kubectl delete removes the resource only.
+    await delete_retained(stack, namespace, "stolen")
+    await wait_retained_gone(stack, namespace, "stolen")
+    assert volume_alive(stack, volume_id)
+    assert not [r for r in fly_requests_naming(stack, volume_id) if r.startswith("DELETE")]
+    # The victim's own lifecycle goes on with its volume.
+    await stack.delete_instance(victim_ns, "alice")
+    await stack.wait_gone(victim_ns, "alice")
 
 
 # --- ownership -----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import conditions, lifecycle
+from . import conditions, lifecycle, retained
 from .config import Settings
 from .driving import RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
@@ -36,6 +36,7 @@ from .models import (
     LastRecovery,
     PendingCleanup,
     Phase,
+    Provenance,
     RecoveryOutcome,
     RecoveryStatus,
     RecoveryStep,
@@ -488,8 +489,18 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
     if retain_until is not None:
         retained_name = retained_volume_name(instance.ref.name, record.source_volume_id)
         try:
-            await port.kube.create_retained_volume(
-                instance.ref.namespace, _retained_volume_body(instance, record, retained_name, retain_until)
+            # Created, then proven: the provenance (recovery id, instance uid, ids) goes through the status
+            # subresource, and the retained-volume driver acts only on what it names.
+            retained_name = await retained.mint(
+                port.kube,
+                _retained_volume_body(instance, record, retained_name, retain_until),
+                Provenance(
+                    instance_uid=instance.ref.uid,
+                    recovery_id=record.id,
+                    fly_app=instance.spec.fly_app,
+                    volume_id=record.source_volume_id,
+                    sandbox_id=instance.spec.sandbox_id,
+                ),
             )
         except Exception as exc:
             raise RetryLater(

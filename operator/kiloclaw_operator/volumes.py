@@ -81,12 +81,17 @@ async def delete_volume_checked(
         return
 
 
-def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+def volumes_in_use(instances: Iterable[Mapping[str, Any]], *, viewer: str | None = None) -> dict[str, str]:
     """Volume ids that instances' statuses name as current, or as source or replacement of a recovery in
-    flight, mapped to a description of who holds them (for the Stalled message)."""
+    flight, mapped to a description of who holds them (for the Stalled message). The description names an
+    instance only when it is in ``viewer``'s namespace: a message shown in one namespace names nothing of
+    another."""
     held: dict[str, str] = {}
     for body in instances:
-        name = body.get("metadata", {}).get("name", "?")
+        meta = body.get("metadata", {})
+        who = f"instance {meta.get('name', '?')}"
+        if viewer is not None and meta.get("namespace") != viewer:
+            who = "an instance in another namespace"
         status = body.get("status") or {}
         recovery = status.get("recovery") or {}
         roles = (
@@ -96,5 +101,5 @@ def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         )
         for volume_id, role in roles:
             if volume_id and volume_id not in held:
-                held[volume_id] = f"instance {name} ({role})"
+                held[volume_id] = f"{who} ({role})"
     return held

@@ -26,12 +26,21 @@ from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
-from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
+from .volumes import (
+    MachineNotProven,
+    OwnershipMismatch,
+    delete_volume_checked,
+    destroy_machine_if_present,
+    destroy_recorded_machine,
+    volumes_in_use,
+)
 
 logger = logging.getLogger("kiloclaw.instance")
 
 ACTION_DEFERRED = "ActionDeferred"
 DUPLICATE_SANDBOX = "DuplicateSandbox"
+#: A machine id in status that does not prove to be the instance's: the destroy is refused.
+REASON_MACHINE_NOT_PROVEN = "MachineNotOwned"
 
 
 #: What a driver decides on while a recovery owns the instance (the recovery observes Fly itself).
@@ -727,15 +736,24 @@ class InstanceDriver(ObjectDriver[Instance]):
                 # Only what this instance recorded, or proves it owns: a machine with our sandbox id that
                 # mounts our recorded volume (a create whose id never reached the status). Never every
                 # machine carrying the sandbox id: another instance may name the same sandbox.
-                machine_ids = {status.machine_id} if status.machine_id else set()
+                proven: set[str] = set()
                 if status.volume_id:
-                    machine_ids.update(
-                        m.id for m in await self._machines_on_volume(instance, status.volume_id)
+                    proven.update(m.id for m in await self._machines_on_volume(instance, status.volume_id))
+                if status.machine_id and status.machine_id not in proven:
+                    # An id read from status is verified first: our sandbox id and a mount of our volume.
+                    await destroy_recorded_machine(
+                        self.ctx.fly,
+                        app,
+                        status.machine_id,
+                        sandbox_id=instance.spec.sandbox_id,
+                        volume_id=status.volume_id,
+                        wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
-                for machine_id in sorted(machine_ids):
+                for machine_id in sorted(proven):
                     await destroy_machine_if_present(
                         self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
                     )
+                machine_ids = proven | ({status.machine_id} if status.machine_id else set())
                 await recovery.remove_pending_cleanup(self.recovery_port(), instance)
                 if status.volume_id:
                     await delete_volume_checked(
@@ -747,6 +765,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                         wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
             except (FlyError, OwnershipMismatch) as exc:
+                if isinstance(exc, MachineNotProven):
+                    await self._refuse_destroy(instance, exc)
                 if isinstance(exc, Unauthorized):
                     raise RetryLater(
                         f"destroy blocked, Fly token unauthorized: {exc}",
@@ -760,6 +780,20 @@ class InstanceDriver(ObjectDriver[Instance]):
                 ),
                 "Fly confirmed machine and volume gone",
             )
+
+    async def _refuse_destroy(self, instance: Instance, exc: MachineNotProven) -> None:
+        """Say why the deletion waits (Stalled, one Warning Event per message); nothing was destroyed. It goes
+        on once the machine is gone or proves ours, or when an admin removes the finalizer."""
+        message = str(exc)
+        stalled = instance.status.condition(conditions.STALLED)
+        if stalled is not None and stalled.status == "True" and stalled.message == message:
+            return
+        logger.warning("%s", message, extra=self.log_fields(instance))
+        status = conditions.mark_stalled(
+            instance.status, REASON_MACHINE_NOT_PROVEN, message, self.ctx.clock(), instance.generation
+        )
+        instance = await self.commit(instance, status, "destroy refused: the recorded machine is not ours")
+        await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

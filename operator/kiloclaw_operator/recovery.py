@@ -44,7 +44,7 @@ from .models import (
     step_reached,
 )
 from .models import Instance as InstanceModel
-from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
+from .volumes import OwnershipMismatch, delete_volume_checked, destroy_recorded_machine
 
 logger = logging.getLogger("kiloclaw.recovery")
 analytics = logging.getLogger("kiloclaw.analytics")
@@ -286,8 +286,15 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
 
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
         if record.source_machine_id:
-            await destroy_machine_if_present(
-                client, app, record.source_machine_id, wait_seconds=port.settings.wait_call_seconds
+            # Verified before destroyed: our sandbox id and a mount of the recorded source volume, or the
+            # attempt fails (OwnershipMismatch) with nothing destroyed.
+            await destroy_recorded_machine(
+                client,
+                app,
+                record.source_machine_id,
+                sandbox_id=instance.spec.sandbox_id,
+                volume_id=record.source_volume_id,
+                wait_seconds=port.settings.wait_call_seconds,
             )
         return await _record(
             port, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
@@ -587,10 +594,15 @@ async def fail(
             pass
     if replacement_machine:
         try:
-            await destroy_machine_if_present(
-                client, app, replacement_machine, wait_seconds=port.settings.wait_call_seconds
+            await destroy_recorded_machine(
+                client,
+                app,
+                replacement_machine,
+                sandbox_id=instance.spec.sandbox_id,
+                volume_id=record.replacement_volume_id,
+                wait_seconds=port.settings.wait_call_seconds,
             )
-        except FlyError as exc:
+        except (FlyError, OwnershipMismatch) as exc:
             logger.warning(
                 "could not destroy replacement machine %s: %s",
                 replacement_machine,
@@ -701,8 +713,13 @@ async def remove_pending_cleanup(port: Port, instance: InstanceModel) -> None:
         return
     app = instance.spec.fly_app
     if pending.machine_id:
-        await destroy_machine_if_present(
-            port.fly, app, pending.machine_id, wait_seconds=port.settings.wait_call_seconds
+        await destroy_recorded_machine(
+            port.fly,
+            app,
+            pending.machine_id,
+            sandbox_id=instance.spec.sandbox_id,
+            volume_id=pending.volume_id,
+            wait_seconds=port.settings.wait_call_seconds,
         )
     if pending.volume_id:
         await delete_volume_checked(

@@ -29,6 +29,54 @@ class OwnershipMismatch(Exception):
         self.found = found
 
 
+class MachineNotProven(OwnershipMismatch):
+    """A machine id read from status does not prove to be this instance's (our sandbox id in its metadata and
+    a mount of the volume recorded with it): nothing was destroyed. The message names only what the instance
+    itself recorded."""
+
+    def __init__(self, machine_id: str, volume_id: str | None, expected: str, found: str | None) -> None:
+        Exception.__init__(
+            self,
+            f"refusing to destroy machine {machine_id} recorded in status: "
+            + (
+                f"it is not a machine of sandbox {expected}"
+                if found != expected
+                else f"it does not mount the recorded volume {volume_id or '(none recorded)'}"
+            )
+            + "; nothing was destroyed",
+        )
+        self.machine_id = machine_id
+        self.volume_id = volume_id or ""
+        self.expected = expected
+        self.found = found
+
+
+async def destroy_recorded_machine(
+    fly: FlyClient,
+    app: str,
+    machine_id: str,
+    *,
+    sandbox_id: str,
+    volume_id: str | None,
+    wait_seconds: int,
+) -> None:
+    """Force-destroy a machine whose id was read from a status (the instance's, a recovery's source or
+    replacement, a pending cleanup), once it proves ours: read it first (404 or destroyed: done), and require
+    our sandbox id in its metadata **and** a mount of ``volume_id``, the volume recorded with it. Whoever can
+    write a status could otherwise name any machine the operator's token reaches. Raises ``MachineNotProven``
+    before anything is destroyed."""
+    try:
+        machine = await fly.get_machine(app, machine_id)
+    except NotFound:
+        return
+    if machine.is_destroyed:
+        return
+    mounted = {m.volume for m in machine.config.mounts} if machine.config else set()
+    if machine.sandbox_id != sandbox_id or volume_id is None or volume_id not in mounted:
+        raise MachineNotProven(machine_id, volume_id, sandbox_id, machine.sandbox_id)
+    await destroy_machine_if_present(fly, app, machine_id, wait_seconds=wait_seconds)
+
+
 async def destroy_machine_if_present(fly: FlyClient, app: str, machine_id: str, *, wait_seconds: int) -> None:
     """Force-destroy; a machine that is already gone counts as destroyed.
 

@@ -26,6 +26,7 @@ from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from kiloclaw_operator.run import run_operator
+from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,25 @@ FLY_TOKEN = "test-token"
 T = TypeVar("T")
 
 _namespace_counter = itertools.count(1)
+
+
+#: The Fly apps every test namespace is bound to (tenancy.py), besides ``acct-<namespace>``, and the image
+#: repositories (``img``: the bare image of processes.create_instance).
+TEST_APPS = ("acct-test", "acct-a", "acct-other", "acct-x", "acct-paging", "acct-3f9a1c")
+TEST_IMAGE_REPOSITORIES = ("registry.fly.io/", "img")
+
+
+def binding(*apps: str, repositories: tuple[str, ...] = TEST_IMAGE_REPOSITORIES) -> dict[str, str]:
+    """The Namespace annotations a cluster admin sets to bind a namespace to ``apps``."""
+    return {FLY_APPS_ANNOTATION: ",".join(apps), IMAGE_REPOSITORIES_ANNOTATION: ",".join(repositories)}
+
+
+def bind_app(kube: KubeSim, namespace: str, app: str) -> None:
+    """Add ``app`` to the namespace's binding (creating the namespace if needed), as the admin would."""
+    existing = kube.get_object("", "v1", "namespaces", None, namespace) or {}
+    annotations = (existing.get("metadata") or {}).get("annotations") or {}
+    apps = [a for a in annotations.get(FLY_APPS_ANNOTATION, "").split(",") if a]
+    kube.create_namespace(namespace, annotations=binding(*dict.fromkeys([*apps, app])))
 
 
 def test_settings(fly_url: str, **overrides: Any) -> Settings:
@@ -228,9 +248,14 @@ class Stack:
 
     # --- Kubernetes API ---------------------------------------------------------------------------------
 
-    async def create_namespace(self, prefix: str = "t") -> str:
+    async def create_namespace(self, prefix: str = "t", *, bound: bool = True) -> str:
+        """A fresh namespace, bound (``bound``) to the test apps and ``acct-<name>`` as a cluster admin binds
+        a tenant's namespace."""
         name = f"{prefix}-{os.getpid()}-{next(_namespace_counter)}"
-        response = await self.api.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+        metadata: dict[str, Any] = {"name": name}
+        if bound:
+            metadata["annotations"] = binding(*TEST_APPS, f"acct-{name}")
+        response = await self.api.post("/api/v1/namespaces", json={"metadata": metadata})
         assert response.status_code in (200, 201), response.text
         return name
 

@@ -76,8 +76,8 @@ async def test_a_recorded_machine_of_another_sandbox_is_refused_and_nothing_is_d
         )
     assert alive(sim, machine_id)
     assert str(refused.value) == (
-        f"refusing to destroy machine {machine_id} recorded in status: it is not a machine of sandbox ki_ours; "
-        "nothing was destroyed"
+        f"refusing to destroy machine {machine_id} recorded in status: it is not a machine of sandbox "
+        "ki_ours; nothing was destroyed"
     )
     assert "ki_someone_else" not in str(refused.value)
     assert not [r for r in sim.request_log if r.method == "DELETE"]

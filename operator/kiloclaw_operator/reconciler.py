@@ -15,11 +15,21 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from . import conditions, lifecycle, ownership, recovery
+from . import conditions, leadership, lifecycle, ownership, recovery, tenancy
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .feed import FeedObserver, MachineState
-from .fly import Capacity, Fatal, FlyClient, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
+from .fly import (
+    AppNotFound,
+    Capacity,
+    Fatal,
+    FlyClient,
+    FlyError,
+    HostUnavailable,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
@@ -41,6 +51,14 @@ ACTION_DEFERRED = "ActionDeferred"
 DUPLICATE_SANDBOX = "DuplicateSandbox"
 #: A machine id in status that does not prove to be the instance's: the destroy is refused.
 REASON_MACHINE_NOT_PROVEN = "MachineNotOwned"
+#: Stalls that refuse the instance before any Fly call; looked at again at the idle cadence.
+_REFUSALS = frozenset(
+    {
+        conditions.REASON_DUPLICATE_SANDBOX,
+        tenancy.REASON_APP_NOT_ALLOWED,
+        tenancy.REASON_IMAGE_NOT_ALLOWED,
+    }
+)
 
 
 #: What a driver decides on while a recovery owns the instance (the recovery observes Fly itself).
@@ -102,10 +120,10 @@ class PollingObserver:
 def _failed_read(exc: FlyError) -> Observation:
     """What a failed read of the machine says: gone on a 404, nothing (unknown) on a transient failure. An
     unauthorized token or a rejected request is not an observation: re-raised for the driver."""
+    if isinstance(exc, AppNotFound | Unauthorized | Fatal):
+        raise exc
     if isinstance(exc, NotFound):
         return Observation.gone()
-    if isinstance(exc, Unauthorized | Fatal):
-        raise exc
     return Observation.unknown(str(exc))
 
 
@@ -118,6 +136,8 @@ class InstanceDriver(ObjectDriver[Instance]):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
 
     failures: int = 0
+    # Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
+    claim_confirmed: bool = False
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
     # Set while the driver waits for news of a machine it just created (the settle window), else None.
@@ -229,8 +249,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                 conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
                 "the Fly token works again",
             )
-        if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
-            # A refused claimant looks again now and then: it may claim once the owner is gone.
+        if conditions.stalled_reason(instance.status) in _REFUSALS:
+            # A refused instance looks again now and then: the owner may be gone, the binding changed.
             return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
         return self.ctx.observer.next_pass(instance)
 
@@ -252,6 +272,17 @@ class InstanceDriver(ObjectDriver[Instance]):
             # Backed off, but never longer than a Running instance's cadence: a fixed token must be noticed
             # (and observation resumed) soon, not after the hour-long cap of failing deletes.
             return min(self._backoff(), self.ctx.settings.poll_running_seconds)
+        if isinstance(exc, AppNotFound):
+            message = (
+                f"Fly app {instance.spec.fly_app} does not exist, or the operator's token cannot see it "
+                f"({exc.message}): create the app or change spec.flyApp, then this is tried again"
+            )
+            logger.error("%s", message, extra=fields)
+            status = instance.status.model_copy(
+                update={"phase": Phase.FAILED, "observed_generation": instance.generation}
+            )
+            await self._stall(instance, status, conditions.REASON_APP_NOT_FOUND, message)
+            return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         if isinstance(exc, HostUnavailable) and instance.spec.state is DesiredState.RUNNING:
             return await self._on_host_unavailable(instance, exc)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
@@ -299,16 +330,45 @@ class InstanceDriver(ObjectDriver[Instance]):
         return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
-        if not ownership.has_claim(instance.status):
+        claimed = ownership.has_claim(instance.status)
+        # The namespace's binding first, before any Fly call (read afresh before a claim).
+        refusal = await self._binding_refusal(instance, fresh=not claimed)
+        if refusal is not None:
+            await self._stall(
+                instance,
+                instance.status.model_copy(update={"observed_generation": instance.generation}),
+                refusal.reason,
+                refusal.message,
+            )
+            return self.current()
+        if conditions.stalled_reason(instance.status) in (
+            tenancy.REASON_APP_NOT_ALLOWED,
+            tenancy.REASON_IMAGE_NOT_ALLOWED,
+        ):
+            instance = await self.commit(
+                instance,
+                conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
+                "the namespace's binding allows the instance again",
+            )
+        if claimed and not self.claim_confirmed:
+            # Claimed before claims were Leases (or by an earlier process): hold the Lease too.
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+            if holder is not None:
+                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
+                return self.current()
+            self.claim_confirmed = True
+        if not claimed:
             if FINALIZER not in ((self.latest or {}).get("metadata", {}).get("finalizers") or ()):
                 # kopf adds its finalizer when it first handles the instance: claim (and touch Fly) only once
                 # deletion is guarded by it. Claiming first also made kopf's finalizer patch, which carries a
                 # resourceVersion test, fail and be sent again: one more write per instance.
                 return instance
-            claimed = await self._claim(instance)
-            if claimed is None:
+            claimant = await self._claim(instance)
+            if claimant is None:
                 return self.current()
-            instance = claimed
+            instance = claimant
         instance = await recovery.retry_pending_cleanup(self.recovery_port(), instance)
         if lifecycle.recovery_in_flight(instance):
             observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
@@ -347,16 +407,53 @@ class InstanceDriver(ObjectDriver[Instance]):
                 return None
             # Counted as a claimant from here on; the write itself need not hold up the other claimants.
             book.reserve(self.latest or {})
-        now = self.ctx.clock()
-        status = instance.status.model_copy(
-            update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
-        )
-        if conditions.is_stalled(status):
-            status = conditions.clear_stalled(status, now, instance.generation)
         try:
+            # The claim book decides among the instances this process sees; the Lease, created atomically by
+            # the API server, decides across shards and replicas (tenancy.py).
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+            if holder is not None:
+                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
+                return None
+            self.claim_confirmed = True
+            now = self.ctx.clock()
+            status = instance.status.model_copy(
+                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
+            )
+            if conditions.is_stalled(status):
+                status = conditions.clear_stalled(status, now, instance.generation)
             return await self.commit(instance, status, "claim the sandbox before any Fly call")
         finally:
             book.settle(self.latest or {})
+
+    def _claims_namespace(self) -> str:
+        settings = self.ctx.settings
+        return settings.claims_namespace or settings.lease_namespace or leadership.default_lease_namespace()
+
+    async def _binding_refusal(
+        self, instance: Instance, *, fresh: bool, check_image: bool = True
+    ) -> tenancy.Refusal | None:
+        annotations = await self.ctx.bindings.annotations(instance.ref.namespace, fresh=fresh)
+        return tenancy.binding_refusal(
+            instance.ref.namespace, annotations, instance.spec, check_image=check_image
+        )
+
+    async def _stall(self, instance: Instance, status: InstanceStatus, reason: str, message: str) -> None:
+        """Stalled with ``reason`` and a Warning Event, once per message (a refusal repeated is not news)."""
+        stalled = instance.status.condition(conditions.STALLED)
+        if (
+            stalled is not None
+            and stalled.status == "True"
+            and stalled.reason == reason
+            and stalled.message == message
+            and instance.status.phase is status.phase
+        ):
+            return
+        logger.warning("%s", message, extra=self.log_fields(instance))
+        status = conditions.mark_stalled(status, reason, message, self.ctx.clock(), instance.generation)
+        instance = await self.commit(instance, status, f"refused ({reason}): nothing on Fly is touched")
+        await self.ctx.kube.post_event(instance.ref, reason, message, warning=True)
 
     async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
         message = ownership.duplicate_message(instance, owner)
@@ -721,6 +818,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                 instance.status.volume_id,
                 extra=self.log_fields(instance),
             )
+            if ownership.holds_fly_ids(instance.status) and not await self._may_destroy(instance):
+                return
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
                 instance = await recovery.settle_for_deletion(self.recovery_port(), instance)
@@ -780,6 +879,45 @@ class InstanceDriver(ObjectDriver[Instance]):
                 ),
                 "Fly confirmed machine and volume gone",
             )
+            try:
+                await tenancy.release_claim(
+                    self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+                )
+            except KubeError as exc:
+                raise RetryLater(
+                    f"could not release the sandbox's claim: {exc}",
+                    self.ctx.settings.retry_backoff_min_seconds,
+                ) from exc
+
+    async def _may_destroy(self, instance: Instance) -> bool:
+        """Before a destroy touches Fly: the namespace must still be bound to the app (else the deletion
+        waits, Stalled, RetryLater), and the instance must hold the sandbox's claim (else it is released
+        without touching Fly: another instance owns what the ids name)."""
+        try:
+            refusal = await self._binding_refusal(instance, fresh=True, check_image=False)
+            if refusal is not None:
+                message = (
+                    f"{refusal.message}; the deletion waits until the app is bound again (or an admin "
+                    "removes the finalizer, leaving Fly as it is)"
+                )
+                await self._stall(instance, instance.status, refusal.reason, message)
+                raise RetryLater(message, self._backoff())
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+        except KubeError as exc:
+            raise RetryLater(
+                f"Kubernetes API call failed: {exc}", self.ctx.settings.retry_backoff_min_seconds
+            ) from exc
+        if holder is not None:
+            logger.warning(
+                "deleted without touching Fly: the sandbox's claim is held by instance %s/%s",
+                holder.namespace,
+                holder.name,
+                extra=self.log_fields(instance),
+            )
+            return False
+        return True
 
     async def _refuse_destroy(self, instance: Instance, exc: MachineNotProven) -> None:
         """Say why the deletion waits (Stalled, one Warning Event per message); nothing was destroyed. It goes

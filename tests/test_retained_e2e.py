@@ -99,7 +99,9 @@ async def create_retained(
     minted: bool = True,
 ) -> dict[str, Any]:
     """The resource as a recovery mints it (``minted``: then its provenance, written through the status
-    subresource as the operator writes it), or as a tenant would make it by hand (no provenance)."""
+    subresource as the operator writes it), or as a tenant could make it by hand where admission does not
+    stop it (no provenance). Sent as the operator's ServiceAccount: on the real API server, the admission
+    policy refuses a create by anyone else (tests/test_tenancy_cluster.py)."""
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawRetainedVolume",
@@ -116,7 +118,7 @@ async def create_retained(
             "deleteNow": delete_now,
         },
     }
-    response = await stack.api.post(retained_path(namespace), json=body)
+    response = await stack.operator_api.post(retained_path(namespace), json=body)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
     if minted:
@@ -127,7 +129,7 @@ async def create_retained(
             "volumeId": volume_id,
             "sandboxId": sandbox_id,
         }
-        response = await stack.api.patch(
+        response = await stack.operator_api.patch(
             retained_path(namespace, name) + "/status",
             json={"status": {"provenance": provenance}},
             headers={"Content-Type": "application/merge-patch+json"},

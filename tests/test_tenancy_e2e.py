@@ -44,6 +44,19 @@ async def annotate(stack: Stack, namespace: str, annotations: dict[str, str]) ->
     response.raise_for_status()
 
 
+async def claim(stack: Stack, app: str, sandbox: str) -> dict[str, Any] | None:
+    """The Lease that holds ``(app, sandbox)``, read through the API (kubesim or the real server)."""
+    name = claim_name(app, sandbox)
+    response = await stack.api.get(
+        f"/apis/coordination.k8s.io/v1/namespaces/{CLAIMS_NAMESPACE}/leases/{name}"
+    )
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
 async def wait_stalled(stack: Stack, namespace: str, name: str, reason: str) -> dict[str, Any]:
     return await stack.wait_instance(
         namespace, name, lambda b: stalled(b)[0] == reason, what=f"Stalled {reason}"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from harness import Stack, binding, condition, eventually, status
+from kiloclaw_operator.fly.vocabulary import legacy_volume_name, volume_name
 from kiloclaw_operator.kube import KubeClient, KubeConnection
 from kiloclaw_operator.models import InstanceSpec, ObjectRef
 from kiloclaw_operator.tenancy import (
@@ -234,3 +235,47 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
     await stack.delete_instance(namespace, "live")
     await stack.wait_gone(namespace, "live")
     assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", "ki_claim_live")) is None
+
+
+# --- adoption by name ---------------------------------------------------------------------------------------
+
+
+def unique(namespace: str) -> str:
+    return namespace.rsplit("-", 2)[-2] + namespace.rsplit("-", 1)[-1]
+
+
+async def test_a_volume_left_under_the_legacy_name_is_adopted_when_no_other_sandbox_shares_that_name(
+    stack: Stack, namespace: str
+) -> None:
+    sandbox = f"ki_legacy_{unique(namespace)}"
+    app = f"acct-{namespace}"
+    left = stack.fly.create_volume(app, legacy_volume_name(sandbox), "iad")[
+        "id"
+    ]  # a crash before 0.2's record
+    await stack.create_instance(namespace, "heir", sandboxId=sandbox, flyApp=app)
+    running = await stack.wait_phase(namespace, "heir", "Running", timeout=20)
+    assert status(running)["volumeId"] == left
+    await stack.delete_instance(namespace, "heir")
+    await stack.wait_gone(namespace, "heir")
+
+
+async def test_a_legacy_named_volume_two_sandboxes_map_to_is_adopted_by_neither(
+    stack: Stack, namespace: str
+) -> None:
+    other_ns = await stack.create_namespace("other")
+    n = unique(namespace)
+    first, second = f"Leg-{n}", f"leg_{n}"  # one legacy name, two sandboxes
+    assert legacy_volume_name(first) == legacy_volume_name(second)
+    ambiguous = stack.fly.create_volume("acct-test", legacy_volume_name(first), "iad")["id"]
+    await stack.create_instance(other_ns, "first", sandboxId=first, flyApp="acct-test", state="Stopped")
+    await stack.create_instance(namespace, "second", sandboxId=second, flyApp="acct-test")
+    one = status(await stack.wait_phase(other_ns, "first", "Stopped", timeout=20))
+    two = status(await stack.wait_phase(namespace, "second", "Running", timeout=20))
+    assert ambiguous not in (one["volumeId"], two["volumeId"])
+    assert one["volumeId"] != two["volumeId"]
+    names = {v["id"]: v["name"] for v in stack.fly.volumes("acct-test")}
+    assert names[one["volumeId"]] == volume_name(first) and names[two["volumeId"]] == volume_name(second)
+    for ns, name in ((other_ns, "first"), (namespace, "second")):
+        await stack.delete_instance(ns, name)
+        await stack.wait_gone(ns, name)
+    assert ambiguous in {v["id"] for v in stack.live_volumes("acct-test")}

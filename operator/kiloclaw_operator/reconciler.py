@@ -593,7 +593,7 @@ class InstanceDriver(ObjectDriver[Instance]):
     async def _adopt_or_create_volume(self, instance: Instance) -> Volume:
         spec = instance.spec
         name = fly.volume_name(spec.sandbox_id)
-        adoptable = await self._adoptable_volumes(instance, name)
+        adoptable = await self._adoptable_volumes(instance)
         if adoptable:
             logger.info(
                 "adopting volume %s left by an earlier attempt",
@@ -611,17 +611,20 @@ class InstanceDriver(ObjectDriver[Instance]):
                 errors.append(f"{region}: {exc.message}")
         raise RetryLater("no region has capacity for the volume: " + "; ".join(errors), 0)
 
-    async def _adoptable_volumes(self, instance: Instance, name: str) -> list[Volume]:
+    async def _adoptable_volumes(self, instance: Instance) -> list[Volume]:
         """Volumes this instance created but did not record (crash between create and status write).
 
-        Same name, unattached, created after the instance, not kept as a retained safety copy, and named by
-        no instance's status (the name keeps only the first 21 characters of the sandbox id).
+        Our name (or, for a create before names carried a hash, the legacy name, if no other instance of the
+        app in any namespace maps to that name too), unattached, created after the instance, and held by no
+        instance and no retained volume in any namespace.
         """
-        volumes = await self.ctx.fly.list_volumes(instance.spec.fly_app)
+        spec = instance.spec
+        volumes = await self.ctx.fly.list_volumes(spec.fly_app)
+        names = {fly.volume_name(spec.sandbox_id), fly.legacy_volume_name(spec.sandbox_id)}
         candidates = [
             v
             for v in volumes
-            if v.name == name
+            if v.name in names
             and not v.is_gone
             and not v.attached_machine_id
             and (
@@ -632,10 +635,15 @@ class InstanceDriver(ObjectDriver[Instance]):
         ]
         if not candidates:
             return []
-        taken = set(volumes_in_use(await self.ctx.kube.list_instances()))
+        instances = await self.ctx.kube.list_instances()
+        if any(v.name != fly.volume_name(spec.sandbox_id) for v in candidates) and _legacy_name_shared(
+            instance, instances
+        ):
+            candidates = [v for v in candidates if v.name == fly.volume_name(spec.sandbox_id)]
+        taken = set(volumes_in_use(instances))
         taken.update(
-            item.get("spec", {}).get("volumeId")
-            for item in await self.ctx.kube.list_retained_volumes(instance.ref.namespace)
+            str((item.get("spec") or {}).get("volumeId"))
+            for item in await self.ctx.kube.list_retained_volumes()
         )
         return sorted((v for v in candidates if v.id not in taken), key=lambda v: str(v.created_at))
 
@@ -647,7 +655,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         if machine is None:
             machine = await self.ctx.fly.create_machine(
                 spec.fly_app,
-                name=spec.sandbox_id,
+                name=fly.machine_name(spec.sandbox_id),
                 region=instance.status.region or lifecycle.ordered_regions(spec, self.ctx.settings)[0],
                 config=lifecycle.desired_machine_config(spec, volume_id),
             )
@@ -932,6 +940,20 @@ class InstanceDriver(ObjectDriver[Instance]):
         )
         instance = await self.commit(instance, status, "destroy refused: the recorded machine is not ours")
         await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
+
+
+def _legacy_name_shared(instance: Instance, instances: list[dict[str, Any]]) -> bool:
+    """Whether another instance of the same Fly app (any namespace) maps to this one's legacy volume name."""
+    legacy = fly.legacy_volume_name(instance.spec.sandbox_id)
+    for body in instances:
+        spec = body.get("spec") or {}
+        if (body.get("metadata") or {}).get("uid") == instance.ref.uid or spec.get(
+            "flyApp"
+        ) != instance.spec.fly_app:
+            continue
+        if fly.legacy_volume_name(str(spec.get("sandboxId") or "")) == legacy:
+            return True
+    return False
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

@@ -365,9 +365,9 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
                 record.replacement_volume_id,
                 extra=_fields(instance),
             )
-    name = fly.volume_name(instance.spec.sandbox_id)
+    names = _fork_names(instance)
     for volume in await client.list_volumes(app):
-        if _is_fork_of_this_attempt(volume, name, record):
+        if _is_fork_of_this_attempt(volume, names, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
@@ -379,7 +379,7 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
         try:
             return await client.create_volume(
                 app,
-                name=name,
+                name=fly.volume_name(instance.spec.sandbox_id),
                 region=region,
                 source_volume_id=record.source_volume_id,
                 compute=Guest(cpu_kind=guest.cpu_kind, cpus=guest.cpus, memory_mb=guest.memory_mb),
@@ -409,7 +409,7 @@ async def _replacement_machine(port: Port, instance: InstanceModel, record: Reco
     volume = await client.get_volume(app, record.replacement_volume_id)
     return await client.create_machine(
         app,
-        name=instance.spec.sandbox_id,
+        name=fly.machine_name(instance.spec.sandbox_id),
         region=volume.region,
         config=lifecycle.desired_machine_config(instance.spec, volume.id, recovery_id=record.id),
     )
@@ -752,19 +752,27 @@ async def _unrecorded_replacement_volume(
     """A fork created just before a crash, before its id reached the status (same rule as adoption)."""
     if not step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED):
         return None
-    name = fly.volume_name(instance.spec.sandbox_id)
+    names = _fork_names(instance)
     try:
         volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
-    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, name, record)), None)
+    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, names, record)), None)
 
 
-def _is_fork_of_this_attempt(volume: Volume, name: str, record: RecoveryStatus) -> bool:
-    """A live volume with the sandbox's name, created since this attempt began, that is not its source: what
-    step 4 of this attempt created (an older volume of the same name is a retained copy, never adopted)."""
+def _fork_names(instance: InstanceModel) -> set[str]:
+    """The names a fork of this sandbox may carry: ours, and the legacy one (a recovery begun before names
+    carried a hash; only this attempt's window counts, see ``_is_fork_of_this_attempt``)."""
+    return {fly.volume_name(instance.spec.sandbox_id), fly.legacy_volume_name(instance.spec.sandbox_id)}
+
+
+def _is_fork_of_this_attempt(volume: Volume, names: set[str], record: RecoveryStatus) -> bool:
+    """A live, unattached volume with the sandbox's name, created since this attempt began, that is not its
+    source: what step 4 of this attempt created (an older volume of the same name is a retained copy, never
+    adopted; an attached one is in someone's use)."""
     return (
-        volume.name == name
+        volume.name in names
+        and not volume.attached_machine_id
         and volume.id != record.source_volume_id
         and volume.created_at is not None
         and volume.created_at >= record.started_at

@@ -358,8 +358,8 @@ async def test_ownership_mismatch_blocks_without_deleting_and_recovers_when_the_
     message = condition(blocked, "Stalled")["message"]
     assert stalled_reason(blocked) == "OwnershipMismatch"
     assert message == (
-        f"refusing to destroy attached machine {foreign} for volume {volume_id}: "
-        f"expected sandbox {SANDBOX}, found ki_someone_else"
+        f"refusing to delete volume {volume_id}: it is attached to a machine that is not one of sandbox "
+        f"{SANDBOX}; nothing was destroyed"
     )
     assert status(blocked)["lastError"] == message
     assert status(blocked)["nextAttemptAt"]
@@ -384,7 +384,7 @@ async def test_machine_without_sandbox_metadata_blocks_the_delete(
     blocked = await wait_retained(
         stack, namespace, "alice-vol-nolabel", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
     )
-    assert condition(blocked, "Stalled")["message"].endswith(f"expected sandbox {SANDBOX}, found none")
+    assert f"a machine that is not one of sandbox {SANDBOX}" in condition(blocked, "Stalled")["message"]
     assert machine_alive(stack, unlabelled) and volume_alive(stack, volume_id)
     await destroy_machine(fly_api, unlabelled)
     await wait_retained_gone(stack, namespace, "alice-vol-nolabel")
@@ -434,8 +434,8 @@ async def test_attached_machine_that_merely_carries_the_same_sandbox_id_blocks_t
         stack, namespace, "alice-vol-att", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
     )
     assert condition(blocked, "Stalled")["message"] == (
-        f"refusing to destroy attached machine {same_sandbox} for volume {volume_id}: "
-        "not a machine recorded for this volume"
+        f"refusing to delete volume {volume_id}: it is attached to a machine not recorded for this volume; "
+        "nothing was destroyed"
     )
     assert machine_alive(stack, same_sandbox) and volume_alive(stack, volume_id)
     await destroy_machine(fly_api, same_sandbox)

@@ -213,14 +213,15 @@ def test_rate_limit_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
 # --- failure classification and the status it leaves ------------------------------------------------------
 
 
-def test_ownership_mismatch_blocks_with_stalled_condition_naming_both_sandboxes() -> None:
+def test_ownership_mismatch_blocks_with_stalled_condition_naming_only_the_expected_sandbox() -> None:
     base = retained(delete_now=True)
     status = failed_status(base, NOW, classify_failure(mismatch(), 1, settings()))
     assert status.phase is RetainedPhase.BLOCKED
     stalled = condition(status, "Stalled")
     assert stalled[:2] == ("True", REASON_OWNERSHIP_MISMATCH)
-    assert "refusing to destroy attached machine m1 for volume" in stalled[2]
-    assert "expected sandbox ki_alice, found ki_bob" in stalled[2]
+    assert f"refusing to delete volume {VOLUME}: it is attached to a machine" in stalled[2]
+    assert "sandbox ki_alice" in stalled[2]
+    assert "ki_bob" not in stalled[2] and "m1" not in stalled[2]  # another tenant's, possibly
     assert condition(status, "Ready")[0] == "False"
     assert status.attempts == 1
     assert status.last_error == stalled[2]

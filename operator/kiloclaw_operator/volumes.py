@@ -15,13 +15,15 @@ class OwnershipMismatch(Exception):
     recorded for this volume: nothing was destroyed."""
 
     def __init__(self, machine_id: str, volume_id: str, expected: str, found: str | None) -> None:
+        # The message is shown in the instance's namespace: the machine and what it carries may be another
+        # tenant's, so neither is named (the operator's log has the machine id).
         detail = (
-            f"expected sandbox {expected}, found {found or 'none'}"
+            f"a machine that is not one of sandbox {expected}"
             if found != expected
-            else "not a machine recorded for this volume"
+            else "a machine not recorded for this volume"
         )
         super().__init__(
-            f"refusing to destroy attached machine {machine_id} for volume {volume_id}: {detail}"
+            f"refusing to delete volume {volume_id}: it is attached to {detail}; nothing was destroyed"
         )
         self.machine_id = machine_id
         self.volume_id = volume_id

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from flysim.state import FlyApiError
 from harness import Stack, binding, condition, eventually, status
 from kiloclaw_operator.fly.vocabulary import legacy_volume_name, volume_name
-from kiloclaw_operator.kube import KubeClient, KubeConnection
+from kiloclaw_operator.kube import KubeClient, KubeConnection, kubeconfig_connection
 from kiloclaw_operator.models import InstanceSpec, ObjectRef
 from kiloclaw_operator.tenancy import (
     FLY_APPS_ANNOTATION,
@@ -58,6 +59,28 @@ async def claim(stack: Stack, app: str, sandbox: str) -> dict[str, Any] | None:
     return body
 
 
+async def exempt_from_admission(stack: Stack, namespace: str) -> None:
+    """On a real API server, let the create through the admission policy (kubesim runs none), as a cluster
+    admin may: the operator's own check is what these tests prove, on both servers."""
+    response = await stack.api.patch(
+        f"/api/v1/namespaces/{namespace}",
+        json={"metadata": {"labels": {"kiloclaw.kilo.ai/admission": "exempt"}}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    response.raise_for_status()
+
+
+def left_volume(stack: Stack, app: str, name: str) -> str:
+    """A volume left behind (by a crash before its record), in a region with a healthy host."""
+    for region in ("iad", "ord", "cdg"):
+        try:
+            volume_id: str = stack.fly.create_volume(app, name, region)["id"]
+        except FlyApiError:
+            continue
+        return volume_id
+    raise AssertionError("no region of flysim has a healthy host")
+
+
 async def wait_stalled(stack: Stack, namespace: str, name: str, reason: str) -> dict[str, Any]:
     return await stack.wait_instance(
         namespace, name, lambda b: stalled(b)[0] == reason, what=f"Stalled {reason}"
@@ -79,6 +102,7 @@ async def test_an_app_the_namespace_is_not_bound_to_stalls_with_nothing_sent_to_
     stack: Stack, namespace: str
 ) -> None:
     app = "acct-unbound-victim"
+    await exempt_from_admission(stack, namespace)
     await stack.create_instance(namespace, "mallory", flyApp=app)
     refused = await wait_stalled(stack, namespace, "mallory", "AppNotAllowed")
     _, message = stalled(refused)
@@ -103,6 +127,7 @@ async def test_an_image_outside_the_bound_repositories_is_refused_before_any_fly
     stack: Stack, namespace: str
 ) -> None:
     app = f"acct-{namespace}"
+    await exempt_from_admission(stack, namespace)
     for name, image in (
         ("evil", "docker.io/mallory/miner:1"),
         ("lookalike", "registry.fly.io-evil.example/kiloclaw:1"),
@@ -116,6 +141,7 @@ async def test_an_image_outside_the_bound_repositories_is_refused_before_any_fly
 
 async def test_a_namespace_without_a_binding_may_use_no_app_at_all(stack: Stack) -> None:
     namespace = await stack.create_namespace("unbound", bound=False)
+    await exempt_from_admission(stack, namespace)
     await stack.create_instance(namespace, "alice")
     await wait_stalled(stack, namespace, "alice", "AppNotAllowed")
     # Deleting a refused instance touches nothing on Fly either.
@@ -151,17 +177,11 @@ async def test_a_sandbox_claimed_in_another_namespace_is_refused_without_naming_
     stack: Stack, namespace: str
 ) -> None:
     owner_ns = await stack.create_namespace("owner")
-    spec = {"sandboxId": "ki_contested_sandbox", "flyApp": "acct-test"}
+    contested = f"ki_contested_{unique(namespace)}"  # unique per run: a real cluster keeps what runs leave
+    spec = {"sandboxId": contested, "flyApp": "acct-test"}
     await stack.create_instance(owner_ns, "secret-owner-name", **spec)
     await stack.wait_phase(owner_ns, "secret-owner-name", "Running")
-    lease = stack.kube.get_object(
-        "coordination.k8s.io",
-        "v1",
-        "leases",
-        CLAIMS_NAMESPACE,
-        claim_name("acct-test", "ki_contested_sandbox"),
-    )
-    assert lease is not None
+    assert await claim(stack, "acct-test", contested) is not None
 
     await stack.create_instance(namespace, "squatter", **spec)
     refused = await wait_stalled(stack, namespace, "squatter", "DuplicateSandbox")
@@ -180,19 +200,14 @@ async def test_a_sandbox_claimed_in_another_namespace_is_refused_without_naming_
     await stack.wait_phase(namespace, "squatter", "Running", timeout=20)
     await stack.delete_instance(namespace, "squatter")
     await stack.wait_gone(namespace, "squatter")
-    gone = stack.kube.get_object(
-        "coordination.k8s.io",
-        "v1",
-        "leases",
-        CLAIMS_NAMESPACE,
-        claim_name("acct-test", "ki_contested_sandbox"),
-    )
-    assert gone is None
+    assert await claim(stack, "acct-test", contested) is None
 
 
 @pytest.fixture
 async def kube(stack: Stack) -> AsyncIterator[KubeClient]:
-    client = KubeClient(KubeConnection(server=stack.kube.url))
+    # The operator's own client: on a real API server as its ServiceAccount (KUBECONFIG, see harness).
+    conn = await kubeconfig_connection() if stack.cluster else KubeConnection(server=stack.kube.url)
+    client = KubeClient(conn)
     try:
         yield client
     finally:
@@ -206,35 +221,34 @@ def spec_of(app: str, sandbox: str) -> InstanceSpec:
 async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_is_gone_is_taken_over(
     stack: Stack, namespace: str, kube: KubeClient
 ) -> None:
+    live_sandbox, orphan_sandbox = (f"ki_claim_{kind}_{unique(namespace)}" for kind in ("live", "orphan"))
     # A live holder (here claimed by the operator itself; a shard's operator would create the same Lease).
-    await stack.create_instance(
-        namespace, "live", sandboxId="ki_claim_live", flyApp="acct-x", state="Stopped"
-    )
+    await stack.create_instance(namespace, "live", sandboxId=live_sandbox, flyApp="acct-x", state="Stopped")
     live = await stack.wait_phase(namespace, "live", "Stopped", timeout=20)
     rival = ObjectRef(namespace="elsewhere", name="rival", uid="uid-rival")
-    holder = await acquire_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", "ki_claim_live"), rival)
+    holder = await acquire_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", live_sandbox), rival)
     assert holder == ClaimHolder(namespace=namespace, name="live")
-    await release_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", "ki_claim_live"), rival)
-    lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", "ki_claim_live"))
+    await release_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", live_sandbox), rival)
+    lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", live_sandbox))
     assert lease is not None and lease["spec"]["holderIdentity"] == live["metadata"]["uid"]
 
     # A claim whose holder is gone (a finalizer removed by hand): taken over, then released by its holder.
-    orphan = spec_of("acct-x", "ki_claim_orphan")
+    orphan = spec_of("acct-x", orphan_sandbox)
     await kube.create_lease(
         CLAIMS_NAMESPACE,
-        claim_body(CLAIMS_NAMESPACE, "acct-x", "ki_claim_orphan", ("gone", "gone", "uid-gone")),
+        claim_body(CLAIMS_NAMESPACE, "acct-x", orphan_sandbox, ("gone", "gone", "uid-gone")),
     )
     mine = ObjectRef(namespace=namespace, name="mine", uid="uid-mine")
     assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None
     assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None  # already ours
-    taken = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", "ki_claim_orphan"))
+    taken = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", orphan_sandbox))
     assert taken is not None and taken["spec"]["holderIdentity"] == "uid-mine"
     await release_claim(kube, CLAIMS_NAMESPACE, orphan, mine)
-    assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", "ki_claim_orphan")) is None
+    assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", orphan_sandbox)) is None
 
     await stack.delete_instance(namespace, "live")
     await stack.wait_gone(namespace, "live")
-    assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", "ki_claim_live")) is None
+    assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", live_sandbox)) is None
 
 
 # --- adoption by name ---------------------------------------------------------------------------------------
@@ -249,9 +263,7 @@ async def test_a_volume_left_under_the_legacy_name_is_adopted_when_no_other_sand
 ) -> None:
     sandbox = f"ki_legacy_{unique(namespace)}"
     app = f"acct-{namespace}"
-    left = stack.fly.create_volume(app, legacy_volume_name(sandbox), "iad")[
-        "id"
-    ]  # a crash before 0.2's record
+    left = left_volume(stack, app, legacy_volume_name(sandbox))  # a crash before names carried a hash
     await stack.create_instance(namespace, "heir", sandboxId=sandbox, flyApp=app)
     running = await stack.wait_phase(namespace, "heir", "Running", timeout=20)
     assert status(running)["volumeId"] == left
@@ -266,7 +278,7 @@ async def test_a_legacy_named_volume_two_sandboxes_map_to_is_adopted_by_neither(
     n = unique(namespace)
     first, second = f"Leg-{n}", f"leg_{n}"  # one legacy name, two sandboxes
     assert legacy_volume_name(first) == legacy_volume_name(second)
-    ambiguous = stack.fly.create_volume("acct-test", legacy_volume_name(first), "iad")["id"]
+    ambiguous = left_volume(stack, "acct-test", legacy_volume_name(first))
     await stack.create_instance(other_ns, "first", sandboxId=first, flyApp="acct-test", state="Stopped")
     await stack.create_instance(namespace, "second", sandboxId=second, flyApp="acct-test")
     one = status(await stack.wait_phase(other_ns, "first", "Stopped", timeout=20))

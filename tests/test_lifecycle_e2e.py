@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
+from test_tenancy_e2e import left_volume
 from kiloclaw_operator.conditions import is_ready
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.fly.vocabulary import legacy_volume_name, machine_name
@@ -419,7 +420,7 @@ async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_t
     first_sandbox, second_sandbox = "ki_0123456789abcdef0123_a", "ki_0123456789abcdef0123_b"
     assert legacy_volume_name(first_sandbox) == legacy_volume_name(second_sandbox)
     assert volume_name(first_sandbox) != volume_name(second_sandbox)
-    left = stack.fly.create_volume(app, legacy_volume_name(first_sandbox), "iad")["id"]
+    left = left_volume(stack, app, legacy_volume_name(first_sandbox))
     await stack.create_instance(namespace, "ada", flyApp=app, sandboxId=first_sandbox, state="Stopped")
     first = await stopped(stack, namespace, "ada")
     assert status(first)["volumeId"] == left

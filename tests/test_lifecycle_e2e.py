@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from harness import FLY_TOKEN, Stack, condition, eventually, status
-from test_tenancy_e2e import left_volume
 from kiloclaw_operator.conditions import is_ready
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.fly.vocabulary import legacy_volume_name, machine_name
@@ -28,6 +27,7 @@ from kiloclaw_operator.models import (
     DesiredState,
     Phase,
 )
+from test_tenancy_e2e import left_volume
 
 BUSY = {phase.value for phase in UNSETTLED_PHASES}
 NEW_IMAGE = "registry.fly.io/kiloclaw:2026.12.0"

@@ -65,7 +65,7 @@ E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeco
 # (no operator running), then the stories with the operator authenticated as its ServiceAccount.
 e2e: $(STAMP)
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_crds.py tests/test_parity.py tests/test_install.py tests/test_kube_auth.py
-	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py tests/test_kubectl_plugin.py
+	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py tests/test_kubectl_plugin.py tests/test_tenancy_e2e.py tests/test_tenancy_cluster.py
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

@@ -58,7 +58,8 @@ async def serve(args: argparse.Namespace) -> None:
         )
 
     async def namespace(request: web.Request) -> web.Response:
-        sim.create_namespace(request.match_info["name"])
+        body = await request.json() if request.can_read_body else {}
+        sim.create_namespace(request.match_info["name"], annotations=body.get("annotations"))
         return web.json_response({"ok": True})
 
     control = web.Application()

@@ -47,6 +47,7 @@ import httpx
 import psutil
 
 import realcluster
+from harness import binding
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -571,9 +572,9 @@ class KubeProcess(ServerProcess):
         counts: dict[str, int] = (await self.control.get("/counts")).json()
         return counts
 
-    async def create_namespace(self, name: str) -> None:
+    async def create_namespace(self, name: str, annotations: dict[str, str]) -> None:
         assert self.control is not None
-        (await self.control.post(f"/namespaces/{name}")).raise_for_status()
+        (await self.control.post(f"/namespaces/{name}", json={"annotations": annotations})).raise_for_status()
 
     async def writes(self) -> int:
         """Kubernetes writes so far (events included; not the leader's Lease renewals), a monotonic count."""
@@ -638,9 +639,10 @@ class RealKube:
             timeout=120,
         )
 
-    async def create_namespace(self, name: str) -> None:
+    async def create_namespace(self, name: str, annotations: dict[str, str]) -> None:
         async with self.access.async_client() as client:
-            response = await client.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+            body = {"metadata": {"name": name, "annotations": annotations}}
+            response = await client.post("/api/v1/namespaces", json=body)
             if response.status_code not in (201, 409):
                 raise BenchmarkError(f"cannot create namespace {name}: {response.text}")
 
@@ -1250,12 +1252,14 @@ async def run_benchmark(
     # namespaces of its own (run against a fresh `make cluster` for numbers without leftovers).
     prefix = f"bench-{results.mode}-{results.started_at:%H%M%S}" if isinstance(kube, RealKube) else "bench"
     namespaces = [f"{prefix}-{index:03d}" for index in range(args.namespaces)]
-    for namespace in namespaces:
-        await kube.create_namespace(namespace)
     names = [(namespaces[index % len(namespaces)], f"inst-{index:05d}") for index in range(args.instances)]
     # One sandbox per user, one Fly app per account: the operator's adoption look-ups list the app's machines
     # and volumes, so sharing apps would make them grow with the instances per app.
     apps = {key: f"acct-bench-{index // args.instances_per_app:05d}" for index, key in enumerate(names)}
+    for namespace in namespaces:
+        # Each namespace bound to the apps of its instances (tenancy.py), as the cluster admin binds them.
+        bound = sorted({app for (ns, _), app in apps.items() if ns == namespace})
+        await kube.create_namespace(namespace, binding(*bound))
     leader = Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
     standby = Replica(args, fly.base_url, kubeconfig, workdir, "replica-b")
     health_port, log = leader.health_port, leader.log

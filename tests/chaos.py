@@ -50,7 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flysim import FlySimulator, SimTimings
-from harness import CRDS, FLY_TOKEN, OperatorProcess, lease_holder, operator_env
+from harness import CRDS, FLY_TOKEN, OperatorProcess, binding, lease_holder, operator_env
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from kubesim import KubeSim
 
@@ -387,7 +387,7 @@ class Run:
         self.fly.start_in_thread()
         try:
             self.kube.load_crds([CRDS])
-            self.kube.create_namespace(NAMESPACE)
+            self.kube.create_namespace(NAMESPACE, annotations=binding(APP))
             self.replicas = Replicas(self.kube, self.fly, self.workdir, self.result)
             self.replicas.start()
             self.inject_faults()

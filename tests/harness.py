@@ -26,6 +26,7 @@ from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from kiloclaw_operator.run import run_operator
+from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,25 @@ T = TypeVar("T")
 _namespace_counter = itertools.count(1)
 
 
+#: The Fly apps every test namespace is bound to (tenancy.py), besides ``acct-<namespace>``, and the image
+#: repositories (``img``: the bare image of processes.create_instance).
+TEST_APPS = ("acct-test", "acct-a", "acct-other", "acct-x", "acct-paging", "acct-3f9a1c")
+TEST_IMAGE_REPOSITORIES = ("registry.fly.io/", "img")
+
+
+def binding(*apps: str, repositories: tuple[str, ...] = TEST_IMAGE_REPOSITORIES) -> dict[str, str]:
+    """The Namespace annotations a cluster admin sets to bind a namespace to ``apps``."""
+    return {FLY_APPS_ANNOTATION: ",".join(apps), IMAGE_REPOSITORIES_ANNOTATION: ",".join(repositories)}
+
+
+def bind_app(kube: KubeSim, namespace: str, app: str) -> None:
+    """Add ``app`` to the namespace's binding (creating the namespace if needed), as the admin would."""
+    existing = kube.get_object("", "v1", "namespaces", None, namespace) or {}
+    annotations = (existing.get("metadata") or {}).get("annotations") or {}
+    apps = [a for a in annotations.get(FLY_APPS_ANNOTATION, "").split(",") if a]
+    kube.create_namespace(namespace, annotations=binding(*dict.fromkeys([*apps, app])))
+
+
 def test_settings(fly_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "fly_api_token": FLY_TOKEN,
@@ -54,6 +74,7 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "recovery_timeout_seconds": 20,
         "retention_seconds": 3600,
         "retained_check_seconds": 0.3,
+        "retained_provenance_grace_seconds": 1,
         "retry_backoff_min_seconds": 0.1,
         "retry_backoff_max_seconds": 1.0,
         "wait_call_seconds": 1,
@@ -137,6 +158,9 @@ class Stack:
         self._operator: OperatorThread | None = None
         self.settings: Settings | None = None
         self.api: httpx.AsyncClient
+        #: A client that acts as the operator's ServiceAccount (on kubesim: the admin client), for tests that
+        #: do what only the operator may (mint a retained volume).
+        self.operator_api: httpx.AsyncClient
         self._access: realcluster.ClusterAccess | None = None
 
     def get_object_now(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -178,7 +202,8 @@ class Stack:
 
     async def start(self) -> None:
         if self._kube is None:
-            self.api, self._access = await _cluster_client(self.workdir)
+            self.api, self._access, token = await _cluster_client(self.workdir)
+            self.operator_api = self._access.as_token(token).async_client(timeout=10)
         else:
             self._kube.start_in_thread()
             self._kube.load_crds([CRDS])
@@ -188,11 +213,14 @@ class Stack:
             self.api = httpx.AsyncClient(
                 base_url=self._kube.url, timeout=10, headers={"User-Agent": "kiloclaw-tests"}
             )
+            self.operator_api = self.api
         self.fly.start_in_thread()
         await self.start_operator()
 
     async def close(self) -> None:
         await self.stop_operator()
+        if self.operator_api is not self.api:
+            await self.operator_api.aclose()
         await self.api.aclose()
         if self._kube is not None:
             self._kube.stop_thread()
@@ -227,11 +255,40 @@ class Stack:
 
     # --- Kubernetes API ---------------------------------------------------------------------------------
 
-    async def create_namespace(self, prefix: str = "t") -> str:
+    async def create_namespace(self, prefix: str = "t", *, bound: bool = True) -> str:
+        """A fresh namespace, bound (``bound``) to the test apps and ``acct-<name>`` as a cluster admin binds
+        a tenant's namespace."""
         name = f"{prefix}-{os.getpid()}-{next(_namespace_counter)}"
-        response = await self.api.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+        metadata: dict[str, Any] = {"name": name}
+        if bound:
+            metadata["annotations"] = binding(*TEST_APPS, f"acct-{name}")
+        response = await self.api.post("/api/v1/namespaces", json={"metadata": metadata})
         assert response.status_code in (200, 201), response.text
         return name
+
+    async def tenant_client(self, namespace: str, role: str = "kiloclaw-edit") -> httpx.AsyncClient:
+        """A client for a tenant of ``namespace``: a ServiceAccount there, bound to the ClusterRole ``role``
+        in that namespace only (a RoleBinding), with a TokenRequest token. Real API server only: kubesim has
+        no authorizer."""
+        if self._access is None:
+            import pytest
+
+            pytest.skip("needs a real API server with RBAC (make cluster && make e2e)")
+        account = {"metadata": {"name": "tenant"}}
+        response = await self.api.post(f"/api/v1/namespaces/{namespace}/serviceaccounts", json=account)
+        assert response.status_code in (201, 409), response.text
+        binding_body = {
+            "metadata": {"name": f"tenant-{role}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": namespace}],
+        }
+        response = await self.api.post(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings", json=binding_body
+        )
+        assert response.status_code in (201, 409), response.text
+        with self._access.client(timeout=10) as admin:
+            token = await asyncio.to_thread(realcluster.service_account_token, admin, namespace, "tenant")
+        return self._access.as_token(token).async_client(timeout=10, user_agent="kiloclaw-tenant")
 
     @staticmethod
     def path(plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
@@ -343,8 +400,11 @@ class Stack:
 OPERATOR_NAMESPACE = "kiloclaw-system"
 OPERATOR_SERVICE_ACCOUNT = "kiloclaw-operator"
 OPERATOR_IDENTITY = tuple(
-    ROOT / "deploy" / "base" / name for name in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml")
+    ROOT / "deploy" / "base" / name
+    for name in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "user-roles.yaml")
 )
+#: The admission policies of the tenancy model (the real API server runs them; kubesim does not).
+ADMISSION = ROOT / "deploy" / "admission"
 
 
 async def _kubectl(*args: str, kubeconfig: str | None = None) -> None:
@@ -357,7 +417,7 @@ async def _kubectl(*args: str, kubeconfig: str | None = None) -> None:
         raise ClusterUnavailable(f"kubectl {' '.join(args)} failed: {stderr.decode().strip()}")
 
 
-async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster.ClusterAccess]:
+async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster.ClusterAccess, str]:
     """An admin client for the current kube context, after checking it answers; installs the CRDs and the
     operator's ServiceAccount and RBAC from deploy/, and points KUBECONFIG at a kubeconfig that authenticates
     as that ServiceAccount (a TokenRequest token), so the real authorizer enforces least privilege on the
@@ -387,6 +447,7 @@ async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster
                 await asyncio.sleep(0.2)
         for manifest in OPERATOR_IDENTITY:
             await _kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
+        await _kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ADMISSION))
         with access.client() as sync_admin:
             token = await asyncio.to_thread(
                 realcluster.service_account_token, sync_admin, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
@@ -398,7 +459,7 @@ async def _cluster_client(workdir: Path) -> tuple[httpx.AsyncClient, realcluster
         workdir / "operator-kubeconfig", admin_kubeconfig, token
     )
     os.environ["KUBECONFIG"] = str(operator_kubeconfig)
-    return client, access
+    return client, access, token
 
 
 def status(body: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN, ROOT, free_port, sandbox_id
+from harness import CRDS, FLY_TOKEN, ROOT, bind_app, free_port, sandbox_id
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
 
@@ -101,7 +101,9 @@ def simulators(*namespaces: str, crds: bool = True) -> Iterator[tuple[KubeSim, F
 def create_instance(
     kube: KubeSim, namespace: str, name: str, app: str, sandbox: str | None = None
 ) -> dict[str, Any]:
-    """A KiloClawInstance written straight into kubesim (as `kubectl apply` would)."""
+    """A KiloClawInstance written straight into kubesim (as `kubectl apply` would), in a namespace bound to
+    its app (as the cluster admin binds it)."""
+    bind_app(kube, namespace, app)
     return kube.create_object(
         GROUP,
         VERSION,

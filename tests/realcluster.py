@@ -29,6 +29,18 @@ class ClusterAccess:
     ssl_context: ssl.SSLContext | bool
     token: str | None = None
 
+    def as_token(self, token: str) -> ClusterAccess:
+        """The same server, authenticated with ``token`` (a ServiceAccount's) instead of the admin's
+        credentials (a client certificate is dropped: the server would authenticate that first)."""
+        context = self.ssl_context
+        if isinstance(context, ssl.SSLContext):
+            fresh = ssl.create_default_context()
+            fresh.check_hostname = context.check_hostname
+            fresh.verify_mode = context.verify_mode
+            fresh.load_verify_locations(cadata=_ca_of(context))
+            context = fresh
+        return ClusterAccess(server=self.server, ssl_context=context, token=token)
+
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
@@ -86,6 +98,11 @@ def load_access(path: Path | None = None) -> ClusterAccess:
     if not token and user.get("tokenFile"):
         token = Path(user["tokenFile"]).read_text().strip()
     return ClusterAccess(server=server, ssl_context=context_ssl, token=token)
+
+
+def _ca_of(context: ssl.SSLContext) -> str:
+    """The CA certificates a context trusts, as PEM."""
+    return "".join(ssl.DER_cert_to_PEM_cert(der) for der in context.get_ca_certs(binary_form=True))
 
 
 def _temp_file(data: bytes) -> str:

@@ -126,6 +126,20 @@ def test_an_unreadable_or_empty_token_file_is_one_line_naming_the_variable(
     assert "FLY_API_TOKEN_FILE" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_token_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"fo1_\xff\xfe")
+    monkeypatch.setenv("FLY_API_TOKEN_FILE", str(token))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"invalid configuration: FLY_API_TOKEN_FILE: {token} is not UTF-8 text (byte 0xff at offset 4); "
+        "it must hold the token only"
+    )
+
+
 INVALID = [
     ("FLY_API_BASE_URL", "api.machines.dev"),
     ("KILOCLAW_DEFAULT_REGIONS", "IAD,ord"),

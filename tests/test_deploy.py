@@ -46,11 +46,13 @@ OPERATOR_CALLS: frozenset[RbacCall] = frozenset(
         ("watch", "apiextensions.k8s.io", "customresourcedefinitions"),
         ("list", "", "namespaces"),
         ("watch", "", "namespaces"),
+        ("get", "", "namespaces"),  # the Fly app binding (tenancy.py)
     }
 )
-# Leader election (leadership.py), granted by a Role in the operator's namespace.
+# Leader election (leadership.py) and the sandbox claims (tenancy.py), granted by a Role in the operator's
+# namespace.
 LEADER_ELECTION_CALLS: frozenset[RbacCall] = frozenset(
-    (verb, "coordination.k8s.io", "leases") for verb in ("get", "create", "update")
+    (verb, "coordination.k8s.io", "leases") for verb in ("get", "create", "update", "delete")
 )
 
 
@@ -233,7 +235,14 @@ def test_rendered_manifest_validates_against_the_kubernetes_schema(kustomization
 
 
 def test_every_namespaced_object_lands_in_the_operator_namespace() -> None:
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    cluster_scoped = {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for kustomization in KUSTOMIZATIONS:
         for manifest in rendered(kustomization):
             namespace = manifest["metadata"].get("namespace")
@@ -307,7 +316,11 @@ def test_leader_election_role_grants_leases_only_in_the_operator_namespace() -> 
     role = only(manifests, "Role", "kiloclaw-operator-leader-election")
     assert role["metadata"]["namespace"] == "kiloclaw-system"
     assert role["rules"] == [
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update", "delete"],
+        }
     ]
     binding = only(manifests, "RoleBinding", "kiloclaw-operator-leader-election")
     assert binding["metadata"]["namespace"] == "kiloclaw-system"
@@ -320,7 +333,8 @@ def test_leader_election_role_grants_leases_only_in_the_operator_namespace() -> 
         {"kind": "ServiceAccount", "name": "kiloclaw-operator", "namespace": "kiloclaw-system"}
     ]
     assert not any(
-        "coordination.k8s.io" in rule["apiGroups"] for rule in only(manifests, "ClusterRole")["rules"]
+        "coordination.k8s.io" in rule["apiGroups"]
+        for rule in only(manifests, "ClusterRole", "kiloclaw-operator")["rules"]
     )
 
 
@@ -411,8 +425,12 @@ def test_shard_overlay_runs_two_operators_on_disjoint_namespace_sets() -> None:
         others = [d for d in deployments.values() if d is not deployment]
         for other in others:
             assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
-    # One ServiceAccount, one ClusterRole, one metrics Service for all shards.
-    assert len(of_kind(manifests, "ClusterRole")) == 1
+    # One ServiceAccount, one operator ClusterRole, one metrics Service for all shards.
+    assert [
+        r["metadata"]["name"]
+        for r in of_kind(manifests, "ClusterRole")
+        if "kiloclaw-operator" in r["metadata"]["name"]
+    ] == ["kiloclaw-operator"]
     service_selector = only(manifests, "Service")["spec"]["selector"]
     for deployment in deployments.values():
         assert service_selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -671,3 +689,53 @@ def test_gitops_examples_point_at_paths_that_exist() -> None:
     instances = kustomizations["kiloclaw-instances-tenants"]
     assert instances["spec"]["dependsOn"] == [{"name": "kiloclaw-operator"}]
     assert {check["kind"] for check in instances["spec"]["healthChecks"]} == {"KiloClawInstance"}
+
+
+# --- user-facing roles and admission policies (SECURITY.md) ---------------------------------------------
+
+
+def test_user_roles_are_aggregated_into_view_edit_and_admin() -> None:
+    manifests = rendered("base")
+    view = only(manifests, "ClusterRole", "kiloclaw-view")
+    edit = only(manifests, "ClusterRole", "kiloclaw-edit")
+    prefix = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {f"{prefix}view", f"{prefix}edit", f"{prefix}admin"} <= set(view["metadata"]["labels"])
+    assert {f"{prefix}edit", f"{prefix}admin"} <= set(edit["metadata"]["labels"])
+    assert f"{prefix}view" not in edit["metadata"]["labels"]
+
+
+def test_the_edit_role_runs_instances_and_deletes_retained_volumes_but_never_mints_or_writes_status() -> None:
+    manifests = rendered("base")
+    for name in ("kiloclaw-view", "kiloclaw-edit"):
+        rules = only(manifests, "ClusterRole", name)["rules"]
+        forbidden = [("create", "kiloclaw.kilo.ai", "kiloclawretainedvolumes")] + [
+            (verb, "kiloclaw.kilo.ai", sub)
+            for sub in ("kiloclawinstances/status", "kiloclawretainedvolumes/status")
+            for verb in ("update", "patch")
+        ]
+        for call in forbidden:
+            assert not any(_grants(rule, call) for rule in rules), (name, call)
+    edit = only(manifests, "ClusterRole", "kiloclaw-edit")["rules"]
+    for call in (
+        ("create", "kiloclaw.kilo.ai", "kiloclawinstances"),
+        ("patch", "kiloclaw.kilo.ai", "kiloclawinstances"),
+        ("delete", "kiloclaw.kilo.ai", "kiloclawinstances"),
+        ("patch", "kiloclaw.kilo.ai", "kiloclawretainedvolumes"),
+        ("delete", "kiloclaw.kilo.ai", "kiloclawretainedvolumes"),
+    ):
+        assert any(_grants(rule, call) for rule in edit), call
+
+
+@pytest.mark.parametrize("kustomization", list(KUSTOMIZATIONS))
+def test_every_install_ships_both_admission_policies_bound_to_deny(kustomization: str) -> None:
+    manifests = rendered(kustomization)
+    policies = {p["metadata"]["name"] for p in of_kind(manifests, "ValidatingAdmissionPolicy")}
+    assert policies == {"kiloclaw-namespace-binding", "kiloclaw-retained-volumes-operator-only"}
+    bindings = {b["spec"]["policyName"]: b for b in of_kind(manifests, "ValidatingAdmissionPolicyBinding")}
+    assert set(bindings) == policies
+    assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings.values())
+    only_operator = only(manifests, "ValidatingAdmissionPolicy", "kiloclaw-retained-volumes-operator-only")
+    (rule,) = only_operator["spec"]["validations"]
+    service_account = only(manifests, "ServiceAccount")
+    account = service_account["metadata"]
+    assert f"system:serviceaccount:{account['namespace']}:{account['name']}" in rule["expression"]

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,16 @@ async def feed_operator(stack: Stack) -> AsyncIterator[None]:
         await stack.restart_operator()
 
 
-def machine_reads(stack: Stack, machine_id: str) -> int:
-    """``GET /machines/{id}`` requests flysim served for one machine."""
+def machine_reads(stack: Stack, machine_id: str, before: float | None = None) -> int:
+    """``GET /machines/{id}`` requests flysim served for one machine (``before``: only those served before
+    that moment, e.g. a recovery's start: the recovery itself reads the source machine before it destroys
+    it, to verify it is the sandbox's)."""
     return sum(
         1
         for r in stack.fly.request_log
-        if r.method == "GET" and r.path == f"/v1/apps/{APP}/machines/{machine_id}"
+        if r.method == "GET"
+        and r.path == f"/v1/apps/{APP}/machines/{machine_id}"
+        and (before is None or r.at < before)
     )
 
 
@@ -77,14 +82,17 @@ async def running(stack: Stack, namespace: str, name: str, timeout: float = 15) 
     return status(body)
 
 
-async def recovering(stack: Stack, namespace: str, name: str, timeout: float = 15) -> None:
-    await stack.wait_instance(
+async def recovering(stack: Stack, namespace: str, name: str, timeout: float = 15) -> float:
+    """Waits until a recovery began; returns when it began (epoch seconds, recorded before any Fly call)."""
+    body = await stack.wait_instance(
         namespace,
         name,
         lambda b: status(b).get("phase") == "Recovering" or bool(status(b).get("lastRecovery")),
         timeout=timeout,
         what="recovery started",
     )
+    record = status(body).get("recovery") or status(body)["lastRecovery"]
+    return datetime.fromisoformat(record["startedAt"].replace("Z", "+00:00")).timestamp()
 
 
 async def test_with_the_feed_provisioning_completes_from_the_listing_without_reading_the_machine(
@@ -102,8 +110,8 @@ async def test_with_the_feed_an_unexpected_stop_is_detected_without_reading_the_
     await stack.create_instance(namespace, "b")
     machine_id = (await running(stack, namespace, "b"))["machineId"]
     stack.fly.crash_machine(machine_id)
-    await recovering(stack, namespace, "b")
-    assert machine_reads(stack, machine_id) == 0
+    began = await recovering(stack, namespace, "b")
+    assert machine_reads(stack, machine_id, before=began) == 0
     await running(stack, namespace, "b", timeout=20)
 
 
@@ -130,13 +138,12 @@ async def test_the_feed_pages_through_more_changes_than_a_page_holds_and_restart
         stack.fly.expire_cursors(2)
         for machine_id in machines:
             stack.fly.crash_machine(machine_id)
-        for name in names:
-            await recovering(stack, namespace, name, timeout=30)
+        began = [await recovering(stack, namespace, name, timeout=30) for name in names]
     finally:
         stack.fly.org_page_limit = 1000
     expired = [r for r in org_listings(stack) if r.status == 400 and "cursor=" in r.query]
     assert len(expired) == 2
-    assert all(machine_reads(stack, machine_id) == 0 for machine_id in machines)
+    assert all(machine_reads(stack, m, before=b) == 0 for m, b in zip(machines, began, strict=True))
 
 
 async def test_a_change_that_reaches_the_listing_late_is_still_seen(stack: Stack, namespace: str) -> None:
@@ -148,10 +155,10 @@ async def test_a_change_that_reaches_the_listing_late_is_still_seen(stack: Stack
     stack.fly.state.timings = dataclasses.replace(timings, org_propagation_delay=1.5)
     try:
         stack.fly.crash_machine(machine_id)
-        await recovering(stack, namespace, "e", timeout=20)
+        began = await recovering(stack, namespace, "e", timeout=20)
     finally:
         stack.fly.state.timings = timings
-    assert machine_reads(stack, machine_id) == 0
+    assert machine_reads(stack, machine_id, before=began) == 0
 
 
 async def test_a_restarted_operator_notices_a_machine_that_stopped_while_it_was_down(
@@ -162,8 +169,8 @@ async def test_a_restarted_operator_notices_a_machine_that_stopped_while_it_was_
     await stack.crash_operator()
     stack.fly.crash_machine(machine_id)
     await stack.start_operator(**FEED)
-    await recovering(stack, namespace, "f")
-    assert machine_reads(stack, machine_id) == 0
+    began = await recovering(stack, namespace, "f")
+    assert machine_reads(stack, machine_id, before=began) == 0
 
 
 async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_get_a_pass_before_kopf(
@@ -177,7 +184,7 @@ async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_ge
     stack.fly.crash_machine(stopped)
     caplog.set_level(logging.DEBUG, logger="kiloclaw.observation")
     await stack.start_operator(**FEED)
-    await recovering(stack, namespace, "h1")
+    began = await recovering(stack, namespace, "h1")
     early = {
         record.__dict__.get("instance")
         for record in caplog.records
@@ -186,7 +193,7 @@ async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_ge
         and record.__dict__.get("namespace") == namespace
     }
     assert early == {"h1"}
-    assert machine_reads(stack, stopped) == 0
+    assert machine_reads(stack, stopped, before=began) == 0
 
 
 async def test_a_fly_clock_an_hour_behind_ours_loses_no_change_across_a_restart(

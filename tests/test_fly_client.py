@@ -550,6 +550,25 @@ async def test_a_token_file_is_read_again_when_the_secret_is_rotated_and_the_401
     assert len(requests_to(sim, "GET", f"/v1/apps/{APP}/machines")) == 2
 
 
+async def test_a_rotated_token_file_that_is_not_utf8_keeps_the_last_good_token_and_says_so(
+    sim: FlySimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    async with FlyClient(sim.base_url, "", token_file=str(token_file), backoff_base=0.01) as client:
+        assert await client.list_machines(APP) == []
+        token_file.write_bytes(b"\xff\xfe garbage")  # a bad write of the Secret
+        with caplog.at_level(logging.WARNING):
+            assert await client.list_machines(APP) == []
+            assert await client.list_machines(APP) == []
+        assert client.authorized is True
+    warnings = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert warnings == [
+        f"the Fly API token file {token_file} is not UTF-8 text (byte 0xff at offset 0); keeping the last "
+        "good token"
+    ]
+
+
 async def test_a_replica_that_is_not_sure_it_leads_sends_no_changing_call_but_still_reads(
     sim: FlySimulator, fly: FlyClient
 ) -> None:

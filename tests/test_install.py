@@ -115,6 +115,16 @@ def test_the_largest_admissible_instance_survives_kubectl_apply_and_the_operator
     assert created.returncode == 0, created.stderr
     name = "n" * 63
     body = _largest_instance(name, namespace)
+    # Bound to the instance's app and image repository, as the admission policy asks (deploy/admission).
+    bound = kubectl(
+        kubeconfig,
+        "annotate",
+        "namespace",
+        namespace,
+        f"kiloclaw.kilo.ai/fly-apps={body['spec']['flyApp']}",
+        f"kiloclaw.kilo.ai/image-repositories={body['spec']['image']}",
+    )
+    assert bound.returncode == 0, bound.stderr
     applied = kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(body))
     assert applied.returncode == 0, applied.stderr
     try:

@@ -109,7 +109,13 @@ async def test_the_operators_client_lists_instances_page_by_page_on_the_real_ser
     namespace = f"paging-{os.getpid()}"
     names = [f"paged-{index}" for index in range(5)]
     with admin.client() as client:
-        created = client.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
+        bound = {
+            "kiloclaw.kilo.ai/fly-apps": "acct-paging",
+            "kiloclaw.kilo.ai/image-repositories": "registry.fly.io/",
+        }
+        created = client.post(
+            "/api/v1/namespaces", json={"metadata": {"name": namespace, "annotations": bound}}
+        )
         assert created.status_code == 201, created.text
         try:
             for name in names:

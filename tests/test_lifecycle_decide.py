@@ -4,6 +4,7 @@ spec asks for, and the volume name rule. Instances and observations are built by
 
 from __future__ import annotations
 
+import hashlib
 import random
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount
+from kiloclaw_operator.fly.vocabulary import legacy_volume_name, machine_name
 from kiloclaw_operator.lifecycle import (
     Action,
     Decision,
@@ -637,19 +639,41 @@ def test_only_a_reported_start_records_a_new_machine_as_running_and_any_other_se
 # --- volume name ------------------------------------------------------------------------------------------
 
 
+def sha10(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 @pytest.mark.parametrize(
-    ("sandbox_id", "expected"),
+    ("sandbox_id", "prefix"),
     [
-        ("abc", "kiloclaw_abc"),
-        ("ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d", "kiloclaw_ki_0a1b2c3d4e5f4a5b8c"),
-        ("Ki_ABC", "kiloclaw_ki_abc"),
-        ("a-b-c", "kiloclaw_a_b_c"),
-        ("x" * 64, "kiloclaw_" + "x" * 21),
+        ("abc", "kiloclaw_abc_"),
+        ("ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d", "kiloclaw_ki_0a1b2c3_"),
+        ("Ki_ABC", "kiloclaw_ki_abc_"),
+        ("a-b-c", "kiloclaw_a_b_c_"),
+        ("x" * 64, "kiloclaw_xxxxxxxxxx_"),
     ],
-    ids=["short", "truncated-to-30", "lower-cased", "dashes-replaced", "max-length-sandbox"],
+    ids=["short", "cut-to-10", "lower-cased", "dashes-replaced", "max-length-sandbox"],
 )
-def test_volume_name_rule(sandbox_id: str, expected: str) -> None:
-    assert volume_name(sandbox_id) == expected
+def test_volume_name_rule(sandbox_id: str, prefix: str) -> None:
+    assert volume_name(sandbox_id) == prefix + sha10(sandbox_id)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("Alice-1", "alice_1"), ("ki_" + "a" * 30 + "1", "ki_" + "a" * 30 + "2"), ("A", "a")],
+    ids=["case-and-dash", "same-first-characters", "case"],
+)
+def test_sandboxes_that_the_legacy_name_merged_get_volume_and_machine_names_of_their_own(
+    one: str, other: str
+) -> None:
+    assert legacy_volume_name(one) == legacy_volume_name(other)
+    assert volume_name(one) != volume_name(other)
+    assert machine_name(one) != machine_name(other)
+
+
+def test_the_legacy_volume_name_is_the_rule_before_names_carried_a_hash() -> None:
+    assert legacy_volume_name("ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d") == "kiloclaw_ki_0a1b2c3d4e5f4a5b8c"
+    assert legacy_volume_name("a-b-c") == "kiloclaw_a_b_c"
 
 
 @pytest.mark.parametrize("sandbox_id", ["ki_" + "Z-9_" * 15, "-", "A" * 64, "ki_0a1b-2C3D"])

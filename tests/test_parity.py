@@ -203,7 +203,9 @@ def client(server: Server) -> httpx.Client:
 @pytest.fixture()
 def namespace(server: Server) -> str:
     name = f"parity-{uuid.uuid4().hex[:10]}"
-    response = server.client.post("/api/v1/namespaces", json={"metadata": {"name": name}})
+    # API semantics alone: exempt from the tenancy admission policies (deploy/admission; kubesim runs none).
+    exempt = {"name": name, "labels": {"kiloclaw.kilo.ai/admission": "exempt"}}
+    response = server.client.post("/api/v1/namespaces", json={"metadata": exempt})
     assert response.status_code == 201, response.text
     return name
 

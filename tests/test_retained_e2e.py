@@ -1,7 +1,9 @@
 """End-to-end stories of KiloClawRetainedVolume over HTTP: the real operator against kubesim and flysim.
 
-Each test creates its Fly volume in flysim and its retained resource through the emulated API (as the recovery
-would), then acts as a user would: waits, patches ``deleteNow``, deletes with the finalizer, or breaks Fly.
+Each test creates its Fly volume in flysim and mints its retained resource through the API as the recovery
+does (the resource, then its provenance through the status subresource: ``mint_retained``), then acts as a
+user would: waits, patches ``deleteNow``, deletes with the finalizer, or breaks Fly. A resource made by hand,
+without the provenance, is never acted on (``test_a_hand_made_retained_volume_...``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def retained_path(namespace: str, name: str | None = None) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{RETAINED_PLURAL}" + (f"/{name}" if name else "")
 
 
+RECOVERY_ID = "01JDTESTRECOVERY0000000000"
+
+
 async def create_retained(
     stack: Stack,
     namespace: str,
@@ -90,26 +95,47 @@ async def create_retained(
     delete_now: bool = False,
     sandbox_id: str = SANDBOX,
     instance_name: str = "alice",
+    app: str = APP,
+    minted: bool = True,
 ) -> dict[str, Any]:
+    """The resource as a recovery mints it (``minted``: then its provenance, written through the status
+    subresource as the operator writes it), or as a tenant could make it by hand where admission does not
+    stop it (no provenance). Sent as the operator's ServiceAccount: on the real API server, the admission
+    policy refuses a create by anyone else (tests/test_tenancy_cluster.py)."""
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawRetainedVolume",
         "metadata": {"name": name, "labels": {f"{GROUP}/instance": instance_name}},
         "spec": {
-            "flyApp": APP,
+            "flyApp": app,
             "volumeId": volume_id,
             "sandboxId": sandbox_id,
             "instanceName": instance_name,
             "region": "iad",
             "reason": "UnexpectedStopRecovery",
-            "recoveryId": "01JDTESTRECOVERY0000000000",
+            "recoveryId": RECOVERY_ID,
             "retainUntil": rfc3339(retain_until or datetime.now(UTC) + timedelta(days=7)),
             "deleteNow": delete_now,
         },
     }
-    response = await stack.api.post(retained_path(namespace), json=body)
+    response = await stack.operator_api.post(retained_path(namespace), json=body)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
+    if minted:
+        provenance = {
+            "instanceUid": f"uid-of-{instance_name}",
+            "recoveryId": RECOVERY_ID,
+            "flyApp": app,
+            "volumeId": volume_id,
+            "sandboxId": sandbox_id,
+        }
+        response = await stack.operator_api.patch(
+            retained_path(namespace, name) + "/status",
+            json={"status": {"provenance": provenance}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()
     return result
 
 
@@ -261,6 +287,57 @@ async def test_kubectl_delete_deletes_the_volume_through_the_finalizer(stack: St
     assert len(await reasons(stack, namespace, "alice-vol-del", "RetainedVolumeDeleted")) == 1
 
 
+# --- provenance: only what the operator minted ------------------------------------------------------------
+
+
+def fly_requests_naming(stack: Stack, volume_id: str) -> list[str]:
+    return [f"{r.method} {r.path}" for r in stack.fly.request_log if volume_id in r.path]
+
+
+@pytest.mark.parametrize("how", ["expired", "deleteNow"])
+async def test_a_hand_made_retained_volume_naming_another_namespaces_volume_never_touches_it(
+    stack: Stack, namespace: str, fly_api: httpx.AsyncClient, how: str
+) -> None:
+    # The victim: an instance in another namespace whose machine was destroyed outside the operator, so its
+    # current volume is unattached for a moment (the attack of issue 17, tried end to end on main).
+    victim_ns = await stack.create_namespace("victim")
+    victim = await stack.create_instance(victim_ns, "alice")
+    running = await stack.wait_phase(victim_ns, "alice", "Running")
+    volume_id = status(running)["volumeId"]
+    await destroy_machine(fly_api, status(running)["machineId"])
+
+    past = datetime.now(UTC) - timedelta(hours=1)
+    await create_retained(
+        stack,
+        namespace,
+        "stolen",
+        volume_id,
+        sandbox_id=victim["spec"]["sandboxId"],
+        instance_name="alice",
+        retain_until=past if how == "expired" else None,
+        delete_now=how == "deleteNow",
+        minted=False,
+    )
+    blocked = await wait_retained(
+        stack,
+        namespace,
+        "stolen",
+        lambda b: stalled_reason(b) == "NotMintedByOperator",
+        "NotMintedByOperator",
+    )
+    assert status(blocked)["phase"] == "Blocked"
+    message = condition(blocked, "Stalled")["message"]
+    assert "not created by the operator" in message and victim_ns not in message
+    # kubectl delete removes the resource only.
+    await delete_retained(stack, namespace, "stolen")
+    await wait_retained_gone(stack, namespace, "stolen")
+    assert volume_alive(stack, volume_id)
+    assert not [r for r in fly_requests_naming(stack, volume_id) if r.startswith("DELETE")]
+    # The victim's own lifecycle goes on with its volume.
+    await stack.delete_instance(victim_ns, "alice")
+    await stack.wait_gone(victim_ns, "alice")
+
+
 # --- ownership -----------------------------------------------------------------------------------------
 
 
@@ -281,8 +358,8 @@ async def test_ownership_mismatch_blocks_without_deleting_and_recovers_when_the_
     message = condition(blocked, "Stalled")["message"]
     assert stalled_reason(blocked) == "OwnershipMismatch"
     assert message == (
-        f"refusing to destroy attached machine {foreign} for volume {volume_id}: "
-        f"expected sandbox {SANDBOX}, found ki_someone_else"
+        f"refusing to delete volume {volume_id}: it is attached to a machine that is not one of sandbox "
+        f"{SANDBOX}; nothing was destroyed"
     )
     assert status(blocked)["lastError"] == message
     assert status(blocked)["nextAttemptAt"]
@@ -307,7 +384,7 @@ async def test_machine_without_sandbox_metadata_blocks_the_delete(
     blocked = await wait_retained(
         stack, namespace, "alice-vol-nolabel", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
     )
-    assert condition(blocked, "Stalled")["message"].endswith(f"expected sandbox {SANDBOX}, found none")
+    assert f"a machine that is not one of sandbox {SANDBOX}" in condition(blocked, "Stalled")["message"]
     assert machine_alive(stack, unlabelled) and volume_alive(stack, volume_id)
     await destroy_machine(fly_api, unlabelled)
     await wait_retained_gone(stack, namespace, "alice-vol-nolabel")
@@ -357,8 +434,8 @@ async def test_attached_machine_that_merely_carries_the_same_sandbox_id_blocks_t
         stack, namespace, "alice-vol-att", lambda b: stalled_reason(b) == "OwnershipMismatch", "Blocked"
     )
     assert condition(blocked, "Stalled")["message"] == (
-        f"refusing to destroy attached machine {same_sandbox} for volume {volume_id}: "
-        "not a machine recorded for this volume"
+        f"refusing to delete volume {volume_id}: it is attached to a machine not recorded for this volume; "
+        "nothing was destroyed"
     )
     assert machine_alive(stack, same_sandbox) and volume_alive(stack, volume_id)
     await destroy_machine(fly_api, same_sandbox)

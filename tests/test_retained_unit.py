@@ -10,7 +10,7 @@ import pytest
 
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import Fatal, NotFound, RateLimited, Transient, Unauthorized
-from kiloclaw_operator.models import RetainedPhase, RetainedVolume, RetainedVolumeStatus
+from kiloclaw_operator.models import Provenance, RetainedPhase, RetainedVolume, RetainedVolumeStatus
 from kiloclaw_operator.retained import (
     REASON_DELETE_FAILED,
     REASON_FLY_REJECTED,
@@ -30,6 +30,8 @@ from kiloclaw_operator.retained import (
     next_backoff,
     next_check_delay,
     observed_status,
+    provenance_grace_left,
+    provenance_problem,
     starts_blocked_episode,
     volume_in_use_failure,
     volumes_in_use,
@@ -39,6 +41,10 @@ from kiloclaw_operator.volumes import OwnershipMismatch
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 VOLUME = "vol_retained0000001"
 SANDBOX = "ki_alice"
+RECOVERY = "01JDRECOVERY0000000000000A"
+PROOF = Provenance(
+    instance_uid="uid-alice", recovery_id=RECOVERY, fly_app="acct-test", volume_id=VOLUME, sandbox_id=SANDBOX
+)
 
 
 def settings(**overrides: Any) -> Settings:
@@ -58,6 +64,8 @@ def retained(
     deleting: bool = False,
     generation: int = 1,
     status: RetainedVolumeStatus | None = None,
+    proven: bool = True,
+    created_at: datetime = NOW - timedelta(hours=1),
 ) -> RetainedVolume:
     metadata: dict[str, Any] = {
         "name": "alice-vol-retained",
@@ -65,6 +73,7 @@ def retained(
         "uid": "uid-1",
         "generation": generation,
         "resourceVersion": "10",
+        "creationTimestamp": created_at.isoformat(),
     }
     if deleting:
         metadata["deletionTimestamp"] = NOW.isoformat()
@@ -79,13 +88,19 @@ def retained(
                 "region": "iad",
                 "retainUntil": retain_until.isoformat(),
                 "deleteNow": delete_now,
+                "recoveryId": RECOVERY,
             },
-            "status": (status or RetainedVolumeStatus()).dump(),
+            "status": {
+                **({"provenance": PROOF.dump()} if proven else {}),
+                **(status or RetainedVolumeStatus()).dump(),
+            },
         }
     )
 
 
 def with_status(resource: RetainedVolume, status: RetainedVolumeStatus) -> RetainedVolume:
+    if status.provenance is None:
+        status = status.model_copy(update={"provenance": resource.status.provenance})
     return resource.model_copy(update={"status": status})
 
 
@@ -198,14 +213,15 @@ def test_rate_limit_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
 # --- failure classification and the status it leaves ------------------------------------------------------
 
 
-def test_ownership_mismatch_blocks_with_stalled_condition_naming_both_sandboxes() -> None:
+def test_ownership_mismatch_blocks_with_stalled_condition_naming_only_the_expected_sandbox() -> None:
     base = retained(delete_now=True)
     status = failed_status(base, NOW, classify_failure(mismatch(), 1, settings()))
     assert status.phase is RetainedPhase.BLOCKED
     stalled = condition(status, "Stalled")
     assert stalled[:2] == ("True", REASON_OWNERSHIP_MISMATCH)
-    assert "refusing to destroy attached machine m1 for volume" in stalled[2]
-    assert "expected sandbox ki_alice, found ki_bob" in stalled[2]
+    assert f"refusing to delete volume {VOLUME}: it is attached to a machine" in stalled[2]
+    assert "sandbox ki_alice" in stalled[2]
+    assert "ki_bob" not in stalled[2] and "m1" not in stalled[2]  # another tenant's, possibly
     assert condition(status, "Ready")[0] == "False"
     assert status.attempts == 1
     assert status.last_error == stalled[2]
@@ -384,3 +400,53 @@ def test_next_check_of_a_failed_delete_is_its_retry_time() -> None:
     base = retained(delete_now=True)
     failed = with_status(base, failed_status(base, NOW, classify_failure(Transient("x"), 1, settings())))
     assert next_check_delay(failed, NOW, settings()) == 30.0
+
+
+# --- provenance: only what the operator minted is acted on --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"retain_until": NOW - timedelta(seconds=1)},
+        {"delete_now": True},
+        {"deleting": True},
+        {},
+    ],
+    ids=["expired", "delete-now", "kubectl-delete", "retained"],
+)
+def test_a_retained_volume_without_the_operators_provenance_is_never_acted_on_on_fly(
+    kwargs: dict[str, Any],
+) -> None:
+    resource = retained(proven=False, **kwargs)
+    assert decide_retained(resource, NOW).step is Step.UNPROVEN
+    assert "not created by the operator" in (provenance_problem(resource) or "")
+
+
+def test_a_spec_naming_another_volume_than_the_provenance_is_not_acted_on() -> None:
+    resource = retained(delete_now=True)
+    altered = resource.model_copy(
+        update={"spec": resource.spec.model_copy(update={"volume_id": "vol_of_someone_else"})}
+    )
+    assert decide_retained(altered, NOW).step is Step.UNPROVEN
+    assert "spec.volumeId" in (provenance_problem(altered) or "")
+    assert decide_retained(resource, NOW).step is Step.DELETE
+
+
+def test_an_unproven_resource_is_reported_only_after_the_grace_for_a_mint_in_progress() -> None:
+    young = retained(proven=False, created_at=NOW - timedelta(seconds=5))
+    grace = settings(retained_provenance_grace_seconds=30)
+    assert provenance_grace_left(young, NOW, grace) == pytest.approx(25)
+    assert next_check_delay(young, NOW, grace) == pytest.approx(25)
+    old = retained(proven=False, created_at=NOW - timedelta(minutes=5))
+    assert provenance_grace_left(old, NOW, grace) == 0
+
+
+def test_the_interlock_message_names_no_instance_of_another_namespace() -> None:
+    bodies = [
+        {"metadata": {"name": "alice", "namespace": "tenants"}, "status": {"volumeId": "vol_a"}},
+        {"metadata": {"name": "secret-bob", "namespace": "other"}, "status": {"volumeId": "vol_b"}},
+    ]
+    held = volumes_in_use(bodies, viewer="tenants")
+    assert held["vol_a"] == "instance alice (current volume)"
+    assert "secret-bob" not in held["vol_b"] and "other" not in held["vol_b"].replace("another", "")

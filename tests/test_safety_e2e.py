@@ -77,10 +77,10 @@ async def test_a_copy_with_the_same_sandbox_is_refused_and_deleting_it_leaves_th
         what="Stalled DuplicateSandbox",
     )
     message = condition(copy, "Stalled")["message"]
-    assert f"owned by instance {namespace}/alice" in message
+    assert "owned by instance alice;" in message  # same namespace: named (another namespace would not be)
     assert not {"volumeId", "machineId"} & set(status(copy))
     (event,) = await wait_event(stack, namespace, "alice-copy", "DuplicateSandbox")
-    assert event["type"] == "Warning" and f"{namespace}/alice" in event["message"]
+    assert event["type"] == "Warning" and "instance alice;" in event["message"]
 
     await stack.delete_instance(namespace, "alice-copy")
     await stack.wait_gone(namespace, "alice-copy")

@@ -31,6 +31,7 @@ REASON_INVALID_SPEC = "InvalidSpec"
 REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
 REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
 REASON_HOST_UNAVAILABLE = "HostUnavailable"
+REASON_APP_NOT_FOUND = "AppNotFound"
 
 
 def set_condition(

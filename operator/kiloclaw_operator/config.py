@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         le=300,
         validation_alias=AliasChoices("KILOCLAW_RETAINED_CREATE_RETRY_SECONDS"),
     )
+    #: How long a new retained volume may lack the provenance the operator writes right after creating it
+    #: before it is reported Blocked (NotMintedByOperator); nothing on Fly is touched either way.
+    retained_provenance_grace_seconds: float = Field(
+        default=30, ge=0, le=3600, validation_alias=AliasChoices("KILOCLAW_RETAINED_PROVENANCE_GRACE_SECONDS")
+    )
+    #: Where the claims on a (flyApp, sandboxId) live (one Lease each, ownership.py): one namespace for every
+    #: shard and replica, so a claim holds cluster-wide. Empty: the Lease namespace of the leader election.
+    claims_namespace: str = Field(default="", validation_alias=AliasChoices("KILOCLAW_CLAIMS_NAMESPACE"))
     # The organisation feed (with FLY_ORG_SLUG): sweep cadence, window overlap (Fly's changes propagate
     # late), page size, when a silent feed counts as failed, the busy-phase fallback read, the safety audit.
     feed_interval_seconds: float = Field(
@@ -294,6 +302,11 @@ def load_settings(*, require_token: bool = True, **overrides: object) -> Setting
             raise ConfigError(
                 f"invalid configuration: FLY_API_TOKEN_FILE: cannot read {settings.fly_api_token_file}: "
                 f"{exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"invalid configuration: FLY_API_TOKEN_FILE: {settings.fly_api_token_file} is not UTF-8 text "
+                f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); it must hold the token only"
             ) from None
         if require_token and not from_file:
             raise ConfigError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from . import ownership
+from . import ownership, tenancy
 from .config import Settings
 from .fly import FlyClient
 from .fly import set_log_context as set_fly_log_context
@@ -67,9 +68,12 @@ class Context:
     claim_book: ownership.ClaimBook = field(init=False)
     # Passes that provision at once (see ObjectDriver.admission).
     provisioning: asyncio.Semaphore = field(init=False)
+    # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
+    bindings: tenancy.NamespaceBindings = field(init=False)
 
     def __post_init__(self) -> None:
         self.claim_book = ownership.ClaimBook(self.kube.list_instances)
+        self.bindings = tenancy.NamespaceBindings(self.kube.get_namespace, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
 

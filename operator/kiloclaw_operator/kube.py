@@ -416,6 +416,11 @@ class KubeClient:
             return self._path(INSTANCE_PLURAL, namespace)
         return f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
 
+    # --- namespaces (the Fly app binding, tenancy.py) ---------------------------------------------------
+
+    async def get_namespace(self, name: str) -> dict[str, Any]:
+        return await self._request("GET", f"/api/v1/namespaces/{name}")
+
     # --- events ----------------------------------------------------------------------------------------
 
     async def post_event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
@@ -464,6 +469,19 @@ class KubeClient:
             return await self._lease_request("GET", self._lease_path(namespace, name))
         except KubeNotFound:
             return None
+
+    async def delete_lease(self, namespace: str, name: str, *, resource_version: str) -> None:
+        """Delete only the Lease as read (``resourceVersion`` precondition): KubeConflict when it changed
+        since, KubeNotFound when it is gone."""
+        await self._lease_request(
+            "DELETE",
+            self._lease_path(namespace, name),
+            json={
+                "apiVersion": "v1",
+                "kind": "DeleteOptions",
+                "preconditions": {"resourceVersion": resource_version},
+            },
+        )
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create; KubeConflict when another candidate created it first."""

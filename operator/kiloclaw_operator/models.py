@@ -241,8 +241,21 @@ class RetainedVolumeSpec(WireModel):
     delete_now: bool = False
 
 
+class Provenance(WireModel):
+    """What the operator wrote, through the status subresource, when it minted a retained volume: the proof
+    that it created the resource, and the only ids it acts on. Tenants' roles grant neither create nor status
+    writes on retained volumes (deploy/base/tenancy.yaml), so a tenant can neither forge nor alter it."""
+
+    instance_uid: str
+    recovery_id: str
+    fly_app: str
+    volume_id: str
+    sandbox_id: str
+
+
 class RetainedVolumeStatus(WireModel):
     phase: RetainedPhase = RetainedPhase.RETAINED
+    provenance: Provenance | None = None
     snapshot_count: int | None = None
     attached_machine_id: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -256,6 +269,7 @@ class RetainedVolume(BaseModel):
 
     ref: ObjectRef
     generation: int
+    created_at: datetime | None = None
     deleting: bool
     spec: RetainedVolumeSpec
     status: RetainedVolumeStatus
@@ -266,6 +280,7 @@ class RetainedVolume(BaseModel):
         return cls(
             ref=ObjectRef.of(body, RETAINED_KIND),
             generation=int(meta.get("generation") or 1),
+            created_at=meta.get("creationTimestamp"),
             deleting=bool(meta.get("deletionTimestamp")),
             spec=RetainedVolumeSpec.model_validate(body.get("spec") or {}),
             status=RetainedVolumeStatus.model_validate(body.get("status") or {}),

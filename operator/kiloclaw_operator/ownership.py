@@ -42,6 +42,11 @@ def has_claim(status: InstanceStatus) -> bool:
     return status.phase.value not in _UNCLAIMED_PHASES or _holds_ids(status.model_dump(by_alias=True))
 
 
+def holds_fly_ids(status: InstanceStatus) -> bool:
+    """Whether the status names any Fly resource (current, recovery, pending cleanup)."""
+    return _holds_ids(status.model_dump(by_alias=True))
+
+
 def _holds_ids(status: Mapping[str, Any]) -> bool:
     pending = status.get("pendingCleanup") or {}
     return bool(
@@ -232,7 +237,14 @@ class ClaimBook:
 
 
 def duplicate_message(instance: Instance, owner: Owner) -> str:
+    """The refusal as the claimant's namespace sees it: the owner is named only when it is in the same
+    namespace (a message shown in one namespace names nothing of another)."""
+    who = (
+        f"instance {owner.name}"
+        if owner.namespace == instance.ref.namespace
+        else "an instance in another namespace"
+    )
     return (
-        f"sandbox {instance.spec.sandbox_id} in Fly app {instance.spec.fly_app} is owned by instance "
-        f"{owner}; this instance touches nothing on Fly (delete it, or give it its own sandboxId)"
+        f"sandbox {instance.spec.sandbox_id} in Fly app {instance.spec.fly_app} is owned by {who}; this "
+        "instance touches nothing on Fly (delete it, or give it its own sandboxId)"
     )

@@ -15,23 +15,50 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from . import conditions, lifecycle, ownership, recovery
+from . import conditions, leadership, lifecycle, ownership, recovery, tenancy
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .feed import FeedObserver, MachineState
-from .fly import Capacity, Fatal, FlyClient, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
+from .fly import (
+    AppNotFound,
+    Capacity,
+    Fatal,
+    FlyClient,
+    FlyError,
+    HostUnavailable,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
-from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present, volumes_in_use
+from .volumes import (
+    MachineNotProven,
+    OwnershipMismatch,
+    delete_volume_checked,
+    destroy_machine_if_present,
+    destroy_recorded_machine,
+    volumes_in_use,
+)
 
 logger = logging.getLogger("kiloclaw.instance")
 
 ACTION_DEFERRED = "ActionDeferred"
 DUPLICATE_SANDBOX = "DuplicateSandbox"
+#: A machine id in status that does not prove to be the instance's: the destroy is refused.
+REASON_MACHINE_NOT_PROVEN = "MachineNotOwned"
+#: Stalls that refuse the instance before any Fly call; looked at again at the idle cadence.
+_REFUSALS = frozenset(
+    {
+        conditions.REASON_DUPLICATE_SANDBOX,
+        tenancy.REASON_APP_NOT_ALLOWED,
+        tenancy.REASON_IMAGE_NOT_ALLOWED,
+    }
+)
 
 
 #: What a driver decides on while a recovery owns the instance (the recovery observes Fly itself).
@@ -93,10 +120,10 @@ class PollingObserver:
 def _failed_read(exc: FlyError) -> Observation:
     """What a failed read of the machine says: gone on a 404, nothing (unknown) on a transient failure. An
     unauthorized token or a rejected request is not an observation: re-raised for the driver."""
+    if isinstance(exc, AppNotFound | Unauthorized | Fatal):
+        raise exc
     if isinstance(exc, NotFound):
         return Observation.gone()
-    if isinstance(exc, Unauthorized | Fatal):
-        raise exc
     return Observation.unknown(str(exc))
 
 
@@ -109,6 +136,8 @@ class InstanceDriver(ObjectDriver[Instance]):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
 
     failures: int = 0
+    # Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
+    claim_confirmed: bool = False
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
     # Set while the driver waits for news of a machine it just created (the settle window), else None.
@@ -220,8 +249,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                 conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
                 "the Fly token works again",
             )
-        if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
-            # A refused claimant looks again now and then: it may claim once the owner is gone.
+        if conditions.stalled_reason(instance.status) in _REFUSALS:
+            # A refused instance looks again now and then: the owner may be gone, the binding changed.
             return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
         return self.ctx.observer.next_pass(instance)
 
@@ -243,6 +272,17 @@ class InstanceDriver(ObjectDriver[Instance]):
             # Backed off, but never longer than a Running instance's cadence: a fixed token must be noticed
             # (and observation resumed) soon, not after the hour-long cap of failing deletes.
             return min(self._backoff(), self.ctx.settings.poll_running_seconds)
+        if isinstance(exc, AppNotFound):
+            message = (
+                f"Fly app {instance.spec.fly_app} does not exist, or the operator's token cannot see it "
+                f"({exc.message}): create the app or change spec.flyApp, then this is tried again"
+            )
+            logger.error("%s", message, extra=fields)
+            status = instance.status.model_copy(
+                update={"phase": Phase.FAILED, "observed_generation": instance.generation}
+            )
+            await self._stall(instance, status, conditions.REASON_APP_NOT_FOUND, message)
+            return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         if isinstance(exc, HostUnavailable) and instance.spec.state is DesiredState.RUNNING:
             return await self._on_host_unavailable(instance, exc)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
@@ -290,16 +330,45 @@ class InstanceDriver(ObjectDriver[Instance]):
         return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
-        if not ownership.has_claim(instance.status):
+        claimed = ownership.has_claim(instance.status)
+        # The namespace's binding first, before any Fly call (read afresh before a claim).
+        refusal = await self._binding_refusal(instance, fresh=not claimed)
+        if refusal is not None:
+            await self._stall(
+                instance,
+                instance.status.model_copy(update={"observed_generation": instance.generation}),
+                refusal.reason,
+                refusal.message,
+            )
+            return self.current()
+        if conditions.stalled_reason(instance.status) in (
+            tenancy.REASON_APP_NOT_ALLOWED,
+            tenancy.REASON_IMAGE_NOT_ALLOWED,
+        ):
+            instance = await self.commit(
+                instance,
+                conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
+                "the namespace's binding allows the instance again",
+            )
+        if claimed and not self.claim_confirmed:
+            # Claimed before claims were Leases (or by an earlier process): hold the Lease too.
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+            if holder is not None:
+                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
+                return self.current()
+            self.claim_confirmed = True
+        if not claimed:
             if FINALIZER not in ((self.latest or {}).get("metadata", {}).get("finalizers") or ()):
                 # kopf adds its finalizer when it first handles the instance: claim (and touch Fly) only once
                 # deletion is guarded by it. Claiming first also made kopf's finalizer patch, which carries a
                 # resourceVersion test, fail and be sent again: one more write per instance.
                 return instance
-            claimed = await self._claim(instance)
-            if claimed is None:
+            claimant = await self._claim(instance)
+            if claimant is None:
                 return self.current()
-            instance = claimed
+            instance = claimant
         instance = await recovery.retry_pending_cleanup(self.recovery_port(), instance)
         if lifecycle.recovery_in_flight(instance):
             observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
@@ -338,16 +407,53 @@ class InstanceDriver(ObjectDriver[Instance]):
                 return None
             # Counted as a claimant from here on; the write itself need not hold up the other claimants.
             book.reserve(self.latest or {})
-        now = self.ctx.clock()
-        status = instance.status.model_copy(
-            update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
-        )
-        if conditions.is_stalled(status):
-            status = conditions.clear_stalled(status, now, instance.generation)
         try:
+            # The claim book decides among the instances this process sees; the Lease, created atomically by
+            # the API server, decides across shards and replicas (tenancy.py).
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+            if holder is not None:
+                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
+                return None
+            self.claim_confirmed = True
+            now = self.ctx.clock()
+            status = instance.status.model_copy(
+                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
+            )
+            if conditions.is_stalled(status):
+                status = conditions.clear_stalled(status, now, instance.generation)
             return await self.commit(instance, status, "claim the sandbox before any Fly call")
         finally:
             book.settle(self.latest or {})
+
+    def _claims_namespace(self) -> str:
+        settings = self.ctx.settings
+        return settings.claims_namespace or settings.lease_namespace or leadership.default_lease_namespace()
+
+    async def _binding_refusal(
+        self, instance: Instance, *, fresh: bool, check_image: bool = True
+    ) -> tenancy.Refusal | None:
+        annotations = await self.ctx.bindings.annotations(instance.ref.namespace, fresh=fresh)
+        return tenancy.binding_refusal(
+            instance.ref.namespace, annotations, instance.spec, check_image=check_image
+        )
+
+    async def _stall(self, instance: Instance, status: InstanceStatus, reason: str, message: str) -> None:
+        """Stalled with ``reason`` and a Warning Event, once per message (a refusal repeated is not news)."""
+        stalled = instance.status.condition(conditions.STALLED)
+        if (
+            stalled is not None
+            and stalled.status == "True"
+            and stalled.reason == reason
+            and stalled.message == message
+            and instance.status.phase is status.phase
+        ):
+            return
+        logger.warning("%s", message, extra=self.log_fields(instance))
+        status = conditions.mark_stalled(status, reason, message, self.ctx.clock(), instance.generation)
+        instance = await self.commit(instance, status, f"refused ({reason}): nothing on Fly is touched")
+        await self.ctx.kube.post_event(instance.ref, reason, message, warning=True)
 
     async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
         message = ownership.duplicate_message(instance, owner)
@@ -487,7 +593,7 @@ class InstanceDriver(ObjectDriver[Instance]):
     async def _adopt_or_create_volume(self, instance: Instance) -> Volume:
         spec = instance.spec
         name = fly.volume_name(spec.sandbox_id)
-        adoptable = await self._adoptable_volumes(instance, name)
+        adoptable = await self._adoptable_volumes(instance)
         if adoptable:
             logger.info(
                 "adopting volume %s left by an earlier attempt",
@@ -505,17 +611,20 @@ class InstanceDriver(ObjectDriver[Instance]):
                 errors.append(f"{region}: {exc.message}")
         raise RetryLater("no region has capacity for the volume: " + "; ".join(errors), 0)
 
-    async def _adoptable_volumes(self, instance: Instance, name: str) -> list[Volume]:
+    async def _adoptable_volumes(self, instance: Instance) -> list[Volume]:
         """Volumes this instance created but did not record (crash between create and status write).
 
-        Same name, unattached, created after the instance, not kept as a retained safety copy, and named by
-        no instance's status (the name keeps only the first 21 characters of the sandbox id).
+        Our name (or, for a create before names carried a hash, the legacy name, if no other instance of the
+        app in any namespace maps to that name too), unattached, created after the instance, and held by no
+        instance and no retained volume in any namespace.
         """
-        volumes = await self.ctx.fly.list_volumes(instance.spec.fly_app)
+        spec = instance.spec
+        volumes = await self.ctx.fly.list_volumes(spec.fly_app)
+        names = {fly.volume_name(spec.sandbox_id), fly.legacy_volume_name(spec.sandbox_id)}
         candidates = [
             v
             for v in volumes
-            if v.name == name
+            if v.name in names
             and not v.is_gone
             and not v.attached_machine_id
             and (
@@ -526,10 +635,15 @@ class InstanceDriver(ObjectDriver[Instance]):
         ]
         if not candidates:
             return []
-        taken = set(volumes_in_use(await self.ctx.kube.list_instances()))
+        instances = await self.ctx.kube.list_instances()
+        if any(v.name != fly.volume_name(spec.sandbox_id) for v in candidates) and _legacy_name_shared(
+            instance, instances
+        ):
+            candidates = [v for v in candidates if v.name == fly.volume_name(spec.sandbox_id)]
+        taken = set(volumes_in_use(instances))
         taken.update(
-            item.get("spec", {}).get("volumeId")
-            for item in await self.ctx.kube.list_retained_volumes(instance.ref.namespace)
+            str((item.get("spec") or {}).get("volumeId"))
+            for item in await self.ctx.kube.list_retained_volumes()
         )
         return sorted((v for v in candidates if v.id not in taken), key=lambda v: str(v.created_at))
 
@@ -541,7 +655,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         if machine is None:
             machine = await self.ctx.fly.create_machine(
                 spec.fly_app,
-                name=spec.sandbox_id,
+                name=fly.machine_name(spec.sandbox_id),
                 region=instance.status.region or lifecycle.ordered_regions(spec, self.ctx.settings)[0],
                 config=lifecycle.desired_machine_config(spec, volume_id),
             )
@@ -712,6 +826,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                 instance.status.volume_id,
                 extra=self.log_fields(instance),
             )
+            if ownership.holds_fly_ids(instance.status) and not await self._may_destroy(instance):
+                return
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
                 instance = await recovery.settle_for_deletion(self.recovery_port(), instance)
@@ -727,15 +843,24 @@ class InstanceDriver(ObjectDriver[Instance]):
                 # Only what this instance recorded, or proves it owns: a machine with our sandbox id that
                 # mounts our recorded volume (a create whose id never reached the status). Never every
                 # machine carrying the sandbox id: another instance may name the same sandbox.
-                machine_ids = {status.machine_id} if status.machine_id else set()
+                proven: set[str] = set()
                 if status.volume_id:
-                    machine_ids.update(
-                        m.id for m in await self._machines_on_volume(instance, status.volume_id)
+                    proven.update(m.id for m in await self._machines_on_volume(instance, status.volume_id))
+                if status.machine_id and status.machine_id not in proven:
+                    # An id read from status is verified first: our sandbox id and a mount of our volume.
+                    await destroy_recorded_machine(
+                        self.ctx.fly,
+                        app,
+                        status.machine_id,
+                        sandbox_id=instance.spec.sandbox_id,
+                        volume_id=status.volume_id,
+                        wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
-                for machine_id in sorted(machine_ids):
+                for machine_id in sorted(proven):
                     await destroy_machine_if_present(
                         self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
                     )
+                machine_ids = proven | ({status.machine_id} if status.machine_id else set())
                 await recovery.remove_pending_cleanup(self.recovery_port(), instance)
                 if status.volume_id:
                     await delete_volume_checked(
@@ -747,6 +872,8 @@ class InstanceDriver(ObjectDriver[Instance]):
                         wait_seconds=self.ctx.settings.wait_call_seconds,
                     )
             except (FlyError, OwnershipMismatch) as exc:
+                if isinstance(exc, MachineNotProven):
+                    await self._refuse_destroy(instance, exc)
                 if isinstance(exc, Unauthorized):
                     raise RetryLater(
                         f"destroy blocked, Fly token unauthorized: {exc}",
@@ -760,6 +887,73 @@ class InstanceDriver(ObjectDriver[Instance]):
                 ),
                 "Fly confirmed machine and volume gone",
             )
+            try:
+                await tenancy.release_claim(
+                    self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+                )
+            except KubeError as exc:
+                raise RetryLater(
+                    f"could not release the sandbox's claim: {exc}",
+                    self.ctx.settings.retry_backoff_min_seconds,
+                ) from exc
+
+    async def _may_destroy(self, instance: Instance) -> bool:
+        """Before a destroy touches Fly: the namespace must still be bound to the app (else the deletion
+        waits, Stalled, RetryLater), and the instance must hold the sandbox's claim (else it is released
+        without touching Fly: another instance owns what the ids name)."""
+        try:
+            refusal = await self._binding_refusal(instance, fresh=True, check_image=False)
+            if refusal is not None:
+                message = (
+                    f"{refusal.message}; the deletion waits until the app is bound again (or an admin "
+                    "removes the finalizer, leaving Fly as it is)"
+                )
+                await self._stall(instance, instance.status, refusal.reason, message)
+                raise RetryLater(message, self._backoff())
+            holder = await tenancy.acquire_claim(
+                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+            )
+        except KubeError as exc:
+            raise RetryLater(
+                f"Kubernetes API call failed: {exc}", self.ctx.settings.retry_backoff_min_seconds
+            ) from exc
+        if holder is not None:
+            logger.warning(
+                "deleted without touching Fly: the sandbox's claim is held by instance %s/%s",
+                holder.namespace,
+                holder.name,
+                extra=self.log_fields(instance),
+            )
+            return False
+        return True
+
+    async def _refuse_destroy(self, instance: Instance, exc: MachineNotProven) -> None:
+        """Say why the deletion waits (Stalled, one Warning Event per message); nothing was destroyed. It goes
+        on once the machine is gone or proves ours, or when an admin removes the finalizer."""
+        message = str(exc)
+        stalled = instance.status.condition(conditions.STALLED)
+        if stalled is not None and stalled.status == "True" and stalled.message == message:
+            return
+        logger.warning("%s", message, extra=self.log_fields(instance))
+        status = conditions.mark_stalled(
+            instance.status, REASON_MACHINE_NOT_PROVEN, message, self.ctx.clock(), instance.generation
+        )
+        instance = await self.commit(instance, status, "destroy refused: the recorded machine is not ours")
+        await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
+
+
+def _legacy_name_shared(instance: Instance, instances: list[dict[str, Any]]) -> bool:
+    """Whether another instance of the same Fly app (any namespace) maps to this one's legacy volume name."""
+    legacy = fly.legacy_volume_name(instance.spec.sandbox_id)
+    for body in instances:
+        spec = body.get("spec") or {}
+        if (body.get("metadata") or {}).get("uid") == instance.ref.uid or spec.get(
+            "flyApp"
+        ) != instance.spec.fly_app:
+            continue
+        if fly.legacy_volume_name(str(spec.get("sandboxId") or "")) == legacy:
+            return True
+    return False
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import conditions, lifecycle
+from . import conditions, lifecycle, retained
 from .config import Settings
 from .driving import RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
@@ -36,6 +36,7 @@ from .models import (
     LastRecovery,
     PendingCleanup,
     Phase,
+    Provenance,
     RecoveryOutcome,
     RecoveryStatus,
     RecoveryStep,
@@ -43,7 +44,7 @@ from .models import (
     step_reached,
 )
 from .models import Instance as InstanceModel
-from .volumes import OwnershipMismatch, delete_volume_checked, destroy_machine_if_present
+from .volumes import OwnershipMismatch, delete_volume_checked, destroy_recorded_machine
 
 logger = logging.getLogger("kiloclaw.recovery")
 analytics = logging.getLogger("kiloclaw.analytics")
@@ -285,8 +286,15 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
 
     if step is RecoveryStep.SOURCE_VOLUME_CHECKED:
         if record.source_machine_id:
-            await destroy_machine_if_present(
-                client, app, record.source_machine_id, wait_seconds=port.settings.wait_call_seconds
+            # Verified before destroyed: our sandbox id and a mount of the recorded source volume, or the
+            # attempt fails (OwnershipMismatch) with nothing destroyed.
+            await destroy_recorded_machine(
+                client,
+                app,
+                record.source_machine_id,
+                sandbox_id=instance.spec.sandbox_id,
+                volume_id=record.source_volume_id,
+                wait_seconds=port.settings.wait_call_seconds,
             )
         return await _record(
             port, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
@@ -357,9 +365,9 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
                 record.replacement_volume_id,
                 extra=_fields(instance),
             )
-    name = fly.volume_name(instance.spec.sandbox_id)
+    names = _fork_names(instance)
     for volume in await client.list_volumes(app):
-        if _is_fork_of_this_attempt(volume, name, record):
+        if _is_fork_of_this_attempt(volume, names, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
@@ -371,7 +379,7 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
         try:
             return await client.create_volume(
                 app,
-                name=name,
+                name=fly.volume_name(instance.spec.sandbox_id),
                 region=region,
                 source_volume_id=record.source_volume_id,
                 compute=Guest(cpu_kind=guest.cpu_kind, cpus=guest.cpus, memory_mb=guest.memory_mb),
@@ -401,7 +409,7 @@ async def _replacement_machine(port: Port, instance: InstanceModel, record: Reco
     volume = await client.get_volume(app, record.replacement_volume_id)
     return await client.create_machine(
         app,
-        name=instance.spec.sandbox_id,
+        name=fly.machine_name(instance.spec.sandbox_id),
         region=volume.region,
         config=lifecycle.desired_machine_config(instance.spec, volume.id, recovery_id=record.id),
     )
@@ -488,8 +496,18 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
     if retain_until is not None:
         retained_name = retained_volume_name(instance.ref.name, record.source_volume_id)
         try:
-            await port.kube.create_retained_volume(
-                instance.ref.namespace, _retained_volume_body(instance, record, retained_name, retain_until)
+            # Created, then proven: the provenance (recovery id, instance uid, ids) goes through the status
+            # subresource, and the retained-volume driver acts only on what it names.
+            retained_name = await retained.mint(
+                port.kube,
+                _retained_volume_body(instance, record, retained_name, retain_until),
+                Provenance(
+                    instance_uid=instance.ref.uid,
+                    recovery_id=record.id,
+                    fly_app=instance.spec.fly_app,
+                    volume_id=record.source_volume_id,
+                    sandbox_id=instance.spec.sandbox_id,
+                ),
             )
         except Exception as exc:
             raise RetryLater(
@@ -576,10 +594,15 @@ async def fail(
             pass
     if replacement_machine:
         try:
-            await destroy_machine_if_present(
-                client, app, replacement_machine, wait_seconds=port.settings.wait_call_seconds
+            await destroy_recorded_machine(
+                client,
+                app,
+                replacement_machine,
+                sandbox_id=instance.spec.sandbox_id,
+                volume_id=record.replacement_volume_id,
+                wait_seconds=port.settings.wait_call_seconds,
             )
-        except FlyError as exc:
+        except (FlyError, OwnershipMismatch) as exc:
             logger.warning(
                 "could not destroy replacement machine %s: %s",
                 replacement_machine,
@@ -690,8 +713,13 @@ async def remove_pending_cleanup(port: Port, instance: InstanceModel) -> None:
         return
     app = instance.spec.fly_app
     if pending.machine_id:
-        await destroy_machine_if_present(
-            port.fly, app, pending.machine_id, wait_seconds=port.settings.wait_call_seconds
+        await destroy_recorded_machine(
+            port.fly,
+            app,
+            pending.machine_id,
+            sandbox_id=instance.spec.sandbox_id,
+            volume_id=pending.volume_id,
+            wait_seconds=port.settings.wait_call_seconds,
         )
     if pending.volume_id:
         await delete_volume_checked(
@@ -724,19 +752,27 @@ async def _unrecorded_replacement_volume(
     """A fork created just before a crash, before its id reached the status (same rule as adoption)."""
     if not step_reached(record.step, RecoveryStep.SOURCE_MACHINE_DESTROYED):
         return None
-    name = fly.volume_name(instance.spec.sandbox_id)
+    names = _fork_names(instance)
     try:
         volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
-    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, name, record)), None)
+    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, names, record)), None)
 
 
-def _is_fork_of_this_attempt(volume: Volume, name: str, record: RecoveryStatus) -> bool:
-    """A live volume with the sandbox's name, created since this attempt began, that is not its source: what
-    step 4 of this attempt created (an older volume of the same name is a retained copy, never adopted)."""
+def _fork_names(instance: InstanceModel) -> set[str]:
+    """The names a fork of this sandbox may carry: ours, and the legacy one (a recovery begun before names
+    carried a hash; only this attempt's window counts, see ``_is_fork_of_this_attempt``)."""
+    return {fly.volume_name(instance.spec.sandbox_id), fly.legacy_volume_name(instance.spec.sandbox_id)}
+
+
+def _is_fork_of_this_attempt(volume: Volume, names: set[str], record: RecoveryStatus) -> bool:
+    """A live, unattached volume with the sandbox's name, created since this attempt began, that is not its
+    source: what step 4 of this attempt created (an older volume of the same name is a retained copy, never
+    adopted; an attached one is in someone's use)."""
     return (
-        volume.name == name
+        volume.name in names
+        and not volume.attached_machine_id
         and volume.id != record.source_volume_id
         and volume.created_at is not None
         and volume.created_at >= record.started_at

@@ -7,6 +7,13 @@ driver: watch events hand it the newest body and wake it; its loop observes the 
 the volume is retained, and deletes it once ``spec.retainUntil`` has passed or ``spec.deleteNow`` is set.
 ``kubectl delete`` reaches the same delete through the finalizer (``finalize``).
 
+Nothing on Fly is touched — not even read — for a resource the operator cannot prove it created: the recovery
+that mints one writes ``status.provenance`` (recovery id, instance uid, the ids) through the status
+subresource, which tenants cannot write, and admission refuses creates by anyone but the operator
+(deploy/base/tenancy.yaml). Without provenance, or with a spec that names other ids, the resource is
+``Blocked`` (``Stalled`` reason ``NotMintedByOperator``) and deleting it removes only the resource. Every Fly
+call uses the ids in the provenance.
+
 A delete goes through two guards before any Fly call that destroys something:
 - the safety interlock: a volume that any instance's status names as its current volume or as part of a
   recovery in flight is never deleted (phase ``Blocked``, ``Stalled`` reason ``VolumeInUse``);
@@ -34,12 +41,14 @@ from . import conditions
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
-from .kube import KubeError, KubeNotFound
+from .kube import KubeClient, KubeConflict, KubeError, KubeNotFound
 from .models import (
     INSTANCE_KIND,
+    RETAINED_KIND,
     Condition,
     ConditionStatus,
     ObjectRef,
+    Provenance,
     RetainedPhase,
     RetainedVolume,
     RetainedVolumeStatus,
@@ -62,9 +71,52 @@ REASON_OWNERSHIP_MISMATCH = "OwnershipMismatch"
 REASON_VOLUME_IN_USE = "VolumeInUse"
 REASON_FLY_UNAUTHORIZED = conditions.REASON_FLY_UNAUTHORIZED
 REASON_FLY_REJECTED = "FlyRejected"
+REASON_NOT_MINTED = "NotMintedByOperator"
+
 
 # Never sleep less than this between passes, so a clock skew or an error path cannot spin the loop.
 MIN_DELAY_SECONDS = 0.05
+
+
+# --- minting: only the operator creates retained volumes, and proves it ------------------------------------
+
+_IDENTITY_FIELDS = ("flyApp", "volumeId", "sandboxId", "recoveryId", "instanceName")
+
+
+def _minted_as(stored: dict[str, Any], body: dict[str, Any], provenance: Provenance) -> bool:
+    """Whether ``stored`` (found under the name) is the resource this mint creates: same ids in the spec, and
+    no provenance, or this one (a retried mint finds its own earlier create)."""
+    spec, wanted = stored.get("spec") or {}, body["spec"]
+    recorded = (stored.get("status") or {}).get("provenance")
+    return all(spec.get(f) == wanted.get(f) for f in _IDENTITY_FIELDS) and recorded in (
+        None,
+        provenance.dump(),
+    )
+
+
+async def mint(kube: KubeClient, body: dict[str, Any], provenance: Provenance) -> str:
+    """Create the retained volume ``body`` and write its provenance through the status subresource (which
+    tenants cannot write); returns the name it got. Idempotent: a retry finds its own earlier create. A name
+    taken by a resource this mint did not create (a tenant may create one where admission does not refuse it)
+    is never stamped: the next name, derived from the recovery id, is tried; then ``KubeConflict``."""
+    meta = body["metadata"]
+    namespace, base = meta["namespace"], meta["name"]
+    suffix = "".join(ch for ch in provenance.recovery_id.lower() if ch.isalnum())[-6:] or "x"
+    for name in (base, f"{base}-{suffix}"):
+        candidate = {**body, "metadata": {**meta, "name": name}}
+        stored = await kube.create_retained_volume(namespace, candidate)
+        if not _minted_as(stored, candidate, provenance):
+            logger.warning(
+                "retained volume name %s is taken by a resource the operator did not create",
+                name,
+                extra={"namespace": namespace, "retained_volume": name},
+            )
+            continue
+        if (stored.get("status") or {}).get("provenance") is None:
+            ref = ObjectRef(namespace=namespace, name=name, kind=RETAINED_KIND)
+            await kube.patch_retained_status(ref, {"provenance": provenance.dump()})
+        return name
+    raise KubeConflict(409, f"retained volume names {base} and {base}-{suffix} are taken by other resources")
 
 
 # --- the pure core: what is due, when to retry, what blocks a delete ----------------------------------------
@@ -85,6 +137,7 @@ class Step(StrEnum):
     WAIT = "Wait"  # due, but a failed or blocked attempt waits for status.nextAttemptAt
     DELETE = "Delete"  # due: interlock, then the ownership-checked delete
     RELEASE = "Release"  # Fly confirmed the volume gone: only the resource is left to remove
+    UNPROVEN = "Unproven"  # not minted by the operator (or altered): nothing on Fly is touched
 
 
 @dataclass(frozen=True)
@@ -134,7 +187,47 @@ def pending_retry(retained: RetainedVolume, now: datetime) -> datetime | None:
     return _aware(status.next_attempt_at)
 
 
+def provenance_problem(retained: RetainedVolume) -> str | None:
+    """Why the operator may not act on ``retained`` (None: it may). Only a resource whose status carries the
+    provenance the operator wrote when it minted it, naming the same ids as the spec, is acted on."""
+    proof = retained.status.provenance
+    if proof is None:
+        return (
+            "not created by the operator (no status.provenance): nothing on Fly is touched; "
+            "deleting this resource removes only the resource"
+        )
+    spec = retained.spec
+    differing = [
+        field
+        for field, recorded, named in (
+            ("flyApp", proof.fly_app, spec.fly_app),
+            ("volumeId", proof.volume_id, spec.volume_id),
+            ("sandboxId", proof.sandbox_id, spec.sandbox_id),
+            ("recoveryId", proof.recovery_id, spec.recovery_id),
+        )
+        if recorded != named
+    ]
+    if differing:
+        return (
+            f"spec.{', spec.'.join(differing)} differ from what the operator recorded when it retained the "
+            "volume: nothing on Fly is touched"
+        )
+    return None
+
+
+def provenance_grace_left(retained: RetainedVolume, now: datetime, settings: Settings) -> float:
+    """Seconds during which a new resource without provenance is not reported yet: the operator creates the
+    resource, then writes the provenance through the status subresource (two calls), and the watch may show
+    the first alone."""
+    if retained.created_at is None:
+        return 0.0
+    age = (_aware(now) - _aware(retained.created_at)).total_seconds()
+    return max(0.0, settings.retained_provenance_grace_seconds - age)
+
+
 def decide_retained(retained: RetainedVolume, now: datetime) -> RetainedDecision:
+    if provenance_problem(retained) is not None:
+        return RetainedDecision(Step.UNPROVEN)
     trigger = deletion_trigger(retained, now)
     if trigger is None:
         return RetainedDecision(Step.OBSERVE)
@@ -162,6 +255,9 @@ def next_check_delay(retained: RetainedVolume, now: datetime, settings: Settings
         candidates.append((_aware(retained.status.next_attempt_at) - now).total_seconds())
     if deletion_trigger(retained, now) is None:
         candidates.append((_aware(retained.spec.retain_until) - now).total_seconds())
+    grace = provenance_grace_left(retained, now, settings)
+    if grace > 0 and provenance_problem(retained) is not None:
+        candidates.append(grace)
     return max(MIN_DELAY_SECONDS, min(candidates))
 
 
@@ -276,6 +372,19 @@ def classify_failure(exc: Exception, attempts: int, settings: Settings) -> Delet
     return DeleteFailure(REASON_DELETE_FAILED, str(exc), blocked=False, stalled=False, delay=delay)
 
 
+def unproven_failure(message: str, settings: Settings) -> DeleteFailure:
+    """Not the operator's to act on: Blocked for good (checked again each interval; a forged provenance
+    cannot appear, but a mint interrupted between its two calls is completed by the recovery's retry)."""
+    return DeleteFailure(
+        REASON_NOT_MINTED,
+        message,
+        blocked=True,
+        stalled=True,
+        delay=settings.retained_check_seconds,
+        counts=False,
+    )
+
+
 def volume_in_use_failure(volume_id: str, holder: str, settings: Settings) -> DeleteFailure:
     """The interlock refused: checked again every interval until the instance lets go of the volume."""
     return DeleteFailure(
@@ -339,6 +448,11 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
     def read(self, body: dict[str, Any]) -> RetainedVolume:
         return RetainedVolume.from_body(body)
 
+    def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        # The provenance arrives in a status write of its own, right after the create: it asks for a pass.
+        provenance = (body.get("status") or {}).get("provenance")
+        return (*super().work_signature(body), bool(provenance))
+
     def log_fields(self, retained: RetainedVolume) -> dict[str, Any]:
         return {
             "namespace": retained.ref.namespace,
@@ -376,6 +490,8 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
 
     async def _reconcile(self, retained: RetainedVolume) -> RetainedVolume:
         decision = decide_retained(retained, self.ctx.clock())
+        if decision.step is Step.UNPROVEN:
+            return await self._refuse_unproven(retained)
         if decision.step is Step.OBSERVE:
             return await self._observe(retained)
         if decision.step is Step.WAIT:
@@ -388,12 +504,25 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
         await self._release(retained)
         return retained
 
+    async def _refuse_unproven(self, retained: RetainedVolume) -> RetainedVolume:
+        """No Fly call at all (not even a read: the ids may be another namespace's); say so once the grace for
+        an operator's mint in progress is over."""
+        if provenance_grace_left(retained, self.ctx.clock(), self.ctx.settings) > 0:
+            return retained
+        message = provenance_problem(retained)
+        assert message is not None
+        before = retained.status
+        if before.phase is RetainedPhase.BLOCKED and before.last_error == message:
+            return retained
+        return await self._record_failure(retained, unproven_failure(message, self.ctx.settings))
+
     async def _observe(self, retained: RetainedVolume) -> RetainedVolume:
         loop_now = asyncio.get_running_loop().time()
         if self.observed_generation == retained.generation and loop_now < self.observed_until:
             return retained
         fly = self.ctx.fly
-        spec = retained.spec
+        spec = retained.status.provenance
+        assert spec is not None  # decide_retained: only a proven resource is observed
         try:
             volume = await fly.get_volume(spec.fly_app, spec.volume_id)
         except NotFound:
@@ -423,12 +552,15 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
     async def _delete(self, retained: RetainedVolume, trigger: Trigger) -> RetainedVolume:
         """Interlock, then the ownership-checked delete; records success or the failure and its retry time."""
         settings = self.ctx.settings
-        spec = retained.spec
+        # Only what the operator recorded when it retained the volume (equal to the spec, or no delete).
+        spec = retained.status.provenance
+        assert spec is not None
         if retained.status.phase is RetainedPhase.RETAINED:
             retained = await self.commit(
                 retained, deleting_status(retained, self.ctx.clock(), trigger), "delete begins"
             )
-        holder = volumes_in_use(await self.ctx.kube.list_instances(retained.ref.namespace)).get(
+        # Any instance in any namespace: a volume id is unique, whoever holds it must keep it.
+        holder = volumes_in_use(await self.ctx.kube.list_instances(), viewer=retained.ref.namespace).get(
             spec.volume_id
         )
         if holder is not None:
@@ -520,6 +652,14 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
             retained = self.current()
             try:
                 decision = decide_retained(retained, self.ctx.clock())
+                if decision.step is Step.UNPROVEN:
+                    # Not the operator's: the resource goes, nothing on Fly is touched.
+                    logger.info(
+                        "removing a retained volume the operator did not mint; Fly untouched",
+                        extra=self.log_fields(retained),
+                    )
+                    self.stop()
+                    return
                 if decision.step is Step.WAIT:
                     assert decision.retry_at is not None
                     raise RetryLater(

@@ -15,18 +15,68 @@ class OwnershipMismatch(Exception):
     recorded for this volume: nothing was destroyed."""
 
     def __init__(self, machine_id: str, volume_id: str, expected: str, found: str | None) -> None:
+        # The message is shown in the instance's namespace: the machine and what it carries may be another
+        # tenant's, so neither is named (the operator's log has the machine id).
         detail = (
-            f"expected sandbox {expected}, found {found or 'none'}"
+            f"a machine that is not one of sandbox {expected}"
             if found != expected
-            else "not a machine recorded for this volume"
+            else "a machine not recorded for this volume"
         )
         super().__init__(
-            f"refusing to destroy attached machine {machine_id} for volume {volume_id}: {detail}"
+            f"refusing to delete volume {volume_id}: it is attached to {detail}; nothing was destroyed"
         )
         self.machine_id = machine_id
         self.volume_id = volume_id
         self.expected = expected
         self.found = found
+
+
+class MachineNotProven(OwnershipMismatch):
+    """A machine id read from status does not prove to be this instance's (our sandbox id in its metadata and
+    a mount of the volume recorded with it): nothing was destroyed. The message names only what the instance
+    itself recorded."""
+
+    def __init__(self, machine_id: str, volume_id: str | None, expected: str, found: str | None) -> None:
+        Exception.__init__(
+            self,
+            f"refusing to destroy machine {machine_id} recorded in status: "
+            + (
+                f"it is not a machine of sandbox {expected}"
+                if found != expected
+                else f"it does not mount the recorded volume {volume_id or '(none recorded)'}"
+            )
+            + "; nothing was destroyed",
+        )
+        self.machine_id = machine_id
+        self.volume_id = volume_id or ""
+        self.expected = expected
+        self.found = found
+
+
+async def destroy_recorded_machine(
+    fly: FlyClient,
+    app: str,
+    machine_id: str,
+    *,
+    sandbox_id: str,
+    volume_id: str | None,
+    wait_seconds: int,
+) -> None:
+    """Force-destroy a machine whose id was read from a status (the instance's, a recovery's source or
+    replacement, a pending cleanup), once it proves ours: read it first (404 or destroyed: done), and require
+    our sandbox id in its metadata **and** a mount of ``volume_id``, the volume recorded with it. Whoever can
+    write a status could otherwise name any machine the operator's token reaches. Raises ``MachineNotProven``
+    before anything is destroyed."""
+    try:
+        machine = await fly.get_machine(app, machine_id)
+    except NotFound:
+        return
+    if machine.is_destroyed:
+        return
+    mounted = {m.volume for m in machine.config.mounts} if machine.config else set()
+    if machine.sandbox_id != sandbox_id or volume_id is None or volume_id not in mounted:
+        raise MachineNotProven(machine_id, volume_id, sandbox_id, machine.sandbox_id)
+    await destroy_machine_if_present(fly, app, machine_id, wait_seconds=wait_seconds)
 
 
 async def destroy_machine_if_present(fly: FlyClient, app: str, machine_id: str, *, wait_seconds: int) -> None:
@@ -81,12 +131,17 @@ async def delete_volume_checked(
         return
 
 
-def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+def volumes_in_use(instances: Iterable[Mapping[str, Any]], *, viewer: str | None = None) -> dict[str, str]:
     """Volume ids that instances' statuses name as current, or as source or replacement of a recovery in
-    flight, mapped to a description of who holds them (for the Stalled message)."""
+    flight, mapped to a description of who holds them (for the Stalled message). The description names an
+    instance only when it is in ``viewer``'s namespace: a message shown in one namespace names nothing of
+    another."""
     held: dict[str, str] = {}
     for body in instances:
-        name = body.get("metadata", {}).get("name", "?")
+        meta = body.get("metadata", {})
+        who = f"instance {meta.get('name', '?')}"
+        if viewer is not None and meta.get("namespace") != viewer:
+            who = "an instance in another namespace"
         status = body.get("status") or {}
         recovery = status.get("recovery") or {}
         roles = (
@@ -96,5 +151,5 @@ def volumes_in_use(instances: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         )
         for volume_id, role in roles:
             if volume_id and volume_id not in held:
-                held[volume_id] = f"instance {name} ({role})"
+                held[volume_id] = f"{who} ({role})"
     return held

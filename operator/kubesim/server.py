@@ -303,12 +303,29 @@ class KubeSim:
         resource_type = self._type(group, version, plural)
         return clone(self.store.create(resource_type, version, namespace, body))
 
-    def create_namespace(self, name: str) -> dict[str, Any]:
+    def create_namespace(self, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        """The namespace, created if missing; ``annotations`` are merged into it (``kubectl annotate``)."""
         if self.store.namespace_exists(name):
+            if annotations:
+                return self.annotate_namespace(name, annotations)
             existing = self.get_object("", "v1", "namespaces", None, name)
             assert existing is not None
             return existing
-        return self.create_object("", "v1", "namespaces", {"metadata": {"name": name}})
+        metadata: dict[str, Any] = {"name": name}
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        return self.create_object("", "v1", "namespaces", {"metadata": metadata})
+
+    def annotate_namespace(self, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        """Merge ``annotations`` into the namespace, as ``kubectl annotate --overwrite`` does."""
+        resource_type = self._type("", "v1", "namespaces")
+
+        def merged(obj: dict[str, Any]) -> dict[str, Any]:
+            meta = dict(obj.get("metadata") or {})
+            meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
+            return {**obj, "metadata": meta}
+
+        return clone(self.store.patch(resource_type, "v1", None, name, merged, None))
 
     # -- HTTP ------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from .client import FlyClient, backoff_delay, parse_retry_after, set_log_context
 from .errors import (
+    AppNotFound,
     Capacity,
     Fatal,
     FlyError,
@@ -29,6 +30,7 @@ from .pacing import Pacer, PacingLimits
 from .vocabulary import volume_name
 
 __all__ = [
+    "AppNotFound",
     "Capacity",
     "Fatal",
     "FlyClient",

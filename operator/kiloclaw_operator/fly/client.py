@@ -155,6 +155,17 @@ class TokenSource:
         except OSError as exc:
             log.warning("cannot read the Fly API token file %s: %s", self._path, exc)
             return False
+        except UnicodeDecodeError as exc:
+            # A bad write of the Secret: keep the last good token (said so once per change of the file).
+            self._stamp = (stat.st_mtime_ns, stat.st_ino)
+            log.warning(
+                "the Fly API token file %s is not UTF-8 text (byte 0x%02x at offset %d); keeping the last "
+                "good token",
+                self._path,
+                exc.object[exc.start],
+                exc.start,
+            )
+            return False
         self._stamp = (stat.st_mtime_ns, stat.st_ino)
         changed = token != self._token
         if changed and token:

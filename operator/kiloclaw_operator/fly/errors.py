@@ -7,6 +7,7 @@ status and body are interpreted exactly once, here.
 from __future__ import annotations
 
 __all__ = [
+    "AppNotFound",
     "Capacity",
     "Fatal",
     "FlyError",
@@ -65,6 +66,14 @@ class FlyError(Exception):
 
 class NotFound(FlyError):
     """The machine, volume or app does not exist (404). Callers decide whether that is fine."""
+
+
+class AppNotFound(NotFound):
+    """The Fly app itself does not exist (or the token cannot see it): 404 whose body says "app not found".
+    Nothing of the instance can exist there; only a spec change (another app) or an admin can help."""
+
+
+_APP_NOT_FOUND_PHRASES = ("app not found", "could not find app", "app does not exist")
 
 
 class Capacity(FlyError):
@@ -131,7 +140,8 @@ def classify(status: int | None, body_text: str) -> type[FlyError]:
     if is_capacity_error(status, body_text):
         return Capacity
     if status == 404:
-        return NotFound
+        text = body_text.lower()
+        return AppNotFound if any(phrase in text for phrase in _APP_NOT_FOUND_PHRASES) else NotFound
     if status in (401, 403):
         return Unauthorized
     if status == 429:

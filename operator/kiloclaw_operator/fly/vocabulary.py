@@ -5,6 +5,8 @@ Fly state or a metadata key.
 
 from __future__ import annotations
 
+import hashlib
+
 # --- machine states (`Machine.state`) -----------------------------------------------------------------------
 
 CREATED = "created"
@@ -45,10 +47,34 @@ METADATA_RECOVERY_ID = "kiloclaw_recovery_id"
 # --- names --------------------------------------------------------------------------------------------------
 
 VOLUME_NAME_MAX = 30
+_NAME_DIGEST = 10
+
+
+def _digest(sandbox_id: str) -> str:
+    """A hash of the exact sandbox id (case and every character count)."""
+    return hashlib.sha256(sandbox_id.encode()).hexdigest()[:_NAME_DIGEST]
+
+
+def _volume_chars(text: str) -> str:
+    return "".join(ch if ("a" <= ch <= "z" or "0" <= ch <= "9" or ch == "_") else "_" for ch in text.lower())
 
 
 def volume_name(sandbox_id: str) -> str:
-    """Fly volume name for a sandbox: ``kiloclaw_<sandboxId>``, lower-cased, [a-z0-9_] only, ≤ 30 chars."""
-    raw = f"kiloclaw_{sandbox_id}".lower()
-    name = "".join(ch if ("a" <= ch <= "z" or "0" <= ch <= "9" or ch == "_") else "_" for ch in raw)
-    return name[:VOLUME_NAME_MAX]
+    """Fly volume name for a sandbox: ``kiloclaw_<first 10 of the sandbox id>_<hash of the whole id>``,
+    lower-cased, ``[a-z0-9_]`` only, 30 characters at most (Fly's limit). The hash keeps sandboxes apart that
+    the cut-down prefix would merge (``Alice-1`` and ``alice_1``, or two ids sharing their first characters).
+    """
+    return f"kiloclaw_{_volume_chars(sandbox_id)[:10]}_{_digest(sandbox_id)}"
+
+
+def legacy_volume_name(sandbox_id: str) -> str:
+    """The volume name before names carried a hash (``kiloclaw_<sandboxId>`` cut to 30): shared by sandboxes
+    whose ids differ only in case, ``-``/``_`` or after their 21st character. Adopted only under the stricter
+    rules of the reconciler and the recovery (see there)."""
+    return _volume_chars(f"kiloclaw_{sandbox_id}")[:VOLUME_NAME_MAX]
+
+
+def machine_name(sandbox_id: str) -> str:
+    """Fly machine name for a sandbox: the sandbox id (its first 40 characters) and a hash of the whole id.
+    Machines are never found by name (adoption needs our metadata and a mount of a recorded volume)."""
+    return f"{sandbox_id[:40]}-{_digest(sandbox_id)}"

@@ -1,0 +1,234 @@
+"""A namespace is a security boundary (DESIGN 3.8, SECURITY.md): what a namespace may use, and who holds a
+``(flyApp, sandboxId)`` cluster-wide.
+
+The binding. The cluster admin binds each namespace to the Fly apps, and the image repositories, its
+instances may use, with two annotations on the Namespace:
+
+    kiloclaw.kilo.ai/fly-apps: "acct-3f9a1c, acct-7b2e"
+    kiloclaw.kilo.ai/image-repositories: "registry.fly.io/kiloclaw, registry.example.com/team/"
+
+Why annotations on the Namespace: a Namespace is cluster-scoped, so the namespace-scoped rights tenants get
+(admin/edit in their namespace) cannot change it; a ValidatingAdmissionPolicy reads it as ``namespaceObject``
+with no parameter resource; it travels with the namespace (GitOps creates both together); and a list of names
+does not fit a label value (63 characters, no commas). The same rule runs at admission
+(deploy/base/tenancy.yaml) and here, before any Fly call, so an API server without the policy (an old
+cluster, kubesim) or a binding removed later is still enforced.
+
+A repository entry is a repository (``registry.fly.io/kiloclaw``: that repository, any tag or digest)
+or, ending in ``/``, a prefix (``registry.example.com/team/``: every repository under it). No annotation
+binds nothing.
+
+The claims. One ``coordination.k8s.io`` Lease per ``(flyApp, sandboxId)``, in one namespace for every shard
+and replica (``KILOCLAW_CLAIMS_NAMESPACE``), named by a hash of the pair: creating it is the atomic claim
+(409 = someone holds it), its ``holderIdentity`` is the owner's uid. It is released when the owner's
+finalizer has destroyed what it recorded; a claim whose holder no longer exists (a finalizer removed by
+hand) is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .kube import KubeClient, KubeConflict, KubeNotFound
+from .models import GROUP, InstanceSpec, ObjectRef
+
+logger = logging.getLogger("kiloclaw.tenancy")
+
+FLY_APPS_ANNOTATION = f"{GROUP}/fly-apps"
+IMAGE_REPOSITORIES_ANNOTATION = f"{GROUP}/image-repositories"
+
+REASON_APP_NOT_ALLOWED = "AppNotAllowed"
+REASON_IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+
+
+def bound_list(value: str | None) -> list[str]:
+    """An annotation's comma (or whitespace) separated list."""
+    return [item for item in (value or "").replace(",", " ").split() if item]
+
+
+def image_allowed(image: str, repositories: list[str]) -> bool:
+    """Whether ``image`` is in one of ``repositories``: a repository matches itself with any tag or digest
+    (``repo:tag``, ``repo@sha256:…``), never a longer name (``repo-evil``); an entry ending in ``/`` matches
+    every repository under it."""
+    for repository in repositories:
+        if repository.endswith("/"):
+            if image.startswith(repository) and len(image) > len(repository):
+                return True
+        elif image == repository or image.startswith((repository + ":", repository + "@")):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    message: str
+
+
+def binding_refusal(
+    namespace: str, annotations: Mapping[str, str], spec: InstanceSpec, *, check_image: bool = True
+) -> Refusal | None:
+    """Why ``spec`` may not be acted on in ``namespace`` (None: it may). The message names only what the
+    namespace itself holds (its app, its image, its own annotations)."""
+    apps = bound_list(annotations.get(FLY_APPS_ANNOTATION))
+    if spec.fly_app not in apps:
+        return Refusal(
+            REASON_APP_NOT_ALLOWED,
+            f"Fly app {spec.fly_app} is not bound to namespace {namespace} (annotation "
+            f"{FLY_APPS_ANNOTATION} on the Namespace, set by the cluster admin): nothing is sent to Fly",
+        )
+    if check_image and not image_allowed(
+        spec.image, bound_list(annotations.get(IMAGE_REPOSITORIES_ANNOTATION))
+    ):
+        return Refusal(
+            REASON_IMAGE_NOT_ALLOWED,
+            f"image {spec.image} is not in a repository bound to namespace {namespace} (annotation "
+            f"{IMAGE_REPOSITORIES_ANNOTATION} on the Namespace, set by the cluster admin): "
+            "nothing is sent to Fly",
+        )
+    return None
+
+
+class NamespaceBindings:
+    """The annotations of each namespace, read from the API server and kept ``ttl`` seconds (every pass of
+    every instance checks its binding; a fresh read is forced before a claim and before a destroy)."""
+
+    def __init__(
+        self,
+        read: Callable[[str], Awaitable[dict[str, Any]]],
+        clock: Callable[[], float],
+        ttl: float = 10.0,
+    ) -> None:
+        self._read = read
+        self._clock = clock
+        self._ttl = ttl
+        self._known: dict[str, tuple[float, dict[str, str]]] = {}
+
+    async def annotations(self, namespace: str, *, fresh: bool = False) -> dict[str, str]:
+        known = self._known.get(namespace)
+        now = self._clock()
+        if known is not None and not fresh and now - known[0] < self._ttl:
+            return known[1]
+        body = await self._read(namespace)
+        annotations = {
+            key: str(value)
+            for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items()
+            if key in (FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION)
+        }
+        self._known[namespace] = (now, annotations)
+        return annotations
+
+
+# --- claims ----------------------------------------------------------------------------------------------
+
+CLAIM_PREFIX = "kiloclaw-claim-"
+CLAIM_INSTANCE_ANNOTATION = f"{GROUP}/instance"
+
+
+def claim_name(fly_app: str, sandbox_id: str) -> str:
+    """The Lease that holds ``(fly_app, sandbox_id)``: a hash of the exact pair (case and every character
+    count), so two sandboxes never share a claim and one sandbox never has two."""
+    digest = hashlib.sha256(f"{fly_app}/{sandbox_id}".encode()).hexdigest()[:40]
+    return f"{CLAIM_PREFIX}{digest}"
+
+
+def claim_body(namespace: str, fly_app: str, sandbox_id: str, holder: tuple[str, str, str]) -> dict[str, Any]:
+    """A new claim held by ``holder`` (namespace, name, uid)."""
+    holder_namespace, holder_name, uid = holder
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": claim_name(fly_app, sandbox_id),
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "kiloclaw-operator", f"{GROUP}/claim": "sandbox"},
+            "annotations": {
+                CLAIM_INSTANCE_ANNOTATION: f"{holder_namespace}/{holder_name}",
+                f"{GROUP}/fly-app": fly_app,
+                f"{GROUP}/sandbox-id": sandbox_id,
+            },
+        },
+        "spec": {"holderIdentity": uid},
+    }
+
+
+def claim_holder(lease: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(namespace, name, uid) of the instance a claim names."""
+    meta = lease.get("metadata") or {}
+    where = str((meta.get("annotations") or {}).get(CLAIM_INSTANCE_ANNOTATION) or "/")
+    namespace, _, name = where.partition("/")
+    return namespace, name, str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+@dataclass(frozen=True)
+class ClaimHolder:
+    """Another instance holds the claim (its namespace is named only to the operator's own logs)."""
+
+    namespace: str
+    name: str
+
+
+async def acquire_claim(
+    kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef
+) -> ClaimHolder | None:
+    """Hold the claim on ``spec``'s ``(flyApp, sandboxId)`` for the instance ``ref``: None once it is ours
+    (created now, or already ours), else the live instance that holds it. A claim whose holder is gone, or
+    was replaced by a new object of the same name (another uid), is deleted (precondition: as read) and taken.
+    """
+    name = claim_name(spec.fly_app, spec.sandbox_id)
+    for _ in range(3):
+        lease = await kube.get_lease(claims_namespace, name)
+        if lease is None:
+            body = claim_body(
+                claims_namespace, spec.fly_app, spec.sandbox_id, (ref.namespace, ref.name, ref.uid)
+            )
+            try:
+                await kube.create_lease(claims_namespace, body)
+            except KubeConflict:
+                continue  # someone claimed it in between: read who
+            return None
+        namespace, holder_name, uid = claim_holder(lease)
+        if uid == ref.uid:
+            return None
+        if await _holder_exists(kube, namespace, holder_name, uid):
+            return ClaimHolder(namespace=namespace, name=holder_name)
+        logger.warning(
+            "claim %s names instance %s/%s (uid %s), which no longer exists: taking it over",
+            name,
+            namespace,
+            holder_name,
+            uid,
+            extra={"namespace": ref.namespace, "instance": ref.name, "sandbox_id": spec.sandbox_id},
+        )
+        version = str((lease.get("metadata") or {}).get("resourceVersion") or "")
+        with contextlib.suppress(KubeConflict, KubeNotFound):
+            await kube.delete_lease(claims_namespace, name, resource_version=version)
+    raise KubeConflict(409, f"claim {name} keeps changing; will retry")
+
+
+async def release_claim(kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef) -> None:
+    """Release the claim if ``ref`` holds it (never another holder's)."""
+    name = claim_name(spec.fly_app, spec.sandbox_id)
+    lease = await kube.get_lease(claims_namespace, name)
+    if lease is None or claim_holder(lease)[2] != ref.uid:
+        return
+    version = str((lease.get("metadata") or {}).get("resourceVersion") or "")
+    try:
+        await kube.delete_lease(claims_namespace, name, resource_version=version)
+    except KubeNotFound:
+        return
+
+
+async def _holder_exists(kube: KubeClient, namespace: str, name: str, uid: str) -> bool:
+    if not namespace or not name:
+        return False
+    try:
+        body = await kube.get_instance(namespace, name)
+    except KubeNotFound:
+        return False
+    return str((body.get("metadata") or {}).get("uid") or "") == uid

@@ -606,7 +606,8 @@ async def test_operator_crash_between_volume_create_and_status_write_adopts_the_
     # The create lands in Fly but its reply is lost; the operator's next look (the adoption listing) is
     # held long enough to kill it there, so the volume id never reaches the status.
     stack.fly.inject_faults(f"POST {volumes_path}", 503, count=1, apply_first=True)
-    stack.fly.set_latency(1.0, route=f"GET {volumes_path}")
+    # 3 s: the crash must land inside that look even on a loaded machine (cleared before the restart).
+    stack.fly.set_latency(3.0, route=f"GET {volumes_path}")
     try:
         body = await stack.create_instance(namespace, "mia", flyApp=app)
 

@@ -241,10 +241,13 @@ async def test_retained_volume_reports_snapshots_and_attached_machine_and_is_rea
 
 async def test_expiry_deletes_the_volume_and_the_resource(stack: Stack, namespace: str) -> None:
     volume_id = fly_volume(stack)
-    retain_until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    retain_until = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
     await create_retained(stack, namespace, "alice-vol-exp", volume_id, retain_until=retain_until)
     await wait_retained(stack, namespace, "alice-vol-exp", is_retained_and_ready, "Retained")
     assert volume_alive(stack, volume_id)
+    # Retained first (however slow the machine), then its time comes: retainUntil moves to a moment ago.
+    expired = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await patch_retained(stack, namespace, "alice-vol-exp", {"spec": {"retainUntil": expired}})
 
     # Eventually, not within a measured time: how soon after retainUntil is next_check_delay's (unit-tested).
     await wait_retained_gone(stack, namespace, "alice-vol-exp")

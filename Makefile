@@ -70,13 +70,13 @@ E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeco
 # First every CRD rule, the API semantics kubesim emulates (parity) and the install itself on the server
 # (no operator running), then the stories with the operator authenticated as its ServiceAccount.
 e2e: $(STAMP)
-	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_crds.py tests/test_parity.py tests/test_install.py tests/test_kube_auth.py
+	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_crds.py tests/test_parity.py tests/test_install.py tests/test_chart_e2e.py tests/test_kube_auth.py
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py tests/test_kubectl_plugin.py
 	# The image (built on a local base, cached by its inputs; skipped, saying why, without podman): its
 	# contents, then the operator in its container against the same server, in a process of its own so that
 	# no in-process operator of the suites above holds the Lease.
 	set -e; image=""; if command -v podman >/dev/null; then image="$$(tests/image/image.sh --local-base)"; fi; \
-	  KILOCLAW_IMAGE="$$image" KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_image.py
+	  KILOCLAW_IMAGE="$$image" KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_image.py tests/test_image_e2e.py
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

@@ -176,7 +176,8 @@ class Stack:
             pytest.skip("needs the emulated Kubernetes API (not available with a real cluster)")
         return self._kube
 
-    async def start(self) -> None:
+    async def start(self, *, operator: bool = True) -> None:
+        """``operator=False``: the API server and flysim only (the operator runs elsewhere: its image)."""
         if self._kube is None:
             self.api, self._access = await _cluster_client(self.workdir)
         else:
@@ -189,7 +190,8 @@ class Stack:
                 base_url=self._kube.url, timeout=10, headers={"User-Agent": "kiloclaw-tests"}
             )
         self.fly.start_in_thread()
-        await self.start_operator()
+        if operator:
+            await self.start_operator()
 
     async def close(self) -> None:
         await self.stop_operator()

@@ -21,7 +21,19 @@ def image() -> str:
 
 
 def run_python(image: str, code: str) -> str:
-    result = podman("run", "--rm", "--read-only", "--entrypoint", "python3", image, "-c", code, check=True)
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--entrypoint",
+        "python3",
+        image,
+        "-c",
+        code,
+        check=True,
+    )
     return result.stdout.strip()
 
 
@@ -35,7 +47,7 @@ def test_the_image_runs_as_the_numeric_non_root_user_of_the_deployment(image: st
 def test_the_entrypoint_is_the_operators_run_command_and_answers_help_on_a_read_only_root(image: str) -> None:
     config = json.loads(podman("image", "inspect", image, check=True).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["kiloclaw-operator", "run"]
-    helped = podman("run", "--rm", "--read-only", image, "--help", check=True)
+    helped = podman("run", "--rm", "--network", "none", "--read-only", image, "--help", check=True)
     assert helped.stdout.startswith("usage: kiloclaw-operator run"), helped.stdout
     assert "--namespaces" in helped.stdout
 
@@ -45,7 +57,17 @@ def test_without_a_cluster_the_entrypoint_stops_at_once_with_one_line_saying_wha
 ) -> None:
     """No kubeconfig and no ServiceAccount token in the container: exit code 1 and one line, not retries."""
     result = podman(
-        "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--env", "FLY_API_TOKEN=x", image, timeout=60
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--env",
+        "FLY_API_TOKEN=x",
+        image,
+        timeout=60,
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -62,7 +84,7 @@ def test_the_image_carries_no_simulators_no_tests_and_no_development_tools(image
     assert json.loads(found) == []
     # No file of the repository's tests or simulators anywhere in the image, and no build leftovers.
     files = podman(
-        "run", "--rm", "--user", "0", "--entrypoint", "find", image, "/", "-xdev",
+        "run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "find", image, "/", "-xdev",
         "(", "-path", "/proc", "-o", "-path", "/sys", "-o", "-path", "/dev", ")", "-prune", "-o",
         "(", "-name", "flysim", "-o", "-name", "kubesim", "-o", "-name", "conftest.py",
         "-o", "-name", "harness.py", "-o", "-path", "*/kiloclaw_operator/*test*",
@@ -80,7 +102,9 @@ def test_the_virtualenv_stays_small_and_the_image_size_is_reported(
 ) -> None:
     size = json.loads(podman("image", "inspect", image, check=True).stdout)[0]["Size"]
     venv_kb = int(
-        podman("run", "--rm", "--entrypoint", "du", image, "-sk", "/opt/venv", check=True).stdout.split()[0]
+        podman(
+            "run", "--rm", "--network", "none", "--entrypoint", "du", image, "-sk", "/opt/venv", check=True
+        ).stdout.split()[0]
     )
     record_property("image_size_mb", round(size / 1e6, 1))
     record_property("venv_size_mb", round(venv_kb / 1024, 1))

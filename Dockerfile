@@ -25,10 +25,13 @@ LABEL org.opencontainers.image.title="kiloclaw-operator" \
       org.opencontainers.image.description="Kubernetes operator running KiloClaw sandboxes as Fly.io Machines" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/venv /opt/venv
+# USER: the runtime user has no /etc/passwd entry (and Kubernetes may pick any runAsUser), so
+# getpass.getuser(), which kopf calls for its identity, must find the name in the environment.
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    USER=kiloclaw-operator
 # Numeric, so Kubernetes can verify runAsNonRoot without an /etc/passwd entry (65532 = "nonroot").
 USER 65532:65532
 # 8080: the operator's liveness/readiness endpoint (/healthz); 9090: Prometheus metrics (/metrics).

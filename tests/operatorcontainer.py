@@ -126,7 +126,8 @@ class OperatorContainer:
         uid = security.get("runAsUser", pod_security.get("runAsUser"))
         gid = security.get("runAsGroup", pod_security.get("runAsGroup"))
         assert uid is not None and gid is not None and uid != 0, "the Deployment must run as a non-root uid"
-        args += ["--user", f"{uid}:{gid}"]
+        # A kubelet adds no /etc/passwd entry for the user (podman would, unless told not to).
+        args += ["--user", f"{uid}:{gid}", "--passwd=false"]
         if "fsGroup" in pod_security:
             args += ["--group-add", str(pod_security["fsGroup"])]
         if security.get("readOnlyRootFilesystem"):

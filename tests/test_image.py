@@ -44,6 +44,19 @@ def test_the_image_runs_as_the_numeric_non_root_user_of_the_deployment(image: st
     assert run_python(image, "import os; print(os.getuid(), os.getgid())") == "65532 65532"
 
 
+def test_any_runtime_uid_without_a_passwd_entry_has_a_user_name(image: str) -> None:
+    """A kubelet runs the container as runAsUser without adding an /etc/passwd entry (podman adds one unless
+    --passwd=false); kopf asks getpass.getuser() for its identity, which then fails without USER. Found when
+    the Deployment first ran on a real node (tests/test_node_e2e.py)."""
+    for user in ("65532:65532", "1000730000:0"):
+        result = podman(
+            "run", "--rm", "--network", "none", "--read-only", "--passwd=false", "--user", user,
+            "--entrypoint", "python3", image, "-c", "import getpass; print(getpass.getuser())",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "kiloclaw-operator"
+
+
 def test_the_entrypoint_is_the_operators_run_command_and_answers_help_on_a_read_only_root(image: str) -> None:
     config = json.loads(podman("image", "inspect", image, check=True).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["kiloclaw-operator", "run"]

@@ -27,6 +27,7 @@ import yaml
 import realcluster
 from harness import FLY_TOKEN, ClusterUnavailable, Stack, condition, eventually, status
 from imagetools import image_or_skip
+from kiloclaw_operator.models import GROUP
 from operatorcontainer import TEST_INTERVALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,3 +320,41 @@ async def test_a_node_drain_evicts_one_replica_and_the_disruption_budget_holds_t
         for name in (first, second):
             kubectl("uncordon", name)
     await node.wait_ready(2)
+
+
+async def test_uninstalling_as_the_readme_says_stops_the_operator_and_destroys_nothing(
+    stack: Stack, node: Node
+) -> None:
+    """README, "Install with Helm": with kustomize, remove the operator's Deployment, PDB, RBAC, Service and
+    ServiceAccount — never `kubectl delete -k deploy/`. Its pods stop (SIGTERM); nothing on Fly is stopped
+    or deleted, and the instance and the CRDs stay."""
+    await node.wait_ready(2)
+    namespace = await stack.create_namespace("node")
+    app = f"acct-{namespace}"
+    await stack.create_instance(namespace, "kept", flyApp=app)
+    body = await stack.wait_instance(namespace, "kept", running_and_ready, timeout=90, what="Running")
+    machine_id, volume_id = status(body)["machineId"], status(body)["volumeId"]
+    log_before = len(stack.fly.request_log)
+
+    deleted = kubectl("delete", "-k", str(ROOT / "deploy" / "operator"), "--wait=true", "--timeout=120s")
+    assert deleted.returncode == 0, deleted.stderr
+    base = ROOT / "deploy" / "base"
+    removed = kubectl(
+        "delete", "-f", str(base / "rbac.yaml"), "-f", str(base / "service.yaml"), "-f",
+        str(base / "serviceaccount.yaml"),
+    )  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+
+    async def no_pods() -> bool | None:
+        return True if not node.pods() else None
+
+    await eventually(no_pods, timeout=120, what="the operator pods gone")
+    after = stack.fly.request_log[log_before:]
+    destructive = [(r.method, r.path) for r in after if r.method == "DELETE" or r.path.endswith("/stop")]
+    assert destructive == [], destructive
+    assert stack.fly.machine(machine_id)["state"] == "started"
+    assert [v["id"] for v in stack.live_volumes(app)] == [volume_id]
+    kept = await stack.get_instance(namespace, "kept")
+    assert kept is not None and status(kept)["machineId"] == machine_id
+    crds = kubectl("get", "crd", f"kiloclawinstances.{GROUP}", f"kiloclawretainedvolumes.{GROUP}")
+    assert crds.returncode == 0, crds.stderr

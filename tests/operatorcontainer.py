@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +202,3 @@ class OperatorContainer:
             return role
         except (httpx.HTTPError, ValueError, KeyError):
             return None
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -51,7 +51,8 @@ bench-cluster: $(STAMP)
 	KUBECONFIG=$(CURDIR)/.cluster/kubeconfig $(BIN)/python tests/benchmark.py --cluster --instances $(N)
 
 ## make image: the operator image from the Dockerfile with podman, tagged $(IMAGE); LOCAL_BASE=1 builds it on
-## a locally made Debian bookworm + python3 base instead of the pinned public one (no registry needed)
+## a locally made Debian bookworm + python3 base instead of the pinned public one (no registry needed);
+## BASE=<image> builds on another base
 IMAGE ?= localhost/kiloclaw-operator:dev
 image:
 	IMAGE=$(IMAGE) tests/image/image.sh $(if $(LOCAL_BASE),--local-base)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the operator image from the Dockerfile with podman and print its name:
-#   image.sh                build on the Dockerfile's pinned public base (a registry must be reachable)
+#   image.sh                build on the Dockerfile's pinned public base (a registry must be reachable);
+#                           BASE=<image> builds on another
 #   image.sh --local-base   build on a locally made Debian bookworm + python3 base (tests/image/base.sh):
 #                           what the tests and CI use, as no container registry is reachable there
 # The image is tagged localhost/kiloclaw-operator:src-<hash of the Dockerfile, its build context and the
@@ -23,6 +24,11 @@ if [[ "${1:-}" == "--local-base" ]]; then
 elif [[ -n "${1:-}" ]]; then
   echo "usage: $0 [--local-base]" >&2
   exit 2
+elif [[ -n "${BASE:-}" ]]; then
+  # Another base (e.g. the pinned one, fully qualified for podman): the Dockerfile's BASE build argument.
+  base="$BASE"
+  base_id="$BASE"
+  build_args+=(--build-arg "BASE=$BASE")
 fi
 
 # The build context is what .dockerignore lets in: pyproject.toml, README.md and operator/ (no caches).

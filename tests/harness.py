@@ -200,7 +200,8 @@ class Stack:
             pytest.skip("needs the emulated Kubernetes API (not available with a real cluster)")
         return self._kube
 
-    async def start(self) -> None:
+    async def start(self, *, operator: bool = True) -> None:
+        """``operator=False``: the API server and flysim only (the operator runs elsewhere: its image)."""
         if self._kube is None:
             self.api, self._access, token = await _cluster_client(self.workdir)
             self.operator_api = self._access.as_token(token).async_client(timeout=10)
@@ -215,7 +216,8 @@ class Stack:
             )
             self.operator_api = self.api
         self.fly.start_in_thread()
-        await self.start_operator()
+        if operator:
+            await self.start_operator()
 
     async def close(self) -> None:
         await self.stop_operator()

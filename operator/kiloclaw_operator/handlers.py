@@ -9,6 +9,7 @@ own driver.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from .fly import FlyClient
 from .kube import (
     KubeClient,
     KubeConnection,
+    in_cluster_server,
     kopf_connection_fields,
     kubeconfig_connection,
     service_account_connection,
@@ -137,7 +139,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """In a pod: the service account. Elsewhere: the kubeconfig as kubectl reads it (kube.py); kopf calls
     this again on a 401 or when the plugin's token expires."""
-    info = kopf.login_with_service_account(**kwargs)
+    info = _service_account_login(**kwargs)
     conn = await _connection(info)
     _runtime(memo).connect(conn)
     return info if info is not None else kopf.ConnectionInfo(**kopf_connection_fields(conn))
@@ -146,7 +148,13 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 async def login_outside_kopf() -> KubeConnection:
     """The credentials the login handler above finds (ServiceAccount, else kubeconfig), for the leader
     election, which runs before kopf starts."""
-    return await _connection(kopf.login_with_service_account(settings=kopf.OperatorSettings()))
+    return await _connection(_service_account_login(settings=kopf.OperatorSettings()))
+
+
+def _service_account_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's ServiceAccount login (None outside a pod), at the address the kubelet gives the pod."""
+    info = kopf.login_with_service_account(**kwargs)
+    return None if info is None else dataclasses.replace(info, server=in_cluster_server(info.server))
 
 
 async def _connection(service_account: kopf.ConnectionInfo | None) -> KubeConnection:

@@ -19,9 +19,10 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import os
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,6 +205,17 @@ def kopf_connection_fields(conn: KubeConnection) -> dict[str, Any]:
         "expiration": expiration,
         "priority": 30,
     }
+
+
+def in_cluster_server(default: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The API server's address as the kubelet gives it to every container (``KUBERNETES_SERVICE_HOST`` and
+    ``_PORT``, what client-go's in-cluster config reads); ``default`` without them. kopf's ServiceAccount
+    login assumes ``https://kubernetes.default.svc``, a name only cluster DNS resolves: not from a
+    hostNetwork pod (it uses the node's resolver), nor in a cluster without DNS."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return default
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def service_account_connection(info: Any) -> KubeConnection:

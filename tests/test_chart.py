@@ -148,3 +148,45 @@ def test_the_chart_package_carries_the_crds_and_dashboard_it_links_to(helm: Path
     dashboard = rendered[("v1", "ConfigMap", "default", "kiloclaw-operator-dashboard")]
     assert json.loads(dashboard["data"]["kiloclaw-operator.json"])["panels"]
     assert any(k[1] == "CustomResourceDefinition" for k in rendered)
+
+
+def test_the_retained_volume_policy_admits_the_releases_service_account_and_the_listed_extra_ones(
+    helm: Path,
+) -> None:
+    def operator_only_rule(*sets: str, **release: str) -> str:
+        chart = objects(helm_template(helm, *sets, **release))
+        policy = chart[
+            (
+                "admissionregistration.k8s.io/v1",
+                "ValidatingAdmissionPolicy",
+                "",
+                "kiloclaw-retained-volumes-operator-only",
+            )
+        ]
+        expression: str = policy["spec"]["validations"][0]["expression"]
+        return expression
+
+    assert operator_only_rule(release="ops", namespace="platform") == (
+        "request.userInfo.username in ['system:serviceaccount:platform:ops-kiloclaw-operator']"
+    )
+    shard = "system:serviceaccount:kiloclaw-shard-b:shard-b-kiloclaw-operator"
+    assert operator_only_rule(f"tenancy.extraOperatorUsernames={{{shard}}}") == (
+        "request.userInfo.username in "
+        f"['system:serviceaccount:kiloclaw-system:kiloclaw-operator', '{shard}']"
+    )
+
+
+def test_a_second_release_can_leave_the_cluster_wide_tenancy_objects_to_the_first(helm: Path) -> None:
+    chart = objects(
+        helm_template(
+            helm,
+            "tenancy.userRoles=false",
+            "tenancy.admissionPolicies=false",
+            release="shard-b",
+            namespace="kiloclaw-shard-b",
+        )
+    )
+    kinds = {(kind, name) for _, kind, _, name in chart}
+    assert ("ClusterRole", "kiloclaw-edit") not in kinds
+    assert not any(kind.startswith("ValidatingAdmissionPolicy") for kind, _ in kinds)
+    assert ("ClusterRole", "shard-b-kiloclaw-operator") in kinds

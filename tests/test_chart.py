@@ -171,8 +171,7 @@ def test_the_retained_volume_policy_admits_the_releases_service_account_and_the_
     )
     shard = "system:serviceaccount:kiloclaw-shard-b:shard-b-kiloclaw-operator"
     assert operator_only_rule(f"tenancy.extraOperatorUsernames={{{shard}}}") == (
-        "request.userInfo.username in "
-        f"['system:serviceaccount:kiloclaw-system:kiloclaw-operator', '{shard}']"
+        f"request.userInfo.username in ['system:serviceaccount:kiloclaw-system:kiloclaw-operator', '{shard}']"
     )
 
 

@@ -294,7 +294,20 @@ async def test_helm_uninstall_stops_the_operator_but_destroys_no_instance_no_crd
     created = await stack.api.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
     assert created.status_code == 201, created.text
     adopt_crds_into(release, namespace)
-    installed = helm(helm_binary, "install", release, str(CHART), "--namespace", namespace)
+    # The cluster-wide tenancy objects (user roles, admission policies) are the test cluster's own install's,
+    # as for a second release of the chart.
+    installed = helm(
+        helm_binary,
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--set",
+        "tenancy.userRoles=false",
+        "--set",
+        "tenancy.admissionPolicies=false",
+    )
     assert installed.returncode == 0, installed.stderr
     manifest = objects(helm(helm_binary, "get", "manifest", release, "--namespace", namespace).stdout)
     deployment = manifest[("apps/v1", "Deployment", namespace, release)]

@@ -343,6 +343,8 @@ class FlyState:
         self._region_limits: dict[str, int] = {}
         #: Machines the organisation listing currently misreports (`lie_in_listing`).
         self._listing_lies: set[str] = set()
+        #: Machines whose start waits for a blocked fork to hydrate, by volume id.
+        self._blocked_starts: dict[str, set[str]] = {}
         #: How a fork of a volume on an unreachable host shows (see `UnreachableFork`).
         self.unreachable_fork: UnreachableFork = "hydrating"
         #: Fly shows `updated_at` with whole seconds (two changes in one second carry the same `updated_at`);
@@ -649,10 +651,12 @@ class FlyState:
         self._later(self.timings.start_delay, machine, self._finish_start)
 
     def _on_blocked_fork(self, machine: Machine) -> bool:
-        """Mounted on a fork whose source host is down: its blocks cannot be fetched, it never starts."""
+        """Mounted on a fork whose source host is down: its blocks cannot be fetched, it never starts (it
+        goes on when the fork hydrates, see `_hydrated`)."""
         for volume_id in machine.mounted_volume_ids():
             volume = self._volumes.get(volume_id)
             if volume is not None and volume.hydration_blocked:
+                self._blocked_starts.setdefault(volume_id, set()).add(machine.id)
                 return True
         return False
 
@@ -1046,10 +1050,10 @@ class FlyState:
             volume.state = "created"
             volume.updated_at = self._now()
             # A machine that could not start on the blocked fork starts now.
-            for machine in self._machines.values():
-                if machine.state == "starting" and volume.id in machine.mounted_volume_ids():
-                    if machine.start_break is None:
-                        self._later(self.timings.start_delay, machine, self._finish_start)
+            for machine_id in self._blocked_starts.pop(volume.id, set()):
+                machine = self._machines.get(machine_id)
+                if machine is not None and machine.state == "starting" and machine.start_break is None:
+                    self._later(self.timings.start_delay, machine, self._finish_start)
 
     def delete_volume(self, app_name: str, volume_id: str) -> Volume:
         with self.lock:
@@ -1204,7 +1208,7 @@ class FlyState:
             return [m.id for m in chosen]
 
     def end_listing_lies(self) -> list[str]:
-        """The listing tells the truth again: each lied-about machine shows its real state, freshly stamped."""
+        """The listing tells the truth again: each lied-about machine shows its real state, newly stamped."""
         with self.lock:
             ended = sorted(self._listing_lies)
             for machine_id in ended:

@@ -572,7 +572,7 @@ def test_a_host_can_fail_with_host_status_unknown(sim: FlySimulator, fly: httpx.
     assert fly.get(f"/apps/{app}/volumes/{volume['id']}").json()["host_status"] == "unknown"
 
 
-def test_fork_of_a_volume_on_an_unreachable_host_stays_hydrating_and_its_machine_never_starts_until_the_host_returns(
+def test_fork_from_an_unreachable_host_stays_hydrating_and_its_machine_starts_only_when_the_host_returns(
     sim: FlySimulator, fly: httpx.Client, app: str
 ) -> None:
     volume = create_volume(fly, app)

@@ -67,6 +67,8 @@ class Context:
     claim_book: ownership.ClaimBook = field(init=False)
     # Passes that provision at once (see ObjectDriver.admission).
     provisioning: asyncio.Semaphore = field(init=False)
+    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by handlers.py).
+    brake: Any = None
 
     def __post_init__(self) -> None:
         self.claim_book = ownership.ClaimBook(self.kube.list_instances)

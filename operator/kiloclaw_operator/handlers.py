@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from . import observation
+from .brake import RecoveryBrake
 from .config import Settings, load_settings
 from .driving import Context, DriverRegistry, RetryLater
 from .fly import FlyClient
@@ -27,6 +28,7 @@ from .kube import (
     service_account_connection,
 )
 from .kubeconfig import KubeconfigError
+from .leadership import default_lease_namespace
 from .metrics import OBJECTS
 from .models import FINALIZER, GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import InstanceDriver, instance_drivers
@@ -60,6 +62,13 @@ class Runtime:
         observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
+        instances = self._instances
+        self._ctx.brake = RecoveryBrake(
+            self.settings,
+            kube,
+            self.settings.lease_namespace or default_lease_namespace(),
+            instances=lambda: len(instances),
+        )
         self._retained = retained_volume_drivers(self._ctx)
         observation.bind_wakeups(observer, self._instances, kube)
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)

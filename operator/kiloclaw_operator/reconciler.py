@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from . import conditions, lifecycle, ownership, recovery
+from . import conditions, lifecycle, ownership, recovery, stops
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .feed import FeedObserver, MachineState
@@ -175,6 +175,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             stopping=self.stopping,
             between_steps=self.announce_deferral,
             driven=self.recoveries_driven,
+            brake=self.ctx.brake,
         )
 
     def log_fields(self, instance: Instance) -> dict[str, Any]:
@@ -223,6 +224,9 @@ class InstanceDriver(ObjectDriver[Instance]):
         if conditions.stalled_reason(instance.status) == conditions.REASON_DUPLICATE_SANDBOX:
             # A refused claimant looks again now and then: it may claim once the owner is gone.
             return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
+        if lifecycle.waiting_for_source(instance):
+            # No recovery source yet (or recoveries paused): look again soon, not after the idle cadence.
+            return self.ctx.settings.source_recheck_seconds
         return self.ctx.observer.next_pass(instance)
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
@@ -267,7 +271,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         fields = self.log_fields(instance)
         if instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region:
             logger.warning("machine host unreachable, relocating the sandbox: %s", exc, extra=fields)
-            relocated = await recovery.begin(self.recovery_port(), instance)
+            relocated = await stops.handle_stop(self.recovery_port(), instance)
             return lifecycle.poll_interval(relocated.status.phase, self.ctx.settings)
         message = (
             f"the host of machine {instance.status.machine_id} is unreachable ({exc.message}) and recovery "
@@ -305,6 +309,9 @@ class InstanceDriver(ObjectDriver[Instance]):
             observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
         else:
             observation, machine = await self.ctx.observer.observe(instance)
+            if stops.migrated_volume(instance, machine):
+                # Fly moved the machine (same id) onto a new volume: follow it, start nothing, delete nothing.
+                return await stops.follow_migration(self.recovery_port(), instance, machine)
         # Every route goes through the decision core, which owns the precedence. Decide before recording:
         # every commit acknowledges the retry annotation, so the observation write would otherwise consume a
         # retry request before the decision sees it.
@@ -422,7 +429,9 @@ class InstanceDriver(ObjectDriver[Instance]):
         if action is Action.NOTHING:
             return instance
         if action is Action.BEGIN_RECOVERY:
-            return await recovery.begin(self.recovery_port(), instance)
+            # Confirmed by a read of the machine first: a migration is followed, a wrong listing ignored, and
+            # the source chosen by host health (stops.py), all before any destructive call.
+            return await stops.handle_stop(self.recovery_port(), instance)
         now = self.ctx.clock()
         base = instance.status
         if conditions.is_stalled(base):

@@ -631,7 +631,7 @@ STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
         "recovery.deadline in body must be of type date-time",
     ),
     ("recovery without id", {"recovery__id": DELETE}, "status.recovery.id: Required value"),
-    ("recovery source unknown", {"recovery__source": "Backup"}, 'status.recovery.source: Unsupported value'),
+    ("recovery source unknown", {"recovery__source": "Backup"}, "status.recovery.source: Unsupported value"),
     (
         "snapshotCreatedAt not a time",
         {"recovery__snapshotCreatedAt": "last night"},

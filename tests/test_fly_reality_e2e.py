@@ -3,8 +3,8 @@ flysim that behaves as Fly's documents say (operator/flysim/README.md). A dead h
 forked, a destroy on it stays ``destroying`` until it returns, snapshots restore while it is down, and Fly
 migrates machines by itself.
 
-The instances here live in ``sjc``/``ams`` and every story brings its failed hosts back: the stack is shared by
-the tests of a worker, and a failed host stops every machine on it.
+The instances here live in ``sjc``/``ams`` and every story brings its failed hosts back: the stack is shared
+by the tests of a worker, and a failed host stops every machine on it.
 """
 
 from __future__ import annotations

@@ -413,6 +413,10 @@ class Run:
             await self.chaos()
             self.fly.clear_faults()
             self.fly.clear_latency()
+            # Failed hosts return (Fly: "a host can be down for an hour, or a day"): an instance whose old
+            # volume had no acceptable snapshot waited Stalled WaitingForSource and now recovers by itself.
+            for region in self.fly.state.regions:
+                self.fly.restore_host(region=region)
             self.result.fly_faults = sum(
                 1 for r in self.fly.request_log if r.status in (408, 429, 500, 502, 503)
             )

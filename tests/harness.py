@@ -493,6 +493,8 @@ def operator_env(fly_url: str, kubeconfig: Path, identity: str, **overrides: str
             "KILOCLAW_RETRY_BACKOFF_MIN_SECONDS": "0.1",
             "KILOCLAW_RETRY_BACKOFF_MAX_SECONDS": "1",
             "KILOCLAW_WAIT_CALL_SECONDS": "1",
+            "KILOCLAW_MIGRATION_GRACE_SECONDS": "2",
+            "KILOCLAW_SOURCE_RECHECK_SECONDS": "0.5",
             "KILOCLAW_LEASE_IDENTITY": identity,
             "KILOCLAW_LEASE_DURATION_SECONDS": "3",
             "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": "2",

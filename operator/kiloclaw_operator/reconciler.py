@@ -316,6 +316,9 @@ class InstanceDriver(ObjectDriver[Instance]):
         # every commit acknowledges the retry annotation, so the observation write would otherwise consume a
         # retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
+        if decision.stall == lifecycle.REASON_START_FAILED:
+            # Confirmed by a read first: a late-landing stop the operator sent itself is not a failed start.
+            decision, machine = await stops.confirm_failed_start(self.ctx.fly, instance, decision)
         if decision.action is Action.RESUME_RECOVERY:
             return await recovery.resume(self.recovery_port(), instance)
         if decision.held:

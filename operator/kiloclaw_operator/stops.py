@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from . import conditions, recovery
-from .fly import Fatal, FlyError, NotFound
+from . import conditions, lifecycle, recovery
+from .fly import Fatal, FlyClient, FlyError, NotFound
 from .fly import vocabulary as fly
 from .fly.models import Machine, Snapshot, Volume
 from .metrics import STOP_VERDICTS
@@ -143,6 +143,46 @@ def _age(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+# --- a start that seems to have failed -------------------------------------------------------------------
+
+
+def judge_failed_start(machine: Machine, decision: lifecycle.Decision) -> lifecycle.Decision:
+    """``Starting`` saw the machine stopped: before stalling it as a failed start, what the machine says.
+    A stop that was *requested* (the operator's own earlier stop landing late, chaos seed 563737) is not a
+    failed start: start it again. Started or on its way: no stall. Failed, or an exit by itself: the stall."""
+    if machine.state == fly.STARTED:
+        return lifecycle.Decision(lifecycle.Action.SETTLE, Phase.RUNNING, reason="machine started")
+    if machine.state in fly.TRANSIENT_MACHINE_STATES and not machine.is_gone:
+        return lifecycle.Decision(lifecycle.Action.NOTHING, reason=f"machine {machine.state}")
+    if machine.state == fly.STOPPED:
+        last_exit = machine.last_exit
+        if last_exit is None or last_exit.requested_stop is True:
+            return lifecycle.Decision(
+                lifecycle.Action.START,
+                reason=f"machine {machine.id} is stopped by a requested stop (not a failed start): "
+                "starting it again",
+            )
+    return decision
+
+
+async def confirm_failed_start(
+    client: FlyClient, instance: Instance, decision: lifecycle.Decision
+) -> tuple[lifecycle.Decision, Machine | None]:
+    """Read the machine before a ``StartFailed`` stall (a listing or a wait may report an older stop)."""
+    machine_id = instance.status.machine_id
+    if machine_id is None:
+        return decision, None
+    try:
+        machine = await client.get_machine(instance.spec.fly_app, machine_id)
+    except NotFound:
+        return decision, None
+    except FlyError as exc:
+        if isinstance(exc, Fatal):
+            raise
+        return lifecycle.Decision(lifecycle.Action.NOTHING, reason=f"cannot confirm the stop: {exc}"), None
+    return judge_failed_start(machine, decision), machine
 
 
 def waiting(instance: Instance) -> bool:

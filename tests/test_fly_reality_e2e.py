@@ -215,3 +215,28 @@ async def test_a_platform_migration_is_followed_without_a_recovery_or_a_delete(
     assert len([r for r in stack.fly.request_log if r.method == "DELETE"]) == deletes_before
     assert stack.fly.machine(machine)["state"] == "started"
     assert old_volume in {v["id"] for v in stack.fly.volumes()}
+
+
+async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recovery_deadline(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    source_machine = status(body)["machineId"]
+    assert stack.settings is not None
+    timeout = stack.settings.recovery_timeout_seconds
+    # The fork's answer takes longer than the whole recovery may (but less than the call's own deadline).
+    stack.fly.set_latency(timeout + 15, f"POST /v1/apps/{APP}/volumes")
+    try:
+        stack.fly.crash_machine(source_machine)
+        failed = await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: (status(b).get("lastRecovery") or {}).get("outcome") == "Failed",
+            timeout=timeout + 10,
+            what="the recovery failed at its deadline",
+        )
+    finally:
+        stack.fly.clear_latency()
+    last = status(failed)["lastRecovery"]
+    assert last["message"] == "unexpected stop recovery timed out"
+    assert last["durationSeconds"] < timeout + 5

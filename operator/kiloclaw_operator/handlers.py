@@ -49,6 +49,8 @@ class Runtime:
             token_file=settings.fly_api_token_file,
             pacing=observation.pacing_limits(settings),
             fence=fence,
+            call_deadline=settings.fly_call_deadline_seconds,
+            max_body_bytes=settings.fly_max_body_bytes,
         )
         self._ctx: Context | None = None
         self._feed: asyncio.Task[None] | None = None

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -244,7 +245,7 @@ async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
             return await fail(port, instance, TIMEOUT_MESSAGE, label="timeout", reason="timeout")
         instance = await port.between_steps(instance)
         try:
-            instance = await _run_step(port, instance)
+            instance = await _step_within_deadline(port, instance, record.deadline)
         except (Fatal, NotFound, Capacity, OwnershipMismatch, RecoveryStepFailed) as exc:
             # Only permanent errors fail a step. Transient ones (5xx, 408, 429 after the client's own
             # retries, timeouts, lost replies) and an unauthorized token propagate to the driver, which
@@ -260,6 +261,18 @@ async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
             "no recovery record to resume",
         )
     return instance
+
+
+async def _step_within_deadline(port: Port, instance: InstanceModel, deadline: datetime) -> InstanceModel:
+    """One step, never outliving the recovery's deadline (a Fly call that hangs, retries that go on): cut
+    off at the deadline, the pass ends and the next one, from the newest stored body, fails the recovery as
+    timed out (the failure cleanup then sees every id the cut-off step may have recorded)."""
+    remaining = (deadline - port.clock()).total_seconds()
+    try:
+        async with asyncio.timeout(max(remaining, 0.001)):
+            return await _run_step(port, instance)
+    except TimeoutError:
+        raise RetryLater("the recovery step was cut off at the recovery deadline", 0.01) from None
 
 
 async def _take_over(port: Port, instance: InstanceModel) -> InstanceModel:

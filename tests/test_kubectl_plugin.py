@@ -76,7 +76,7 @@ async def recovered_with_retained_volume(stack: Stack, namespace: str, name: str
     body = await running(stack, namespace, name)
     source_machine = status(body)["machineId"]
     stack.fly.add_snapshot(status(body)["volumeId"])
-    stack.fly.fail_host(machine_id=source_machine)
+    stack.fly.crash_machine(source_machine)
     return await stack.wait_instance(
         namespace,
         name,

@@ -42,6 +42,7 @@ logger = logging.getLogger("kiloclaw.brake")
 BRAKE_LEASE = "kiloclaw-recovery-brake"
 STATE_ANNOTATION = "kiloclaw.kilo.ai/brake-state"
 REASON_ANNOTATION = "kiloclaw.kilo.ai/brake-reason"
+CHANGED_AT_ANNOTATION = "kiloclaw.kilo.ai/brake-changed-at"
 #: Brake states on the Lease: the operator writes Armed/Engaged, ``kubectl kiloclaw rearm`` writes Released.
 ARMED, ENGAGED, RELEASED = "Armed", "Engaged", "Released"
 _LEASE_READ_SECONDS = 2.0
@@ -144,7 +145,7 @@ class RecoveryBrake:
         annotations = {
             STATE_ANNOTATION: state,
             REASON_ANNOTATION: reason,
-            "kiloclaw.kilo.ai/brake-changed-at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            CHANGED_AT_ANNOTATION: datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         }
         try:
             lease = await self._kube.get_lease(self._namespace, BRAKE_LEASE)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from harness import Stack, condition, eventually, sandbox_id, status
 from kiloclaw_operator.fly import volume_name
@@ -240,3 +241,65 @@ async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recov
     last = status(failed)["lastRecovery"]
     assert last["message"] == "unexpected stop recovery timed out"
     assert last["durationSeconds"] < timeout + 5
+
+
+async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rearms(
+    stack: Stack, namespace: str
+) -> None:
+    from test_kubectl_plugin import plugin, plugin_json
+
+    # Two confirmed stops within the window are fine; the third engages the brake.
+    await stack.restart_operator(brake_pause_stops=2, brake_window_seconds=600, brake_min_instances=100_000)
+    try:
+        names = ["b1", "b2", "b3"]
+        machines = {}
+        for name in names:
+            await stack.create_instance(namespace, name, regions=REGIONS)
+        for name in names:
+            body = await stack.wait_instance(
+                namespace, name, lambda b: status(b).get("phase") == "Running", what=f"{name} Running"
+            )
+            machines[name] = status(body)["machineId"]
+        for name in names:
+            stack.fly.crash_machine(machines[name])
+
+        async def outcome() -> tuple[list[str], list[str]] | None:
+            bodies = {name: await stack.get_instance(namespace, name) for name in names}
+            done = [
+                n for n, b in bodies.items() if b and (status(b).get("lastRecovery") or {}).get("outcome")
+            ]
+            paused = [
+                n
+                for n, b in bodies.items()
+                if b and condition(b, "Stalled").get("reason") == "RecoveryPaused"
+            ]
+            return (done, paused) if len(done) == 2 and len(paused) == 1 else None
+
+        _, [paused] = await eventually(outcome, timeout=30, what="two recovered, one paused")
+        held = await stack.get_instance(namespace, paused)
+        assert held is not None
+        assert status(held)["phase"] == "Stopped" and "recovery" not in status(held)
+        assert "kubectl kiloclaw rearm" in condition(held, "Stalled")["message"]
+        assert stack.fly.machine(machines[paused])["state"] == "stopped"  # nothing destroyed
+        assert "RecoveryPaused" in await stack.event_reasons(namespace, paused)
+        shown = await plugin_json(stack, "brake")
+        assert shown["state"] == "Engaged" and "3 confirmed unexpected stops" in shown["reason"]
+        assert REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 1
+
+        rearmed = await plugin(stack, "rearm")
+        assert rearmed.returncode == 0, rearmed.stderr
+        after = await stack.wait_instance(
+            namespace,
+            paused,
+            lambda b: (
+                (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+                and status(b).get("phase") == "Running"
+            ),
+            timeout=30,
+            what="the paused instance recovered after the re-arm",
+        )
+        assert condition(after, "Stalled")["status"] == "False"
+        assert (await plugin_json(stack, "brake"))["state"] == "Released"
+        assert REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 0
+    finally:
+        await stack.restart_operator()

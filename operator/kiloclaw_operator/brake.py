@@ -19,7 +19,7 @@ carries the state and reason (cluster-wide), and each paused instance gets a War
 in flight go on. Why: that many confirmed stops at once is a region or platform event, where blind
 relocation can cost more than it saves (capacity elsewhere, snapshot data loss, a Fly incident that makes
 reads lie too); a person decides. ``kubectl kiloclaw rearm`` releases it: recoveries proceed (through the
-budget) and the brake stays released until a whole window passes below the thresholds, then arms itself
+budget) and the brake stays released until a whole window passes without a confirmed stop, then arms itself
 again for the next incident.
 """
 
@@ -86,14 +86,15 @@ class RecoveryBrake:
         window = self._settings.brake_window_seconds
         while self._stops and self._stops[0] < now - window:
             self._stops.popleft()
+        if self.state == RELEASED and not self._stops:
+            # A whole window without a confirmed stop: the incident is over, the brake guards the next one.
+            self.state = ARMED
+            await self._write_lease(ARMED, "")
+        if self.state == ENGAGED:
+            await self._read_lease()
         if self.state != ENGAGED:
             self._stops.append(now)
         count = len(self._stops)
-        if self.state == ENGAGED:
-            await self._read_lease()
-        if self.state == RELEASED and count <= self.threshold() and self._quiet_for_a_window(now):
-            self.state = ARMED
-            await self._write_lease(ARMED, "")
         if self.state == ARMED and count > self.threshold():
             self.state = ENGAGED
             self.reason = (
@@ -107,9 +108,6 @@ class RecoveryBrake:
         if self.state == ENGAGED:
             return self.reason
         return None
-
-    def _quiet_for_a_window(self, now: float) -> bool:
-        return not self._stops or self._stops[-1] < now - self._settings.brake_window_seconds / 2
 
     async def paced_begin(self) -> None:
         """Wait for this recovery's turn at the begin rate (``recovery_begin_rate`` per second)."""

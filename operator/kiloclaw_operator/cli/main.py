@@ -374,7 +374,7 @@ class Command:
         )
         message = (
             "brake released: paused recoveries proceed (through the recovery budget); it arms itself again "
-            "once stops fall below its thresholds for a window"
+            "once a whole window passes without a confirmed stop"
         )
         _emit({"state": BRAKE_RELEASED, "message": message}, self.output, _print_message, self.out)
         return EXIT_OK

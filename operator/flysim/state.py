@@ -156,6 +156,8 @@ class Volume:
     source_volume_id: str | None = None
     #: The host a fork copies its blocks from (lazily, while `hydrating`); None for plain volumes/restores.
     source_host: Host | None = None
+    #: A platform migration's fork: the volume it replaces, which Fly removes once this one has hydrated.
+    replaces: str | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
 
     @property
@@ -1049,11 +1051,23 @@ class FlyState:
                 return  # a blocked fork finishes when its source host returns (restore_host)
             volume.state = "created"
             volume.updated_at = self._now()
+            if volume.replaces is not None:
+                self._remove_migrated_volume(volume.replaces)
             # A machine that could not start on the blocked fork starts now.
             for machine_id in self._blocked_starts.pop(volume.id, set()):
                 machine = self._machines.get(machine_id)
                 if machine is not None and machine.state == "starting" and machine.start_break is None:
                     self._later(self.timings.start_delay, machine, self._finish_start)
+
+    def _remove_migrated_volume(self, volume_id: str) -> None:
+        """After a migration, Fly cleans up the volume the machine left (unless something mounted it since)."""
+        old = self._volumes.get(volume_id)
+        if old is None or old.attached_machine_id is not None:
+            return
+        del self._volumes[old.id]
+        self._apps[old.app].volumes.pop(old.id, None)
+        old.state = "pending_destroy"
+        old.updated_at = self._now()
 
     def delete_volume(self, app_name: str, volume_id: str) -> Volume:
         with self.lock:
@@ -1096,8 +1110,9 @@ class FlyState:
     def migrate_machine(self, machine_id: str, *, to_host: str | None = None) -> str:
         """Fly moves a machine off its host by itself (fly.io/docs/reference/machine-migration): stop it (an
         exit event with `requested_stop`, source flyd), keep it `stopped` for `migration_pause`, fork its
-        volume to another host of the region (a new volume id, the old one left unattached), then start the
-        same machine id there (if it was running). Returns the destination host id."""
+        volume to another host of the region (a new volume id), then start the same machine id there (if it
+        was running); once the fork has hydrated, the old volume is removed (Fly's to clean up; the harsher
+        case for an operator that kept its id). Returns the destination host id."""
         with self.lock:
             machine = self.find_machine(machine_id)
             if machine.host.failed:
@@ -1167,6 +1182,7 @@ class FlyState:
                 source_volume_id=old.id,
                 source_host=old.host,
                 attached_machine_id=machine.id,
+                replaces=old.id,
             )
             self._volumes[fork.id] = fork
             self._apps[fork.app].volumes[fork.id] = fork

@@ -1060,7 +1060,7 @@ class FlyState:
                     self._later(self.timings.start_delay, machine, self._finish_start)
 
     def _remove_migrated_volume(self, volume_id: str) -> None:
-        """After a migration, Fly cleans up the volume the machine left (unless something mounted it since)."""
+        """After a migration, Fly cleans up the volume the machine left (unless it was mounted since)."""
         old = self._volumes.get(volume_id)
         if old is None or old.attached_machine_id is not None:
             return

@@ -320,7 +320,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             # Confirmed by a read first: a late-landing stop the operator sent itself is not a failed start.
             decision, machine = await stops.confirm_failed_start(self.ctx.fly, instance, decision)
         if decision.action is Action.RESUME_RECOVERY:
-            return await recovery.resume(self.recovery_port(), instance)
+            return await stops.resume_within_budget(self.recovery_port(), instance)
         if decision.held:
             # Held: no action on Fly, but observation goes on (read paths are always safe).
             return await self._record_observation(instance, observation)

@@ -351,6 +351,15 @@ async def _recover_from_chosen_source(port: recovery.Port, instance: Instance) -
         return await recovery.begin(port, instance, choice.source, choice.snapshot)
 
 
+async def resume_within_budget(port: recovery.Port, instance: Instance) -> Instance:
+    """A recovery in flight goes on holding a place of the budget (``recovery_concurrency``): one that a
+    transient error interrupted does not run beside the full budget when it resumes."""
+    if port.brake is None:
+        return await recovery.resume(port, instance)
+    async with port.brake.slots:
+        return await recovery.resume(port, instance)
+
+
 async def stall_waiting(port: recovery.Port, instance: Instance, reason: str, message: str) -> Instance:
     """No recovery now: phase Stopped, Stalled with ``reason`` (not a hold: the instance looks again every
     ``source_recheck_seconds``); the Event is posted when the message changes."""

@@ -62,3 +62,15 @@ async def test_a_released_brake_lets_recoveries_through_and_arms_again_after_a_q
     clock.now += 200
     assert await subject.admit(None) is None
     assert subject.state == ARMED
+
+
+async def test_many_reported_stops_engage_it_even_when_the_reads_refute_them() -> None:
+    """A listing that lies: the reads protect every machine, the brake tells a person."""
+    clock = Clock()
+    subject = brake(10, clock)
+    for _ in range(5):
+        await subject.note_reported()
+    assert subject.state == ARMED
+    await subject.note_reported()
+    assert subject.state == ENGAGED and "6 reported unexpected stops" in subject.reason
+    assert await subject.admit(None) is not None  # a real stop meanwhile waits for a person

@@ -9,7 +9,8 @@ instead of meeting 429s.
 ``host_status`` and its exit event) before any destructive call, whatever the number of stops: a read is
 cheap, and a wrong listing is exactly the case where many stop at once.
 
-**Brake.** Confirmed stops that would begin a recovery are counted over a sliding window
+**Brake.** Confirmed stops that would begin a recovery, and separately every reported stop (confirmed or
+refuted by its read: a listing that lies), are counted over a sliding window
 (``KILOCLAW_BRAKE_WINDOW_SECONDS``, 300). When the count exceeds ``KILOCLAW_BRAKE_PAUSE_STOPS`` (200), or a
 share ``KILOCLAW_BRAKE_PAUSE_SHARE`` (0.2) of the instances this operator drives (only once it drives at least
 ``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries pause (each instance is ``Stalled``,
@@ -65,6 +66,8 @@ class RecoveryBrake:
         self._instances = instances
         self._monotonic = monotonic
         self._stops: deque[float] = deque()
+        #: Every reported stop, confirmed or not (a listing that lies reports many that reads refute).
+        self._reported: deque[float] = deque()
         self.state = ARMED
         self.reason = ""
         self._lease_read_at = float("-inf")
@@ -80,13 +83,39 @@ class RecoveryBrake:
             limit = min(limit, max(1, int(total * self._settings.brake_pause_share)))
         return limit
 
+    async def note_reported(self) -> None:
+        """A stop was reported (before the read that confirms or refutes it). Many at once engage the brake
+        too: a listing that reports a fifth of the fleet stopped is an incident even if the reads refute it
+        (they protect the machines; the brake tells a person and pauses the recoveries of any real ones)."""
+        now = self._monotonic()
+        window = self._settings.brake_window_seconds
+        self._reported.append(now)
+        while self._reported and self._reported[0] < now - window:
+            self._reported.popleft()
+        if self.state == ARMED and len(self._reported) > self.threshold():
+            await self._engage(
+                f"{len(self._reported)} reported unexpected stops within {window:g}s "
+                f"(threshold {self.threshold()} of {self._instances()} instances; each is confirmed by a "
+                "read before anything is destroyed): new recoveries are paused; check Fly's status and the "
+                "kiloclaw_stop_verdicts_total metric, then re-arm with `kubectl kiloclaw rearm`"
+            )
+
+    async def _engage(self, reason: str) -> None:
+        self.state = ENGAGED
+        self.reason = reason
+        logger.error("recovery brake engaged: %s", reason)
+        RECOVERY_BRAKE_ENGAGED.set(1)
+        await self._write_lease(ENGAGED, reason)
+
     async def admit(self, instance: Any) -> str | None:
         """Count this confirmed stop; None: the recovery may begin; else why it is paused."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
         while self._stops and self._stops[0] < now - window:
             self._stops.popleft()
-        if self.state == RELEASED and not self._stops:
+        while self._reported and self._reported[0] < now - window:
+            self._reported.popleft()
+        if self.state == RELEASED and not self._stops and len(self._reported) <= self.threshold():
             # A whole window without a confirmed stop: the incident is over, the brake guards the next one.
             self.state = ARMED
             await self._write_lease(ARMED, "")
@@ -96,15 +125,11 @@ class RecoveryBrake:
             self._stops.append(now)
         count = len(self._stops)
         if self.state == ARMED and count > self.threshold():
-            self.state = ENGAGED
-            self.reason = (
+            await self._engage(
                 f"{count} confirmed unexpected stops within {window:g}s (threshold {self.threshold()} of "
                 f"{self._instances()} instances): new recoveries are paused; check Fly's status, then re-arm "
                 "with `kubectl kiloclaw rearm`"
             )
-            logger.error("recovery brake engaged: %s", self.reason)
-            RECOVERY_BRAKE_ENGAGED.set(1)
-            await self._write_lease(ENGAGED, self.reason)
         if self.state == ENGAGED:
             return self.reason
         return None

@@ -196,6 +196,8 @@ def waiting(instance: Instance) -> bool:
 async def handle_stop(port: recovery.Port, instance: Instance) -> Instance:
     """Confirm an unexpected stop with a read of the machine, then follow a migration, ignore a wrong
     listing, wait for a source, or begin the recovery (through the brake)."""
+    if port.brake is not None and not waiting(instance):
+        await port.brake.note_reported()
     machine = await _read_machine(port, instance)
     if machine is None and not _has_machine(instance):
         verdict = Verdict.RECOVER  # no machine recorded (a new attempt after a failed one): its volume counts

@@ -125,9 +125,12 @@ async def lying_feed(
     await asyncio.sleep(args.lie_seconds)
     during = bench.route_delta(before, await fly.counts())
     statuses = await bench.list_instances(api, bench.Results(0, 0, datetime.now(UTC)))
+    brake = await brake_state(api)
     not_running = sum(1 for s in statuses.values() if s.get("phase") != "Running")
     recoveries = sum(1 for s in statuses.values() if s.get("recovery") or s.get("lastRecovery"))
     await fly.control.delete("/listing/lies")
+    if brake == "Engaged":
+        await rearm(api)
     ended = time.monotonic()
     while time.monotonic() - ended < args.phase_timeout:
         statuses = await bench.list_instances(api, bench.Results(0, 0, datetime.now(UTC)))
@@ -142,7 +145,25 @@ async def lying_feed(
     out.add("Lying feed: recoveries started", recoveries)
     out.add("Lying feed: instances not Running during the lie", not_running)
     out.add("Lying feed: per-machine confirming reads", reads)
+    out.add("Lying feed: brake state during the lie (re-armed after it)", brake)
     out.add("Lying feed: back to normal after the listing recovered", f"{normal:.1f} s")
+
+
+async def brake_state(api: httpx.AsyncClient) -> str:
+    lease = await api.get(BRAKE_LEASE)
+    if not lease.is_success:
+        return "Armed"
+    annotations = (lease.json().get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get("kiloclaw.kilo.ai/brake-state", "Armed"))
+
+
+async def rearm(api: httpx.AsyncClient) -> None:
+    """What ``kubectl kiloclaw rearm`` does."""
+    patch = {"metadata": {"annotations": {"kiloclaw.kilo.ai/brake-state": "Released"}}}
+    response = await api.patch(
+        BRAKE_LEASE, json=patch, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    response.raise_for_status()
 
 
 async def region_outage(
@@ -176,21 +197,10 @@ async def region_outage(
     while time.monotonic() - began < args.phase_timeout:
         await asyncio.sleep(1.0)
         statuses = await bench.list_instances(api, bench.Results(0, 0, datetime.now(UTC)))
-        if engaged_after is None:
-            lease = await api.get(BRAKE_LEASE)
-            annotations = (
-                (lease.json().get("metadata") or {}).get("annotations") or {} if lease.is_success else {}
-            )
-            if annotations.get("kiloclaw.kilo.ai/brake-state") == "Engaged":
-                engaged_after = time.monotonic() - began
-                bench.say(
-                    f"brake engaged after {engaged_after:.1f} s: re-arming it (as kubectl kiloclaw rearm)"
-                )
-                patch = {"metadata": {"annotations": {"kiloclaw.kilo.ai/brake-state": "Released"}}}
-                response = await api.patch(
-                    BRAKE_LEASE, json=patch, headers={"Content-Type": "application/merge-patch+json"}
-                )
-                response.raise_for_status()
+        if engaged_after is None and await brake_state(api) == "Engaged":
+            engaged_after = time.monotonic() - began
+            bench.say(f"brake engaged after {engaged_after:.1f} s: re-arming it (as kubectl kiloclaw rearm)")
+            await rearm(api)
         now = time.monotonic() - began
         for key in with_snapshot:
             s = statuses[key]
@@ -250,6 +260,7 @@ async def run(args: argparse.Namespace, workdir: Path, out: Outcome) -> None:
         names = [(namespaces[i % len(namespaces)], f"inst-{i:05d}") for i in range(args.instances)]
         apps = {key: f"acct-outage-{index:05d}" for index, key in enumerate(names)}
         leader = bench.Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
+        leader.env["KILOCLAW_BRAKE_WINDOW_SECONDS"] = "60"
         process = leader.start()
         sampler = bench.ProcessSampler(process.pid)
         sampler.start()
@@ -269,6 +280,9 @@ async def run(args: argparse.Namespace, workdir: Path, out: Outcome) -> None:
                 await migration(api, fly, args, out)
                 bench.say("scenario 2: a lying feed (30 % reported stopped)")
                 await lying_feed(api, fly, args, out)
+                # The brake arms itself again after a whole window without stops (60 s here).
+                bench.say("waiting for the brake to arm again (a quiet window)")
+                await asyncio.sleep(65)
                 bench.say(f"scenario 3: region {LOST_REGION} lost")
                 await region_outage(api, fly, args, sampler, out)
             out.add("Operator peak RSS (whole run)", f"{sampler.peak_rss / 2**20:.0f} MiB")
@@ -294,7 +308,8 @@ def report(args: argparse.Namespace, out: Outcome, began: datetime, wall: float)
 - Date: {began:%Y-%m-%d %H:%M UTC}; machine: {bench.machine_info()}; wall time {wall:.0f} s
 - Command: `.venv/bin/python tests/bench_outage.py --instances {args.instances}{cluster_flag}`
 - Feed mode, Fly's rate limits on in flysim, one operator process with its default recovery budget and brake
-  (concurrency 32, 5 begun/s, pause past 200 confirmed stops or 20 % of the fleet in 5 min).
+  (concurrency 32, 5 begun/s, pause past 200 stops or 20 % of the fleet; window 60 s here, so that the brake
+  arms again between the scenarios).
 
 | Measure | Value |
 |---|---|

@@ -19,6 +19,9 @@ from prometheus_client import REGISTRY
 from harness import Stack, condition, eventually, sandbox_id, status
 from kiloclaw_operator.fly import volume_name
 
+# Imported at collection, before the stack points KUBECONFIG at the operator's: the plugin runs as the admin.
+from test_kubectl_plugin import plugin, plugin_json
+
 pytestmark = pytest.mark.xdist_group("fly-reality")
 
 APP = "acct-test"
@@ -246,8 +249,6 @@ async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recov
 async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rearms(
     stack: Stack, namespace: str
 ) -> None:
-    from test_kubectl_plugin import plugin, plugin_json
-
     # Two confirmed stops within the window are fine; the third engages the brake.
     await stack.restart_operator(brake_pause_stops=2, brake_window_seconds=600, brake_min_instances=100_000)
     try:
@@ -283,7 +284,7 @@ async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rear
         assert stack.fly.machine(machines[paused])["state"] == "stopped"  # nothing destroyed
         assert "RecoveryPaused" in await stack.event_reasons(namespace, paused)
         shown = await plugin_json(stack, "brake")
-        assert shown["state"] == "Engaged" and "3 confirmed unexpected stops" in shown["reason"]
+        assert shown["state"] == "Engaged" and "3 reported unexpected stops" in shown["reason"]
         assert REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 1
 
         rearmed = await plugin(stack, "rearm")

@@ -142,6 +142,25 @@ async def test_a_listing_that_reports_running_machines_stopped_destroys_nothing_
     assert all(stack.fly.machine(m)["state"] == "started" for m in machines)
 
 
+async def test_with_the_feed_a_platform_migration_is_followed_even_when_its_stop_is_never_listed(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "mg")
+    first = await running(stack, namespace, "mg")
+    machine_id, old_volume = first["machineId"], first["volumeId"]
+    stack.fly.migrate_machine(machine_id)
+    moved = await stack.wait_instance(
+        namespace,
+        "mg",
+        lambda b: status(b).get("volumeId") not in (None, old_volume),
+        timeout=20,
+        what="status.volumeId following the migration",
+    )
+    assert status(moved)["machineId"] == machine_id
+    assert "lastRecovery" not in status(moved)
+    assert "MachineMigrated" in await stack.event_reasons(namespace, "mg")
+
+
 async def test_changes_within_one_second_of_flys_clock_are_not_lost(stack: Stack, namespace: str) -> None:
     """Fly's updated_at has whole seconds: created, starting and started of a new machine share one stamp,
     and a stop and a start can too. The feed keeps every different state, so nothing waits for a fallback."""

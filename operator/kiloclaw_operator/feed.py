@@ -205,6 +205,11 @@ class FeedObserver:
                 tracked.heard_at = now
                 return await self._read(instance)
             return Observation.unknown("no news from the organisation feed yet"), None
+        if news is not None and self._changed_behind_the_same_state(instance, news):
+            # The machine changed and came back in the state the status records (Fly migrated it, or someone
+            # restarted it): the listing has no config, so read it (a migration moves it to a new volume).
+            tracked.heard_at = now
+            return await self._read(instance)
         known = self._latest.get(machine_id)
         if known is not None:
             return self._consume(machine_id, known), None
@@ -238,6 +243,15 @@ class FeedObserver:
         if latest is None:
             return None
         return latest if latest.newer_than(self._consumed.get(machine_id)) else None
+
+    def _changed_behind_the_same_state(self, instance: Instance, news: MachineState) -> bool:
+        """News that shows the state the status already records, stamped after the status observed it: the
+        machine went somewhere and came back between two sweeps."""
+        observed_at = instance.status.observed_at
+        if observed_at is None or news.state != instance.status.fly_state:
+            return False
+        # Whole-second stamps: a change in the second the status was written is not "after" it.
+        return news.updated_at > observed_at + timedelta(seconds=self.clock_offset + 1)
 
     def _consume(self, machine_id: str, news: MachineState) -> Observation:
         self._consumed[machine_id] = news

@@ -245,10 +245,11 @@ class FeedObserver:
         return latest if latest.newer_than(self._consumed.get(machine_id)) else None
 
     def _changed_behind_the_same_state(self, instance: Instance, news: MachineState) -> bool:
-        """News that shows the state the status already records, stamped after the status observed it: the
-        machine went somewhere and came back between two sweeps."""
+        """A Running instance's machine is ``started`` again, stamped after the status last observed it: it
+        went somewhere and came back without the operator (which starts through ``Starting``), perhaps with
+        only a transient state seen in between."""
         observed_at = instance.status.observed_at
-        if observed_at is None or news.state != instance.status.fly_state:
+        if observed_at is None or news.state != fly.STARTED or instance.status.phase is not Phase.RUNNING:
             return False
         # Whole-second stamps: a change in the second the status was written is not "after" it.
         return news.updated_at > observed_at + timedelta(seconds=self.clock_offset + 1)

@@ -89,9 +89,8 @@ class RecoveryBrake:
         (they protect the machines; the brake tells a person and pauses the recoveries of any real ones)."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
+        await self._prune_and_rearm(now)
         self._reported.append(now)
-        while self._reported and self._reported[0] < now - window:
-            self._reported.popleft()
         if self.state == ARMED and len(self._reported) > self.threshold():
             await self._engage(
                 f"{len(self._reported)} reported unexpected stops within {window:g}s "
@@ -99,6 +98,16 @@ class RecoveryBrake:
                 "read before anything is destroyed): new recoveries are paused; check Fly's status and the "
                 "kiloclaw_stop_verdicts_total metric, then re-arm with `kubectl kiloclaw rearm`"
             )
+
+    async def _prune_and_rearm(self, now: float) -> None:
+        window = self._settings.brake_window_seconds
+        for stops in (self._stops, self._reported):
+            while stops and stops[0] < now - window:
+                stops.popleft()
+        if self.state == RELEASED and not self._stops and not self._reported:
+            # A whole window without a stop: the incident is over, the brake guards the next one.
+            self.state = ARMED
+            await self._write_lease(ARMED, "")
 
     async def _engage(self, reason: str) -> None:
         self.state = ENGAGED
@@ -111,14 +120,7 @@ class RecoveryBrake:
         """Count this confirmed stop; None: the recovery may begin; else why it is paused."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
-        while self._stops and self._stops[0] < now - window:
-            self._stops.popleft()
-        while self._reported and self._reported[0] < now - window:
-            self._reported.popleft()
-        if self.state == RELEASED and not self._stops and len(self._reported) <= self.threshold():
-            # A whole window without a confirmed stop: the incident is over, the brake guards the next one.
-            self.state = ARMED
-            await self._write_lease(ARMED, "")
+        await self._prune_and_rearm(now)
         if self.state == ENGAGED:
             await self._read_lease()
         if self.state != ENGAGED:

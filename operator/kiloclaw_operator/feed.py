@@ -251,6 +251,8 @@ class FeedObserver:
         observed_at = instance.status.observed_at
         if observed_at is None or news.state != fly.STARTED or instance.status.phase is not Phase.RUNNING:
             return False
+        if instance.status.fly_state != fly.STARTED:
+            return True  # it was seen on its way somewhere (stopping, stopped) and is back
         # Whole-second stamps: a change in the second the status was written is not "after" it.
         return news.updated_at > observed_at + timedelta(seconds=self.clock_offset + 1)
 

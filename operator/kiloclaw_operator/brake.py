@@ -89,6 +89,8 @@ class RecoveryBrake:
         (they protect the machines; the brake tells a person and pauses the recoveries of any real ones)."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
+        if self.state == ENGAGED:
+            await self._read_lease()  # released by an admin since?
         await self._prune_and_rearm(now)
         self._reported.append(now)
         if self.state == ARMED and len(self._reported) > self.threshold():
@@ -120,9 +122,9 @@ class RecoveryBrake:
         """Count this confirmed stop; None: the recovery may begin; else why it is paused."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
-        await self._prune_and_rearm(now)
         if self.state == ENGAGED:
             await self._read_lease()
+        await self._prune_and_rearm(now)
         if self.state != ENGAGED:
             self._stops.append(now)
         count = len(self._stops)

@@ -261,8 +261,18 @@ async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rear
                 namespace, name, lambda b: status(b).get("phase") == "Running", what=f"{name} Running"
             )
             machines[name] = status(body)["machineId"]
-        for name in names:
+        # Two stops, recovered; then the third within the window engages the brake.
+        for name in names[:2]:
             stack.fly.crash_machine(machines[name])
+        for name in names[:2]:
+            await stack.wait_instance(
+                namespace,
+                name,
+                lambda b: (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded",
+                timeout=30,
+                what=f"{name} recovered",
+            )
+        stack.fly.crash_machine(machines[names[2]])
 
         async def outcome() -> tuple[list[str], list[str]] | None:
             bodies = {name: await stack.get_instance(namespace, name) for name in names}

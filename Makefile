@@ -9,7 +9,7 @@ RUNS   ?= 200
 SEED   ?=
 CHAOS_JOBS ?= 1
 
-.PHONY: venv dev run test lint bench bench-cluster chaos e2e cluster cluster-down clean image
+.PHONY: venv dev run test lint bench bench-outage bench-cluster chaos e2e cluster cluster-down clean image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	nice $(BIN)/python tests/chaos.py --runs $(RUNS) --jobs $(CHAOS_JOBS) $(if $(SEED),--seed $(SEED),--write RELIABILITY.md)
 
+## make bench-outage: the Fly that really exists at N instances (migration, lying feed, region outage)
+bench-outage: $(STAMP)
+	$(BIN)/python tests/bench_outage.py --instances $(N)
+
 ## make bench-cluster: the same benchmark against the real API server of `make cluster` (start it fresh)
 bench-cluster: $(STAMP)
 	KUBECONFIG=$(CURDIR)/.cluster/kubeconfig $(BIN)/python tests/benchmark.py --cluster --instances $(N)
@@ -76,7 +80,7 @@ E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeco
 # (no operator running), then the stories with the operator authenticated as its ServiceAccount.
 e2e: $(STAMP)
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_crds.py tests/test_parity.py tests/test_install.py tests/test_chart_e2e.py tests/test_kube_auth.py
-	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py tests/test_kubectl_plugin.py tests/test_tenancy_e2e.py tests/test_tenancy_cluster.py
+	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/test_lifecycle_e2e.py tests/test_recovery_e2e.py tests/test_retained_e2e.py tests/test_kubectl_plugin.py tests/test_tenancy_e2e.py tests/test_tenancy_cluster.py tests/test_fly_reality_e2e.py
 	# The image (built on a local base, cached by its inputs; skipped, saying why, without podman): its
 	# contents, then the operator in its container against the same server, in a process of its own so that
 	# no in-process operator of the suites above holds the Lease.

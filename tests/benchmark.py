@@ -520,6 +520,9 @@ class FlyProcess(ServerProcess):
     async def rate_limited(self) -> int:
         return int((await self.control.get("/requests", params={"tail": 0})).json()["rate_limited"])
 
+    async def add_snapshot(self, volume_id: str) -> None:
+        await self.control.post(f"/volumes/{volume_id}/snapshots")
+
     async def fail_host(self, machine_id: str) -> tuple[list[str], list[str]]:
         """Fail the host of a machine: (failed hosts, machines stopped on them)."""
         body = (await self.control.post("/hosts/fail", json={"machine_id": machine_id})).json()
@@ -809,6 +812,17 @@ async def fail_hosts(
     return hosts, affected
 
 
+async def daily_snapshots(fly: FlyProcess, statuses: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Fly snapshots every volume daily: the way back from a dead host (a fork cannot complete without it)."""
+    gate = asyncio.Semaphore(32)
+
+    async def one(volume_id: str) -> None:
+        async with gate:
+            await fly.add_snapshot(volume_id)
+
+    await asyncio.gather(*(one(s["volumeId"]) for s in statuses.values() if s.get("volumeId")))
+
+
 async def fail_hosts_and_measure(
     api: httpx.AsyncClient,
     args: argparse.Namespace,
@@ -822,6 +836,7 @@ async def fail_hosts_and_measure(
     target = max(1, round(len(statuses) * args.fail_percent / 100))
     candidates = sorted(by_machine)
     random.Random(args.seed).shuffle(candidates)
+    await daily_snapshots(fly, statuses)
     failed_wall = time.time()
     failed_mono = time.monotonic()
     hosts, affected = await fail_hosts(fly, by_machine, candidates, target, set())

@@ -11,6 +11,9 @@ One run (about 15 s): fresh flysim + kubesim (small watch history, so a reconnec
 - every open watch stream cut (kopf reconnects from its last resourceVersion, often into 410 Gone);
 - snapshots added to instances' volumes (their old volume must then be retained, never deleted);
 - spec.state flipped to Stopped and back to Running;
+- failed hosts returning mid-run (and all of them once the faults stop): an instance that waited for a source
+  recovers by itself; platform migrations (same machine id, new volume id); in feed-mode runs, a listing
+  that reports running machines stopped for a few seconds;
 - one instance deleted, or a duplicate claimant of another instance's sandbox created and deleted, after the
   others have settled: nothing the other instances use may be touched.
 
@@ -21,7 +24,10 @@ Then the faults stop and, within 60 s, every invariant must hold:
 2. no Fly machine or volume exists that no instance status (machine, volume, recovery, pendingCleanup) or
    retained volume accounts for;
 3. no volume with snapshots was deleted without a KiloClawRetainedVolume for it;
-4. no instance lost a machine or volume while another instance was being deleted.
+4. no instance lost a machine or volume while another instance was being deleted;
+5. no machine was destroyed because of a false stop (a lie of the listing, a migration);
+6. no recovery restored a snapshot older than its instance's policy allows;
+7. no volume was deleted while its host was unreachable.
 
 Seeded and replayable: run ``i`` of ``--seed S`` uses seed ``S + i``; ``--seed X --runs 1`` replays run X (the
 event schedule and the simulators' fault draws are the seed's; process timing is not).
@@ -93,7 +99,11 @@ EVENT_WEIGHTS = {
     "drop_watches": 2,
     "snapshot": 2,
     "stop_start": 1,
+    "host_return": 2,
+    "migration": 2,
+    "lying_listing": 2,
 }
+ORG = "chaos-org"
 
 
 @dataclass
@@ -105,6 +115,7 @@ class RunConfig:
     watch_window: int
     deletion: str  # "instance", "duplicate" or "none"
     events: list[tuple[float, str]]
+    feed: bool = False  # the operators observe through the organisation feed
 
     @classmethod
     def draw(cls, seed: int, chaos_seconds: float) -> RunConfig:
@@ -127,6 +138,7 @@ class RunConfig:
             watch_window=rng.choice([30, 100, 10_000]),
             deletion=deletion,
             events=events,
+            feed=rng.random() < 0.5,
         )
 
 
@@ -152,9 +164,12 @@ class RunResult:
 class Replicas:
     """Two operator processes; a killed one comes back after its delay, as a pod's container restarts."""
 
-    def __init__(self, kube: KubeSim, fly: FlySimulator, workdir: Path, result: RunResult) -> None:
+    def __init__(
+        self, kube: KubeSim, fly: FlySimulator, workdir: Path, result: RunResult, *, feed: bool = False
+    ) -> None:
         kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig")
         overrides = {
+            **({"FLY_ORG_SLUG": ORG, "KILOCLAW_FEED_INTERVAL_SECONDS": "0.3"} if feed else {}),
             "KILOCLAW_RECOVERY_TIMEOUT_SECONDS": "60",
             # Short, yet with room for a CPU-starved event loop (kopf's start-up burst, a loaded machine):
             # with 1.5 s the leaders of a loaded 2-core machine lost the Lease every few seconds.
@@ -373,6 +388,7 @@ class Run:
         self.kube = KubeSim(window_size=config.watch_window)
         self.fly = FlySimulator(
             token=FLY_TOKEN,
+            org_slug=ORG,
             timings=SimTimings(start_delay=0.1, stop_delay=0.05, destroy_delay=0.05, hydrate_delay=0.1),
             seed=config.seed,
             request_log_size=500_000,
@@ -380,6 +396,13 @@ class Run:
         self.replicas: Replicas | None = None
         self.expected: set[str] = set()  # instances that must be Running at the end
         self.snapshotted: set[str] = set()
+        # Invariants 5-7: machines the listing lied about or Fly migrated, machines a real event touched
+        # (host failure, flip, deletion), and what flysim destroyed or deleted.
+        self.lied_about: set[str] = set()
+        self.migrated: set[str] = set()
+        self.touched: set[str] = set()
+        self.destroyed_machines: set[str] = set()
+        self.deleted_unreachable: set[str] = set()
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
@@ -388,7 +411,8 @@ class Run:
         try:
             self.kube.load_crds([CRDS])
             self.kube.create_namespace(NAMESPACE, annotations=binding(APP))
-            self.replicas = Replicas(self.kube, self.fly, self.workdir, self.result)
+            self.replicas = Replicas(self.kube, self.fly, self.workdir, self.result, feed=self.config.feed)
+            self._watch_deletes()
             self.replicas.start()
             self.inject_faults()
             for index in range(self.config.instances):
@@ -413,6 +437,10 @@ class Run:
             await self.chaos()
             self.fly.clear_faults()
             self.fly.clear_latency()
+            # Failed hosts return (Fly: "a host can be down for an hour, or a day"): an instance whose old
+            # volume had no acceptable snapshot waited Stalled WaitingForSource and now recovers by itself.
+            for region in self.fly.state.regions:
+                self.fly.restore_host(region=region)
             self.result.fly_faults = sum(
                 1 for r in self.fly.request_log if r.status in (408, 429, 500, 502, 503)
             )
@@ -425,6 +453,7 @@ class Run:
 
             await wait_for(settled, timeout=60)
             self.result.violations.extend(problems)
+            self.result.violations.extend(self.reality_problems())
             self.result.recoveries = sum(
                 1
                 for body in instances(self.kube).values()
@@ -465,6 +494,43 @@ class Run:
         if remaining > 0:
             await asyncio.sleep(remaining)
 
+    # --- invariants 5-7: the Fly that really exists ---
+
+    def _watch_deletes(self) -> None:
+        """Record every machine destroy and volume delete flysim executes, and what was true at the time."""
+        state = self.fly.state
+        destroy_machine, delete_volume = state.destroy_machine, state.delete_volume
+
+        def destroy(app: str, machine_id: str, *, force: bool) -> None:
+            self.destroyed_machines.add(machine_id)
+            destroy_machine(app, machine_id, force=force)
+
+        def delete(app: str, volume_id: str) -> Any:
+            with state.lock:
+                volume = state._volumes.get(volume_id)
+                if volume is not None and volume.host.failed:
+                    self.deleted_unreachable.add(volume_id)
+            return delete_volume(app, volume_id)
+
+        state.destroy_machine = destroy  # type: ignore[method-assign]
+        state.delete_volume = delete  # type: ignore[method-assign,assignment]
+
+    def reality_problems(self) -> list[str]:
+        problems = [
+            f"machine {m} was destroyed after a false stop (a lying listing or a migration)"
+            for m in sorted((self.lied_about | self.migrated) & self.destroyed_machines - self.touched)
+        ]
+        problems += [
+            f"volume {v} was deleted while its host was unreachable" for v in sorted(self.deleted_unreachable)
+        ]
+        for name, body in sorted(instances(self.kube).items()):
+            last = status_of(body).get("lastRecovery") or {}
+            policy = ((body.get("spec") or {}).get("recovery") or {}).get("maxDataLossSeconds", 93600)
+            loss = last.get("dataLossSeconds")
+            if isinstance(loss, int | float) and loss > policy:
+                problems.append(f"{name}: restored a snapshot {loss:.0f}s old, policy {policy}s")
+        return problems
+
     # --- events ---
 
     def _live_instance(self) -> tuple[str, dict[str, Any]] | None:
@@ -475,7 +541,32 @@ class Run:
         picked = self._live_instance()
         machine_id = status_of(picked[1]).get("machineId") if picked else None
         if machine_id and machine_id in live_machines(self.fly):
-            self.fly.fail_host(machine_id=machine_id)
+            hosts = self.fly.fail_host(machine_id=machine_id)
+            with self.fly.state.lock:
+                self.touched.update(self.fly.state.machines_on_hosts(set(hosts)))
+
+    async def event_host_return(self) -> None:
+        failed = sorted(h.id for hosts in self.fly.state._hosts.values() for h in hosts if h.failed)
+        if failed:
+            self.fly.restore_host(host=self.rng.choice(failed))
+
+    async def event_migration(self) -> None:
+        picked = self._live_instance()
+        machine_id = status_of(picked[1]).get("machineId") if picked else None
+        machine = live_machines(self.fly).get(machine_id or "")
+        if machine_id and machine and machine["state"] == "started":
+            with contextlib.suppress(ValueError):  # no other healthy host in the region
+                self.fly.migrate_machine(machine_id)
+                self.migrated.add(machine_id)
+
+    async def event_lying_listing(self) -> None:
+        started = [m for m, body in live_machines(self.fly).items() if body["state"] == "started"]
+        if not started:
+            return
+        lied = self.fly.lie_in_listing(self.rng.sample(started, max(1, round(len(started) * 0.3))))
+        self.lied_about.update(lied)
+        await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+        self.fly.end_listing_lies()
 
     async def event_kill_leader(self) -> None:
         assert self.replicas is not None
@@ -506,6 +597,7 @@ class Run:
         if picked is None:
             return
         name = picked[0]
+        self.touched.add(status_of(picked[1]).get("machineId") or "")
         await self._patch_state(name, "Stopped")
         await asyncio.sleep(self.rng.uniform(0.3, 2.0))
         await self._patch_state(name, "Running")
@@ -529,6 +621,7 @@ class Run:
         body = instances(self.kube).get(victim)
         if body is not None:
             self.snapshotted -= recorded_ids(status_of(body))[1]
+            self.touched |= recorded_ids(status_of(body))[0]
         await self._delete_checking_others(victim)
 
     async def event_delete_duplicate(self) -> None:

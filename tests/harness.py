@@ -82,6 +82,13 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "health_port": 0,
         # Small, so that the end-to-end tests provision through the bound with others waiting at it.
         "provisioning_concurrency": 2,
+        # A requested stop gets this long to come back as a migration; a waiting instance looks again this
+        # often; the brake is off (one shared stack sees many stops) except where a test turns it on.
+        "migration_grace_seconds": 2.0,
+        "source_recheck_seconds": 0.3,
+        "brake_pause_stops": 1_000_000,
+        "brake_pause_share": 1.0,
+        "recovery_begin_rate": 100.0,
         # Where deploy/ grants the Lease (the operator runs as its ServiceAccount against a real cluster).
         "lease_namespace": "kiloclaw-system",
     }
@@ -549,6 +556,8 @@ def operator_env(fly_url: str, kubeconfig: Path, identity: str, **overrides: str
             "KILOCLAW_RETRY_BACKOFF_MIN_SECONDS": "0.1",
             "KILOCLAW_RETRY_BACKOFF_MAX_SECONDS": "1",
             "KILOCLAW_WAIT_CALL_SECONDS": "1",
+            "KILOCLAW_MIGRATION_GRACE_SECONDS": "2",
+            "KILOCLAW_SOURCE_RECHECK_SECONDS": "0.5",
             "KILOCLAW_LEASE_IDENTITY": identity,
             "KILOCLAW_LEASE_DURATION_SECONDS": "3",
             "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": "2",

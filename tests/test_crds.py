@@ -93,6 +93,9 @@ def running_status() -> dict[str, Any]:
             "sourceRegion": "iad",
             "replacementVolumeId": "vol_9abc",
             "replacementMachineId": None,
+            "source": "Snapshot",
+            "snapshotId": "vs_2b9Xq",
+            "snapshotCreatedAt": "2026-11-25T03:00:00Z",
         },
         "pendingCleanup": {"volumeId": "vol_old", "machineId": "91e2"},
         "lastRecovery": {
@@ -103,6 +106,9 @@ def running_status() -> dict[str, Any]:
             "message": "relocated to ord",
             "durationSeconds": 90.5,
             "retainedVolume": "alice-vol-5xk2",
+            "source": "Snapshot",
+            "snapshotId": "vs_1a8Wp",
+            "dataLossSeconds": 32400.0,
         },
     }
 
@@ -353,7 +359,7 @@ def test_minimal_instance_gets_the_documented_defaults_and_no_regions(server: Se
     assert spec["guest"] == {"cpuKind": "shared", "cpus": 1, "memoryMb": 2048}
     assert spec["volume"] == {"sizeGb": 10, "mountPath": "/root"}
     assert spec["state"] == "Running"
-    assert spec["recovery"] == {"enabled": True}
+    assert spec["recovery"] == {"enabled": True, "maxDataLossSeconds": 93600}
     assert spec["env"] == {}
     assert "regions" not in spec  # the operator's configured default applies
 
@@ -369,7 +375,12 @@ def test_defaults_never_override_given_values(server: Server) -> None:
     obj = with_fields(instance(), spec__state="Stopped", spec__recovery={"enabled": False})
     spec = server.defaulted(obj)["spec"]
     assert spec["state"] == "Stopped"
-    assert spec["recovery"] == {"enabled": False}
+    assert spec["recovery"] == {"enabled": False, "maxDataLossSeconds": 93600}
+
+
+def test_a_snapshot_policy_of_zero_never_restores_and_is_kept(server: Server) -> None:
+    obj = with_fields(instance(), spec__recovery={"maxDataLossSeconds": 0})
+    assert server.defaulted(obj)["spec"]["recovery"] == {"enabled": True, "maxDataLossSeconds": 0}
 
 
 def test_a_null_field_that_is_not_nullable_takes_its_default(server: Server) -> None:
@@ -451,6 +462,21 @@ INSTANCE_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("mountPath root", {"spec__volume": {"mountPath": "/"}}, "mountPath must not be the root directory"),
     ("state unknown", {"spec__state": "Paused"}, 'spec.state: Unsupported value: "Paused"'),
     ("recovery.enabled a string", {"spec__recovery": {"enabled": "yes"}}, "must be of type boolean"),
+    (
+        "maxDataLossSeconds negative",
+        {"spec__recovery": {"maxDataLossSeconds": -1}},
+        "spec.recovery.maxDataLossSeconds in body should be greater than or equal to 0",
+    ),
+    (
+        "maxDataLossSeconds over 60 days",
+        {"spec__recovery": {"maxDataLossSeconds": 5184001}},
+        "spec.recovery.maxDataLossSeconds in body should be less than or equal to 5184000",
+    ),
+    (
+        "maxDataLossSeconds a duration string",
+        {"spec__recovery": {"maxDataLossSeconds": "26h"}},
+        "spec.recovery.maxDataLossSeconds in body must be of type integer",
+    ),
     ("env value a number", {"spec__env": {"PORT": 8080}}, "spec.env.PORT in body must be of type string"),
     ("env key starting with a digit", {"spec__env": {"1PORT": "1"}}, "env keys must be shell identifiers"),
     ("env key with a dash", {"spec__env": {"MY-VAR": "1"}}, "not starting with a digit): MY-VAR"),
@@ -608,6 +634,17 @@ STATUS_REJECTIONS: list[tuple[str, dict[str, Any], str]] = [
         "recovery.deadline in body must be of type date-time",
     ),
     ("recovery without id", {"recovery__id": DELETE}, "status.recovery.id: Required value"),
+    ("recovery source unknown", {"recovery__source": "Backup"}, "status.recovery.source: Unsupported value"),
+    (
+        "snapshotCreatedAt not a time",
+        {"recovery__snapshotCreatedAt": "last night"},
+        "recovery.snapshotCreatedAt in body must be of type date-time",
+    ),
+    (
+        "dataLossSeconds negative",
+        {"lastRecovery__dataLossSeconds": -5},
+        "status.lastRecovery.dataLossSeconds: Invalid value: -5",
+    ),
     (
         "resumptions negative",
         {"recovery__resumptions": -1},

@@ -104,15 +104,84 @@ async def test_with_the_feed_provisioning_completes_from_the_listing_without_rea
     assert org_listings(stack), "the feed never listed the organisation"
 
 
-async def test_with_the_feed_an_unexpected_stop_is_detected_without_reading_the_machine(
+async def test_with_the_feed_an_unexpected_stop_is_detected_from_the_listing_and_confirmed_by_one_read(
     stack: Stack, namespace: str
 ) -> None:
     await stack.create_instance(namespace, "b")
     machine_id = (await running(stack, namespace, "b"))["machineId"]
+    assert machine_reads(stack, machine_id) == 0
     stack.fly.crash_machine(machine_id)
     began = await recovering(stack, namespace, "b")
-    assert machine_reads(stack, machine_id, before=began) == 0
+    assert (
+        machine_reads(stack, machine_id, before=began) == 1
+    )  # one read confirms the listing's stop before anything is destroyed
     await running(stack, namespace, "b", timeout=20)
+
+
+async def test_a_listing_that_reports_running_machines_stopped_destroys_nothing_and_starts_no_recovery(
+    stack: Stack, namespace: str
+) -> None:
+    names = ["l1", "l2", "l3"]
+    for name in names:
+        await stack.create_instance(namespace, name)
+    machines = [(await running(stack, namespace, name))["machineId"] for name in names]
+    deletes_before = len([r for r in stack.fly.request_log if r.method == "DELETE"])
+    creates_before = len(
+        [r for r in stack.fly.request_log if r.method == "POST" and r.path.endswith("/volumes")]
+    )
+    stack.fly.lie_in_listing(machines)
+    try:
+
+        async def all_confirmed() -> bool | None:
+            return True if all(machine_reads(stack, m) >= 1 for m in machines) else None
+
+        await eventually(all_confirmed, timeout=10, what="every reported stop confirmed by a read")
+    finally:
+        stack.fly.end_listing_lies()
+    for name in names:
+        body = await stack.get_instance(namespace, name)
+        assert body is not None
+        assert status(body)["phase"] == "Running"
+        assert "lastRecovery" not in status(body) and "recovery" not in status(body)
+    assert len([r for r in stack.fly.request_log if r.method == "DELETE"]) == deletes_before
+    assert (
+        len([r for r in stack.fly.request_log if r.method == "POST" and r.path.endswith("/volumes")])
+        == creates_before
+    )
+    assert all(stack.fly.machine(m)["state"] == "started" for m in machines)
+
+
+async def test_with_the_feed_a_platform_migration_is_followed_even_when_its_stop_is_never_listed(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "mg")
+    first = await running(stack, namespace, "mg")
+    machine_id, old_volume = first["machineId"], first["volumeId"]
+    stack.fly.migrate_machine(machine_id)
+    moved = await stack.wait_instance(
+        namespace,
+        "mg",
+        lambda b: status(b).get("volumeId") not in (None, old_volume),
+        timeout=20,
+        what="status.volumeId following the migration",
+    )
+    assert status(moved)["machineId"] == machine_id
+    assert "lastRecovery" not in status(moved)
+    assert "MachineMigrated" in await stack.event_reasons(namespace, "mg")
+
+
+async def test_changes_within_one_second_of_flys_clock_are_not_lost(stack: Stack, namespace: str) -> None:
+    """Fly's updated_at has whole seconds: created, starting and started of a new machine share one stamp,
+    and a stop and a start can too. The feed keeps every different state, so nothing waits for a fallback."""
+    stack.fly.whole_second_timestamps = True
+    try:
+        await stack.create_instance(namespace, "s")
+        first = await running(stack, namespace, "s", timeout=10)
+        stack.fly.crash_machine(first["machineId"])
+        await recovering(stack, namespace, "s", timeout=10)
+        await running(stack, namespace, "s", timeout=20)
+    finally:
+        stack.fly.whole_second_timestamps = False
 
 
 async def test_the_feed_survives_failing_and_rate_limited_pages(stack: Stack, namespace: str) -> None:
@@ -143,7 +212,9 @@ async def test_the_feed_pages_through_more_changes_than_a_page_holds_and_restart
         stack.fly.org_page_limit = 1000
     expired = [r for r in org_listings(stack) if r.status == 400 and "cursor=" in r.query]
     assert len(expired) == 2
-    assert all(machine_reads(stack, m, before=b) == 0 for m, b in zip(machines, began, strict=True))
+    assert all(
+        machine_reads(stack, m, before=b) == 1 for m, b in zip(machines, began, strict=True)
+    )  # one read confirms the listing's stop before anything is destroyed
 
 
 async def test_a_change_that_reaches_the_listing_late_is_still_seen(stack: Stack, namespace: str) -> None:
@@ -158,7 +229,9 @@ async def test_a_change_that_reaches_the_listing_late_is_still_seen(stack: Stack
         began = await recovering(stack, namespace, "e", timeout=20)
     finally:
         stack.fly.state.timings = timings
-    assert machine_reads(stack, machine_id, before=began) == 0
+    assert (
+        machine_reads(stack, machine_id, before=began) == 1
+    )  # one read confirms the listing's stop before anything is destroyed
 
 
 async def test_a_restarted_operator_notices_a_machine_that_stopped_while_it_was_down(
@@ -170,7 +243,9 @@ async def test_a_restarted_operator_notices_a_machine_that_stopped_while_it_was_
     stack.fly.crash_machine(machine_id)
     await stack.start_operator(**FEED)
     began = await recovering(stack, namespace, "f")
-    assert machine_reads(stack, machine_id, before=began) == 0
+    assert (
+        machine_reads(stack, machine_id, before=began) == 1
+    )  # one read confirms the listing's stop before anything is destroyed
 
 
 async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_get_a_pass_before_kopf(
@@ -193,7 +268,9 @@ async def test_after_a_restart_only_instances_whose_machine_changed_meanwhile_ge
         and record.__dict__.get("namespace") == namespace
     }
     assert early == {"h1"}
-    assert machine_reads(stack, stopped, before=began) == 0
+    assert (
+        machine_reads(stack, stopped, before=began) == 1
+    )  # one read confirms the listing's stop before anything is destroyed
 
 
 async def test_a_fly_clock_an_hour_behind_ours_loses_no_change_across_a_restart(

@@ -68,3 +68,22 @@ def test_an_instance_without_a_readable_observation_is_not_listed() -> None:
     unreadable["status"]["observedAt"] = "yesterday"
     assert listed(unreadable) == []
     assert listed({"metadata": {"name": "b"}}) == []
+
+
+def test_a_different_state_with_the_same_whole_second_updated_at_is_news_marked_ambiguous() -> None:
+    from kiloclaw_operator.config import Settings
+    from kiloclaw_operator.feed import FeedObserver
+
+    feed = FeedObserver(
+        None,  # type: ignore[arg-type]  # no Fly call in this test
+        Settings(fly_org_slug="kilo", fly_api_token="t"),
+        instance_pages=lambda: None,  # type: ignore[arg-type,return-value]
+    )
+    assert feed._remember("m1", MachineState("starting", OBSERVED))
+    assert not feed._remember("m1", MachineState("starting", OBSERVED))
+    assert feed._remember("m1", MachineState("started", OBSERVED))
+    known = feed.known("m1")
+    assert known is not None and (known.state, known.ambiguous) == ("started", True)
+    assert not feed._remember("m1", MachineState("stopped", OBSERVED - timedelta(seconds=1)))
+    assert feed._remember("m1", MachineState("stopped", OBSERVED + timedelta(seconds=1)))
+    assert not feed.known("m1").ambiguous  # type: ignore[union-attr]

@@ -543,7 +543,7 @@ def test_unknown_route_answers_json_404(fly: httpx.Client) -> None:
 # --- fault injection ------------------------------------------------------------------------------------
 
 
-def test_failed_host_stops_its_machines_which_cannot_start_again_but_volume_stays_forkable(
+def test_failed_host_stops_its_machines_which_cannot_start_again_and_shows_unreachable_on_both(
     sim: FlySimulator, fly: httpx.Client, app: str
 ) -> None:
     volume = create_volume(fly, app)
@@ -557,14 +557,163 @@ def test_failed_host_stops_its_machines_which_cannot_start_again_but_volume_stay
     refused = fly.post(f"/apps/{app}/machines/{machine['id']}/start")
     assert refused.status_code == 412
     assert "unreachable" in refused.json()["error"]
-    assert fly.get(f"/apps/{app}/volumes/{volume['id']}").status_code == 200
+    shown = fly.get(f"/apps/{app}/volumes/{volume['id']}")
+    assert shown.status_code == 200
+    assert shown.json()["host_status"] == "unreachable"
+    other = create_volume(fly, app, region="ord", name="other")
+    assert other["host_status"] == "ok"
+
+
+def test_a_host_can_fail_with_host_status_unknown(sim: FlySimulator, fly: httpx.Client, app: str) -> None:
+    volume = create_volume(fly, app)
+    machine = started_machine(fly, app, volume["id"])
+    sim.fail_host(machine["id"], status="unknown")
+    assert fly.get(f"/apps/{app}/machines/{machine['id']}").json()["host_status"] == "unknown"
+    assert fly.get(f"/apps/{app}/volumes/{volume['id']}").json()["host_status"] == "unknown"
+
+
+def test_fork_from_an_unreachable_host_stays_hydrating_and_its_machine_starts_only_when_the_host_returns(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    machine = started_machine(fly, app, volume["id"])
+    hosts = sim.fail_host(machine["id"])
     fork = fly.post(
-        f"/apps/{app}/volumes", json={"name": "f", "region": "iad", "source_volume_id": volume["id"]}
+        f"/apps/{app}/volumes", json={"name": "f", "region": "ord", "source_volume_id": volume["id"]}
     )
     assert fork.status_code == 200
-    assert sim.volume(fork.json()["id"])["host"] not in hosts
-    replacement = create_machine(fly, app, fork.json()["id"], name="replacement")
+    assert fork.json()["state"] == "hydrating"
+    replacement = create_machine(fly, app, fork.json()["id"], region="ord", name="replacement")
+    assert wait_state(fly, app, replacement["id"], "started", timeout=0.3).status_code == 408
+    assert state_of(fly, app, replacement["id"]) == "starting"
+    assert fly.get(f"/apps/{app}/volumes/{fork.json()['id']}").json()["state"] == "hydrating"
+    assert sim.restore_host(host=hosts[0]) == hosts
     assert wait_state(fly, app, replacement["id"], "started").status_code == 200
+    assert fly.get(f"/apps/{app}/volumes/{fork.json()['id']}").json()["state"] == "created"
+
+
+def test_fork_of_a_volume_on_an_unreachable_host_can_be_refused_instead(
+    sim: FlySimulator, fly: httpx.Client, control: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    started_machine(fly, app, volume["id"])
+    sim.fail_host(host=sim.volume(volume["id"])["host"])
+    assert control.put("/forks", json={"unreachable": "refused"}).status_code == 200
+    assert control.put("/forks", json={"unreachable": "sometimes"}).status_code == 400
+    refused = fly.post(
+        f"/apps/{app}/volumes", json={"name": "f", "region": "ord", "source_volume_id": volume["id"]}
+    )
+    assert refused.status_code == 412
+    assert "unreachable" in refused.json()["error"]
+
+
+def test_snapshot_restore_works_while_the_source_host_is_down(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    snapshot = sim.add_snapshot(volume["id"])
+    machine = started_machine(fly, app, volume["id"])
+    sim.fail_host(machine["id"])
+    snapshots = fly.get(f"/apps/{app}/volumes/{volume['id']}/snapshots")
+    assert [s["id"] for s in snapshots.json()] == [snapshot["id"]]
+    restored = fly.post(
+        f"/apps/{app}/volumes", json={"name": "r", "region": "ord", "snapshot_id": snapshot["id"]}
+    )
+    assert restored.status_code == 200
+    replacement = create_machine(fly, app, restored.json()["id"], region="ord", name="replacement")
+    assert wait_state(fly, app, replacement["id"], "started").status_code == 200
+
+
+def test_destroy_on_an_unreachable_host_stays_destroying_until_the_host_returns(
+    sim: FlySimulator, fly: httpx.Client, control: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    machine = started_machine(fly, app, volume["id"])
+    sim.fail_host(machine["id"])
+    assert fly.delete(f"/apps/{app}/machines/{machine['id']}", params={"force": "true"}).status_code == 200
+    assert wait_state(fly, app, machine["id"], "destroyed", timeout=0.3).status_code == 408
+    assert state_of(fly, app, machine["id"]) == "destroying"
+    assert fly.get(f"/apps/{app}/volumes/{volume['id']}").json()["attached_machine_id"] == machine["id"]
+    restored = control.post("/hosts/restore", json={"machine_id": machine["id"]})
+    assert restored.json()["restored_hosts"] == [sim.machine(machine["id"])["host"]]
+    assert wait_state(fly, app, machine["id"], "destroyed").status_code == 200
+    eventually(lambda: fly.get(f"/apps/{app}/volumes/{volume['id']}").json()["attached_machine_id"] is None)
+
+
+def test_machines_come_back_stopped_when_their_host_returns_and_can_start_again(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    machine = started_machine(fly, app, volume["id"])
+    sim.fail_host(machine["id"])
+    sim.restore_host(machine["id"])
+    observed = fly.get(f"/apps/{app}/machines/{machine['id']}").json()
+    assert (observed["state"], observed["host_status"]) == ("stopped", "ok")
+    assert fly.post(f"/apps/{app}/machines/{machine['id']}/start").status_code == 200
+    assert wait_state(fly, app, machine["id"], "started").status_code == 200
+
+
+def test_platform_migration_stops_forks_to_a_new_host_and_starts_the_same_machine_on_a_new_volume(
+    sim: FlySimulator, fly: httpx.Client, control: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    machine = started_machine(fly, app, volume["id"])
+    old_host = sim.machine(machine["id"])["host"]
+    moved = control.post(f"/machines/{machine['id']}/migrate", json={})
+    assert moved.status_code == 200
+    assert moved.json()["to_host"] != old_host
+    assert wait_state(fly, app, machine["id"], "stopped").status_code == 200
+    stopped = fly.get(f"/apps/{app}/machines/{machine['id']}").json()
+    exit_event = stopped["events"][0]
+    assert (exit_event["type"], exit_event["source"]) == ("exit", "flyd")
+    assert exit_event["request"]["exit_event"]["requested_stop"] is True
+    assert wait_state(fly, app, machine["id"], "started").status_code == 200
+    after = fly.get(f"/apps/{app}/machines/{machine['id']}").json()
+    new_volume = after["config"]["mounts"][0]["volume"]
+    assert new_volume != volume["id"]
+    assert sim.machine(machine["id"])["host"] == moved.json()["to_host"]
+    assert fly.get(f"/apps/{app}/volumes/{new_volume}").json()["attached_machine_id"] == machine["id"]
+    # Once the fork has hydrated, Fly removes the volume the machine left.
+    eventually(lambda: fly.get(f"/apps/{app}/volumes/{volume['id']}").status_code == 404)
+
+
+def test_region_capacity_is_finite_when_limited(
+    sim: FlySimulator, fly: httpx.Client, control: httpx.Client, app: str
+) -> None:
+    assert control.post("/capacity/limit", json={"region": "ord", "machines": 1}).status_code == 200
+    create_machine(fly, app, region="ord", name="first")
+    refused = fly.post(f"/apps/{app}/machines", json=machine_body(region="ord", name="second"))
+    assert refused.status_code == 412
+    assert refused.json()["status"] == "insufficient_capacity"
+    control.post("/capacity/limit", json={"region": "ord", "machines": None})
+    create_machine(fly, app, region="ord", name="second")
+
+
+def test_a_lying_listing_reports_running_machines_stopped_while_get_tells_the_truth(
+    sim: FlySimulator, fly: httpx.Client, control: httpx.Client, app: str
+) -> None:
+    machine = started_machine(fly, app, create_volume(fly, app)["id"])
+    lied = control.post("/listing/lies", json={"machine_ids": [machine["id"]]}).json()["machine_ids"]
+    assert lied == [machine["id"]]
+
+    def listed() -> str:
+        page = fly.get("/orgs/personal/machines", params={"summary": "true"}).json()
+        return next(m["state"] for m in page["machines"] if m["id"] == machine["id"])
+
+    assert listed() == "stopped"
+    assert state_of(fly, app, machine["id"]) == "started"
+    assert control.delete("/listing/lies").json()["machine_ids"] == [machine["id"]]
+    assert listed() == "started"
+
+
+def test_whole_second_timestamps_give_changes_in_one_second_the_same_updated_at(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    sim.whole_second_timestamps = True
+    machine = create_machine(fly, app)
+    assert machine["updated_at"].endswith(".000Z")
+    assert wait_state(fly, app, machine["id"], "started").status_code == 200
+    assert fly.get(f"/apps/{app}/machines/{machine['id']}").json()["updated_at"].endswith(".000Z")
 
 
 def test_failing_every_host_of_a_region_makes_creates_there_fail_with_capacity(

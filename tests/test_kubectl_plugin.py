@@ -76,7 +76,7 @@ async def recovered_with_retained_volume(stack: Stack, namespace: str, name: str
     body = await running(stack, namespace, name)
     source_machine = status(body)["machineId"]
     stack.fly.add_snapshot(status(body)["volumeId"])
-    stack.fly.fail_host(machine_id=source_machine)
+    stack.fly.crash_machine(source_machine)
     return await stack.wait_instance(
         namespace,
         name,
@@ -97,7 +97,7 @@ async def failed_recovery(stack: Stack, namespace: str, name: str) -> dict[str, 
     for region in ("ams", "sjc"):
         stack.fly.exhaust_capacity(region, "volumes")
     try:
-        stack.fly.fail_host(machine_id=status(body)["machineId"])
+        stack.fly.crash_machine(status(body)["machineId"])
         return await wait_failed(stack, namespace, name, timeout=30)
     finally:
         for region in ("ams", "sjc"):

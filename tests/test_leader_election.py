@@ -333,7 +333,7 @@ async def test_the_standby_finishes_a_recovery_whose_leader_was_sigkilled_mid_st
 
     # The replacement machine's create is slow, so the kill lands inside the recovery.
     replicas.fly.set_latency(1.5, route="POST /v1/apps/*/machines")
-    replicas.fly.fail_host(machine_id=source_machine)
+    replicas.fly.crash_machine(source_machine)
     await replicas.wait_instance(
         "ha",
         "alice",

@@ -682,3 +682,26 @@ def test_volume_name_is_always_a_valid_fly_volume_name(sandbox_id: str) -> None:
     assert len(name) <= 30
     assert name.startswith("kiloclaw_")
     assert all(ch in "abcdefghijklmnopqrstuvwxyz0123456789_" for ch in name)
+
+
+# --- waiting for a recovery source (DESIGN 3.9) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["WaitingForSource", "RecoveryPaused"])
+def test_an_instance_waiting_for_a_source_is_not_held_and_looks_again_for_one(reason: str) -> None:
+    waiting = instance(Phase.STOPPED, conditions=[stalled(2, reason)])
+    assert not is_held(waiting)
+    assert decide(waiting, Observation.found("stopped")).action is Action.BEGIN_RECOVERY
+
+
+def test_an_instance_waiting_for_a_source_whose_spec_now_wants_it_stopped_settles_stopped() -> None:
+    waiting = instance(Phase.STOPPED, conditions=[stalled(2, "WaitingForSource")], state="Stopped")
+    decided = decide(waiting, Observation.found("stopped"))
+    assert decided.action is not Action.BEGIN_RECOVERY
+
+
+def test_an_instance_waiting_for_a_source_with_recovery_disabled_does_not_look_again() -> None:
+    waiting = instance(
+        Phase.STOPPED, conditions=[stalled(2, "WaitingForSource")], recovery={"enabled": False}
+    )
+    assert decide(waiting, Observation.found("stopped")).action is not Action.BEGIN_RECOVERY

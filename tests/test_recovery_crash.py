@@ -109,7 +109,7 @@ async def test_an_operator_killed_after_a_recorded_step_completes_the_recovery_a
         deletes_seen = watch_old_volume_deletes(tap, stack, namespace, source_volume)
         stack.fly.set_latency(LATENCY, route=NEXT_CALL[step])
         try:
-            stack.fly.fail_host(machine_id=source_machine)
+            stack.fly.crash_machine(source_machine)
             await wait_step(stack, namespace, step)
             await stack.crash_operator()
             killed_at = stored_status(stack, namespace)
@@ -171,7 +171,7 @@ async def test_an_operator_killed_between_a_create_call_and_its_status_write_ado
         try:
             owned = sandbox_id(namespace) if create == "machines" else volume_name(sandbox_id(namespace))
             with reply_to_create_held(stack, create, LATENCY, owned) as created:
-                stack.fly.fail_host(machine_id=source_machine)
+                stack.fly.crash_machine(source_machine)
 
                 async def executed() -> bool | None:
                     return True if created else None
@@ -196,7 +196,7 @@ async def test_an_operator_killed_after_the_cutover_retains_a_snapshotted_old_vo
     stack.fly.add_snapshot(source_volume)
     stack.fly.set_latency(LATENCY, route=NEXT_CALL["CutOver"])
     try:
-        stack.fly.fail_host(machine_id=source_machine)
+        stack.fly.crash_machine(source_machine)
         await wait_step(stack, namespace, "CutOver")
         await stack.crash_operator()
     finally:

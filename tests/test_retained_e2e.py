@@ -572,7 +572,7 @@ async def test_old_volume_kept_by_a_recovery_is_deleted_early_while_the_instance
     running = await stack.wait_phase(namespace, "alice", "Running")
     old_machine, old_volume = status(running)["machineId"], status(running)["volumeId"]
     stack.fly.add_snapshot(old_volume)
-    stack.fly.fail_host(machine_id=old_machine)
+    stack.fly.crash_machine(old_machine)
     recovered = await stack.wait_instance(
         namespace,
         "alice",

@@ -154,6 +154,62 @@ async def test_a_create_dropped_by_the_server_is_sent_exactly_once() -> None:
     assert calls == 1
 
 
+async def test_a_server_that_drips_bytes_cannot_hold_a_fly_call_past_its_total_deadline() -> None:
+    """Every byte arrives well within the per-read timeout, but the answer never completes: the call's total
+    deadline ends it as a transient error (the instance's lock is not held for ever)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async with _server(handler) as url:
+        fly = FlyClient(url, "token", timeout=5.0, call_deadline=0.5, max_retries=0, pacing=None)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(Transient, match="total deadline"):
+                await fly.get_machine("app", "m1")
+            assert loop.time() - began < 3.0
+        finally:
+            await fly.aclose()
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_larger_than_the_cap_is_not_read_and_fails_the_call(announced: bool) -> None:
+    body = b"[" + b'"x",' * 20000 + b'"x"]'
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        if announced:
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            writer.write(head + body)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for start in range(0, len(body), 4096):
+                chunk = body[start : start + 4096]
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with _server(handler) as url:
+        fly = FlyClient(url, "token", max_body_bytes=16 * 1024, max_retries=0, pacing=None)
+        try:
+            with pytest.raises(Transient, match="cap"):
+                await fly.list_volumes("app")
+        finally:
+            await fly.aclose()
+
+
 async def test_connections_are_reused_across_requests() -> None:
     connections = 0
 

@@ -28,8 +28,10 @@ from .state import (
     CapacityKind,
     FlyApiError,
     FlyState,
+    HostStatus,
     SimTimings,
     StartBreak,
+    UnreachableFork,
     parse_rfc3339,
     rfc3339,
 )
@@ -300,10 +302,61 @@ class FlySimulator:
     # --- Python API: faults -------------------------------------------------------------------------
 
     def fail_host(
+        self,
+        machine_id: str | None = None,
+        *,
+        region: str | None = None,
+        host: str | None = None,
+        status: HostStatus = "unreachable",
+    ) -> list[str]:
+        """Fail the host of a machine, a named host, or every host of a region; returns the host ids. Its
+        machines and volumes show `host_status` `status` until `restore_host`."""
+        return self.state.fail_host(machine_id=machine_id, region=region, host=host, status=status)
+
+    def restore_host(
         self, machine_id: str | None = None, *, region: str | None = None, host: str | None = None
     ) -> list[str]:
-        """Fail the host of a machine, a named host, or every host of a region; returns the host ids."""
-        return self.state.fail_host(machine_id=machine_id, region=region, host=host)
+        """Failed hosts return: machines stay `stopped`, pending destroys complete, blocked forks hydrate."""
+        return self.state.restore_host(machine_id=machine_id, region=region, host=host)
+
+    @property
+    def unreachable_fork(self) -> UnreachableFork:
+        """How a fork of a volume on an unreachable host shows: `hydrating` (default) or `refused`."""
+        return self.state.unreachable_fork
+
+    @unreachable_fork.setter
+    def unreachable_fork(self, mode: UnreachableFork) -> None:
+        if mode not in ("hydrating", "refused"):
+            raise ValueError("unreachable_fork must be 'hydrating' or 'refused'")
+        with self.state.lock:
+            self.state.unreachable_fork = mode
+
+    @property
+    def whole_second_timestamps(self) -> bool:
+        """`updated_at`/`created_at` shown with whole seconds, as Fly shows them (default False: ms)."""
+        return self.state.whole_second_timestamps
+
+    @whole_second_timestamps.setter
+    def whole_second_timestamps(self, value: bool) -> None:
+        with self.state.lock:
+            self.state.whole_second_timestamps = bool(value)
+
+    def limit_capacity(self, region: str, machines: int | None) -> None:
+        """Finite capacity: at most `machines` live machines (and volumes) in `region`; None: unlimited."""
+        self.state.limit_capacity(region, machines)
+
+    def migrate_machine(self, machine_id: str, *, to_host: str | None = None) -> str:
+        """A platform migration: stop, fork the volume to another host, start the same machine id there."""
+        return self.state.migrate_machine(machine_id, to_host=to_host)
+
+    def lie_in_listing(
+        self, machine_ids: list[str] | None = None, *, fraction: float | None = None, state: str = "stopped"
+    ) -> list[str]:
+        """The organisation listing misreports machines (GET still tells the truth); returns their ids."""
+        return self.state.lie_in_listing(machine_ids, fraction=fraction, state=state)
+
+    def end_listing_lies(self) -> list[str]:
+        return self.state.end_listing_lies()
 
     def exhaust_capacity(self, region: str, kind: CapacityKind = "both", *, status: int = 412) -> None:
         """Creates of `kind` in `region` fail with a capacity error (status 412, or 409 memory-style)."""
@@ -454,6 +507,12 @@ class FlySimulator:
         ]
         control = [
             web.post("/_sim/hosts/fail", self._control_fail_host),
+            web.post("/_sim/hosts/restore", self._control_restore_host),
+            web.put("/_sim/forks", self._control_forks),
+            web.post("/_sim/capacity/limit", self._control_limit),
+            web.post("/_sim/machines/{machine_id}/migrate", self._control_migrate),
+            web.post("/_sim/listing/lies", self._control_lie),
+            web.delete("/_sim/listing/lies", self._control_end_lies),
             web.post("/_sim/capacity/exhaust", self._control_exhaust),
             web.post("/_sim/capacity/restore", self._control_restore),
             web.post("/_sim/faults", self._control_inject),
@@ -776,10 +835,46 @@ class FlySimulator:
 
     async def _control_fail_host(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        hosts = self.fail_host(body.get("machine_id"), region=body.get("region"), host=body.get("host"))
+        hosts = self.fail_host(
+            body.get("machine_id"),
+            region=body.get("region"),
+            host=body.get("host"),
+            status=body.get("status", "unreachable"),
+        )
         with self.state.lock:
             stopped = self.state.machines_on_hosts(set(hosts), state="stopped")
         return web.json_response({"failed_hosts": hosts, "stopped_machines": stopped})
+
+    async def _control_restore_host(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        hosts = self.restore_host(body.get("machine_id"), region=body.get("region"), host=body.get("host"))
+        return web.json_response({"restored_hosts": hosts})
+
+    async def _control_forks(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        self.unreachable_fork = body["unreachable"]
+        return web.json_response({"ok": True})
+
+    async def _control_limit(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        machines = body.get("machines")
+        self.limit_capacity(body["region"], None if machines is None else int(machines))
+        return web.json_response({"ok": True})
+
+    async def _control_migrate(self, request: web.Request) -> web.Response:
+        body = await _body(request, optional=True)
+        host = self.migrate_machine(request.match_info["machine_id"], to_host=body.get("to_host"))
+        return web.json_response({"to_host": host})
+
+    async def _control_lie(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        ids = self.lie_in_listing(
+            body.get("machine_ids"), fraction=body.get("fraction"), state=body.get("state", "stopped")
+        )
+        return web.json_response({"machine_ids": ids})
+
+    async def _control_end_lies(self, request: web.Request) -> web.Response:
+        return web.json_response({"machine_ids": self.end_listing_lies()})
 
     async def _control_exhaust(self, request: web.Request) -> web.Response:
         body = await _body(request)

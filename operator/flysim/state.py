@@ -32,6 +32,12 @@ WAITABLE_STATES = frozenset({"started", "stopped", "suspended", "destroyed", "fa
 
 CapacityKind = Literal["volumes", "machines", "both"]
 StartBreak = Literal["hang", "fail"]
+#: How a fork whose source volume's host is unreachable shows (Fly copies a fork's blocks from its source
+#: lazily, so it cannot complete without that host): refused at once (412), or accepted and left `hydrating`
+#: until the host returns, a machine on it never reaching `started` meanwhile.
+UnreachableFork = Literal["hydrating", "refused"]
+#: What `host_status` a failed host shows (the OpenAPI enum: ok, unknown, unreachable).
+HostStatus = Literal["unknown", "unreachable"]
 
 _VOLUME_NAME_CHARS = frozenset(string.ascii_lowercase + string.digits + "_")
 _ALNUM = string.ascii_lowercase + string.digits
@@ -55,6 +61,8 @@ class SimTimings:
     #: The organisation listing shows a change only after a delay drawn uniformly from half this to this (Fly:
     #: "recent machine changes may take time to propagate"); until then it shows the previous version.
     org_propagation_delay: float = 0.0
+    #: A platform migration keeps the machine `stopped` this long before it is started on its new host.
+    migration_pause: float = 0.2
 
 
 class FlyApiError(Exception):
@@ -99,6 +107,13 @@ class Host:
     region: str
     zone: str
     failed: bool = False
+    #: The `host_status` a failed host shows (`unreachable`, or `unknown`).
+    failed_status: str = "unreachable"
+
+    @property
+    def status(self) -> str:
+        """`host_status` of the machines and volumes on this host (OpenAPI: ok, unknown, unreachable)."""
+        return self.failed_status if self.failed else "ok"
 
 
 @dataclass
@@ -139,7 +154,16 @@ class Volume:
     encrypted: bool = True
     auto_backup_enabled: bool = True
     source_volume_id: str | None = None
+    #: The host a fork copies its blocks from (lazily, while `hydrating`); None for plain volumes/restores.
+    source_host: Host | None = None
+    #: A platform migration's fork: the volume it replaces, which Fly removes once this one has hydrated.
+    replaces: str | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
+
+    @property
+    def hydration_blocked(self) -> bool:
+        """A fork still `hydrating` whose source host is down: it cannot finish, nor serve a machine."""
+        return self.state == "hydrating" and self.source_host is not None and self.source_host.failed
 
     def to_api(self) -> JSON:
         blocks = self.size_gb * 262144
@@ -164,7 +188,7 @@ class Volume:
             "fstype": "ext4",
             "snapshot_retention": self.snapshot_retention,
             "auto_backup_enabled": self.auto_backup_enabled,
-            "host_status": "ok",
+            "host_status": self.host.status,
         }
 
 
@@ -243,7 +267,7 @@ class Machine:
             body["config"] = self.config
             body["events"] = list(reversed(self.events))
             body["checks"] = []
-            body["host_status"] = "unreachable" if self.host.failed else "ok"
+            body["host_status"] = self.host.status
         return body
 
     def to_org_api(self, *, summary: bool, version: OrgVersion | None = None) -> JSON:
@@ -317,6 +341,17 @@ class FlyState:
         self._last_now = datetime.now(UTC)
         self._exhausted: dict[str, set[str]] = {}
         self._exhausted_status: dict[str, int] = {}
+        #: Finite capacity: at most this many live machines (and as many volumes) per region (absent: no cap).
+        self._region_limits: dict[str, int] = {}
+        #: Machines the organisation listing currently misreports (`lie_in_listing`).
+        self._listing_lies: set[str] = set()
+        #: Machines whose start waits for a blocked fork to hydrate, by volume id.
+        self._blocked_starts: dict[str, set[str]] = {}
+        #: How a fork of a volume on an unreachable host shows (see `UnreachableFork`).
+        self.unreachable_fork: UnreachableFork = "hydrating"
+        #: Fly shows `updated_at` with whole seconds (two changes in one second carry the same `updated_at`);
+        #: False keeps milliseconds, the order of changes readable from the timestamps alone.
+        self.whole_second_timestamps = False
         self._schedule: Scheduler = self._no_loop
         self._notify: Notifier = lambda machine_id: None
 
@@ -342,6 +377,9 @@ class FlyState:
         now = datetime.now(UTC)
         now = max(now.replace(microsecond=now.microsecond // 1000 * 1000), self._last_now)
         self._last_now = now
+        if self.whole_second_timestamps:
+            # What the API shows; the listing's own order (its cursor) still follows the order of changes.
+            return now.replace(microsecond=0)
         return now
 
     def _machine_id(self) -> str:
@@ -414,6 +452,13 @@ class FlyState:
             raise FlyApiError(400, f"invalid_argument: region '{region}' is not a valid region")
 
     def _check_capacity(self, region: str, kind: str, detail: str) -> None:
+        limit = self._region_limits.get(region)
+        if limit is not None and self._live_in_region(region, kind) >= limit:
+            raise FlyApiError(
+                412,
+                f"insufficient resources: no capacity available for {detail} in region '{region}'",
+                capacity=True,
+            )
         if kind in self._exhausted.get(region, set()):
             status = self._exhausted_status.get(region, 412)
             if status == 409:
@@ -441,6 +486,20 @@ class FlyState:
             )
         return self._rng.choice(healthy)
 
+    def _live_in_region(self, region: str, kind: str) -> int:
+        if kind == "volumes":
+            return sum(1 for v in self._volumes.values() if v.region == region)
+        return sum(1 for m in self._machines.values() if m.region == region and m.state not in GONE_STATES)
+
+    def limit_capacity(self, region: str, machines: int | None) -> None:
+        """At most `machines` live machines (and as many volumes) in `region`; None lifts the limit."""
+        with self.lock:
+            self._check_known_region(region)
+            if machines is None:
+                self._region_limits.pop(region, None)
+            else:
+                self._region_limits[region] = machines
+
     def exhaust_capacity(self, region: str, kind: CapacityKind = "both", *, status: int = 412) -> None:
         with self.lock:
             self._check_known_region(region)
@@ -457,10 +516,54 @@ class FlyState:
         if region not in self._hosts:
             raise ValueError(f"unknown region {region!r}; regions: {', '.join(self.regions)}")
 
-    def fail_host(
+    def _select_hosts(self, machine_id: str | None, region: str | None, host: str | None) -> list[Host]:
+        if machine_id is not None:
+            return [self.find_machine(machine_id).host]
+        if host is not None:
+            hosts = [h for region_hosts in self._hosts.values() for h in region_hosts if h.id == host]
+            if not hosts:
+                raise ValueError(f"unknown host {host!r}")
+            return hosts
+        if region is not None:
+            self._check_known_region(region)
+            return list(self._hosts[region])
+        raise ValueError("needs machine_id, region or host")
+
+    def restore_host(
         self, *, machine_id: str | None = None, region: str | None = None, host: str | None = None
     ) -> list[str]:
-        """Fail hosts; their machines go `stopped` (exit event) and cannot start again. Returns host ids."""
+        """Failed hosts come back: their machines are `stopped` (they went down with the host) and can start
+        again, destroys asked for meanwhile complete, forks hydrating from their volumes finish. Returns the
+        host ids that were failed."""
+        with self.lock:
+            hosts = [h for h in self._select_hosts(machine_id, region, host) if h.failed]
+            for returned in hosts:
+                returned.failed = False
+            back = {h.id for h in hosts}
+            for machine in self._machines.values():
+                if machine.host.id in back and machine.state == "destroying":
+                    self._later(self.timings.destroy_delay, machine, self._finish_destroy)
+            for volume in list(self._volumes.values()):
+                if (
+                    volume.state == "hydrating"
+                    and volume.source_host is not None
+                    and volume.source_host.id in back
+                ):
+                    self._schedule(self.timings.hydrate_delay, self._hydrated, volume.id)
+            return sorted(back)
+
+    def fail_host(
+        self,
+        *,
+        machine_id: str | None = None,
+        region: str | None = None,
+        host: str | None = None,
+        status: HostStatus = "unreachable",
+    ) -> list[str]:
+        """Fail hosts; their machines go `stopped` (exit event) and cannot start again; their machines and
+        volumes show `host_status` `status`. Returns host ids."""
+        if status not in ("unknown", "unreachable"):
+            raise ValueError("host status must be 'unknown' or 'unreachable'")
         with self.lock:
             if machine_id is not None:
                 hosts = [self.find_machine(machine_id).host]
@@ -475,6 +578,7 @@ class FlyState:
                 raise ValueError("fail_host needs machine_id, region or host")
             for failed in hosts:
                 failed.failed = True
+                failed.failed_status = status
             failed_ids = {h.id for h in hosts}
             for machine in self._machines.values():
                 if machine.host.id in failed_ids and machine.state in ACTIVE_STATES:
@@ -541,14 +645,26 @@ class FlyState:
     def _begin_start(self, machine: Machine, source: str = "user") -> None:
         self._touch(machine, "starting")
         self._event(machine, "start", "starting", source)
-        if machine.start_break == "hang":
+        if machine.start_break == "hang" or self._on_blocked_fork(machine):
             return
         if machine.start_break == "fail":
             self._later(self.timings.start_delay, machine, self._fail_start)
             return
         self._later(self.timings.start_delay, machine, self._finish_start)
 
+    def _on_blocked_fork(self, machine: Machine) -> bool:
+        """Mounted on a fork whose source host is down: its blocks cannot be fetched, it never starts (it
+        goes on when the fork hydrates, see `_hydrated`)."""
+        for volume_id in machine.mounted_volume_ids():
+            volume = self._volumes.get(volume_id)
+            if volume is not None and volume.hydration_blocked:
+                self._blocked_starts.setdefault(volume_id, set()).add(machine.id)
+                return True
+        return False
+
     def _finish_start(self, machine: Machine) -> None:
+        if self._on_blocked_fork(machine):
+            return
         self._touch(machine, "started")
         self._event(machine, "start", "started", "flyd")
 
@@ -783,6 +899,9 @@ class FlyState:
                 )
             self._touch(machine, "destroying")
             self._event(machine, "destroy", "destroying", "user")
+            if machine.host.failed:
+                # Fly's fence: flagged to be destroyed, destroyed when (if ever) the host returns.
+                return
             self._later(self.timings.destroy_delay, machine, self._finish_destroy)
 
     def list_machines(
@@ -832,7 +951,10 @@ class FlyState:
                 machine = self._machines[machine_id]
                 if after_seq is not None and machine.seq <= after_seq:
                     break
-                if after_seq is None and updated_after is not None and machine.updated_at <= updated_after:
+                changed_at = (
+                    machine.org_versions[-1].updated_at if machine.org_versions else machine.updated_at
+                )
+                if after_seq is None and updated_after is not None and changed_at <= updated_after:
                     break
                 version = machine.org_version(now)
                 if version is None:
@@ -893,6 +1015,10 @@ class FlyState:
                 raise FlyApiError(
                     400, f"invalid_argument: size_gb must be at least {base_size} (the source size)"
                 )
+            if source is not None and source.host.failed and self.unreachable_fork == "refused":
+                raise FlyApiError(
+                    412, f"failed_precondition: host of source volume '{source.id}' is unreachable"
+                )
             self._check_capacity(region, "volumes", "volumes")
             host = self._healthy_host(region, "volumes")
             now = self._now()
@@ -910,19 +1036,38 @@ class FlyState:
                 encrypted=bool(body.get("encrypted", True)),
                 auto_backup_enabled=bool(body.get("auto_backup_enabled", True)),
                 source_volume_id=source.id if source is not None else None,
+                source_host=source.host if source is not None else None,
             )
             self._volumes[volume.id] = volume
             app.volumes[volume.id] = volume
-            if volume.state == "hydrating":
+            if volume.state == "hydrating" and not volume.hydration_blocked:
                 self._schedule(self.timings.hydrate_delay, self._hydrated, volume.id)
             return volume
 
     def _hydrated(self, volume_id: str) -> None:
         with self.lock:
             volume = self._volumes.get(volume_id)
-            if volume is not None and volume.state == "hydrating":
-                volume.state = "created"
-                volume.updated_at = self._now()
+            if volume is None or volume.state != "hydrating" or volume.hydration_blocked:
+                return  # a blocked fork finishes when its source host returns (restore_host)
+            volume.state = "created"
+            volume.updated_at = self._now()
+            if volume.replaces is not None:
+                self._remove_migrated_volume(volume.replaces)
+            # A machine that could not start on the blocked fork starts now.
+            for machine_id in self._blocked_starts.pop(volume.id, set()):
+                machine = self._machines.get(machine_id)
+                if machine is not None and machine.state == "starting" and machine.start_break is None:
+                    self._later(self.timings.start_delay, machine, self._finish_start)
+
+    def _remove_migrated_volume(self, volume_id: str) -> None:
+        """After a migration, Fly cleans up the volume the machine left (unless it was mounted since)."""
+        old = self._volumes.get(volume_id)
+        if old is None or old.attached_machine_id is not None:
+            return
+        del self._volumes[old.id]
+        self._apps[old.app].volumes.pop(old.id, None)
+        old.state = "pending_destroy"
+        old.updated_at = self._now()
 
     def delete_volume(self, app_name: str, volume_id: str) -> Volume:
         with self.lock:
@@ -959,6 +1104,150 @@ class FlyState:
             volume.snapshots.append(snapshot)
             self._snapshots[snapshot.id] = snapshot
             return snapshot
+
+    # --- platform migrations -----------------------------------------------------------------------
+
+    def migrate_machine(self, machine_id: str, *, to_host: str | None = None) -> str:
+        """Fly moves a machine off its host by itself (fly.io/docs/reference/machine-migration): stop it (an
+        exit event with `requested_stop`, source flyd), keep it `stopped` for `migration_pause`, fork its
+        volume to another host of the region (a new volume id), then start the same machine id there (if it
+        was running); once the fork has hydrated, the old volume is removed (Fly's to clean up; the harsher
+        case for an operator that kept its id). Returns the destination host id."""
+        with self.lock:
+            machine = self.find_machine(machine_id)
+            if machine.host.failed:
+                raise ValueError(f"machine {machine_id} is on an unreachable host: Fly cannot migrate it")
+            if machine.state not in ("started", "stopped"):
+                raise ValueError(f"machine {machine_id} is {machine.state}: only started/stopped migrate")
+            candidates = [h for h in self._hosts[machine.region] if h is not machine.host and not h.failed]
+            if to_host is not None:
+                candidates = [h for h in candidates if h.id == to_host]
+            if not candidates:
+                raise ValueError(f"no other healthy host in {machine.region} to migrate {machine_id} to")
+            destination = self._rng.choice(candidates)
+            was_running = machine.state == "started"
+            if was_running:
+                self._touch(machine, "stopping")
+                self._event(machine, "stop", "stopping", "flyd")
+                self._later(
+                    self.timings.stop_delay,
+                    machine,
+                    lambda m: self._migration_stopped(m, destination, was_running),
+                )
+            else:
+                self._migration_stopped(machine, destination, was_running)
+            return destination.id
+
+    def _migration_stopped(self, machine: Machine, destination: Host, was_running: bool) -> None:
+        self._touch(machine, "stopped")
+        self._event(
+            machine,
+            "exit",
+            "stopped",
+            "flyd",
+            {
+                "exit_event": {
+                    "exit_code": 0,
+                    "oom_killed": False,
+                    "requested_stop": True,
+                    "restarting": False,
+                }
+            },
+        )
+        self._later(
+            self.timings.migration_pause, machine, lambda m: self._migration_move(m, destination, was_running)
+        )
+
+    def _migration_move(self, machine: Machine, destination: Host, was_running: bool) -> None:
+        mounts = []
+        for mount in machine.config.get("mounts") or []:
+            old = self._volumes.get(str(mount.get("volume")))
+            if old is None:
+                mounts.append(mount)
+                continue
+            now = self._now()
+            fork = Volume(
+                id=self._volume_id(),
+                app=old.app,
+                name=old.name,
+                region=old.region,
+                host=destination,
+                size_gb=old.size_gb,
+                created_at=now,
+                updated_at=now,
+                state="hydrating",
+                snapshot_retention=old.snapshot_retention,
+                encrypted=old.encrypted,
+                auto_backup_enabled=old.auto_backup_enabled,
+                source_volume_id=old.id,
+                source_host=old.host,
+                attached_machine_id=machine.id,
+                replaces=old.id,
+            )
+            self._volumes[fork.id] = fork
+            self._apps[fork.app].volumes[fork.id] = fork
+            self._schedule(self.timings.hydrate_delay, self._hydrated, fork.id)
+            if old.attached_machine_id == machine.id:
+                old.attached_machine_id = None
+                old.updated_at = now
+            mounts.append({**mount, "volume": fork.id})
+        machine.config = {**machine.config, "mounts": mounts}
+        machine.host = destination
+        machine.instance_id = self._ulid()
+        machine.private_ip = self._private_ip()
+        if was_running:
+            self._begin_start(machine, source="flyd")
+        else:
+            self._touch(machine)
+            self._event(machine, "update", machine.state, "flyd")
+
+    # --- a listing that lies ------------------------------------------------------------------------
+
+    def lie_in_listing(
+        self,
+        machine_ids: Iterable[str] | None = None,
+        *,
+        fraction: float | None = None,
+        state: str = "stopped",
+    ) -> list[str]:
+        """The organisation listing reports these machines (or a random `fraction` of the started ones) in
+        `state` with a fresh `updated_at`, while `GET /machines/{id}` keeps telling the truth. Returns ids."""
+        with self.lock:
+            if machine_ids is None:
+                started = sorted(m.id for m in self._machines.values() if m.state == "started")
+                count = round(len(started) * (fraction or 0.0))
+                machine_ids = self._rng.sample(started, count)
+            chosen = [self.find_machine(machine_id) for machine_id in machine_ids]
+            for machine in chosen:
+                self._org_version(machine, state)
+                self._listing_lies.add(machine.id)
+            return [m.id for m in chosen]
+
+    def end_listing_lies(self) -> list[str]:
+        """The listing tells the truth again: each lied-about machine shows its real state, newly stamped."""
+        with self.lock:
+            ended = sorted(self._listing_lies)
+            for machine_id in ended:
+                machine = self._machines.get(machine_id)
+                if machine is not None:
+                    self._org_version(machine, machine.state)
+            self._listing_lies.clear()
+            return ended
+
+    def _org_version(self, machine: Machine, state: str) -> None:
+        self._seq += 1
+        machine.seq = self._seq
+        machine.org_versions.append(
+            OrgVersion(
+                seq=machine.seq,
+                updated_at=self._now(),
+                state=state,
+                instance_id=machine.instance_id,
+                visible_at=time.monotonic(),
+            )
+        )
+        self._org_order[machine.id] = None
+        self._org_order.move_to_end(machine.id)
 
     # --- faults on machines -------------------------------------------------------------------------
 

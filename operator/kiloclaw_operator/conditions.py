@@ -32,6 +32,11 @@ REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
 REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
 REASON_HOST_UNAVAILABLE = "HostUnavailable"
 REASON_APP_NOT_FOUND = "AppNotFound"
+#: Stalled, but not held: no acceptable recovery source yet (host down, no snapshot the policy accepts), or
+#: new recoveries paused by the mass-failure brake. The instance keeps looking and proceeds by itself.
+REASON_WAITING_FOR_SOURCE = "WaitingForSource"
+REASON_RECOVERY_PAUSED = "RecoveryPaused"
+WAITING_REASONS = frozenset({REASON_WAITING_FOR_SOURCE, REASON_RECOVERY_PAUSED})
 
 
 def set_condition(

@@ -173,6 +173,46 @@ class Settings(BaseSettings):
     provisioning_concurrency: int = Field(
         default=128, ge=1, validation_alias=AliasChoices("KILOCLAW_PROVISIONING_CONCURRENCY")
     )
+    # The Fly that really exists (DESIGN 3.9). A stop whose exit Fly marks as requested (a stop the operator
+    # did not send: Fly's own graceful stop, e.g. a platform migration) gets this long to come back started
+    # before a recovery begins; an instance waiting for its source (host down, no acceptable snapshot)
+    # looks again this often.
+    migration_grace_seconds: float = Field(
+        default=30, ge=0, le=600, validation_alias=AliasChoices("KILOCLAW_MIGRATION_GRACE_SECONDS")
+    )
+    source_recheck_seconds: float = Field(
+        default=60, gt=0, le=3600, validation_alias=AliasChoices("KILOCLAW_SOURCE_RECHECK_SECONDS")
+    )
+    # Every Fly call's total deadline (connect, send, headers and the whole body; a wait call gets its own
+    # timeout on top) and the largest body read.
+    fly_call_deadline_seconds: float = Field(
+        default=45, gt=0, le=600, validation_alias=AliasChoices("KILOCLAW_FLY_CALL_DEADLINE_SECONDS")
+    )
+    fly_max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, validation_alias=AliasChoices("KILOCLAW_FLY_MAX_BODY_BYTES")
+    )
+    # Mass failure (recovery budget and brake, README "Mass failure"): recoveries in flight at once and
+    # begun per second; the brake counts confirmed unexpected stops in a sliding window: above the confirm
+    # threshold each stop is re-read one more time before any destructive call, above the pause threshold
+    # (a number, or a share of the instances this operator drives) new recoveries pause until re-armed.
+    recovery_concurrency: int = Field(
+        default=32, ge=1, le=10000, validation_alias=AliasChoices("KILOCLAW_RECOVERY_CONCURRENCY")
+    )
+    recovery_begin_rate: float = Field(
+        default=5, gt=0, validation_alias=AliasChoices("KILOCLAW_RECOVERY_BEGIN_RATE")
+    )
+    brake_window_seconds: float = Field(
+        default=300, gt=0, le=86400, validation_alias=AliasChoices("KILOCLAW_BRAKE_WINDOW_SECONDS")
+    )
+    brake_pause_stops: int = Field(
+        default=200, ge=1, validation_alias=AliasChoices("KILOCLAW_BRAKE_PAUSE_STOPS")
+    )
+    brake_pause_share: float = Field(
+        default=0.2, gt=0, le=1, validation_alias=AliasChoices("KILOCLAW_BRAKE_PAUSE_SHARE")
+    )
+    brake_min_instances: int = Field(
+        default=50, ge=1, validation_alias=AliasChoices("KILOCLAW_BRAKE_MIN_INSTANCES")
+    )
     namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=AliasChoices("KILOCLAW_NAMESPACES")
     )

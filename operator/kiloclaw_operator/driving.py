@@ -70,6 +70,8 @@ class Context:
     provisioning: asyncio.Semaphore = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
+    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by handlers.py).
+    brake: Any = None
 
     def __post_init__(self) -> None:
         self.claim_book = ownership.ClaimBook(self.kube.list_instances)

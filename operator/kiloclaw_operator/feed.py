@@ -56,10 +56,23 @@ _STALE_CURSOR_RESTARTS = 3
 
 @dataclass(frozen=True, slots=True)
 class MachineState:
-    """The newest known state of one machine, stamped with Fly's ``updated_at``."""
+    """The newest known state of one machine, stamped with Fly's ``updated_at``.
+
+    Fly's ``updated_at`` has whole seconds: two changes in one second carry the same stamp. A different state
+    at the same stamp is kept as news, but ``ambiguous`` (which of the two is newer cannot be told from the
+    listing): the driver reads the machine itself before acting on it."""
 
     state: str
     updated_at: datetime
+    ambiguous: bool = False
+
+    def newer_than(self, other: MachineState | None) -> bool:
+        """News compared with ``other``: a later stamp, or another state at the same stamp."""
+        if other is None:
+            return True
+        if self.updated_at != other.updated_at:
+            return self.updated_at > other.updated_at
+        return self.state != other.state
 
 
 @dataclass(slots=True)
@@ -68,7 +81,7 @@ class _Tracked:
     name: str
     phase: Phase
     audit_at: float
-    prompted: datetime | None = None
+    prompted: MachineState | None = None
     #: When the driver last learned something about the machine (news or a read), monotonic.
     heard_at: float = 0.0
 
@@ -93,8 +106,8 @@ class FeedObserver:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._latest: dict[str, MachineState] = {}
-        #: The ``updated_at`` of the state each machine's driver last acted on.
-        self._consumed: dict[str, datetime] = {}
+        #: The state (and its ``updated_at``) each machine's driver last acted on.
+        self._consumed: dict[str, MachineState] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._machine_of: dict[tuple[str, str], str] = {}
         #: Machines a driver just created and has not recorded yet, and how to tell it of their news.
@@ -158,8 +171,8 @@ class FeedObserver:
         """The driver recorded ``change`` itself (with the machine's id): it is no news to its next pass. A
         newer change that arrived meanwhile still is."""
         consumed = self._consumed.get(machine_id)
-        if consumed is None or consumed < change.updated_at:
-            self._consumed[machine_id] = change.updated_at
+        if consumed is None or change.newer_than(consumed):
+            self._consumed[machine_id] = change
 
     # --- the Observer seam -----------------------------------------------------------------------------
 
@@ -179,6 +192,10 @@ class FeedObserver:
             return await self._read(instance)
         news = self._news(machine_id)
         phase = instance.status.phase
+        if news is not None and news.ambiguous:
+            # Two states within one second of Fly's clock: which is newer only the machine itself can say.
+            tracked.heard_at = now
+            return await self._read(instance)
         if phase in WAITING_PHASES:
             if news is not None:
                 tracked.heard_at = now
@@ -188,6 +205,11 @@ class FeedObserver:
                 tracked.heard_at = now
                 return await self._read(instance)
             return Observation.unknown("no news from the organisation feed yet"), None
+        if news is not None and self._changed_behind_the_same_state(instance, news):
+            # The machine changed and came back in the state the status records (Fly migrated it, or someone
+            # restarted it): the listing has no config, so read it (a migration moves it to a new volume).
+            tracked.heard_at = now
+            return await self._read(instance)
         known = self._latest.get(machine_id)
         if known is not None:
             return self._consume(machine_id, known), None
@@ -204,10 +226,10 @@ class FeedObserver:
             return lifecycle.poll_interval(phase, self._settings)
         tracked = self._tracked[instance.status.machine_id]
         news = self._news(instance.status.machine_id)
-        if news is not None and tracked.prompted != news.updated_at:
+        if news is not None and tracked.prompted != news:
             # News that arrived before this machine was tracked (e.g. during the pass that recorded it) woke
             # nobody: take it now (once: a pass that does not observe, e.g. a held instance, must not spin).
-            tracked.prompted = news.updated_at
+            tracked.prompted = news
             return 0.0
         if phase in WAITING_PHASES:
             return self._settings.feed_busy_fallback_seconds * self._rng.uniform(0.9, 1.1)
@@ -220,11 +242,22 @@ class FeedObserver:
         latest = self._latest.get(machine_id)
         if latest is None:
             return None
-        consumed = self._consumed.get(machine_id)
-        return latest if consumed is None or latest.updated_at > consumed else None
+        return latest if latest.newer_than(self._consumed.get(machine_id)) else None
+
+    def _changed_behind_the_same_state(self, instance: Instance, news: MachineState) -> bool:
+        """A Running instance's machine is ``started`` again, stamped after the status last observed it: it
+        went somewhere and came back without the operator (which starts through ``Starting``), perhaps with
+        only a transient state seen in between."""
+        observed_at = instance.status.observed_at
+        if observed_at is None or news.state != fly.STARTED or instance.status.phase is not Phase.RUNNING:
+            return False
+        if instance.status.fly_state != fly.STARTED:
+            return True  # it was seen on its way somewhere (stopping, stopped) and is back
+        # Whole-second stamps: a change in the second the status was written is not "after" it.
+        return news.updated_at > observed_at + timedelta(seconds=self.clock_offset + 1)
 
     def _consume(self, machine_id: str, news: MachineState) -> Observation:
-        self._consumed[machine_id] = news.updated_at
+        self._consumed[machine_id] = news
         return self._as_observation(news.state)
 
     @staticmethod
@@ -253,23 +286,28 @@ class FeedObserver:
             try:
                 machine = await self._fly.get_machine(instance.spec.fly_app, machine_id)
             except NotFound:
-                self._consumed[machine_id] = self._latest_time(machine_id)
+                self._consume_latest(machine_id)
                 return Observation.gone(), None
             except (Unauthorized, Fatal):
                 raise
             except FlyError as exc:
                 return Observation.unknown(str(exc)), None
         if machine.updated_at is not None:
-            self._remember(machine_id, MachineState(machine.state, machine.updated_at))
-            self._consumed[machine_id] = max(machine.updated_at, self._latest_time(machine_id))
+            read = MachineState(machine.state, machine.updated_at)
+            known = self._latest.get(machine_id)
+            if known is None or known.updated_at <= read.updated_at:
+                # The read is the truth at its stamp (it settles an ambiguous same-second pair too).
+                self._latest[machine_id] = read
+            self._consume_latest(machine_id)
         if machine.state == fly.DESTROYED:
             return Observation.gone(), machine
         in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
         return Observation.found(machine.state, config_in_sync=in_sync), machine
 
-    def _latest_time(self, machine_id: str) -> datetime:
+    def _consume_latest(self, machine_id: str) -> None:
+        """Whatever the feed knows of the machine is no news to its driver any more."""
         latest = self._latest.get(machine_id)
-        return latest.updated_at if latest is not None else datetime.min.replace(tzinfo=UTC)
+        self._consumed[machine_id] = latest or MachineState("", datetime.min.replace(tzinfo=UTC))
 
     def _track(self, instance: Instance) -> _Tracked:
         ref = (instance.ref.namespace, instance.ref.name)
@@ -434,10 +472,16 @@ class FeedObserver:
             self._wake(tracked.namespace, tracked.name)
 
     def _remember(self, machine_id: str, change: MachineState) -> bool:
-        """Keep the newer of what is known and ``change``; True when ``change`` is news."""
+        """Keep the newer of what is known and ``change``; True when ``change`` is news. A different state at
+        the same (whole-second) ``updated_at`` is news too, marked ambiguous: the driver reads the machine."""
         known = self._latest.get(machine_id)
-        if known is not None and known.updated_at >= change.updated_at:
-            return False
+        if known is not None:
+            if known.updated_at > change.updated_at:
+                return False
+            if known.updated_at == change.updated_at:
+                if known.state == change.state:
+                    return False
+                change = MachineState(change.state, change.updated_at, ambiguous=True)
         self._latest[machine_id] = change
         return True
 

@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from . import observation
+from .brake import RecoveryBrake
 from .config import Settings, load_settings
 from .driving import Context, DriverRegistry, RetryLater
 from .fly import FlyClient
@@ -29,6 +30,7 @@ from .kube import (
     service_account_connection,
 )
 from .kubeconfig import KubeconfigError
+from .leadership import default_lease_namespace
 from .metrics import OBJECTS
 from .models import FINALIZER, GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from .reconciler import InstanceDriver, instance_drivers
@@ -50,6 +52,8 @@ class Runtime:
             token_file=settings.fly_api_token_file,
             pacing=observation.pacing_limits(settings),
             fence=fence,
+            call_deadline=settings.fly_call_deadline_seconds,
+            max_body_bytes=settings.fly_max_body_bytes,
         )
         self._ctx: Context | None = None
         self._feed: asyncio.Task[None] | None = None
@@ -63,6 +67,13 @@ class Runtime:
         observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
+        instances = self._instances
+        self._ctx.brake = RecoveryBrake(
+            self.settings,
+            kube,
+            self.settings.lease_namespace or default_lease_namespace(),
+            instances=lambda: len(instances),
+        )
         self._retained = retained_volume_drivers(self._ctx)
         observation.bind_wakeups(observer, self._instances, kube)
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from .conditions import REASON_FLY_UNAUTHORIZED, STALLED
+from .conditions import REASON_FLY_UNAUTHORIZED, STALLED, WAITING_REASONS
 from .config import Settings
 from .fly import vocabulary as fly
 from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
@@ -98,10 +98,18 @@ def is_held(instance: Instance) -> bool:
     stalled = instance.status.condition(STALLED)
     if stalled is None or stalled.status != "True" or stalled.reason == REASON_FLY_UNAUTHORIZED:
         return False
+    if stalled.reason in WAITING_REASONS:
+        return False  # waiting for a source or a released brake: looks again by itself (waiting_for_source)
     return (
         stalled.observed_generation == instance.generation
         and (instance.status.acknowledged_retry or "") == instance.retry_token
     )
+
+
+def waiting_for_source(instance: Instance) -> bool:
+    """Stalled without a hold: no acceptable recovery source yet, or recoveries paused (DESIGN 3.9)."""
+    stalled = instance.status.condition(STALLED)
+    return stalled is not None and stalled.status == "True" and stalled.reason in WAITING_REASONS
 
 
 def recovery_in_flight(instance: Instance) -> bool:
@@ -131,6 +139,15 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         return Decision(
             Action.NOTHING, held=True, reason="stalled: waiting for a spec change or the retry annotation"
         )
+    if (
+        waiting_for_source(instance)
+        and phase is Phase.STOPPED
+        and should_recover(instance)
+        and not has_unobserved_generation(instance)
+    ):
+        # Looks again (a read of the machine, its volume's host, its snapshots): proceeds by itself when the
+        # host returns, a snapshot appears, or the brake is released.
+        return Decision(Action.BEGIN_RECOVERY, reason="looking again for a recovery source")
     if phase in (Phase.PENDING, Phase.PROVISIONING):
         return Decision(Action.PROVISION)
     if observation.kind is ObservationKind.UNKNOWN:

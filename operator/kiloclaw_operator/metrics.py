@@ -14,6 +14,18 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .models import Phase, RetainedPhase
 
+#: What a per-machine read said about each reported unexpected stop (stops.py): recover, not_stopped (a
+#: listing that was wrong or late), migrated, maybe_migrating, gone.
+STOP_VERDICTS = Counter(
+    "kiloclaw_stop_verdicts_total",
+    "Reported unexpected stops by what the confirming read of the machine said",
+    ["verdict"],
+)
+#: 1 while new recoveries are paused by the mass-failure brake (brake.py) until an admin re-arms it.
+RECOVERY_BRAKE_ENGAGED = Gauge(
+    "kiloclaw_recovery_brake_engaged",
+    "1 while new recoveries are paused by the mass-failure brake (re-arm: kubectl kiloclaw rearm)",
+)
 RECOVERIES = Counter(
     "kiloclaw_recoveries_total",
     "Unexpected-stop recoveries by outcome; failures carry a reason (timeout, no_capacity, "

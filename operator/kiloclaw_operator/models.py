@@ -91,8 +91,16 @@ class VolumeSpec(WireModel):
     mount_path: str = "/root"
 
 
+#: The default data-loss window a snapshot restore may cost (DESIGN 3.9): Fly snapshots volumes daily, so the
+#: newest snapshot is at most a day old plus the snapshot's own run time; 26 hours accepts it.
+DEFAULT_MAX_DATA_LOSS_SECONDS = 93600
+
+
 class RecoverySpec(WireModel):
     enabled: bool = True
+    #: The oldest snapshot a recovery may restore when the old volume's host is unreachable (the data written
+    #: since is lost); 0 = never restore a snapshot, wait for the host instead.
+    max_data_loss_seconds: int = DEFAULT_MAX_DATA_LOSS_SECONDS
 
 
 class InstanceSpec(WireModel):
@@ -122,6 +130,13 @@ class Condition(WireModel):
     observed_generation: int | None = None
 
 
+class RecoverySource(StrEnum):
+    """Where a recovery takes the sandbox's data from (DESIGN 3.9)."""
+
+    FORK = "Fork"  # a fork of the old volume (its host is reachable): nothing is lost
+    SNAPSHOT = "Snapshot"  # the newest snapshot (its host is not): what was written since is lost
+
+
 class RecoveryStatus(WireModel):
     id: str
     started_at: datetime
@@ -133,6 +148,9 @@ class RecoveryStatus(WireModel):
     source_region: str
     replacement_volume_id: str | None = None
     replacement_machine_id: str | None = None
+    source: RecoverySource = RecoverySource.FORK
+    snapshot_id: str | None = None
+    snapshot_created_at: datetime | None = None
 
 
 class PendingCleanup(WireModel):
@@ -153,6 +171,10 @@ class LastRecovery(WireModel):
     message: str = ""
     duration_seconds: float
     retained_volume: str | None = None
+    source: RecoverySource | None = None
+    snapshot_id: str | None = None
+    #: The data-loss window of a snapshot restore: how old the snapshot was when the recovery began.
+    data_loss_seconds: float | None = None
 
 
 class InstanceStatus(WireModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from . import conditions, leadership, lifecycle, ownership, recovery, tenancy
+from . import conditions, leadership, lifecycle, ownership, recovery, stops, tenancy
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .feed import FeedObserver, MachineState
@@ -204,6 +204,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             stopping=self.stopping,
             between_steps=self.announce_deferral,
             driven=self.recoveries_driven,
+            brake=self.ctx.brake,
         )
 
     def log_fields(self, instance: Instance) -> dict[str, Any]:
@@ -252,6 +253,9 @@ class InstanceDriver(ObjectDriver[Instance]):
         if conditions.stalled_reason(instance.status) in _REFUSALS:
             # A refused instance looks again now and then: the owner may be gone, the binding changed.
             return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
+        if lifecycle.waiting_for_source(instance):
+            # No recovery source yet (or recoveries paused): look again soon, not after the idle cadence.
+            return self.ctx.settings.source_recheck_seconds
         return self.ctx.observer.next_pass(instance)
 
     async def _on_fly_error(self, instance: Instance, exc: FlyError) -> float:
@@ -307,7 +311,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         fields = self.log_fields(instance)
         if instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region:
             logger.warning("machine host unreachable, relocating the sandbox: %s", exc, extra=fields)
-            relocated = await recovery.begin(self.recovery_port(), instance)
+            relocated = await stops.handle_stop(self.recovery_port(), instance)
             return lifecycle.poll_interval(relocated.status.phase, self.ctx.settings)
         message = (
             f"the host of machine {instance.status.machine_id} is unreachable ({exc.message}) and recovery "
@@ -374,12 +378,18 @@ class InstanceDriver(ObjectDriver[Instance]):
             observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
         else:
             observation, machine = await self.ctx.observer.observe(instance)
+            if stops.migrated_volume(instance, machine):
+                # Fly moved the machine (same id) onto a new volume: follow it, start nothing, delete nothing.
+                return await stops.follow_migration(self.recovery_port(), instance, machine)
         # Every route goes through the decision core, which owns the precedence. Decide before recording:
         # every commit acknowledges the retry annotation, so the observation write would otherwise consume a
         # retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
+        if decision.stall == lifecycle.REASON_START_FAILED:
+            # Confirmed by a read first: a late-landing stop the operator sent itself is not a failed start.
+            decision, machine = await stops.confirm_failed_start(self.ctx.fly, instance, decision)
         if decision.action is Action.RESUME_RECOVERY:
-            return await recovery.resume(self.recovery_port(), instance)
+            return await stops.resume_within_budget(self.recovery_port(), instance)
         if decision.held:
             # Held: no action on Fly, but observation goes on (read paths are always safe).
             return await self._record_observation(instance, observation)
@@ -528,7 +538,9 @@ class InstanceDriver(ObjectDriver[Instance]):
         if action is Action.NOTHING:
             return instance
         if action is Action.BEGIN_RECOVERY:
-            return await recovery.begin(self.recovery_port(), instance)
+            # Confirmed by a read of the machine first: a migration is followed, a wrong listing ignored, and
+            # the source chosen by host health (stops.py), all before any destructive call.
+            return await stops.handle_stop(self.recovery_port(), instance)
         now = self.ctx.clock()
         base = instance.status
         if conditions.is_stalled(base):

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from .config import Settings
 from .driving import RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
 from .fly import vocabulary as fly
-from .fly.models import Guest, Machine, Volume
+from .fly.models import Guest, Machine, Snapshot, Volume
 from .kube import KubeClient
 from .metrics import RECOVERIES, RECOVERY_DURATION
 from .models import (
@@ -38,6 +39,7 @@ from .models import (
     Phase,
     Provenance,
     RecoveryOutcome,
+    RecoverySource,
     RecoveryStatus,
     RecoveryStep,
     RetainedVolumeSpec,
@@ -143,13 +145,22 @@ class Port:
     between_steps: Callable[[InstanceModel], Awaitable[InstanceModel]]
     #: Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     driven: set[str]
+    #: The mass-failure brake and recovery budget (brake.py); None: no brake (tests of single recoveries).
+    brake: Any = None
 
 
 # --- entry points ---------------------------------------------------------------------------------------
 
 
-async def begin(port: Port, instance: InstanceModel) -> InstanceModel:
-    """Step 1: record the attempt (phase Recovering, ids) before any Fly call; then run the steps."""
+async def begin(
+    port: Port,
+    instance: InstanceModel,
+    source: RecoverySource = RecoverySource.FORK,
+    snapshot: Snapshot | None = None,
+) -> InstanceModel:
+    """Step 1: record the attempt (phase Recovering, ids, the chosen source) before any destructive Fly call;
+    then run the steps. The source is chosen by ``stops.choose_source`` (fork, or a snapshot when the old
+    volume's host is unreachable)."""
     status = instance.status
     if status.volume_id is None or status.region is None:
         return await port.commit(
@@ -166,6 +177,7 @@ async def begin(port: Port, instance: InstanceModel) -> InstanceModel:
         source_machine_id=status.machine_id,
         source_volume_id=status.volume_id,
         source_region=status.region,
+        **_source_fields(source, snapshot),
     )
     port.driven.add(record.id)
     begun = status.model_copy(
@@ -183,10 +195,42 @@ async def begin(port: Port, instance: InstanceModel) -> InstanceModel:
         _fields(instance),
         event=(
             "RecoveryStarted",
-            f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}",
+            f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}"
+            + _source_note(record),
         ),
     )
     return await resume(port, instance)
+
+
+def _source_fields(source: RecoverySource, snapshot: Snapshot | None) -> dict[str, Any]:
+    if source is RecoverySource.SNAPSHOT:
+        assert snapshot is not None
+        return {"source": source, "snapshot_id": snapshot.id, "snapshot_created_at": snapshot.created_at}
+    return {"source": source}
+
+
+def data_loss_seconds(record: RecoveryStatus) -> float | None:
+    """The data-loss window of a snapshot recovery: the snapshot's age when the recovery began."""
+    if record.source is not RecoverySource.SNAPSHOT or record.snapshot_created_at is None:
+        return None
+    return max(0.0, round((record.started_at - record.snapshot_created_at).total_seconds(), 3))
+
+
+def _restored_note(record: RecoveryStatus) -> str:
+    loss = data_loss_seconds(record)
+    if loss is None:
+        return ""
+    return f", restored from snapshot {record.snapshot_id}: data-loss window {int(loss)}s"
+
+
+def _source_note(record: RecoveryStatus) -> str:
+    loss = data_loss_seconds(record)
+    if loss is None:
+        return " from a fork of its volume"
+    return (
+        f" from snapshot {record.snapshot_id} of its volume (the host of {record.source_volume_id} is "
+        f"unreachable): up to {int(loss)}s of writes are lost"
+    )
 
 
 async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
@@ -202,7 +246,7 @@ async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
             return await fail(port, instance, TIMEOUT_MESSAGE, label="timeout", reason="timeout")
         instance = await port.between_steps(instance)
         try:
-            instance = await _run_step(port, instance)
+            instance = await _step_within_deadline(port, instance, record.deadline)
         except (Fatal, NotFound, Capacity, OwnershipMismatch, RecoveryStepFailed) as exc:
             # Only permanent errors fail a step. Transient ones (5xx, 408, 429 after the client's own
             # retries, timeouts, lost replies) and an unauthorized token propagate to the driver, which
@@ -218,6 +262,18 @@ async def resume(port: Port, instance: InstanceModel) -> InstanceModel:
             "no recovery record to resume",
         )
     return instance
+
+
+async def _step_within_deadline(port: Port, instance: InstanceModel, deadline: datetime) -> InstanceModel:
+    """One step, never outliving the recovery's deadline (a Fly call that hangs, retries that go on): cut
+    off at the deadline, the pass ends and the next one, from the newest stored body, fails the recovery as
+    timed out (the failure cleanup then sees every id the cut-off step may have recorded)."""
+    remaining = (deadline - port.clock()).total_seconds()
+    try:
+        async with asyncio.timeout(max(remaining, 0.001)):
+            return await _run_step(port, instance)
+    except TimeoutError:
+        raise RetryLater("the recovery step was cut off at the recovery deadline", 0.01) from None
 
 
 async def _take_over(port: Port, instance: InstanceModel) -> InstanceModel:
@@ -294,7 +350,7 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
                 record.source_machine_id,
                 sandbox_id=instance.spec.sandbox_id,
                 volume_id=record.source_volume_id,
-                wait_seconds=port.settings.wait_call_seconds,
+                wait_seconds=_fence_wait_seconds(port, record),
             )
         return await _record(
             port, instance, RecoveryStep.SOURCE_MACHINE_DESTROYED, "source machine destroyed"
@@ -344,6 +400,16 @@ async def _run_step(port: Port, instance: InstanceModel) -> InstanceModel:
     raise AssertionError(f"unknown recovery step {step}")
 
 
+def _fence_wait_seconds(port: Port, record: RecoveryStatus) -> int:
+    """How long step 3 waits for the source machine to be ``destroyed``: never past the deadline, and not at
+    all when its host is unreachable (a snapshot recovery): Fly then keeps it ``destroying`` until the host
+    returns, which is the fence — the machine can never run again — and nothing waits on its volume."""
+    if record.source is RecoverySource.SNAPSHOT:
+        return 0
+    remaining = (record.deadline - port.clock()).total_seconds()
+    return max(0, min(port.settings.wait_call_seconds, int(remaining)))
+
+
 async def _record(
     port: Port, instance: InstanceModel, step: RecoveryStep, why: str, **ids: str
 ) -> InstanceModel:
@@ -375,13 +441,16 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
         lifecycle.ordered_regions(instance.spec, port.settings), record.source_region
     )
     errors: list[str] = []
+    snapshot_id = record.snapshot_id if record.source is RecoverySource.SNAPSHOT else None
     for region in regions:
         try:
             return await client.create_volume(
                 app,
                 name=fly.volume_name(instance.spec.sandbox_id),
                 region=region,
-                source_volume_id=record.source_volume_id,
+                # A snapshot restore when the old volume's host is unreachable (a fork could not complete).
+                source_volume_id=None if snapshot_id else record.source_volume_id,
+                snapshot_id=snapshot_id,
                 compute=Guest(cpu_kind=guest.cpu_kind, cpus=guest.cpus, memory_mb=guest.memory_mb),
             )
         except Capacity as exc:
@@ -425,8 +494,12 @@ async def _cut_over(port: Port, instance: InstanceModel, record: RecoveryStatus)
         started_at=record.started_at,
         finished_at=now,
         outcome=RecoveryOutcome.SUCCEEDED,
-        message=f"moved from {record.source_region} to {volume.region}",
+        message=f"moved from {record.source_region} to {volume.region}"
+        + (f", restored from snapshot {record.snapshot_id}" if record.snapshot_id else ""),
         duration_seconds=round((now - record.started_at).total_seconds(), 3),
+        source=record.source,
+        snapshot_id=record.snapshot_id,
+        data_loss_seconds=data_loss_seconds(record),
     )
     status = instance.status.model_copy(
         update={
@@ -471,7 +544,8 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         )
         retain_until = now + timedelta(seconds=settings.retention_seconds)
     else:
-        if snapshots:
+        if snapshots or not await _source_host_reachable(port, instance, record):
+            # Kept: it has snapshots, or its host is unreachable (never delete what cannot be checked).
             retain_until = now + timedelta(seconds=settings.retention_seconds)
         else:
             try:
@@ -536,11 +610,23 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         event=(
             "RecoverySucceeded",
             f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
-            f"in {instance.status.region}",
+            f"in {instance.status.region}" + _restored_note(record),
         ),
         duration=duration,
     )
     return instance
+
+
+async def _source_host_reachable(port: Port, instance: InstanceModel, record: RecoveryStatus) -> bool:
+    if record.source is RecoverySource.SNAPSHOT:
+        return False
+    try:
+        volume = await port.fly.get_volume(instance.spec.fly_app, record.source_volume_id)
+    except NotFound:
+        return True  # gone already: the delete finds nothing
+    except FlyError:
+        return False
+    return volume.host_reachable
 
 
 def _retained_volume_body(

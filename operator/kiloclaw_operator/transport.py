@@ -23,11 +23,19 @@ import httpx
 KEEPALIVE_SECONDS = 5.0
 
 
+class BodyTooLarge(aiohttp.ClientPayloadError):
+    """A response body larger than the transport's cap (read no further; the connection is dropped)."""
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx requests sent through one aiohttp session (created in the running loop on first use)."""
 
-    def __init__(self, *, max_connections: int, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self, *, max_connections: int, verify: ssl.SSLContext | bool = True, max_body_bytes: int | None = None
+    ) -> None:
         self._max_connections = max_connections
+        #: The largest response body read; a longer one fails the request (None: no cap).
+        self._max_body_bytes = max_body_bytes
         # aiohttp: True verifies with the default context, False skips verification, a context is used as is.
         self._ssl: ssl.SSLContext | bool = verify
         self._session: aiohttp.ClientSession | None = None
@@ -71,7 +79,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 compress=None,
             ) as response:
-                content = await response.read()
+                content = await self._read_body(response)
                 return httpx.Response(
                     response.status,
                     headers=[(bytes(key), bytes(value)) for key, value in response.raw_headers],
@@ -80,6 +88,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _httpx_error(exc, request) from exc
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body, but never more than the cap: a server that sends more is cut off."""
+        if self._max_body_bytes is None:
+            return await response.read()
+        cap = self._max_body_bytes
+        if response.content_length is not None and response.content_length > cap:
+            raise BodyTooLarge(f"response body of {response.content_length} bytes exceeds the {cap}-byte cap")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > cap:
+                raise BodyTooLarge(f"response body exceeds the {cap}-byte cap")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _proxy_for(self, url: httpx.URL) -> str | None:
         """HTTP(S)_PROXY / NO_PROXY from the environment, as httpx applies them (read once per origin)."""

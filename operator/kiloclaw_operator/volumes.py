@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from .fly import FlyClient, NotFound
+from .fly import FlyClient, NotFound, Transient
 from .fly.vocabulary import DESTROYED
 
 
@@ -114,6 +114,14 @@ async def delete_volume_checked(
         volume = await fly.get_volume(app, volume_id)
     except NotFound:
         return
+    if not volume.host_reachable:
+        # Never delete what cannot be checked (DESIGN 3.9): a volume on an unreachable host may be the only
+        # copy of data written since its last snapshot, and its machine may still be `destroying`. Retried.
+        raise Transient(
+            f"volume {volume_id} is on a host Fly reports {volume.host_status}: not deleted until it returns",
+            method="DELETE",
+            route="/apps/{app}/volumes/{id}",
+        )
     attached = volume.attached_machine_id
     if attached:
         try:

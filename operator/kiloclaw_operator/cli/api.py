@@ -167,6 +167,29 @@ class Api:
             what=f"no {kind} {name} in namespace {namespace}",
         )
 
+    # --- the mass-failure brake (a Lease in the operator's namespace, brake.py) --------------------------
+
+    @staticmethod
+    def _brake_path(namespace: str) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/kiloclaw-recovery-brake"
+
+    def brake_lease(self, namespace: str) -> dict[str, Any]:
+        try:
+            return self.request("GET", self._brake_path(namespace))
+        except PluginError as exc:
+            if exc.code == EXIT_NOT_FOUND:
+                return {}  # never engaged: armed
+            raise
+
+    def patch_brake_lease(self, namespace: str, annotations: dict[str, str]) -> dict[str, Any]:
+        return self.request(
+            "PATCH",
+            self._brake_path(namespace),
+            json={"metadata": {"annotations": annotations}},
+            headers={"Content-Type": MERGE_PATCH},
+            what=f"the brake has never engaged (no Lease kiloclaw-recovery-brake in namespace {namespace})",
+        )
+
     def version(self) -> dict[str, Any]:
         try:
             return self.request("GET", "/version")

@@ -7,6 +7,8 @@
   kubectl kiloclaw retry NAME               ask for a new recovery attempt after a failed one
   kubectl kiloclaw retained delete NAME     delete a retained volume now (asks first; --yes skips)
   kubectl kiloclaw report NAME              a redacted bundle for a bug report (no token, no env values)
+  kubectl kiloclaw brake                    the mass-failure brake: armed, engaged (paused), released
+  kubectl kiloclaw rearm                    release an engaged brake: paused recoveries proceed
 
 Options as in kubectl: --kubeconfig, --context, -n/--namespace, -A/--all-namespaces; -o json|yaml for scripts.
 
@@ -27,6 +29,10 @@ from typing import Any, TextIO
 import yaml
 
 from .. import __version__
+from ..brake import CHANGED_AT_ANNOTATION as BRAKE_CHANGED_AT
+from ..brake import REASON_ANNOTATION as BRAKE_REASON
+from ..brake import RELEASED as BRAKE_RELEASED
+from ..brake import STATE_ANNOTATION as BRAKE_STATE
 from ..models import INSTANCE_PLURAL, RETAINED_PLURAL, RETRY_ANNOTATION
 from . import views
 from .api import EXIT_ABORTED, EXIT_OK, EXIT_USAGE, Api, PluginError
@@ -103,6 +109,13 @@ def _print_card(card: dict[str, Any], out: TextIO) -> None:
             f"  replacement: volume {_s(rec.get('replacementVolumeId'))}"
             f"  machine {_s(rec.get('replacementMachineId'))}\n"
         )
+        if rec.get("source") == "Snapshot":
+            w(
+                f"  from:      snapshot {_s(rec.get('snapshotId'))} taken {_s(rec.get('snapshotCreatedAt'))}"
+                " (the old volume's host is unreachable; writes since then are lost)\n"
+            )
+        elif rec.get("source"):
+            w("  from:      a fork of the old volume (nothing lost)\n")
     else:
         w("\nRecovery in flight:  none\n")
     last = card["lastRecovery"]
@@ -118,6 +131,10 @@ def _print_card(card: dict[str, Any], out: TextIO) -> None:
         w(f"{where}   ({last.get('id')})\n")
         if last.get("message"):
             w(f"  message:   {last['message']}\n")
+        if last.get("source") == "Snapshot":
+            loss = last.get("dataLossSeconds")
+            window = views.duration(float(loss)) if isinstance(loss, int | float) else "-"
+            w(f"  restored:  snapshot {_s(last.get('snapshotId'))}, data-loss window {window}\n")
         if last.get("retainedVolume"):
             w(f"  old volume kept as retained volume {last['retainedVolume']}\n")
     else:
@@ -169,6 +186,18 @@ def _hints(card: dict[str, Any]) -> list[str]:
         )
     elif reason == "DuplicateSandbox":
         hints.append("another instance owns this sandbox: delete this one or give it its own sandboxId")
+    elif reason == "WaitingForSource":
+        hints.append(
+            "the old volume's host is unreachable and no snapshot within spec.recovery.maxDataLossSeconds "
+            "exists: the operator keeps looking and recovers by itself when the host returns or a snapshot "
+            f"appears; to accept an older snapshot, raise it: kubectl patch kci {name} -n {ns} --type merge "
+            """-p '{"spec":{"recovery":{"maxDataLossSeconds":N}}}'"""
+        )
+    elif reason == "RecoveryPaused":
+        hints.append(
+            "the mass-failure brake paused new recoveries (many machines stopped at once); check Fly's "
+            "status, then release it: kubectl kiloclaw rearm"
+        )
     elif reason:
         hints.append(f"Stalled ({reason}): read the condition message and the Events above")
     for row in card["retainedVolumes"]:
@@ -323,6 +352,33 @@ class Command:
         _emit({**result, "message": message}, self.output, _print_message, self.out)
         return EXIT_OK
 
+    def brake(self) -> int:
+        lease = self.api.brake_lease(self.args.operator_namespace)
+        annotations = (lease.get("metadata") or {}).get("annotations") or {}
+        state = annotations.get(BRAKE_STATE, "Armed")
+        result = {
+            "state": state,
+            "reason": annotations.get(BRAKE_REASON, ""),
+            "changedAt": annotations.get(BRAKE_CHANGED_AT, ""),
+            "message": f"brake {state}"
+            + (f": {annotations[BRAKE_REASON]}" if annotations.get(BRAKE_REASON) else ""),
+        }
+        _emit(result, self.output, _print_message, self.out)
+        return EXIT_OK
+
+    def rearm(self) -> int:
+        namespace = self.args.operator_namespace
+        changed_at = _now().isoformat().replace("+00:00", "Z")
+        self.api.patch_brake_lease(
+            namespace, {BRAKE_STATE: BRAKE_RELEASED, BRAKE_REASON: "", BRAKE_CHANGED_AT: changed_at}
+        )
+        message = (
+            "brake released: paused recoveries proceed (through the recovery budget); it arms itself again "
+            "once a whole window passes without a confirmed stop"
+        )
+        _emit({"state": BRAKE_RELEASED, "message": message}, self.output, _print_message, self.out)
+        return EXIT_OK
+
     def retained_delete(self) -> int:
         name = self.args.name
         body = self.api.retained_volume(self.namespace, name)
@@ -446,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     retry = command("retry", f"a new recovery attempt after a failed one (sets {RETRY_ANNOTATION})")
     retry.add_argument("name", metavar="NAME")
     retry.set_defaults(run=Command.retry)
+    for name, help_text, run in (
+        ("brake", "the mass-failure brake: its state and why", Command.brake),
+        ("rearm", "release an engaged brake: paused recoveries proceed", Command.rearm),
+    ):
+        brake = command(name, help_text)
+        brake.add_argument(
+            "--operator-namespace",
+            default="kiloclaw-system",
+            help="the operator's namespace, where its Lease kiloclaw-recovery-brake lives",
+        )
+        brake.set_defaults(run=run)
     report = command("report", "a redacted bundle for a bug report: specs, statuses, Events, metrics")
     report.add_argument("name", metavar="NAME")
     report.add_argument("-f", "--file", help="write the bundle to this file instead of stdout")

@@ -168,6 +168,8 @@ def instance_row(body: dict[str, Any], retained: list[dict[str, Any]], now: date
         recovery = f"in flight ({recovering.get('step', '?')})"
     elif last:
         recovery = f"{last.get('outcome', '?')} {relative(last.get('finishedAt'), now)}"
+        if last.get("source") == "Snapshot" and isinstance(last.get("dataLossSeconds"), int | float):
+            recovery += f" (snapshot, lost ≤ {duration(float(last['dataLossSeconds']))})"
     else:
         recovery = "-"
     return {

@@ -193,6 +193,8 @@ class FlyClient:
         max_connections: int = 100,
         pacing: PacingLimits | None = PacingLimits(),
         fence: Callable[[], bool] | None = None,
+        call_deadline: float | None = None,
+        max_body_bytes: int | None = 64 * 1024 * 1024,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         #: Whether this process may still change things on Fly (leader election); checked right before every
@@ -203,6 +205,10 @@ class FlyClient:
         # False from the first 401 until any answer that is not a 401: the operator-level token problem.
         self.authorized = True
         self._timeout = timeout
+        #: Every attempt's total deadline (connect, send, headers, the whole body), on top of the per-read
+        #: timeout: a server that drips bytes cannot hold a call (and its instance's lock) for ever. A wait
+        #: call gets its own timeout on top. None: twice the per-read timeout.
+        self._call_deadline = call_deadline if call_deadline is not None else 2 * timeout
         self._max_retries = max_retries
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -210,7 +216,7 @@ class FlyClient:
             base_url=f"{self._base_url}/v1",
             headers={"Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
-            transport=AiohttpTransport(max_connections=max_connections),
+            transport=AiohttpTransport(max_connections=max_connections, max_body_bytes=max_body_bytes),
         )
         # Calls wait here for one of the pool's connections, outside their own timeouts (a burst of
         # thousands would otherwise time out in the pool's queue).
@@ -427,6 +433,8 @@ class FlyClient:
                 )
         path = route.format(**{key: quote(value, safe="") for key, value in path_params.items()})
         request_timeout = httpx.Timeout(read_timeout) if read_timeout is not None else self._http.timeout
+        # A wait call is held by the server for its timeout (read_timeout = timeout + the usual): on top.
+        deadline = self._call_deadline + max(0.0, (read_timeout or self._timeout) - self._timeout)
         # Fly limits an action per machine, or per app for creates and lists, or per organisation.
         subject = path_params.get("id") or path_params.get("app") or path_params.get("org") or ""
         attempt = 0
@@ -447,18 +455,27 @@ class FlyClient:
                             method=method,
                             route=route,
                         )
-                    response = await self._http.request(
-                        method,
-                        path,
-                        params=dict(query) if query else None,
-                        json=body,
-                        timeout=request_timeout,
-                        headers={"Authorization": f"Bearer {token}"},
-                    )
-            except httpx.TransportError as exc:
+                    async with asyncio.timeout(deadline):
+                        response = await self._http.request(
+                            method,
+                            path,
+                            params=dict(query) if query else None,
+                            json=body,
+                            timeout=request_timeout,
+                            headers={"Authorization": f"Bearer {token}"},
+                        )
+            except TimeoutError:
                 elapsed = time.monotonic() - started
                 self._observe(method, route, CONNECTION_ERROR_CODE, elapsed)
                 error: FlyError = Transient(
+                    f"no complete answer within the call's total deadline of {deadline:g}s",
+                    method=method,
+                    route=route,
+                )
+            except httpx.TransportError as exc:
+                elapsed = time.monotonic() - started
+                self._observe(method, route, CONNECTION_ERROR_CODE, elapsed)
+                error = Transient(
                     self._redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__),
                     method=method,
                     route=route,

@@ -11,12 +11,20 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .vocabulary import DESTROYED, GONE_MACHINE_STATES, GONE_VOLUME_STATES, METADATA_SANDBOX_ID
+from .vocabulary import (
+    DESTROYED,
+    EVENT_EXIT,
+    GONE_MACHINE_STATES,
+    GONE_VOLUME_STATES,
+    HOST_OK,
+    METADATA_SANDBOX_ID,
+)
 
 __all__ = [
     "Guest",
     "Machine",
     "MachineConfig",
+    "MachineEvent",
     "MachineSummaryConfig",
     "Mount",
     "OrgMachine",
@@ -78,6 +86,27 @@ class MachineConfig(FlyModel):
         return [] if value is None else value
 
 
+class MachineEvent(FlyModel):
+    """`fly.MachineEvent`: one entry of a machine's recent history (newest first on a GET)."""
+
+    type: str = ""
+    status: str = ""
+    source: str = ""
+    timestamp: int | None = None
+    request: dict[str, object] | None = None
+
+    @property
+    def requested_stop(self) -> bool | None:
+        """For an exit: whether the stop was asked for (a stop call, or Fly's own graceful stop) rather than
+        the machine exiting by itself; None when the event does not say."""
+        if self.type != EVENT_EXIT or not isinstance(self.request, dict):
+            return None
+        exit_event = self.request.get("exit_event")
+        if not isinstance(exit_event, dict) or not isinstance(exit_event.get("requested_stop"), bool):
+            return None
+        return bool(exit_event["requested_stop"])
+
+
 class Machine(FlyModel):
     """`Machine` as returned by get/list/create/update."""
 
@@ -89,6 +118,28 @@ class Machine(FlyModel):
     config: MachineConfig | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Whether Fly can reach the machine's host (`ok`, `unknown`, `unreachable`); None when not shown.
+    host_status: str | None = None
+    events: list[MachineEvent] = Field(default_factory=list)
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _null_events_are_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+    @property
+    def host_reachable(self) -> bool:
+        """Fly can reach the host (a machine without the field is assumed reachable, as before)."""
+        return self.host_status in (None, HOST_OK)
+
+    @property
+    def volume_ids(self) -> list[str]:
+        return [m.volume for m in self.config.mounts] if self.config is not None else []
+
+    @property
+    def last_exit(self) -> MachineEvent | None:
+        """The newest exit event Fly reports, if any."""
+        return next((e for e in self.events if e.type == EVENT_EXIT), None)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -136,6 +187,11 @@ class Volume(FlyModel):
     def is_gone(self) -> bool:
         """Destroyed or on its way out: nothing left to retain or adopt."""
         return self.state in GONE_VOLUME_STATES
+
+    @property
+    def host_reachable(self) -> bool:
+        """Fly can reach the volume's host (no field: assumed reachable, as before the field existed)."""
+        return self.host_status in (None, HOST_OK)
 
 
 class Snapshot(FlyModel):

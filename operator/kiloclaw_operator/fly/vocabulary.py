@@ -38,6 +38,16 @@ VOLUME_PENDING_DESTROY = "pending_destroy"
 #: A volume Fly is getting rid of, or has got rid of: nothing is retained or adopted any more.
 GONE_VOLUME_STATES = frozenset({DESTROYED, DESTROYING, VOLUME_PENDING_DESTROY})
 
+# --- hosts (`host_status` on machines and volumes) ---------------------------------------------------------
+
+HOST_OK = "ok"
+HOST_UNKNOWN = "unknown"
+HOST_UNREACHABLE = "unreachable"
+
+# --- machine events -----------------------------------------------------------------------------------------
+
+EVENT_EXIT = "exit"
+
 # --- metadata keys the operator writes on its machines ------------------------------------------------------
 
 METADATA_USER_ID = "kiloclaw_user_id"

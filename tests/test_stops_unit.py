@@ -1,0 +1,152 @@
+"""The decisions of stops.py, one test per row: what a read of the machine says about a reported stop, where
+a recovery takes its data from, and whether a stop seen while starting is a failed start."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kiloclaw_operator import lifecycle
+from kiloclaw_operator.fly.models import Machine, Snapshot, Volume
+from kiloclaw_operator.models import Phase, RecoverySource
+from kiloclaw_operator.stops import Verdict, choose_source, judge_failed_start, judge_stop
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+VOLUME = "vol_recorded"
+
+
+def machine(
+    state: str = "stopped",
+    *,
+    volume: str = VOLUME,
+    host_status: str | None = "ok",
+    requested_stop: bool | None = False,
+    exit_event: bool = True,
+) -> Machine:
+    events: list[dict[str, Any]] = []
+    if exit_event:
+        request: dict[str, Any] = {"exit_event": {"exit_code": 1}}
+        if requested_stop is not None:
+            request["exit_event"]["requested_stop"] = requested_stop
+        events.append({"type": "exit", "status": "stopped", "source": "flyd", "request": request})
+    return Machine.model_validate(
+        {
+            "id": "m1",
+            "state": state,
+            "region": "iad",
+            "host_status": host_status,
+            "events": events,
+            "config": {"image": "img", "mounts": [{"volume": volume, "path": "/root"}]},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("observed", "verdict"),
+    [
+        (None, Verdict.GONE),
+        (machine("destroyed"), Verdict.GONE),
+        (machine("started"), Verdict.NOT_STOPPED),
+        (machine("starting"), Verdict.NOT_STOPPED),
+        (machine("started", volume="vol_new"), Verdict.MIGRATED),
+        (machine("starting", volume="vol_new"), Verdict.MIGRATED),
+        (machine("stopped", volume="vol_new"), Verdict.MAYBE_MIGRATING),
+        (machine("stopped", host_status="unreachable"), Verdict.RECOVER),
+        (machine("stopped", host_status="unknown", requested_stop=True), Verdict.RECOVER),
+        (machine("stopped", requested_stop=False), Verdict.RECOVER),
+        (machine("stopped", requested_stop=True), Verdict.MAYBE_MIGRATING),
+        (machine("stopped", exit_event=False), Verdict.MAYBE_MIGRATING),
+        (machine("stopped", requested_stop=None), Verdict.MAYBE_MIGRATING),
+    ],
+    ids=[
+        "404",
+        "destroyed",
+        "started: a wrong listing",
+        "starting: a stale listing",
+        "started on a new volume: migrated",
+        "starting on a new volume: migrating",
+        "stopped on a new volume: between fork and start",
+        "dead host",
+        "unknown host",
+        "crash",
+        "requested stop: maybe a migration",
+        "no exit event: cannot tell",
+        "exit without requested_stop: cannot tell",
+    ],
+)
+def test_a_read_of_the_machine_judges_a_reported_stop(observed: Machine | None, verdict: Verdict) -> None:
+    assert judge_stop(VOLUME, observed) is verdict
+
+
+def volume(host_status: str | None) -> Volume:
+    return Volume.model_validate({"id": VOLUME, "region": "iad", "host_status": host_status})
+
+
+def snapshot(age: timedelta, snapshot_id: str = "vs_1") -> Snapshot:
+    return Snapshot.model_validate(
+        {"id": snapshot_id, "created_at": (NOW - age).isoformat(), "status": "created"}
+    )
+
+
+def test_a_reachable_host_is_forked_whatever_the_snapshots() -> None:
+    assert (
+        choose_source(volume("ok"), [snapshot(timedelta(hours=1))], NOW, 93600).source is RecoverySource.FORK
+    )
+    assert choose_source(volume(None), None, NOW, 0).source is RecoverySource.FORK
+
+
+def test_an_unreachable_host_restores_the_newest_snapshot_within_the_policy() -> None:
+    choice = choose_source(
+        volume("unreachable"),
+        [snapshot(timedelta(hours=20), "vs_old"), snapshot(timedelta(hours=2), "vs_new")],
+        NOW,
+        93600,
+    )
+    assert choice.source is RecoverySource.SNAPSHOT
+    assert choice.snapshot is not None and choice.snapshot.id == "vs_new"
+
+
+def test_an_unreachable_host_waits_when_the_newest_snapshot_is_older_than_the_policy() -> None:
+    choice = choose_source(volume("unreachable"), [snapshot(timedelta(hours=30))], NOW, 93600)
+    assert choice.source is None
+    assert "30h00m old" in choice.reason and "maxDataLossSeconds" in choice.reason
+
+
+def test_an_unreachable_host_waits_without_snapshots_or_when_the_policy_is_zero() -> None:
+    assert choose_source(volume("unreachable"), [], NOW, 93600).source is None
+    zero = choose_source(volume("unreachable"), [snapshot(timedelta(minutes=5))], NOW, 0)
+    assert zero.source is None and "is 0" in zero.reason
+    unlisted = choose_source(volume("unknown"), None, NOW, 93600)
+    assert unlisted.source is None and "cannot be listed" in unlisted.reason
+
+
+STALL = lifecycle.Decision(lifecycle.Action.SETTLE, Phase.STOPPED, stall=lifecycle.REASON_START_FAILED)
+
+
+@pytest.mark.parametrize(
+    ("observed", "action", "stalls"),
+    [
+        (machine("started"), lifecycle.Action.SETTLE, False),
+        (machine("starting"), lifecycle.Action.NOTHING, False),
+        (machine("stopped", exit_event=False), lifecycle.Action.START, False),
+        (machine("stopped", requested_stop=True), lifecycle.Action.START, False),
+        (machine("stopped", requested_stop=False), lifecycle.Action.SETTLE, True),
+        (machine("failed"), lifecycle.Action.SETTLE, True),
+    ],
+    ids=[
+        "started meanwhile",
+        "still starting",
+        "its own stop landed late (no exit event)",
+        "a requested stop",
+        "exited by itself",
+        "failed",
+    ],
+)
+def test_a_stop_seen_while_starting_is_a_failed_start_only_when_the_machine_says_so(
+    observed: Machine, action: lifecycle.Action, stalls: bool
+) -> None:
+    decided = judge_failed_start(observed, STALL)
+    assert decided.action is action
+    assert (decided.stall is not None) is stalls

@@ -210,6 +210,19 @@ async def test_a_leader_that_cannot_reach_the_api_server_stops_within_its_renew_
     assert not leader.is_leader
 
 
+async def test_a_release_that_races_a_last_renewal_of_its_own_still_frees_the_lease_and_no_renewal_follows(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    leader = LeaderElector(client, config("a"))
+    assert await leader.try_acquire_or_renew()
+    # The last renewal, in flight when the renewals stopped, lands after the release read the Lease.
+    assert await LeaderElector(client, config("a")).try_acquire_or_renew()
+    await leader.release()
+    assert lease_holder(kube) == ""
+    assert not await leader.try_acquire_or_renew(), "a released elector never writes itself in again"
+    assert lease_holder(kube) == ""
+
+
 def renew_time(kube: KubeSim) -> str:
     lease = kube.get_object(LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL, NAMESPACE, "kiloclaw-operator") or {}
     renewed: str = (lease.get("spec") or {}).get("renewTime") or ""
@@ -319,17 +332,25 @@ def live_machines(fly: FlySimulator, sandbox_id: str) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.mark.xdist_group("operator-processes")
-async def test_the_standby_finishes_a_recovery_whose_leader_was_sigkilled_mid_step(
+async def leader_standby_and_a_running_instance(
     replicas: TwoReplicas,
-) -> None:
+) -> tuple[OperatorProcess, OperatorProcess, str]:
+    """replica-a leads, replica-b stands by, and ha/alice runs; returns them and alice's machine id."""
     leader = replicas.start("replica-a")
     await replicas.wait_role(leader, "leader")
     standby = replicas.start("replica-b")
     await replicas.wait_role(standby, "standby")
     create_instance(replicas.kube, "ha", "alice")
     running = await replicas.wait_instance("ha", "alice", lambda s: s.get("phase") == "Running", "Running")
-    source_machine = running["status"]["machineId"]
+    machine_id: str = running["status"]["machineId"]
+    return leader, standby, machine_id
+
+
+@pytest.mark.xdist_group("operator-processes")
+async def test_the_standby_finishes_a_recovery_whose_leader_was_sigkilled_mid_step(
+    replicas: TwoReplicas,
+) -> None:
+    leader, standby, source_machine = await leader_standby_and_a_running_instance(replicas)
 
     # The replacement machine's create is slow, so the kill lands inside the recovery.
     replicas.fly.set_latency(1.5, route="POST /v1/apps/*/machines")
@@ -365,19 +386,13 @@ MUTATING = ("POST", "DELETE", "PUT", "PATCH")
 async def test_a_leader_paused_past_its_lease_writes_and_sends_nothing_after_the_standby_took_over(
     replicas: TwoReplicas,
 ) -> None:
-    leader = replicas.start("replica-a")
-    await replicas.wait_role(leader, "leader")
-    standby = replicas.start("replica-b")
-    await replicas.wait_role(standby, "standby")
-    create_instance(replicas.kube, "ha", "alice")
-    running = await replicas.wait_instance("ha", "alice", lambda s: s.get("phase") == "Running", "Running")
-    source_machine = running["status"]["machineId"]
+    leader, standby, source_machine = await leader_standby_and_a_running_instance(replicas)
 
     # Freeze the leader while its read of the machine is in flight: the read answers `stopped` while it
     # sleeps. The standby takes over and recovers; the recovery the old leader would begin on waking must not
     # be written over the standby's record.
     replicas.fly.set_latency(2.0, route="GET /v1/apps/*/machines/*")
-    replicas.fly.fail_host(machine_id=source_machine)
+    replicas.fly.crash_machine(source_machine)
     leader.pause()
     try:
         replicas.fly.set_latency(0.0, route="GET /v1/apps/*/machines/*")

@@ -187,6 +187,7 @@ class LeaderElector:
         self._seen_at = 0.0
         self._last_renewal = 0.0
         self._ours: dict[str, Any] | None = None  # the Lease as we last wrote it
+        self._released = False  # set by release(): no renewal may follow it
 
     @property
     def _lease_ref(self) -> str:
@@ -203,6 +204,8 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One round: read the Lease and write ourselves in when the rules allow; True while we lead."""
         config = self.config
+        if self._released:
+            return False
         if self.loop_alive is not None and not self.loop_alive():
             # The operator's loop has stopped: holding the Lease for it would only keep the standby out.
             logger.warning(
@@ -277,6 +280,8 @@ class LeaderElector:
                     renewed = False
                 if renewed:
                     break
+                if self._released:
+                    return
                 if not self.is_leader:
                     self._lost("another replica holds the lease")
                     return
@@ -292,17 +297,30 @@ class LeaderElector:
 
     async def release(self) -> None:
         """Clear the holder so a standby takes over at once; best effort (the Lease expires anyway)."""
+        self._released = True
         if not self.is_leader or self._ours is None:
             return
         self._set_leader(False)
-        body = lease_body(self.config, self._ours, holder="", now=datetime.now(UTC))
+        config = self.config
+        record: dict[str, Any] | None = self._ours
         try:
-            async with asyncio.timeout(self.config.renew_deadline_seconds):
-                await self._leases.replace_lease(self.config.namespace, self.config.name, body)
+            async with asyncio.timeout(config.renew_deadline_seconds):
+                while record is not None:
+                    body = lease_body(config, record, holder="", now=datetime.now(UTC))
+                    try:
+                        await self._leases.replace_lease(config.namespace, config.name, body)
+                        break
+                    except KubeConflict:
+                        # A renewal of ours that was in flight when the renewals stopped landed first:
+                        # release the Lease as it is now, if it is still ours.
+                        record = await self._leases.get_lease(config.namespace, config.name)
+                        holder = ((record or {}).get("spec") or {}).get("holderIdentity")
+                        if holder != config.identity:
+                            return
         except (KubeError, TimeoutError) as exc:
             logger.warning("could not release the lease: %s", exc)
             return
-        logger.info("lease released", extra={"identity": self.config.identity})
+        logger.info("lease released", extra={"identity": config.identity})
 
 
 # --- running the operator as leader ------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def test_the_monitored_overlay_adds_a_podmonitor_the_rules_and_the_dashboard_to_
             "CustomResourceDefinition",
             "ClusterRole",
             "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ):
             assert manifest["metadata"]["namespace"] == "kiloclaw-system", manifest["metadata"]["name"]
 

@@ -105,7 +105,12 @@ async def create_retained(
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawRetainedVolume",
-        "metadata": {"name": name, "labels": {f"{GROUP}/instance": instance_name}},
+        # Minted as a recovery mints it: born with the operator's finalizer.
+        "metadata": {
+            "name": name,
+            "labels": {f"{GROUP}/instance": instance_name},
+            **({"finalizers": [f"{GROUP}/finalizer"]} if minted else {}),
+        },
         "spec": {
             "flyApp": app,
             "volumeId": volume_id,

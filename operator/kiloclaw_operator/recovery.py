@@ -32,6 +32,7 @@ from .fly.models import Guest, Machine, Snapshot, Volume
 from .kube import KubeClient
 from .metrics import RECOVERIES, RECOVERY_DURATION
 from .models import (
+    FINALIZER,
     INSTANCE_LABEL,
     InstanceStatus,
     LastRecovery,
@@ -650,6 +651,9 @@ def _retained_volume_body(
             "name": name,
             "namespace": instance.ref.namespace,
             "labels": {INSTANCE_LABEL: instance.ref.name},
+            # Born with the finalizer: a `kubectl delete` in the moment before kopf would add it must still
+            # go through the volume's delete, never leave the Fly volume untracked.
+            "finalizers": [FINALIZER],
         },
         "spec": spec.dump(),
     }

@@ -314,3 +314,29 @@ async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rear
         assert REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 0
     finally:
         await stack.restart_operator()
+
+
+async def test_a_stopped_machine_that_fly_migrated_is_followed_and_starts_on_its_new_volume(
+    stack: Stack, namespace: str
+) -> None:
+    body = await running_instance(stack, namespace)
+    machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
+    await stack.patch_instance(namespace, NAME, {"spec": {"state": "Stopped"}})
+    await stack.wait_phase(namespace, NAME, "Stopped")
+    stack.fly.migrate_machine(machine)
+    moved = await stack.wait_instance(
+        namespace,
+        NAME,
+        lambda b: status(b).get("volumeId") not in (None, old_volume),
+        what="status.volumeId following the migration of a stopped machine",
+    )
+    assert status(moved)["phase"] == "Stopped"
+    await stack.patch_instance(namespace, NAME, {"spec": {"state": "Running"}})
+    up = await stack.wait_instance(
+        namespace,
+        NAME,
+        lambda b: status(b).get("phase") == "Running" and condition(b, "Ready").get("status") == "True",
+        what="Running on the migrated volume",
+    )
+    assert status(up)["machineId"] == machine and status(up)["volumeId"] == status(moved)["volumeId"]
+    assert "lastRecovery" not in status(up)

@@ -170,6 +170,25 @@ async def test_with_the_feed_a_platform_migration_is_followed_even_when_its_stop
     assert "MachineMigrated" in await stack.event_reasons(namespace, "mg")
 
 
+async def test_with_the_feed_a_spec_flipped_back_to_running_while_stopping_is_applied_once_stopped(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "fl")
+    await running(stack, namespace, "fl")
+    await stack.patch_instance(namespace, "fl", {"spec": {"state": "Stopped"}})
+    await stack.wait_phase(namespace, "fl", "Stopping")
+    await stack.patch_instance(namespace, "fl", {"spec": {"state": "Running"}})
+    # The audit is an hour away: only the deferred generation brings the instance back.
+    body = await stack.wait_instance(
+        namespace,
+        "fl",
+        lambda b: status(b).get("phase") == "Running" and status(b).get("observedGeneration") == 3,
+        timeout=20,
+        what="Running again at generation 3",
+    )
+    assert condition(body, "Ready")["status"] == "True"
+
+
 async def test_changes_within_one_second_of_flys_clock_are_not_lost(stack: Stack, namespace: str) -> None:
     """Fly's updated_at has whole seconds: created, starting and started of a new machine share one stamp,
     and a stop and a start can too. The feed keeps every different state, so nothing waits for a fallback."""

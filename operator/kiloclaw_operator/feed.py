@@ -224,6 +224,10 @@ class FeedObserver:
         phase = instance.status.phase
         if not self.healthy or phase in SELF_DRIVEN_PHASES or instance.status.machine_id is None:
             return lifecycle.poll_interval(phase, self._settings)
+        if lifecycle.has_unobserved_generation(instance):
+            # A spec change deferred while busy (e.g. Running again while Stopping) is applied once the phase
+            # settles: soon, not at the next audit (a settle from the feed's news wakes nobody else).
+            return self._settings.poll_busy_seconds * self._rng.uniform(0.9, 1.1)
         tracked = self._tracked[instance.status.machine_id]
         news = self._news(instance.status.machine_id)
         if news is not None and tracked.prompted != news:

@@ -297,9 +297,8 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
     )
     if conditions.stalled_reason(status) in WAITING_REASONS:
         status = conditions.clear_stalled(status, port.clock(), instance.generation)
-    if status.phase is Phase.STOPPED and instance.spec.state is DesiredState.RUNNING:
-        phase = Phase.RUNNING if machine.state == fly.STARTED else Phase.STARTING
-        status = status.model_copy(update={"phase": phase})
+        if instance.spec.state is DesiredState.RUNNING and machine.state == fly.STARTED:
+            status = status.model_copy(update={"phase": Phase.RUNNING})
     instance = await port.commit(
         instance, status, "Fly migrated the machine: follow its new volume (nothing is deleted)"
     )
@@ -313,11 +312,15 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
 
 
 def migrated_volume(instance: Instance, machine: Machine | None) -> bool:
-    """A read of the instance's machine shows it running on a volume the instance did not record."""
+    """A read of the instance's own machine shows it mounting a volume the instance did not record, whatever
+    its state: only Fly moves a machine to another volume (a migration), so the status follows it before
+    anything acts on the old volume id (a start or update would otherwise mount the volume Fly removed)."""
     return (
         machine is not None
         and machine.id == instance.status.machine_id
-        and judge_stop(instance.status.volume_id, machine) is Verdict.MIGRATED
+        and not machine.is_gone
+        and bool(machine.volume_ids)
+        and instance.status.volume_id not in machine.volume_ids
     )
 
 

@@ -31,16 +31,18 @@ REGIONS = ["sjc", "ams"]
 
 
 @pytest.fixture(autouse=True)
-async def hosts_come_back(stack: Stack) -> AsyncIterator[None]:
+async def hosts_come_back(stack: Stack, namespace: str) -> AsyncIterator[None]:
     yield
     for region in stack.fly.state.regions:
         stack.fly.restore_host(region=region)
     stack.fly.unreachable_fork = "hydrating"
 
-    # Instances that waited for their host recover now: let them finish, so that the next story's Fly calls
-    # (and the faults it injects) are its own.
+    # This story's instances that waited for their host recover now: let them finish, so that the next
+    # story's Fly calls (and the faults it injects) are its own.
     async def quiet() -> bool | None:
         for body in await stack.list_all(INSTANCE_PLURAL):
+            if body["metadata"]["namespace"] != namespace:
+                continue  # other files' instances on a shared (real) cluster are not this story's
             if status(body).get("recovery") or condition(body, "Stalled").get("reason") in (
                 "WaitingForSource",
                 "RecoveryPaused",

@@ -74,7 +74,9 @@ def test_settings(fly_url: str, **overrides: Any) -> Settings:
         "recovery_timeout_seconds": 20,
         "retention_seconds": 3600,
         "retained_check_seconds": 0.3,
-        "retained_provenance_grace_seconds": 1,
+        # Long enough for a test that mints as the operator does (create, then the provenance) on a loaded
+        # machine; the refusal stories wait it out.
+        "retained_provenance_grace_seconds": 4,
         "retry_backoff_min_seconds": 0.1,
         "retry_backoff_max_seconds": 1.0,
         "wait_call_seconds": 1,

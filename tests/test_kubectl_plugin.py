@@ -19,7 +19,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY, start_http_server
 
-from harness import Stack, condition, status
+from harness import Stack, condition, eventually, status
 from kiloclaw_operator.models import GROUP, RETAINED_PLURAL, VERSION
 from kubesim import KubeSim
 from test_recovery_e2e import wait_failed
@@ -169,8 +169,13 @@ async def test_list_marks_a_failed_recovery_recoveries_lists_it_and_retry_asks_t
     failed = await failed_recovery(stack, namespace, "broken")
     failed_id = status(failed)["lastRecovery"]["id"]
 
-    # The alerts' signal: the operator counts the instance as Stalled for its reason.
-    assert (REGISTRY.get_sample_value("kiloclaw_instances_stalled", {"reason": "RecoveryFailed"}) or 0) >= 1
+    # The alerts' signal: the operator counts the instance as Stalled for its reason (from the bodies it
+    # knows, which on a loaded machine may reach it a moment after the API server showed them to us).
+    async def counted_stalled() -> bool | None:
+        value = REGISTRY.get_sample_value("kiloclaw_instances_stalled", {"reason": "RecoveryFailed"}) or 0
+        return True if value >= 1 else None
+
+    await eventually(counted_stalled, timeout=10, what="the instance counted as Stalled RecoveryFailed")
     rows = {r["name"]: r for r in await plugin_json(stack, "list", "-n", namespace)}
     assert rows["broken"]["attention"] == ["Stalled: RecoveryFailed"]
     assert rows["healthy"]["attention"] == []

@@ -224,7 +224,7 @@ async def test_the_container_recovers_an_instance_whose_host_failed(stack: Stack
     namespace = await stack.create_namespace("img")
     body = await provisioned(stack, namespace, "rec")
     source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
-    stack.fly.fail_host(machine_id=source_machine)
+    stack.fly.crash_machine(source_machine)
     done = await recovered(stack, namespace, "rec", source_machine)
     assert status(done)["volumeId"] != source_volume
     assert stack.fly.machine(source_machine)["state"] in ("destroyed", "destroying")
@@ -252,7 +252,7 @@ async def test_a_second_container_takes_over_when_the_leader_is_killed_and_recov
     assert failover < FAILOVER_BUDGET_SECONDS
     assert await lease_holder(stack) == "kiloclaw-operator-b"
 
-    stack.fly.fail_host(machine_id=source_machine)
+    stack.fly.crash_machine(source_machine)
     await recovered(stack, namespace, "fo", source_machine)
     b.stop()
 

@@ -214,7 +214,7 @@ async def recovery_through_the_leader(stack: Stack, name: str) -> None:
     await stack.create_instance(namespace, name, flyApp=f"acct-{namespace}")
     body = await stack.wait_instance(namespace, name, running_and_ready, timeout=90, what="Running")
     source = status(body)["machineId"]
-    stack.fly.fail_host(machine_id=source)
+    stack.fly.crash_machine(source)
     await stack.wait_instance(
         namespace,
         name,

@@ -183,10 +183,10 @@ async def test_a_tenant_with_kiloclaw_edit_runs_its_sandbox_and_every_attack_is_
     assert victim_fly_state(stack, victim_app, {shared["machineId"], shared["volumeId"]}) == before
     assert status(await stack.wait_phase(victim_ns, "alice", "Running"))["machineId"] == victim["machineId"]
 
-    # --- a recovery (a host failure; it may stop the victim too, which then recovers on its own) ----------
+    # --- a recovery (the machine crashes on a healthy host) -----------------------------------------------
     # A recovery keeps the old volume (it has a snapshot) as a retained volume the operator mints.
     stack.fly.add_snapshot(running["volumeId"])
-    stack.fly.fail_host(machine_id=running["machineId"])
+    stack.fly.crash_machine(running["machineId"])  # a healthy host: the old volume can be deleted early
     recovered = await stack.wait_instance(
         namespace,
         "mine",

@@ -110,6 +110,14 @@ def event_time(event: dict[str, Any]) -> datetime:
     return parse_time(_meta(event).get("creationTimestamp")) or datetime.min.replace(tzinfo=UTC)
 
 
+def event_order(event: dict[str, Any]) -> tuple[datetime, int]:
+    """Oldest first. The API server keeps whole seconds of an Event's timestamps, so events of one second are
+    ordered as the server stored them (resourceVersion): a list returns them by name, which generateName
+    makes random."""
+    stored = str(_meta(event).get("resourceVersion") or "")
+    return event_time(event), int(stored) if stored.isdigit() else 0
+
+
 def events_about(events: list[dict[str, Any]], namespace: str, names: set[str]) -> list[dict[str, Any]]:
     """Events whose object is one of ``names`` in ``namespace``, oldest first."""
     chosen = [
@@ -118,7 +126,7 @@ def events_about(events: list[dict[str, Any]], namespace: str, names: set[str]) 
         if (e.get("involvedObject") or {}).get("name") in names
         and (e.get("involvedObject") or {}).get("namespace", _meta(e).get("namespace")) == namespace
     ]
-    return sorted(chosen, key=event_time)
+    return sorted(chosen, key=event_order)
 
 
 def event_row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -285,7 +293,7 @@ def recoveries(
             },
         )
 
-    for event in sorted(events, key=event_time):
+    for event in sorted(events, key=event_order):
         if event.get("reason") not in RECOVERY_EVENTS:
             continue
         obj = event.get("involvedObject") or {}

@@ -50,17 +50,23 @@ async def test_recoveries_in_flight_counts_a_recovery_until_it_ends_and_a_failur
 ) -> None:
     body = await running_instance(stack, namespace)
     before = sample("kiloclaw_recoveries_total", outcome="failed", reason="fly_rejected")
-    stack.fly.inject_faults(f"POST /v1/apps/{APP}/machines", 422, count=1)
+    # Every machine create is refused until this recovery failed: a single injected answer could be taken by
+    # another story's recovery still running on the worker's shared stack.
+    stack.fly.inject_faults(f"POST /v1/apps/{APP}/machines", 422, count=1000)
     stack.fly.set_latency(1.0, route=f"POST /v1/apps/{APP}/volumes")  # a recovery in flight for a while
-    stack.fly.crash_machine(status(body)["machineId"])
-    await wait_step(stack, namespace, "SourceMachineDestroyed")
+    try:
+        stack.fly.crash_machine(status(body)["machineId"])
+        await wait_step(stack, namespace, "SourceMachineDestroyed")
 
-    async def counted() -> bool | None:
-        return True if sample("kiloclaw_recoveries_in_flight") >= 1 else None
+        async def counted() -> bool | None:
+            return True if sample("kiloclaw_recoveries_in_flight") >= 1 else None
 
-    await eventually(counted, timeout=5, what="the recovery counted in flight")
-    await wait_failed(stack, namespace)
-    assert sample("kiloclaw_recoveries_total", outcome="failed", reason="fly_rejected") == before + 1
+        await eventually(counted, timeout=5, what="the recovery counted in flight")
+        await wait_failed(stack, namespace)
+    finally:
+        stack.fly.clear_faults()
+        stack.fly.clear_latency()
+    assert sample("kiloclaw_recoveries_total", outcome="failed", reason="fly_rejected") >= before + 1
 
     async def none_in_flight() -> bool | None:
         instances = await stack.api.get(f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}")

@@ -22,6 +22,7 @@ from kiloclaw_operator.models import INSTANCE_PLURAL
 
 # Imported at collection, before the stack points KUBECONFIG at the operator's: the plugin runs as the admin.
 from test_kubectl_plugin import plugin, plugin_json
+from test_recovery_e2e import wait_recovered
 
 pytestmark = pytest.mark.xdist_group("fly-reality")
 
@@ -63,21 +64,6 @@ async def running_instance(stack: Stack, namespace: str, **spec: Any) -> dict[st
     )
 
 
-async def recovered(stack: Stack, namespace: str, source_machine: str, timeout: float = 20) -> dict[str, Any]:
-    return await stack.wait_instance(
-        namespace,
-        NAME,
-        lambda b: (
-            status(b).get("phase") == "Running"
-            and status(b).get("machineId") not in (None, source_machine)
-            and not status(b).get("recovery")
-            and (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded"
-        ),
-        timeout,
-        what="recovered onto a replacement",
-    )
-
-
 def requests(stack: Stack, method: str, path: str) -> list[Any]:
     return [r for r in stack.fly.request_log if r.method == method and r.path == f"/v1/apps/{APP}/{path}"]
 
@@ -98,7 +84,7 @@ async def test_a_dead_host_with_a_recent_snapshot_is_recovered_from_the_snapshot
     snapshot = stack.fly.add_snapshot(source_volume)
     stack.fly.fail_host(machine_id=source_machine)
 
-    done = await recovered(stack, namespace, source_machine)
+    done = await wait_recovered(stack, namespace, source_machine)
     last = status(done)["lastRecovery"]
     assert (last["source"], last["snapshotId"]) == ("Snapshot", snapshot["id"])
     assert 0 <= last["dataLossSeconds"] < 60
@@ -161,7 +147,7 @@ async def test_a_dead_host_without_a_snapshot_waits_stalled_and_recovers_by_itse
     await eventually(read_again, timeout=10, what="the waiting instance reading its machine again")
 
     stack.fly.restore_host(machine_id=source_machine)
-    done = await recovered(stack, namespace, source_machine)
+    done = await wait_recovered(stack, namespace, source_machine)
     assert status(done)["lastRecovery"]["source"] == "Fork"
     assert condition(done, "Stalled")["status"] == "False"
 
@@ -184,7 +170,7 @@ async def test_a_snapshot_older_than_the_policy_allows_is_not_restored_until_the
     assert [v["id"] for v in sandbox_volumes(stack, namespace)] == [source_volume]
 
     await stack.patch_instance(namespace, NAME, {"spec": {"recovery": {"maxDataLossSeconds": 3600}}})
-    done = await recovered(stack, namespace, source_machine)
+    done = await wait_recovered(stack, namespace, source_machine)
     assert status(done)["lastRecovery"]["snapshotId"] == snapshot["id"]
 
 

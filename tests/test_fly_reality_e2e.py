@@ -352,3 +352,67 @@ async def test_a_stopped_machine_that_fly_migrated_is_followed_and_starts_on_its
     )
     assert status(up)["machineId"] == machine and status(up)["volumeId"] == status(moved)["volumeId"]
     assert "lastRecovery" not in status(up)
+
+
+async def test_an_admins_rearm_releases_the_brake_without_waiting_for_another_stop(
+    stack: Stack, namespace: str
+) -> None:
+    """The operator watches the brake's Lease while it is engaged: a re-arm takes effect in seconds even when
+    no instance looks again (paused instances re-check only every source_recheck_seconds), so the next
+    incident's first stops are not counted against a brake that the admin has already released."""
+    await stack.restart_operator(
+        brake_pause_stops=1,
+        brake_window_seconds=600,
+        brake_min_instances=100_000,
+        source_recheck_seconds=600,
+    )
+    try:
+        names = ["w1", "w2"]
+        machines = {}
+        for name in names:
+            await stack.create_instance(namespace, name, regions=REGIONS)
+        for name in names:
+            body = await stack.wait_instance(
+                namespace, name, lambda b: status(b).get("phase") == "Running", what=f"{name} Running"
+            )
+            machines[name] = status(body)["machineId"]
+        # The first stop is within the threshold and recovers; the second engages the brake.
+        stack.fly.crash_machine(machines["w1"])
+        await stack.wait_instance(
+            namespace,
+            "w1",
+            lambda b: (
+                (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+                and status(b).get("phase") == "Running"
+            ),
+            timeout=30,
+            what="w1 recovered",
+        )
+        stack.fly.crash_machine(machines["w2"])
+
+        async def engaged() -> bool | None:
+            return REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 1 or None
+
+        await eventually(engaged, timeout=30, what="the brake engaged")
+
+        async def settled() -> bool | None:
+            first, second = [await stack.get_instance(namespace, name) for name in names]
+            return (
+                first
+                and second
+                and (status(first).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+                and status(first).get("phase") == "Running"
+                and condition(second, "Stalled").get("reason") == "RecoveryPaused"
+            ) or None
+
+        # Nothing reports a stop any more: the first recovered before the brake engaged, the second is paused.
+        await eventually(settled, timeout=30, what="w2 paused")
+        rearmed = await plugin(stack, "rearm")
+        assert rearmed.returncode == 0, rearmed.stderr
+
+        async def released() -> bool | None:
+            return REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 0 or None
+
+        await eventually(released, timeout=10, what="the operator saw the re-arm without a new stop")
+    finally:
+        await stack.restart_operator()

@@ -74,6 +74,7 @@ class RecoveryBrake:
         self.slots = asyncio.Semaphore(settings.recovery_concurrency)
         self._next_begin = 0.0
         self._pace = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
 
     def threshold(self) -> int:
         """Stops within the window above which the brake engages."""
@@ -117,6 +118,15 @@ class RecoveryBrake:
         logger.error("recovery brake engaged: %s", reason)
         RECOVERY_BRAKE_ENGAGED.set(1)
         await self._write_lease(ENGAGED, reason)
+        if self._kube is not None and (self._watch is None or self._watch.done()):
+            self._watch = asyncio.create_task(self._watch_for_release(), name="kiloclaw-brake-release")
+
+    async def _watch_for_release(self) -> None:
+        """While engaged, read the Lease every few seconds: an admin's re-arm takes effect at once, not at the
+        next reported stop (which may be the next incident's first, counted against a brake still engaged)."""
+        while self.state == ENGAGED:
+            await asyncio.sleep(_LEASE_READ_SECONDS)
+            await self._read_lease()
 
     async def admit(self, instance: Any) -> str | None:
         """Count this confirmed stop; None: the recovery may begin; else why it is paused."""

@@ -625,6 +625,10 @@ class RealKube:
             subprocess.run(
                 ["kubectl", "apply", "-f", str(ROOT / "deploy" / "base" / manifest)], check=True, timeout=120
             )
+        # The operator's renewals in the `leader-election` priority level, as deploy/ installs it.
+        subprocess.run(
+            ["kubectl", "apply", "-k", str(ROOT / "deploy" / "flowcontrol")], check=True, timeout=120
+        )
         with self.access.client() as admin:
             token = realcluster.service_account_token(admin, "kiloclaw-system", "kiloclaw-operator", 7200)
         return realcluster.write_token_kubeconfig(workdir / "kubeconfig", admin_kubeconfig, token)

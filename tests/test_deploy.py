@@ -242,6 +242,7 @@ def test_every_namespaced_object_lands_in_the_operator_namespace() -> None:
         "CustomResourceDefinition",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
+        "FlowSchema",
     }
     for kustomization in KUSTOMIZATIONS:
         for manifest in rendered(kustomization):
@@ -746,3 +747,34 @@ def test_every_install_ships_both_admission_policies_bound_to_deny(kustomization
     service_account = only(manifests, "ServiceAccount")
     account = service_account["metadata"]
     assert f"system:serviceaccount:{account['namespace']}:{account['name']}" in rule["expression"]
+
+
+@pytest.mark.parametrize("kustomization", list(KUSTOMIZATIONS))
+def test_every_install_puts_the_operators_lease_requests_in_the_leader_election_priority_level(
+    kustomization: str,
+) -> None:
+    """A renewal must not queue behind the operator's own burst of status writes (a 429 there lets the Lease
+    lapse mid-burst): Lease updates in the operator's namespace (a leader's renewal is one conditional update)
+    match a FlowSchema of `leader-election`; the claims' gets and creates do not crowd that level."""
+    manifests = rendered(kustomization)
+    schema = only(manifests, "FlowSchema", "kiloclaw-operator-leases")
+    assert "namespace" not in schema["metadata"]  # cluster-scoped
+    spec = schema["spec"]
+    assert spec["priorityLevelConfiguration"]["name"] == "leader-election"
+    assert 100 < spec["matchingPrecedence"] < 9000  # after the system's, before `service-accounts`
+    (rule,) = spec["rules"]
+    account = only(manifests, "ServiceAccount")["metadata"]
+    assert rule["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "serviceAccount": {"name": account["name"], "namespace": account["namespace"]},
+        }
+    ]
+    assert rule["resourceRules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["update"],
+            "namespaces": [account["namespace"]],
+        }
+    ]

@@ -147,3 +147,47 @@ def test_the_largest_admissible_instance_survives_kubectl_apply_and_the_operator
         assert patched.returncode == 0, patched.stderr
     finally:
         kubectl(kubeconfig, "delete", "kci", name, "-n", namespace, "--wait=false")
+
+
+def test_the_operators_lease_renewals_are_served_in_the_leader_election_priority_level(
+    kubeconfig: str,
+) -> None:
+    """deploy/flowcontrol on the real server's API Priority and Fairness: the operator's ServiceAccount
+    renewing a Lease (one update, leadership.py) is classified into `leader-election`, while its other
+    requests (a read here) stay in `workload-low` with the rest of its traffic. The server names the
+    priority level of every answer in a response header."""
+    for manifest in ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml"):
+        applied = kubectl(kubeconfig, "apply", "-f", str(ROOT / "deploy" / "base" / manifest))
+        assert applied.returncode == 0, applied.stderr
+    applied = kubectl(kubeconfig, "apply", "-k", str(ROOT / "deploy" / "flowcontrol"))
+    assert applied.returncode == 0, applied.stderr
+    admin_access = realcluster.load_access()
+    with admin_access.client() as admin:
+        levels = {
+            item["metadata"]["name"]: item["metadata"]["uid"]
+            for item in admin.get("/apis/flowcontrol.apiserver.k8s.io/v1/prioritylevelconfigurations").json()[
+                "items"
+            ]
+        }
+        token = realcluster.service_account_token(admin, "kiloclaw-system", "kiloclaw-operator")
+        leases = "/apis/coordination.k8s.io/v1/namespaces/kiloclaw-system/leases"
+        name = "kiloclaw-test-flowcontrol"
+        admin.delete(f"{leases}/{name}")
+        created = admin.post(
+            leases, json={"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name}}
+        )
+        assert created.status_code == 201, created.text
+    try:
+        with admin_access.as_token(token).client() as operator:
+            read = operator.get(f"{leases}/{name}")
+            assert read.status_code == 200, read.text
+            lease = read.json()
+            lease["spec"] = {"holderIdentity": "test", "leaseDurationSeconds": 15}
+            renewed = operator.put(f"{leases}/{name}", json=lease)
+            assert renewed.status_code == 200, renewed.text
+        header = "X-Kubernetes-PF-PriorityLevel-UID"
+        assert renewed.headers[header] == levels["leader-election"]
+        assert read.headers[header] == levels["workload-low"]
+    finally:
+        with admin_access.client() as admin:
+            admin.delete(f"{leases}/{name}")

@@ -137,6 +137,27 @@ async def test_the_first_candidate_creates_the_lease_and_the_second_stays_standb
     assert lease_holder(kube) == "a"
 
 
+async def test_the_leader_renews_with_one_conditional_update_and_no_read(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    """One request per renewal, the verb the FlowSchema in deploy/flowcontrol lifts into `leader-election`
+    (a read would queue behind the operator's own burst in `workload-low`)."""
+    leader = LeaderElector(client, config("a"))
+    assert await leader.try_acquire_or_renew()
+    before = len(kube.request_log)
+    for _ in range(3):
+        assert await leader.try_acquire_or_renew()
+    renewals = [r.verb for r in list(kube.request_log)[before:] if r.resource == "leases"]
+    assert renewals == ["update"] * 3
+    # Someone else wrote in between: the conditional update conflicts, the full round reads and stands down.
+    stored = kube.get_object(LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL, NAMESPACE, "kiloclaw-operator")
+    assert stored is not None
+    stored["spec"]["holderIdentity"] = "usurper"
+    await client.replace_lease(NAMESPACE, "kiloclaw-operator", stored)
+    assert not await leader.try_acquire_or_renew()
+    assert not leader.is_leader and lease_holder(kube) == "usurper"
+
+
 async def test_a_standby_takes_an_unrenewed_lease_only_after_its_duration_on_the_standbys_own_clock(
     kube: KubeSim, client: KubeClient
 ) -> None:

@@ -84,8 +84,12 @@ func run(dir string, port, etcdPort int, verbosity string) error {
 		"--api-audiences=https://kubernetes.default.svc.cluster.local",
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--cert-dir=" + filepath.Join(dir, "certs"),
-		"--enable-priority-and-fairness=false",
-		"--profiling=false",
+		// As every cluster runs it (on by default since 1.20): API Priority and Fairness decides which
+		// requests wait or get a 429 when the server is busy, and deploy/flowcontrol relies on it.
+		"--enable-priority-and-fairness=true",
+		// /debug/pprof for authorized users (the admin of .cluster/kubeconfig): the benchmark profiles
+		// the API server with it (tests/benchmark.py --profile --cluster).
+		"--profiling=true",
 		"--v=" + verbosity,
 	})
 	return cmd.Execute()

@@ -255,10 +255,12 @@ async def run(args: argparse.Namespace, workdir: Path, out: Outcome) -> None:
         kubeconfig = await asyncio.to_thread(kube.start, workdir)
         prefix = f"outage-{datetime.now(UTC):%H%M%S}" if args.cluster else "outage"
         namespaces = [f"{prefix}-{index:03d}" for index in range(args.namespaces)]
-        for namespace in namespaces:
-            await kube.create_namespace(namespace)
         names = [(namespaces[i % len(namespaces)], f"inst-{i:05d}") for i in range(args.instances)]
         apps = {key: f"acct-outage-{index:05d}" for index, key in enumerate(names)}
+        for namespace in namespaces:
+            # Each namespace bound to the apps of its instances (tenancy.py), as the cluster admin binds them.
+            bound = sorted({app for (ns, _), app in apps.items() if ns == namespace})
+            await kube.create_namespace(namespace, bench.binding(*bound))
         leader = bench.Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
         leader.env["KILOCLAW_BRAKE_WINDOW_SECONDS"] = "60"
         process = leader.start()

@@ -354,12 +354,13 @@ async def test_a_stopped_machine_that_fly_migrated_is_followed_and_starts_on_its
     assert "lastRecovery" not in status(up)
 
 
-async def test_an_admins_rearm_releases_the_brake_without_waiting_for_another_stop(
+async def test_an_admins_rearm_releases_the_brake_and_its_paused_recoveries_at_once(
     stack: Stack, namespace: str
 ) -> None:
     """The operator watches the brake's Lease while it is engaged: a re-arm takes effect in seconds even when
     no instance looks again (paused instances re-check only every source_recheck_seconds), so the next
-    incident's first stops are not counted against a brake that the admin has already released."""
+    incident's first stops are not counted against a brake that the admin has already released, and the
+    paused recoveries begin at once."""
     await stack.restart_operator(
         brake_pause_stops=1,
         brake_window_seconds=600,
@@ -414,5 +415,16 @@ async def test_an_admins_rearm_releases_the_brake_without_waiting_for_another_st
             return REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 0 or None
 
         await eventually(released, timeout=10, what="the operator saw the re-arm without a new stop")
+        # ... and the paused instance proceeds at once, not at its next look (600 s away here).
+        await stack.wait_instance(
+            namespace,
+            "w2",
+            lambda b: (
+                (status(b).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+                and status(b).get("phase") == "Running"
+            ),
+            timeout=30,
+            what="w2 recovered after the re-arm",
+        )
     finally:
         await stack.restart_operator()

@@ -14,12 +14,14 @@ refuted by its read: a listing that lies), are counted over a sliding window
 (``KILOCLAW_BRAKE_WINDOW_SECONDS``, 300). When the count exceeds ``KILOCLAW_BRAKE_PAUSE_STOPS`` (200), or a
 share ``KILOCLAW_BRAKE_PAUSE_SHARE`` (0.2) of the instances this operator drives (only once it drives at least
 ``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries pause (each instance is ``Stalled``,
-reason ``RecoveryPaused``, and looks again every ``KILOCLAW_SOURCE_RECHECK_SECONDS``), the gauge
+reason ``RecoveryPaused``, and looks again every ``KILOCLAW_SOURCE_RECHECK_SECONDS`` or as soon as the brake is
+released), the gauge
 ``kiloclaw_recovery_brake_engaged`` is 1, the Lease ``kiloclaw-recovery-brake`` in the operator's namespace
 carries the state and reason (cluster-wide), and each paused instance gets a Warning Event. Recoveries already
 in flight go on. Why: that many confirmed stops at once is a region or platform event, where blind
 relocation can cost more than it saves (capacity elsewhere, snapshot data loss, a Fly incident that makes
-reads lie too); a person decides. ``kubectl kiloclaw rearm`` releases it: recoveries proceed (through the
+reads lie too); a person decides. ``kubectl kiloclaw rearm`` releases it (the operator reads the Lease every 2 s while engaged):
+recoveries proceed (through the
 budget) and the brake stays released until a whole window passes without a confirmed stop, then arms itself
 again for the next incident.
 """
@@ -75,6 +77,9 @@ class RecoveryBrake:
         self._next_begin = 0.0
         self._pace = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
+        #: The paused instances' wake-ups, run when an admin releases the brake (keyed by instance, so a
+        #: paused instance that looks again is held once).
+        self._paused: dict[tuple[str, str], Callable[[], None]] = {}
 
     def threshold(self) -> int:
         """Stops within the window above which the brake engages."""
@@ -128,8 +133,9 @@ class RecoveryBrake:
             await asyncio.sleep(_LEASE_READ_SECONDS)
             await self._read_lease()
 
-    async def admit(self, instance: Any) -> str | None:
-        """Count this confirmed stop; None: the recovery may begin; else why it is paused."""
+    async def admit(self, instance: Any, wake: Callable[[], None] | None = None) -> str | None:
+        """Count this confirmed stop; None: the recovery may begin; else why it is paused (and ``wake`` is
+        called when an admin releases the brake, so the instance does not wait for its next look)."""
         now = self._monotonic()
         window = self._settings.brake_window_seconds
         if self.state == ENGAGED:
@@ -145,6 +151,8 @@ class RecoveryBrake:
                 "with `kubectl kiloclaw rearm`"
             )
         if self.state == ENGAGED:
+            if wake is not None:
+                self._paused[(instance.ref.namespace, instance.ref.name)] = wake
             return self.reason
         return None
 
@@ -175,6 +183,9 @@ class RecoveryBrake:
             self.state = RELEASED
             self.reason = ""
             RECOVERY_BRAKE_ENGAGED.set(0)
+            paused, self._paused = self._paused, {}
+            for wake in paused.values():
+                wake()
 
     async def _write_lease(self, state: str, reason: str) -> None:
         if self._kube is None:

@@ -148,6 +148,8 @@ class Port:
     driven: set[str]
     #: The mass-failure brake and recovery budget (brake.py); None: no brake (tests of single recoveries).
     brake: Any = None
+    #: Wakes the instance's driver now (a paused recovery looks again as soon as the brake is released).
+    wake: Callable[[], None] | None = None
 
 
 # --- entry points ---------------------------------------------------------------------------------------

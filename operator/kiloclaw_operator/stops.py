@@ -347,7 +347,7 @@ async def _recover_from_chosen_source(port: recovery.Port, instance: Instance) -
         return await stall_waiting(port, instance, REASON_WAITING_FOR_SOURCE, choice.reason)
     if port.brake is None:
         return await recovery.begin(port, instance, choice.source, choice.snapshot)
-    paused = await port.brake.admit(instance)
+    paused = await port.brake.admit(instance, port.wake)
     if paused is not None:
         return await stall_waiting(port, instance, REASON_RECOVERY_PAUSED, paused)
     # The budget: begun at a paced rate, at most `recovery_concurrency` running at once.

@@ -300,6 +300,12 @@ class LeaderElector:
                     async with asyncio.timeout(remaining):
                         renewed = await self.try_acquire_or_renew()
                 except TimeoutError:
+                    logger.warning(
+                        "lease %s: no answer to the renewal within the %.1f s left of the renew deadline",
+                        self._lease_ref,
+                        remaining,
+                        extra={"identity": config.identity},
+                    )
                     renewed = False
                 if renewed:
                     break

@@ -516,12 +516,13 @@ class LogRecords(logging.Handler):
 async def eventually(
     check: Callable[[], Awaitable[T | None]], timeout: float = 15, what: str = "condition"
 ) -> T:
-    """Poll ``check`` until it returns something other than None (never a fixed sleep)."""
+    """Poll ``check`` until it returns something other than None or False (never a fixed sleep): a check
+    written as a plain comparison must not pass on its first False."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
         result = await check()
-        if result is not None:
+        if result is not None and result is not False:
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")

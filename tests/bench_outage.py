@@ -122,7 +122,12 @@ async def lying_feed(
 ) -> None:
     before = await fly.counts()
     lied = (await fly.control.post("/listing/lies", json={"fraction": 0.3})).json()["machine_ids"]
-    await asyncio.sleep(args.lie_seconds)
+    began = time.monotonic()
+    engaged_after: float | None = None
+    while (waited := time.monotonic() - began) < args.lie_seconds:
+        if engaged_after is None and await brake_state(api) == "Engaged":
+            engaged_after = waited
+        await asyncio.sleep(min(1.0, max(args.lie_seconds - waited, 0)))
     during = bench.route_delta(before, await fly.counts())
     statuses = await bench.list_instances(api, bench.Results(0, 0, datetime.now(UTC)))
     brake = await brake_state(api)
@@ -138,6 +143,9 @@ async def lying_feed(
             break
         await asyncio.sleep(1.0)
     normal = time.monotonic() - ended
+    if await brake_state(api) == "Engaged":
+        # Engaged by the confirmations still queued when the lie ended: the admin re-arms it after the incident.
+        await rearm(api)
     reads = during.get("GET /v1/apps/{app_name}/machines/{machine_id}", 0)
     out.add("Lying feed: machines reported stopped while running", f"{len(lied)} (30 %)")
     out.add("Lying feed: lie held for", f"{args.lie_seconds:g} s")
@@ -145,7 +153,11 @@ async def lying_feed(
     out.add("Lying feed: recoveries started", recoveries)
     out.add("Lying feed: instances not Running during the lie", not_running)
     out.add("Lying feed: per-machine confirming reads", reads)
-    out.add("Lying feed: brake state during the lie (re-armed after it)", brake)
+    out.add("Lying feed: brake state at the end of the lie (re-armed after it)", brake)
+    out.add(
+        "Lying feed: brake engaged after",
+        "not during the lie" if engaged_after is None else f"{engaged_after:.1f} s",
+    )
     out.add("Lying feed: back to normal after the listing recovered", f"{normal:.1f} s")
 
 
@@ -264,8 +276,8 @@ async def run(args: argparse.Namespace, workdir: Path, out: Outcome) -> None:
         leader = bench.Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
         leader.env["KILOCLAW_BRAKE_WINDOW_SECONDS"] = "60"
         # One replica and no standby: this benchmark measures recovery, not fail-over (tests/benchmark.py
-        # does, with the default Lease). A wide Lease keeps a renewal that the API server answers late (kubesim
-        # is one Python process serving 10,000 objects on the same two cores) from ending the run.
+        # does, with the default Lease). A wide Lease keeps a renewal that the API server answers late
+        # (kubesim is one Python process serving 10,000 objects on the same two cores) from ending the run.
         leader.env["KILOCLAW_LEASE_DURATION_SECONDS"] = "60"
         leader.env["KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS"] = "40"
         process = leader.start()

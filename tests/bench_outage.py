@@ -144,7 +144,7 @@ async def lying_feed(
         await asyncio.sleep(1.0)
     normal = time.monotonic() - ended
     if await brake_state(api) == "Engaged":
-        # Engaged by the confirmations still queued when the lie ended: the admin re-arms it after the incident.
+        # Engaged by the confirmations still queued when the lie ended: the admin re-arms it afterwards.
         await rearm(api)
     reads = during.get("GET /v1/apps/{app_name}/machines/{machine_id}", 0)
     out.add("Lying feed: machines reported stopped while running", f"{len(lied)} (30 %)")

@@ -642,7 +642,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             and (
                 instance.created_at is None
                 or v.created_at is None
-                or v.created_at >= instance.created_at - timedelta(seconds=60)
+                or self.ctx.fly.in_our_clock(v.created_at) >= instance.created_at - timedelta(seconds=60)
             )
         ]
         if not candidates:

@@ -434,7 +434,7 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
             )
     names = _fork_names(instance)
     for volume in await client.list_volumes(app):
-        if _is_fork_of_this_attempt(volume, names, record):
+        if _is_fork_of_this_attempt(client, volume, names, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
@@ -847,7 +847,7 @@ async def _unrecorded_replacement_volume(
         volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
-    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, names, record)), None)
+    return next((v.id for v in volumes if _is_fork_of_this_attempt(port.fly, v, names, record)), None)
 
 
 def _fork_names(instance: InstanceModel) -> set[str]:
@@ -856,16 +856,19 @@ def _fork_names(instance: InstanceModel) -> set[str]:
     return {fly.volume_name(instance.spec.sandbox_id), fly.legacy_volume_name(instance.spec.sandbox_id)}
 
 
-def _is_fork_of_this_attempt(volume: Volume, names: set[str], record: RecoveryStatus) -> bool:
+def _is_fork_of_this_attempt(
+    client: FlyClient, volume: Volume, names: set[str], record: RecoveryStatus
+) -> bool:
     """A live, unattached volume with the sandbox's name, created since this attempt began, that is not its
     source: what step 4 of this attempt created (an older volume of the same name is a retained copy, never
-    adopted; an attached one is in someone's use)."""
+    adopted; an attached one is in someone's use). Fly stamps ``created_at`` with its own clock, the attempt
+    began by ours: compared in ours."""
     return (
         volume.name in names
         and not volume.attached_machine_id
         and volume.id != record.source_volume_id
         and volume.created_at is not None
-        and volume.created_at >= record.started_at
+        and client.in_our_clock(volume.created_at) >= record.started_at
         and not volume.is_gone
     )
 

@@ -34,6 +34,7 @@ from . import __version__
 from .fly import backoff_delay, parse_retry_after
 from .kubeconfig import ClusterLogin, TokenSource, load_kubeconfig
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
+from .reasons import Reason
 from .transport import AiohttpTransport
 
 logger = logging.getLogger("kiloclaw.kube")
@@ -435,7 +436,9 @@ class KubeClient:
 
     # --- events ----------------------------------------------------------------------------------------
 
-    async def post_event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
+    async def post_event(
+        self, ref: ObjectRef, reason: Reason, message: str, *, warning: bool = False
+    ) -> None:
         """Best effort: an Event that cannot be posted is logged, never allowed to fail a step."""
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = {

@@ -47,6 +47,7 @@ from .models import (
     step_reached,
 )
 from .models import Instance as InstanceModel
+from .reasons import Reason
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_recorded_machine
 
 logger = logging.getLogger("kiloclaw.recovery")
@@ -195,7 +196,7 @@ async def begin(
         "started",
         _fields(instance),
         event=(
-            "RecoveryStarted",
+            Reason.RECOVERY_STARTED,
             f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}"
             + _source_note(record),
         ),
@@ -591,7 +592,7 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
             ) from exc
         await port.kube.post_event(
             instance.ref,
-            "RetainedVolumeCreated",
+            Reason.RETAINED_VOLUME_CREATED,
             f"old volume {record.source_volume_id} kept as {retained_name}",
         )
     last = instance.status.last_recovery
@@ -609,7 +610,7 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         "succeeded",
         {**_fields(instance, record.id), "durationMs": int(duration * 1000), "retainedVolume": retained_name},
         event=(
-            "RecoverySucceeded",
+            Reason.RECOVERY_SUCCEEDED,
             f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
             f"in {instance.status.region}" + _restored_note(record),
         ),
@@ -639,7 +640,7 @@ def _retained_volume_body(
         sandbox_id=instance.spec.sandbox_id,
         instance_name=instance.ref.name,
         region=record.source_region,
-        reason="UnexpectedStopRecovery",
+        reason=Reason.UNEXPECTED_STOP_RECOVERY,
         recovery_id=record.id,
         retain_until=retain_until,
     )
@@ -748,7 +749,7 @@ async def fail(
             ),
         }
     )
-    status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, acted_on)
+    status = conditions.mark_stalled(status, Reason.RECOVERY_FAILED, message, now, acted_on)
     instance = await port.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )
@@ -762,7 +763,7 @@ async def fail(
             "label": label,
             "durationMs": int(duration * 1000),
         },
-        event=("RecoveryFailed", f"recovery {record.id} failed: {message}"),
+        event=(Reason.RECOVERY_FAILED, f"recovery {record.id} failed: {message}"),
         duration=duration,
         reason=reason,
         warning=True,
@@ -776,7 +777,7 @@ async def _announce(
     outcome: str,
     fields: dict[str, Any],
     *,
-    event: tuple[str, str],
+    event: tuple[Reason, str],
     duration: float | None = None,
     reason: str = "",
     warning: bool = False,

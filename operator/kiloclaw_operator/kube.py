@@ -116,25 +116,27 @@ class CredentialsAuth(httpx.Auth):
         self._credentials = credentials
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        _authorize(request, self._credentials.header())
+        sent = _authorize(request, self._credentials.header())
         response = yield request
         if response.status_code == 401:
-            self._credentials.invalidate()
+            self._credentials.invalidate(sent)
             _authorize(request, self._credentials.header())
             yield request
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        _authorize(request, self._credentials.cached() or await asyncio.to_thread(self._credentials.header))
+        sent = self._credentials.cached() or await asyncio.to_thread(self._credentials.header)
+        _authorize(request, sent)
         response = yield request
         if response.status_code == 401:
-            self._credentials.invalidate()
+            self._credentials.invalidate(sent)
             _authorize(request, await asyncio.to_thread(self._credentials.header))
             yield request
 
 
-def _authorize(request: httpx.Request, header: str | None) -> None:
+def _authorize(request: httpx.Request, header: str | None) -> str | None:
     if header:
         request.headers["Authorization"] = header
+    return header
 
 
 def tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:

@@ -66,7 +66,7 @@ class Authorization:
 
     header: str | None
     expires_at: datetime | None = None
-    fresh_for: float | None = None  # seconds, for a source that must be read again (a token file)
+    fresh_for: float | None = None  # seconds, for a source read again on a schedule (the projected token)
 
 
 class Credentials:
@@ -99,10 +99,12 @@ class Credentials:
         """The header when it is still fresh, without blocking (None: call ``header()``)."""
         return self._current.header if time.time() < self._fresh_until else None
 
-    def invalidate(self) -> None:
-        """After a 401: the next ``header()`` loads the login again."""
+    def invalidate(self, rejected: str | None) -> None:
+        """After a 401 to ``rejected``: the next ``header()`` loads the login again (once for many requests
+        refused together: not when it was loaded again since)."""
         with self._lock:
-            self._fresh_until = 0.0
+            if self._current.header == rejected:
+                self._fresh_until = 0.0
 
     @property
     def expires_at(self) -> datetime | None:

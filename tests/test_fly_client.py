@@ -629,8 +629,6 @@ async def test_a_fly_timestamp_is_told_in_our_clock_by_the_offset_its_date_heade
     finally:
         sim.clock_offset = 0.0
     assert volume.created_at is not None
-    # The header has whole seconds: an offset under CLOCK_NOISE_SECONDS counts as none, one above is within 1.5 s.
-    assert abs(fly.clock_offset - (fly_ahead_seconds if abs(fly_ahead_seconds) > 1.5 else 0.0)) <= 1.5
-    assert (
-        before - timedelta(seconds=2) <= fly.in_our_clock(volume.created_at) <= after + timedelta(seconds=2)
-    )
+    # The Date header has whole seconds: a small skew is within them.
+    slack = timedelta(seconds=2)
+    assert before - slack <= fly.in_our_clock(volume.created_at) <= after + slack

@@ -15,9 +15,12 @@ RUN python3 -m venv /opt/venv
 # Metadata first: the package sources change more often than the build inputs.
 COPY pyproject.toml README.md ./
 COPY operator ./operator
+# The official kubernetes client ships its generated API twice, synchronous and asyncio (kubernetes/aio, 68 MB);
+# the operator uses only its configuration loading, and nothing imports kubernetes.aio: left out.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/venv/bin/pip install /wheels/*.whl \
- && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
+ && /opt/venv/bin/pip uninstall --yes pip setuptools wheel \
+ && rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio
 
 # Stage 2: the runtime — the virtualenv on a clean base; no compilers, no sources, no pip.
 FROM ${BASE}

@@ -11,6 +11,7 @@ import pytest
 from kiloclaw_operator import conditions
 from kiloclaw_operator.conditions import READY, RECONCILING, STALLED, set_condition, summarize
 from kiloclaw_operator.models import Condition, InstanceSpec, InstanceStatus, Phase
+from kiloclaw_operator.reasons import Reason
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -140,7 +141,7 @@ def test_stalled_defaults_to_false_and_summarize_never_sets_it() -> None:
 
 @pytest.mark.parametrize(
     "reason",
-    [conditions.REASON_RECOVERY_FAILED, conditions.REASON_INVALID_SPEC, conditions.REASON_FLY_UNAUTHORIZED],
+    [Reason.RECOVERY_FAILED, Reason.INVALID_SPEC, Reason.FLY_UNAUTHORIZED],
 )
 def test_mark_stalled_records_reason_message_and_generation(reason: str) -> None:
     result = conditions.mark_stalled(status(Phase.FAILED), reason, "Fly said: app not found", T0, 4)

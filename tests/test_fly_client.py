@@ -615,3 +615,20 @@ async def test_a_changing_call_that_waited_for_a_connection_slot_is_not_sent_onc
         sim.set_latency(0.0, route="GET /v1/apps/*/machines/*")
         await fenced.aclose()
     assert not requests_to(sim, "POST", f"/v1/apps/{APP}/machines/{machine.id}/stop"), "nothing reached Fly"
+
+
+@pytest.mark.parametrize("fly_ahead_seconds", [-3600.0, 600.0, 0.4])
+async def test_a_fly_timestamp_is_told_in_our_clock_by_the_offset_its_date_header_shows(
+    sim: FlySimulator, fly: FlyClient, fly_ahead_seconds: float
+) -> None:
+    sim.clock_offset = fly_ahead_seconds
+    try:
+        before = datetime.now(UTC)
+        volume = await fly.create_volume(APP, name="kiloclaw_clock", region="iad", size_gb=1)
+        after = datetime.now(UTC)
+    finally:
+        sim.clock_offset = 0.0
+    assert volume.created_at is not None
+    # The Date header has whole seconds: a small skew is within them.
+    slack = timedelta(seconds=2)
+    assert before - slack <= fly.in_our_clock(volume.created_at) <= after + slack

@@ -490,6 +490,7 @@ def test_a_failing_exec_credential_plugin_is_one_line_with_its_message(tmp_path:
     fake_exec_plugin(tmp_path)
     user = {
         "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
             "command": "./bin/fake-cloud-auth",
             "args": [str(tmp_path / "seen")],
             "env": [{"name": "FAKE_FAIL", "value": "1"}],
@@ -498,17 +499,41 @@ def test_a_failing_exec_credential_plugin_is_one_line_with_its_message(tmp_path:
     result = kubectl("kiloclaw", "list", kubeconfig=write_kubeconfig(tmp_path, "http://127.0.0.1:9", user))
     assert result.returncode == 4
     assert one_line(result) == (
-        "error: exec credential plugin 'fake-cloud-auth' exited 1: the identity provider said no"
+        "error: exec credential plugin 'fake-cloud-auth' failed: process returned 1. "
+        "the identity provider said no"
     )
 
 
 def test_a_missing_exec_credential_plugin_shows_its_install_hint(tmp_path: Path) -> None:
-    user = {"exec": {"command": "gke-gcloud-auth-plugin-absent", "installHint": "Install it with gcloud."}}
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": "gke-gcloud-auth-plugin-absent",
+            "installHint": "Install it with gcloud.",
+        }
+    }
     result = kubectl("kiloclaw", "list", kubeconfig=write_kubeconfig(tmp_path, "http://127.0.0.1:9", user))
     assert result.returncode == 4
     assert one_line(result) == (
         "error: exec credential plugin 'gke-gcloud-auth-plugin-absent' not found (Install it with gcloud.)"
     )
+
+
+@pytest.mark.parametrize("missing", ["cluster", "user"])
+def test_a_context_naming_a_missing_entry_is_one_line_and_exit_4(tmp_path: Path, missing: str) -> None:
+    config = yaml.safe_load(write_kubeconfig(tmp_path, "http://127.0.0.1:9", {"token": "t"}).read_text())
+    config["contexts"][0]["context"][missing] = "absent"
+    (tmp_path / "kc").write_text(yaml.safe_dump(config))
+    result = kubectl("kiloclaw", "list", kubeconfig=tmp_path / "kc")
+    assert result.returncode == 4
+    assert one_line(result) == f"error: context 'main' names {missing} 'absent', which is not defined"
+
+
+def test_an_exec_section_without_an_api_version_is_refused_as_kubectl_refuses_it(tmp_path: Path) -> None:
+    user = {"exec": {"command": "./bin/fake-cloud-auth"}}
+    result = kubectl("kiloclaw", "list", kubeconfig=write_kubeconfig(tmp_path, "http://127.0.0.1:9", user))
+    assert result.returncode == 4
+    assert "apiVersion" in one_line(result)
 
 
 async def test_a_token_file_is_read_for_the_bearer_token(

@@ -156,17 +156,31 @@ def reply_to_create_held(
         del fly._serve_fly
 
 
+@contextmanager
+def fly_clock_restored(stack: Stack) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        stack.fly.clock_offset = 0.0
+
+
 @pytest.mark.parametrize(
-    ("recorded", "create"),
-    [("SourceMachineDestroyed", "volumes"), ("ReplacementVolumeCreated", "machines")],
-    ids=["fork", "machine"],
+    ("recorded", "create", "fly_clock_offset"),
+    [
+        ("SourceMachineDestroyed", "volumes", 0.0),
+        ("ReplacementVolumeCreated", "machines", 0.0),
+        # Fly stamps the fork an hour before the attempt began by our clock: adoption compares in ours.
+        ("SourceMachineDestroyed", "volumes", -3600.0),
+    ],
+    ids=["fork", "machine", "fork-with-fly-clock-an-hour-behind"],
 )
 async def test_an_operator_killed_between_a_create_call_and_its_status_write_adopts_what_was_created(
-    stack: Stack, namespace: str, recorded: str, create: str
+    stack: Stack, namespace: str, recorded: str, create: str, fly_clock_offset: float
 ) -> None:
     body = await running_instance(stack, namespace)
     source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
-    with FlyTap(stack) as tap, FlyCreates(stack, namespace) as creates:
+    stack.fly.clock_offset = fly_clock_offset
+    with FlyTap(stack) as tap, FlyCreates(stack, namespace) as creates, fly_clock_restored(stack):
         deletes_seen = watch_old_volume_deletes(tap, stack, namespace, source_volume)
         try:
             owned = sandbox_id(namespace) if create == "machines" else volume_name(sandbox_id(namespace))

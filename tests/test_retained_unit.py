@@ -11,15 +11,8 @@ import pytest
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import Fatal, NotFound, RateLimited, Transient, Unauthorized
 from kiloclaw_operator.models import Provenance, RetainedPhase, RetainedVolume, RetainedVolumeStatus
+from kiloclaw_operator.reasons import Reason
 from kiloclaw_operator.retained import (
-    REASON_DELETE_FAILED,
-    REASON_FLY_REJECTED,
-    REASON_FLY_UNAUTHORIZED,
-    REASON_OWNERSHIP_MISMATCH,
-    REASON_RETAINED,
-    REASON_VOLUME_DELETED,
-    REASON_VOLUME_IN_USE,
-    REASON_VOLUME_NOT_FOUND,
     Step,
     Trigger,
     classify_failure,
@@ -203,7 +196,7 @@ def test_backoff_is_capped_at_the_maximum() -> None:
 
 def test_rate_limit_hint_longer_than_the_backoff_is_honoured() -> None:
     failure = classify_failure(RateLimited("slow down", retry_after=120), 1, settings())
-    assert (failure.reason, failure.delay) == (REASON_DELETE_FAILED, 120)
+    assert (failure.reason, failure.delay) == (Reason.DELETE_FAILED, 120)
 
 
 def test_rate_limit_hint_shorter_than_the_backoff_does_not_shorten_it() -> None:
@@ -218,7 +211,7 @@ def test_ownership_mismatch_blocks_with_stalled_condition_naming_only_the_expect
     status = failed_status(base, NOW, classify_failure(mismatch(), 1, settings()))
     assert status.phase is RetainedPhase.BLOCKED
     stalled = condition(status, "Stalled")
-    assert stalled[:2] == ("True", REASON_OWNERSHIP_MISMATCH)
+    assert stalled[:2] == ("True", Reason.OWNERSHIP_MISMATCH)
     assert f"refusing to delete volume {VOLUME}: it is attached to a machine" in stalled[2]
     assert "sandbox ki_alice" in stalled[2]
     assert "ki_bob" not in stalled[2] and "m1" not in stalled[2]  # another tenant's, possibly
@@ -233,23 +226,23 @@ def test_transient_fly_error_keeps_deleting_without_stalling() -> None:
     status = failed_status(base, NOW, classify_failure(Transient("503 upstream"), 1, settings()))
     assert status.phase is RetainedPhase.DELETING
     assert condition(status, "Stalled")[0] == "False"
-    assert condition(status, "Ready")[1] == REASON_DELETE_FAILED
+    assert condition(status, "Ready")[1] == Reason.DELETE_FAILED
     assert status.last_error is not None and "503 upstream" in status.last_error
 
 
 def test_machine_lookup_not_found_during_delete_is_a_retryable_failure() -> None:
     failure = classify_failure(NotFound("app gone", status=404), 1, settings())
-    assert (failure.reason, failure.stalled, failure.blocked) == (REASON_DELETE_FAILED, False, False)
+    assert (failure.reason, failure.stalled, failure.blocked) == (Reason.DELETE_FAILED, False, False)
 
 
 def test_unauthorized_fly_token_stalls_the_delete() -> None:
     failure = classify_failure(Unauthorized("bad token", status=401), 1, settings())
-    assert (failure.reason, failure.stalled, failure.blocked) == (REASON_FLY_UNAUTHORIZED, True, False)
+    assert (failure.reason, failure.stalled, failure.blocked) == (Reason.FLY_UNAUTHORIZED, True, False)
 
 
 def test_fly_rejecting_the_delete_stalls_it() -> None:
     failure = classify_failure(Fatal("bad request", status=400), 1, settings())
-    assert (failure.reason, failure.stalled) == (REASON_FLY_REJECTED, True)
+    assert (failure.reason, failure.stalled) == (Reason.FLY_REJECTED, True)
 
 
 def test_repeated_failures_grow_attempts_and_backoff() -> None:
@@ -302,7 +295,7 @@ def test_volume_in_use_blocks_without_counting_as_a_failed_attempt() -> None:
     status = failed_status(base, NOW, failure)
     assert status.phase is RetainedPhase.BLOCKED
     stalled = condition(status, "Stalled")
-    assert stalled[:2] == ("True", REASON_VOLUME_IN_USE)
+    assert stalled[:2] == ("True", Reason.VOLUME_IN_USE)
     assert stalled[2] == f"refusing to delete volume {VOLUME}: in use by instance alice (current volume)"
     assert status.attempts == 0
     assert status.next_attempt_at == NOW + timedelta(seconds=60)
@@ -344,7 +337,7 @@ def test_present_volume_is_retained_and_ready() -> None:
     status = observed_status(retained(), NOW, volume_exists=True, attached_machine_id="m9", snapshot_count=2)
     assert status.phase is RetainedPhase.RETAINED
     assert (status.snapshot_count, status.attached_machine_id) == (2, "m9")
-    assert condition(status, "Ready")[:2] == ("True", REASON_RETAINED)
+    assert condition(status, "Ready")[:2] == ("True", Reason.RETAINED)
     assert condition(status, "Stalled")[0] == "False"
 
 
@@ -352,7 +345,7 @@ def test_missing_volume_is_retained_but_not_ready() -> None:
     status = observed_status(
         retained(), NOW, volume_exists=False, attached_machine_id=None, snapshot_count=None
     )
-    assert condition(status, "Ready")[:2] == ("False", REASON_VOLUME_NOT_FOUND)
+    assert condition(status, "Ready")[:2] == ("False", Reason.VOLUME_NOT_FOUND)
 
 
 def test_unchanged_observation_keeps_the_transition_time() -> None:
@@ -378,7 +371,7 @@ def test_confirmed_delete_clears_the_retry_schedule() -> None:
     failed = with_status(base, failed_status(base, NOW, classify_failure(mismatch(), 1, settings())))
     done = deleted_status(failed, NOW)
     assert (done.phase, done.last_error, done.next_attempt_at) == (RetainedPhase.DELETING, None, None)
-    assert condition(done, "Ready")[1] == REASON_VOLUME_DELETED
+    assert condition(done, "Ready")[1] == Reason.VOLUME_DELETED
     assert condition(done, "Stalled")[0] == "False"
 
 

@@ -11,6 +11,7 @@ import pytest
 from kiloclaw_operator import lifecycle
 from kiloclaw_operator.fly.models import Machine, Snapshot, Volume
 from kiloclaw_operator.models import Phase, RecoverySource
+from kiloclaw_operator.reasons import Reason
 from kiloclaw_operator.stops import Verdict, choose_source, judge_failed_start, judge_stop
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -122,7 +123,7 @@ def test_an_unreachable_host_waits_without_snapshots_or_when_the_policy_is_zero(
     assert unlisted.source is None and "cannot be listed" in unlisted.reason
 
 
-STALL = lifecycle.Decision(lifecycle.Action.SETTLE, Phase.STOPPED, stall=lifecycle.REASON_START_FAILED)
+STALL = lifecycle.Decision(lifecycle.Action.SETTLE, Phase.STOPPED, stall=Reason.START_FAILED)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from flysim.state import FlyApiError
 from harness import Stack, binding, condition, eventually, status
 from kiloclaw_operator.fly.vocabulary import legacy_volume_name, volume_name
-from kiloclaw_operator.kube import KubeClient, KubeConnection, kubeconfig_connection
+from kiloclaw_operator.kube import KubeClient, KubeConnection, login_connection
 from kiloclaw_operator.models import InstanceSpec, ObjectRef
 from kiloclaw_operator.tenancy import (
     FLY_APPS_ANNOTATION,
@@ -206,7 +206,7 @@ async def test_a_sandbox_claimed_in_another_namespace_is_refused_without_naming_
 @pytest.fixture
 async def kube(stack: Stack) -> AsyncIterator[KubeClient]:
     # The operator's own client: on a real API server as its ServiceAccount (KUBECONFIG, see harness).
-    conn = await kubeconfig_connection() if stack.cluster else KubeConnection(server=stack.kube.url)
+    conn = await login_connection() if stack.cluster else KubeConnection(server=stack.kube.url)
     client = KubeClient(conn)
     try:
         yield client

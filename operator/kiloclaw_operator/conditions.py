@@ -20,30 +20,18 @@ from .models import (
     InstanceStatus,
     Phase,
 )
+from .reasons import Reason, of_phase
 
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
-
-REASON_BUSY = "Busy"
-REASON_RECOVERY_FAILED = "RecoveryFailed"
-REASON_INVALID_SPEC = "InvalidSpec"
-REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
-REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
-REASON_HOST_UNAVAILABLE = "HostUnavailable"
-REASON_APP_NOT_FOUND = "AppNotFound"
-#: Stalled, but not held: no acceptable recovery source yet (host down, no snapshot the policy accepts), or
-#: new recoveries paused by the mass-failure brake. The instance keeps looking and proceeds by itself.
-REASON_WAITING_FOR_SOURCE = "WaitingForSource"
-REASON_RECOVERY_PAUSED = "RecoveryPaused"
-WAITING_REASONS = frozenset({REASON_WAITING_FOR_SOURCE, REASON_RECOVERY_PAUSED})
 
 
 def set_condition(
     conditions: Sequence[Condition],
     type_: str,
     status: ConditionStatus,
-    reason: str,
+    reason: Reason,
     message: str,
     now: datetime,
     observed_generation: int | None,
@@ -65,7 +53,7 @@ def set_condition(
 
 
 def mark_stalled(
-    status: InstanceStatus, reason: str, message: str, now: datetime, generation: int
+    status: InstanceStatus, reason: Reason, message: str, now: datetime, generation: int
 ) -> InstanceStatus:
     """Record that no progress is possible without a person; held until the spec or retry token changes."""
     conditions = set_condition(status.conditions, STALLED, "True", reason, message, now, generation)
@@ -73,7 +61,7 @@ def mark_stalled(
 
 
 def clear_stalled(status: InstanceStatus, now: datetime, generation: int) -> InstanceStatus:
-    conditions = set_condition(status.conditions, STALLED, "False", "Progressing", "", now, generation)
+    conditions = set_condition(status.conditions, STALLED, "False", Reason.PROGRESSING, "", now, generation)
     return status.model_copy(update={"conditions": conditions})
 
 
@@ -107,44 +95,44 @@ def summarize(
     stalled = is_stalled(status)
     conditions = list(status.conditions)
     if status.condition(STALLED) is None:
-        conditions = set_condition(conditions, STALLED, "False", "Progressing", "", now, generation)
+        conditions = set_condition(conditions, STALLED, "False", Reason.PROGRESSING, "", now, generation)
 
     if is_ready(status.phase, status.fly_state, spec.state):
-        ready = (
-            ("True", "Running", "machine is started")
+        ready: tuple[ConditionStatus, Reason, str] = (
+            ("True", Reason.RUNNING, "machine is started")
             if status.phase is Phase.RUNNING
-            else ("True", "Stopped", "machine is stopped as requested")
+            else ("True", Reason.STOPPED, "machine is stopped as requested")
         )
     else:
         detail = f"phase {status.phase.value}" + (
             f", Fly state {status.fly_state}" if status.fly_state else ""
         )
-        ready = ("False", status.phase.value, detail)
-    conditions = set_condition(conditions, READY, ready[0], ready[1], ready[2], now, generation)  # type: ignore[arg-type]
+        ready = ("False", of_phase(status.phase), detail)
+    conditions = set_condition(conditions, READY, *ready, now, generation)
 
     # A deferral holds until the phase settles: other writes in the same busy phase must not hide it (and
     # the driver relies on the Busy reason to post ActionDeferred only once per generation).
     previous = status.condition(RECONCILING)
     still_deferred = (
         previous is not None
-        and previous.reason == REASON_BUSY
+        and previous.reason == Reason.BUSY
         and previous.observed_generation == generation
         and status.phase in BUSY_PHASES
         and status.observed_generation != generation
     )
     if deferred or still_deferred:
-        reconciling: tuple[ConditionStatus, str, str] = (
+        reconciling: tuple[ConditionStatus, Reason, str] = (
             "True",
-            REASON_BUSY,
+            Reason.BUSY,
             f"spec generation {generation} is deferred until phase {status.phase.value} settles",
         )
     elif stalled:
-        reconciling = ("False", "Stalled", "waiting for a spec change or the retry annotation")
+        reconciling = ("False", Reason.STALLED, "waiting for a spec change or the retry annotation")
     elif status.phase in UNSETTLED_PHASES:
-        reconciling = ("True", status.phase.value, f"phase {status.phase.value}")
+        reconciling = ("True", of_phase(status.phase), f"phase {status.phase.value}")
     elif status.observed_generation != generation:
-        reconciling = ("True", "Progressing", f"generation {generation} not yet acted on")
+        reconciling = ("True", Reason.PROGRESSING, f"generation {generation} not yet acted on")
     else:
-        reconciling = ("False", "Settled", f"phase {status.phase.value}")
+        reconciling = ("False", Reason.SETTLED, f"phase {status.phase.value}")
     conditions = set_condition(conditions, RECONCILING, *reconciling, now, generation)
     return status.model_copy(update={"conditions": conditions})

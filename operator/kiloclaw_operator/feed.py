@@ -393,18 +393,11 @@ class FeedObserver:
         self._origin = oldest + timedelta(seconds=self.clock_offset) - overlap
 
     async def _measure_clock_offset(self) -> None:
-        """Fly's clock minus ours, from an empty page's ``Date`` header (one request at start-up)."""
-        before = datetime.now(UTC)
+        """Fly's clock minus ours, as the client measures it on every answer, from one empty page at start."""
         await self._fly.list_org_machines(
-            self._org or "", updated_after=before + timedelta(days=1), limit=1, summary=True
+            self._org or "", updated_after=datetime.now(UTC) + timedelta(days=1), limit=1, summary=True
         )
-        after = datetime.now(UTC)
-        server = self._fly.last_server_date
-        if server is not None:
-            ours = before + (after - before) / 2
-            # The header has whole seconds: below a second the offset is noise.
-            offset = (server - ours).total_seconds()
-            self.clock_offset = offset if abs(offset) > 1.5 else 0.0
+        self.clock_offset = self._fly.clock_offset
 
     def _window(self) -> datetime | None:
         overlap = timedelta(seconds=self._settings.feed_overlap_seconds)

@@ -9,7 +9,6 @@ own driver.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +20,7 @@ from .brake import RecoveryBrake
 from .config import Settings, load_settings
 from .driving import Context, DriverRegistry, RetryLater
 from .fly import FlyClient
-from .kube import (
-    KubeClient,
-    KubeConnection,
-    in_cluster_server,
-    kopf_connection_fields,
-    kubeconfig_connection,
-    service_account_connection,
-)
+from .kube import KubeClient, KubeConnection, kopf_connection_fields, login_connection
 from .kubeconfig import KubeconfigError
 from .leadership import default_lease_namespace
 from .metrics import OBJECTS
@@ -147,32 +139,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 
 @kopf.on.login()
-async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the service account. Elsewhere: the kubeconfig as kubectl reads it (kube.py); kopf calls
-    this again on a 401 or when the plugin's token expires."""
-    info = _service_account_login(**kwargs)
-    conn = await _connection(info)
+async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """In a pod the ServiceAccount, elsewhere the kubeconfig as kubectl reads it, both by the official
+    client's configuration loading (kubeconfig.py); kopf calls this again on a 401 or before the credential
+    expires."""
+    conn = await login_outside_kopf()
     _runtime(memo).connect(conn)
-    return info if info is not None else kopf.ConnectionInfo(**kopf_connection_fields(conn))
+    return kopf.ConnectionInfo(**kopf_connection_fields(conn))
 
 
 async def login_outside_kopf() -> KubeConnection:
-    """The credentials the login handler above finds (ServiceAccount, else kubeconfig), for the leader
-    election, which runs before kopf starts."""
-    return await _connection(_service_account_login(settings=kopf.OperatorSettings()))
-
-
-def _service_account_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """kopf's ServiceAccount login (None outside a pod), at the address the kubelet gives the pod."""
-    info = kopf.login_with_service_account(**kwargs)
-    return None if info is None else dataclasses.replace(info, server=in_cluster_server(info.server))
-
-
-async def _connection(service_account: kopf.ConnectionInfo | None) -> KubeConnection:
-    if service_account is not None:
-        return service_account_connection(service_account)
+    """The credentials the login handler above finds, also for the leader election (which starts before
+    kopf)."""
     try:
-        return await kubeconfig_connection()
+        return await login_connection()
     except KubeconfigError as exc:
         raise kopf.LoginError(str(exc)) from None
 

@@ -3,26 +3,25 @@ retained-volume resources and Events.
 
 kopf owns watching and finalizers; these calls exist because a recovery must know that a status write was
 confirmed by the API server *before* its next Fly call, which a handler's return value cannot promise.
-Async httpx, sharing the credentials kopf logged in with (``KubeConnection``), so the event loop never blocks.
+Async httpx over aiohttp, with the credentials kopf is given too (``KubeConnection``), so the event loop never
+blocks.
 
 The adapter has the Fly client's discipline: every failure is raised as a ``KubeError`` (no httpx error
 escapes; ``KubeUnavailable`` when no answer came), and idempotent calls (GET, DELETE, merge-PATCH) are retried
 with full-jitter exponential backoff on 429 (honouring ``Retry-After``), 5xx and lost connections or timeouts.
 Creates and lease writes are never retried here: their callers decide (a lost create's reply is a conflict the
-next time, and the leader election retries on its own cadence). It also translates the credentials kopf logs
-in with (``connection_from_kopf``, ``kopf_connection_fields``) without importing kopf.
+next time, and the leader election retries on its own cadence). The login itself (kubeconfig, ServiceAccount)
+is the official client's configuration loading (:mod:`.kubeconfig`); ``kopf_connection_fields`` hands it to
+kopf without importing kopf.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import logging
-import os
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,8 +31,9 @@ import httpx
 
 from . import __version__
 from .fly import backoff_delay, parse_retry_after
-from .kubeconfig import ClusterLogin, TokenSource, load_kubeconfig
+from .kubeconfig import ClusterLogin, Credentials, load_login
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
+from .reasons import Reason
 from .transport import AiohttpTransport
 
 logger = logging.getLogger("kiloclaw.kube")
@@ -80,191 +80,127 @@ IDEMPOTENT_METHODS = frozenset({"GET", "DELETE", "PATCH"})
 
 @dataclass(frozen=True)
 class KubeConnection:
-    """Credentials for the API server, translated from whatever kopf logged in with."""
+    """Where the API server is and how to authenticate (see :mod:`.kubeconfig`), certificates in memory."""
 
     server: str
-    token: str | None = None
-    scheme: str = "Bearer"
-    ca_data: bytes | None = None
-    ca_path: str | None = None
+    token: str | None = None  # a fixed bearer token (tests, tools); ``credentials`` wins over it
+    ca_pem: bytes | None = None
     insecure: bool = False
-    certificate_path: str | None = None
-    private_key_path: str | None = None
-    username: str | None = None
-    password: str | None = None
-    # A token that changes (token file, exec credential plugin); it wins over ``token``.
-    tokens: TokenSource | None = field(default=None, compare=False)
+    client_certificate_pem: bytes | None = None
+    client_key_pem: bytes | None = None
+    credentials: Credentials | None = field(default=None, compare=False)
 
 
 def connection_from_login(login: ClusterLogin) -> KubeConnection:
-    """The connection for a kubeconfig context (see :mod:`.kubeconfig`)."""
-    cert = login.client_certificate_path or (
-        write_temp_pem(login.client_certificate_pem) if login.client_certificate_pem else None
-    )
-    key = login.client_key_path or (write_temp_pem(login.client_key_pem) if login.client_key_pem else None)
     return KubeConnection(
-        server=login.server,
-        token=login.token,
-        ca_data=login.ca_pem,
-        ca_path=login.ca_path,
+        server=login.server.rstrip("/"),
+        ca_pem=login.ca_pem,
         insecure=login.insecure,
-        certificate_path=cert,
-        private_key_path=key,
-        username=login.username,
-        password=login.password,
-        tokens=login.tokens,
+        client_certificate_pem=login.client_certificate_pem,
+        client_key_pem=login.client_key_pem,
+        credentials=login.credentials,
     )
 
 
-def pem_bytes(data: str | bytes) -> bytes:
-    """Certificate data as PEM: kubeconfigs and kopf carry it base64-encoded or as PEM text."""
-    raw = data.encode() if isinstance(data, str) else data
-    return raw if raw.lstrip().startswith(b"-----BEGIN ") else base64.b64decode(raw)
+async def login_connection() -> KubeConnection:
+    """The operator's login (in a pod its ServiceAccount, elsewhere the kubeconfig, see :mod:`.kubeconfig`);
+    raises ``KubeconfigError``."""
+    return connection_from_login(await asyncio.to_thread(load_login))
 
 
-class RefreshingBearerAuth(httpx.Auth):
-    """Bearer auth from a :class:`TokenSource`: a fresh token per request, and one retry after a 401 with a
-    newly fetched token (exec plugins' tokens expire; token files are rotated)."""
+class CredentialsAuth(httpx.Auth):
+    """The login's ``Authorization`` per request, and one retry after a 401 with the login loaded again (an
+    exec plugin's token may be revoked before it expires; a token file rotated; a kubeconfig changed)."""
 
-    def __init__(self, tokens: TokenSource) -> None:
-        self._tokens = tokens
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._tokens.token()}"
+        sent = _authorize(request, self._credentials.header())
         response = yield request
         if response.status_code == 401:
-            self._tokens.invalidate()
-            request.headers["Authorization"] = f"Bearer {self._tokens.token()}"
+            self._credentials.invalidate(sent)
+            _authorize(request, self._credentials.header())
             yield request
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = self._tokens.cached() or await asyncio.to_thread(self._tokens.token)
-        request.headers["Authorization"] = f"Bearer {token}"
+        sent = self._credentials.cached() or await asyncio.to_thread(self._credentials.header)
+        _authorize(request, sent)
         response = yield request
         if response.status_code == 401:
-            self._tokens.invalidate()
-            request.headers["Authorization"] = f"Bearer {await asyncio.to_thread(self._tokens.token)}"
+            self._credentials.invalidate(sent)
+            _authorize(request, await asyncio.to_thread(self._credentials.header))
             yield request
 
 
+def _authorize(request: httpx.Request, header: str | None) -> str | None:
+    if header:
+        request.headers["Authorization"] = header
+    return header
+
+
 def tls_context(conn: KubeConnection) -> ssl.SSLContext | bool:
+    """The API server's TLS settings from memory. ``ssl`` loads a client key only from a file: it exists for
+    the moment the context is built (as kopf does it), in a folder only this user can read."""
     if not conn.server.startswith("https"):
         return True
+    context = ssl.create_default_context(cadata=conn.ca_pem.decode() if conn.ca_pem else None)
     if conn.insecure:
-        return False
-    context = ssl.create_default_context(cafile=conn.ca_path)
-    if conn.ca_data:
-        context.load_verify_locations(cadata=pem_bytes(conn.ca_data).decode())
-    if conn.certificate_path:
-        context.load_cert_chain(conn.certificate_path, conn.private_key_path)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if conn.client_certificate_pem and conn.client_key_pem:
+        with tempfile.TemporaryDirectory(prefix="kiloclaw-tls-") as private:
+            certificate, key = Path(private, "certificate.pem"), Path(private, "key.pem")
+            certificate.write_bytes(conn.client_certificate_pem)
+            key.write_bytes(conn.client_key_pem)
+            context.load_cert_chain(certificate, key)
     return context
 
 
-def connection_from_kopf(info: Any) -> KubeConnection:
-    """The connection for the credentials kopf found (a ``kopf.ConnectionInfo``, read by attribute)."""
-
-    def path(value: object) -> str | None:
-        return None if value is None else str(value)
-
-    ca_data = pem_bytes(info.ca_data) if info.ca_data else None
-    cert_path = path(info.certificate_path) or (
-        write_temp_pem(info.certificate_data) if info.certificate_data else None
-    )
-    key_path = path(info.private_key_path) or (
-        write_temp_pem(info.private_key_data) if info.private_key_data else None
-    )
-    return KubeConnection(
-        server=info.server,
-        token=info.token,
-        scheme=info.scheme or "Bearer",
-        ca_data=ca_data,
-        ca_path=path(info.ca_path),
-        insecure=bool(info.insecure),
-        certificate_path=cert_path,
-        private_key_path=key_path,
-        username=info.username,
-        password=info.password,
-    )
-
-
 def kopf_connection_fields(conn: KubeConnection) -> dict[str, Any]:
-    """The keyword arguments of the ``kopf.ConnectionInfo`` that logs kopf in with ``conn``."""
-    token, expiration = conn.token, None
-    if conn.tokens is not None:
-        token, expiration = conn.tokens.token(), conn.tokens.expires_at
+    """The keyword arguments of the ``kopf.ConnectionInfo`` that logs kopf in with ``conn`` (kopf calls the
+    login handler again after a 401 and before ``expiration``)."""
+    header = conn.credentials.header() if conn.credentials is not None else None
+    if header is None and conn.token:
+        header = f"Bearer {conn.token}"
+    scheme, _, token = (header or "").partition(" ")
     return {
         "server": conn.server,
-        "token": token,
-        "ca_path": conn.ca_path,
-        "ca_data": conn.ca_data,
+        "scheme": scheme or None,
+        "token": token or None,
+        "ca_data": conn.ca_pem,
         "insecure": conn.insecure or None,
-        "certificate_path": conn.certificate_path,
-        "private_key_path": conn.private_key_path,
-        "username": conn.username,
-        "password": conn.password,
-        "expiration": expiration,
+        "certificate_data": conn.client_certificate_pem,
+        "private_key_data": conn.client_key_pem,
+        "expiration": conn.credentials.expires_at if conn.credentials is not None else None,
         "priority": 30,
     }
 
 
-def in_cluster_server(default: str, environ: Mapping[str, str] = os.environ) -> str:
-    """The API server's address as the kubelet gives it to every container (``KUBERNETES_SERVICE_HOST`` and
-    ``_PORT``, what client-go's in-cluster config reads); ``default`` without them. kopf's ServiceAccount
-    login assumes ``https://kubernetes.default.svc``, a name only cluster DNS resolves: not from a
-    hostNetwork pod (it uses the node's resolver), nor in a cluster without DNS."""
-    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
-    if not host or not port:
-        return default
-    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-
-
-def service_account_connection(info: Any) -> KubeConnection:
-    """In a pod: kopf's ServiceAccount login, re-reading the projected token (it rotates, hourly by default)
-    rather than keeping the token kopf read once."""
-    return with_token_file(connection_from_kopf(info), SERVICE_ACCOUNT_TOKEN)
-
-
-async def kubeconfig_connection() -> KubeConnection:
-    """Outside a pod: the kubeconfig as kubectl reads it, including token files and exec credential plugins
-    (kopf's own kubeconfig login has neither); raises ``KubeconfigError``."""
-    return connection_from_login(await asyncio.to_thread(load_kubeconfig))
-
-
-def write_temp_pem(data: str | bytes) -> str:
-    """kopf may hand over inline client certificates; ssl only loads them from files."""
-    raw = data.encode() if isinstance(data, str) else data
-    with tempfile.NamedTemporaryFile(prefix="kiloclaw-", suffix=".pem", delete=False) as handle:
-        handle.write(raw)
-        return handle.name
-
-
-SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-
-
-def with_token_file(conn: KubeConnection, token_file: Path) -> KubeConnection:
-    """``conn`` authenticating with whatever ``token_file`` holds now: re-read periodically and after a
-    401, so a rotated token is picked up without a restart."""
-    return dataclasses.replace(conn, token=None, tokens=TokenSource(token_file=token_file))
+def client_settings(conn: KubeConnection, user_agent: str = "") -> dict[str, Any]:
+    """What every httpx client of the API server is built with: address, headers, credentials, TLS."""
+    headers = {"Accept": "application/json", "User-Agent": user_agent or USER_AGENT}
+    if conn.token and conn.credentials is None:
+        headers["Authorization"] = f"Bearer {conn.token}"
+    auth = CredentialsAuth(conn.credentials) if conn.credentials is not None else None
+    return {
+        "base_url": conn.server.rstrip("/"),
+        "headers": headers,
+        "auth": auth,
+        "verify": tls_context(conn),
+    }
 
 
 def build_http_client(
     conn: KubeConnection, *, timeout: float = 30.0, user_agent: str = ""
 ) -> httpx.AsyncClient:
     """An httpx client that talks to the API server with ``conn``'s address, TLS settings and credentials."""
-    headers = {"Accept": "application/json", "User-Agent": user_agent or USER_AGENT}
-    if conn.token:
-        headers["Authorization"] = f"{conn.scheme} {conn.token}"
-    auth: httpx.Auth | None = None
-    if conn.tokens is not None:
-        auth = RefreshingBearerAuth(conn.tokens)
-    elif conn.username and conn.password:
-        auth = httpx.BasicAuth(conn.username, conn.password)
+    settings = client_settings(conn, user_agent)
+    verify = settings.pop("verify")
     return httpx.AsyncClient(
-        base_url=conn.server.rstrip("/"),
-        headers=headers,
-        auth=auth,
+        **settings,
         timeout=timeout,
-        transport=AiohttpTransport(max_connections=KUBE_MAX_CONNECTIONS, verify=tls_context(conn)),
+        transport=AiohttpTransport(max_connections=KUBE_MAX_CONNECTIONS, verify=verify),
     )
 
 
@@ -435,7 +371,9 @@ class KubeClient:
 
     # --- events ----------------------------------------------------------------------------------------
 
-    async def post_event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
+    async def post_event(
+        self, ref: ObjectRef, reason: Reason, message: str, *, warning: bool = False
+    ) -> None:
         """Best effort: an Event that cannot be posted is logged, never allowed to fail a step."""
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = {

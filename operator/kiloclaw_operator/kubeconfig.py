@@ -1,41 +1,174 @@
-"""Reading a kubeconfig as kubectl does: the operator's ``run`` and the ``kubectl kiloclaw`` plugin share it.
+"""Logging in to the API server through the official ``kubernetes`` client's configuration loading, shared by
+the operator (in a pod: its ServiceAccount; elsewhere: the kubeconfig) and the ``kubectl kiloclaw`` plugin.
+The calls themselves go over the operator's own clients (kube.py): this module only turns a kubeconfig or a
+pod's ServiceAccount into an address, TLS material held in memory and an ``Authorization`` value.
 
-Supported users: client certificates (files or inline data), bearer tokens, token files (re-read, as they are
-rotated on disk), basic auth, and exec credential plugins (``client.authentication.k8s.io`` v1/v1beta1: the
-default for EKS, GKE and AKS with kubelogin), whose tokens are cached until their ``expirationTimestamp``
-and fetched again after a 401. Every problem is a :class:`KubeconfigError` with a one-line message.
+The library reads: kubeconfig lists (``KUBECONFIG``) merged as kubectl merges them, contexts, clusters,
+client certificates (files or inline), tokens, token files, basic auth, auth providers, exec credential
+plugins (its ``ExecProvider``: ``KUBERNETES_EXEC_INFO``, the answer's checks) and the in-cluster config (the
+kubelet's ``KUBERNETES_SERVICE_HOST``/``_PORT``, the projected token). On top of it, where it falls short:
 
-Only the standard library and PyYAML: no Kubernetes client, no kopf.
+- An exec plugin that fails is logged by the library, which then goes on unauthenticated; here the plugin is
+  run (with the library's ``ExecProvider``) before the library reads the rest, and a failure is an error with
+  the plugin's message, or, when its command is missing, the kubeconfig's ``installHint``.
+- The library fetches an exec plugin's token again only when it expires and reads a token file once; here a
+  login is also loaded again after a 401 (:class:`Credentials`), so a revoked token or a rotated file is
+  picked up without a restart.
+- The library writes inline certificates and keys to temporary files kept until the process exits; here
+  they are read back into memory and those files deleted at once (TLS contexts are built from memory, see
+  ``kube.tls_context``).
+- Every problem, including a context that names a cluster, user or context the kubeconfig lacks, is a
+  :class:`KubeconfigError` with one line that says what is missing.
 """
 
 from __future__ import annotations
 
 import base64
-import json
+import dataclasses
 import os
-import subprocess
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.client import Configuration
+from kubernetes.config import ConfigException, kube_config
+from kubernetes.config.dateutil import parse_rfc3339
+from kubernetes.config.exec_provider import ExecProvider
+from kubernetes.config.incluster_config import (
+    SERVICE_CERT_FILENAME,
+    SERVICE_TOKEN_FILENAME,
+    InClusterConfigLoader,
+)
 
-EXEC_TIMEOUT_SECONDS = 60
-TOKEN_FILE_REREAD_SECONDS = 60
-# A token that expires within this margin is fetched again before it is used.
-EXPIRY_MARGIN_SECONDS = 10
+#: A token that expires within this margin is fetched again before it is used (the library's own margin).
+EXPIRY_MARGIN_SECONDS = kube_config.EXPIRY_SKEW_PREVENTION_DELAY.total_seconds()
+#: The projected ServiceAccount token is read again this often (the library's in-cluster period, client-go's).
+SERVICE_ACCOUNT_REREAD_SECONDS = 60.0
+# One load at a time: the library hands a file it wrote for one load to the next (a table by content), and
+# each load deletes its files when it ends.
+_LOADING = threading.Lock()
 
 
 class KubeconfigError(Exception):
-    """The kubeconfig cannot be used; the message is one line that says what is missing."""
+    """No usable login; the message is one line that says what is missing."""
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What a login sends: the ``Authorization`` header's value, and until when it holds."""
+
+    header: str | None
+    expires_at: datetime | None = None
+    fresh_for: float | None = None  # seconds, for a source read again on a schedule (the projected token)
+
+
+class Credentials:
+    """A login's ``Authorization`` value, loaded again when it expires and after a 401.
+
+    Thread-safe and synchronous (a load may run an exec plugin): async callers use a worker thread.
+    """
+
+    def __init__(self, load: Callable[[], Authorization], first: Authorization) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._set(first)
+
+    def _set(self, current: Authorization) -> None:
+        self._current = current
+        until = float("inf")
+        if current.expires_at is not None:
+            until = current.expires_at.timestamp() - EXPIRY_MARGIN_SECONDS
+        if current.fresh_for is not None:
+            until = min(until, time.time() + current.fresh_for)
+        self._fresh_until = until
+
+    def header(self) -> str | None:
+        with self._lock:
+            if time.time() >= self._fresh_until:
+                self._set(self._load())
+            return self._current.header
+
+    def cached(self) -> str | None:
+        """The header when it is still fresh, without blocking (None: call ``header()``)."""
+        return self._current.header if time.time() < self._fresh_until else None
+
+    def invalidate(self, rejected: str | None) -> None:
+        """After a 401 to ``rejected``: the next ``header()`` loads the login again (once for many requests
+        refused together: not when it was loaded again since)."""
+        with self._lock:
+            if self._current.header == rejected:
+                self._fresh_until = 0.0
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self._current.expires_at
+
+
+@dataclass(frozen=True)
+class ClusterLogin:
+    """Where the API server is and how to authenticate, with every certificate in memory."""
+
+    server: str
+    context: str
+    namespace: str = "default"
+    ca_pem: bytes | None = None
+    insecure: bool = False
+    client_certificate_pem: bytes | None = None
+    client_key_pem: bytes | None = None
+    credentials: Credentials | None = field(default=None, compare=False)
+
+
+def in_a_pod() -> bool:
+    """Whether this process has a ServiceAccount token (as kopf decides for its own login)."""
+    return os.path.exists(SERVICE_TOKEN_FILENAME)
+
+
+def load_login(kubeconfig: str | None = None, context: str | None = None) -> ClusterLogin:
+    """The operator's login: in a pod its ServiceAccount, elsewhere the kubeconfig (as kubectl reads it)."""
+    if kubeconfig is None and context is None and in_a_pod():
+        return load_in_cluster()
+    return load_kubeconfig(kubeconfig, context)
+
+
+def load_in_cluster(
+    token_file: str = SERVICE_TOKEN_FILENAME,
+    ca_file: str = SERVICE_CERT_FILENAME,
+    environ: dict[str, str] | None = None,
+) -> ClusterLogin:
+    """The ServiceAccount's login by the library's in-cluster loader: the address the kubelet gives the pod
+    (an IP, so no cluster DNS is needed), its CA, and the projected token, read again every minute and after
+    a 401 (it rotates, hourly by default)."""
+    loader = InClusterConfigLoader(token_file, ca_file, environ=os.environ if environ is None else environ)
+
+    def load() -> tuple[Configuration, Authorization]:
+        configuration = Configuration()
+        try:
+            loader.load_and_set(configuration)
+        except (ConfigException, OSError) as exc:
+            raise KubeconfigError(f"in-cluster login: {_one_line(exc)}") from None
+        header = _header(configuration)
+        return configuration, Authorization(header, fresh_for=SERVICE_ACCOUNT_REREAD_SECONDS)
+
+    configuration, first = load()
+    return ClusterLogin(
+        server=configuration.host,
+        context="in-cluster",
+        ca_pem=_read(configuration.ssl_ca_cert),
+        credentials=Credentials(lambda: load()[1], first),
+    )
 
 
 def kubeconfig_paths(explicit: str | None = None) -> list[Path]:
     """``--kubeconfig``, else ``$KUBECONFIG`` (a path list), else ``~/.kube/config``; only existing files
-    of a list count, as with kubectl."""
+    of a list count, as with kubectl. (The library skips missing files silently and then finds "no
+    configuration"; this says which file is missing.)"""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -54,271 +187,133 @@ def kubeconfig_paths(explicit: str | None = None) -> list[Path]:
     return [default]
 
 
-@dataclass(frozen=True)
-class ExecPlugin:
-    """``users[].user.exec``: a command that prints an ExecCredential."""
-
-    command: str
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    api_version: str = "client.authentication.k8s.io/v1"
-    install_hint: str = ""
-    provide_cluster_info: bool = False
-    base_dir: Path = Path()
-
-
-@dataclass(frozen=True)
-class Credential:
-    """What an exec plugin printed."""
-
-    token: str | None = None
-    client_certificate_pem: bytes | None = None
-    client_key_pem: bytes | None = None
-    expires_at: datetime | None = None
-
-
-class TokenSource:
-    """A bearer token that can change: a token file (re-read) or an exec plugin (cached until it expires).
-
-    Thread-safe and synchronous: the async HTTP clients call it from a worker thread.
-    """
-
-    def __init__(
-        self, *, token_file: Path | None = None, plugin: ExecPlugin | None = None, server: str = ""
-    ) -> None:
-        self._token_file = token_file
-        self._plugin = plugin
-        self._server = server
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._fresh_until = 0.0
-        self.last_credential: Credential | None = None
-
-    def token(self) -> str | None:
-        with self._lock:
-            if self._token is None or time.time() >= self._fresh_until:
-                self._refresh()
-            return self._token
-
-    def cached(self) -> str | None:
-        """The token when it is still fresh, without blocking (None: call ``token()``)."""
-        return self._token if time.time() < self._fresh_until else None
-
-    def invalidate(self) -> None:
-        """After a 401: the next ``token()`` fetches a new one."""
-        with self._lock:
-            self._fresh_until = 0.0
-
-    @property
-    def expires_at(self) -> datetime | None:
-        return self.last_credential.expires_at if self.last_credential else None
-
-    def _refresh(self) -> None:
-        if self._token_file is not None:
-            try:
-                self._token = self._token_file.read_text().strip()
-            except OSError as exc:
-                raise KubeconfigError(f"cannot read token file {self._token_file}: {exc.strerror}") from None
-            self._fresh_until = time.time() + TOKEN_FILE_REREAD_SECONDS
-            return
-        assert self._plugin is not None
-        credential = run_exec_plugin(self._plugin, self._server)
-        self.last_credential = credential
-        self._token = credential.token
-        if credential.expires_at is None:
-            self._fresh_until = float("inf")
-        else:
-            self._fresh_until = credential.expires_at.timestamp() - EXPIRY_MARGIN_SECONDS
-
-
-@dataclass(frozen=True)
-class ClusterLogin:
-    """One context of a kubeconfig, resolved: where the API server is and how to authenticate."""
-
-    server: str
-    context: str
-    namespace: str = "default"
-    ca_pem: bytes | None = None
-    ca_path: str | None = None
-    insecure: bool = False
-    client_certificate_pem: bytes | None = None
-    client_key_pem: bytes | None = None
-    client_certificate_path: str | None = None
-    client_key_path: str | None = None
-    token: str | None = None
-    username: str | None = None
-    password: str | None = None
-    tokens: TokenSource | None = field(default=None, compare=False)
-
-
-def _data(section: dict[str, Any], key: str) -> bytes | None:
-    """Inline base64 certificate data, decoded to PEM."""
-    if not section.get(key):
-        return None
-    try:
-        return base64.b64decode(section[key], validate=False)
-    except ValueError:
-        raise KubeconfigError(f"kubeconfig: {key} is not base64") from None
-
-
-def _resolve(path: str, base_dir: Path) -> str:
-    candidate = Path(path).expanduser()
-    return str(candidate if candidate.is_absolute() else base_dir / candidate)
-
-
-def _file(section: dict[str, Any], key: str, base_dir: Path) -> str | None:
-    """A file path, relative to the kubeconfig's folder as kubectl resolves it."""
-    return _resolve(section[key], base_dir) if section.get(key) else None
-
-
 def load_kubeconfig(kubeconfig: str | None = None, context: str | None = None) -> ClusterLogin:
-    """The chosen (or current) context of the kubeconfig, resolved. Exec plugins run once here, so a broken
-    plugin is reported before anything connects."""
+    """The chosen (or current) context of the kubeconfig. An exec plugin runs here, so a broken plugin is
+    reported before anything connects; it runs again when its token expires or is refused."""
     paths = kubeconfig_paths(kubeconfig)
-    current: str | None = None
-    contexts: dict[str, tuple[dict[str, Any], Path]] = {}
-    clusters: dict[str, tuple[dict[str, Any], Path]] = {}
-    users: dict[str, tuple[dict[str, Any], Path]] = {}
-    for path in paths:
+    login, first = _load_context(paths, context)
+    return dataclasses.replace(
+        login, credentials=Credentials(lambda: _load_context(paths, context)[1], first)
+    )
+
+
+def _load_context(paths: list[Path], context: str | None) -> tuple[ClusterLogin, Authorization]:
+    """One load by the library, with the certificates read into memory and its temporary files gone."""
+    with _LOADING:
+        private = tempfile.mkdtemp(prefix="kiloclaw-login-")  # 0700: the library's files go here
         try:
-            config = yaml.safe_load(path.read_text()) or {}
+            return _load_with_library(paths, context, private)
+        except ConfigException as exc:
+            raise KubeconfigError(f"kubeconfig: {_one_line(exc)}") from None
         except (OSError, yaml.YAMLError) as exc:
-            raise KubeconfigError(f"kubeconfig {path} is unreadable: {str(exc).splitlines()[0]}") from None
-        if not isinstance(config, dict):
-            raise KubeconfigError(f"kubeconfig {path} is not a kubeconfig (no mapping at the top)")
-        current = current or config.get("current-context") or None
-        for key, into, inner in (
-            ("contexts", contexts, "context"),
-            ("clusters", clusters, "cluster"),
-            ("users", users, "user"),
-        ):
-            for item in config.get(key) or []:
-                if isinstance(item, dict) and item.get("name") not in into:
-                    into[str(item.get("name"))] = (item.get(inner) or {}, path.parent)
-    name = context or current
+            raise KubeconfigError(f"kubeconfig is unreadable: {_one_line(exc)}") from None
+        except TypeError:  # the library's merge of a file whose top is a list or a string
+            raise KubeconfigError(f"{paths[0]} is not a kubeconfig (no mapping at the top)") from None
+        finally:
+            shutil.rmtree(private, ignore_errors=True)  # the library would keep them until the process exits
+
+
+def _load_with_library(
+    paths: list[Path], context: str | None, private: str
+) -> tuple[ClusterLogin, Authorization]:
+    merged = kube_config.KubeConfigMerger(os.pathsep.join(str(p) for p in paths)).config
+    if merged is None or not isinstance(merged.value, dict):
+        raise KubeconfigError(f"{paths[0]} is not a kubeconfig (no mapping at the top)")
+    name = context or merged.value.get("current-context")
     if not name:
         raise KubeconfigError(
             "no current context in the kubeconfig: pass --context or run kubectl config use-context"
         )
-    if name not in contexts:
-        raise KubeconfigError(f"context {name!r} is not in the kubeconfig")
-    ctx, _ = contexts[name]
-    if ctx.get("cluster") not in clusters:
-        raise KubeconfigError(f"context {name!r} names cluster {ctx.get('cluster')!r}, which is not defined")
-    cluster, cluster_dir = clusters[ctx["cluster"]]
-    server = cluster.get("server")
-    if not server:
-        raise KubeconfigError(f"cluster {ctx['cluster']!r} has no server address")
-    user, user_dir = users.get(ctx.get("user") or "", ({}, cluster_dir))
-
-    ca_pem = _data(cluster, "certificate-authority-data")
-    ca_path = _file(cluster, "certificate-authority", cluster_dir)
-    cert_pem = _data(user, "client-certificate-data")
-    key_pem = _data(user, "client-key-data")
-    tokens: TokenSource | None = None
-    if user.get("exec"):
-        plugin = _exec_plugin(user["exec"], user_dir)
-        tokens = TokenSource(plugin=plugin, server=server)
-        tokens.token()  # runs the plugin now: a missing binary or a failing login is reported at start-up
-        credential = tokens.last_credential
-        if credential and credential.client_certificate_pem:
-            cert_pem, key_pem = credential.client_certificate_pem, credential.client_key_pem
-        if credential and not credential.token:
-            tokens = None
-    elif user.get("tokenFile"):
-        tokens = TokenSource(token_file=Path(_resolve(user["tokenFile"], user_dir)))
-        tokens.token()
-    elif user.get("auth-provider") and not (user["auth-provider"].get("config") or {}).get("access-token"):
-        provider = user["auth-provider"].get("name", "?")
-        raise KubeconfigError(
-            f"kubeconfig user {ctx.get('user')!r} uses the removed auth-provider {provider!r}: "
-            "switch it to an exec credential plugin (e.g. kubelogin, gke-gcloud-auth-plugin)"
-        )
-    token = user.get("token") or (user.get("auth-provider") or {}).get("config", {}).get("access-token")
-    return ClusterLogin(
-        server=str(server).rstrip("/"),
+    ctx = _named(merged, "contexts", name, f"context {name!r} is not in the kubeconfig")["context"]
+    cluster_name = ctx.safe_get("cluster")
+    cluster = _named(
+        merged, "clusters", cluster_name, f"context {name!r} names cluster {{}}, which is not defined"
+    )["cluster"]
+    if not cluster.safe_get("server"):
+        raise KubeconfigError(f"cluster {cluster_name!r} has no server address")
+    expires_at: datetime | None = None
+    if ctx.safe_get("user"):
+        user = _named(merged, "users", ctx["user"], f"context {name!r} names user {{}}, which is not defined")
+        expires_at = _run_exec_plugin(user["user"], cluster)
+    loader = kube_config.KubeConfigLoader(
+        config_dict=merged, active_context=name, config_base_path=None, temp_file_path=private
+    )
+    configuration = Configuration()
+    loader.load_and_set(configuration)
+    login = ClusterLogin(
+        server=configuration.host,
         context=name,
-        namespace=ctx.get("namespace") or "default",
-        ca_pem=ca_pem,
-        ca_path=ca_path,
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
-        client_certificate_pem=cert_pem,
-        client_key_pem=key_pem,
-        client_certificate_path=_file(user, "client-certificate", user_dir),
-        client_key_path=_file(user, "client-key", user_dir),
-        token=None if tokens else token,
-        username=user.get("username"),
-        password=user.get("password"),
-        tokens=tokens,
+        namespace=ctx.safe_get("namespace") or "default",
+        # Read now, while the library's temporary files exist (they are deleted when this load ends).
+        ca_pem=_read(configuration.ssl_ca_cert),
+        insecure=not configuration.verify_ssl,
+        client_certificate_pem=_read(configuration.cert_file),
+        client_key_pem=_read(configuration.key_file),
     )
+    return login, Authorization(_header(configuration), expires_at)
 
 
-def _exec_plugin(spec: dict[str, Any], base_dir: Path) -> ExecPlugin:
-    command = spec.get("command")
-    if not command:
-        raise KubeconfigError("kubeconfig exec credential plugin has no command")
-    return ExecPlugin(
-        command=str(command),
-        args=tuple(str(a) for a in spec.get("args") or []),
-        env=tuple((str(e["name"]), str(e.get("value", ""))) for e in spec.get("env") or []),
-        api_version=spec.get("apiVersion") or "client.authentication.k8s.io/v1",
-        install_hint=(spec.get("installHint") or "").strip(),
-        provide_cluster_info=bool(spec.get("provideClusterInfo")),
-        base_dir=base_dir,
-    )
+def _named(merged: Any, section: str, name: str | None, missing: str) -> Any:
+    """The entry called ``name`` of a kubeconfig list, or a KubeconfigError with ``missing`` (``{}``: the
+    name). The library's lookup says the same with its own words, and a missing user it skips silently."""
+    found = merged[section].get_with_name(name, safe=True) if merged.safe_get(section) and name else None
+    if found is None:
+        raise KubeconfigError(missing.format(repr(name)))
+    return found
 
 
-def run_exec_plugin(plugin: ExecPlugin, server: str = "") -> Credential:
-    """Run the plugin as kubectl does (KUBERNETES_EXEC_INFO in its environment, stdout an ExecCredential)."""
-    command = plugin.command
-    if os.sep in command and not Path(command).is_absolute():
-        command = str(plugin.base_dir / command)  # relative paths are relative to the kubeconfig's folder
-    info: dict[str, Any] = {
-        "apiVersion": plugin.api_version,
-        "kind": "ExecCredential",
-        "spec": {"interactive": False},
-    }
-    if plugin.provide_cluster_info:
-        info["spec"]["cluster"] = {"server": server}
-    env = {**os.environ, **dict(plugin.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
-    name = Path(plugin.command).name
+def _run_exec_plugin(user: Any, cluster: Any) -> datetime | None:
+    """Run the user's exec credential plugin with the library's ``ExecProvider`` and put what it printed in
+    the user's place (a token, or a client certificate and key), so that the library, which would log a
+    failure and go on without credentials, reads a plain credential instead. Returns its expiry."""
+    if "exec" not in user:
+        return None
+    spec = user["exec"]
+    command = str(spec.safe_get("command") or "")
+    name = Path(command).name or "?"
+    base = os.path.dirname(os.path.abspath(user.path)) if user.path else None
     try:
-        result = subprocess.run(
-            [command, *plugin.args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=EXEC_TIMEOUT_SECONDS,
-            check=False,
-        )
+        status = ExecProvider(spec, base, cluster).run()
     except FileNotFoundError:
-        hint = f" ({' '.join(plugin.install_hint.split())})" if plugin.install_hint else ""
-        raise KubeconfigError(f"exec credential plugin {plugin.command!r} not found{hint}") from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KubeconfigError(f"exec credential plugin {name!r} could not run: {exc}") from None
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise KubeconfigError(f"exec credential plugin {name!r} exited {result.returncode}: {last}")
-    try:
-        status = json.loads(result.stdout).get("status") or {}
-    except (ValueError, AttributeError):
-        raise KubeconfigError(f"exec credential plugin {name!r} printed no ExecCredential JSON") from None
-    token = status.get("token")
-    cert, key = status.get("clientCertificateData"), status.get("clientKeyData")
-    if not token and not (cert and key):
+        hint = " ".join(str(spec.safe_get("installHint") or "").split())
+        raise KubeconfigError(
+            f"exec credential plugin {command!r} not found" + (f" ({hint})" if hint else "")
+        ) from None
+    except (ConfigException, OSError) as exc:
+        message = _one_line(exc).removeprefix("exec: ")
+        raise KubeconfigError(f"exec credential plugin {name!r} failed: {message}") from None
+    credential: dict[str, Any] = {}
+    if status.get("token"):
+        credential["token"] = status["token"]
+    elif status.get("clientCertificateData") and status.get("clientKeyData"):
+        for key, data in (
+            ("client-certificate-data", "clientCertificateData"),
+            ("client-key-data", "clientKeyData"),
+        ):
+            credential[key] = base64.b64encode(str(status[data]).encode()).decode()
+    else:
         raise KubeconfigError(f"exec credential plugin {name!r} returned neither a token nor a certificate")
-    expires: datetime | None = None
-    if status.get("expirationTimestamp"):
-        try:
-            expires = datetime.fromisoformat(str(status["expirationTimestamp"]).replace("Z", "+00:00"))
-        except ValueError:
-            raise KubeconfigError(f"exec credential plugin {name!r}: bad expirationTimestamp") from None
-        if expires.tzinfo is None:
-            expires = expires.replace(tzinfo=UTC)
-    return Credential(
-        token=token,
-        client_certificate_pem=cert.encode() if cert else None,
-        client_key_pem=key.encode() if key else None,
-        expires_at=expires,
-    )
+    user.value.pop("exec")
+    user.value.update(credential)
+    if not status.get("expirationTimestamp"):
+        return None
+    try:
+        expires_at: datetime = parse_rfc3339(status["expirationTimestamp"])
+    except (ValueError, TypeError):
+        raise KubeconfigError(f"exec credential plugin {name!r}: bad expirationTimestamp") from None
+    return expires_at
+
+
+def _header(configuration: Configuration) -> str | None:
+    """The library's ``Authorization`` value: ``Bearer …`` (token, token file, exec, auth provider) or
+    ``Basic …``."""
+    value = configuration.api_key.get("BearerToken")
+    return " ".join(str(value).split()) if value else None
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

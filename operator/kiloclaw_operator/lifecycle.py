@@ -11,7 +11,8 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from .conditions import REASON_FLY_UNAUTHORIZED, STALLED, WAITING_REASONS
+from . import reasons
+from .conditions import STALLED
 from .config import Settings
 from .fly import vocabulary as fly
 from .fly.models import Guest, MachineConfig, Mount, RestartPolicy
@@ -24,13 +25,10 @@ from .models import (
     Phase,
     RecoveryOutcome,
 )
+from .reasons import Reason
 
 # Why an instance whose spec wants it running sits Stopped (Stalled reason and Event reason), and the Event
 # of a machine recreated because it vanished (DESIGN 3.6: converge, or say why).
-REASON_MACHINE_FAILED = "MachineFailed"
-REASON_START_FAILED = "StartFailed"
-REASON_RECOVERY_DISABLED = "RecoveryDisabled"
-EVENT_MACHINE_RECREATED = "MachineRecreated"
 
 
 class ObservationKind(Enum):
@@ -84,8 +82,8 @@ class Decision:
     phase: Phase | None = None  # the phase to record (for SETTLE/ACKNOWLEDGE), None = unchanged
     clear_machine: bool = False  # the machine is gone: forget its id
     reason: str = ""
-    stall: str | None = None  # also mark Stalled with this reason (and post it as a Warning Event)
-    event: str | None = None  # also post this Event (reason; ``reason`` above is the message)
+    stall: Reason | None = None  # also mark Stalled with this reason (and post it as a Warning Event)
+    event: Reason | None = None  # also post this Event (reason; ``reason`` above is the message)
     held: bool = False  # stalled: no action on Fly, but the observation is still recorded
 
 
@@ -96,9 +94,9 @@ def is_held(instance: Instance) -> bool:
     keep being retried and the stall clears by itself once the token works again.
     """
     stalled = instance.status.condition(STALLED)
-    if stalled is None or stalled.status != "True" or stalled.reason == REASON_FLY_UNAUTHORIZED:
+    if stalled is None or stalled.status != "True" or stalled.reason == Reason.FLY_UNAUTHORIZED:
         return False
-    if stalled.reason in WAITING_REASONS:
+    if stalled.reason in reasons.WAITING:
         return False  # waiting for a source or a released brake: looks again by itself (waiting_for_source)
     return (
         stalled.observed_generation == instance.generation
@@ -109,7 +107,7 @@ def is_held(instance: Instance) -> bool:
 def waiting_for_source(instance: Instance) -> bool:
     """Stalled without a hold: no acceptable recovery source yet, or recoveries paused (DESIGN 3.9)."""
     stalled = instance.status.condition(STALLED)
-    return stalled is not None and stalled.status == "True" and stalled.reason in WAITING_REASONS
+    return stalled is not None and stalled.status == "True" and stalled.reason in reasons.WAITING
 
 
 def recovery_in_flight(instance: Instance) -> bool:
@@ -166,7 +164,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
         return Decision(
             Action.START,
             clear_machine=True,
-            event=EVENT_MACHINE_RECREATED,
+            event=Reason.MACHINE_RECREATED,
             reason=f"machine {status.machine_id} was destroyed outside the operator: creating a new one "
             f"on volume {status.volume_id}",
         )
@@ -184,7 +182,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
                 return Decision(
                     Action.SETTLE,
                     Phase.STOPPED,
-                    stall=REASON_START_FAILED,
+                    stall=Reason.START_FAILED,
                     reason=f"machine {status.machine_id} is {state} instead of started; fix the cause and "
                     "set the kiloclaw.kilo.ai/retry annotation to start it again",
                 )
@@ -209,7 +207,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
                 return Decision(
                     Action.SETTLE,
                     Phase.STOPPED,
-                    stall=REASON_RECOVERY_DISABLED,
+                    stall=Reason.RECOVERY_DISABLED,
                     reason=f"machine {status.machine_id} stopped unexpectedly and spec.recovery.enabled is "
                     "false; set the kiloclaw.kilo.ai/retry annotation to start it again",
                 )
@@ -219,7 +217,7 @@ def decide(instance: Instance, observation: Observation) -> Decision:
                 return Decision(
                     Action.SETTLE,
                     Phase.STOPPED,
-                    stall=REASON_MACHINE_FAILED,
+                    stall=Reason.MACHINE_FAILED,
                     reason=f"machine {status.machine_id} failed; set the kiloclaw.kilo.ai/retry annotation "
                     "to start it again",
                 )

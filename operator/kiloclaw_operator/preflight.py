@@ -8,15 +8,12 @@ established, and the operator serves them as soon as they appear — so that is 
 
 from __future__ import annotations
 
-import os
-
 import httpx
 
-from .kube import connection_from_login, tls_context
-from .kubeconfig import KubeconfigError, load_kubeconfig
+from .kube import client_settings, connection_from_login
+from .kubeconfig import KubeconfigError, in_a_pod, load_kubeconfig
 from .models import GROUP, VERSION
 
-SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 TIMEOUT_SECONDS = 5.0
 
 
@@ -26,30 +23,22 @@ class StartupError(Exception):
 
 def check_cluster(timeout: float = TIMEOUT_SECONDS) -> str | None:
     """Raise StartupError when the cluster is unusable; return a warning line when the CRDs are missing."""
-    if os.path.exists(SERVICE_ACCOUNT_TOKEN):
-        return None  # in a pod: the service account, checked by kopf's own login
+    if in_a_pod():
+        return None  # in a pod: the service account, checked by the login itself
     try:
         login = load_kubeconfig()
+        settings = client_settings(connection_from_login(login))
     except KubeconfigError as exc:
         raise StartupError(str(exc)) from None
-    conn = connection_from_login(login)
-    headers = {"Accept": "application/json"}
-    try:
-        token = conn.tokens.token() if conn.tokens is not None else conn.token
-    except KubeconfigError as exc:
-        raise StartupError(str(exc)) from None
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    auth = httpx.BasicAuth(conn.username, conn.password) if conn.username and conn.password else None
     where = f"the Kubernetes API at {login.server} (context {login.context})"
     try:
-        with httpx.Client(
-            base_url=login.server, headers=headers, auth=auth, verify=tls_context(conn), timeout=timeout
-        ) as client:
+        with httpx.Client(**settings, timeout=timeout) as client:
             version = client.get("/version")
             if version.status_code == 401:
                 raise StartupError(f"{where} rejects the credentials of the kubeconfig (401)")
             crds = client.get(f"/apis/{GROUP}/{VERSION}")
+    except KubeconfigError as exc:  # an exec plugin failing when asked again after a 401
+        raise StartupError(str(exc)) from None
     except httpx.HTTPError as exc:
         raise StartupError(f"cannot reach {where}: {exc or type(exc).__name__}") from None
     if crds.status_code == 404:

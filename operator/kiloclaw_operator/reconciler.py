@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from . import conditions, leadership, lifecycle, ownership, recovery, stops, tenancy
+from . import conditions, leadership, lifecycle, ownership, reasons, recovery, stops, tenancy
 from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .feed import FeedObserver, MachineState
@@ -36,6 +36,7 @@ from .fly.models import Machine, Volume
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
+from .reasons import Reason
 from .volumes import (
     MachineNotProven,
     OwnershipMismatch,
@@ -46,19 +47,6 @@ from .volumes import (
 )
 
 logger = logging.getLogger("kiloclaw.instance")
-
-ACTION_DEFERRED = "ActionDeferred"
-DUPLICATE_SANDBOX = "DuplicateSandbox"
-#: A machine id in status that does not prove to be the instance's: the destroy is refused.
-REASON_MACHINE_NOT_PROVEN = "MachineNotOwned"
-#: Stalls that refuse the instance before any Fly call; looked at again at the idle cadence.
-_REFUSALS = frozenset(
-    {
-        conditions.REASON_DUPLICATE_SANDBOX,
-        tenancy.REASON_APP_NOT_ALLOWED,
-        tenancy.REASON_IMAGE_NOT_ALLOWED,
-    }
-)
 
 
 #: What a driver decides on while a recovery owns the instance (the recovery observes Fly itself).
@@ -242,16 +230,13 @@ class InstanceDriver(ObjectDriver[Instance]):
             logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self.log_fields(instance))
             return self._backoff()
         self.failures = 0
-        if (
-            conditions.stalled_reason(instance.status) == conditions.REASON_FLY_UNAUTHORIZED
-            and self.ctx.fly.authorized
-        ):
+        if conditions.stalled_reason(instance.status) == Reason.FLY_UNAUTHORIZED and self.ctx.fly.authorized:
             instance = await self.commit(
                 instance,
                 conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
                 "the Fly token works again",
             )
-        if conditions.stalled_reason(instance.status) in _REFUSALS:
+        if conditions.stalled_reason(instance.status) in reasons.REFUSALS:
             # A refused instance looks again now and then: the owner may be gone, the binding changed.
             return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
         if lifecycle.waiting_for_source(instance):
@@ -267,7 +252,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             logger.warning("Fly token unauthorized, will retry: %s", exc, extra=fields)
             status = conditions.mark_stalled(
                 instance.status,
-                conditions.REASON_FLY_UNAUTHORIZED,
+                Reason.FLY_UNAUTHORIZED,
                 f"the operator's Fly API token is not authorized ({exc.message}); fix the token "
                 "(FLY_API_TOKEN_FILE is re-read on change) and this clears by itself",
                 self.ctx.clock(),
@@ -286,7 +271,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             status = instance.status.model_copy(
                 update={"phase": Phase.FAILED, "observed_generation": instance.generation}
             )
-            await self._stall(instance, status, conditions.REASON_APP_NOT_FOUND, message)
+            await self._stall(instance, status, Reason.APP_NOT_FOUND, message)
             return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         if isinstance(exc, HostUnavailable) and instance.spec.state is DesiredState.RUNNING:
             return await self._on_host_unavailable(instance, exc)
@@ -297,7 +282,7 @@ class InstanceDriver(ObjectDriver[Instance]):
                 update={"phase": Phase.FAILED, "observed_generation": instance.generation}
             )
             status = conditions.mark_stalled(
-                status, conditions.REASON_INVALID_SPEC, exc.message, now, instance.generation
+                status, Reason.INVALID_SPEC, exc.message, now, instance.generation
             )
             await self.commit(instance, status, "permanent Fly error: stall until the spec changes")
             return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
@@ -324,14 +309,12 @@ class InstanceDriver(ObjectDriver[Instance]):
             update={"phase": Phase.STOPPED, "observed_generation": instance.generation}
         )
         status = conditions.mark_stalled(
-            status, conditions.REASON_HOST_UNAVAILABLE, message, self.ctx.clock(), instance.generation
+            status, Reason.HOST_UNAVAILABLE, message, self.ctx.clock(), instance.generation
         )
         instance = await self.commit(
             instance, status, "host unreachable: stall until the host or the spec changes"
         )
-        await self.ctx.kube.post_event(
-            instance.ref, conditions.REASON_HOST_UNAVAILABLE, message, warning=True
-        )
+        await self.ctx.kube.post_event(instance.ref, Reason.HOST_UNAVAILABLE, message, warning=True)
         return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
@@ -346,10 +329,7 @@ class InstanceDriver(ObjectDriver[Instance]):
                 refusal.message,
             )
             return self.current()
-        if conditions.stalled_reason(instance.status) in (
-            tenancy.REASON_APP_NOT_ALLOWED,
-            tenancy.REASON_IMAGE_NOT_ALLOWED,
-        ):
+        if conditions.stalled_reason(instance.status) in (Reason.APP_NOT_ALLOWED, Reason.IMAGE_NOT_ALLOWED):
             instance = await self.commit(
                 instance,
                 conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
@@ -386,7 +366,7 @@ class InstanceDriver(ObjectDriver[Instance]):
         # every commit acknowledges the retry annotation, so the observation write would otherwise consume a
         # retry request before the decision sees it.
         decision = lifecycle.decide(instance, observation)
-        if decision.stall == lifecycle.REASON_START_FAILED:
+        if decision.stall == Reason.START_FAILED:
             # Confirmed by a read first: a late-landing stop the operator sent itself is not a failed start.
             decision, machine = await stops.confirm_failed_start(self.ctx.fly, instance, decision)
         if decision.action is Action.RESUME_RECOVERY:
@@ -450,7 +430,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             instance.ref.namespace, annotations, instance.spec, check_image=check_image
         )
 
-    async def _stall(self, instance: Instance, status: InstanceStatus, reason: str, message: str) -> None:
+    async def _stall(self, instance: Instance, status: InstanceStatus, reason: Reason, message: str) -> None:
         """Stalled with ``reason`` and a Warning Event, once per message (a refusal repeated is not news)."""
         stalled = instance.status.condition(conditions.STALLED)
         if (
@@ -472,20 +452,20 @@ class InstanceDriver(ObjectDriver[Instance]):
         if (
             stalled is not None
             and stalled.status == "True"
-            and stalled.reason == conditions.REASON_DUPLICATE_SANDBOX
+            and stalled.reason == Reason.DUPLICATE_SANDBOX
             and stalled.message == message
         ):
             return
         logger.warning("%s", message, extra=self.log_fields(instance))
         status = conditions.mark_stalled(
             instance.status.model_copy(update={"observed_generation": instance.generation}),
-            conditions.REASON_DUPLICATE_SANDBOX,
+            Reason.DUPLICATE_SANDBOX,
             message,
             self.ctx.clock(),
             instance.generation,
         )
         await self.commit(instance, status, "refused as a duplicate claimant: nothing on Fly is touched")
-        await self.ctx.kube.post_event(instance.ref, DUPLICATE_SANDBOX, message, warning=True)
+        await self.ctx.kube.post_event(instance.ref, Reason.DUPLICATE_SANDBOX, message, warning=True)
 
     async def _record_observation(self, instance: Instance, observation: Observation) -> Instance:
         """Fly state changes are written when they change, never on every poll (no status churn)."""
@@ -514,13 +494,13 @@ class InstanceDriver(ObjectDriver[Instance]):
         reconciling = instance.status.condition(conditions.RECONCILING)
         if (
             reconciling is not None
-            and reconciling.reason == conditions.REASON_BUSY
+            and reconciling.reason == Reason.BUSY
             and reconciling.observed_generation == instance.generation
         ):
             return instance
         await self.ctx.kube.post_event(
             instance.ref,
-            ACTION_DEFERRED,
+            Reason.ACTION_DEFERRED,
             f"spec generation {instance.generation} deferred while {instance.status.phase.value}",
         )
         return await self.commit(instance, instance.status, "record the deferred generation", deferred=True)
@@ -643,7 +623,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             and (
                 instance.created_at is None
                 or v.created_at is None
-                or v.created_at >= instance.created_at - timedelta(seconds=60)
+                or self.ctx.fly.in_our_clock(v.created_at) >= instance.created_at - timedelta(seconds=60)
             )
         ]
         if not candidates:
@@ -949,10 +929,10 @@ class InstanceDriver(ObjectDriver[Instance]):
             return
         logger.warning("%s", message, extra=self.log_fields(instance))
         status = conditions.mark_stalled(
-            instance.status, REASON_MACHINE_NOT_PROVEN, message, self.ctx.clock(), instance.generation
+            instance.status, Reason.MACHINE_NOT_OWNED, message, self.ctx.clock(), instance.generation
         )
         instance = await self.commit(instance, status, "destroy refused: the recorded machine is not ours")
-        await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
+        await self.ctx.kube.post_event(instance.ref, Reason.MACHINE_NOT_OWNED, message, warning=True)
 
 
 def _legacy_name_shared(instance: Instance, instances: list[dict[str, Any]]) -> bool:

@@ -47,6 +47,7 @@ from .models import (
     step_reached,
 )
 from .models import Instance as InstanceModel
+from .reasons import Reason
 from .volumes import OwnershipMismatch, delete_volume_checked, destroy_recorded_machine
 
 logger = logging.getLogger("kiloclaw.recovery")
@@ -197,7 +198,7 @@ async def begin(
         "started",
         _fields(instance),
         event=(
-            "RecoveryStarted",
+            Reason.RECOVERY_STARTED,
             f"machine {record.source_machine_id} stopped unexpectedly; recovery {record.id}"
             + _source_note(record),
         ),
@@ -436,7 +437,7 @@ async def _replacement_volume(port: Port, instance: InstanceModel, record: Recov
             )
     names = _fork_names(instance)
     for volume in await client.list_volumes(app):
-        if _is_fork_of_this_attempt(volume, names, record):
+        if _is_fork_of_this_attempt(client, volume, names, record):
             logger.info("adopting replacement volume %s left by a crash", volume.id, extra=_fields(instance))
             return volume
     guest = instance.spec.guest
@@ -593,7 +594,7 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
             ) from exc
         await port.kube.post_event(
             instance.ref,
-            "RetainedVolumeCreated",
+            Reason.RETAINED_VOLUME_CREATED,
             f"old volume {record.source_volume_id} kept as {retained_name}",
         )
     last = instance.status.last_recovery
@@ -611,7 +612,7 @@ async def _dispose_of_source_volume(port: Port, instance: InstanceModel) -> Inst
         "succeeded",
         {**_fields(instance, record.id), "durationMs": int(duration * 1000), "retainedVolume": retained_name},
         event=(
-            "RecoverySucceeded",
+            Reason.RECOVERY_SUCCEEDED,
             f"recovery {record.id} moved the sandbox to machine {instance.status.machine_id} "
             f"in {instance.status.region}" + _restored_note(record),
         ),
@@ -641,7 +642,7 @@ def _retained_volume_body(
         sandbox_id=instance.spec.sandbox_id,
         instance_name=instance.ref.name,
         region=record.source_region,
-        reason="UnexpectedStopRecovery",
+        reason=Reason.UNEXPECTED_STOP_RECOVERY,
         recovery_id=record.id,
         retain_until=retain_until,
     )
@@ -750,7 +751,7 @@ async def fail(
             ),
         }
     )
-    status = conditions.mark_stalled(status, conditions.REASON_RECOVERY_FAILED, message, now, acted_on)
+    status = conditions.mark_stalled(status, Reason.RECOVERY_FAILED, message, now, acted_on)
     instance = await port.commit(
         instance, status, "recovery failed: replacement cleaned up, instance stalled"
     )
@@ -764,7 +765,7 @@ async def fail(
             "label": label,
             "durationMs": int(duration * 1000),
         },
-        event=("RecoveryFailed", f"recovery {record.id} failed: {message}"),
+        event=(Reason.RECOVERY_FAILED, f"recovery {record.id} failed: {message}"),
         duration=duration,
         reason=reason,
         warning=True,
@@ -778,7 +779,7 @@ async def _announce(
     outcome: str,
     fields: dict[str, Any],
     *,
-    event: tuple[str, str],
+    event: tuple[Reason, str],
     duration: float | None = None,
     reason: str = "",
     warning: bool = False,
@@ -849,7 +850,7 @@ async def _unrecorded_replacement_volume(
         volumes = await port.fly.list_volumes(instance.spec.fly_app)
     except FlyError:
         return None
-    return next((v.id for v in volumes if _is_fork_of_this_attempt(v, names, record)), None)
+    return next((v.id for v in volumes if _is_fork_of_this_attempt(port.fly, v, names, record)), None)
 
 
 def _fork_names(instance: InstanceModel) -> set[str]:
@@ -858,16 +859,19 @@ def _fork_names(instance: InstanceModel) -> set[str]:
     return {fly.volume_name(instance.spec.sandbox_id), fly.legacy_volume_name(instance.spec.sandbox_id)}
 
 
-def _is_fork_of_this_attempt(volume: Volume, names: set[str], record: RecoveryStatus) -> bool:
+def _is_fork_of_this_attempt(
+    client: FlyClient, volume: Volume, names: set[str], record: RecoveryStatus
+) -> bool:
     """A live, unattached volume with the sandbox's name, created since this attempt began, that is not its
     source: what step 4 of this attempt created (an older volume of the same name is a retained copy, never
-    adopted; an attached one is in someone's use)."""
+    adopted; an attached one is in someone's use). Fly stamps ``created_at`` with its own clock, the attempt
+    began by ours: compared in ours."""
     return (
         volume.name in names
         and not volume.attached_machine_id
         and volume.id != record.source_volume_id
         and volume.created_at is not None
-        and volume.created_at >= record.started_at
+        and client.in_our_clock(volume.created_at) >= record.started_at
         and not volume.is_gone
     )
 

@@ -53,25 +53,13 @@ from .models import (
     RetainedVolume,
     RetainedVolumeStatus,
 )
+from .reasons import Reason
 from .volumes import OwnershipMismatch, delete_volume_checked, volumes_in_use
 
 logger = logging.getLogger("kiloclaw.retained")
 analytics = logging.getLogger("kiloclaw.analytics")
 
-EVENT_DELETED = "RetainedVolumeDeleted"
-EVENT_DELETE_BLOCKED = "RetainedVolumeDeleteBlocked"
 ANALYTICS_DELETED = "retained_volume.deleted"
-
-REASON_RETAINED = "Retained"
-REASON_VOLUME_NOT_FOUND = "VolumeNotFound"
-REASON_DELETING = "Deleting"
-REASON_VOLUME_DELETED = "VolumeDeleted"
-REASON_DELETE_FAILED = "DeleteFailed"
-REASON_OWNERSHIP_MISMATCH = "OwnershipMismatch"
-REASON_VOLUME_IN_USE = "VolumeInUse"
-REASON_FLY_UNAUTHORIZED = conditions.REASON_FLY_UNAUTHORIZED
-REASON_FLY_REJECTED = "FlyRejected"
-REASON_NOT_MINTED = "NotMintedByOperator"
 
 
 # Never sleep less than this between passes, so a clock skew or an error path cannot spin the loop.
@@ -169,7 +157,7 @@ def deletion_trigger(retained: RetainedVolume, now: datetime) -> Trigger | None:
 def volume_confirmed_deleted(status: RetainedVolumeStatus) -> bool:
     """True once a pass committed that Fly no longer has the volume: the durable mark of a finished delete."""
     ready = next((c for c in status.conditions if c.type == conditions.READY), None)
-    return ready is not None and ready.reason == REASON_VOLUME_DELETED
+    return ready is not None and ready.reason == Reason.VOLUME_DELETED
 
 
 def pending_retry(retained: RetainedVolume, now: datetime) -> datetime | None:
@@ -268,8 +256,8 @@ def _with_conditions(
     status: RetainedVolumeStatus,
     generation: int,
     now: datetime,
-    ready: tuple[ConditionStatus, str, str],
-    stalled: tuple[ConditionStatus, str, str],
+    ready: tuple[ConditionStatus, Reason, str],
+    stalled: tuple[ConditionStatus, Reason, str],
 ) -> list[Condition]:
     result = conditions.set_condition(status.conditions, conditions.READY, *ready, now, generation)
     return conditions.set_condition(result, conditions.STALLED, *stalled, now, generation)
@@ -287,15 +275,15 @@ def observed_status(
     status = retained.status
     spec = retained.spec
     if volume_exists:
-        ready: tuple[ConditionStatus, str, str] = (
+        ready: tuple[ConditionStatus, Reason, str] = (
             "True",
-            REASON_RETAINED,
+            Reason.RETAINED,
             f"volume {spec.volume_id} is retained until {_rfc3339(spec.retain_until)}",
         )
     else:
         ready = (
             "False",
-            REASON_VOLUME_NOT_FOUND,
+            Reason.VOLUME_NOT_FOUND,
             f"volume {spec.volume_id} no longer exists in Fly app {spec.fly_app}",
         )
     return status.model_copy(
@@ -307,13 +295,13 @@ def observed_status(
             "next_attempt_at": None,
             "attempts": 0,
             "conditions": _with_conditions(
-                status, retained.generation, now, ready, ("False", REASON_RETAINED, "")
+                status, retained.generation, now, ready, ("False", Reason.RETAINED, "")
             ),
         }
     )
 
 
-def _in_progress(retained: RetainedVolume, now: datetime, reason: str, message: str) -> list[Condition]:
+def _in_progress(retained: RetainedVolume, now: datetime, reason: Reason, message: str) -> list[Condition]:
     """Ready=False and Stalled=False for the same ``reason``: the delete is under way, nothing blocks it."""
     return _with_conditions(
         retained.status, retained.generation, now, ("False", reason, message), ("False", reason, "")
@@ -326,7 +314,7 @@ def deleting_status(retained: RetainedVolume, now: datetime, trigger: Trigger) -
     return status.model_copy(
         update={
             "phase": RetainedPhase.DELETING,
-            "conditions": _in_progress(retained, now, REASON_DELETING, message),
+            "conditions": _in_progress(retained, now, Reason.DELETING, message),
         }
     )
 
@@ -340,7 +328,7 @@ def deleted_status(retained: RetainedVolume, now: datetime) -> RetainedVolumeSta
             "last_error": None,
             "next_attempt_at": None,
             "conditions": _in_progress(
-                retained, now, REASON_VOLUME_DELETED, f"volume {retained.spec.volume_id} is deleted in Fly"
+                retained, now, Reason.VOLUME_DELETED, f"volume {retained.spec.volume_id} is deleted in Fly"
             ),
         }
     )
@@ -350,7 +338,7 @@ def deleted_status(retained: RetainedVolume, now: datetime) -> RetainedVolumeSta
 class DeleteFailure:
     """A delete attempt that did not finish, classified for the status."""
 
-    reason: str
+    reason: Reason
     message: str
     blocked: bool  # phase Blocked: a safety check refused; a person or another party must act
     stalled: bool  # Stalled=True: no progress without a person (or the party holding the volume)
@@ -362,21 +350,21 @@ def classify_failure(exc: Exception, attempts: int, settings: Settings) -> Delet
     """Map what stopped a delete attempt to the status it leaves; ``attempts`` includes this one."""
     delay = next_backoff(attempts, settings)
     if isinstance(exc, OwnershipMismatch):
-        return DeleteFailure(REASON_OWNERSHIP_MISMATCH, str(exc), blocked=True, stalled=True, delay=delay)
+        return DeleteFailure(Reason.OWNERSHIP_MISMATCH, str(exc), blocked=True, stalled=True, delay=delay)
     if isinstance(exc, Unauthorized):
-        return DeleteFailure(REASON_FLY_UNAUTHORIZED, str(exc), blocked=False, stalled=True, delay=delay)
+        return DeleteFailure(Reason.FLY_UNAUTHORIZED, str(exc), blocked=False, stalled=True, delay=delay)
     if isinstance(exc, Fatal):
-        return DeleteFailure(REASON_FLY_REJECTED, str(exc), blocked=False, stalled=True, delay=delay)
+        return DeleteFailure(Reason.FLY_REJECTED, str(exc), blocked=False, stalled=True, delay=delay)
     if isinstance(exc, RateLimited) and exc.retry_after is not None:
         delay = max(delay, exc.retry_after)
-    return DeleteFailure(REASON_DELETE_FAILED, str(exc), blocked=False, stalled=False, delay=delay)
+    return DeleteFailure(Reason.DELETE_FAILED, str(exc), blocked=False, stalled=False, delay=delay)
 
 
 def unproven_failure(message: str, settings: Settings) -> DeleteFailure:
     """Not the operator's to act on: Blocked for good (checked again each interval; a forged provenance
     cannot appear, but a mint interrupted between its two calls is completed by the recovery's retry)."""
     return DeleteFailure(
-        REASON_NOT_MINTED,
+        Reason.NOT_MINTED_BY_OPERATOR,
         message,
         blocked=True,
         stalled=True,
@@ -388,7 +376,7 @@ def unproven_failure(message: str, settings: Settings) -> DeleteFailure:
 def volume_in_use_failure(volume_id: str, holder: str, settings: Settings) -> DeleteFailure:
     """The interlock refused: checked again every interval until the instance lets go of the volume."""
     return DeleteFailure(
-        REASON_VOLUME_IN_USE,
+        Reason.VOLUME_IN_USE,
         f"refusing to delete volume {volume_id}: in use by {holder}",
         blocked=True,
         stalled=True,
@@ -401,7 +389,7 @@ def failed_status(retained: RetainedVolume, now: datetime, failure: DeleteFailur
     status = retained.status
     attempts = status.attempts + 1 if failure.counts else status.attempts
     phase = RetainedPhase.BLOCKED if failure.blocked else RetainedPhase.DELETING
-    stalled: tuple[ConditionStatus, str, str] = (
+    stalled: tuple[ConditionStatus, Reason, str] = (
         ("True", failure.reason, failure.message) if failure.stalled else ("False", failure.reason, "")
     )
     return status.model_copy(
@@ -600,7 +588,10 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
         retained = await self.commit(retained, status, f"delete attempt failed ({failure.reason})")
         if starts_blocked_episode(before, retained.status):
             await self.ctx.kube.post_event(
-                await self._event_target(retained), EVENT_DELETE_BLOCKED, failure.message, warning=True
+                await self._event_target(retained),
+                Reason.RETAINED_VOLUME_DELETE_BLOCKED,
+                failure.message,
+                warning=True,
             )
         return retained
 
@@ -621,7 +612,7 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
         spec = retained.spec
         await self.ctx.kube.post_event(
             await self._event_target(retained),
-            EVENT_DELETED,
+            Reason.RETAINED_VOLUME_DELETED,
             f"retained volume {spec.volume_id} ({retained.ref.name}) deleted: {_describe(trigger)}",
         )
         analytics.info(

@@ -29,19 +29,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from . import conditions, lifecycle, recovery
+from . import conditions, lifecycle, reasons, recovery
 from .fly import Fatal, FlyClient, FlyError, NotFound
 from .fly import vocabulary as fly
 from .fly.models import Machine, Snapshot, Volume
 from .metrics import STOP_VERDICTS
 from .models import DesiredState, Instance, Phase, RecoverySource
+from .reasons import Reason
 
 logger = logging.getLogger("kiloclaw.stops")
-
-REASON_WAITING_FOR_SOURCE = conditions.REASON_WAITING_FOR_SOURCE
-REASON_RECOVERY_PAUSED = conditions.REASON_RECOVERY_PAUSED
-WAITING_REASONS = conditions.WAITING_REASONS
-EVENT_MACHINE_MIGRATED = "MachineMigrated"
 
 
 class Verdict(Enum):
@@ -187,7 +183,7 @@ async def confirm_failed_start(
 
 def waiting(instance: Instance) -> bool:
     """Stalled on something that passes by itself (no source yet, recoveries paused): not a hold."""
-    return conditions.stalled_reason(instance.status) in WAITING_REASONS
+    return conditions.stalled_reason(instance.status) in reasons.WAITING
 
 
 # --- the entry the driver calls ------------------------------------------------------------------------
@@ -295,7 +291,7 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
             "observed_at": port.clock(),
         }
     )
-    if conditions.stalled_reason(status) in WAITING_REASONS:
+    if conditions.stalled_reason(status) in reasons.WAITING:
         status = conditions.clear_stalled(status, port.clock(), instance.generation)
         if instance.spec.state is DesiredState.RUNNING and machine.state == fly.STARTED:
             status = status.model_copy(update={"phase": Phase.RUNNING})
@@ -307,7 +303,7 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
         "(followed; the old volume was not deleted)"
     )
     logger.info("%s", message, extra=_fields(instance))
-    await port.kube.post_event(instance.ref, EVENT_MACHINE_MIGRATED, message)
+    await port.kube.post_event(instance.ref, Reason.MACHINE_MIGRATED, message)
     return instance
 
 
@@ -344,12 +340,12 @@ async def _recover_from_chosen_source(port: recovery.Port, instance: Instance) -
             logger.warning("cannot list snapshots of %s: %s", volume_id, exc, extra=_fields(instance))
     choice = choose_source(volume, snapshots, port.clock(), instance.spec.recovery.max_data_loss_seconds)
     if choice.source is None:
-        return await stall_waiting(port, instance, REASON_WAITING_FOR_SOURCE, choice.reason)
+        return await stall_waiting(port, instance, Reason.WAITING_FOR_SOURCE, choice.reason)
     if port.brake is None:
         return await recovery.begin(port, instance, choice.source, choice.snapshot)
     paused = await port.brake.admit(instance, port.wake)
     if paused is not None:
-        return await stall_waiting(port, instance, REASON_RECOVERY_PAUSED, paused)
+        return await stall_waiting(port, instance, Reason.RECOVERY_PAUSED, paused)
     # The budget: begun at a paced rate, at most `recovery_concurrency` running at once.
     await port.brake.paced_begin()
     async with port.brake.slots:
@@ -365,7 +361,7 @@ async def resume_within_budget(port: recovery.Port, instance: Instance) -> Insta
         return await recovery.resume(port, instance)
 
 
-async def stall_waiting(port: recovery.Port, instance: Instance, reason: str, message: str) -> Instance:
+async def stall_waiting(port: recovery.Port, instance: Instance, reason: Reason, message: str) -> Instance:
     """No recovery now: phase Stopped, Stalled with ``reason`` (not a hold: the instance looks again every
     ``source_recheck_seconds``); the Event is posted when the message changes."""
     before = instance.status.condition(conditions.STALLED)

@@ -36,14 +36,12 @@ from typing import Any
 
 from .kube import KubeClient, KubeConflict, KubeNotFound
 from .models import GROUP, InstanceSpec, ObjectRef
+from .reasons import Reason
 
 logger = logging.getLogger("kiloclaw.tenancy")
 
 FLY_APPS_ANNOTATION = f"{GROUP}/fly-apps"
 IMAGE_REPOSITORIES_ANNOTATION = f"{GROUP}/image-repositories"
-
-REASON_APP_NOT_ALLOWED = "AppNotAllowed"
-REASON_IMAGE_NOT_ALLOWED = "ImageNotAllowed"
 
 
 def bound_list(value: str | None) -> list[str]:
@@ -66,7 +64,7 @@ def image_allowed(image: str, repositories: list[str]) -> bool:
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -78,7 +76,7 @@ def binding_refusal(
     apps = bound_list(annotations.get(FLY_APPS_ANNOTATION))
     if spec.fly_app not in apps:
         return Refusal(
-            REASON_APP_NOT_ALLOWED,
+            Reason.APP_NOT_ALLOWED,
             f"Fly app {spec.fly_app} is not bound to namespace {namespace} (annotation "
             f"{FLY_APPS_ANNOTATION} on the Namespace, set by the cluster admin): nothing is sent to Fly",
         )
@@ -86,7 +84,7 @@ def binding_refusal(
         spec.image, bound_list(annotations.get(IMAGE_REPOSITORIES_ANNOTATION))
     ):
         return Refusal(
-            REASON_IMAGE_NOT_ALLOWED,
+            Reason.IMAGE_NOT_ALLOWED,
             f"image {spec.image} is not in a repository bound to namespace {namespace} (annotation "
             f"{IMAGE_REPOSITORIES_ANNOTATION} on the Namespace, set by the cluster admin): "
             "nothing is sent to Fly",

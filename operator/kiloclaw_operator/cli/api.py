@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from ..kube import KubeConnection, RefreshingBearerAuth, connection_from_login, tls_context
+from ..kube import client_settings, connection_from_login
 from ..kubeconfig import KubeconfigError, load_kubeconfig
 from ..models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 
@@ -42,20 +42,8 @@ class Api:
         self.server = login.server
         self.context = login.context
         self.default_namespace = login.namespace
-        conn: KubeConnection = connection_from_login(login)
-        auth: httpx.Auth | None = None
-        headers = {"Accept": "application/json", "User-Agent": "kubectl-kiloclaw"}
-        if conn.tokens is not None:
-            auth = RefreshingBearerAuth(conn.tokens)
-        elif conn.token:
-            headers["Authorization"] = f"Bearer {conn.token}"
-        elif conn.username and conn.password:
-            auth = httpx.BasicAuth(conn.username, conn.password)
         self._http = httpx.Client(
-            base_url=conn.server,
-            headers=headers,
-            auth=auth,
-            verify=tls_context(conn),
+            **client_settings(connection_from_login(login), user_agent="kubectl-kiloclaw"),
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
 

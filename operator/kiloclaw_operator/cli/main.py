@@ -34,6 +34,7 @@ from ..brake import REASON_ANNOTATION as BRAKE_REASON
 from ..brake import RELEASED as BRAKE_RELEASED
 from ..brake import STATE_ANNOTATION as BRAKE_STATE
 from ..models import INSTANCE_PLURAL, RETAINED_PLURAL, RETRY_ANNOTATION
+from ..reasons import Reason
 from . import views
 from .api import EXIT_ABORTED, EXIT_OK, EXIT_USAGE, Api, PluginError
 
@@ -175,25 +176,25 @@ def _hints(card: dict[str, Any]) -> list[str]:
     stalled = next((c for c in card["conditions"] if c["type"] == "Stalled" and c["status"] == "True"), None)
     hints: list[str] = []
     reason = (stalled or {}).get("reason")
-    if reason == "RecoveryFailed":
+    if reason == Reason.RECOVERY_FAILED:
         hints.append(
             "the recovery failed and the source volume is untouched; after fixing the cause "
             f"(message above), retry: kubectl kiloclaw retry {name} -n {ns}"
         )
-    elif reason in ("InvalidSpec", "FlyUnauthorized"):
+    elif reason in (Reason.INVALID_SPEC, Reason.FLY_UNAUTHORIZED):
         hints.append(
             "Fly rejected the request: fix the spec (or the operator's Fly token); a new generation retries"
         )
-    elif reason == "DuplicateSandbox":
+    elif reason == Reason.DUPLICATE_SANDBOX:
         hints.append("another instance owns this sandbox: delete this one or give it its own sandboxId")
-    elif reason == "WaitingForSource":
+    elif reason == Reason.WAITING_FOR_SOURCE:
         hints.append(
             "the old volume's host is unreachable and no snapshot within spec.recovery.maxDataLossSeconds "
             "exists: the operator keeps looking and recovers by itself when the host returns or a snapshot "
             f"appears; to accept an older snapshot, raise it: kubectl patch kci {name} -n {ns} --type merge "
             """-p '{"spec":{"recovery":{"maxDataLossSeconds":N}}}'"""
         )
-    elif reason == "RecoveryPaused":
+    elif reason == Reason.RECOVERY_PAUSED:
         hints.append(
             "the mass-failure brake paused new recoveries (many machines stopped at once); check Fly's "
             "status, then release it: kubectl kiloclaw rearm"
@@ -344,7 +345,7 @@ class Command:
         )
         stalled = views.condition(instance, "Stalled")
         message = f"retry requested for {self.namespace}/{name} ({RETRY_ANNOTATION}={token})"
-        if stalled.get("reason") != "RecoveryFailed" or stalled.get("status") != "True":
+        if stalled.get("reason") != Reason.RECOVERY_FAILED or stalled.get("status") != "True":
             message += (
                 "; note: the last recovery did not fail, so the operator has nothing to retry until one does"
             )

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..models import GROUP
+from ..reasons import RECOVERY_EVENTS, Reason
 
 RETAINED_LABEL = f"{GROUP}/instance"
-RECOVERY_EVENTS = ("RecoveryStarted", "RecoverySucceeded", "RecoveryFailed")
 _RECOVERY_ID = re.compile(r"recovery (\S+?)(?:[\s:]|$)")
 # Annotations that carry a copy of the spec (and so the env values): never shown in a report.
 SPEC_COPY_ANNOTATIONS = (
@@ -304,10 +304,10 @@ def recoveries(
             str(obj.get("namespace") or _meta(event).get("namespace")), str(obj.get("name")), match[1]
         )
         when = event_time(event).isoformat().replace("+00:00", "Z")
-        if event["reason"] == "RecoveryStarted":
+        if event["reason"] == Reason.RECOVERY_STARTED:
             entry["startedAt"] = entry["startedAt"] or when
         else:
-            entry["outcome"] = "Succeeded" if event["reason"] == "RecoverySucceeded" else "Failed"
+            entry["outcome"] = "Succeeded" if event["reason"] == Reason.RECOVERY_SUCCEEDED else "Failed"
             entry["finishedAt"] = when
             entry["message"] = event.get("message", "")
     for body in instances:

@@ -9,7 +9,6 @@ have happened — the caller adopts the resource by name or metadata instead of 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -68,6 +67,8 @@ VOLUMES = "/apps/{app}/volumes"
 VOLUME = "/apps/{app}/volumes/{id}"
 VOLUME_SNAPSHOTS = "/apps/{app}/volumes/{id}/snapshots"
 ORG_MACHINES = "/orgs/{org}/machines"
+#: The `Date` header has whole seconds and the answer takes time to arrive: a smaller clock offset is noise.
+CLOCK_NOISE_SECONDS = 1.5
 
 # Error bodies can be whole HTML pages from a proxy; a log line needs only the start.
 _MAX_MESSAGE_CHARS = 500
@@ -221,8 +222,9 @@ class FlyClient:
         # Calls wait here for one of the pool's connections, outside their own timeouts (a burst of
         # thousands would otherwise time out in the pool's queue).
         self._slots = asyncio.Semaphore(max_connections)
-        #: Fly's clock at the last organisation listing (its `Date` header).
-        self.last_server_date: datetime | None = None
+        #: Seconds Fly's clock runs ahead of ours (negative: behind), from the `Date` header of the last
+        #: answer; see `in_our_clock`.
+        self.clock_offset = 0.0
         #: Fly's rate limits, kept by design (None: unpaced, for tests of the retry logic only).
         self.pacer = Pacer(pacing) if pacing is not None else None
 
@@ -391,8 +393,7 @@ class FlyClient:
     ) -> OrgMachinesPage:
         """One page of the organisation's machines, oldest `updated_at` first; follow `next_cursor`.
 
-        Fly's clock at the answer (its `Date` header) is kept in `last_server_date`: the feed's windows are
-        in Fly's clock, not ours.
+        `updated_after` is in Fly's clock, not ours (see `clock_offset`).
         """
         query: dict[str, str | int | bool] = {"summary": summary}
         if include_deleted:
@@ -404,10 +405,6 @@ class FlyClient:
         if limit is not None:
             query["limit"] = limit
         response = await self._request("GET", ORG_MACHINES, {"org": org_slug}, query=query)
-        date = response.headers.get("date")
-        if date:
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                self.last_server_date = parsedate_to_datetime(date).astimezone(UTC)
         return self._parse(response, OrgMachinesPage, "GET", ORG_MACHINES)
 
     # Transport
@@ -483,6 +480,7 @@ class FlyClient:
             else:
                 elapsed = time.monotonic() - started
                 self._observe(method, route, str(response.status_code), elapsed)
+                self._measure_clock(response.headers.get("date"))
                 if response.status_code == 401 and not reread_after_401:
                     # Perhaps the Secret was rotated: read the token again once and repeat the call with
                     # it (a 401 means Fly did nothing, so even a create is safe to repeat).
@@ -579,6 +577,24 @@ class FlyClient:
                 "the Fly API token is unauthorized (401): every instance is blocked until it is fixed; "
                 "the token file is re-read on change"
             )
+
+    def _measure_clock(self, date: str | None) -> None:
+        """Fly's clock minus ours from an answer's `Date` header, taken against the arrival time (the header
+        is written as the answer leaves, also for a long poll). It has whole seconds: an offset within
+        `CLOCK_NOISE_SECONDS` is noise and counts as none."""
+        if not date:
+            return
+        try:
+            server = parsedate_to_datetime(date).astimezone(UTC)
+        except (TypeError, ValueError, IndexError):
+            return
+        offset = (server - datetime.now(UTC)).total_seconds()
+        self.clock_offset = offset if abs(offset) > CLOCK_NOISE_SECONDS else 0.0
+
+    def in_our_clock(self, fly_time: datetime) -> datetime:
+        """A timestamp Fly wrote (``created_at``, ``updated_at``), in this process's clock: what adoption
+        compares with the times the operator recorded."""
+        return fly_time - timedelta(seconds=self.clock_offset)
 
     @staticmethod
     def _observe(method: str, route: str, code: str, seconds: float) -> None:

@@ -1,5 +1,6 @@
-"""The short chaos profile (run by ``make test`` and CI): a few seeded runs of tests/chaos.py, each ending
-with every invariant checked. ``make chaos`` runs the long profile (>= 200 runs) and writes RELIABILITY.md."""
+"""The short chaos profile (run by ``make test`` and CI): a few seeded runs of tests/tools/chaos.py, each
+ending with every invariant checked. ``make chaos`` runs the long profile (>= 200 runs) and writes
+RELIABILITY.md."""
 
 from __future__ import annotations
 

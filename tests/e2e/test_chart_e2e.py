@@ -1,6 +1,7 @@
 """The Helm chart on a real API server (``--cluster``; ``make cluster && make e2e``): every object it renders,
 with default values and with monitoring, passes a server-side dry run with strict field validation, as
-deploy/ does in tests/test_install.py. (``helm install``/``uninstall`` for real: tests/test_image_e2e.py.)"""
+deploy/ does in tests/e2e/test_install.py. (``helm install``/``uninstall`` for real:
+tests/e2e/test_image_e2e.py.)"""
 
 from __future__ import annotations
 

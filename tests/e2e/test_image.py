@@ -47,7 +47,7 @@ def test_the_image_runs_as_the_numeric_non_root_user_of_the_deployment(image: st
 def test_any_runtime_uid_without_a_passwd_entry_has_a_user_name(image: str) -> None:
     """A kubelet runs the container as runAsUser without adding an /etc/passwd entry (podman adds one unless
     --passwd=false); kopf asks getpass.getuser() for its identity, which then fails without USER. Found when
-    the Deployment first ran on a real node (tests/test_node_e2e.py)."""
+    the Deployment first ran on a real node (tests/e2e/test_node_e2e.py)."""
     for user in ("65532:65532", "1000730000:0"):
         result = podman(
             "run", "--rm", "--network", "none", "--read-only", "--passwd=false", "--user", user,

@@ -43,7 +43,7 @@ from operatorcontainer import (
     write_service_account,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "kiloclaw-system"
 # A Lease is taken over once it has not been renewed for its duration (8 s by default, which the
 # Deployment keeps); the standby checks every retry period (1 s). Allow for a loaded 2-core machine.

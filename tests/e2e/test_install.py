@@ -20,7 +20,7 @@ import yaml
 
 import realcluster
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = shutil.which("kubectl")
 
 

@@ -15,7 +15,7 @@ import yaml
 import realcluster
 from kiloclaw_operator.kube import KubeClient, KubeConnection, build_http_client, with_token_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE, SERVICE_ACCOUNT = "kiloclaw-system", "kiloclaw-operator"
 INSTANCES = "/apis/kiloclaw.kilo.ai/v1alpha1/kiloclawinstances"
 

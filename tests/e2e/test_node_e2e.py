@@ -30,7 +30,7 @@ from imagetools import image_or_skip
 from kiloclaw_operator.models import GROUP
 from operatorcontainer import TEST_INTERVALS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE_SH = ROOT / "tests" / "node" / "node.sh"
 NAMESPACE = "kiloclaw-system"
 DEPLOYMENT = "kiloclaw-operator"

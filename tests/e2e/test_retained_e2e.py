@@ -101,7 +101,7 @@ async def create_retained(
     """The resource as a recovery mints it (``minted``: then its provenance, written through the status
     subresource as the operator writes it), or as a tenant could make it by hand where admission does not
     stop it (no provenance). Sent as the operator's ServiceAccount: on the real API server, the admission
-    policy refuses a create by anyone else (tests/test_tenancy_cluster.py)."""
+    policy refuses a create by anyone else (tests/e2e/test_tenancy_cluster.py)."""
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawRetainedVolume",

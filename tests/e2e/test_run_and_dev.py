@@ -1,5 +1,5 @@
-"""``kiloclaw-operator run`` and ``dev`` as a new user meets them: one line and a non-zero exit when the
-cluster is missing or a port is busy, kubeconfigs with exec credential plugins, and a ``dev`` stack that
+"""``kiloclaw-operator run`` and ``kiloclaw-dev`` as a new user meets them: one line and a non-zero exit when
+the cluster is missing or a port is busy, kubeconfigs with exec credential plugins, and a dev stack that
 serves /metrics and /healthz, logs JSON and ends its demo with a retained volume."""
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from processes import (
 from test_kubectl_plugin import exec_user, fake_exec_plugin, write_kubeconfig
 
 
-def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_command(
+    env: dict[str, str], *args: str, module: str = "kiloclaw_operator"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kiloclaw_operator", *args],
+        [sys.executable, "-m", module, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -169,12 +171,16 @@ def test_run_without_the_crds_says_so_in_one_line_and_waits_for_them(
     )
 
 
-def test_top_level_and_run_help_show_no_docstring_markup() -> None:
-    for args in (["--help"], ["run", "--help"], ["dev", "--help"]):
-        result = run_command(clean_env(), *args)
+def test_top_level_run_and_dev_help_show_no_docstring_markup() -> None:
+    for module, args in (
+        ("kiloclaw_operator", ["--help"]),
+        ("kiloclaw_operator", ["run", "--help"]),
+        ("kiloclaw_dev", ["--help"]),
+    ):
+        result = run_command(clean_env(), *args, module=module)
         assert result.returncode == 0
         assert "``" not in result.stdout and ":class:" not in result.stdout
-    dev_help = run_command(clean_env(), "dev", "--help").stdout
+    dev_help = run_command(clean_env(), "--help", module="kiloclaw_dev").stdout
     assert "port of the emulated Kubernetes API" in dev_help and "port of the Fly simulator" in dev_help
 
 
@@ -186,7 +192,7 @@ def succeeded_recoveries(metrics: str) -> float:
 # --- dev ------------------------------------------------------------------------------------------------
 
 
-def test_dev_serves_metrics_and_healthz_logs_json_and_its_demo_leaves_a_retained_volume(
+def test_dev_serves_metrics_and_healthz_logs_json_and_its_demo_leaves_a_retained_volume_from_any_folder(
     tmp_path: Path,
 ) -> None:
     ports = {name: free_port() for name in ("port", "fly-port", "metrics-port", "health-port")}
@@ -194,11 +200,12 @@ def test_dev_serves_metrics_and_healthz_logs_json_and_its_demo_leaves_a_retained
     out, err = tmp_path / "dev.out", tmp_path / "dev.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kiloclaw_operator", "dev", *args, "--workdir", str(tmp_path / "dev")],
+            [sys.executable, "-m", "kiloclaw_dev", *args, "--workdir", str(tmp_path / "dev")],
             env=clean_env(),
             stdout=stdout,
             stderr=stderr,
-            cwd=ROOT,
+            # Not the repository: the CRDs and examples come with the package.
+            cwd=tmp_path,
         )
     try:
         wait_for(lambda: "The operator keeps running" in out.read_text(), "the demo to finish", process, 90)
@@ -225,11 +232,11 @@ def test_dev_serves_metrics_and_healthz_logs_json_and_its_demo_leaves_a_retained
 
         # A second `make dev` while this one runs: one line naming the port and the flag.
         second = run_command(
-            clean_env(), "dev", "--port", str(ports["port"]), "--workdir", str(tmp_path / "b")
+            clean_env(), "--port", str(ports["port"]), "--workdir", str(tmp_path / "b"), module="kiloclaw_dev"
         )
         assert second.returncode == 1
         assert one_line(second) == (
-            f"kiloclaw-operator dev: port {ports['port']} (emulated Kubernetes API) is in use, perhaps by "
+            f"kiloclaw-dev: port {ports['port']} (emulated Kubernetes API) is in use, perhaps by "
             "another `make dev`: choose another with --port (or KILOCLAW_DEV_KUBE_PORT)"
         )
     finally:

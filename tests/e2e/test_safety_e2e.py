@@ -18,7 +18,7 @@ from harness import FLY_TOKEN, Stack, condition, eventually, status
 from kiloclaw_operator.fly import volume_name
 from test_recovery_e2e import set_fly_state
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "instance.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "instance.yaml"
 
 
 def example_spec() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A namespace is a security boundary (issue 17), end to end on the fast tier: the real operator against
 kubesim and flysim. kubesim does not run ValidatingAdmissionPolicies (the real API server does: see
-tests/test_tenancy_cluster.py), so everything here is what the operator itself refuses before any Fly call:
-an unbound Fly app or image repository, an app that does not exist, a sandbox another namespace holds.
+tests/e2e/test_tenancy_cluster.py), so everything here is what the operator itself refuses before any Fly
+call: an unbound Fly app or image repository, an app that does not exist, a sandbox another namespace holds.
 """
 
 from __future__ import annotations

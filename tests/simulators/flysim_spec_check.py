@@ -20,7 +20,9 @@ from openapi_schema_validator import OAS30Validator
 # A copy of ../shared/fly/machines-openapi.json (see data/fly-machines-openapi.SOURCE.md), so the tests do not
 # depend on where the repository is checked out.
 SPEC_PATH = Path(
-    os.environ.get("FLY_OPENAPI_SPEC", Path(__file__).parent / "data" / "fly-machines-openapi.json")
+    os.environ.get(
+        "FLY_OPENAPI_SPEC", Path(__file__).resolve().parents[1] / "data" / "fly-machines-openapi.json"
+    )
 )
 
 _NULLABLE = {"Volume": ("attached_machine_id", "attached_alloc_id")}

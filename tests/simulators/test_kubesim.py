@@ -4,9 +4,9 @@ References: the API conventions (resourceVersion, generation, status), the CRD d
 subresource, defaults and validation, printer columns), "Finalizers" and "Efficient detection of changes"
 (watch, 410 Gone) in the Kubernetes documentation.
 
-The API-semantics cases that a real kube-apiserver can answer too live in tests/test_parity.py (run there
-against kubesim always, and against the real server with --cluster); this file keeps what only kubesim has
-(its Python API, request log, watch window size) and cases not worth a real-server round trip.
+The API-semantics cases that a real kube-apiserver can answer too live in tests/simulators/test_parity.py (run
+there against kubesim always, and against the real server with --cluster); this file keeps what only kubesim
+has (its Python API, request log, watch window size) and cases not worth a real-server round trip.
 """
 
 from __future__ import annotations

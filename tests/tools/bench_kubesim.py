@@ -2,7 +2,7 @@
 loop), with a small control endpoint that reports what the benchmark counts: the operator's writes (not the
 leader's Lease renewals) and how often the instances were listed.
 
-``python tests/bench_kubesim.py --crds crds --kubeconfig PATH --ready-file PATH [--namespace NS ...]``:
+``python tests/tools/bench_kubesim.py --crds crds --kubeconfig PATH --ready-file PATH [--namespace NS ...]``:
 writes ``{"url": ..., "control": ...}`` to the ready file once both listen; serves until SIGTERM.
 """
 

@@ -15,7 +15,8 @@ then three scenarios in order:
    until every instance with a snapshot runs again elsewhere, that every one without is ``Stalled``
    ``WaitingForSource`` (and no fork was attempted), Fly requests and 429s, peak operator CPU and RSS.
 
-Usage: ``.venv/bin/python tests/bench_outage.py --instances 1000`` (``--cluster`` for the real API server).
+Usage: ``.venv/bin/python tests/tools/bench_outage.py --instances 1000`` (``--cluster`` for the real API
+server).
 Results go into BENCHMARKS.md between the ``bench:outage`` markers.
 """
 
@@ -306,7 +307,7 @@ def report(args: argparse.Namespace, out: Outcome, began: datetime, wall: float)
 ## The Fly that really exists ({server}): migration, lying feed, region outage
 
 - Date: {began:%Y-%m-%d %H:%M UTC}; machine: {bench.machine_info()}; wall time {wall:.0f} s
-- Command: `.venv/bin/python tests/bench_outage.py --instances {args.instances}{cluster_flag}`
+- Command: `.venv/bin/python tests/tools/bench_outage.py --instances {args.instances}{cluster_flag}`
 - Feed mode, Fly's rate limits on in flysim, one operator process with its default recovery budget and brake
   (concurrency 32, 5 begun/s, pause past 200 stops or 20 % of the fleet; window 60 s here, so that the brake
   arms again between the scenarios).

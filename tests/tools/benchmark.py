@@ -15,7 +15,8 @@ Steps:
    leader is SIGKILLed ``--failovers`` times (the killed one restarts as the standby, as its pod would) and
    once stopped with SIGTERM; measured: kill → the standby holds the Lease, → its kopf lists the instances.
 
-Usage: ``.venv/bin/python tests/benchmark.py --instances 50 --steady-seconds 10`` (``--help`` for all knobs).
+Usage: ``.venv/bin/python tests/tools/benchmark.py --instances 50 --steady-seconds 10`` (``--help`` for all
+knobs).
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ from typing import Any
 import httpx
 import psutil
 
+# The shared test support (harness, realcluster) is one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import realcluster
 from harness import binding
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 FLY_TOKEN = "bench-token"
 FLY_ORG = "bench-org"
@@ -534,8 +538,8 @@ class FlyProcess(ServerProcess):
 
 
 class KubeProcess(ServerProcess):
-    """kubesim in a process of its own (``tests/bench_kubesim.py``): writes and instance lists are counted
-    there and read through its control endpoint."""
+    """kubesim in a process of its own (``tests/tools/bench_kubesim.py``): writes and instance lists are
+    counted there and read through its control endpoint."""
 
     name = "kubesim"
 
@@ -549,7 +553,7 @@ class KubeProcess(ServerProcess):
     def start(self, workdir: Path) -> Path:
         command = [
             sys.executable,
-            str(ROOT / "tests" / "bench_kubesim.py"),
+            str(ROOT / "tests" / "tools" / "bench_kubesim.py"),
             f"--crds={CRDS}",
             f"--kubeconfig={self.kubeconfig}",
             f"--ready-file={self.ready_file}",
@@ -1190,7 +1194,7 @@ def results_section(runs: list[Results], args: argparse.Namespace, table_text: s
             f"{fmt_seconds(percentile(lists, 50))}, max {fmt_seconds(max(lists) if lists else math.nan)}."
         )
     command = (
-        f"tests/benchmark.py{' --cluster' if args.cluster else ''} --instances {args.instances} "
+        f"tests/tools/benchmark.py{' --cluster' if args.cluster else ''} --instances {args.instances} "
         f"--namespaces {args.namespaces} --modes {','.join(args.modes)} "
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
         f"--instances-per-app {args.instances_per_app} --failovers {args.failovers} "

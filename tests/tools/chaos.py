@@ -32,7 +32,7 @@ Then the faults stop and, within 60 s, every invariant must hold:
 Seeded and replayable: run ``i`` of ``--seed S`` uses seed ``S + i``; ``--seed X --runs 1`` replays run X (the
 event schedule and the simulators' fault draws are the seed's; process timing is not).
 
-Usage: ``.venv/bin/python tests/chaos.py --runs 200 --seed 1 --write RELIABILITY.md``.
+Usage: ``.venv/bin/python tests/tools/chaos.py --runs 200 --seed 1 --write RELIABILITY.md``.
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The shared test support (harness) is one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flysim import FlySimulator, SimTimings
 from harness import CRDS, FLY_TOKEN, OperatorProcess, binding, lease_holder, operator_env
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from kubesim import KubeSim
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "chaos"
 APP = "acct-chaos"
 RESULTS_START = "<!-- chaos:results:start -->"
@@ -799,7 +800,7 @@ def results_section(results: list[RunResult], args: argparse.Namespace, wall: fl
 ## Latest campaign
 
 - Date: {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
-- Command: `tests/chaos.py --runs {args.runs} --seed {args.seed} --jobs {args.jobs} \
+- Command: `tests/tools/chaos.py --runs {args.runs} --seed {args.seed} --jobs {args.jobs} \
 --chaos-seconds {args.chaos_seconds:g}`
   (replay one run: `make chaos SEED=<seed> RUNS=1`)
 

@@ -15,7 +15,7 @@ import yaml
 
 from kiloclaw_operator.models import UNSETTLED_PHASES
 
-DEPLOY_ARGOCD = Path(__file__).resolve().parent.parent / "deploy" / "argocd"
+DEPLOY_ARGOCD = Path(__file__).resolve().parents[2] / "deploy" / "argocd"
 HEALTH_LUA = DEPLOY_ARGOCD / "health-kiloclaw.lua"
 ARGOCD_CM_KEY = "resource.customizations.health.kiloclaw.kilo.ai_KiloClawInstance"
 ARGOCD_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}

@@ -187,7 +187,7 @@ def test_invalid_value_is_one_line_naming_the_variable(
     assert message.startswith(f"invalid configuration: {variable}: ")
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

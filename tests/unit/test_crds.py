@@ -26,7 +26,7 @@ import realcluster
 from kiloclaw_operator import models
 from kubesim import crdschema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
 EXAMPLES_DIR = ROOT / "examples"
 KUBECTL = shutil.which("kubectl")
@@ -1048,7 +1048,7 @@ def test_a_non_nullable_null_without_default_is_dropped_by_defaulting_and_reject
 @pytest.mark.parametrize(
     ("value", "valid"),
     # Verdicts of kube-apiserver v1.34.4 (kube-openapi strfmt.IsDateTime), checked on the real server; the
-    # parity suite (tests/test_parity.py) sends the same values to both servers.
+    # parity suite (tests/simulators/test_parity.py) sends the same values to both servers.
     [
         ("2026-11-25T12:00:00Z", True),
         ("2026-11-25T12:00:00.123456Z", True),

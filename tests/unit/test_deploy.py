@@ -21,7 +21,7 @@ import yaml
 
 from kiloclaw_operator.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZATIONS = {"base": DEPLOY, "shard-b": DEPLOY / "overlays" / "shard-b"}
 KUBERNETES_VERSION = "1.32"  # the kubectl on the build machines; the API the manifests must fit

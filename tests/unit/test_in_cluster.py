@@ -1,6 +1,6 @@
 """In a pod the operator reaches the API server at the address the kubelet gives every container
 (KUBERNETES_SERVICE_HOST/PORT), as client-go does, not at a DNS name only cluster DNS resolves. Found by
-running the image (tests/test_image_e2e.py): kopf's ServiceAccount login says https://kubernetes.default.svc,
+running the image (tests/e2e/test_image_e2e.py): kopf's ServiceAccount login says https://kubernetes.default.svc,
 which a hostNetwork pod, or a cluster without DNS, cannot resolve."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from kiloclaw_operator.models import (
 )
 from kubesim import crdschema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 

@@ -26,10 +26,10 @@ from processes import (
 )
 from promtool_binary import GoMissing, promtool
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
 OVERLAY = REPO / "deploy" / "overlays" / "monitored"
-ALERT_TESTS = Path(__file__).resolve().parent / "monitoring" / "alerts_test.yaml"
+ALERT_TESTS = Path(__file__).resolve().parents[1] / "monitoring" / "alerts_test.yaml"
 KUBECTL = shutil.which("kubectl")
 
 pytestmark = [

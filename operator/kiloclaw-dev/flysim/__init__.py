@@ -1,8 +1,8 @@
 """flysim — a Fly Machines API simulator (aiohttp, in-memory state) for tests, `dev` and benchmarks.
 
 Shaped by the Fly OpenAPI spec (`../shared/fly/machines-openapi.json`): field names, response shapes and
-status codes follow it; `tests/test_flysim.py` validates responses against its schemas. Imports nothing of
-the operator.
+status codes follow it; `tests/simulators/test_flysim.py` validates responses against its schemas. Imports
+nothing of the operator.
 
 Usage::
 

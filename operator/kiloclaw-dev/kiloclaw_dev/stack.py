@@ -1,14 +1,16 @@
-"""``kiloclaw-operator dev``: the embedded default stack, for trying the operator on a laptop.
+"""``kiloclaw-dev``: the embedded default stack, for trying the operator on a laptop.
 
 Starts the emulated Kubernetes API (kubesim) and the Fly simulator (flysim) on loopback, writes a kubeconfig,
 runs the real operator against them, applies ``examples/`` and narrates what happens: the instance is
 provisioned, then a simulated host failure stops its machine and the operator recovers it. It keeps running
-afterwards so that you can use ``kubectl`` against it. This is the only module that imports the simulators.
+afterwards so that you can use ``kubectl`` against it. The CRDs and examples are the repository's, carried
+in this package.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import os
 import socket
@@ -20,20 +22,20 @@ from typing import Any
 import httpx
 import yaml
 
-from .config import load_settings
-from .fly import vocabulary as fly_vocabulary
-from .logs import configure_json_logging
-from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
-from .run import run_operator, serve_metrics
+from flysim import FlySimulator, SimTimings
+from kiloclaw_operator.config import Settings, load_settings
+from kiloclaw_operator.fly import vocabulary as fly_vocabulary
+from kiloclaw_operator.logs import configure_json_logging
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from kiloclaw_operator.run import run_operator, serve_metrics
+from kubesim import KubeSim
 
 DEV_TOKEN = "dev-token"
 
 
-def _project_dir() -> Path:
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (candidate / "crds").is_dir() and (candidate / "examples").is_dir():
-            return candidate
-    raise SystemExit("kiloclaw-operator dev: run it from the repository (crds/ and examples/ are needed)")
+def _packaged(folder: str) -> Path:
+    """crds/ or examples/ as this package carries them (links to the repository's own in a clone)."""
+    return Path(str(importlib.resources.files(__package__ or "kiloclaw_dev") / folder))
 
 
 def _say(message: str) -> None:
@@ -58,7 +60,7 @@ def _check_ports(ports: list[tuple[int, str, str, str]]) -> None:
     for port, host, what, flag in ports:
         if port and not _port_free(port, host):
             print(
-                f"kiloclaw-operator dev: port {port} ({what}) is in use, perhaps by another `make dev`: "
+                f"kiloclaw-dev: port {port} ({what}) is in use, perhaps by another `make dev`: "
                 f"choose another with {flag}",
                 file=sys.stderr,
             )
@@ -74,16 +76,6 @@ def run_dev(
     health_port: int = 8080,
     demo_failure: bool = True,
 ) -> None:
-    try:
-        from flysim import FlySimulator, SimTimings
-        from kubesim import KubeSim
-    except ImportError:
-        raise SystemExit(
-            "kiloclaw-operator dev: the simulators (flysim, kubesim) are not installed; they are test "
-            "doubles that ship with the repository, not the package: run `make dev` from a clone"
-        ) from None
-
-    project = _project_dir()
     _check_ports(
         [
             (port, "127.0.0.1", "emulated Kubernetes API", "--port (or KILOCLAW_DEV_KUBE_PORT)"),
@@ -104,7 +96,7 @@ def run_dev(
     fly.start_in_thread(port=fly_port)
     kube = KubeSim()
     kube.start_in_thread(port=port)
-    kube.load_crds([project / "crds"])
+    kube.load_crds([_packaged("crds")])
     kubeconfig = kube.write_kubeconfig(work / "kubeconfig")
     os.environ["KUBECONFIG"] = str(kubeconfig)
     settings = load_settings(
@@ -127,7 +119,7 @@ def run_dev(
     )
     _say(f"kubeconfig written to {kubeconfig}")
     try:
-        asyncio.run(_dev(settings, kube.url, fly, project, kubeconfig, demo_failure))
+        asyncio.run(_dev(settings, kube.url, fly, _packaged("examples"), kubeconfig, demo_failure))
     except KeyboardInterrupt:
         _say("stopped")
     finally:
@@ -136,20 +128,20 @@ def run_dev(
 
 
 async def _dev(
-    settings: Any, kube_url: str, fly: Any, project: Path, kubeconfig: Path, demo_failure: bool
+    settings: Settings, kube_url: str, fly: FlySimulator, examples: Path, kubeconfig: Path, demo_failure: bool
 ) -> None:
     # The narrator exists before kopf starts: kopf cancels every task created after it, when it stops.
-    narrator = asyncio.create_task(_narrate(kube_url, fly, project, kubeconfig, demo_failure))
+    narrator = asyncio.create_task(_narrate(kube_url, fly, examples, kubeconfig, demo_failure))
     try:
         await run_operator(settings, liveness=True)
     finally:
         narrator.cancel()
 
 
-async def _apply_examples(api: httpx.AsyncClient, project: Path) -> list[tuple[str, str]]:
+async def _apply_examples(api: httpx.AsyncClient, examples: Path) -> list[tuple[str, str]]:
     instances: list[tuple[str, str]] = []
     for name in ("00-namespace.yaml", "instance.yaml", "instance-minimal.yaml"):
-        for doc in yaml.safe_load_all((project / "examples" / name).read_text()):
+        for doc in yaml.safe_load_all((examples / name).read_text()):
             if not isinstance(doc, dict):
                 continue
             meta = doc["metadata"]
@@ -167,10 +159,12 @@ async def _apply_examples(api: httpx.AsyncClient, project: Path) -> list[tuple[s
     return instances
 
 
-async def _narrate(kube_url: str, fly: Any, project: Path, kubeconfig: Path, demo_failure: bool) -> None:
+async def _narrate(
+    kube_url: str, fly: FlySimulator, examples: Path, kubeconfig: Path, demo_failure: bool
+) -> None:
     async with httpx.AsyncClient(base_url=kube_url, timeout=10) as api:
         await asyncio.sleep(1.0)  # let kopf list the (empty) cluster first
-        instances = await _apply_examples(api, project)
+        instances = await _apply_examples(api, examples)
         namespace, name = instances[0]
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}/{name}"
         last: tuple[Any, ...] = ()

@@ -34,11 +34,11 @@ ConfigMaps, Deployments, RBAC...); server-side apply (``apply --server-side``) i
 or name the files); use a fresh ``--cache-dir`` when a new server reuses a port, since kubectl caches
 discovery per host:port.
 
-As strict as kube-apiserver v1.34 where the two meet (tests/test_parity.py runs the same assertions against
-both): structural-schema checks on CRDs (:mod:`kubesim.structural`), object-metadata validation
-(:mod:`kubesim.metavalidation`), Go RE2 for ``pattern`` (:mod:`kubesim.re2`), kube-openapi's ``date-time``,
-415 for strategic-merge patches on custom resources, Go-type decoding errors (400), Warning headers for
-unknown and duplicate fields, and the real servers' error shapes (field causes, bracketed lists).
+As strict as kube-apiserver v1.34 where the two meet (tests/simulators/test_parity.py runs the same
+assertions against both): structural-schema checks on CRDs (:mod:`kubesim.structural`), object-metadata
+validation (:mod:`kubesim.metavalidation`), Go RE2 for ``pattern`` (:mod:`kubesim.re2`), kube-openapi's
+``date-time``, 415 for strategic-merge patches on custom resources, Go-type decoding errors (400), Warning
+headers for unknown and duplicate fields, and the real servers' error shapes (field causes, bracketed lists).
 
 Not modelled: authentication/authorization (any token is accepted), admission webhooks, ownerReference
 garbage collection, server-side apply and managedFields, protobuf except for creating namespaces, the

@@ -9,7 +9,7 @@ RUNS   ?= 200
 SEED   ?=
 CHAOS_JOBS ?= 1
 
-.PHONY: venv dev run test lint bench bench-outage bench-cluster chaos e2e cluster cluster-down clean image
+.PHONY: venv dev run test stories lint bench bench-outage bench-cluster chaos e2e cluster cluster-down clean image
 
 # Both distributions, editable: the operator (the wheel and the image carry only it) and kiloclaw-dev
 # (operator/kiloclaw-dev/: the simulators flysim and kubesim, and the dev stack).
@@ -29,9 +29,14 @@ dev: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kiloclaw-operator run
 
-## make test: unit, simulator and end-to-end tests (parallel workers)
+## make test: unit, simulator and end-to-end tests (parallel workers), without the slow stories
 test: $(STAMP)
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -q
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -q -m "not slow"
+
+## make stories: the slow stories (pytest -m slow: the operator and the dev stack in OS processes, two
+## replicas, chaos, real deadlines) on kubesim and flysim; make e2e runs them first, so CI does
+stories: $(STAMP)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator tests
@@ -75,10 +80,11 @@ cluster-down:
 # make e2e uses the cluster of `make cluster` when it runs, otherwise the current kube context.
 E2E_KUBECONFIG ?= $(if $(wildcard .cluster/kubeconfig),$(CURDIR)/.cluster/kubeconfig,$(KUBECONFIG))
 
-## make e2e: the end-to-end suite against a real API server (skipped, saying why, when none answers)
-# First every CRD rule, the API semantics kubesim emulates (parity) and the install itself on the server
+## make e2e: the slow stories (make stories), then the end-to-end suite against a real API server (skipped,
+## saying why, when none answers)
+# After the stories, every CRD rule, the API semantics kubesim emulates (parity) and the install itself on the server
 # (no operator running), then the stories with the operator authenticated as its ServiceAccount.
-e2e: $(STAMP)
+e2e: $(STAMP) stories
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/unit/test_crds.py tests/simulators/test_parity.py tests/e2e/test_install.py tests/e2e/test_chart_e2e.py tests/e2e/test_kube_auth.py
 	KUBECONFIG=$(E2E_KUBECONFIG) $(BIN)/pytest -q -rs --cluster -n 0 tests/e2e/test_lifecycle_e2e.py tests/e2e/test_recovery_e2e.py tests/e2e/test_retained_e2e.py tests/e2e/test_kubectl_plugin.py tests/e2e/test_tenancy_e2e.py tests/e2e/test_tenancy_cluster.py tests/e2e/test_fly_reality_e2e.py
 	# The image (built on a local base, cached by its inputs; skipped, saying why, without podman): its

@@ -10,6 +10,9 @@ import pytest
 
 import chaos
 
+# Two operator processes a run, seconds of chaos each: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = pytest.mark.slow
+
 #: Fixed seeds, so CI replays the same schedules; a failing seed replays with `make chaos SEED=<seed> RUNS=1`.
 SEEDS = (1, 2, 3)
 

@@ -28,7 +28,8 @@ from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from test_lifecycle_e2e import History, caught_up, watched
 from test_recovery_e2e import FlyTap
 
-pytestmark = pytest.mark.xdist_group("feed")
+# The operator restarted in feed mode, and killed: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("feed")]
 
 APP = "acct-test"
 ORG = "kilo"

@@ -233,6 +233,7 @@ async def test_a_platform_migration_is_followed_without_a_recovery_or_a_delete(
     assert not requests(stack, "DELETE", f"volumes/{old_volume}")  # Fly cleans it up, not the operator
 
 
+@pytest.mark.slow  # waits out the whole recovery deadline
 async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recovery_deadline(
     stack: Stack, namespace: str
 ) -> None:
@@ -258,6 +259,7 @@ async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recov
     assert last["durationSeconds"] < timeout + 5
 
 
+@pytest.mark.slow  # two operator restarts and a paused recovery
 async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rearms(
     stack: Stack, namespace: str
 ) -> None:

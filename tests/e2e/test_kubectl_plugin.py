@@ -26,6 +26,8 @@ from test_recovery_e2e import wait_failed
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = [
+    # The plugin runs as OS processes (kubectl, python): `make stories` (run by `make e2e`), not `make test`.
+    pytest.mark.slow,
     pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (.ci/run installs it)"),
     pytest.mark.xdist_group("kubectl-plugin"),
 ]

@@ -347,6 +347,7 @@ async def leader_standby_and_a_running_instance(
 
 
 @pytest.mark.xdist_group("operator-processes")
+@pytest.mark.slow  # two operator processes
 async def test_the_standby_finishes_a_recovery_whose_leader_was_sigkilled_mid_step(
     replicas: TwoReplicas,
 ) -> None:
@@ -383,6 +384,7 @@ MUTATING = ("POST", "DELETE", "PUT", "PATCH")
 
 
 @pytest.mark.xdist_group("operator-processes")
+@pytest.mark.slow  # two operator processes
 async def test_a_leader_paused_past_its_lease_writes_and_sends_nothing_after_the_standby_took_over(
     replicas: TwoReplicas,
 ) -> None:
@@ -424,6 +426,7 @@ async def test_a_leader_paused_past_its_lease_writes_and_sends_nothing_after_the
 
 
 @pytest.mark.xdist_group("operator-processes")
+@pytest.mark.slow  # two operator processes
 async def test_a_leader_stopped_gracefully_releases_the_lease_for_its_standby(replicas: TwoReplicas) -> None:
     # A long lease: only a release lets the standby in before it would expire.
     long_lease = {"KILOCLAW_LEASE_DURATION_SECONDS": "120", "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": "60"}

@@ -542,6 +542,7 @@ async def test_deletion_destroys_machine_and_volume_and_releases_the_finalizer(
     assert body["spec"]["sandboxId"]
 
 
+@pytest.mark.slow  # waits out the finalizer's retries
 async def test_deletion_is_retried_after_fly_server_errors(stack: Stack, namespace: str) -> None:
     app = own_app(namespace)
     await stack.create_instance(namespace, "kate", flyApp=app)

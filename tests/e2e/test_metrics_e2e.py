@@ -91,6 +91,7 @@ def operator_process(
     return start_operator(env, tmp_path / log_name)
 
 
+@pytest.mark.slow  # operator processes
 def test_instance_phases_are_counted_right_after_a_restart_without_any_status_change(
     tmp_path: Path, cluster: tuple[KubeSim, FlySimulator]
 ) -> None:

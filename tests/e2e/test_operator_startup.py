@@ -15,6 +15,9 @@ from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
 from processes import create_instance, operator_env, simulators, start_operator, stop
 
+# An operator process: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def empty_cluster(tmp_path: Path) -> Iterator[tuple[KubeSim, FlySimulator, Path]]:

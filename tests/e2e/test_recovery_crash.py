@@ -44,7 +44,8 @@ from test_recovery_e2e import (  # noqa: F401 (healthy_fly is an autouse fixture
     watch_instance,
 )
 
-pytestmark = pytest.mark.xdist_group("operator-restart")
+# The operator killed and restarted mid-recovery: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("operator-restart")]
 
 LATENCY = 1.0
 

@@ -967,6 +967,7 @@ async def test_a_spec_change_while_recovering_is_announced_as_busy_once_and_appl
     )
 
 
+@pytest.mark.slow  # waits out a failing recovery
 async def test_a_spec_change_deferred_during_a_recovery_that_fails_is_not_lost_it_starts_a_new_attempt(
     stack: Stack, namespace: str
 ) -> None:

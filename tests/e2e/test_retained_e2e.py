@@ -479,6 +479,7 @@ async def test_missing_volume_before_expiry_is_reported_not_ready(stack: Stack, 
     await wait_retained_gone(stack, namespace, "alice-vol-missing")
 
 
+@pytest.mark.slow  # waits out the driver's backoff
 async def test_fly_server_errors_are_retried_with_backoff_then_the_delete_succeeds(
     stack: Stack, namespace: str
 ) -> None:

@@ -32,6 +32,9 @@ from processes import (
 )
 from test_kubectl_plugin import exec_user, fake_exec_plugin, write_kubeconfig
 
+# OS processes of the operator and the dev stack: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = pytest.mark.slow
+
 
 def run_command(
     env: dict[str, str], *args: str, module: str = "kiloclaw_operator"

@@ -17,6 +17,9 @@ from kiloclaw_operator.fly.vocabulary import volume_name
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
 
+# Two operator processes: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = pytest.mark.slow
+
 APP = "acct-shared"
 SHARD_A = ("!tenants-b*", "kiloclaw-operator")
 SHARD_B = ("tenants-b*", "kiloclaw-operator-shard-b")

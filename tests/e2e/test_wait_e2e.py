@@ -10,7 +10,8 @@ import pytest
 
 from harness import Stack, status
 
-pytestmark = pytest.mark.xdist_group("wait")
+# Waits out real Fly waits with busy polling slowed down: `make stories` (run by `make e2e`), not `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wait")]
 
 SLOW_BUSY_POLL = {"poll_busy_seconds": 30.0, "wait_call_seconds": 30}
 

@@ -159,9 +159,11 @@ def test_the_dashboards_queries_are_valid_promql(promtool_path: Path, tmp_path: 
 # --- promtool: the operator's real /metrics ---------------------------------------------------------------
 
 
-@pytest.fixture
-def operator_metrics(tmp_path: Path) -> Iterator[str]:
-    """/metrics of a `kiloclaw-operator run` process that has provisioned one instance."""
+@pytest.fixture(scope="module")
+def operator_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """/metrics of a `kiloclaw-operator run` process that has provisioned one instance (one for the module:
+    the tests only read what it served)."""
+    tmp_path = tmp_path_factory.mktemp("operator-metrics")
     with simulators("metrics") as (kube, fly):
         metrics_port = free_port()
         env = operator_env(

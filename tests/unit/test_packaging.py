@@ -140,6 +140,7 @@ def installed(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.mark.slow  # a fresh virtualenv and a dev stack process
 def test_the_installed_packages_are_the_wheels_not_the_working_tree(installed: Path) -> None:
     where = subprocess.run(
         [
@@ -178,6 +179,7 @@ def dev_process(installed: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Po
         stop(process, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a fresh virtualenv and a dev stack process
 def test_the_installed_kiloclaw_dev_serves_the_crds_and_applies_the_examples_outside_a_clone(
     dev_process: tuple[subprocess.Popen[bytes], Path],
 ) -> None:

@@ -180,6 +180,7 @@ def operator_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stop(process)
 
 
+@pytest.mark.slow  # an operator process
 def test_promtool_lints_the_metrics_the_operator_serves_clean(
     promtool_path: Path, operator_metrics: str
 ) -> None:
@@ -188,6 +189,7 @@ def test_promtool_lints_the_metrics_the_operator_serves_clean(
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
 
 
+@pytest.mark.slow  # an operator process
 def test_the_rules_and_the_dashboard_use_only_metrics_the_operator_serves(operator_metrics: str) -> None:
     served = {
         line.split()[2] for line in operator_metrics.splitlines() if line.startswith("# TYPE kiloclaw_")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 
 import realcluster
+from builders import instance_body
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
@@ -30,11 +31,6 @@ from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_AN
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def sandbox_id(namespace: str, name: str) -> str:
-    """The sandbox id ``Stack.create_instance`` gives an instance (unless the test names one)."""
-    return f"ki_{name}_{namespace}".replace("-", "_")[:64]
 
 
 CRDS = ROOT / "crds"
@@ -307,19 +303,7 @@ class Stack:
         return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
 
     async def create_instance(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
-        body_spec: dict[str, Any] = {
-            "sandboxId": sandbox_id(namespace, name),
-            "userId": f"user-{name}",
-            "flyApp": "acct-test",
-            "image": "registry.fly.io/kiloclaw:2026.11.1",
-        }
-        body_spec.update(spec)
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": name},
-            "spec": body_spec,
-        }
+        body = instance_body(name, namespace, **spec)
         response = await self.api.post(self.path(INSTANCE_PLURAL, namespace), json=body)
         assert response.status_code == 201, response.text
         result: dict[str, Any] = response.json()

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 import processes
+from builders import sandbox_id
 from flysim import FlySimulator
-from harness import Stack, condition, eventually, sandbox_id, status
+from harness import Stack, condition, eventually, status
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from test_lifecycle_e2e import History, caught_up, watched
 from test_recovery_e2e import FlyTap

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from harness import Stack, condition, eventually, sandbox_id, status
+from builders import sandbox_id
+from harness import Stack, condition, eventually, status
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.models import INSTANCE_PLURAL
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import realcluster
+from builders import sandbox_id
 from charttools import CHART, helm_or_skip, objects
 from harness import (
     FLY_TOKEN,
@@ -29,7 +30,6 @@ from harness import (
     condition,
     eventually,
     free_port,
-    sandbox_id,
     status,
 )
 from imagetools import image_or_skip

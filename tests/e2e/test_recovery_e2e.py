@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from builders import sandbox_id as stack_sandbox_id
 from flysim import FlyApiError
 from harness import LogRecords, Stack, condition, eventually, status
-from harness import sandbox_id as stack_sandbox_id
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.models import INSTANCE_PLURAL
 from kiloclaw_operator.recovery import TIMEOUT_MESSAGE

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from builders import instance_spec
 from kiloclaw_operator import conditions
 from kiloclaw_operator.conditions import READY, RECONCILING, STALLED, set_condition, summarize
 from kiloclaw_operator.models import Condition, InstanceSpec, InstanceStatus, Phase
@@ -18,9 +19,7 @@ T2 = T0 + timedelta(minutes=10)
 
 
 def spec(state: str = "Running") -> InstanceSpec:
-    return InstanceSpec.model_validate(
-        {"sandboxId": "ki_a", "userId": "u", "flyApp": "acct-a", "image": "img:1", "state": state}
-    )
+    return instance_spec(state=state)
 
 
 def status(

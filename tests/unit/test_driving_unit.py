@@ -7,6 +7,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
+from builders import instance_body
 from harness import eventually
 from kiloclaw_operator.driving import Context, DriverRegistry, ObjectDriver
 from kiloclaw_operator.models import ObjectRef
@@ -30,10 +31,8 @@ class _Driver(ObjectDriver[Any]):
 
 
 def _body(resource_version: str, generation: int = 1, **metadata: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": "a", "resourceVersion": resource_version, "generation": generation, **metadata},
-        "status": {"phase": "Running"},
-    }
+    meta = {"resourceVersion": resource_version, "generation": generation, **metadata}
+    return instance_body("a", "ns", metadata=meta, status={"phase": "Running"})
 
 
 def _driver() -> _Driver:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from builders import instance_body
 from kiloclaw_operator.feed import ListedInstance, MachineState, changed_while_away, oldest_observation
 
 OBSERVED = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -14,7 +15,7 @@ def body(name: str, machine_id: str | None, fly_state: str = "started", observed
     status: dict[str, Any] = {"phase": "Running", "flyState": fly_state, "observedAt": observed.isoformat()}
     if machine_id is not None:
         status["machineId"] = machine_id
-    return {"metadata": {"namespace": "ns", "name": name}, "status": status}
+    return instance_body(name, "ns", status=status)
 
 
 def listed(*bodies: dict[str, Any]) -> list[ListedInstance]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from flysim import FlySimulator, RequestRecord, SimTimings
+from builders import fly_client, flysim
+from flysim import FlySimulator, RequestRecord
 from kiloclaw_operator.fly import (
     Capacity,
     Fatal,
@@ -213,17 +214,13 @@ APP = "acct-fly-client"
 
 @pytest.fixture
 async def sim() -> AsyncIterator[FlySimulator]:
-    simulator = FlySimulator(token=TOKEN, regions=("iad", "ord"), timings=SimTimings(start_delay=0.02))
-    await simulator.start()
-    try:
+    async with flysim(TOKEN) as simulator:
         yield simulator
-    finally:
-        await simulator.stop()
 
 
 @pytest.fixture
 async def fly(sim: FlySimulator) -> AsyncIterator[FlyClient]:
-    async with FlyClient(sim.base_url, TOKEN, backoff_base=0.01, backoff_cap=0.5, max_retries=3) as client:
+    async with fly_client(sim, TOKEN) as client:
         yield client
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from builders import instance_body
 from kiloclaw_operator.models import Instance
 from kiloclaw_operator.ownership import Owner, claim_owner, has_claim
-
-SPEC = {"sandboxId": "ki_same", "userId": "u", "flyApp": "acct-a", "image": "img"}
 
 
 def body(
@@ -19,10 +18,12 @@ def body(
     deleting: bool = False,
     **spec: Any,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": "ns", "uid": uid, "creationTimestamp": created}
+    """An instance in namespace ns naming the sandbox every instance here shares (unless ``spec`` says)."""
+    meta: dict[str, Any] = {"uid": uid, "creationTimestamp": created}
     if deleting:
         meta["deletionTimestamp"] = "2026-12-01T12:00:00Z"
-    return {"metadata": meta, "spec": {**SPEC, **spec}, "status": status or {}}
+    shared = {"sandboxId": "ki_same", "flyApp": "acct-a", **spec}
+    return instance_body(name, "ns", metadata=meta, status=status or {}, **shared)
 
 
 def owner_for(me: dict[str, Any], *others: dict[str, Any]) -> Owner | None:

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from flysim import FlySimulator, RateLimits, SimTimings
+from builders import flysim
+from flysim import FlySimulator, RateLimits
 from kiloclaw_operator.fly import FlyClient, MachineConfig, Pacer, PacingLimits, RateLimited
 
 TOKEN = "limits-token"
@@ -19,15 +20,9 @@ IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
 
 @pytest.fixture
 async def sim() -> AsyncIterator[FlySimulator]:
-    simulator = FlySimulator(
-        token=TOKEN, regions=("iad",), timings=SimTimings(start_delay=0.01, stop_delay=0.01)
-    )
-    assert simulator.rate_limits == RateLimits()  # on by default, at Fly's documented limits
-    await simulator.start()
-    try:
+    async with flysim(TOKEN, ("iad",), start_delay=0.01, stop_delay=0.01) as simulator:
+        assert simulator.rate_limits == RateLimits()  # on by default, at Fly's documented limits
         yield simulator
-    finally:
-        await simulator.stop()
 
 
 async def a_machine(sim: FlySimulator, app: str = "acct-limits") -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import builders
 from kiloclaw_operator import lifecycle
 from kiloclaw_operator.fly.vocabulary import TRANSIENT_MACHINE_STATES
 from kiloclaw_operator.lifecycle import Action, Observation
@@ -137,26 +138,10 @@ def test_a_retained_volume_name_is_a_valid_kubernetes_name_for_every_admissible_
 def _instance(
     phase: str = "Running", *, state: str = "Running", recovery: bool = True, **status: Any
 ) -> Instance:
-    body = {
-        "metadata": {"name": "alice", "namespace": "tenants", "generation": 1, "resourceVersion": "7"},
-        "spec": {
-            "sandboxId": "ki_alice",
-            "userId": "user-alice",
-            "flyApp": "acct-test",
-            "image": "registry.fly.io/kiloclaw:1",
-            "state": state,
-            "recovery": {"enabled": recovery},
-        },
-        "status": {
-            "phase": phase,
-            "observedGeneration": 1,
-            "machineId": "m1",
-            "volumeId": "vol_1",
-            "region": "iad",
-            **status,
-        },
-    }
-    return Instance.from_body(body)
+    recorded = {"phase": phase, "observedGeneration": 1, "machineId": "m1", "volumeId": "vol_1"}
+    return builders.instance(
+        status={**recorded, "region": "iad", **status}, state=state, recovery={"enabled": recovery}
+    )
 
 
 def test_a_running_instance_whose_machine_stopped_begins_a_recovery() -> None:

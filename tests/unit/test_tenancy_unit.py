@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from flysim import FlySimulator, SimTimings
+from builders import fly_client, flysim, instance_spec
+from flysim import FlySimulator
 from kiloclaw_operator.fly import FlyClient
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount, RestartPolicy
 from kiloclaw_operator.models import InstanceSpec
@@ -28,17 +29,13 @@ APP = "acct-a"
 
 @pytest.fixture
 async def sim() -> AsyncIterator[FlySimulator]:
-    simulator = FlySimulator(token=TOKEN, regions=("iad", "ord"), timings=SimTimings(start_delay=0.02))
-    await simulator.start()
-    try:
+    async with flysim(TOKEN) as simulator:
         yield simulator
-    finally:
-        await simulator.stop()
 
 
 @pytest.fixture
 async def fly(sim: FlySimulator) -> AsyncIterator[FlyClient]:
-    async with FlyClient(sim.base_url, TOKEN, backoff_base=0.01, backoff_cap=0.5, max_retries=3) as client:
+    async with fly_client(sim, TOKEN) as client:
         yield client
 
 
@@ -116,7 +113,7 @@ async def test_a_recorded_machine_that_is_gone_counts_as_destroyed(sim: FlySimul
 
 
 def spec(app: str = "acct-a", image: str = "registry.fly.io/kiloclaw:1") -> InstanceSpec:
-    return InstanceSpec(sandbox_id="ki_x", user_id="u", fly_app=app, image=image)
+    return instance_spec(flyApp=app, image=image)
 
 
 BOUND = {FLY_APPS_ANNOTATION: "acct-a, acct-b", IMAGE_REPOSITORIES_ANNOTATION: "registry.fly.io/kiloclaw"}

@@ -10,29 +10,19 @@ policies of deploy/admission) or by the operator, and the victim's Fly machines 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 
+from builders import instance_body
 from harness import Stack, condition, eventually, status
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
-IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
 
 
 def path(plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
     return Stack.path(plural, namespace, name, sub)
-
-
-def instance(name: str, app: str, sandbox: str, image: str = IMAGE) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "KiloClawInstance",
-        "metadata": {"name": name},
-        "spec": {"sandboxId": sandbox, "userId": f"user-{name}", "flyApp": app, "image": image},
-    }
 
 
 def fly_state(stack: Stack, app: str) -> list[tuple[str, str, str]]:
@@ -83,7 +73,7 @@ async def test_a_tenant_with_kiloclaw_edit_runs_its_sandbox_and_every_attack_is_
     # --- the legitimate paths, as the tenant ---------------------------------------------------------
     app = f"acct-{namespace}"
     created = await tenant.post(
-        path(INSTANCE_PLURAL, namespace), json=instance("mine", app, f"ki_mine_{namespace}".replace("-", "_"))
+        path(INSTANCE_PLURAL, namespace), json=instance_body("mine", namespace, flyApp=app)
     )
     assert created.status_code == 201, created.text
     running = status(await stack.wait_phase(namespace, "mine", "Running", timeout=30))
@@ -119,13 +109,15 @@ async def test_a_tenant_with_kiloclaw_edit_runs_its_sandbox_and_every_attack_is_
     refused(await stack.api.post(path(RETAINED_PLURAL, namespace), json=forged), by="operator only")
     # 3. Name the victim's Fly app, or an image outside the bound repositories: the admission policy refuses.
     refused(
-        await tenant.post(path(INSTANCE_PLURAL, namespace), json=instance("intruder", victim_app, "ki_x")),
+        await tenant.post(
+            path(INSTANCE_PLURAL, namespace), json=instance_body("intruder", namespace, flyApp=victim_app)
+        ),
         by=f"Fly app {victim_app} is not bound to namespace {namespace}",
     )
     refused(
         await tenant.post(
             path(INSTANCE_PLURAL, namespace),
-            json=instance("miner", app, "ki_y", image="docker.io/evil/miner:1"),
+            json=instance_body("miner", namespace, flyApp=app, image="docker.io/evil/miner:1"),
         ),
         by="is not in a repository bound",
     )
@@ -159,7 +151,8 @@ async def test_a_tenant_with_kiloclaw_edit_runs_its_sandbox_and_every_attack_is_
     # 6. Claim the victim's sandbox in the app both namespaces share: the operator refuses, naming nothing
     #    of the victim's namespace.
     squat = await tenant.post(
-        path(INSTANCE_PLURAL, namespace), json=instance("squatter", "acct-test", shared_sandbox)
+        path(INSTANCE_PLURAL, namespace),
+        json=instance_body("squatter", namespace, flyApp="acct-test", sandboxId=shared_sandbox),
     )
     assert squat.status_code == 201, squat.text
     squatter = await stack.wait_instance(

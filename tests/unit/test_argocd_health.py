@@ -13,6 +13,7 @@ import lupa.lua51 as lua51
 import pytest
 import yaml
 
+from builders import instance_body
 from kiloclaw_operator.models import UNSETTLED_PHASES
 
 DEPLOY_ARGOCD = Path(__file__).resolve().parents[2] / "deploy" / "argocd"
@@ -51,29 +52,18 @@ def instance(
     generation: int = 3,
     status: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
-        "kind": "KiloClawInstance",
-        "metadata": {
-            "name": "alice",
-            "namespace": "tenants",
-            "generation": generation,
-            "uid": "4f1c2a9e-8d6b-4c1e-9a57-0d3b2e6f7a81",
-            "finalizers": ["kiloclaw.kilo.ai/finalizer"],
-        },
-        "spec": {
-            "sandboxId": "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d",
-            "userId": "user-123",
-            "flyApp": "acct-3f9a1c",
-            "image": "registry.fly.io/kiloclaw:2026.11.1",
-            "regions": ["iad", "ord", "cdg"],
-            "state": state,
-            "recovery": {"enabled": True},
-        },
+    metadata = {
+        "generation": generation,
+        "uid": "4f1c2a9e-8d6b-4c1e-9a57-0d3b2e6f7a81",
+        "finalizers": ["kiloclaw.kilo.ai/finalizer"],
     }
-    if status is not None:
-        obj["status"] = status
-    return obj
+    return instance_body(
+        metadata=metadata,
+        status=status,
+        regions=["iad", "ord", "cdg"],
+        state=state,
+        recovery={"enabled": True},
+    )
 
 
 def settled_status(phase: str, *, fly_state: str, ready: dict[str, Any], **extra: Any) -> dict[str, Any]:

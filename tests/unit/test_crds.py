@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 import realcluster
+from builders import instance_body, retained_body
 from kiloclaw_operator import models
 from kubesim import crdschema
 
@@ -50,18 +51,12 @@ SCHEMAS = {"KiloClawInstance": INSTANCE_SCHEMA, "KiloClawRetainedVolume": RETAIN
 # ------------------------------------------------------------------------------------------------ builders
 
 
+SANDBOX = "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d"  # as real sandbox ids: ki_ and 32 hex digits
+APP = "acct-3f9a1c"
+
+
 def instance() -> dict[str, Any]:
-    return {
-        "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
-        "kind": "KiloClawInstance",
-        "metadata": {"name": "alice", "namespace": "tenants"},
-        "spec": {
-            "sandboxId": "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d",
-            "userId": "user-123",
-            "flyApp": "acct-3f9a1c",
-            "image": "registry.fly.io/kiloclaw:2026.11.1",
-        },
-    }
+    return instance_body("alice", "tenants", sandboxId=SANDBOX, userId="user-123", flyApp=APP)
 
 
 def running_status() -> dict[str, Any]:
@@ -114,19 +109,9 @@ def running_status() -> dict[str, Any]:
 
 
 def retained_volume() -> dict[str, Any]:
-    return {
-        "apiVersion": "kiloclaw.kilo.ai/v1alpha1",
-        "kind": "KiloClawRetainedVolume",
-        "metadata": {"name": "alice-vol-5xk2", "namespace": "tenants"},
-        "spec": {
-            "flyApp": "acct-3f9a1c",
-            "volumeId": "vol_5xk2r9w7q1m3p8zd",
-            "sandboxId": "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d",
-            "instanceName": "alice",
-            "region": "iad",
-            "retainUntil": "2026-12-02T12:00:00Z",
-        },
-    }
+    return retained_body(
+        "alice-vol-5xk2", "tenants", flyApp=APP, volumeId="vol_5xk2r9w7q1m3p8zd", sandboxId=SANDBOX
+    )
 
 
 def with_fields(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:

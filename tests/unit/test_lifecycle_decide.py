@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from builders import instance_spec
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount
@@ -49,15 +50,13 @@ SANDBOX = "ki_0a1b2c3d4e5f4a5b8c9d0e1f2a3b4c5d"
 
 
 def spec(**overrides: Any) -> InstanceSpec:
-    values: dict[str, Any] = {
+    values = {
         "sandboxId": SANDBOX,
         "userId": "user-123",
         "flyApp": "acct-3f9a1c",
-        "image": "registry.fly.io/kiloclaw:2026.11.1",
         "env": {"TZ": "Europe/Berlin"},
     }
-    values.update(overrides)
-    return InstanceSpec.model_validate(values)
+    return instance_spec(**{**values, **overrides})
 
 
 def stalled(generation: int, reason: str = "RecoveryFailed") -> Condition:
@@ -566,9 +565,7 @@ def test_desired_machine_config_during_recovery_carries_the_recovery_id() -> Non
 
 
 def test_desired_machine_config_defaults_to_shared_cpu_1x_2048_at_root() -> None:
-    minimal = InstanceSpec.model_validate(
-        {"sandboxId": "ki_x", "userId": "u", "flyApp": "acct-x", "image": "img:1"}
-    )
+    minimal = instance_spec()
     config = desired_machine_config(minimal, "vol_x")
     assert config.guest == Guest(cpu_kind="shared", cpus=1, memory_mb=2048)
     assert config.mounts == [Mount(volume="vol_x", path="/root")]

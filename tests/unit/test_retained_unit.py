@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import builders
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import Fatal, NotFound, RateLimited, Transient, Unauthorized
 from kiloclaw_operator.models import Provenance, RetainedPhase, RetainedVolume, RetainedVolumeStatus
@@ -67,34 +68,20 @@ def retained(
     proven: bool = True,
     created_at: datetime = NOW - timedelta(hours=1),
 ) -> RetainedVolume:
-    metadata: dict[str, Any] = {
-        "name": "alice-vol-retained",
-        "namespace": "tenants",
-        "uid": "uid-1",
-        "generation": generation,
-        "resourceVersion": "10",
-        "creationTimestamp": created_at.isoformat(),
-    }
+    metadata: dict[str, Any] = {"generation": generation, "creationTimestamp": created_at.isoformat()}
     if deleting:
         metadata["deletionTimestamp"] = NOW.isoformat()
-    return RetainedVolume.from_body(
-        {
-            "metadata": metadata,
-            "spec": {
-                "flyApp": "acct-test",
-                "volumeId": VOLUME,
-                "sandboxId": SANDBOX,
-                "instanceName": "alice",
-                "region": "iad",
-                "retainUntil": retain_until.isoformat(),
-                "deleteNow": delete_now,
-                "recoveryId": RECOVERY,
-            },
-            "status": {
-                **({"provenance": PROOF.dump()} if proven else {}),
-                **(status or RetainedVolumeStatus()).dump(),
-            },
-        }
+    return builders.retained(
+        metadata=metadata,
+        status={
+            **({"provenance": PROOF.dump()} if proven else {}),
+            **(status or RetainedVolumeStatus()).dump(),
+        },
+        volumeId=VOLUME,
+        sandboxId=SANDBOX,
+        retainUntil=retain_until.isoformat(),
+        deleteNow=delete_now,
+        recoveryId=RECOVERY,
     )
 
 
@@ -267,7 +254,7 @@ def test_repeated_failures_grow_attempts_and_backoff() -> None:
 
 
 def instance_body(name: str, status: dict[str, Any]) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": "tenants"}, "status": status}
+    return builders.instance_body(name, status=status)
 
 
 def test_interlock_finds_an_instances_current_volume() -> None:

@@ -15,6 +15,8 @@ from kiloclaw_operator.models import GROUP, VERSION, Instance, InstanceSpec, Ret
 IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
 #: The app the end-to-end stack binds to every test namespace (harness.TEST_APPS).
 APP = "acct-test"
+#: The Fly token the simulators accept (flysim's default) and the operator under test sends.
+FLY_TOKEN = "test-token"
 
 
 def sandbox_id(namespace: str, name: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import httpx
 
 import realcluster
-from builders import instance_body
+from builders import FLY_TOKEN, instance_body
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 CRDS = ROOT / "crds"
-FLY_TOKEN = "test-token"
 T = TypeVar("T")
 
 _namespace_counter = itertools.count(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from builders import fly_client, flysim
+from builders import FLY_TOKEN as TOKEN
 from flysim import FlySimulator, RequestRecord
 from kiloclaw_operator.fly import (
     Capacity,
@@ -208,20 +208,7 @@ def test_metrics_module_can_be_imported_twice() -> None:
 
 # Round trips against flysim
 
-TOKEN = "test-token-5f1c9e"
 APP = "acct-fly-client"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[FlySimulator]:
-    async with flysim(TOKEN) as simulator:
-        yield simulator
-
-
-@pytest.fixture
-async def fly(sim: FlySimulator) -> AsyncIterator[FlyClient]:
-    async with fly_client(sim, TOKEN) as client:
-        yield client
 
 
 def sandbox_config(

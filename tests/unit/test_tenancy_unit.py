@@ -3,12 +3,11 @@ namespace ↔ Fly app binding, claim names, volume and machine names (kiloclaw_o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from builders import fly_client, flysim, instance_spec
+from builders import instance_spec
 from flysim import FlySimulator
 from kiloclaw_operator.fly import FlyClient
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount, RestartPolicy
@@ -23,20 +22,7 @@ from kiloclaw_operator.tenancy import (
 )
 from kiloclaw_operator.volumes import MachineNotProven, destroy_recorded_machine
 
-TOKEN = "fo1_tenancy"
 APP = "acct-a"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[FlySimulator]:
-    async with flysim(TOKEN) as simulator:
-        yield simulator
-
-
-@pytest.fixture
-async def fly(sim: FlySimulator) -> AsyncIterator[FlyClient]:
-    async with fly_client(sim, TOKEN) as client:
-        yield client
 
 
 def config(volume_id: str, sandbox_id: str | None) -> MachineConfig:

@@ -11,12 +11,32 @@ from typing import Any
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.fly import FlyClient
 from kiloclaw_operator.models import GROUP, VERSION, Instance, InstanceSpec, RetainedVolume
+from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION
 
 IMAGE = "registry.fly.io/kiloclaw:2026.11.1"
-#: The app the end-to-end stack binds to every test namespace (harness.TEST_APPS).
+#: The app every instance names unless the test says otherwise; every test namespace is bound to it.
 APP = "acct-test"
 #: The Fly token the simulators accept (flysim's default) and the operator under test sends.
 FLY_TOKEN = "test-token"
+
+
+#: The Fly apps every test namespace of the stack is bound to (tenancy.py), besides ``acct-<namespace>``, and
+#: the image repositories (``img``: bare images some unit tests use).
+TEST_APPS = (APP, "acct-a", "acct-other", "acct-x", "acct-paging", "acct-3f9a1c")
+TEST_IMAGE_REPOSITORIES = ("registry.fly.io/", "img")
+
+
+def binding(*apps: str, repositories: tuple[str, ...] = TEST_IMAGE_REPOSITORIES) -> dict[str, str]:
+    """The Namespace annotations a cluster admin sets to bind a namespace to ``apps``."""
+    return {FLY_APPS_ANNOTATION: ",".join(apps), IMAGE_REPOSITORIES_ANNOTATION: ",".join(repositories)}
+
+
+def namespace_body(name: str, *apps: str) -> dict[str, Any]:
+    """A Namespace, bound to ``apps`` (and the test image repositories) when any are named."""
+    metadata: dict[str, Any] = {"name": name}
+    if apps:
+        metadata["annotations"] = binding(*apps)
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata}
 
 
 def sandbox_id(namespace: str, name: str) -> str:

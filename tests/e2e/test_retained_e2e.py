@@ -16,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from builders import retained_body
 from harness import FLY_TOKEN, Stack, condition, eventually, status
 from kiloclaw_operator.models import GROUP, RETAINED_PLURAL, VERSION
 
@@ -102,27 +103,23 @@ async def create_retained(
     subresource as the operator writes it), or as a tenant could make it by hand where admission does not
     stop it (no provenance). Sent as the operator's ServiceAccount: on the real API server, the admission
     policy refuses a create by anyone else (tests/e2e/test_tenancy_cluster.py)."""
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "KiloClawRetainedVolume",
+    body = retained_body(
+        name,
+        namespace,
         # Minted as a recovery mints it: born with the operator's finalizer.
-        "metadata": {
-            "name": name,
+        metadata={
             "labels": {f"{GROUP}/instance": instance_name},
             **({"finalizers": [f"{GROUP}/finalizer"]} if minted else {}),
         },
-        "spec": {
-            "flyApp": app,
-            "volumeId": volume_id,
-            "sandboxId": sandbox_id,
-            "instanceName": instance_name,
-            "region": "iad",
-            "reason": "UnexpectedStopRecovery",
-            "recoveryId": RECOVERY_ID,
-            "retainUntil": rfc3339(retain_until or datetime.now(UTC) + timedelta(days=7)),
-            "deleteNow": delete_now,
-        },
-    }
+        flyApp=app,
+        volumeId=volume_id,
+        sandboxId=sandbox_id,
+        instanceName=instance_name,
+        reason="UnexpectedStopRecovery",
+        recoveryId=RECOVERY_ID,
+        retainUntil=rfc3339(retain_until or datetime.now(UTC) + timedelta(days=7)),
+        deleteNow=delete_now,
+    )
     response = await stack.operator_api.post(retained_path(namespace), json=body)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from builders import instance_spec
 from flysim.state import FlyApiError
 from harness import Stack, binding, condition, eventually, status
 from kiloclaw_operator.fly.vocabulary import legacy_volume_name, volume_name
@@ -215,7 +216,7 @@ async def kube(stack: Stack) -> AsyncIterator[KubeClient]:
 
 
 def spec_of(app: str, sandbox: str) -> InstanceSpec:
-    return InstanceSpec(sandbox_id=sandbox, user_id="u", fly_app=app, image="registry.fly.io/kiloclaw:1")
+    return instance_spec(flyApp=app, sandboxId=sandbox)
 
 
 async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_is_gone_is_taken_over(

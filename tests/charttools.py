@@ -1,5 +1,5 @@
-"""Helm and kustomize renderings of the install, for the chart tests (tests/test_chart.py, and the real-server
-ones in tests/test_chart_e2e.py).
+"""Helm and kustomize renderings of the install, for the chart tests (tests/unit/test_chart.py, and the
+real-server ones in tests/e2e/test_chart_e2e.py).
 
 helm is built from its Go module by ``tests/helm/build.sh`` (cached under ~/.cache like the control plane);
 the tests never build it (a cold build takes minutes): they skip, saying so, when it is not built yet.

@@ -22,37 +22,21 @@ from typing import Any, TypeVar
 import httpx
 
 import realcluster
+from builders import FLY_TOKEN, TEST_APPS, binding, instance_body, namespace_body
 from flysim import FlySimulator, SimTimings
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 from kiloclaw_operator.run import run_operator
-from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION
+from kiloclaw_operator.tenancy import FLY_APPS_ANNOTATION
 from kubesim import KubeSim
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sandbox_id(namespace: str, name: str) -> str:
-    """The sandbox id ``Stack.create_instance`` gives an instance (unless the test names one)."""
-    return f"ki_{name}_{namespace}".replace("-", "_")[:64]
-
-
 CRDS = ROOT / "crds"
-FLY_TOKEN = "test-token"
 T = TypeVar("T")
 
 _namespace_counter = itertools.count(1)
-
-
-#: The Fly apps every test namespace is bound to (tenancy.py), besides ``acct-<namespace>``, and the image
-#: repositories (``img``: the bare image of processes.create_instance).
-TEST_APPS = ("acct-test", "acct-a", "acct-other", "acct-x", "acct-paging", "acct-3f9a1c")
-TEST_IMAGE_REPOSITORIES = ("registry.fly.io/", "img")
-
-
-def binding(*apps: str, repositories: tuple[str, ...] = TEST_IMAGE_REPOSITORIES) -> dict[str, str]:
-    """The Namespace annotations a cluster admin sets to bind a namespace to ``apps``."""
-    return {FLY_APPS_ANNOTATION: ",".join(apps), IMAGE_REPOSITORIES_ANNOTATION: ",".join(repositories)}
 
 
 def bind_app(kube: KubeSim, namespace: str, app: str) -> None:
@@ -270,10 +254,8 @@ class Stack:
         """A fresh namespace, bound (``bound``) to the test apps and ``acct-<name>`` as a cluster admin binds
         a tenant's namespace."""
         name = f"{prefix}-{os.getpid()}-{next(_namespace_counter)}"
-        metadata: dict[str, Any] = {"name": name}
-        if bound:
-            metadata["annotations"] = binding(*TEST_APPS, f"acct-{name}")
-        response = await self.api.post("/api/v1/namespaces", json={"metadata": metadata})
+        body = namespace_body(name, *TEST_APPS, f"acct-{name}") if bound else namespace_body(name)
+        response = await self.api.post("/api/v1/namespaces", json=body)
         assert response.status_code in (200, 201), response.text
         return name
 
@@ -307,19 +289,7 @@ class Stack:
         return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
 
     async def create_instance(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
-        body_spec: dict[str, Any] = {
-            "sandboxId": sandbox_id(namespace, name),
-            "userId": f"user-{name}",
-            "flyApp": "acct-test",
-            "image": "registry.fly.io/kiloclaw:2026.11.1",
-        }
-        body_spec.update(spec)
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": name},
-            "spec": body_spec,
-        }
+        body = instance_body(name, namespace, **spec)
         response = await self.api.post(self.path(INSTANCE_PLURAL, namespace), json=body)
         assert response.status_code == 201, response.text
         result: dict[str, Any] = response.json()

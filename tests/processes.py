@@ -20,8 +20,9 @@ from typing import Any
 
 import httpx
 
+from builders import instance_body
 from flysim import FlySimulator
-from harness import CRDS, FLY_TOKEN, ROOT, bind_app, free_port, sandbox_id
+from harness import CRDS, FLY_TOKEN, ROOT, bind_app, free_port
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
 from kubesim import KubeSim
 
@@ -104,22 +105,9 @@ def create_instance(
     """A KiloClawInstance written straight into kubesim (as `kubectl apply` would), in a namespace bound to
     its app (as the cluster admin binds it)."""
     bind_app(kube, namespace, app)
+    spec = {"flyApp": app, **({"sandboxId": sandbox} if sandbox else {})}
     return kube.create_object(
-        GROUP,
-        VERSION,
-        INSTANCE_PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "KiloClawInstance",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "sandboxId": sandbox or sandbox_id(namespace, name),
-                "userId": "u",
-                "flyApp": app,
-                "image": "img:1",
-            },
-        },
-        namespace=namespace,
+        GROUP, VERSION, INSTANCE_PLURAL, instance_body(name, namespace, **spec), namespace=namespace
     )
 
 

@@ -1,7 +1,7 @@
-"""kiloclaw-operator: run the KiloClaw operator against the current cluster and Fly (run), or try it on an
-embedded emulated Kubernetes API and Fly simulator (dev).
+"""kiloclaw-operator: run the KiloClaw operator against the current cluster and Fly (run).
 
-The dev command is the only place that imports the simulators, and only when it runs.
+Trying it on an embedded emulated Kubernetes API and Fly simulator is ``kiloclaw-dev``, from the kiloclaw-dev
+distribution (operator/kiloclaw-dev/), which carries the simulators.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -60,18 +59,6 @@ def command_run(args: argparse.Namespace) -> None:
         raise SystemExit(1) from None
 
 
-def command_dev(args: argparse.Namespace) -> None:
-    from .dev import run_dev
-
-    run_dev(
-        port=args.port,
-        fly_port=args.fly_port,
-        workdir=args.workdir,
-        metrics_port=args.metrics_port,
-        health_port=args.health_port,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiloclaw-operator", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,38 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=command_run)
-    dev = sub.add_parser(
-        "dev",
-        help="embedded emulated Kubernetes API + Fly simulator + operator",
-        description="Start the emulated Kubernetes API and the Fly simulator on loopback, run the operator "
-        "against them, apply examples/ and narrate a host failure and its recovery.",
-    )
-    dev.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("KILOCLAW_DEV_KUBE_PORT", "6443")),
-        help="port of the emulated Kubernetes API on 127.0.0.1 (default %(default)s; KILOCLAW_DEV_KUBE_PORT)",
-    )
-    dev.add_argument(
-        "--fly-port",
-        type=int,
-        default=int(os.environ.get("KILOCLAW_DEV_FLY_PORT", "4280")),
-        help="port of the Fly simulator on 127.0.0.1 (default %(default)s; KILOCLAW_DEV_FLY_PORT)",
-    )
-    dev.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(os.environ.get("KILOCLAW_METRICS_PORT", "9090")),
-        help="port of the operator's /metrics (default %(default)s; KILOCLAW_METRICS_PORT)",
-    )
-    dev.add_argument(
-        "--health-port",
-        type=int,
-        default=int(os.environ.get("KILOCLAW_HEALTH_PORT", "8080")),
-        help="port of the operator's /healthz (default %(default)s; KILOCLAW_HEALTH_PORT)",
-    )
-    dev.add_argument("--workdir", default=".dev", help="where the kubeconfig and logs go")
-    dev.set_defaults(func=command_dev)
     return parser
 
 

@@ -2,7 +2,7 @@
 Fly says (an ``Observation``), decide the next ``Action``. No I/O, no kopf, no clients: the reconciler
 executes the decision.
 
-The whole table is ``decide``; ``tests/test_lifecycle_decide.py`` enumerates every phase × observation.
+The whole table is ``decide``; ``tests/unit/test_lifecycle_decide.py`` enumerates every phase × observation.
 """
 
 from __future__ import annotations

@@ -31,12 +31,14 @@ elif [[ -n "${BASE:-}" ]]; then
   build_args+=(--build-arg "BASE=$BASE")
 fi
 
-# The build context is what .dockerignore lets in: pyproject.toml, README.md and operator/ (no caches).
+# The build context is what .dockerignore lets in: pyproject.toml, README.md and operator/ (no caches, no
+# kiloclaw-dev).
 key="$(
   cd "$ROOT"
   {
     sha256sum Dockerfile .dockerignore pyproject.toml README.md
-    find operator -type f ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -path '*.egg-info/*' -print0 \
+    find operator -path operator/kiloclaw-dev -prune -o -type f ! -path '*/__pycache__/*' ! -name '*.py[cod]' \
+      ! -path '*.egg-info/*' -print0 \
       | sort -z | xargs -0 sha256sum
     echo "$base_id"
   } | sha256sum | cut -c1-16

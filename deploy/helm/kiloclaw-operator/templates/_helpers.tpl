@@ -18,7 +18,7 @@
 {{- end }}
 {{- end }}
 
-{{/* Labels Helm adds to every object (and nothing else does): tests/test_chart.py strips exactly these when
+{{/* Labels Helm adds to every object (and nothing else does): tests/unit/test_chart.py strips exactly these when
      it compares the chart with the kustomize base. */}}
 {{- define "kiloclaw.helmLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}

@@ -1,0 +1,125 @@
+"""The driver's hold on the newest body, without I/O: which body it keeps, and what it keeps of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, cast
+
+from builders import instance_body
+from harness import eventually
+from kiloclaw_operator.driving import Context, DriverRegistry, ObjectDriver
+from kiloclaw_operator.models import ObjectRef
+
+
+class _Driver(ObjectDriver[Any]):
+    def read(self, body: dict[str, Any]) -> Any:
+        return SimpleNamespace(deleting=False, body=body)
+
+    def log_fields(self, obj: Any) -> dict[str, Any]:
+        return {}
+
+    async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("no writes here")
+
+    def recheck_delay(self) -> float:
+        return 1.0
+
+    async def reconcile(self, obj: Any) -> float:
+        return 1.0
+
+
+def _body(resource_version: str, generation: int = 1, **metadata: Any) -> dict[str, Any]:
+    meta = {"resourceVersion": resource_version, "generation": generation, **metadata}
+    return instance_body("a", "ns", metadata=meta, status={"phase": "Running"})
+
+
+def _driver() -> _Driver:
+    return _Driver("ns", "a", ctx=cast(Context, None))
+
+
+def test_the_server_side_apply_bookkeeping_of_a_body_is_not_kept() -> None:
+    driver = _driver()
+    managed = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    assert driver.offer(_body("5", managedFields=managed))
+    assert driver.latest is not None
+    assert "managedFields" not in driver.latest["metadata"]
+    assert driver.latest["metadata"]["resourceVersion"] == "5"
+
+
+def test_an_older_body_never_replaces_a_newer_one_and_only_new_work_asks_for_a_pass() -> None:
+    driver = _driver()
+    assert driver.offer(_body("5"))
+    assert not driver.offer(_body("4", generation=2)), "older than what is kept"
+    assert driver.latest is not None and driver.latest["metadata"]["generation"] == 1
+    assert not driver.offer(_body("6")), "a newer body with the same generation is no new work"
+    assert driver.offer(_body("7", generation=2))
+
+
+class _Counting(_Driver):
+    """Counts its passes; the first ``failures`` of them raise what no pass handles."""
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__("ns", "a", ctx=cast(Context, None))
+        self.passes = 0
+        self.failures = failures
+
+    async def reconcile(self, obj: Any) -> float:
+        self.passes += 1
+        if self.passes <= self.failures:
+            raise RuntimeError("a bug in a pass")
+        return 3600.0
+
+
+async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def holds() -> bool | None:
+        return True if check() else None
+
+    await eventually(holds, timeout=timeout)
+
+
+async def test_a_running_driver_passes_once_then_sleeps_and_a_wake_up_gives_one_more_pass() -> None:
+    driver = _Counting()
+    registry = DriverRegistry(lambda namespace, name: driver)
+    assert registry.running("ns", "a") is driver
+    driver.offer(_body("1"))
+    driver.wake()
+    await _until(lambda: driver.passes == 1)
+    assert registry.running("ns", "a") is driver, "one loop per object"
+    driver.wake()
+    await _until(lambda: driver.passes == 2)
+    await registry.aclose()
+
+
+async def test_closing_the_registry_ends_every_loop_at_once() -> None:
+    drivers = {name: _Counting() for name in "abc"}
+    registry = DriverRegistry(lambda namespace, name: drivers[name])
+    for name, driver in drivers.items():
+        registry.running("ns", name)
+        driver.offer(_body("1"))
+        driver.wake()
+    await _until(lambda: all(d.passes == 1 for d in drivers.values()))
+    async with asyncio.timeout(1):
+        await registry.aclose()
+    assert all(d.stopping() for d in drivers.values())
+    assert registry._loops == {}
+
+
+async def test_a_loop_whose_pass_fails_unexpectedly_is_restarted() -> None:
+    driver = _Counting(failures=1)
+    registry = DriverRegistry(lambda namespace, name: driver)
+    driver.offer(_body("1"))
+    registry.running("ns", "a")
+    await _until(lambda: driver.passes == 2, timeout=10)
+    await registry.aclose()
+
+
+async def test_a_forgotten_object_ends_its_loop() -> None:
+    driver = _Counting()
+    registry = DriverRegistry(lambda namespace, name: driver)
+    driver.offer(_body("1"))
+    registry.running("ns", "a")
+    await _until(lambda: driver.passes == 1)
+    registry.forget("ns", "a")
+    await _until(lambda: registry._loops == {})

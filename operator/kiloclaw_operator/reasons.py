@@ -1,11 +1,9 @@
 """Every reason the operator writes: of its conditions (Ready, Reconciling, Stalled) and of its Events, on
 instances and retained volumes. One vocabulary for the operator, the ``kubectl kiloclaw`` plugin and the
-README's table (``tests/unit/test_reasons.py`` checks that the table is this module and that the code writes no
-other reason: conditions and Events take a :class:`Reason`, so mypy refuses a bare string).
-
-Each member carries where it appears and a one-line meaning. A phase is a reason too (Ready=False and
-Reconciling=True say which phase the instance is in): :func:`of_phase`.
-"""
+README's table (``tests/unit/test_reasons.py`` checks that the table is this module and that the code writes
+no other reason: conditions and Events take a :class:`Reason`, so mypy refuses a bare string). Each member
+carries where it appears and a one-line meaning. A phase is a reason too (Ready=False and Reconciling=True say
+which phase the instance is in): :func:`of_phase`."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from kiloclaw_operator.models import Phase
 from kiloclaw_operator.reasons import Reason, markdown_table, of_phase
 from kiloclaw_operator.tenancy import Refusal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 TABLE = re.compile(r"<!-- reasons: generated from [^\n]*-->\n(.*?)\n<!-- reasons: end -->", re.S)
 #: "reason `X`", "Event `X`", "Warning `X`" (also plural): wherever the docs name a reason.

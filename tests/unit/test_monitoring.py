@@ -96,6 +96,7 @@ def test_the_monitored_overlay_adds_a_podmonitor_the_rules_and_the_dashboard_to_
             "ClusterRoleBinding",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",
+            "FlowSchema",
         ):
             assert manifest["metadata"]["namespace"] == "kiloclaw-system", manifest["metadata"]["name"]
 

@@ -26,10 +26,9 @@ from . import ownership, tenancy
 from .config import Settings
 from .fly import FlyClient
 from .fly import set_log_context as set_fly_log_context
-from .fly.models import Machine
 from .kube import KubeClient
-from .lifecycle import Observation
-from .models import Instance, ObjectRef, WireModel
+from .models import ObjectRef, WireModel
+from .observe.protocol import Observer
 
 
 def utcnow() -> datetime:
@@ -42,16 +41,6 @@ class RetryLater(Exception):
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
         self.delay = delay
-
-
-class Observer(Protocol):
-    """Where observed Fly state comes from: per-instance polling, or the organisation feed (feed.py)."""
-
-    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
-
-    def next_pass(self, instance: Instance) -> float:
-        """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
-        ...
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Any
 
 import kopf
 
-from . import observation
 from .brake import RecoveryBrake
 from .config import Settings, load_settings
 from .driving import Context, DriverRegistry, RetryLater
@@ -33,6 +32,7 @@ from .kubeconfig import KubeconfigError
 from .leadership import default_lease_namespace
 from .metrics import OBJECTS
 from .models import FINALIZER, GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from .observe import wiring
 from .reconciler import InstanceDriver, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
 
@@ -50,7 +50,7 @@ class Runtime:
             settings.fly_api_base_url,
             settings.fly_api_token,
             token_file=settings.fly_api_token_file,
-            pacing=observation.pacing_limits(settings),
+            pacing=wiring.pacing_limits(settings),
             fence=fence,
             call_deadline=settings.fly_call_deadline_seconds,
             max_body_bytes=settings.fly_max_body_bytes,
@@ -64,7 +64,7 @@ class Runtime:
         if self._ctx is not None:
             return
         kube = KubeClient(conn, fence=self._fence)
-        observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
+        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
         instances = self._instances
@@ -75,7 +75,7 @@ class Runtime:
             instances=lambda: len(instances),
         )
         self._retained = retained_volume_drivers(self._ctx)
-        observation.bind_wakeups(observer, self._instances, kube)
+        wiring.bind_wakeups(observer, self._instances, kube)
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .config import Settings
-from .driving import DriverRegistry, Observer
+from ..config import Settings
+from ..driving import DriverRegistry
+from ..fly import FlyClient, PacingLimits
+from ..kube import KubeClient, KubeNotFound
+from ..reconciler import InstanceDriver
 from .feed import FeedObserver
-from .fly import FlyClient, PacingLimits
-from .kube import KubeClient, KubeNotFound
-from .reconciler import InstanceDriver, PollingObserver
+from .polling import PollingObserver
+from .protocol import Observer
 
 logger = logging.getLogger("kiloclaw.observation")
 

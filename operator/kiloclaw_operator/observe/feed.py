@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from . import lifecycle
-from .config import Settings
-from .fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
-from .fly import vocabulary as fly
-from .fly.models import Machine
-from .lifecycle import Observation
-from .models import Instance, Phase
+from .. import lifecycle
+from ..config import Settings
+from ..fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
+from ..fly import vocabulary as fly
+from ..fly.models import Machine
+from ..lifecycle import Observation
+from ..models import Instance, Phase
 
 logger = logging.getLogger("kiloclaw.feed")
 

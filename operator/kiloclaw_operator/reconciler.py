@@ -12,14 +12,12 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, ClassVar
 
 from . import conditions, leadership, lifecycle, ownership, recovery, stops, tenancy
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import (
     AppNotFound,
-    Capacity,
     Fatal,
     FlyError,
     HostUnavailable,
@@ -29,18 +27,15 @@ from .fly import (
 )
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
-from .fly.models import Machine, Volume
+from .fly.models import Machine
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .observe.feed import FeedObserver, MachineState
+from .sandbox import Sandbox
 from .volumes import (
     MachineNotProven,
     OwnershipMismatch,
-    delete_volume_checked,
-    destroy_machine_if_present,
-    destroy_recorded_machine,
-    volumes_in_use,
 )
 
 logger = logging.getLogger("kiloclaw.instance")
@@ -70,6 +65,8 @@ _PROVISIONING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value}
 class InstanceDriver(ObjectDriver[Instance]):
     """The single writer of one KiloClawInstance: observation, decisions, Fly calls, status, deletion."""
 
+    #: The external client of the instance's sandbox (shared by every driver of a run).
+    sandbox: Sandbox = field(kw_only=True)
     failures: int = 0
     # Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
     claim_confirmed: bool = False
@@ -506,133 +503,18 @@ class InstanceDriver(ObjectDriver[Instance]):
                 await self.ctx.kube.post_event(instance.ref, decision.stall, decision.reason, warning=True)
             return instance
         if action is Action.PROVISION:
-            return await self._provision(instance, base)
+            return await self.sandbox.provision(self, instance, base)
         if action is Action.START:
             if decision.clear_machine:
                 base, machine = base.model_copy(update={"machine_id": None}), None
-            return await self._start(instance, base, machine)
+            return await self.sandbox.start(self, instance, base, machine)
         if action is Action.STOP:
-            return await self._stop(instance, base)
+            return await self.sandbox.stop(self, instance, base)
         if action is Action.UPDATE_CONFIG:
-            return await self._update_config(instance, base)
+            return await self.sandbox.update(self, instance, base)
         raise AssertionError(f"unhandled action {action}")
 
-    async def _provision(self, instance: Instance, base: InstanceStatus) -> Instance:
-        if base.phase is not Phase.PROVISIONING:
-            base = base.model_copy(
-                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
-            )
-            instance = await self.commit(instance, base, "provisioning begins")
-        logger.info(
-            "provisioning: volume and machine in app %s",
-            instance.spec.fly_app,
-            extra=self.log_fields(instance),
-        )
-        if instance.status.volume_id is None:
-            volume = await self._adopt_or_create_volume(instance)
-            instance = await self.commit(
-                instance,
-                instance.status.model_copy(update={"volume_id": volume.id, "region": volume.region}),
-                "volume created: record its id before creating the machine",
-            )
-        return await self._ensure_machine(instance)
-
-    async def _adopt_or_create_volume(self, instance: Instance) -> Volume:
-        spec = instance.spec
-        name = fly.volume_name(spec.sandbox_id)
-        adoptable = await self._adoptable_volumes(instance)
-        if adoptable:
-            logger.info(
-                "adopting volume %s left by an earlier attempt",
-                adoptable[0].id,
-                extra=self.log_fields(instance),
-            )
-            return adoptable[0]
-        errors: list[str] = []
-        for region in lifecycle.ordered_regions(spec, self.ctx.settings):
-            try:
-                return await self.ctx.fly.create_volume(
-                    spec.fly_app, name=name, region=region, size_gb=spec.volume.size_gb
-                )
-            except Capacity as exc:
-                errors.append(f"{region}: {exc.message}")
-        raise RetryLater("no region has capacity for the volume: " + "; ".join(errors), 0)
-
-    async def _adoptable_volumes(self, instance: Instance) -> list[Volume]:
-        """Volumes this instance created but did not record (crash between create and status write).
-
-        Our name (or, for a create before names carried a hash, the legacy name, if no other instance of the
-        app in any namespace maps to that name too), unattached, created after the instance, and held by no
-        instance and no retained volume in any namespace.
-        """
-        spec = instance.spec
-        volumes = await self.ctx.fly.list_volumes(spec.fly_app)
-        names = {fly.volume_name(spec.sandbox_id), fly.legacy_volume_name(spec.sandbox_id)}
-        candidates = [
-            v
-            for v in volumes
-            if v.name in names
-            and not v.is_gone
-            and not v.attached_machine_id
-            and (
-                instance.created_at is None
-                or v.created_at is None
-                or v.created_at >= instance.created_at - timedelta(seconds=60)
-            )
-        ]
-        if not candidates:
-            return []
-        instances = await self.ctx.kube.list_instances()
-        if any(v.name != fly.volume_name(spec.sandbox_id) for v in candidates) and _legacy_name_shared(
-            instance, instances
-        ):
-            candidates = [v for v in candidates if v.name == fly.volume_name(spec.sandbox_id)]
-        taken = set(volumes_in_use(instances))
-        taken.update(
-            str((item.get("spec") or {}).get("volumeId"))
-            for item in await self.ctx.kube.list_retained_volumes()
-        )
-        return sorted((v for v in candidates if v.id not in taken), key=lambda v: str(v.created_at))
-
-    async def _ensure_machine(self, instance: Instance) -> Instance:
-        spec = instance.spec
-        volume_id = instance.status.volume_id
-        assert volume_id is not None
-        machine = await self._adoptable_machine(instance)
-        if machine is None:
-            machine = await self.ctx.fly.create_machine(
-                spec.fly_app,
-                name=fly.machine_name(spec.sandbox_id),
-                region=instance.status.region or lifecycle.ordered_regions(spec, self.ctx.settings)[0],
-                config=lifecycle.desired_machine_config(spec, volume_id),
-            )
-        # No Fly call for this instance until the id is written; the feed's listing is not one.
-        news = await self._settle_window(machine.id)
-        phase = lifecycle.phase_after_create(news.state if news is not None else None)
-        update: dict[str, Any] = {
-            "machine_id": machine.id,
-            "region": machine.region or instance.status.region,
-            "phase": phase,
-            "fly_state": machine.state,
-            "observed_at": self.ctx.clock(),
-        }
-        if phase is not Phase.RUNNING:
-            return await self.commit(
-                instance,
-                instance.status.model_copy(update=update),
-                "machine created: record its id before waiting for it",
-            )
-        assert news is not None and isinstance(self.ctx.observer, FeedObserver)
-        update["fly_state"] = news.state
-        instance = await self.commit(
-            instance,
-            instance.status.model_copy(update=update),
-            "machine created and started: record its id and Running in one write",
-        )
-        self.ctx.observer.acted_on(machine.id, news)
-        return instance
-
-    async def _settle_window(self, machine_id: str) -> MachineState | None:
+    async def settle_window(self, machine_id: str) -> MachineState | None:
         """In feed mode, wait up to ``start_settle_seconds`` for the organisation feed to report the machine
         just created settled (started, or anything but on its way there), so that its id and ``Running`` go
         into one status write instead of two. Returns what the feed knows of it by then (None: nothing).
@@ -673,92 +555,6 @@ class InstanceDriver(ObjectDriver[Instance]):
                 self._admitted = gate
         return feed.known(machine_id)
 
-    async def _adoptable_machine(self, instance: Instance) -> Machine | None:
-        volume_id = instance.status.volume_id
-        assert volume_id is not None
-        machines = await self._machines_on_volume(instance, volume_id)
-        return machines[0] if machines else None
-
-    async def _machines_on_volume(self, instance: Instance, volume_id: str) -> list[Machine]:
-        """Live machines that prove they are this instance's: our sandbox id in their metadata *and* a mount
-        of a volume id this instance recorded (volume ids are unique; a sandbox id alone is not proof)."""
-        machines = await self.ctx.fly.list_machines(
-            instance.spec.fly_app, metadata={fly.METADATA_SANDBOX_ID: instance.spec.sandbox_id}
-        )
-        return [
-            machine
-            for machine in machines
-            if not machine.is_gone
-            and any(m.volume == volume_id for m in (machine.config.mounts if machine.config else []))
-        ]
-
-    async def _start(self, instance: Instance, base: InstanceStatus, machine: Machine | None) -> Instance:
-        spec = instance.spec
-        machine_id = base.machine_id
-        begin = base.model_copy(update={"phase": Phase.STARTING, "observed_generation": instance.generation})
-        if machine_id is None:
-            instance = await self.commit(
-                instance, begin.model_copy(update={"phase": Phase.PROVISIONING}), "start: create a machine"
-            )
-            return await self._ensure_machine(instance)
-        instance = await self.commit(instance, begin, "starting the machine")
-        try:
-            if machine is None or not lifecycle.config_in_sync(spec, machine.config):
-                assert instance.status.volume_id is not None
-                await self.ctx.fly.update_machine(
-                    spec.fly_app,
-                    machine_id,
-                    lifecycle.desired_machine_config(spec, instance.status.volume_id),
-                )
-            await self.ctx.fly.start_machine(spec.fly_app, machine_id)
-        except NotFound:
-            logger.info(
-                "machine %s is gone; creating a new one on the volume",
-                machine_id,
-                extra=self.log_fields(instance),
-            )
-            instance = await self._forget_gone_machine(
-                instance, Phase.PROVISIONING, "machine gone: forget it before creating another"
-            )
-            return await self._ensure_machine(instance)
-        return instance
-
-    async def _stop(self, instance: Instance, base: InstanceStatus) -> Instance:
-        status = base.model_copy(update={"phase": Phase.STOPPING, "observed_generation": instance.generation})
-        instance = await self.commit(instance, status, "stopping the machine")
-        assert instance.status.machine_id is not None
-        logger.info("stopping machine %s", instance.status.machine_id, extra=self.log_fields(instance))
-        try:
-            await self.ctx.fly.stop_machine(instance.spec.fly_app, instance.status.machine_id)
-        except NotFound:
-            return await self._forget_gone_machine(instance, Phase.STOPPED, "machine gone while stopping")
-        return instance
-
-    async def _update_config(self, instance: Instance, base: InstanceStatus) -> Instance:
-        status = base.model_copy(update={"phase": Phase.STARTING, "observed_generation": instance.generation})
-        instance = await self.commit(instance, status, "updating the machine config")
-        assert instance.status.machine_id is not None and instance.status.volume_id is not None
-        try:
-            await self.ctx.fly.update_machine(
-                instance.spec.fly_app,
-                instance.status.machine_id,
-                lifecycle.desired_machine_config(instance.spec, instance.status.volume_id),
-            )
-        except NotFound:
-            # Gone between the observation and the update: the same outcome as observing it gone (not a
-            # rejected spec, which a 404 on a POST would otherwise mean).
-            return await self._forget_gone_machine(
-                instance, Phase.STOPPED, "machine gone while updating its config"
-            )
-        return instance
-
-    async def _forget_gone_machine(self, instance: Instance, phase: Phase, why: str) -> Instance:
-        """The machine vanished between the observation and a Fly call on it: forget its id (never act on a
-        machine that is gone) and record the phase that follows; the volume stays the instance's."""
-        return await self.commit(
-            instance, instance.status.model_copy(update={"machine_id": None, "phase": phase}), why
-        )
-
     # --- deletion ---------------------------------------------------------------------------------------
 
     async def finalize(self) -> None:
@@ -784,40 +580,10 @@ class InstanceDriver(ObjectDriver[Instance]):
                     instance.status.model_copy(update={"phase": Phase.DESTROYING}),
                     "record the ids to destroy before any delete call",
                 )
-            app = instance.spec.fly_app
-            status = instance.status
             try:
-                # Only what this instance recorded, or proves it owns: a machine with our sandbox id that
-                # mounts our recorded volume (a create whose id never reached the status). Never every
-                # machine carrying the sandbox id: another instance may name the same sandbox.
-                proven: set[str] = set()
-                if status.volume_id:
-                    proven.update(m.id for m in await self._machines_on_volume(instance, status.volume_id))
-                if status.machine_id and status.machine_id not in proven:
-                    # An id read from status is verified first: our sandbox id and a mount of our volume.
-                    await destroy_recorded_machine(
-                        self.ctx.fly,
-                        app,
-                        status.machine_id,
-                        sandbox_id=instance.spec.sandbox_id,
-                        volume_id=status.volume_id,
-                        wait_seconds=self.ctx.settings.wait_call_seconds,
-                    )
-                for machine_id in sorted(proven):
-                    await destroy_machine_if_present(
-                        self.ctx.fly, app, machine_id, wait_seconds=self.ctx.settings.wait_call_seconds
-                    )
-                machine_ids = proven | ({status.machine_id} if status.machine_id else set())
+                destroyed = await self.sandbox.destroy_machines(instance)
                 await recovery.remove_pending_cleanup(self.recovery_port(), instance)
-                if status.volume_id:
-                    await delete_volume_checked(
-                        self.ctx.fly,
-                        app,
-                        status.volume_id,
-                        instance.spec.sandbox_id,
-                        recorded_machine_ids=machine_ids,
-                        wait_seconds=self.ctx.settings.wait_call_seconds,
-                    )
+                await self.sandbox.delete_volume(instance, destroyed)
             except (FlyError, OwnershipMismatch) as exc:
                 if isinstance(exc, MachineNotProven):
                     await self._refuse_destroy(instance, exc)
@@ -889,19 +655,6 @@ class InstanceDriver(ObjectDriver[Instance]):
         await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
 
 
-def _legacy_name_shared(instance: Instance, instances: list[dict[str, Any]]) -> bool:
-    """Whether another instance of the same Fly app (any namespace) maps to this one's legacy volume name."""
-    legacy = fly.legacy_volume_name(instance.spec.sandbox_id)
-    for body in instances:
-        spec = body.get("spec") or {}
-        if (body.get("metadata") or {}).get("uid") == instance.ref.uid or spec.get(
-            "flyApp"
-        ) != instance.spec.fly_app:
-            continue
-        if fly.legacy_volume_name(str(spec.get("sandboxId") or "")) == legacy:
-            return True
-    return False
-
-
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:
-    return DriverRegistry(lambda namespace, name: InstanceDriver(namespace, name, ctx=ctx))
+    sandbox = Sandbox(ctx.fly, ctx.kube, ctx.settings, ctx.observer, ctx.clock)
+    return DriverRegistry(lambda namespace, name: InstanceDriver(namespace, name, ctx=ctx, sandbox=sandbox))

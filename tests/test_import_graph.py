@@ -129,6 +129,8 @@ CORE_AND_DRIVERS = (
     "reconciler",
     "recovery",
     "retained",
+    "adoption",
+    "sandbox",
     "volumes",
 )
 
@@ -137,3 +139,14 @@ CORE_AND_DRIVERS = (
 def test_the_core_and_the_drivers_import_neither_httpx_nor_kopf(name: str) -> None:
     # The adapters (fly/, kube.py) translate their transport's errors; only handlers.py registers with kopf.
     assert _external_imports(f"{PACKAGE}.{name}") & {"httpx", "kopf"} == set()
+
+
+@pytest.mark.parametrize("name", ["reconciler", "sandbox", "driving"])
+def test_the_driver_knows_the_observer_only_by_its_protocol(name: str) -> None:
+    # Polling and the feed are chosen and built by the wiring (observe/wiring.py); a driver sees the seam.
+    imported = import_graph()[f"{PACKAGE}.{name}"]
+    assert imported & {f"{PACKAGE}.observe.feed", f"{PACKAGE}.observe.polling"} == set()
+
+
+def test_the_seam_check_sees_a_concrete_observer_where_one_is_imported() -> None:
+    assert f"{PACKAGE}.observe.feed" in import_graph()[f"{PACKAGE}.observe.wiring"]

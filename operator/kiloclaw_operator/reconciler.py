@@ -8,7 +8,6 @@ exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single wr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from .fly.models import Machine
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
-from .observe.feed import FeedObserver, MachineState
 from .sandbox import Sandbox
 from .volumes import (
     MachineNotProven,
@@ -72,10 +70,6 @@ class InstanceDriver(ObjectDriver[Instance]):
     claim_confirmed: bool = False
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
-    # Set while the driver waits for news of a machine it just created (the settle window), else None.
-    _start_news: asyncio.Event | None = field(default=None, init=False, repr=False)
-    # The admission the current pass holds (``admission``), given up while it waits in the settle window.
-    _admitted: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
     def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
         """Passes that provision take a place among ``provisioning_concurrency``; no other pass waits."""
@@ -84,7 +78,6 @@ class InstanceDriver(ObjectDriver[Instance]):
         gate = None
         if phase in _PROVISIONING_PHASES and not meta.get("deletionTimestamp"):
             gate = self.ctx.provisioning
-        self._admitted = gate
         return gate
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
@@ -106,11 +99,9 @@ class InstanceDriver(ObjectDriver[Instance]):
     def recheck_delay(self) -> float:
         return self.ctx.settings.recheck_seconds
 
-    def stop(self) -> None:
-        super().stop()
-        if self._start_news is not None:
-            # A deletion ends a settle window at once: the machine's id is written before the destroy.
-            self._start_news.set()
+    def forgotten(self) -> None:
+        super().forgotten()
+        self.ctx.observer.forget(self.namespace, self.name)
 
     async def commit(
         self, instance: Instance, status: InstanceStatus, why: str, *, deferred: bool = False
@@ -513,47 +504,6 @@ class InstanceDriver(ObjectDriver[Instance]):
         if action is Action.UPDATE_CONFIG:
             return await self.sandbox.update(self, instance, base)
         raise AssertionError(f"unhandled action {action}")
-
-    async def settle_window(self, machine_id: str) -> MachineState | None:
-        """In feed mode, wait up to ``start_settle_seconds`` for the organisation feed to report the machine
-        just created settled (started, or anything but on its way there), so that its id and ``Running`` go
-        into one status write instead of two. Returns what the feed knows of it by then (None: nothing).
-
-        No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
-        one; a crash in the window leaves what a crash between the create and its write leaves (the machine
-        is adopted by its metadata and mount), and so does a shutdown that cancels the pass. A deletion ends
-        the window at once (``stop``): the pass writes the id, and the destroy, which waits for the lock,
-        finds it recorded.
-        Polling mode never waits: its next step is a Fly call (``/wait``), so the id must be written first.
-        """
-        feed = self.ctx.observer
-        seconds = self.ctx.settings.start_settle_seconds
-        if not isinstance(feed, FeedObserver) or seconds <= 0 or feed.failing:
-            return None
-        news = self._start_news = asyncio.Event()
-        feed.expect(machine_id, news.set)
-        # Waiting on the feed is not provisioning work: the pass's place goes to another instance meanwhile.
-        gate, self._admitted = self._admitted, None
-        if gate is not None:
-            gate.release()
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    while not self.stopping():
-                        known = feed.known(machine_id)
-                        if known is not None and lifecycle.start_settled(known.state):
-                            break
-                        news.clear()
-                        await news.wait()
-        finally:
-            feed.unexpect(machine_id)
-            self._start_news = None
-            if gate is not None:
-                # Taken back for the loop, which releases it after the pass; shielded, so that a cancelled
-                # pass still takes it back (later) rather than leaving the loop's release unmatched.
-                await asyncio.shield(gate.acquire())
-                self._admitted = gate
-        return feed.known(machine_id)
 
     # --- deletion ---------------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ Destroys act only on what the instance recorded or proves it owns (adoption.py, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -22,7 +23,6 @@ from .fly import vocabulary as fly
 from .fly.models import Machine, Volume
 from .kube import KubeClient
 from .models import Instance, InstanceStatus, Phase
-from .observe.feed import FeedObserver, MachineState
 from .observe.protocol import Observer
 from .volumes import (
     delete_volume_checked,
@@ -43,7 +43,9 @@ class Pass(Protocol):
 
     def log_fields(self, instance: Instance) -> dict[str, Any]: ...
 
-    async def settle_window(self, machine_id: str) -> MachineState | None: ...
+    def aside(self, interrupt: Callable[[], None]) -> AbstractAsyncContextManager[Callable[[], bool]]:
+        """Give up the pass's admission while it waits outside it (driving.ObjectDriver.aside)."""
+        ...
 
 
 class Sandbox:
@@ -147,8 +149,8 @@ class Sandbox:
                 region=instance.status.region or lifecycle.ordered_regions(spec, self._settings)[0],
                 config=lifecycle.desired_machine_config(spec, volume_id),
             )
-        # No Fly call for this instance until the id is written; the feed's listing is not one.
-        news = await driver.settle_window(machine.id)
+        # No Fly call for this instance until the id is written (an observer's listing is not one).
+        news = await self._observer.settled_start(machine.id, driver.aside)
         phase = lifecycle.phase_after_create(news.state if news is not None else None)
         update: dict[str, Any] = {
             "machine_id": machine.id,
@@ -163,7 +165,7 @@ class Sandbox:
                 instance.status.model_copy(update=update),
                 "machine created: record its id before waiting for it",
             )
-        assert news is not None and isinstance(self._observer, FeedObserver)
+        assert news is not None
         update["fly_state"] = news.state
         instance = await driver.commit(
             instance,

@@ -12,6 +12,7 @@ from ..fly import vocabulary as fly
 from ..fly.models import Machine
 from ..lifecycle import Observation
 from ..models import Instance, Phase
+from .protocol import Aside, MachineState
 
 #: What ``Starting``/``Stopping`` wait for with Fly's ``/wait`` (any settled state ends the wait).
 _WAIT_STATES = {
@@ -64,6 +65,16 @@ class PollingObserver:
             return Observation.gone(), machine
         in_sync = lifecycle.config_in_sync(instance.spec, machine.config)
         return Observation.found(machine.state, config_in_sync=in_sync), machine
+
+    async def settled_start(self, machine_id: str, aside: Aside) -> MachineState | None:
+        """Never waits: the next step is a Fly call (``/wait``), so the machine's id must be written first."""
+        return None
+
+    def acted_on(self, machine_id: str, change: MachineState) -> None:
+        """Nothing is kept between passes."""
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Nothing is kept between passes."""
 
 
 def _failed_read(exc: FlyError) -> Observation:

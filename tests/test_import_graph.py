@@ -150,3 +150,19 @@ def test_the_driver_knows_the_observer_only_by_its_protocol(name: str) -> None:
 
 def test_the_seam_check_sees_a_concrete_observer_where_one_is_imported() -> None:
     assert f"{PACKAGE}.observe.feed" in import_graph()[f"{PACKAGE}.observe.wiring"]
+
+
+def test_leadership_only_elects() -> None:
+    # The health endpoint, signal handling and the wiring of a run belong to the composition root (run.py).
+    assert _external_imports(f"{PACKAGE}.leadership") & {"aiohttp", "signal", "kopf"} == set()
+    assert import_graph()[f"{PACKAGE}.leadership"] <= {
+        f"{PACKAGE}.config",
+        f"{PACKAGE}.kube",
+        f"{PACKAGE}.metrics",
+    }
+
+
+def test_the_handlers_build_nothing() -> None:
+    # kopf's registrations reach what run.py built, through the memo: they make no client, observer or driver.
+    imported = import_graph()[f"{PACKAGE}.handlers"]
+    assert imported & {f"{PACKAGE}.observe.wiring", f"{PACKAGE}.fly", f"{PACKAGE}.brake"} == set()

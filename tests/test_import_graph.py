@@ -131,6 +131,7 @@ CORE_AND_DRIVERS = (
     "retained",
     "adoption",
     "sandbox",
+    "guards",
     "volumes",
 )
 
@@ -141,7 +142,7 @@ def test_the_core_and_the_drivers_import_neither_httpx_nor_kopf(name: str) -> No
     assert _external_imports(f"{PACKAGE}.{name}") & {"httpx", "kopf"} == set()
 
 
-@pytest.mark.parametrize("name", ["reconciler", "sandbox", "driving"])
+@pytest.mark.parametrize("name", ["reconciler", "sandbox", "guards", "driving"])
 def test_the_driver_knows_the_observer_only_by_its_protocol(name: str) -> None:
     # Polling and the feed are chosen and built by the wiring (observe/wiring.py); a driver sees the seam.
     imported = import_graph()[f"{PACKAGE}.{name}"]

@@ -3,6 +3,10 @@
 kopf runs event and deletion handlers concurrently on the same object; here every piece of work on an
 instance — observation ticks, spec changes, recovery steps and deletion — goes through the driver's lock, so
 exactly one of them touches Fly and the status at a time (DESIGN 3.3, "Single writer").
+
+The reconciler keeps the loop → decide → act → commit and the mapping of errors; the binding and claim
+checks are guards.py's, observation is the observer's (observe/protocol.py, never a concrete one), the Fly
+calls of the sandbox are sandbox.py's, and a recovery is stops.py's and recovery.py's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from . import conditions, leadership, lifecycle, ownership, recovery, stops, tenancy
+from . import conditions, guards, lifecycle, ownership, recovery, stops, tenancy
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import (
     AppNotFound,
@@ -39,9 +43,6 @@ from .volumes import (
 logger = logging.getLogger("kiloclaw.instance")
 
 ACTION_DEFERRED = "ActionDeferred"
-DUPLICATE_SANDBOX = "DuplicateSandbox"
-#: A machine id in status that does not prove to be the instance's: the destroy is refused.
-REASON_MACHINE_NOT_PROVEN = "MachineNotOwned"
 #: Stalls that refuse the instance before any Fly call; looked at again at the idle cadence.
 _REFUSALS = frozenset(
     {
@@ -142,7 +143,7 @@ class InstanceDriver(ObjectDriver[Instance]):
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    def _backoff(self, hint: float | None = None) -> float:
+    def backoff(self, hint: float | None = None) -> float:
         self.failures += 1
         base = self.ctx.settings.failure_backoff_base_seconds
         delay = min(self.ctx.settings.retry_backoff_max_seconds, base * (2 ** min(self.failures, 10)))
@@ -156,13 +157,13 @@ class InstanceDriver(ObjectDriver[Instance]):
             return await self._on_fly_error(self.current(), exc)
         except OwnershipMismatch as exc:
             logger.warning("%s", exc, extra=self.log_fields(instance))
-            return self._backoff()
+            return self.backoff()
         except RetryLater as exc:
             logger.info("retrying later: %s", exc, extra=self.log_fields(instance))
-            return self._backoff(exc.delay)
+            return self.backoff(exc.delay)
         except KubeError as exc:
             logger.warning("Kubernetes API call failed, will retry: %s", exc, extra=self.log_fields(instance))
-            return self._backoff()
+            return self.backoff()
         self.failures = 0
         if (
             conditions.stalled_reason(instance.status) == conditions.REASON_FLY_UNAUTHORIZED
@@ -198,7 +199,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             await self.commit(instance, status, "blocked by an unauthorized Fly token")
             # Backed off, but never longer than a Running instance's cadence: a fixed token must be noticed
             # (and observation resumed) soon, not after the hour-long cap of failing deletes.
-            return min(self._backoff(), self.ctx.settings.poll_running_seconds)
+            return min(self.backoff(), self.ctx.settings.poll_running_seconds)
         if isinstance(exc, AppNotFound):
             message = (
                 f"Fly app {instance.spec.fly_app} does not exist, or the operator's token cannot see it "
@@ -208,10 +209,13 @@ class InstanceDriver(ObjectDriver[Instance]):
             status = instance.status.model_copy(
                 update={"phase": Phase.FAILED, "observed_generation": instance.generation}
             )
-            await self._stall(instance, status, conditions.REASON_APP_NOT_FOUND, message)
+            await guards.stall(self, instance, status, conditions.REASON_APP_NOT_FOUND, message)
             return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         if isinstance(exc, HostUnavailable) and instance.spec.state is DesiredState.RUNNING:
-            return await self._on_host_unavailable(instance, exc)
+            instance = await stops.host_unavailable(
+                self.recovery_port(), instance, exc, self.log_fields(instance)
+            )
+            return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
             logger.error("Fly rejected the instance: %s", exc, extra=fields)
             now = self.ctx.clock()
@@ -225,77 +229,12 @@ class InstanceDriver(ObjectDriver[Instance]):
             return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
         hint = exc.retry_after if isinstance(exc, RateLimited) else None
         logger.warning("Fly call failed, will retry: %s", exc, extra=fields)
-        return self._backoff(hint)
-
-    async def _on_host_unavailable(self, instance: Instance, exc: HostUnavailable) -> float:
-        """The machine cannot start on its host again (e.g. the host died around a Stopped → Running flip).
-        The spec is fine and the sandbox should run: relocate it as an unexpected stop is relocated, or, with
-        recovery off, say why it stays stopped."""
-        fields = self.log_fields(instance)
-        if instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region:
-            logger.warning("machine host unreachable, relocating the sandbox: %s", exc, extra=fields)
-            relocated = await stops.handle_stop(self.recovery_port(), instance)
-            return lifecycle.poll_interval(relocated.status.phase, self.ctx.settings)
-        message = (
-            f"the host of machine {instance.status.machine_id} is unreachable ({exc.message}) and recovery "
-            "is disabled: enable spec.recovery to relocate the sandbox, or set the kiloclaw.kilo.ai/retry "
-            "annotation once the host is back"
-        )
-        logger.warning("machine host unreachable, recovery disabled: %s", exc, extra=fields)
-        status = instance.status.model_copy(
-            update={"phase": Phase.STOPPED, "observed_generation": instance.generation}
-        )
-        status = conditions.mark_stalled(
-            status, conditions.REASON_HOST_UNAVAILABLE, message, self.ctx.clock(), instance.generation
-        )
-        instance = await self.commit(
-            instance, status, "host unreachable: stall until the host or the spec changes"
-        )
-        await self.ctx.kube.post_event(
-            instance.ref, conditions.REASON_HOST_UNAVAILABLE, message, warning=True
-        )
-        return lifecycle.poll_interval(Phase.STOPPED, self.ctx.settings)
+        return self.backoff(hint)
 
     async def _reconcile(self, instance: Instance) -> Instance:
-        claimed = ownership.has_claim(instance.status)
-        # The namespace's binding first, before any Fly call (read afresh before a claim).
-        refusal = await self._binding_refusal(instance, fresh=not claimed)
-        if refusal is not None:
-            await self._stall(
-                instance,
-                instance.status.model_copy(update={"observed_generation": instance.generation}),
-                refusal.reason,
-                refusal.message,
-            )
-            return self.current()
-        if conditions.stalled_reason(instance.status) in (
-            tenancy.REASON_APP_NOT_ALLOWED,
-            tenancy.REASON_IMAGE_NOT_ALLOWED,
-        ):
-            instance = await self.commit(
-                instance,
-                conditions.clear_stalled(instance.status, self.ctx.clock(), instance.generation),
-                "the namespace's binding allows the instance again",
-            )
-        if claimed and not self.claim_confirmed:
-            # Claimed before claims were Leases (or by an earlier process): hold the Lease too.
-            holder = await tenancy.acquire_claim(
-                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
-            )
-            if holder is not None:
-                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
-                return self.current()
-            self.claim_confirmed = True
-        if not claimed:
-            if FINALIZER not in ((self.latest or {}).get("metadata", {}).get("finalizers") or ()):
-                # kopf adds its finalizer when it first handles the instance: claim (and touch Fly) only once
-                # deletion is guarded by it. Claiming first also made kopf's finalizer patch, which carries a
-                # resourceVersion test, fail and be sent again: one more write per instance.
-                return instance
-            claimant = await self._claim(instance)
-            if claimant is None:
-                return self.current()
-            instance = claimant
+        instance, admitted = await guards.admit(self, instance)
+        if not admitted:
+            return instance
         instance = await recovery.retry_pending_cleanup(self.recovery_port(), instance)
         if lifecycle.recovery_in_flight(instance):
             observation, machine = NOT_OBSERVED, None  # a recovery observes Fly itself, step by step
@@ -324,90 +263,6 @@ class InstanceDriver(ObjectDriver[Instance]):
         if deferring:
             instance = await self._defer(instance)
         return await self._act(instance, decision, machine)
-
-    async def _claim(self, instance: Instance) -> Instance | None:
-        """Claim the instance's (flyApp, sandboxId) before its first Fly call, or refuse it as a duplicate.
-
-        Checked against the claim book and reserved there under one process-wide lock, so two instances never
-        both claim; the claim (phase Provisioning) is confirmed by the API server before the first Fly call.
-        See ownership.py for the rule.
-        """
-        book = self.ctx.claim_book
-        async with self.ctx.claims:
-            owner = await book.owner(instance, self.latest or {})
-            if owner is not None:
-                await self._refuse_duplicate(instance, owner)
-                return None
-            # Counted as a claimant from here on; the write itself need not hold up the other claimants.
-            book.reserve(self.latest or {})
-        try:
-            # The claim book decides among the instances this process sees; the Lease, created atomically by
-            # the API server, decides across shards and replicas (tenancy.py).
-            holder = await tenancy.acquire_claim(
-                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
-            )
-            if holder is not None:
-                await self._refuse_duplicate(instance, ownership.Owner(holder.namespace, holder.name))
-                return None
-            self.claim_confirmed = True
-            now = self.ctx.clock()
-            status = instance.status.model_copy(
-                update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}
-            )
-            if conditions.is_stalled(status):
-                status = conditions.clear_stalled(status, now, instance.generation)
-            return await self.commit(instance, status, "claim the sandbox before any Fly call")
-        finally:
-            book.settle(self.latest or {})
-
-    def _claims_namespace(self) -> str:
-        settings = self.ctx.settings
-        return settings.claims_namespace or settings.lease_namespace or leadership.default_lease_namespace()
-
-    async def _binding_refusal(
-        self, instance: Instance, *, fresh: bool, check_image: bool = True
-    ) -> tenancy.Refusal | None:
-        annotations = await self.ctx.bindings.annotations(instance.ref.namespace, fresh=fresh)
-        return tenancy.binding_refusal(
-            instance.ref.namespace, annotations, instance.spec, check_image=check_image
-        )
-
-    async def _stall(self, instance: Instance, status: InstanceStatus, reason: str, message: str) -> None:
-        """Stalled with ``reason`` and a Warning Event, once per message (a refusal repeated is not news)."""
-        stalled = instance.status.condition(conditions.STALLED)
-        if (
-            stalled is not None
-            and stalled.status == "True"
-            and stalled.reason == reason
-            and stalled.message == message
-            and instance.status.phase is status.phase
-        ):
-            return
-        logger.warning("%s", message, extra=self.log_fields(instance))
-        status = conditions.mark_stalled(status, reason, message, self.ctx.clock(), instance.generation)
-        instance = await self.commit(instance, status, f"refused ({reason}): nothing on Fly is touched")
-        await self.ctx.kube.post_event(instance.ref, reason, message, warning=True)
-
-    async def _refuse_duplicate(self, instance: Instance, owner: ownership.Owner) -> None:
-        message = ownership.duplicate_message(instance, owner)
-        stalled = instance.status.condition(conditions.STALLED)
-        if (
-            stalled is not None
-            and stalled.status == "True"
-            and stalled.reason == conditions.REASON_DUPLICATE_SANDBOX
-            and stalled.message == message
-        ):
-            return
-        logger.warning("%s", message, extra=self.log_fields(instance))
-        status = conditions.mark_stalled(
-            instance.status.model_copy(update={"observed_generation": instance.generation}),
-            conditions.REASON_DUPLICATE_SANDBOX,
-            message,
-            self.ctx.clock(),
-            instance.generation,
-        )
-        await self.commit(instance, status, "refused as a duplicate claimant: nothing on Fly is touched")
-        await self.ctx.kube.post_event(instance.ref, DUPLICATE_SANDBOX, message, warning=True)
 
     async def _record_observation(self, instance: Instance, observation: Observation) -> Instance:
         """Fly state changes are written when they change, never on every poll (no status churn)."""
@@ -519,7 +374,7 @@ class InstanceDriver(ObjectDriver[Instance]):
                 instance.status.volume_id,
                 extra=self.log_fields(instance),
             )
-            if ownership.holds_fly_ids(instance.status) and not await self._may_destroy(instance):
+            if ownership.holds_fly_ids(instance.status) and not await guards.may_destroy(self, instance):
                 return
             if instance.status.recovery is not None:
                 # Before the cutover: failure cleanup; after it: finish disposing of the old volume.
@@ -536,13 +391,13 @@ class InstanceDriver(ObjectDriver[Instance]):
                 await self.sandbox.delete_volume(instance, destroyed)
             except (FlyError, OwnershipMismatch) as exc:
                 if isinstance(exc, MachineNotProven):
-                    await self._refuse_destroy(instance, exc)
+                    await guards.refuse_destroy(self, instance, exc)
                 if isinstance(exc, Unauthorized):
                     raise RetryLater(
                         f"destroy blocked, Fly token unauthorized: {exc}",
                         self.ctx.settings.retry_backoff_min_seconds,
                     ) from exc
-                raise RetryLater(f"destroy incomplete: {exc}", self._backoff()) from exc
+                raise RetryLater(f"destroy incomplete: {exc}", self.backoff()) from exc
             await self.commit(
                 instance,
                 instance.status.model_copy(
@@ -552,57 +407,13 @@ class InstanceDriver(ObjectDriver[Instance]):
             )
             try:
                 await tenancy.release_claim(
-                    self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
+                    self.ctx.kube, guards.claims_namespace(self.ctx.settings), instance.spec, instance.ref
                 )
             except KubeError as exc:
                 raise RetryLater(
                     f"could not release the sandbox's claim: {exc}",
                     self.ctx.settings.retry_backoff_min_seconds,
                 ) from exc
-
-    async def _may_destroy(self, instance: Instance) -> bool:
-        """Before a destroy touches Fly: the namespace must still be bound to the app (else the deletion
-        waits, Stalled, RetryLater), and the instance must hold the sandbox's claim (else it is released
-        without touching Fly: another instance owns what the ids name)."""
-        try:
-            refusal = await self._binding_refusal(instance, fresh=True, check_image=False)
-            if refusal is not None:
-                message = (
-                    f"{refusal.message}; the deletion waits until the app is bound again (or an admin "
-                    "removes the finalizer, leaving Fly as it is)"
-                )
-                await self._stall(instance, instance.status, refusal.reason, message)
-                raise RetryLater(message, self._backoff())
-            holder = await tenancy.acquire_claim(
-                self.ctx.kube, self._claims_namespace(), instance.spec, instance.ref
-            )
-        except KubeError as exc:
-            raise RetryLater(
-                f"Kubernetes API call failed: {exc}", self.ctx.settings.retry_backoff_min_seconds
-            ) from exc
-        if holder is not None:
-            logger.warning(
-                "deleted without touching Fly: the sandbox's claim is held by instance %s/%s",
-                holder.namespace,
-                holder.name,
-                extra=self.log_fields(instance),
-            )
-            return False
-        return True
-
-    async def _refuse_destroy(self, instance: Instance, exc: MachineNotProven) -> None:
-        """Say why the deletion waits (Stalled, one Warning Event per message); nothing was destroyed. It goes
-        on once the machine is gone or proves ours, or when an admin removes the finalizer."""
-        message = str(exc)
-        stalled = instance.status.condition(conditions.STALLED)
-        if stalled is not None and stalled.status == "True" and stalled.message == message:
-            return
-        logger.warning("%s", message, extra=self.log_fields(instance))
-        status = conditions.mark_stalled(
-            instance.status, REASON_MACHINE_NOT_PROVEN, message, self.ctx.clock(), instance.generation
-        )
-        instance = await self.commit(instance, status, "destroy refused: the recorded machine is not ours")
-        await self.ctx.kube.post_event(instance.ref, REASON_MACHINE_NOT_PROVEN, message, warning=True)
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

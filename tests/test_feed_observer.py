@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -143,3 +144,57 @@ async def test_a_deleted_instance_is_forgotten_by_the_feed(sim: FlySimulator) ->
         finally:
             sweeping.cancel()
             await asyncio.gather(sweeping, return_exceptions=True)
+
+
+async def test_the_first_sweep_reaches_back_no_further_than_its_bound_and_an_older_instance_reads_its_machine(
+    sim: FlySimulator,
+) -> None:
+    ours = sim.state.create_machine("ours", machine_body("sandbox"))
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    stale = instance(Phase.RUNNING, machine_id=ours.id, flyApp="ours", fly_state=ours.state)
+    stale.status.observed_at = long_ago
+    body = {
+        "metadata": {"namespace": stale.ref.namespace, "name": stale.ref.name},
+        "status": {"machineId": ours.id, "flyState": ours.state, "observedAt": long_ago.isoformat()},
+    }
+    settings = Settings(
+        fly_api_base_url=sim.base_url,
+        fly_api_token=TOKEN,
+        fly_org_slug="kilo",
+        feed_interval_seconds=0.05,
+        feed_first_window_seconds=3600,
+    )
+
+    async def listed_at_start() -> AsyncIterator[list[dict[str, Any]]]:
+        yield [body]
+
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=listed_at_start)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await swept(feed)
+            reads_before = machine_reads(sim, ours.id)
+            observed, _ = await feed.observe(stale)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+    windows = [
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        for record in sim.request_log
+        if record.route.endswith("/orgs/{org_slug}/machines")
+        for key, value in parse_qsl(record.query)
+        if key == "updated_after"
+    ]
+    earliest = min(window for window in windows if window < datetime.now(UTC))
+    assert earliest >= datetime.now(UTC) - timedelta(seconds=3600 + 60), earliest
+    # Observed before the first window: the feed cannot speak for it, so its first pass reads the machine.
+    assert machine_reads(sim, ours.id) == reads_before + 1
+    assert observed.state == ours.state
+
+
+def machine_reads(sim: FlySimulator, machine_id: str) -> int:
+    return sum(
+        1
+        for record in sim.request_log
+        if record.method == "GET" and record.path.endswith(f"/machines/{machine_id}")
+    )

@@ -19,15 +19,7 @@ from typing import Any, ClassVar
 
 from . import conditions, guards, lifecycle, ownership, recovery, stops, tenancy
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
-from .fly import (
-    AppNotFound,
-    Fatal,
-    FlyError,
-    HostUnavailable,
-    NotFound,
-    RateLimited,
-    Unauthorized,
-)
+from .fly import AppNotFound, Fatal, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
 from .fly.models import Machine
@@ -35,10 +27,7 @@ from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .sandbox import Sandbox
-from .volumes import (
-    MachineNotProven,
-    OwnershipMismatch,
-)
+from .volumes import MachineNotProven, OwnershipMismatch
 
 logger = logging.getLogger("kiloclaw.instance")
 

@@ -60,7 +60,7 @@ class Context:
     provisioning: asyncio.Semaphore = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
-    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by handlers.py).
+    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by run.Runtime).
     brake: Any = None
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Which ``Observer`` an operator run uses, and its wiring: the organisation feed with ``FLY_ORG_SLUG``, per-
-instance polling without it (DESIGN 3.2). Called once at login by ``handlers.Runtime``."""
+instance polling without it (DESIGN 3.2). Called once at login by ``run.Runtime`` (the composition root)."""
 
 from __future__ import annotations
 

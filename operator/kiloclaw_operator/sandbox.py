@@ -57,7 +57,7 @@ class Sandbox:
         kube: KubeClient,
         settings: Settings,
         observer: Observer,
-        clock: Any,
+        clock: Callable[[], datetime],
     ) -> None:
         self._fly = fly_client
         self._kube = kube

@@ -151,6 +151,10 @@ class Settings(BaseSettings):
         default=16, ge=1, validation_alias=AliasChoices("KILOCLAW_FEED_FALLBACK_CONCURRENCY")
     )
     audit_seconds: float = Field(default=1800, gt=0, validation_alias=AliasChoices("KILOCLAW_AUDIT_SECONDS"))
+    # How far back the first sweep after a start may reach (an instance observed earlier is read instead).
+    feed_first_window_seconds: float = Field(
+        default=86400, gt=0, validation_alias=AliasChoices("KILOCLAW_FEED_FIRST_WINDOW_SECONDS")
+    )
     # After a machine create, how long the driver waits (no Fly call) for the feed to report it started, so
     # that its id and Running go into one status write (0: never wait; polling mode never waits). Generous:
     # Running comes from the same news either way, and a burst of creates delays the feed by seconds.

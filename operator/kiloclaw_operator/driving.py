@@ -12,10 +12,11 @@ the durable status write (``write``), the log fields, and the pass skeleton; a k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -26,10 +27,9 @@ from . import ownership, tenancy
 from .config import Settings
 from .fly import FlyClient
 from .fly import set_log_context as set_fly_log_context
-from .fly.models import Machine
 from .kube import KubeClient
-from .lifecycle import Observation
-from .models import Instance, ObjectRef, WireModel
+from .models import ObjectRef, WireModel
+from .observe.protocol import Observer
 
 
 def utcnow() -> datetime:
@@ -42,16 +42,6 @@ class RetryLater(Exception):
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
         self.delay = delay
-
-
-class Observer(Protocol):
-    """Where observed Fly state comes from: per-instance polling, or the organisation feed (feed.py)."""
-
-    async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
-
-    def next_pass(self, instance: Instance) -> float:
-        """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
-        ...
 
 
 @dataclass
@@ -70,7 +60,7 @@ class Context:
     provisioning: asyncio.Semaphore = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
-    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by handlers.py).
+    #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by run.Runtime).
     brake: Any = None
 
     def __post_init__(self) -> None:
@@ -135,6 +125,10 @@ class ObjectDriver(ABC, Generic[M]):
     _woken: bool = field(default=False, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _sleeper: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
+    # The admission the current pass holds (``admission``), given up while it steps ``aside``.
+    _admitted: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    # Set while the pass steps ``aside``: what a stop request calls to end the wait at once.
+    _interrupt: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
     #: The kind's logger, and how its objects are named in messages.
     logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
@@ -172,6 +166,25 @@ class ObjectDriver(ABC, Generic[M]):
         lock and before the body is read into a model, so a waiting pass holds neither)."""
         return None
 
+    @contextlib.asynccontextmanager
+    async def aside(self, interrupt: Callable[[], None]) -> AsyncIterator[Callable[[], bool]]:
+        """The pass waits for something outside it (news of a machine it just created): its admission goes to
+        another pass meanwhile, and is taken back before the pass goes on; a stop request calls ``interrupt``
+        (the wait ends at once). Yields whether the driver was asked to stop."""
+        gate, self._admitted = self._admitted, None
+        self._interrupt = interrupt
+        if gate is not None:
+            gate.release()
+        try:
+            yield self.stopping
+        finally:
+            self._interrupt = None
+            if gate is not None:
+                # Shielded: a cancelled pass still takes it back (later) rather than leaving the loop's
+                # release unmatched.
+                await asyncio.shield(gate.acquire())
+                self._admitted = gate
+
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         """What in a body asks the driver for a pass; other changes (echoes of our own status writes, kopf's
         bookkeeping patches) wake nobody, since each wasted pass costs a Fly call."""
@@ -207,6 +220,8 @@ class ObjectDriver(ABC, Generic[M]):
     def stop(self) -> None:
         self._stopping = True
         self.wake()
+        if self._interrupt is not None:
+            self._interrupt()
 
     def stopping(self) -> bool:
         """Whether the driver was asked to stop (its loop ends after the current pass)."""
@@ -245,9 +260,11 @@ class ObjectDriver(ABC, Generic[M]):
             gate = self.admission(self.latest) if self.latest is not None else None
             if gate is not None:
                 await gate.acquire()
+                self._admitted = gate
                 try:
                     delay = await self.reconcile_once()
                 finally:
+                    self._admitted = None
                     gate.release()
             else:
                 delay = await self.reconcile_once()

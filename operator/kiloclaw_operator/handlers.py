@@ -8,97 +8,37 @@ own driver.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 
-from . import observation
-from .brake import RecoveryBrake
-from .config import Settings, load_settings
-from .driving import Context, DriverRegistry, RetryLater
-from .fly import FlyClient
-from .kube import KubeClient, KubeConnection, kopf_connection_fields, login_connection
+from .driving import DriverRegistry, RetryLater
+from .kube import KubeConnection, kopf_connection_fields, login_connection
 from .kubeconfig import KubeconfigError
-from .leadership import default_lease_namespace
-from .metrics import OBJECTS
 from .models import FINALIZER, GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
-from .reconciler import InstanceDriver, instance_drivers
-from .retained import RetainedVolumeDriver, retained_volume_drivers
+from .reconciler import InstanceDriver
+from .retained import RetainedVolumeDriver
 
 logger = logging.getLogger("kiloclaw.operator")
 
 
-class Runtime:
-    """What one operator run shares between handlers (kept in kopf's memo, never in module globals, so an
-    in-process restart starts clean)."""
-
-    def __init__(self, settings: Settings, fence: Callable[[], bool] | None = None) -> None:
-        self.settings = settings
-        self._fence = fence
-        self.fly = FlyClient(
-            settings.fly_api_base_url,
-            settings.fly_api_token,
-            token_file=settings.fly_api_token_file,
-            pacing=observation.pacing_limits(settings),
-            fence=fence,
-            call_deadline=settings.fly_call_deadline_seconds,
-            max_body_bytes=settings.fly_max_body_bytes,
-        )
-        self._ctx: Context | None = None
-        self._feed: asyncio.Task[None] | None = None
-        self._instances: DriverRegistry[InstanceDriver] | None = None
-        self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
+class Runtime(Protocol):
+    """What the handlers reach through kopf's memo: built by the composition root (run.py)."""
 
     def connect(self, conn: KubeConnection) -> None:
-        if self._ctx is not None:
-            return
-        kube = KubeClient(conn, fence=self._fence)
-        observer, self._feed = observation.start_observer(self.settings, self.fly, kube)
-        self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
-        self._instances = instance_drivers(self._ctx)
-        instances = self._instances
-        self._ctx.brake = RecoveryBrake(
-            self.settings,
-            kube,
-            self.settings.lease_namespace or default_lease_namespace(),
-            instances=lambda: len(instances),
-        )
-        self._retained = retained_volume_drivers(self._ctx)
-        observation.bind_wakeups(observer, self._instances, kube)
-        OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
+        """At kopf's login: build what needs the Kubernetes connection (once; later logins change nothing)."""
+        ...
 
-    def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:
-        """Every instance event keeps the claim book current (see ownership.ClaimBook)."""
-        if self._ctx is None:
-            return
-        if event_type == "DELETED":
-            self._ctx.claim_book.forget(body)
-        else:
-            self._ctx.claim_book.seen(body)
+    def claims_seen(self, body: kopf.Body, event_type: str | None) -> None: ...
 
     @property
-    def instances(self) -> DriverRegistry[InstanceDriver]:
-        assert self._instances is not None, "not logged in yet"
-        return self._instances
+    def instances(self) -> DriverRegistry[InstanceDriver]: ...
 
     @property
-    def retained(self) -> DriverRegistry[RetainedVolumeDriver]:
-        assert self._retained is not None, "not logged in yet"
-        return self._retained
+    def retained(self) -> DriverRegistry[RetainedVolumeDriver]: ...
 
-    async def aclose(self) -> None:
-        OBJECTS.detach(self)
-        if self._feed is not None:
-            self._feed.cancel()
-        for registry in (self._instances, self._retained):
-            if registry is not None:
-                await registry.aclose()
-        await self.fly.aclose()
-        if self._ctx is not None:
-            await self._ctx.kube.aclose()
+    async def aclose(self) -> None: ...
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -124,7 +64,6 @@ def _runtime(memo: Any) -> Runtime:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    operator_settings: Settings = memo.get("settings") or load_settings()
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -135,7 +74,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
-    memo.runtime = Runtime(operator_settings, memo.get("fence"))
 
 
 @kopf.on.login()

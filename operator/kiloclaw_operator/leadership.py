@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -449,63 +446,3 @@ async def lead(
         for task in (serving, holding, stopping):
             task.cancel()
         await asyncio.gather(serving, holding, stopping, return_exceptions=True)
-
-
-async def run_elected(
-    elector: LeaderElector,
-    serve: Serve,
-    *,
-    election: ElectionLoop | None = None,
-    loop_stall_seconds: float = 15.0,
-    stop_flag: asyncio.Event | threading.Event | None = None,
-    health_port: int | None = None,
-) -> None:
-    """The process's life under leader election: a health endpoint in both roles, SIGTERM/SIGINT stop a
-    standby too (kopf installs its own handlers once it leads), ``stop_flag`` stops either role. With
-    ``election`` the Lease is renewed there, for as long as this loop beats within ``loop_stall_seconds``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    heartbeat = Heartbeat()
-    beating = asyncio.create_task(heartbeat.run(), name="kiloclaw-heartbeat")
-    if election is not None:
-        elector.loop_alive = lambda: heartbeat.age() < loop_stall_seconds
-    bridges: list[asyncio.Task[Any]] = [beating]
-    if isinstance(stop_flag, asyncio.Event):
-        bridges.append(asyncio.create_task(_set_when(stop_flag.wait(), stop)))
-    elif isinstance(stop_flag, threading.Event):
-        # Held in an executor thread until the flag is set (the caller sets it when it gives up on us).
-        bridges.append(asyncio.create_task(_set_when(asyncio.to_thread(stop_flag.wait), stop)))
-    # Signal handlers belong to the main thread; Windows event loops have none (the operator runs on Linux).
-    if threading.current_thread() is threading.main_thread() and sys.platform != "win32":
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-    health = await serve_health(health_port, elector) if health_port is not None else None
-    try:
-        await lead(elector, serve, stop, election=election)
-    finally:
-        for bridge in bridges:
-            bridge.cancel()
-        if health is not None:
-            await health()
-
-
-async def _set_when(waiting: Awaitable[Any], event: asyncio.Event) -> None:
-    await waiting
-    event.set()
-
-
-async def serve_health(port: int, elector: LeaderElector) -> Callable[[], Awaitable[None]]:
-    """``/healthz`` answers 200 in both roles (a standby is healthy, and Ready so that rollouts proceed); the
-    body says which role. Returns the function that stops the server."""
-    from aiohttp import web  # kopf's HTTP stack; only needed when the process serves its own probe
-
-    async def healthz(_: web.Request) -> web.Response:
-        role = "leader" if elector.is_leader else "standby"
-        return web.Response(text=json.dumps({"role": role}), content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
-    return runner.cleanup

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import conditions, lifecycle, retained
+from . import adoption, conditions, lifecycle, retained
 from .config import Settings
 from .driving import RetryLater
 from .fly import Capacity, Fatal, FlyClient, FlyError, NotFound
@@ -473,12 +473,9 @@ async def _replacement_machine(port: Port, instance: InstanceModel, record: Reco
             return await client.get_machine(app, record.replacement_machine_id)
         except NotFound:
             pass
-    for machine in await client.list_machines(app, metadata=_attempt_metadata(instance, record)):
-        if not machine.is_gone:
-            logger.info(
-                "adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance)
-            )
-            return machine
+    for machine in await adoption.live_machines(client, app, _attempt_metadata(instance, record)):
+        logger.info("adopting replacement machine %s left by a crash", machine.id, extra=_fields(instance))
+        return machine
     volume = await client.get_volume(app, record.replacement_volume_id)
     return await client.create_machine(
         app,
@@ -856,7 +853,7 @@ async def _unrecorded_replacement_volume(
 def _fork_names(instance: InstanceModel) -> set[str]:
     """The names a fork of this sandbox may carry: ours, and the legacy one (a recovery begun before names
     carried a hash; only this attempt's window counts, see ``_is_fork_of_this_attempt``)."""
-    return {fly.volume_name(instance.spec.sandbox_id), fly.legacy_volume_name(instance.spec.sandbox_id)}
+    return adoption.sandbox_volume_names(instance.spec.sandbox_id)
 
 
 def _is_fork_of_this_attempt(
@@ -867,12 +864,10 @@ def _is_fork_of_this_attempt(
     adopted; an attached one is in someone's use). Fly stamps ``created_at`` with its own clock, the attempt
     began by ours: compared in ours."""
     return (
-        volume.name in names
-        and not volume.attached_machine_id
+        adoption.unattached_and_live(volume, names)
         and volume.id != record.source_volume_id
         and volume.created_at is not None
         and client.in_our_clock(volume.created_at) >= record.started_at
-        and not volume.is_gone
     )
 
 

@@ -1,19 +1,40 @@
-"""Running the operator: kopf in the current event loop (behind the leader election), and the metrics
-endpoint. Used by ``kiloclaw-operator run`` and ``dev`` (``__main__``, ``dev.py``) and by the tests."""
+"""The composition root: running the operator. Builds, and passes down, everything a run works with: the
+leader election (leadership.py, which only elects), the health endpoint, signal handling, the fenced Fly and
+Kubernetes clients, the observer (observe/wiring.py), the driver context and registries. kopf (handlers.py)
+only hands watch events and deletions to what is built here. Used by ``kiloclaw-operator run`` and ``dev``
+(``__main__``, ``dev.py``) and by the tests; also the metrics endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import sys
 import threading
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import kopf
 from prometheus_client import start_http_server
 
+from .brake import RecoveryBrake
 from .config import Settings
-from .kube import KubeClient
+from .driving import Context, DriverRegistry
+from .fly import FlyClient
+from .kube import KubeClient, KubeConnection
+from .leadership import (
+    ElectionLoop,
+    Heartbeat,
+    LeaderElector,
+    LeaseConfig,
+    Serve,
+    default_lease_namespace,
+    lead,
+)
+from .metrics import OBJECTS
+from .observe import wiring
+from .reconciler import InstanceDriver, instance_drivers
+from .retained import RetainedVolumeDriver, retained_volume_drivers
 
 
 def exit_with(message: str, code: int = 1) -> NoReturn:
@@ -38,7 +59,7 @@ async def run_operator(
         liveness_endpoint: str | None,
         fence: Callable[[], bool] | None = None,
     ) -> None:
-        memo = kopf.Memo(settings=settings, watch_server_timeout=watch_server_timeout, fence=fence)
+        memo = kopf.Memo(runtime=Runtime(settings, fence), watch_server_timeout=watch_server_timeout)
         await kopf.operator(
             standalone=True,
             clusterwide=not settings.namespaces,
@@ -52,7 +73,6 @@ async def run_operator(
     if not settings.leader_election:
         await serve(stop_flag, f"http://0.0.0.0:{settings.health_port}/healthz" if liveness else None)
         return
-    from .leadership import ElectionLoop, LeaderElector, LeaseConfig, run_elected
 
     # The Lease client lives on the election loop (a thread of its own) and is used and closed there only.
     election = ElectionLoop().start()
@@ -70,6 +90,141 @@ async def run_operator(
     finally:
         await election.run(kube.aclose())
         election.stop()
+
+
+class Runtime:
+    """Everything one kopf run works with, built here and handed to the handlers in kopf's memo (never in
+    module globals, so an in-process restart starts clean): the fenced Fly client now, and at kopf's first
+    login (which gives the Kubernetes connection) the fenced Kubernetes client, the observer, the driver
+    context and registries, and the recovery brake."""
+
+    def __init__(self, settings: Settings, fence: Callable[[], bool] | None = None) -> None:
+        self.settings = settings
+        self._fence = fence
+        self.fly = FlyClient(
+            settings.fly_api_base_url,
+            settings.fly_api_token,
+            token_file=settings.fly_api_token_file,
+            pacing=wiring.pacing_limits(settings),
+            fence=fence,
+            call_deadline=settings.fly_call_deadline_seconds,
+            max_body_bytes=settings.fly_max_body_bytes,
+        )
+        self._ctx: Context | None = None
+        self._feed: asyncio.Task[None] | None = None
+        self._instances: DriverRegistry[InstanceDriver] | None = None
+        self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
+
+    def connect(self, conn: KubeConnection) -> None:
+        if self._ctx is not None:
+            return
+        kube = KubeClient(conn, fence=self._fence)
+        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube)
+        self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
+        self._instances = instance_drivers(self._ctx)
+        instances = self._instances
+        self._ctx.brake = RecoveryBrake(
+            self.settings,
+            kube,
+            self.settings.lease_namespace or default_lease_namespace(),
+            instances=lambda: len(instances),
+        )
+        self._retained = retained_volume_drivers(self._ctx)
+        wiring.bind_wakeups(observer, self._instances, kube)
+        OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
+
+    def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:
+        """Every instance event keeps the claim book current (see ownership.ClaimBook)."""
+        if self._ctx is None:
+            return
+        if event_type == "DELETED":
+            self._ctx.claim_book.forget(body)
+        else:
+            self._ctx.claim_book.seen(body)
+
+    @property
+    def instances(self) -> DriverRegistry[InstanceDriver]:
+        assert self._instances is not None, "not logged in yet"
+        return self._instances
+
+    @property
+    def retained(self) -> DriverRegistry[RetainedVolumeDriver]:
+        assert self._retained is not None, "not logged in yet"
+        return self._retained
+
+    async def aclose(self) -> None:
+        OBJECTS.detach(self)
+        if self._feed is not None:
+            self._feed.cancel()
+        for registry in (self._instances, self._retained):
+            if registry is not None:
+                await registry.aclose()
+        await self.fly.aclose()
+        if self._ctx is not None:
+            await self._ctx.kube.aclose()
+
+
+# --- the process under leader election: signals, stop flags, the health endpoint ---------------------------
+
+
+async def run_elected(
+    elector: LeaderElector,
+    serve: Serve,
+    *,
+    election: ElectionLoop | None = None,
+    loop_stall_seconds: float = 15.0,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    health_port: int | None = None,
+) -> None:
+    """The process's life under leader election: a health endpoint in both roles, SIGTERM/SIGINT stop a
+    standby too (kopf installs its own handlers once it leads), ``stop_flag`` stops either role. With
+    ``election`` the Lease is renewed there, for as long as this loop beats within ``loop_stall_seconds``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    heartbeat = Heartbeat()
+    beating = asyncio.create_task(heartbeat.run(), name="kiloclaw-heartbeat")
+    if election is not None:
+        elector.loop_alive = lambda: heartbeat.age() < loop_stall_seconds
+    bridges: list[asyncio.Task[Any]] = [beating]
+    if isinstance(stop_flag, asyncio.Event):
+        bridges.append(asyncio.create_task(_set_when(stop_flag.wait(), stop)))
+    elif isinstance(stop_flag, threading.Event):
+        # Held in an executor thread until the flag is set (the caller sets it when it gives up on us).
+        bridges.append(asyncio.create_task(_set_when(asyncio.to_thread(stop_flag.wait), stop)))
+    # Signal handlers belong to the main thread; Windows event loops have none (the operator runs on Linux).
+    if threading.current_thread() is threading.main_thread() and sys.platform != "win32":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    health = await serve_health(health_port, elector) if health_port is not None else None
+    try:
+        await lead(elector, serve, stop, election=election)
+    finally:
+        for bridge in bridges:
+            bridge.cancel()
+        if health is not None:
+            await health()
+
+
+async def _set_when(waiting: Awaitable[Any], event: asyncio.Event) -> None:
+    await waiting
+    event.set()
+
+
+async def serve_health(port: int, elector: LeaderElector) -> Callable[[], Awaitable[None]]:
+    """``/healthz`` answers 200 in both roles (a standby is healthy, and Ready so that rollouts proceed); the
+    body says which role. Returns the function that stops the server."""
+    from aiohttp import web  # kopf's HTTP stack; only needed when the process serves its own probe
+
+    async def healthz(_: web.Request) -> web.Response:
+        role = "leader" if elector.is_leader else "standby"
+        return web.Response(text=json.dumps({"role": role}), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner.cleanup
 
 
 def serve_metrics(port: int, variable: str) -> None:

@@ -28,9 +28,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import Any
 
 from . import conditions, lifecycle, reasons, recovery
-from .fly import Fatal, FlyClient, FlyError, NotFound
+from .fly import Fatal, FlyClient, FlyError, HostUnavailable, NotFound
 from .fly import vocabulary as fly
 from .fly.models import Machine, Snapshot, Volume
 from .metrics import STOP_VERDICTS
@@ -374,6 +375,34 @@ async def stall_waiting(port: recovery.Port, instance: Instance, reason: Reason,
     if before is None or before.reason != reason or before.message != message:
         logger.warning("%s", message, extra=_fields(instance))
         await port.kube.post_event(instance.ref, reason, message, warning=True)
+    return instance
+
+
+async def host_unavailable(
+    port: recovery.Port, instance: Instance, exc: HostUnavailable, fields: dict[str, Any]
+) -> Instance:
+    """The machine cannot start on its host again (e.g. the host died around a Stopped → Running flip).
+    The spec is fine and the sandbox should run: relocate it as an unexpected stop is relocated, or, with
+    recovery off, say why it stays stopped."""
+    if instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region:
+        logger.warning("machine host unreachable, relocating the sandbox: %s", exc, extra=fields)
+        return await handle_stop(port, instance)
+    message = (
+        f"the host of machine {instance.status.machine_id} is unreachable ({exc.message}) and recovery "
+        "is disabled: enable spec.recovery to relocate the sandbox, or set the kiloclaw.kilo.ai/retry "
+        "annotation once the host is back"
+    )
+    logger.warning("machine host unreachable, recovery disabled: %s", exc, extra=fields)
+    status = instance.status.model_copy(
+        update={"phase": Phase.STOPPED, "observed_generation": instance.generation}
+    )
+    status = conditions.mark_stalled(
+        status, Reason.HOST_UNAVAILABLE, message, port.clock(), instance.generation
+    )
+    instance = await port.commit(
+        instance, status, "host unreachable: stall until the host or the spec changes"
+    )
+    await port.kube.post_event(instance.ref, Reason.HOST_UNAVAILABLE, message, warning=True)
     return instance
 
 

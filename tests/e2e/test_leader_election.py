@@ -32,9 +32,9 @@ from kiloclaw_operator.leadership import (
     claim,
     lease_body,
     micro_time,
-    run_elected,
 )
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kiloclaw_operator.run import run_elected
 from kubesim import KubeSim
 
 NAMESPACE = "default"

@@ -123,3 +123,47 @@ async def test_a_forgotten_object_ends_its_loop() -> None:
     await _until(lambda: driver.passes == 1)
     registry.forget("ns", "a")
     await _until(lambda: registry._loops == {})
+
+
+class _Admitted(_Driver):
+    """Passes under a shared admission; driver "a"'s pass steps aside until the driver is asked to stop."""
+
+    def __init__(self, name: str, gate: asyncio.Semaphore) -> None:
+        super().__init__("ns", name, ctx=cast(Context, None))
+        self.gate = gate
+        self.passes = 0
+        self.aside_entered = False
+        self.stopped_while_aside = False
+        self.place_taken_back = False
+
+    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
+        return self.gate
+
+    async def reconcile(self, obj: Any) -> float:
+        self.passes += 1
+        if self.name == "a":
+            interrupted = asyncio.Event()
+            async with self.aside(interrupted.set) as stopping:
+                self.aside_entered = True
+                await interrupted.wait()
+                self.stopped_while_aside = stopping()
+            self.place_taken_back = self.gate.locked()
+        return 3600.0
+
+
+async def test_a_pass_waiting_aside_lends_its_admission_to_another_pass_and_a_stop_ends_its_wait() -> None:
+    gate = asyncio.Semaphore(1)
+    registry: DriverRegistry[_Admitted] = DriverRegistry(lambda namespace, name: _Admitted(name, gate))
+    try:
+        a = registry.running("ns", "a")
+        a.offer(_body("1"))
+        await _until(lambda: a.aside_entered)
+        b = registry.running("ns", "b")
+        b.offer(_body("1"))
+        await _until(lambda: b.passes == 1)  # the only place was a's: it lent it while waiting
+        a.stop()
+        await _until(lambda: a.place_taken_back)
+        assert a.stopped_while_aside
+    finally:
+        await registry.aclose()
+    assert not gate.locked(), "every place taken was given back"

@@ -6,7 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from builders import instance_body
-from kiloclaw_operator.feed import ListedInstance, MachineState, changed_while_away, oldest_observation
+from kiloclaw_operator.observe.feed import (
+    ListedInstance,
+    MachineState,
+    changed_while_away,
+    oldest_observation,
+)
 
 OBSERVED = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -73,7 +78,7 @@ def test_an_instance_without_a_readable_observation_is_not_listed() -> None:
 
 def test_a_different_state_with_the_same_whole_second_updated_at_is_news_marked_ambiguous() -> None:
     from kiloclaw_operator.config import Settings
-    from kiloclaw_operator.feed import FeedObserver
+    from kiloclaw_operator.observe.feed import FeedObserver
 
     feed = FeedObserver(
         None,  # type: ignore[arg-type]  # no Fly call in this test

@@ -119,14 +119,19 @@ def _external_imports(module: str) -> set[str]:
 CORE_AND_DRIVERS = (
     "conditions",
     "driving",
-    "feed",
+    "observe.feed",
     "lifecycle",
     "models",
-    "observation",
+    "observe.polling",
+    "observe.protocol",
+    "observe.wiring",
     "ownership",
     "reconciler",
     "recovery",
     "retained",
+    "adoption",
+    "sandbox",
+    "guards",
     "volumes",
 )
 
@@ -135,3 +140,30 @@ CORE_AND_DRIVERS = (
 def test_the_core_and_the_drivers_import_neither_httpx_nor_kopf(name: str) -> None:
     # The adapters (fly/, kube.py) translate their transport's errors; only handlers.py registers with kopf.
     assert _external_imports(f"{PACKAGE}.{name}") & {"httpx", "kopf"} == set()
+
+
+@pytest.mark.parametrize("name", ["reconciler", "sandbox", "guards", "driving"])
+def test_the_driver_knows_the_observer_only_by_its_protocol(name: str) -> None:
+    # Polling and the feed are chosen and built by the wiring (observe/wiring.py); a driver sees the seam.
+    imported = import_graph()[f"{PACKAGE}.{name}"]
+    assert imported & {f"{PACKAGE}.observe.feed", f"{PACKAGE}.observe.polling"} == set()
+
+
+def test_the_seam_check_sees_a_concrete_observer_where_one_is_imported() -> None:
+    assert f"{PACKAGE}.observe.feed" in import_graph()[f"{PACKAGE}.observe.wiring"]
+
+
+def test_leadership_only_elects() -> None:
+    # The health endpoint, signal handling and the wiring of a run belong to the composition root (run.py).
+    assert _external_imports(f"{PACKAGE}.leadership") & {"aiohttp", "signal", "kopf"} == set()
+    assert import_graph()[f"{PACKAGE}.leadership"] <= {
+        f"{PACKAGE}.config",
+        f"{PACKAGE}.kube",
+        f"{PACKAGE}.metrics",
+    }
+
+
+def test_the_handlers_build_nothing() -> None:
+    # kopf's registrations reach what run.py built, through the memo: they make no client, observer or driver.
+    imported = import_graph()[f"{PACKAGE}.handlers"]
+    assert imported & {f"{PACKAGE}.observe.wiring", f"{PACKAGE}.fly", f"{PACKAGE}.brake"} == set()

@@ -1,17 +1,19 @@
 """Which ``Observer`` an operator run uses, and its wiring: the organisation feed with ``FLY_ORG_SLUG``, per-
-instance polling without it (DESIGN 3.2). Called once at login by ``handlers.Runtime``."""
+instance polling without it (DESIGN 3.2). Called once at login by ``run.Runtime`` (the composition root)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from .config import Settings
-from .driving import DriverRegistry, Observer
+from ..config import Settings
+from ..driving import DriverRegistry
+from ..fly import FlyClient, PacingLimits
+from ..kube import KubeClient, KubeNotFound
+from ..reconciler import InstanceDriver
 from .feed import FeedObserver
-from .fly import FlyClient, PacingLimits
-from .kube import KubeClient, KubeNotFound
-from .reconciler import InstanceDriver, PollingObserver
+from .polling import PollingObserver
+from .protocol import Observer
 
 logger = logging.getLogger("kiloclaw.observation")
 

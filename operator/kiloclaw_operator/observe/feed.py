@@ -1,7 +1,7 @@
 """The organisation feed (DESIGN 3.2): one paged listing of the organisation's changed machines per interval,
 for all instances, instead of one ``GET /machines/{id}`` per instance per interval.
 
-``FeedObserver`` is an ``Observer`` (the seam the driver already calls). Its loop sweeps
+``FeedObserver`` is an ``Observer`` (observe/protocol.py, the seam the driver calls). Its loop sweeps
 ``GET /orgs/{org}/machines?updated_after=…&summary=true&include_deleted=true`` page by page (cursor), keeps
 the newest state per machine (de-duplicated by machine id + ``updated_at``), and wakes the driver of the
 instance whose ``status.machineId`` names a changed machine; that driver's next pass reads the state from
@@ -11,13 +11,18 @@ The window is measured in Fly's clock, never ours: the next sweep starts at the 
 minus an overlap, because Fly warns that recent changes propagate late (a change can surface behind the
 cursor). After a restart the first window starts at the oldest ``status.observedAt`` of all instances minus
 the overlap, corrected by the clock offset read from Fly's ``Date`` header, so no change made while the
-operator was down is lost. A page that fails (5xx, 429) is retried; a cursor that went stale restarts the
-sweep from its window; a page may hold fewer machines than asked (the limit is advisory) and paging goes on
-until Fly gives no cursor.
+operator was down is lost; at most ``feed_first_window_seconds`` back (an instance observed before that is
+read on its first pass instead of listing the organisation's whole history). A page that fails (5xx, 429) is
+retried; a cursor that went stale restarts the sweep from its window; a page may hold fewer machines than
+asked (the limit is advisory) and paging goes on until Fly gives no cursor.
 
-A driver that has just created a machine (its id not in any status yet) registers it with ``expect`` for the
+A driver that has just created a machine (its id not in any status yet) waits in ``settled_start`` for the
 short settle window after the create: the feed tells it of the machine's news, so that its id and ``Running``
-can go into one status write (reconciler.py).
+can go into one status write (sandbox.py).
+
+Memory follows the instances, not the organisation: the states kept are those of machines an instance names
+(tracked, just created, or listed at start); the organisation's other machines pass through a bounded
+buffer; a deleted instance is forgotten (``forget``).
 
 Where the feed cannot speak, the driver still reads the machine itself: a spec change to act on (the feed has
 no config), a busy phase with no news newer than what the driver last saw (a slow fallback, since the feed
@@ -37,13 +42,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from . import lifecycle
-from .config import Settings
-from .fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
-from .fly import vocabulary as fly
-from .fly.models import Machine
-from .lifecycle import Observation
-from .models import Instance, Phase
+from .. import lifecycle
+from ..config import Settings
+from ..fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
+from ..fly import vocabulary as fly
+from ..fly.models import Machine
+from ..lifecycle import Observation
+from ..models import Instance, Phase
+from .protocol import Aside, MachineState
 
 logger = logging.getLogger("kiloclaw.feed")
 
@@ -52,27 +58,6 @@ WAITING_PHASES = frozenset({Phase.STARTING, Phase.STOPPING})
 #: Phases in which the driver does not observe at all (recovery and deletion own them): no wake-ups.
 SELF_DRIVEN_PHASES = frozenset({Phase.RECOVERING, Phase.DESTROYING, Phase.PROVISIONING, Phase.PENDING})
 _STALE_CURSOR_RESTARTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class MachineState:
-    """The newest known state of one machine, stamped with Fly's ``updated_at``.
-
-    Fly's ``updated_at`` has whole seconds: two changes in one second carry the same stamp. A different state
-    at the same stamp is kept as news, but ``ambiguous`` (which of the two is newer cannot be told from the
-    listing): the driver reads the machine itself before acting on it."""
-
-    state: str
-    updated_at: datetime
-    ambiguous: bool = False
-
-    def newer_than(self, other: MachineState | None) -> bool:
-        """News compared with ``other``: a later stamp, or another state at the same stamp."""
-        if other is None:
-            return True
-        if self.updated_at != other.updated_at:
-            return self.updated_at > other.updated_at
-        return self.state != other.state
 
 
 @dataclass(slots=True)
@@ -97,6 +82,7 @@ class FeedObserver:
         instance_pages: Callable[[], AsyncIterator[list[dict[str, Any]]]],
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        unnamed_limit: int = 4096,
     ) -> None:
         assert settings.fly_org_slug, "the feed needs FLY_ORG_SLUG"
         self._fly = fly
@@ -105,7 +91,16 @@ class FeedObserver:
         self._instance_pages = instance_pages
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        #: The newest known state of each machine an instance names (tracked, expected, or listed at start).
         self._latest: dict[str, MachineState] = {}
+        #: The newest states of machines no instance names (yet), oldest first, at most ``unnamed_limit``:
+        #: the organisation's other machines come and go here, so memory follows the instances, not the
+        #: organisation. A machine named meanwhile (its id written in the pass that created it) takes its
+        #: state from here.
+        self._unnamed: dict[str, MachineState] = {}
+        self._unnamed_limit = unnamed_limit
+        #: Machines named by the instances listed at start, until each is tracked or forgotten.
+        self._listed_machines: set[str] = set()
         #: The state (and its ``updated_at``) each machine's driver last acted on.
         self._consumed: dict[str, MachineState] = {}
         self._tracked: dict[str, _Tracked] = {}
@@ -155,24 +150,105 @@ class FeedObserver:
         return self._last_success is not None and not self.healthy
 
     def known(self, machine_id: str) -> MachineState | None:
-        return self._latest.get(machine_id)
+        return self._latest.get(machine_id) or self._unnamed.get(machine_id)
 
-    # --- a machine not recorded yet (reconciler: the settle window after a create) ---------------------
+    @property
+    def machines_kept(self) -> int:
+        """How many machines' states are kept (named and unnamed): what its memory grows with."""
+        return len(self._latest) + len(self._unnamed) + len(self._consumed) + len(self._tracked)
 
-    def expect(self, machine_id: str, notify: Callable[[], None]) -> None:
-        """Tell ``notify`` of news about ``machine_id``, which no ``status.machineId`` names yet (its driver
-        holds it in memory between the create and the status write). In memory only; ``unexpect`` ends it."""
-        self._expected[machine_id] = notify
+    # --- a machine not recorded yet (the settle window after a create) --------------------------------
 
-    def unexpect(self, machine_id: str) -> None:
-        self._expected.pop(machine_id, None)
+    async def settled_start(self, machine_id: str, aside: Aside) -> MachineState | None:
+        """Wait up to ``start_settle_seconds`` for a sweep to report the machine just created settled
+        (started, or anything but on its way there), so that its id and ``Running`` go into one status write
+        instead of two. Returns what the feed knows of it by then (None: nothing).
+
+        No Fly call is made for this instance meanwhile, so its id still reaches the status before the next
+        one; a crash in the window leaves what a crash between the create and its write leaves (the machine
+        is adopted by its metadata and mount), and so does a shutdown that cancels the pass. A deletion ends
+        the window at once (the driver's stop request): the pass writes the id, and the destroy, which waits
+        for the driver's lock, finds it recorded. A failing feed is not waited for.
+        """
+        seconds = self._settings.start_settle_seconds
+        if seconds <= 0 or self.failing:
+            return None
+        news = asyncio.Event()
+        # Known to no status yet (its driver holds it in memory until the write): its news is passed on.
+        self._expected[machine_id] = news.set
+        self._name(machine_id)
+        try:
+            # Waiting on the feed is not provisioning work: the pass's admission goes to another meanwhile.
+            async with aside(news.set) as stopping:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(seconds):
+                        while not stopping():
+                            known = self.known(machine_id)
+                            if known is not None and lifecycle.start_settled(known.state):
+                                break
+                            news.clear()
+                            await news.wait()
+        finally:
+            self._expected.pop(machine_id, None)
+            self._unname(machine_id)
+        return self.known(machine_id)
 
     def acted_on(self, machine_id: str, change: MachineState) -> None:
         """The driver recorded ``change`` itself (with the machine's id): it is no news to its next pass. A
         newer change that arrived meanwhile still is."""
+        self._name(machine_id)
         consumed = self._consumed.get(machine_id)
         if consumed is None or change.newer_than(consumed):
             self._consumed[machine_id] = change
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The instance was deleted: nothing about it or its machine is kept (news of its machine, destroyed
+        by now, lands among the unnamed ones)."""
+        machine_id = self._machine_of.pop((namespace, name), None)
+        if machine_id is not None:
+            self._drop(machine_id)
+
+    # --- what is kept, and for which machines ----------------------------------------------------------
+
+    def _named(self, machine_id: str) -> bool:
+        return (
+            machine_id in self._tracked or machine_id in self._expected or machine_id in self._listed_machines
+        )
+
+    def _name(self, machine_id: str) -> None:
+        """An instance names the machine now: its state, if any, is kept for good."""
+        state = self._unnamed.pop(machine_id, None)
+        if state is not None and machine_id not in self._latest:
+            self._latest[machine_id] = state
+
+    def _unname(self, machine_id: str) -> None:
+        """No instance names the machine any more (for now): its state goes back among the unnamed ones."""
+        if self._named(machine_id):
+            return
+        state = self._latest.pop(machine_id, None)
+        if state is not None:
+            self._keep_unnamed(machine_id, state)
+
+    def _drop(self, machine_id: str) -> None:
+        self._tracked.pop(machine_id, None)
+        self._consumed.pop(machine_id, None)
+        self._listed_machines.discard(machine_id)
+        if not self._named(machine_id):
+            self._latest.pop(machine_id, None)
+            self._unnamed.pop(machine_id, None)
+
+    def _store(self, machine_id: str, state: MachineState) -> None:
+        if self._named(machine_id):
+            self._unnamed.pop(machine_id, None)
+            self._latest[machine_id] = state
+        else:
+            self._keep_unnamed(machine_id, state)
+
+    def _keep_unnamed(self, machine_id: str, state: MachineState) -> None:
+        self._unnamed.pop(machine_id, None)  # re-inserted as the newest
+        self._unnamed[machine_id] = state
+        while len(self._unnamed) > self._unnamed_limit:
+            del self._unnamed[next(iter(self._unnamed))]
 
     # --- the Observer seam -----------------------------------------------------------------------------
 
@@ -210,7 +286,7 @@ class FeedObserver:
             # restarted it): the listing has no config, so read it (a migration moves it to a new volume).
             tracked.heard_at = now
             return await self._read(instance)
-        known = self._latest.get(machine_id)
+        known = self.known(machine_id)
         if known is not None:
             return self._consume(machine_id, known), None
         if self._covers(instance) and instance.status.fly_state:
@@ -243,7 +319,7 @@ class FeedObserver:
 
     def _news(self, machine_id: str) -> MachineState | None:
         """The newest state if it is newer than the one the driver last acted on."""
-        latest = self._latest.get(machine_id)
+        latest = self.known(machine_id)
         if latest is None:
             return None
         return latest if latest.newer_than(self._consumed.get(machine_id)) else None
@@ -298,10 +374,10 @@ class FeedObserver:
                 return Observation.unknown(str(exc)), None
         if machine.updated_at is not None:
             read = MachineState(machine.state, machine.updated_at)
-            known = self._latest.get(machine_id)
+            known = self.known(machine_id)
             if known is None or known.updated_at <= read.updated_at:
                 # The read is the truth at its stamp (it settles an ambiguous same-second pair too).
-                self._latest[machine_id] = read
+                self._store(machine_id, read)
             self._consume_latest(machine_id)
         if machine.state == fly.DESTROYED:
             return Observation.gone(), machine
@@ -310,7 +386,7 @@ class FeedObserver:
 
     def _consume_latest(self, machine_id: str) -> None:
         """Whatever the feed knows of the machine is no news to its driver any more."""
-        latest = self._latest.get(machine_id)
+        latest = self.known(machine_id)
         self._consumed[machine_id] = latest or MachineState("", datetime.min.replace(tzinfo=UTC))
 
     def _track(self, instance: Instance) -> _Tracked:
@@ -318,9 +394,8 @@ class FeedObserver:
         machine_id = instance.status.machine_id
         previous = self._machine_of.get(ref)
         if previous is not None and previous != machine_id:
-            self._tracked.pop(previous, None)
-            self._consumed.pop(previous, None)
             self._machine_of.pop(ref, None)
+            self._drop(previous)
         if machine_id is None:
             return _Tracked(ref[0], ref[1], instance.status.phase, float("inf"))
         tracked = self._tracked.get(machine_id)
@@ -331,6 +406,8 @@ class FeedObserver:
                 ref[0], ref[1], instance.status.phase, first, heard_at=self._monotonic()
             )
             self._machine_of[ref] = machine_id
+            self._name(machine_id)
+            self._listed_machines.discard(machine_id)
         tracked.phase = instance.status.phase
         return tracked
 
@@ -384,13 +461,18 @@ class FeedObserver:
             for listed in map(ListedInstance.of, page)
             if listed is not None
         ]
+        self._listed_machines = {listed.machine_id for listed in self._listed_at_start}
         oldest = oldest_observation(self._listed_at_start)
         await self._measure_clock_offset()
+        offset = timedelta(seconds=self.clock_offset)
+        # Bounded: an instance observed before the first window is read on its first pass instead (bounded by
+        # ``feed_fallback_concurrency``), not the organisation's whole history listed.
+        earliest = datetime.now(UTC) + offset - timedelta(seconds=self._settings.feed_first_window_seconds)
         if oldest is None:
-            self._origin = None
+            self._origin = earliest
             return
         overlap = timedelta(seconds=self._settings.feed_overlap_seconds)
-        self._origin = oldest + timedelta(seconds=self.clock_offset) - overlap
+        self._origin = max(oldest + offset - overlap, earliest)
 
     async def _measure_clock_offset(self) -> None:
         """Fly's clock minus ours, as the client measures it on every answer, from one empty page at start."""
@@ -471,7 +553,7 @@ class FeedObserver:
     def _remember(self, machine_id: str, change: MachineState) -> bool:
         """Keep the newer of what is known and ``change``; True when ``change`` is news. A different state at
         the same (whole-second) ``updated_at`` is news too, marked ambiguous: the driver reads the machine."""
-        known = self._latest.get(machine_id)
+        known = self.known(machine_id)
         if known is not None:
             if known.updated_at > change.updated_at:
                 return False
@@ -479,7 +561,7 @@ class FeedObserver:
                 if known.state == change.state:
                     return False
                 change = MachineState(change.state, change.updated_at, ambiguous=True)
-        self._latest[machine_id] = change
+        self._store(machine_id, change)
         return True
 
     def _wake_all(self) -> None:

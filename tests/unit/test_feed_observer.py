@@ -1,0 +1,200 @@
+"""The organisation feed as an observer, over HTTP against flysim: what it keeps follows the instances, not
+the organisation (a churning listing of other apps' machines leaves its memory flat), and a deleted instance
+is forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+
+from flysim import FlySimulator
+from flysim.state import SimTimings
+from harness import eventually
+from kiloclaw_operator.config import Settings
+from kiloclaw_operator.fly import FlyClient
+from kiloclaw_operator.models import Phase
+from kiloclaw_operator.observe.feed import FeedObserver
+from test_lifecycle_decide import instance
+
+TOKEN = "test-token-feed-observer"
+UNNAMED_LIMIT = 100
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[FlySimulator]:
+    simulator = FlySimulator(token=TOKEN, timings=SimTimings(start_delay=0.0), rate_limits=None)
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+def machine_body(name: str) -> dict[str, Any]:
+    return {"name": name, "region": "iad", "config": {"image": "registry.fly.io/other:1"}}
+
+
+def churn(sim: FlySimulator, app: str, count: int, prefix: str) -> None:
+    """Create and destroy ``count`` machines of ``app`` (each shows in the listing)."""
+    for index in range(count):
+        machine = sim.state.create_machine(app, machine_body(f"{prefix}-{index}"))
+        sim.state.destroy_machine(app, machine.id, force=True)
+
+
+async def swept(feed: FeedObserver) -> None:
+    """Until a whole sweep began after now (the churn before it made no await: all of it is listed)."""
+    target = feed.sweeps + 2
+
+    async def done() -> bool | None:
+        return True if feed.sweeps >= target else None
+
+    await eventually(done, timeout=60, what="a whole sweep of the organisation listing")
+
+
+async def destroyed_seen(feed: FeedObserver, machine_id: str) -> None:
+    async def seen() -> bool | None:
+        known = feed.known(machine_id)
+        return True if known is not None and known.state == "destroyed" else None
+
+    await eventually(seen, timeout=30, what=f"the feed has listed {machine_id} destroyed")
+
+
+def feed_memory(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes still held that were allocated with the feed's code on the stack."""
+    kept = snapshot.filter_traces([tracemalloc.Filter(True, "*/observe/feed.py")])
+    return sum(stat.size for stat in kept.statistics("filename"))
+
+
+async def test_the_feeds_memory_stays_flat_while_the_organisation_churns_through_other_apps_machines(
+    sim: FlySimulator,
+) -> None:
+    ours = sim.state.create_machine("ours", machine_body("sandbox"))
+    tracked = instance(Phase.RUNNING, machine_id=ours.id, flyApp="ours")
+    tracked.status.observed_at = datetime.now(UTC)
+    settings = Settings(
+        fly_api_base_url=sim.base_url,
+        fly_api_token=TOKEN,
+        fly_org_slug="kilo",
+        feed_interval_seconds=0.05,
+        feed_overlap_seconds=0,
+    )
+
+    async def no_instances() -> AsyncIterator[list[dict[str, Any]]]:
+        yield []
+
+    tracemalloc.start()
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=no_instances, unnamed_limit=UNNAMED_LIMIT)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            feed.next_pass(tracked)  # the driver's pass tracks its machine
+            held: list[int] = []
+            kept: list[int] = []
+            for round_ in range(4):
+                churn(sim, "other", 1000, f"r{round_}")
+                await swept(feed)
+                kept.append(feed.machines_kept)
+                held.append(feed_memory(tracemalloc.take_snapshot()))
+            # Our machine's news still arrives, however much else changed.
+            sim.state.destroy_machine("ours", ours.id, force=True)
+            await destroyed_seen(feed, ours.id)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+            tracemalloc.stop()
+    # The tracked machine (its state, consumed state and record) and at most the bound of others.
+    assert all(count <= UNNAMED_LIMIT + 3 for count in kept), kept
+    # 3,000 more machines listed after the first round: kept for good, their states alone would be >300 KB.
+    assert held[-1] - held[0] < 64 * 1024, held
+
+
+async def test_a_deleted_instance_is_forgotten_by_the_feed(sim: FlySimulator) -> None:
+    ours = sim.state.create_machine("ours", machine_body("sandbox"))
+    tracked = instance(Phase.RUNNING, machine_id=ours.id, flyApp="ours")
+    tracked.status.observed_at = datetime.now(UTC)
+    settings = Settings(
+        fly_api_base_url=sim.base_url, fly_api_token=TOKEN, fly_org_slug="kilo", feed_interval_seconds=0.05
+    )
+
+    async def no_instances() -> AsyncIterator[list[dict[str, Any]]]:
+        yield []
+
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=no_instances, unnamed_limit=0)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            feed.next_pass(tracked)
+
+            async def listed() -> bool | None:
+                return True if feed.known(ours.id) is not None else None
+
+            await eventually(listed, timeout=30, what="the feed has listed the tracked machine")
+            observed, _ = await feed.observe(tracked)
+            assert observed.state == ours.state
+            assert feed.machines_kept == 3  # its state, the state its driver consumed, and its record
+            feed.forget(tracked.ref.namespace, tracked.ref.name)
+            assert feed.machines_kept == 0
+            assert feed.known(ours.id) is None
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+
+
+async def test_the_first_sweep_reaches_back_no_further_than_its_bound_and_an_older_instance_reads_its_machine(
+    sim: FlySimulator,
+) -> None:
+    ours = sim.state.create_machine("ours", machine_body("sandbox"))
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    stale = instance(Phase.RUNNING, machine_id=ours.id, flyApp="ours", fly_state=ours.state)
+    stale.status.observed_at = long_ago
+    body = {
+        "metadata": {"namespace": stale.ref.namespace, "name": stale.ref.name},
+        "status": {"machineId": ours.id, "flyState": ours.state, "observedAt": long_ago.isoformat()},
+    }
+    settings = Settings(
+        fly_api_base_url=sim.base_url,
+        fly_api_token=TOKEN,
+        fly_org_slug="kilo",
+        feed_interval_seconds=0.05,
+        feed_first_window_seconds=3600,
+    )
+
+    async def listed_at_start() -> AsyncIterator[list[dict[str, Any]]]:
+        yield [body]
+
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=listed_at_start)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await swept(feed)
+            reads_before = machine_reads(sim, ours.id)
+            observed, _ = await feed.observe(stale)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+    windows = [
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        for record in sim.request_log
+        if record.route.endswith("/orgs/{org_slug}/machines")
+        for key, value in parse_qsl(record.query)
+        if key == "updated_after"
+    ]
+    earliest = min(window for window in windows if window < datetime.now(UTC))
+    assert earliest >= datetime.now(UTC) - timedelta(seconds=3600 + 60), earliest
+    # Observed before the first window: the feed cannot speak for it, so its first pass reads the machine.
+    assert machine_reads(sim, ours.id) == reads_before + 1
+    assert observed.state == ours.state
+
+
+def machine_reads(sim: FlySimulator, machine_id: str) -> int:
+    return sum(
+        1
+        for record in sim.request_log
+        if record.method == "GET" and record.path.endswith(f"/machines/{machine_id}")
+    )

@@ -108,6 +108,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             between_steps=self.announce_deferral,
             driven=self.recoveries_driven,
             brake=self.ctx.brake,
+            wake=self.wake,
         )
 
     def log_fields(self, instance: Instance) -> dict[str, Any]:

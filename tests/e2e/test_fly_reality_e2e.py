@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from builders import sandbox_id
-from harness import Stack, condition, eventually, status
+from harness import LogRecords, Stack, condition, eventually, status
 from kiloclaw_operator.fly import volume_name
 from kiloclaw_operator.models import INSTANCE_PLURAL
 
@@ -355,6 +355,38 @@ async def test_a_stopped_machine_that_fly_migrated_is_followed_and_starts_on_its
     )
     assert status(up)["machineId"] == machine and status(up)["volumeId"] == status(moved)["volumeId"]
     assert "lastRecovery" not in status(up)
+
+
+async def test_a_machine_fly_left_stopped_on_a_migrated_volume_is_followed_not_recovered_from_the_old_one(
+    stack: Stack, namespace: str
+) -> None:
+    """Found by the chaos campaign (seed 20261283): a stop the operator did not send, then Fly migrates the
+    stopped machine (a new volume id, the old one removed once the fork hydrated) and leaves it stopped. After
+    the migration grace the instance follows the new volume; it never forks the removed one (which failed the
+    recovery with "source volume missing" and left the migrated volume behind)."""
+    body = await running_instance(stack, namespace)
+    machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
+    with LogRecords().capturing("kiloclaw.stops") as logs:
+        stack.fly.state.stop_machine(body["spec"]["flyApp"], machine)  # someone else's stop: not a crash
+
+        async def in_grace() -> bool | None:
+            return any("waiting up to" in r.getMessage() for r in logs.of(namespace)) or None
+
+        # The operator saw the stop on the old volume and waits for a migration; Fly moves the stopped machine
+        # meanwhile and leaves it stopped on the new volume.
+        await eventually(in_grace, timeout=10, what="the operator waiting out the migration grace")
+        stack.fly.migrate_machine(machine)
+    up = await stack.wait_instance(
+        namespace,
+        NAME,
+        lambda b: status(b).get("volumeId") not in (None, old_volume) and status(b).get("phase") == "Running",
+        timeout=60,
+        what="Running again, on the migrated volume or a recovery from it",
+    )
+    last = status(up).get("lastRecovery") or {}
+    assert last.get("outcome") in (None, "Succeeded"), last
+    assert "RecoveryFailed" not in await stack.event_reasons(namespace, NAME)
+    assert not requests(stack, "DELETE", f"volumes/{old_volume}")  # Fly removed it, not the operator
 
 
 @pytest.mark.slow  # two operator restarts and a paused recovery

@@ -379,7 +379,13 @@ async def test_a_machine_fly_left_stopped_on_a_migrated_volume_is_followed_not_r
     up = await stack.wait_instance(
         namespace,
         NAME,
-        lambda b: status(b).get("volumeId") not in (None, old_volume) and status(b).get("phase") == "Running",
+        lambda b: (
+            status(b).get("volumeId") not in (None, old_volume)
+            and status(b).get("phase") == "Running"
+            and status(b).get("flyState") == "started"
+            and condition(b, "Ready").get("status") == "True"
+            and "recovery" not in status(b)
+        ),
         timeout=60,
         what="Running again, on the migrated volume or a recovery from it",
     )

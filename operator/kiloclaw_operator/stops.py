@@ -305,7 +305,11 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
     )
     if conditions.stalled_reason(status) in reasons.WAITING:
         status = conditions.clear_stalled(status, port.clock(), instance.generation)
-        if instance.spec.state is DesiredState.RUNNING and machine.state == fly.STARTED:
+        if instance.spec.state is DesiredState.RUNNING:
+            # No longer waiting, and the sandbox should run: Running, even while the machine is still stopped
+            # on its new host, so that the next pass treats that stop as the unexpected stop it is (a read
+            # confirms it, then a start or a recovery from the new volume). Left Stopped, a settled phase,
+            # nothing would ever start it (chaos seed 20261397).
             status = status.model_copy(update={"phase": Phase.RUNNING})
     instance = await port.commit(
         instance, status, "Fly migrated the machine: follow its new volume (nothing is deleted)"

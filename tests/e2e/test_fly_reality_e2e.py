@@ -395,6 +395,45 @@ async def test_a_machine_fly_left_stopped_on_a_migrated_volume_is_followed_not_r
     assert not requests(stack, "DELETE", f"volumes/{old_volume}")  # Fly removed it, not the operator
 
 
+@pytest.mark.slow  # two operator restarts
+async def test_an_instance_waiting_for_its_dead_host_runs_again_when_fly_migrates_its_machine_on_return(
+    stack: Stack, namespace: str
+) -> None:
+    """Found by the chaos campaign (seed 20261397): the host returns and Fly moves the (stopped) machine to
+    another host before the waiting instance looks again. Following the migration ends the wait, and the
+    instance must then run again: it stayed Stopped with no stall, a settled phase nothing would start."""
+    await stack.restart_operator(source_recheck_seconds=3)
+    try:
+        body = await running_instance(stack, namespace)
+        machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
+        stack.fly.fail_host(machine_id=machine)
+        await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
+            what="Stalled WaitingForSource",
+        )
+        stack.fly.restore_host(machine_id=machine)
+        stack.fly.migrate_machine(machine)  # before the instance looks again (every 3 s here)
+        up = await stack.wait_instance(
+            namespace,
+            NAME,
+            lambda b: (
+                status(b).get("volumeId") not in (None, old_volume)
+                and status(b).get("phase") == "Running"
+                and status(b).get("flyState") == "started"
+                and condition(b, "Ready").get("status") == "True"
+                and "recovery" not in status(b)
+            ),
+            timeout=60,
+            what="Running again after the migration ended the wait",
+        )
+        assert condition(up, "Stalled")["status"] == "False"
+        assert (status(up).get("lastRecovery") or {}).get("outcome") in (None, "Succeeded")
+    finally:
+        await stack.restart_operator()
+
+
 @pytest.mark.slow  # two operator restarts and a paused recovery
 async def test_an_admins_rearm_releases_the_brake_and_its_paused_recoveries_at_once(
     stack: Stack, namespace: str

@@ -143,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "leader over the cold start's window; the top frames go into the report",
     )
     parser.add_argument(
+        "--census",
+        action="store_true",
+        help="run the first leader under tests/operator_census.py and take a heap census of it once all "
+        "instances are Running and again at the end of the recovery phase (each stalls its loop for seconds)",
+    )
+    parser.add_argument(
         "--cold-start-seconds",
         type=float,
         default=30,
@@ -199,6 +205,7 @@ class Results:
     failover_lease: list[float] = field(default_factory=list)
     failover_serving: list[float] = field(default_factory=list)
     graceful_lease: float = math.nan
+    censuses: list[dict[str, Any]] = field(default_factory=list)
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -976,12 +983,32 @@ class Replica:
         self.log = workdir / f"operator-{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, census: bool = False) -> subprocess.Popen[bytes]:
+        command = (
+            [sys.executable, str(ROOT / "tests" / "operator_census.py")] if census else operator_command()
+        )
+        env = dict(self.env, KILOCLAW_CENSUS_DIR=str(self.workdir)) if census else self.env
         with self.log.open("ab") as log_file:
             self.process = subprocess.Popen(
-                operator_command(), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir
             )
+        self.censuses = 0
         return self.process
+
+    async def census(self, label: str, timeout: float = 300) -> dict[str, Any]:
+        """A heap census of this replica (started with ``census=True``): SIGUSR1, then its JSON report."""
+        assert self.process is not None
+        self.censuses += 1
+        done = self.workdir / f"census-{self.censuses}.done"
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise BenchmarkError(f"no census {label} from {self.name} in {timeout:g} s")
+            await asyncio.sleep(0.5)
+        report: dict[str, Any] = json.loads((self.workdir / f"census-{self.censuses}.json").read_text())
+        say(f"census {label}: {census_summary(report)}")
+        return report
 
     async def role(self) -> str | None:
         try:
@@ -991,6 +1018,28 @@ class Replica:
             return None
         role: str | None = body.get("role")
         return role
+
+
+def census_summary(report: dict[str, Any]) -> str:
+    n = max(1, int(report.get("instances") or 0))
+    mib = 2**20
+    holders = "; ".join(
+        f"{name} {h['bytes'] / mib:.1f} MiB ({h['bytes'] / n / 1000:.2f} KB/instance)"
+        for name, h in report["holders"].items()
+    )
+    pymalloc, glibc = report.get("pymalloc", {}), report.get("glibc", {})
+    types = ", ".join(
+        f"{t} {v['count']} × = {v['bytes'] / mib:.1f} MiB" for t, v in list(report["types"].items())[:12]
+    )
+    return (
+        f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB; pymalloc arenas "
+        f"{pymalloc.get('arenas_current', 0)} (used blocks {pymalloc.get('used_blocks', 0) / mib:.0f} MiB, "
+        f"free blocks {pymalloc.get('free_blocks', 0) / mib:.0f} MiB, unused pools "
+        f"{pymalloc.get('unused_pools', 0) / mib:.0f} MiB); glibc heap {glibc.get('heap', 0) / mib:.0f} MiB "
+        f"(in use {glibc.get('in_use', 0) / mib:.0f}, free {glibc.get('free', 0) / mib:.0f}, mmapped "
+        f"{glibc.get('mmapped', 0) / mib:.0f}); holders: {holders}; types: {types}; "
+        f"took {report['seconds']} s"
+    )
 
 
 async def lease_holder(api: httpx.AsyncClient) -> str:
@@ -1278,7 +1327,7 @@ async def run_benchmark(
     leader = Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
     standby = Replica(args, fly.base_url, kubeconfig, workdir, "replica-b")
     health_port, log = leader.health_port, leader.log
-    process = leader.start()
+    process = leader.start(census=args.census)
     sampler: ProcessSampler | None = None
     try:
         sampler = ProcessSampler(process.pid)
@@ -1294,6 +1343,8 @@ async def run_benchmark(
                 api, fly, kube, args, names, apps, results, process, log, sampler
             )
             results.max_loop_lag_seconds = await loop_lag(leader)
+            if args.census:
+                results.censuses.append(await leader.census("all Running"))
             say(f"all Running after {results.all_running_seconds:.1f} s; waiting for the operator to settle")
             await wait_settled(args, kube, results, process, log)
             say(
@@ -1303,6 +1354,8 @@ async def run_benchmark(
             await measure_steady_state(args, fly, kube, sampler, results, process, log)
             say(f"failing hosts under {args.fail_percent:g} % of the instances")
             affected = await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
+            if args.census:
+                results.censuses.append(await leader.census("after the recoveries"))
             results.cpu_seconds = sampler.cpu_seconds()
             sampler.stop()
             results.peak_rss_bytes = sampler.peak_rss

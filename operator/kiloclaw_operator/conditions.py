@@ -32,6 +32,9 @@ REASON_FLY_UNAUTHORIZED = "FlyUnauthorized"
 REASON_DUPLICATE_SANDBOX = "DuplicateSandbox"
 REASON_HOST_UNAVAILABLE = "HostUnavailable"
 REASON_APP_NOT_FOUND = "AppNotFound"
+#: Failed: the volume recorded in the status is gone from Fly (deleted behind the operator's back); nothing is
+#: created in its place (the sandbox's data was on it). Held until the retry annotation or the spec changes.
+REASON_VOLUME_NOT_FOUND = "VolumeNotFound"
 #: Stalled, but not held: no acceptable recovery source yet (host down, no snapshot the policy accepts), or
 #: new recoveries paused by the mass-failure brake. The instance keeps looking and proceeds by itself.
 REASON_WAITING_FOR_SOURCE = "WaitingForSource"

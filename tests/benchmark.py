@@ -803,6 +803,7 @@ async def create_and_wait_running(
     running_at: dict[tuple[str, str], float] = {}
     limit = asyncio.Semaphore(args.create_concurrency)
     burst: asyncio.Task[None] | None = None
+    census: asyncio.Task[dict[str, Any]] | None = None
 
     async def create(key: tuple[str, str]) -> None:
         namespace, name = key
@@ -816,7 +817,7 @@ async def create_and_wait_running(
             created_at[key] = time.monotonic()
 
     async def watch_running() -> dict[tuple[str, str], dict[str, Any]]:
-        nonlocal burst
+        nonlocal burst, census
         deadline = time.monotonic() + args.phase_timeout
         last: dict[tuple[str, str], dict[str, Any]] = {}
         while time.monotonic() < deadline:
@@ -835,6 +836,8 @@ async def create_and_wait_running(
                 and len(running_at) >= args.kill_during_burst * len(names)
             ):
                 burst = asyncio.create_task(burst_failover(api, fly, args, ops.shards[0], last, results))
+            if census is None and args.census and len(running_at) >= len(names) / 2:
+                census = asyncio.create_task(ops.shards[0].leader.census("half Running"))
             if (
                 len(running_at) == len(names)
                 and all(status.get("phase") == "Running" for status in last.values())
@@ -870,6 +873,8 @@ async def create_and_wait_running(
         await asyncio.gather(*(create(key) for key in names))
         results.create_seconds = time.monotonic() - started
         final = await watcher
+        if census is not None:
+            results.censuses.append(await census)
     finally:
         watcher.cancel()
         probe.cancel()
@@ -1310,8 +1315,11 @@ def census_summary(report: dict[str, Any]) -> str:
     types = ", ".join(
         f"{t} {v['count']} × = {v['bytes'] / mib:.1f} MiB" for t, v in list(report["types"].items())[:12]
     )
+    garbage = report.get("garbage", {})
     return (
-        f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB; pymalloc arenas "
+        f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB; a full collection freed "
+        f"{garbage.get('collected', 0)} objects ({garbage.get('used_blocks_freed', 0) / mib:.1f} MiB of "
+        f"{garbage.get('tracked_before', 0)} tracked); pymalloc arenas "
         f"{pymalloc.get('arenas_current', 0)} (used blocks {pymalloc.get('used_blocks', 0) / mib:.0f} MiB, "
         f"free blocks {pymalloc.get('free_blocks', 0) / mib:.0f} MiB, unused pools "
         f"{pymalloc.get('unused_pools', 0) / mib:.0f} MiB); glibc heap {glibc.get('heap', 0) / mib:.0f} MiB "

@@ -17,9 +17,11 @@ What it reports:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -146,6 +148,18 @@ _SHARED = (
 def census() -> dict[str, Any]:
     started = time.monotonic()
     report: dict[str, Any] = {"rss": rss(), "pymalloc": pymalloc_stats(), "glibc": glibc_stats()}
+    # Cyclic garbage the operator's rare full collections have not freed yet: what a full collection frees
+    # (objects, and bytes of pymalloc's used blocks), then the census of what is alive.
+    tracked_before = len(gc.get_objects())
+    collected = gc.collect()
+    after = pymalloc_stats()
+    report["garbage"] = {
+        "collected": collected,
+        "tracked_before": tracked_before,
+        "tracked_after": len(gc.get_objects()),
+        "used_blocks_freed": report["pymalloc"].get("used_blocks", 0) - after.get("used_blocks", 0),
+        "gc_counts_and_thresholds": [gc.get_count(), gc.get_threshold()],
+    }
     drivers = _instances_of("InstanceDriver")
     report["instances"] = len(drivers)
     shared = {id(obj) for obj in _instances_of(*_SHARED)}
@@ -163,6 +177,29 @@ def census() -> dict[str, Any]:
     held("kopf per-object memories", [m._items for m in _instances_of("ResourceMemories")])
     held("driver loops (tasks, frames)", [t for t in _instances_of("Task") if "_keep_running" in repr(t)])
     held("drivers (the rest)", drivers)
+    for name in ("FlyClient", "KubeClient", "_UnixSelectorEventLoop", "ResourceMemories"):
+        held(name, _instances_of(name))
+    operator_contexts = [o for o in _instances_of("Context") if not isinstance(o, contextvars.Context)]
+    held("the drivers' Context", operator_contexts)
+    by_var: dict[str, list[Any]] = {}
+    for context in (o for o in gc.get_objects() if isinstance(o, contextvars.Context)):
+        for var, value in context.items():
+            by_var.setdefault(f"contextvar {var.name}", []).append(value)
+    for name, values in sorted(by_var.items(), key=lambda item: -len(item[1]))[:8]:
+        held(f"{name} ({len(values)} contexts)", values)
+    holders_of_contexts: dict[str, int] = {}
+    for context in (o for o in gc.get_objects() if isinstance(o, contextvars.Context)):
+        if any(var.name == "cause_var" for var in context):
+            for referrer in gc.get_referrers(context):
+                label = type(referrer).__name__
+                if label in ("Task", "TimerHandle", "Handle"):
+                    callback = getattr(referrer, "_callback", None) or getattr(referrer, "get_coro", str)()
+                    label += f" {callback}"
+                label = re.sub(r" at 0x[0-9a-f]+", "", str(label))[:120]
+                holders_of_contexts[label] = holders_of_contexts.get(label, 0) + 1
+    report["cause_context_referrers"] = dict(sorted(holders_of_contexts.items(), key=lambda i: -i[1])[:10])
+    held("other tasks (kopf's workers, ...)", _instances_of("Task"))
+    held("logging", [logging.root, *logging.root.manager.loggerDict.values()])
     seen.difference_update(shared)
     held("everything else reachable", [o for o in gc.get_objects() if id(o) not in seen])
     report["holders"] = {k: {"bytes": b, "objects": n} for k, (b, n) in holders.items()}

@@ -12,6 +12,7 @@ the durable status write (``write``), the log fields, and the pass skeleton; a k
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -74,7 +75,7 @@ class Context:
     brake: Any = None
 
     def __post_init__(self) -> None:
-        self.claim_book = ownership.ClaimBook(self.kube.list_instances)
+        self.claim_book = ownership.ClaimBook(self.kube.instance_pages)
         self.bindings = tenancy.NamespaceBindings(self.kube.get_namespace, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
@@ -314,7 +315,11 @@ class DriverRegistry(Generic[D]):
         driver = self.get(namespace, name)
         key = (namespace, name)
         if key not in self._loops and not driver.stopping():
-            task = asyncio.get_running_loop().create_task(_keep_running(driver), name=f"{namespace}/{name}")
+            # In a context of its own: a task copies the current one, and here that is kopf's handler context,
+            # which holds the first watch event's cause, body and logger for as long as the loop runs.
+            task = asyncio.get_running_loop().create_task(
+                _keep_running(driver), name=f"{namespace}/{name}", context=contextvars.Context()
+            )
             self._loops[key] = task
             task.add_done_callback(lambda done: self._loop_ended(key, done))
         return driver

@@ -836,7 +836,8 @@ async def create_and_wait_running(
                 and len(running_at) >= args.kill_during_burst * len(names)
             ):
                 burst = asyncio.create_task(burst_failover(api, fly, args, ops.shards[0], last, results))
-            if census is None and args.census and len(running_at) >= len(names) / 2:
+            killing = bool(args.failovers and args.kill_during_burst)
+            if census is None and args.census and not killing and len(running_at) >= len(names) / 2:
                 census = asyncio.create_task(ops.shards[0].leader.census("half Running"))
             if (
                 len(running_at) == len(names)
@@ -946,8 +947,11 @@ async def burst_failover(
     random.Random(args.seed + 2).shuffle(candidates)
     target = max(1, round(len(mine) * args.fail_percent / 100))
     results.burst_killed_at_running = sum(1 for s in statuses.values() if s.get("phase") == "Running")
-    # Volumes have their daily snapshot (without one a recovery from a dead host waits for a source).
-    await daily_snapshots(fly, mine)
+    # Volumes have their daily snapshot (without one a recovery from a dead host waits for a source): every
+    # volume of the shard, since a failed host may also carry machines of instances still provisioning.
+    await daily_snapshots(
+        fly, {k: v for k, v in statuses.items() if k[0].startswith(shard.namespaces.rstrip("*"))}
+    )
     killed = shard.leader
     assert killed.process is not None
     killed_wall, killed_mono = time.time(), time.monotonic()
@@ -971,9 +975,8 @@ async def burst_failover(
     first_recovery: float | None = None
     resumed: float | None = None
     recovery_started: dict[tuple[str, str], float] = {}
-    while time.monotonic() < deadline and (
-        len(recovery_started) < len(affected) or (resumed is None and not_running)
-    ):
+    pending = set(not_running)  # not Running at the kill, and not Running yet
+    while time.monotonic() < deadline and (len(recovery_started) < len(affected) or pending):
         current = await list_instances(api, results)
         for key in affected - recovery_started.keys():
             status = current.get(key) or {}
@@ -982,8 +985,10 @@ async def burst_failover(
             )
             if started_at is not None and started_at >= killed_wall - 1:
                 recovery_started[key] = started_at - killed_wall
-        for key in not_running:
+        for key in list(pending):
             status = current.get(key) or {}
+            if status.get("phase") == "Running":
+                pending.discard(key)
             ready: dict[str, Any] = next(
                 (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
             )

@@ -1138,6 +1138,8 @@ async def measure_recoveries(
             last_recovery = status.get("lastRecovery") or {}
             # Prefer the operator's own timestamps (exact); the list-poll time is the fallback.
             started = parse_time(recovery.get("startedAt")) or parse_time(last_recovery.get("startedAt"))
+            if started is not None and started < failed_wall - 1:
+                started = None  # an earlier recovery's (e.g. the burst's), not this failure's
             if key not in detected and (status.get("phase") == "Recovering" or started is not None):
                 detected[key] = started - failed_wall if started is not None else observed
             finished = parse_time(last_recovery.get("finishedAt"))

@@ -444,7 +444,12 @@ async def test_volume_deleted_outside_the_operator_fails_the_instance_as_volume_
     assert volume_id in stalled["message"] and "kiloclaw.kilo.ai/retry" in stalled["message"]
     assert status(failed)["volumeId"] == volume_id  # the record stays: it names what vanished
     assert stack.live_volumes(app) == [] and stack.live_machines(app) == []
-    events = [e for e in await stack.events(namespace, "vera") if e["reason"] == "VolumeNotFound"]
+
+    async def volume_events() -> list[dict[str, Any]] | None:
+        found = [e for e in await stack.events(namespace, "vera") if e["reason"] == "VolumeNotFound"]
+        return found or None  # the Event is posted after the status is written
+
+    events = await eventually(volume_events, timeout=10, what="a VolumeNotFound Event")
     assert len(events) == 1 and volume_id in events[0]["message"]
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -64,7 +66,7 @@ class Context:
     brake: Any = None
 
     def __post_init__(self) -> None:
-        self.claim_book = ownership.ClaimBook(self.kube.list_instances)
+        self.claim_book = ownership.ClaimBook(self.kube.instance_pages)
         self.bindings = tenancy.NamespaceBindings(self.kube.get_namespace, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
@@ -118,8 +120,12 @@ class ObjectDriver(ABC, Generic[M]):
     namespace: str
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    latest: dict[str, Any] | None = None
     ctx: Context = field(kw_only=True)
+    # The newest body as compact JSON, with the two things every watch event compares: ~1.5 KB per object
+    # instead of ~5 KB of dicts and strings (at 10,000 objects the largest part of what the operator keeps).
+    _body: str | None = field(default=None, init=False, repr=False)
+    _version: int = field(default=0, init=False, repr=False)
+    _signature: tuple[Any, ...] = field(default=(), init=False, repr=False)
     # Wake-ups and the stop request are two flags and, only while the loop sleeps, one future: an idle
     # driver holds no event (an asyncio.Event keeps a deque of waiters, ~0.7 KB; thousands of drivers idle).
     _woken: bool = field(default=False, init=False, repr=False)
@@ -129,6 +135,11 @@ class ObjectDriver(ABC, Generic[M]):
     _admitted: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     # Set while the pass steps ``aside``: what a stop request calls to end the wait at once.
     _interrupt: Callable[[], None] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The newest body known (decoded on each read: a pass reads it once)."""
+        return None if self._body is None else json.loads(self._body)
 
     #: The kind's logger, and how its objects are named in messages.
     logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
@@ -193,23 +204,21 @@ class ObjectDriver(ABC, Generic[M]):
 
     def offer(self, body: dict[str, Any], *, own_write: bool = False) -> bool:
         """Keep whichever is newer, a watch event's body or our own last write's response; return whether
-        the body asks for work.
-
-        At an equal ``resourceVersion`` (the same object as stored) the watch's body wins: it shares its parts
-        with kopf's copy of the body, so the driver then holds no second copy of it (``own_write``: the
-        response of our own write, a copy of its own, which replaces only an older body).
-        """
-        previous = self.latest
-        if previous is not None:
-            newer, kept = resource_version(body), resource_version(previous)
-            if newer < kept or (own_write and newer == kept):
-                return False
+        the body asks for work. At an equal ``resourceVersion`` (the same object as stored) the body kept
+        stays (``own_write``: the response of our own write replaces only an older body)."""
+        newer = resource_version(body)
+        if self._body is not None and (newer < self._version or (own_write and newer == self._version)):
+            return False
         metadata = body.get("metadata")
         if isinstance(metadata, dict) and "managedFields" in metadata:
             # A real API server's server-side-apply bookkeeping: often the largest part of a body, never read.
             body = {**body, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
-        self.latest = body
-        return previous is None or self.work_signature(previous) != self.work_signature(body)
+        first = self._body is None
+        previous = self._signature
+        self._body = json.dumps(body, separators=(",", ":"))
+        self._version = newer
+        self._signature = self.work_signature(body)
+        return first or previous != self._signature
 
     def wake(self) -> None:
         self._woken = True
@@ -230,14 +239,15 @@ class ObjectDriver(ABC, Generic[M]):
     # --- the loop ---------------------------------------------------------------------------------------
 
     def current(self) -> M:
-        if self.latest is None:
+        body = self.latest
+        if body is None:
             raise RuntimeError(f"{self.kind} {self.namespace}/{self.name} has no known body yet")
-        return self.read(self.latest)
+        return self.read(body)
 
     async def reconcile_once(self) -> float:
         """One pass under the lock; returns seconds until the next pass."""
         async with self.lock:
-            if self.latest is None:
+            if self._body is None:
                 return self.recheck_delay()
             try:
                 obj = self.current()
@@ -257,7 +267,9 @@ class ObjectDriver(ABC, Generic[M]):
         while not self._stopping:
             # Cleared before the pass, not after: a change that arrives during a pass wakes the next one.
             self._woken = False
-            gate = self.admission(self.latest) if self.latest is not None else None
+            body = self.latest
+            gate = self.admission(body) if body is not None else None
+            body = None  # not held while waiting for the gate
             if gate is not None:
                 await gate.acquire()
                 self._admitted = gate
@@ -331,7 +343,11 @@ class DriverRegistry(Generic[D]):
         driver = self.get(namespace, name)
         key = (namespace, name)
         if key not in self._loops and not driver.stopping():
-            task = asyncio.get_running_loop().create_task(_keep_running(driver), name=f"{namespace}/{name}")
+            # In a context of its own: a task copies the current one, and here that is kopf's handler context,
+            # which holds the first watch event's cause, body and logger for as long as the loop runs.
+            task = asyncio.get_running_loop().create_task(
+                _keep_running(driver), name=f"{namespace}/{name}", context=contextvars.Context()
+            )
             self._loops[key] = task
             task.add_done_callback(lambda done: self._loop_ended(key, done))
         return driver
@@ -370,7 +386,7 @@ class DriverRegistry(Generic[D]):
                 drivers = list(self._drivers.values())
             except RuntimeError:
                 continue
-            return [driver.latest for driver in drivers if driver.latest is not None]
+            return [body for body in (driver.latest for driver in drivers) if body is not None]
         return []
 
 

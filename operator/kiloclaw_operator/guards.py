@@ -24,7 +24,10 @@ class Guarded(Protocol):
     """The driver pass a guard checks for (reconciler.InstanceDriver)."""
 
     ctx: Context
-    latest: dict[str, Any] | None
+
+    @property
+    def latest(self) -> dict[str, Any] | None: ...
+
     #: Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
     claim_confirmed: bool
 

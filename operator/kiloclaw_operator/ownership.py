@@ -17,7 +17,7 @@ Why the rule is deterministic and race-free:
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -148,8 +148,10 @@ class ClaimBook:
     ``owner`` only under the claims lock.
     """
 
-    def __init__(self, list_instances: Callable[[], Awaitable[list[dict[str, Any]]]]) -> None:
-        self._list = list_instances
+    def __init__(self, instance_pages: Callable[[], AsyncIterator[list[dict[str, Any]]]]) -> None:
+        # Listed a page at a time and kept as Peers: a whole list of a large fleet as bodies (10,000 of them,
+        # ~7 KB each as Python objects on a real API server) would make the process's peak memory.
+        self._pages = instance_pages
         self._by_pair: dict[tuple[str, str], dict[str, Peer]] = {}
         self._pair_of: dict[str, tuple[str, str]] = {}
         self._reserved: dict[str, tuple[tuple[str, str], Peer]] = {}
@@ -225,13 +227,15 @@ class ClaimBook:
         return self._by_pair.get((instance.spec.fly_app, instance.spec.sandbox_id), {}).values()
 
     async def _refresh(self) -> None:
-        bodies = await self._list()
         self.lists += 1
-        self._listed = True
+        # Not listed until the last page is in: a list that fails half-way is redone by the next claim.
+        self._listed = False
         self._by_pair = {}
         self._pair_of = {}
-        for body in bodies:
-            self.seen(body)
+        async for page in self._pages():
+            for body in page:
+                self.seen(body)
+        self._listed = True
         for pair, peer in self._reserved.values():
             self._put(pair, peer)
 

@@ -161,7 +161,13 @@ class Reason(StrEnum):
         "spec.reason: kept by an unexpected-stop recovery",
     )
     RETAINED = "Retained", Seen.RETAINED, "Ready=True: the volume exists and is kept until spec.retainUntil"
-    VOLUME_NOT_FOUND = "VolumeNotFound", Seen.RETAINED, "Ready=False: the volume no longer exists in Fly"
+    VOLUME_NOT_FOUND = (
+        "VolumeNotFound",
+        Seen.CONDITION | Seen.EVENT | Seen.RETAINED,
+        "the volume no longer exists in Fly: an instance's status.volumeId deleted outside the operator is "
+        "Failed, nothing created in its place (held until the retry annotation or a spec change); a retained "
+        "volume's Ready=False",
+    )
     DELETING = "Deleting", Seen.RETAINED, "the volume's delete is under way"
     VOLUME_DELETED = "VolumeDeleted", Seen.RETAINED, "the volume is deleted in Fly; the resource goes next"
     DELETE_FAILED = "DeleteFailed", Seen.RETAINED, "a delete attempt failed; retried with backoff"

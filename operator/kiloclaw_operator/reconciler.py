@@ -193,6 +193,12 @@ class InstanceDriver(ObjectDriver[Instance]):
                 self.recovery_port(), instance, exc, self.log_fields(instance)
             )
             return lifecycle.poll_interval(instance.status.phase, self.ctx.settings)
+        if (
+            isinstance(exc, Fatal | NotFound)
+            and exc.method == "POST"
+            and await self._volume_vanished(instance)
+        ):
+            return await self._on_volume_vanished(instance, exc)
         if isinstance(exc, Fatal) or (isinstance(exc, NotFound) and exc.method == "POST"):
             logger.error("Fly rejected the instance: %s", exc, extra=fields)
             now = self.ctx.clock()
@@ -207,6 +213,37 @@ class InstanceDriver(ObjectDriver[Instance]):
         hint = exc.retry_after if isinstance(exc, RateLimited) else None
         logger.warning("Fly call failed, will retry: %s", exc, extra=fields)
         return self.backoff(hint)
+
+    async def _volume_vanished(self, instance: Instance) -> bool:
+        """After Fly refused a create: whether the volume the status records is gone (a confirming read, so a
+        refusal for any other cause keeps its own reason)."""
+        volume_id = instance.status.volume_id
+        if not volume_id:
+            return False
+        try:
+            volume = await self.ctx.fly.get_volume(instance.spec.fly_app, volume_id)
+        except AppNotFound:
+            return False
+        except NotFound:
+            return True
+        except FlyError:
+            return False
+        return volume.is_gone
+
+    async def _on_volume_vanished(self, instance: Instance, exc: FlyError) -> float:
+        """The spec is fine; the volume it ran on was deleted outside the operator. Failed, and nothing is
+        created in its place: a new empty volume would hide that the sandbox's data is gone."""
+        message = (
+            f"volume {instance.status.volume_id} recorded in status.volumeId no longer exists in Fly app "
+            f"{instance.spec.fly_app} (deleted outside the operator; Fly said: {exc.message}); nothing was "
+            f"deleted or created in its place. Restore the volume and set the {RETRY_ANNOTATION} annotation "
+            "to try again, or delete this instance and create it anew to start with an empty volume"
+        )
+        status = instance.status.model_copy(
+            update={"phase": Phase.FAILED, "observed_generation": instance.generation}
+        )
+        await guards.stall(self, instance, status, Reason.VOLUME_NOT_FOUND, message)
+        return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
         instance, admitted = await guards.admit(self, instance)

@@ -413,6 +413,46 @@ async def test_machine_destroyed_while_stopped_is_recreated_when_started(
     history.assert_consistent("otto")
 
 
+async def test_volume_deleted_outside_the_operator_fails_the_instance_as_volume_not_found_creating_nothing(
+    stack: Stack, namespace: str
+) -> None:
+    app = own_app(namespace)
+    await stack.create_instance(namespace, "vera", flyApp=app)
+    first = await running(stack, namespace, "vera")
+    old_machine, volume_id = status(first)["machineId"], status(first)["volumeId"]
+    await stack.patch_instance(namespace, "vera", {"spec": {"state": "Stopped"}})
+    await stopped(stack, namespace, "vera")
+    await destroy_machine_behind_the_operators_back(stack, app, old_machine)
+    await stack.wait_instance(
+        namespace, "vera", lambda b: "machineId" not in status(b), what="machine forgotten"
+    )
+    async with httpx.AsyncClient(
+        base_url=stack.fly.base_url, headers={"Authorization": f"Bearer {FLY_TOKEN}"}
+    ) as fly:
+        response = await fly.delete(f"/v1/apps/{app}/volumes/{volume_id}")
+        assert response.status_code == 200, response.text
+
+    await stack.patch_instance(namespace, "vera", {"spec": {"state": "Running"}})
+    failed = await stack.wait_instance(
+        namespace,
+        "vera",
+        lambda b: status(b).get("phase") == "Failed" and condition(b, "Stalled").get("status") == "True",
+        what="Failed and Stalled",
+    )
+    stalled = condition(failed, "Stalled")
+    assert stalled["reason"] == "VolumeNotFound"
+    assert volume_id in stalled["message"] and "kiloclaw.kilo.ai/retry" in stalled["message"]
+    assert status(failed)["volumeId"] == volume_id  # the record stays: it names what vanished
+    assert stack.live_volumes(app) == [] and stack.live_machines(app) == []
+
+    async def volume_events() -> list[dict[str, Any]] | None:
+        found = [e for e in await stack.events(namespace, "vera") if e["reason"] == "VolumeNotFound"]
+        return found or None  # the Event is posted after the status is written
+
+    events = await eventually(volume_events, timeout=10, what="a VolumeNotFound Event")
+    assert len(events) == 1 and volume_id in events[0]["message"]
+
+
 async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_the_same_name(
     stack: Stack, namespace: str
 ) -> None:

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import realcluster
 from harness import binding
-from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
@@ -66,7 +67,10 @@ RESULTS_MARKERS = {
 }
 LIST_PATH = f"/apis/{GROUP}/{VERSION}/{INSTANCE_PLURAL}"
 LEASE_NAMESPACE = "kiloclaw-system"
-LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/kiloclaw-operator"
+LEASES_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
+#: Every instance of a run carries this label (value: the run's id): the benchmark lists, and cleans up, only
+#: its own run's instances on a cluster that still holds an earlier run's.
+RUN_LABEL = "bench.kiloclaw.kilo.ai/run"
 
 
 class BenchmarkError(Exception):
@@ -147,6 +151,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "leader over the cold start's window; the top frames go into the report",
     )
     parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="operator shards: each its own namespaces (KILOCLAW_NAMESPACES), Lease and replicas; namespaces "
+        "are dealt round-robin, measured per shard and whole (the cold start and fail-overs hit shard 0)",
+    )
+    parser.add_argument(
+        "--kill-during-burst",
+        type=float,
+        default=0.5,
+        help="with a standby (--failovers > 0): SIGKILL shard 0's leader once this share of the instances "
+        "is Running, failing the hosts under --fail-percent of the Running ones; 0: no kill in the burst",
+    )
+    parser.add_argument(
+        "--lease",
+        default="",
+        help="DURATION,RENEW_DEADLINE seconds for the operators' Lease instead of the operator's defaults "
+        "(8,5): only for runs that measure something else (e.g. --census) on a machine too loaded for the "
+        "default; printed in the command",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="on a real cluster, leave the run's instances (default: strip their finalizers and delete "
+        "them, their retained volumes and the run's Leases once the operators are stopped)",
+    )
+    parser.add_argument(
+        "--census",
+        action="store_true",
+        help="run the first leader under tests/tools/operator_census.py and take a heap census of it once all "
+        "instances are Running and again at the end of the recovery phase (each stalls its loop for seconds)",
+    )
+    parser.add_argument(
         "--cold-start-seconds",
         type=float,
         default=30,
@@ -156,8 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if not args.modes or any(mode not in MODES for mode in args.modes):
         parser.error(f"--modes: a comma list of {', '.join(MODES)}")
-    if min(args.instances, args.namespaces, args.instances_per_app) < 1:
-        parser.error("--instances, --namespaces and --instances-per-app must be at least 1")
+    if min(args.instances, args.namespaces, args.instances_per_app, args.shards) < 1:
+        parser.error("--instances, --namespaces, --instances-per-app and --shards must be at least 1")
+    if args.namespaces < args.shards:
+        parser.error("--namespaces must be at least --shards (a shard serves whole namespaces)")
     return args
 
 
@@ -185,10 +224,12 @@ class Results:
     not_recovered: int = 0
     peak_rss_bytes: int = 0
     max_loop_lag_seconds: float = math.nan
+    lease_get_max_seconds: float = math.nan
     cpu_seconds: float = 0.0
     total_seconds: float = 0.0
     list_seconds: list[float] = field(default_factory=list)
     mode: str = "polling"
+    run: str = ""
     profile: str = ""
     cold_profile: str = ""
     provision_cpu_seconds: float = 0.0
@@ -203,6 +244,16 @@ class Results:
     failover_lease: list[float] = field(default_factory=list)
     failover_serving: list[float] = field(default_factory=list)
     graceful_lease: float = math.nan
+    censuses: list[dict[str, Any]] = field(default_factory=list)
+    cold_first_recovery: float = math.nan
+    cold_other_shards: str = ""
+    burst_killed_at_running: int = 0
+    burst_affected: int = 0
+    burst_lease: float = math.nan
+    burst_first_recovery: float = math.nan
+    burst_recovery_p99: float = math.nan
+    burst_resumed: float = math.nan
+    shard_rows: list[list[str]] = field(default_factory=list)
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -233,14 +284,21 @@ class ProcessSampler:
     def sample(self) -> None:
         with contextlib.suppress(psutil.Error):
             self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            times = self.process.cpu_times()
+            self.last_cpu = float(times.user + times.system)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
 
+    last_cpu = 0.0
+
     def cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
+        """CPU seconds so far (of a process that has exited: as last sampled)."""
+        with contextlib.suppress(psutil.Error):
+            times = self.process.cpu_times()
+            self.last_cpu = float(times.user + times.system)
+        return self.last_cpu
 
     def stop(self) -> None:
         self.sample()
@@ -328,7 +386,13 @@ def free_port() -> int:
 
 
 def operator_env(
-    args: argparse.Namespace, fly_url: str, kubeconfig: Path, health_port: int, identity: str = "replica-a"
+    args: argparse.Namespace,
+    fly_url: str,
+    kubeconfig: Path,
+    health_port: int,
+    identity: str,
+    namespaces: str,
+    lease_name: str,
 ) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KILOCLAW_", "FLY_"))}
     if args.mode == "feed":
@@ -350,6 +414,18 @@ def operator_env(
             # grants it (on a cluster the operator runs as its ServiceAccount).
             "KILOCLAW_LEASE_IDENTITY": identity,
             "KILOCLAW_LEASE_NAMESPACE": LEASE_NAMESPACE,
+            # Scoped to this run's (shard's) namespaces, with a Lease of its own: an earlier run's instances
+            # left on the same cluster are none of this operator's business.
+            "KILOCLAW_NAMESPACES": namespaces,
+            "KILOCLAW_LEASE_NAME": lease_name,
+            **(
+                {
+                    "KILOCLAW_LEASE_DURATION_SECONDS": args.lease.split(",")[0],
+                    "KILOCLAW_LEASE_RENEW_DEADLINE_SECONDS": args.lease.split(",")[1],
+                }
+                if args.lease
+                else {}
+            ),
             # Proxies must not see loopback traffic.
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
@@ -387,11 +463,11 @@ def log_tail(path: Path, lines: int = 20) -> str:
 # --- talking to the emulated API -----------------------------------------------------------------------
 
 
-def instance_body(namespace: str, name: str, app: str) -> dict[str, Any]:
+def instance_body(namespace: str, name: str, app: str, run: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "KiloClawInstance",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace, "labels": {RUN_LABEL: run}},
         "spec": {
             # Like real sandbox ids (ki_ + 32 hex): the volume name keeps only 21 characters of the id.
             "sandboxId": "ki_" + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:32],
@@ -403,15 +479,25 @@ def instance_body(namespace: str, name: str, app: str) -> dict[str, Any]:
 
 
 async def list_instances(api: httpx.AsyncClient, results: Results) -> dict[tuple[str, str], dict[str, Any]]:
-    """One cluster-wide list (not one GET per instance); key (namespace, name) → status."""
+    """One cluster-wide list of this run's instances (not one GET per instance); key (namespace, name) →
+    status."""
     started = time.monotonic()
-    response = await api.get(LIST_PATH)
-    response.raise_for_status()
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    # In pages (the API server's chunked list): one 10,000-item answer kept kubesim's single loop busy for
+    # seconds, long enough to delay the leader's Lease renewals past their deadline on a loaded machine.
+    params: dict[str, Any] = {"labelSelector": f"{RUN_LABEL}={results.run}", "limit": 500}
+    while True:
+        response = await api.get(LIST_PATH, params=params)
+        response.raise_for_status()
+        page = response.json()
+        for item in page["items"]:
+            found[(item["metadata"]["namespace"], item["metadata"]["name"])] = item.get("status") or {}
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            break
+        params = {**params, "continue": token}
     results.list_seconds.append(time.monotonic() - started)
-    return {
-        (item["metadata"]["namespace"], item["metadata"]["name"]): item.get("status") or {}
-        for item in response.json()["items"]
-    }
+    return found
 
 
 def check_operator(process: subprocess.Popen[bytes], log: Path) -> None:
@@ -671,6 +757,42 @@ class RealKube:
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total
 
+    async def clean_up(self, run: str, namespaces: list[str], leases: list[str]) -> None:
+        """Delete what one run left, its operators stopped: strip the finalizers of the run's instances and
+        retained volumes (no operator is left to release them; their Fly resources were flysim's, gone with
+        it) and delete them, then the run's Leases. The namespaces stay (empty): without
+        kube-controller-manager a deleted namespace would stay Terminating for good."""
+        started = time.monotonic()
+        gate = asyncio.Semaphore(16)
+        removed = 0
+        async with self.access.async_client(timeout=120) as client:
+
+            async def remove(path: str) -> None:
+                nonlocal removed
+                async with gate:
+                    patch = {"metadata": {"finalizers": None}}
+                    headers = {"Content-Type": "application/merge-patch+json"}
+                    response = await client.patch(path, json=patch, headers=headers)
+                    if response.status_code not in (200, 404):
+                        raise BenchmarkError(f"cannot strip the finalizers of {path}: {response.text}")
+                    response = await client.delete(path)
+                    if response.status_code not in (200, 202, 404):
+                        raise BenchmarkError(f"cannot delete {path}: {response.text}")
+                    removed += 1
+
+            for namespace in namespaces:
+                for plural, selector in ((INSTANCE_PLURAL, f"{RUN_LABEL}={run}"), (RETAINED_PLURAL, "")):
+                    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
+                    response = await client.get(
+                        base, params={"labelSelector": selector} if selector else None
+                    )
+                    response.raise_for_status()
+                    names = [item["metadata"]["name"] for item in response.json()["items"]]
+                    await asyncio.gather(*(remove(f"{base}/{name}") for name in names))
+            for lease in leases:
+                await client.delete(f"{LEASES_PATH}/{lease}")
+        say(f"cleaned up run {run}: {removed} objects deleted in {time.monotonic() - started:.0f} s")
+
 
 KubeTarget = KubeProcess | RealKube
 
@@ -683,30 +805,31 @@ async def create_and_wait_running(
     names: list[tuple[str, str]],
     apps: dict[tuple[str, str], str],
     results: Results,
-    process: subprocess.Popen[bytes],
-    log: Path,
-    sampler: ProcessSampler,
+    ops: Operators,
 ) -> dict[tuple[str, str], dict[str, Any]]:
     created_at: dict[tuple[str, str], float] = {}
     running_at: dict[tuple[str, str], float] = {}
     limit = asyncio.Semaphore(args.create_concurrency)
+    burst: asyncio.Task[None] | None = None
+    census: asyncio.Task[dict[str, Any]] | None = None
 
     async def create(key: tuple[str, str]) -> None:
         namespace, name = key
         async with limit:
             response = await api.post(
                 f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}",
-                json=instance_body(namespace, name, apps[key]),
+                json=instance_body(namespace, name, apps[key], results.run),
             )
             if response.status_code != 201:
                 raise BenchmarkError(f"create {namespace}/{name}: {response.status_code} {response.text}")
             created_at[key] = time.monotonic()
 
     async def watch_running() -> dict[tuple[str, str], dict[str, Any]]:
+        nonlocal burst, census
         deadline = time.monotonic() + args.phase_timeout
         last: dict[tuple[str, str], dict[str, Any]] = {}
         while time.monotonic() < deadline:
-            check_operator(process, log)
+            ops.check()
             last = await list_instances(api, results)
             now = time.monotonic()
             for key, status in last.items():
@@ -714,8 +837,24 @@ async def create_and_wait_running(
                     running_at[key] = now
                 if status.get("phase") == "Failed":
                     raise BenchmarkError(f"{key[0]}/{key[1]} is Failed: {status.get('conditions')}")
-            if len(running_at) == len(names):
+            if (
+                burst is None
+                and args.failovers
+                and args.kill_during_burst
+                and len(running_at) >= args.kill_during_burst * len(names)
+            ):
+                burst = asyncio.create_task(burst_failover(api, fly, args, ops.shards[0], last, results))
+            killing = bool(args.failovers and args.kill_during_burst)
+            if census is None and args.census and not killing and len(running_at) >= len(names) / 2:
+                census = asyncio.create_task(ops.shards[0].leader.census("half Running"))
+            if (
+                len(running_at) == len(names)
+                and all(status.get("phase") == "Running" for status in last.values())
+                and (burst is None or burst.done())
+            ):
                 return last
+            if burst is not None and burst.done():
+                burst.result()  # a failure of the burst's fail-over ends the run here
             await asyncio.sleep(list_interval(args))
         phases: dict[str, int] = {}
         for status in last.values():
@@ -727,34 +866,161 @@ async def create_and_wait_running(
 
     fly_before = await fly.counts()
     kube_before = await kube.writes()
-    cpu_before = sampler.cpu_seconds()
-    profiler = Profiler(process.pid, log.with_name(f"profile-{results.mode}.txt")) if args.profile else None
+    cpu_before = ops.cpu_seconds()
+    shard_cpu_before = [shard.cpu_seconds() for shard in ops.shards]
+    first = ops.shards[0].leader
+    assert first.process is not None
+    profiler = (
+        Profiler(first.process.pid, first.log.with_name(f"profile-{results.mode}.txt"))
+        if args.profile
+        else None
+    )
     started = time.monotonic()
     watcher = asyncio.create_task(watch_running())
+    probe = asyncio.create_task(probe_lease_reads(kube, ops.shards[0].lease, results))
     try:
         await asyncio.gather(*(create(key) for key in names))
         results.create_seconds = time.monotonic() - started
         final = await watcher
+        if census is not None:
+            results.censuses.append(await census)
     finally:
         watcher.cancel()
+        probe.cancel()
+        if burst is not None:
+            burst.cancel()
     results.all_running_seconds = max(running_at.values()) - started
     results.to_running = [running_at[key] - created_at[key] for key in names]
-    results.provision_cpu_seconds = sampler.cpu_seconds() - cpu_before
+    results.provision_cpu_seconds = ops.cpu_seconds() - cpu_before
     if profiler is not None:
         results.profile = profiler.stop()
         say(f"profile of the provisioning ({results.mode}):\n{results.profile}")
     results.provision_fly_routes = route_delta(fly_before, await fly.counts())
     # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
     results.provision_kube_writes = await kube.writes() - kube_before - len(names)
+    if len(ops.shards) > 1:
+        for shard, cpu_before_shard in zip(ops.shards, shard_cpu_before, strict=True):
+            keys = [key for key in names if ops.shard_of(key[0]) is shard]
+            results.shard_rows.append(
+                [
+                    f"{shard.index} (`{shard.namespaces}`)",
+                    str(len(keys)),
+                    fmt_seconds(max(running_at[key] for key in keys) - started),
+                    fmt_seconds(percentile([running_at[key] - created_at[key] for key in keys], 99)),
+                    f"{(shard.cpu_seconds() - cpu_before_shard) / len(keys) * 1000:.0f} ms",
+                ]
+            )
     return final
+
+
+async def probe_lease_reads(kube: KubeTarget, lease: str, results: Results) -> None:
+    """One GET of the Lease a second on a connection of its own, as a renewal would read it: the worst answer
+    time of the API server over the burst (a renewal that takes longer than the renew deadline loses the
+    Lease however free the renewing thread is)."""
+    async with kube.client(httpx.Limits(max_connections=1)) as client:
+        while True:
+            began = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                await client.get(f"{LEASES_PATH}/{lease}")
+            took = time.monotonic() - began
+            results.lease_get_max_seconds = max(
+                took, 0 if math.isnan(results.lease_get_max_seconds) else results.lease_get_max_seconds
+            )
+            await asyncio.sleep(1.0)
+
+
+async def burst_failover(
+    api: httpx.AsyncClient,
+    fly: FlyProcess,
+    args: argparse.Namespace,
+    shard: Shard,
+    statuses: dict[tuple[str, str], dict[str, Any]],
+    results: Results,
+) -> None:
+    """Mid-burst: SIGKILL the shard's leader and fail the hosts under ``--fail-percent`` of its Running
+    instances at once; measured: kill → the standby holds the Lease, → the first of those recoveries started
+    (the operator's own ``recovery.startedAt``), → the first instance that was not Running at the kill is."""
+    mine = {
+        key: status
+        for key, status in statuses.items()
+        if key[0].startswith(shard.namespaces.rstrip("*")) and status.get("phase") == "Running"
+    }
+    not_running = {
+        key
+        for key, status in statuses.items()
+        if key[0].startswith(shard.namespaces.rstrip("*")) and status.get("phase") != "Running"
+    }
+    by_machine = {status["machineId"]: key for key, status in mine.items() if status.get("machineId")}
+    candidates = sorted(by_machine)
+    random.Random(args.seed + 2).shuffle(candidates)
+    target = max(1, round(len(mine) * args.fail_percent / 100))
+    results.burst_killed_at_running = sum(1 for s in statuses.values() if s.get("phase") == "Running")
+    # Volumes have their daily snapshot (without one a recovery from a dead host waits for a source): every
+    # volume of the shard, since a failed host may also carry machines of instances still provisioning.
+    await daily_snapshots(
+        fly, {k: v for k, v in statuses.items() if k[0].startswith(shard.namespaces.rstrip("*"))}
+    )
+    killed = shard.leader
+    assert killed.process is not None
+    killed_wall, killed_mono = time.time(), time.monotonic()
+    killed.process.kill()
+    shard.leader, shard.standby = shard.standby, killed
+    _, affected = await fail_hosts(fly, by_machine, candidates, target, set())
+    results.burst_affected = len(affected)
+    say(
+        f"burst: killed {killed.name} at {results.burst_killed_at_running} Running, {len(affected)} hosts' "
+        "instances stopped"
+    )
+    deadline = killed_mono + args.phase_timeout
+    while await lease_holder(api, shard.lease) != shard.leader.name:
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"the standby did not take over in the burst in {args.phase_timeout:g} s")
+        await asyncio.sleep(0.05)
+    results.burst_lease = time.monotonic() - killed_mono
+    shard.sample_leader()
+    await asyncio.to_thread(killed.process.wait)
+    killed.start()  # back as the standby, as its pod would
+    first_recovery: float | None = None
+    resumed: float | None = None
+    recovery_started: dict[tuple[str, str], float] = {}
+    pending = set(not_running)  # not Running at the kill, and not Running yet
+    while time.monotonic() < deadline and (len(recovery_started) < len(affected) or pending):
+        current = await list_instances(api, results)
+        for key in affected - recovery_started.keys():
+            status = current.get(key) or {}
+            started_at = parse_time((status.get("recovery") or {}).get("startedAt")) or parse_time(
+                (status.get("lastRecovery") or {}).get("startedAt")
+            )
+            if started_at is not None and started_at >= killed_wall - 1:
+                recovery_started[key] = started_at - killed_wall
+        for key in list(pending):
+            status = current.get(key) or {}
+            if status.get("phase") == "Running":
+                pending.discard(key)
+            ready: dict[str, Any] = next(
+                (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+            )
+            became = parse_time(ready.get("lastTransitionTime")) if status.get("phase") == "Running" else None
+            if became is not None and became >= killed_wall:
+                resumed = min(resumed if resumed is not None else math.inf, became - killed_wall)
+        if recovery_started:
+            first_recovery = min(recovery_started.values())
+        await asyncio.sleep(list_interval(args))
+    results.burst_first_recovery = first_recovery if first_recovery is not None else math.nan
+    results.burst_recovery_p99 = percentile(list(recovery_started.values()), 99)
+    results.burst_resumed = resumed if resumed is not None else math.nan
+    say(
+        f"burst fail-over: Lease after {results.burst_lease:.2f} s, first recovery started "
+        f"{fmt_seconds(results.burst_first_recovery)} after the kill, provisioning resumed "
+        f"{fmt_seconds(results.burst_resumed)} after it"
+    )
 
 
 async def wait_settled(
     args: argparse.Namespace,
     kube: KubeTarget,
     results: Results,
-    process: subprocess.Popen[bytes],
-    log: Path,
+    ops: Operators,
     quiet_seconds: float = 5.0,
 ) -> None:
     """Wait until the operator has written nothing to Kubernetes for ``quiet_seconds`` (kopf works off its
@@ -765,7 +1031,7 @@ async def wait_settled(
     while time.monotonic() - quiet_since < quiet_seconds:
         if time.monotonic() > deadline:
             raise BenchmarkError(f"the operator kept writing to Kubernetes for {args.phase_timeout:.0f} s")
-        check_operator(process, log)
+        ops.check()
         await asyncio.sleep(0.5)
         now = await kube.writes()
         if now != mark:
@@ -777,22 +1043,20 @@ async def measure_steady_state(
     args: argparse.Namespace,
     fly: FlyProcess,
     kube: KubeTarget,
-    sampler: ProcessSampler,
     results: Results,
-    process: subprocess.Popen[bytes],
-    log: Path,
+    ops: Operators,
 ) -> None:
     """Requests over a fixed window: the measurement is the window itself, not a wait for a condition."""
     fly_before = await fly.counts()
     kube_before = await kube.writes()
-    cpu_before = sampler.cpu_seconds()
+    cpu_before = ops.cpu_seconds()
     started = time.monotonic()
     deadline = started + args.steady_seconds
     while time.monotonic() < deadline:
-        check_operator(process, log)
+        ops.check()
         await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     results.steady_seconds = time.monotonic() - started
-    results.steady_cpu_seconds = sampler.cpu_seconds() - cpu_before
+    results.steady_cpu_seconds = ops.cpu_seconds() - cpu_before
     results.steady_fly_routes = route_delta(fly_before, await fly.counts())
     results.steady_fly_requests = sum(results.steady_fly_routes.values())
     results.steady_kube_writes = await kube.writes() - kube_before
@@ -837,8 +1101,7 @@ async def fail_hosts_and_measure(
     fly: FlyProcess,
     statuses: dict[tuple[str, str], dict[str, Any]],
     results: Results,
-    process: subprocess.Popen[bytes],
-    log: Path,
+    ops: Operators,
 ) -> set[tuple[str, str]]:
     by_machine = {status["machineId"]: key for key, status in statuses.items() if status.get("machineId")}
     target = max(1, round(len(statuses) * args.fail_percent / 100))
@@ -851,7 +1114,7 @@ async def fail_hosts_and_measure(
     results.failed_hosts = len(hosts)
     results.affected = len(affected)
     detected, recovered = await measure_recoveries(
-        api, args, affected, failed_wall, failed_mono, results, process, log
+        api, args, affected, failed_wall, failed_mono, results, ops.check
     )
     results.detection = list(detected.values())
     results.recovered = list(recovered.values())
@@ -867,16 +1130,14 @@ async def measure_recoveries(
     failed_wall: float,
     failed_mono: float,
     results: Results,
-    process: subprocess.Popen[bytes] | None,
-    log: Path,
+    check: Callable[[], None],
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
     """Per affected instance: seconds from the failure to ``Recovering`` and to ``Running`` again."""
     detected: dict[tuple[str, str], float] = {}
     recovered: dict[tuple[str, str], float] = {}
     deadline = time.monotonic() + max(args.phase_timeout, 3 * args.poll_running + args.recovery_timeout)
     while time.monotonic() < deadline and len(recovered) < len(affected):
-        if process is not None:
-            check_operator(process, log)
+        check()
         current = await list_instances(api, results)
         observed = time.monotonic() - failed_mono
         for key in affected - recovered.keys():
@@ -885,6 +1146,8 @@ async def measure_recoveries(
             last_recovery = status.get("lastRecovery") or {}
             # Prefer the operator's own timestamps (exact); the list-poll time is the fallback.
             started = parse_time(recovery.get("startedAt")) or parse_time(last_recovery.get("startedAt"))
+            if started is not None and started < failed_wall - 1:
+                started = None  # an earlier recovery's (e.g. the burst's), not this failure's
             if key not in detected and (status.get("phase") == "Recovering" or started is not None):
                 detected[key] = started - failed_wall if started is not None else observed
             finished = parse_time(last_recovery.get("finishedAt"))
@@ -902,26 +1165,39 @@ async def measure_cold_start(
     kube: KubeTarget,
     statuses: dict[tuple[str, str], dict[str, Any]],
     exclude: set[tuple[str, str]],
-    leader: Replica,
-    standby: Replica,
+    ops: Operators,
     results: Results,
-) -> tuple[Replica, Replica]:
+) -> None:
     """SIGKILL the leader, fail hosts while no operator runs, and let a new leader start cold (the standby,
     or the restarted replica without one): how soon it notices the machines that stopped while it was down,
     and how hard its first pass hits Fly (requests over ``--cold-start-seconds``, peak per second) and the
-    API server. Returns the replicas as (leader, standby) afterwards."""
+    API server. With shards, shard 0 is killed and the hosts under as many instances of the other shards
+    fail at the same time: their detection shows what one shard's outage does to the others."""
+    shard = ops.shards[0]
+    leader, standby = shard.leader, shard.standby
+    own = {key: status for key, status in statuses.items() if ops.shard_of(key[0]) is shard}
+    others = {key: status for key, status in statuses.items() if ops.shard_of(key[0]) is not shard}
     by_machine = {status["machineId"]: key for key, status in statuses.items() if status.get("machineId")}
-    candidates = sorted(by_machine)
+    candidates = sorted(m for m in by_machine if by_machine[m] in own)
     random.Random(args.seed + 1).shuffle(candidates)
-    target = max(1, round(len(statuses) * args.fail_percent / 100))
+    target = max(1, round(len(own) * args.fail_percent / 100))
     assert leader.process is not None
     fly_before = sum((await fly.counts()).values())
     kube_before = await kube.writes()
+    killed_wall = time.time()
     leader.process.kill()
     await asyncio.to_thread(leader.process.wait)
     failed_wall, failed_mono = time.time(), time.monotonic()
     _, affected = await fail_hosts(fly, by_machine, candidates, target, exclude)
     results.cold_affected = len(affected)
+    others_affected: set[tuple[str, str]] = set()
+    if others:
+        other_candidates = sorted(m for m in by_machine if by_machine[m] in others)
+        random.Random(args.seed + 3).shuffle(other_candidates)
+        other_failed_wall, other_failed_mono = time.time(), time.monotonic()
+        _, others_affected = await fail_hosts(
+            fly, by_machine, other_candidates, target, exclude | affected | set(own)
+        )
     if standby.process is None:
         leader.start()
         new_leader, new_standby = leader, standby
@@ -929,6 +1205,7 @@ async def measure_cold_start(
         new_leader, new_standby = standby, leader
     await wait_role(new_leader, "leader", args.phase_timeout)
     results.cold_takeover_seconds = time.monotonic() - failed_mono
+    shard.leader, shard.standby = new_leader, new_standby
     assert new_leader.process is not None
     profiler = (
         Profiler(new_leader.process.pid, new_leader.log.with_name(f"profile-cold-{results.mode}.txt"))
@@ -948,14 +1225,19 @@ async def measure_cold_start(
     if profiler is not None:
         results.cold_profile = profiler.stop()
         say(f"profile of the cold start ({results.mode}):\n{results.cold_profile}")
-    detected, _ = await measure_recoveries(
-        api, args, affected, failed_wall, failed_mono, results, new_leader.process, new_leader.log
-    )
+    detected, _ = await measure_recoveries(api, args, affected, failed_wall, failed_mono, results, ops.check)
     results.cold_detection = list(detected.values())
     results.cold_not_detected = len(affected) - len(detected)
+    results.cold_first_recovery = min(detected.values(), default=math.nan) + (failed_wall - killed_wall)
+    if others_affected:
+        other_detected, _ = await measure_recoveries(
+            api, args, others_affected, other_failed_wall, other_failed_mono, results, ops.check
+        )
+        results.cold_other_shards = f"{len(other_detected)} of {len(others_affected)} detected, p99 " + (
+            fmt_seconds(percentile(list(other_detected.values()), 99))
+        )
     if new_standby is leader and args.failovers:
         leader.start()  # the killed replica comes back as the standby, as its pod would
-    return new_leader, new_standby
 
 
 async def loop_lag(replica: Replica) -> float:
@@ -976,20 +1258,56 @@ class Replica:
     """One operator process of the two (leader election); restarted with the same identity after a kill, as
     the container of a pod restarts."""
 
-    def __init__(self, args: argparse.Namespace, fly_url: str, kubeconfig: Path, workdir: Path, name: str):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        fly_url: str,
+        kubeconfig: Path,
+        workdir: Path,
+        name: str,
+        namespaces: str,
+        lease_name: str,
+        census: bool = False,
+    ):
         self.name = name
+        self.census_mode = census
+        self.censuses = 0
         self.health_port = free_port()
-        self.env = operator_env(args, fly_url, kubeconfig, self.health_port, identity=name)
+        self.env = operator_env(args, fly_url, kubeconfig, self.health_port, name, namespaces, lease_name)
         self.workdir = workdir
         self.log = workdir / f"operator-{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> subprocess.Popen[bytes]:
+        census = self.census_mode
+        command = (
+            [sys.executable, str(ROOT / "tests" / "tools" / "operator_census.py")] if census else operator_command()
+        )
+        env = dict(self.env, KILOCLAW_CENSUS_DIR=str(self.workdir / self.name)) if census else self.env
+        if census:
+            (self.workdir / self.name).mkdir(exist_ok=True)
         with self.log.open("ab") as log_file:
             self.process = subprocess.Popen(
-                operator_command(), env=self.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.workdir
             )
         return self.process
+
+    async def census(self, label: str, timeout: float = 300) -> dict[str, Any]:
+        """A heap census of this replica (started with ``census=True``): SIGUSR1, then its JSON report."""
+        assert self.process is not None
+        self.censuses += 1
+        done = self.workdir / self.name / f"census-{self.censuses}.done"
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise BenchmarkError(f"no census {label} from {self.name} in {timeout:g} s")
+            await asyncio.sleep(0.5)
+        report: dict[str, Any] = json.loads(
+            (self.workdir / self.name / f"census-{self.censuses}.json").read_text()
+        )
+        say(f"census {label}: {census_summary(report)}")
+        return report
 
     async def role(self) -> str | None:
         try:
@@ -1001,8 +1319,90 @@ class Replica:
         return role
 
 
-async def lease_holder(api: httpx.AsyncClient) -> str:
-    response = await api.get(LEASE_PATH)
+def census_summary(report: dict[str, Any]) -> str:
+    n = max(1, int(report.get("instances") or 0))
+    mib = 2**20
+    holders = "; ".join(
+        f"{name} {h['bytes'] / mib:.1f} MiB ({h['bytes'] / n / 1000:.2f} KB/instance)"
+        for name, h in report["holders"].items()
+    )
+    pymalloc, glibc = report.get("pymalloc", {}), report.get("glibc", {})
+    types = ", ".join(
+        f"{t} {v['count']} × = {v['bytes'] / mib:.1f} MiB" for t, v in list(report["types"].items())[:12]
+    )
+    garbage = report.get("garbage", {})
+    return (
+        f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB; a full collection freed "
+        f"{garbage.get('collected', 0)} objects ({garbage.get('used_blocks_freed', 0) / mib:.1f} MiB of "
+        f"{garbage.get('tracked_before', 0)} tracked); pymalloc arenas "
+        f"{pymalloc.get('arenas_current', 0)} (used blocks {pymalloc.get('used_blocks', 0) / mib:.0f} MiB, "
+        f"free blocks {pymalloc.get('free_blocks', 0) / mib:.0f} MiB, unused pools "
+        f"{pymalloc.get('unused_pools', 0) / mib:.0f} MiB); glibc heap {glibc.get('heap', 0) / mib:.0f} MiB "
+        f"(in use {glibc.get('in_use', 0) / mib:.0f}, free {glibc.get('free', 0) / mib:.0f}, mmapped "
+        f"{glibc.get('mmapped', 0) / mib:.0f}); holders: {holders}; types: {types}; "
+        f"took {report['seconds']} s"
+    )
+
+
+@dataclass
+class Shard:
+    """One operator shard: its namespaces (a kopf glob), its Lease, its two replicas, and a sampler for every
+    process that has led it while measured (a leader killed in the burst is succeeded by its standby)."""
+
+    index: int
+    namespaces: str
+    lease: str
+    leader: Replica
+    standby: Replica
+    samplers: list[ProcessSampler] = field(default_factory=list)
+
+    def sample_leader(self) -> None:
+        assert self.leader.process is not None
+        sampler = ProcessSampler(self.leader.process.pid)
+        sampler.start()
+        self.samplers.append(sampler)
+
+    def check(self) -> None:
+        assert self.leader.process is not None
+        check_operator(self.leader.process, self.leader.log)
+
+    def cpu_seconds(self) -> float:
+        return sum(sampler.cpu_seconds() for sampler in self.samplers)
+
+    def peak_rss(self) -> int:
+        return max((sampler.peak_rss for sampler in self.samplers), default=0)
+
+    def stop_sampling(self) -> None:
+        for sampler in self.samplers:
+            sampler.stop()
+
+
+class Operators:
+    """Every shard's leader, checked and measured together (CPU summed, peak RSS the largest of them)."""
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.shards = shards
+
+    def check(self) -> None:
+        for shard in self.shards:
+            shard.check()
+
+    def cpu_seconds(self) -> float:
+        return sum(shard.cpu_seconds() for shard in self.shards)
+
+    def peak_rss(self) -> int:
+        return max(shard.peak_rss() for shard in self.shards)
+
+    def stop_sampling(self) -> None:
+        for shard in self.shards:
+            shard.stop_sampling()
+
+    def shard_of(self, namespace: str) -> Shard:
+        return self.shards[int(namespace.rsplit("-s", 1)[1].split("-", 1)[0])]
+
+
+async def lease_holder(api: httpx.AsyncClient, lease: str) -> str:
+    response = await api.get(f"{LEASES_PATH}/{lease}")
     if response.status_code == 404:
         return ""
     response.raise_for_status()
@@ -1014,12 +1414,12 @@ async def measure_failover(
     args: argparse.Namespace,
     api: httpx.AsyncClient,
     kube: KubeTarget,
-    leader: Replica,
-    standby: Replica,
+    shard: Shard,
     results: Results,
 ) -> None:
-    """SIGKILL the leader ``--failovers`` times, then SIGTERM it once; the killed replica restarts as the
-    standby each time."""
+    """SIGKILL the shard's leader ``--failovers`` times, then SIGTERM it once; the killed replica restarts as
+    the standby each time."""
+    leader, standby = shard.leader, shard.standby
     for round_ in range(args.failovers + 1):
         graceful = round_ == args.failovers
         await wait_role(standby, "standby", args.phase_timeout)
@@ -1037,7 +1437,7 @@ async def measure_failover(
             math.isnan(took_lease) or (serving_known and math.isnan(served))
         ):
             now = time.monotonic() - killed
-            if math.isnan(took_lease) and await lease_holder(api) == standby.name:
+            if math.isnan(took_lease) and await lease_holder(api, shard.lease) == standby.name:
                 took_lease = now
             if not math.isnan(took_lease) and math.isnan(served) and await kube.lists_since(since):
                 served = now
@@ -1115,6 +1515,10 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
             "Operator event loop's worst lag (create → all `Running`)",
             fmt_seconds(results.max_loop_lag_seconds),
         ),
+        (
+            "API server: slowest Lease GET during the burst (1 / s)",
+            fmt_seconds(results.lease_get_max_seconds),
+        ),
         ("Operator CPU seconds (create → recovered)", f"{results.cpu_seconds:.1f} s"),
         ("Fly 429 answers (whole run)", str(results.rate_limited)),
         (
@@ -1125,7 +1529,17 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
         ("Failure → `Recovering`, p99", fmt_seconds(percentile(results.detection, 99))),
         ("Failure → `Running` again, p50", fmt_seconds(percentile(results.recovered, 50)) + recovery_note),
         ("Failure → `Running` again, p99", fmt_seconds(percentile(results.recovered, 99))),
+        (
+            f"Burst: leader SIGKILL at {results.burst_killed_at_running} `Running` → standby holds the Lease",
+            fmt_seconds(results.burst_lease),
+        ),
+        (
+            f"Burst: SIGKILL → first recovery started ({results.burst_affected} stopped at the kill; p99)",
+            f"{fmt_seconds(results.burst_first_recovery)} ({fmt_seconds(results.burst_recovery_p99)})",
+        ),
+        ("Burst: SIGKILL → provisioning resumed (next `Ready`)", fmt_seconds(results.burst_resumed)),
         ("Cold start: leader killed → new leader", fmt_seconds(results.cold_takeover_seconds)),
+        ("Cold start: leader killed → first recovery started", fmt_seconds(results.cold_first_recovery)),
         (
             "Cold start: stopped while down → `Recovering`, p50",
             fmt_seconds(percentile(results.cold_detection, 50)) + cold_note,
@@ -1139,6 +1553,16 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
             f"{results.cold_fly_requests} ({results.cold_peak_fly_per_second})",
         ),
         ("Cold start: Kubernetes writes in the first window", str(results.cold_kube_writes)),
+        *(
+            [
+                (
+                    "Cold start of shard 0: hosts failed under the other shards → `Recovering`",
+                    results.cold_other_shards,
+                )
+            ]
+            if results.cold_other_shards
+            else []
+        ),
         (
             f"Leader SIGKILL → standby holds the Lease, max of {len(results.failover_lease)}",
             fmt_seconds(max(results.failover_lease, default=math.nan)),
@@ -1203,10 +1627,29 @@ def results_section(runs: list[Results], args: argparse.Namespace, table_text: s
         f"--steady-seconds {args.steady_seconds:g} --fail-percent {args.fail_percent:g} "
         f"--instances-per-app {args.instances_per_app} --failovers {args.failovers} "
         f"--poll-running {args.poll_running:g} --poll-busy {args.poll_busy:g} --poll-idle {args.poll_idle:g} "
-        f"--audit {args.audit:g}"
+        f"--audit {args.audit:g} --shards {args.shards} --kill-during-burst {args.kill_during_burst:g}"
+        + (f" --lease {args.lease}" if args.lease else "")
     )
     start, end = RESULTS_MARKERS["kube-apiserver" if args.cluster else "kubesim"]
     server = "a real kube-apiserver (make cluster)" if args.cluster else "kubesim (the emulated API)"
+    for results in runs:
+        if results.shard_rows:
+            heads = [
+                "Shard",
+                "Instances",
+                "First create → all `Running`",
+                "Create → `Running` p99",
+                "Operator CPU / instance to reach `Running`",
+                "Peak RSS",
+            ]
+            details.append(
+                f"\nPer shard ({results.mode}):\n\n| "
+                + " | ".join(heads)
+                + " |\n|"
+                + "---|" * len(heads)
+                + "\n"
+                + "\n".join("| " + " | ".join(row) + " |" for row in results.shard_rows)
+            )
     detail_text = "\n".join(details)
     profiles = "".join(
         f"\n\nProfile of the operator while provisioning ({r.mode}, py-spy):\n\n```\n{r.profile}\n```"
@@ -1271,10 +1714,11 @@ async def run_benchmark(
     results: Results,
 ) -> None:
     kubeconfig = await asyncio.to_thread(kube.start, workdir)
-    # A real API server keeps deleted namespaces Terminating without kube-controller-manager: each run gets
-    # namespaces of its own (run against a fresh `make cluster` for numbers without leftovers).
-    prefix = f"bench-{results.mode}-{results.started_at:%H%M%S}" if isinstance(kube, RealKube) else "bench"
-    namespaces = [f"{prefix}-{index:03d}" for index in range(args.namespaces)]
+    # Each run has namespaces, instance labels and Leases of its own, and its operators watch only its
+    # namespaces: a real API server keeps an earlier run's instances (and deleted namespaces stay Terminating
+    # without kube-controller-manager); they must neither be adopted nor listed.
+    prefix = f"bench-{results.run}"
+    namespaces = [f"{prefix}-s{index % args.shards}-{index:03d}" for index in range(args.namespaces)]
     names = [(namespaces[index % len(namespaces)], f"inst-{index:05d}") for index in range(args.instances)]
     # One sandbox per user, one Fly app per account: the operator's adoption look-ups list the app's machines
     # and volumes, so sharing apps would make them grow with the instances per app.
@@ -1283,54 +1727,70 @@ async def run_benchmark(
         # Each namespace bound to the apps of its instances (tenancy.py), as the cluster admin binds them.
         bound = sorted({app for (ns, _), app in apps.items() if ns == namespace})
         await kube.create_namespace(namespace, binding(*bound))
-    leader = Replica(args, fly.base_url, kubeconfig, workdir, "replica-a")
-    standby = Replica(args, fly.base_url, kubeconfig, workdir, "replica-b")
-    health_port, log = leader.health_port, leader.log
-    process = leader.start()
-    sampler: ProcessSampler | None = None
+    shards = []
+    for index in range(args.shards):
+        scope, lease = f"{prefix}-s{index}-*", f"kiloclaw-{prefix}-s{index}"
+        replicas = [
+            Replica(
+                args, fly.base_url, kubeconfig, workdir, f"s{index}-{x}", scope, lease, census=args.census
+            )
+            for x in ("a", "b")
+        ]
+        shards.append(Shard(index, scope, lease, replicas[0], replicas[1]))
+    ops = Operators(shards)
+    first = shards[0].leader
     try:
-        sampler = ProcessSampler(process.pid)
-        sampler.start()
-        await wait_operator_ready(health_port, process, log)
-        await wait_role(leader, "leader", 60)
-        if args.failovers:
-            standby.start()
+        for shard in shards:
+            shard.leader.start()
+            shard.sample_leader()
+        for shard in shards:
+            assert shard.leader.process is not None
+            await wait_operator_ready(shard.leader.health_port, shard.leader.process, shard.leader.log)
+            await wait_role(shard.leader, "leader", 60)
+            if args.failovers:
+                shard.standby.start()
         limits = httpx.Limits(max_connections=args.create_concurrency + 4)
         async with kube.client(limits) as api:
-            say(f"creating {args.instances} instances in {args.namespaces} namespaces")
-            statuses = await create_and_wait_running(
-                api, fly, kube, args, names, apps, results, process, log, sampler
+            say(
+                f"creating {args.instances} instances in {args.namespaces} namespaces, {args.shards} shard(s)"
             )
-            results.max_loop_lag_seconds = await loop_lag(leader)
+            statuses = await create_and_wait_running(api, fly, kube, args, names, apps, results, ops)
+            results.max_loop_lag_seconds = max([await loop_lag(shard.leader) for shard in shards])
+            if args.census:
+                results.censuses.append(await shards[0].leader.census("all Running"))
             say(f"all Running after {results.all_running_seconds:.1f} s; waiting for the operator to settle")
-            await wait_settled(args, kube, results, process, log)
+            await wait_settled(args, kube, results, ops)
             say(
                 f"settled after {results.settle_seconds:.1f} s more; "
                 f"steady state for {args.steady_seconds:g} s"
             )
-            await measure_steady_state(args, fly, kube, sampler, results, process, log)
+            await measure_steady_state(args, fly, kube, results, ops)
             say(f"failing hosts under {args.fail_percent:g} % of the instances")
-            affected = await fail_hosts_and_measure(api, args, fly, statuses, results, process, log)
-            results.cpu_seconds = sampler.cpu_seconds()
-            sampler.stop()
-            results.peak_rss_bytes = sampler.peak_rss
-            sampler = None
+            affected = await fail_hosts_and_measure(api, args, fly, statuses, results, ops)
+            if args.census:
+                results.censuses.append(await shards[0].leader.census("after the recoveries"))
+            results.cpu_seconds = ops.cpu_seconds()
+            ops.stop_sampling()
+            results.peak_rss_bytes = ops.peak_rss()
+            for row, shard in zip(results.shard_rows, shards, strict=False):
+                row.append(f"{shard.peak_rss() / 2**20:.0f} MiB")
             say(f"cold start: SIGKILL the leader, fail hosts under {args.fail_percent:g} % while it is down")
-            leader, standby = await measure_cold_start(
-                api, args, fly, kube, statuses, affected, leader, standby, results
-            )
+            await measure_cold_start(api, args, fly, kube, statuses, affected, ops, results)
         if args.failovers:
             say(f"fail-over: SIGKILL the leader {args.failovers} times, then SIGTERM it")
             async with kube.client(httpx.Limits(max_connections=4)) as api:
-                await measure_failover(args, api, kube, leader, standby, results)
+                await measure_failover(args, api, kube, shards[0], results)
     finally:
-        if sampler is not None:
-            sampler.stop()
-            results.peak_rss_bytes = sampler.peak_rss
-        for replica in (leader, standby):
-            if replica.process is not None:
-                stop_process(replica.process)
-        say(f"operator log: {log} ({log.stat().st_size / 2**20:.1f} MiB)")
+        ops.stop_sampling()
+        if not results.peak_rss_bytes:
+            results.peak_rss_bytes = ops.peak_rss()
+        for shard in shards:
+            for replica in (shard.leader, shard.standby):
+                if replica.process is not None:
+                    stop_process(replica.process)
+        say(f"operator log: {first.log} ({first.log.stat().st_size / 2**20:.1f} MiB)")
+        if isinstance(kube, RealKube) and not args.keep:
+            await kube.clean_up(results.run, namespaces, [shard.lease for shard in shards])
 
 
 def say(message: str) -> None:
@@ -1351,7 +1811,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             results = Results(
-                instances=args.instances, namespaces=args.namespaces, started_at=began_at, mode=mode
+                instances=args.instances,
+                namespaces=args.namespaces,
+                started_at=began_at,
+                mode=mode,
+                run=f"{mode[:4]}{datetime.now(UTC):%H%M%S}",
             )
             began = time.monotonic()
             workdir = Path(tempfile.mkdtemp(prefix=f"kiloclaw-bench-{mode}-"))

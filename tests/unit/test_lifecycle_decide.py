@@ -437,6 +437,20 @@ def test_retry_annotation_change_releases_a_stalled_instance_and_starts_it() -> 
     assert same(decide(released, Observation.found("stopped")), START)
 
 
+def test_a_vanished_volume_holds_the_instance_until_the_retry_annotation_then_creates_the_machine() -> None:
+    held = instance(Phase.FAILED, machine_id=None, conditions=[stalled(2, "VolumeNotFound")])
+    assert is_held(held)
+    assert same(decide(held, Observation.no_machine()), NOTHING)
+    retried = instance(
+        Phase.FAILED,
+        machine_id=None,
+        conditions=[stalled(2, "VolumeNotFound")],
+        annotations={RETRY_ANNOTATION: "restored"},
+    )
+    assert not is_held(retried)
+    assert same(decide(retried, Observation.no_machine()), START)
+
+
 def failed_recovery() -> LastRecovery:
     return LastRecovery(
         id="01JD",

@@ -180,8 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--census",
         action="store_true",
-        help="run the first leader under tests/tools/operator_census.py and take a heap census of it once all "
-        "instances are Running and again at the end of the recovery phase (each stalls its loop for seconds)",
+        help="run the first leader under tests/tools/operator_census.py and take a heap census of it once "
+        "all instances are Running and again at the end of the recovery phase (each stalls its loop for "
+        "seconds)",
     )
     parser.add_argument(
         "--cold-start-seconds",
@@ -1281,7 +1282,9 @@ class Replica:
     def start(self) -> subprocess.Popen[bytes]:
         census = self.census_mode
         command = (
-            [sys.executable, str(ROOT / "tests" / "tools" / "operator_census.py")] if census else operator_command()
+            [sys.executable, str(Path(__file__).with_name("operator_census.py"))]
+            if census
+            else operator_command()
         )
         env = dict(self.env, KILOCLAW_CENSUS_DIR=str(self.workdir / self.name)) if census else self.env
         if census:

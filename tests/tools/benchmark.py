@@ -52,6 +52,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import realcluster
+from apiserver_profile import ApiServerProfiler
 from harness import binding
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
 
@@ -233,6 +234,7 @@ class Results:
     run: str = ""
     profile: str = ""
     cold_profile: str = ""
+    server_profile: str = ""
     provision_cpu_seconds: float = 0.0
     rate_limited: int = 0
     cold_affected: int = 0
@@ -876,6 +878,12 @@ async def create_and_wait_running(
         if args.profile
         else None
     )
+    # The API server's side of the burst (a real server only): a CPU profile over its first minute.
+    server_profiler = (
+        ApiServerProfiler(first.log.with_name(f"apiserver-profile-{results.mode}.pb.gz"), 60)
+        if args.profile and isinstance(kube, RealKube)
+        else None
+    )
     started = time.monotonic()
     watcher = asyncio.create_task(watch_running())
     probe = asyncio.create_task(probe_lease_reads(kube, ops.shards[0].lease, results))
@@ -896,6 +904,9 @@ async def create_and_wait_running(
     if profiler is not None:
         results.profile = profiler.stop()
         say(f"profile of the provisioning ({results.mode}):\n{results.profile}")
+    if server_profiler is not None:
+        results.server_profile = await asyncio.to_thread(server_profiler.summary)
+        say(f"profile of the API server in the burst ({results.mode}):\n{results.server_profile}")
     results.provision_fly_routes = route_delta(fly_before, await fly.counts())
     # Minus the benchmark's own creates: what remains is the operator's (status patches, events, annotations).
     results.provision_kube_writes = await kube.writes() - kube_before - len(names)
@@ -1654,15 +1665,24 @@ def results_section(runs: list[Results], args: argparse.Namespace, table_text: s
                 + "\n".join("| " + " | ".join(row) + " |" for row in results.shard_rows)
             )
     detail_text = "\n".join(details)
-    profiles = "".join(
-        f"\n\nProfile of the operator while provisioning ({r.mode}, py-spy):\n\n```\n{r.profile}\n```"
-        for r in runs
-        if r.profile
-    ) + "".join(
-        f"\n\nProfile of the new leader over the cold start's window ({r.mode}, py-spy):\n\n```\n"
-        f"{r.cold_profile}\n```"
-        for r in runs
-        if r.cold_profile
+    profiles = (
+        "".join(
+            f"\n\nProfile of the operator while provisioning ({r.mode}, py-spy):\n\n```\n{r.profile}\n```"
+            for r in runs
+            if r.profile
+        )
+        + "".join(
+            f"\n\nProfile of the API server over the burst's first minute ({r.mode}, pprof):\n\n```\n"
+            f"{r.server_profile}\n```"
+            for r in runs
+            if r.server_profile
+        )
+        + "".join(
+            f"\n\nProfile of the new leader over the cold start's window ({r.mode}, py-spy):\n\n```\n"
+            f"{r.cold_profile}\n```"
+            for r in runs
+            if r.cold_profile
+        )
     )
     return f"""{start}
 ## Latest run against {server}

@@ -176,7 +176,8 @@ class RecoveryBrake:
             logger.warning("cannot read the brake Lease: %s", exc)
             return
         annotations = ((lease or {}).get("metadata") or {}).get("annotations") or {}
-        if annotations.get(STATE_ANNOTATION) == RELEASED:
+        # Reads overlap when the API server is slow: only the first that finds the release acts on it.
+        if annotations.get(STATE_ANNOTATION) == RELEASED and self.state == ENGAGED:
             logger.warning("recovery brake released by an admin: recoveries proceed")
             self.state = RELEASED
             self.reason = ""

@@ -357,6 +357,24 @@ async def test_a_stopped_machine_that_fly_migrated_is_followed_and_starts_on_its
     assert "lastRecovery" not in status(up)
 
 
+async def running_again_off(stack: Stack, namespace: str, old_volume: str, how: str) -> dict[str, Any]:
+    """Wait until the instance really runs again (started, Ready, no recovery in flight) on a volume other
+    than ``old_volume``, so that nothing of a story spills into the next one."""
+    return await stack.wait_instance(
+        namespace,
+        NAME,
+        lambda b: (
+            status(b).get("volumeId") not in (None, old_volume)
+            and status(b).get("phase") == "Running"
+            and status(b).get("flyState") == "started"
+            and condition(b, "Ready").get("status") == "True"
+            and "recovery" not in status(b)
+        ),
+        timeout=60,
+        what=f"Running again, {how}",
+    )
+
+
 async def test_a_machine_fly_left_stopped_on_a_migrated_volume_is_followed_not_recovered_from_the_old_one(
     stack: Stack, namespace: str
 ) -> None:
@@ -376,19 +394,7 @@ async def test_a_machine_fly_left_stopped_on_a_migrated_volume_is_followed_not_r
         # meanwhile and leaves it stopped on the new volume.
         await eventually(in_grace, timeout=10, what="the operator waiting out the migration grace")
         stack.fly.migrate_machine(machine)
-    up = await stack.wait_instance(
-        namespace,
-        NAME,
-        lambda b: (
-            status(b).get("volumeId") not in (None, old_volume)
-            and status(b).get("phase") == "Running"
-            and status(b).get("flyState") == "started"
-            and condition(b, "Ready").get("status") == "True"
-            and "recovery" not in status(b)
-        ),
-        timeout=60,
-        what="Running again, on the migrated volume or a recovery from it",
-    )
+    up = await running_again_off(stack, namespace, old_volume, "on the migrated volume or a recovery from it")
     last = status(up).get("lastRecovery") or {}
     assert last.get("outcome") in (None, "Succeeded"), last
     assert "RecoveryFailed" not in await stack.event_reasons(namespace, NAME)
@@ -415,19 +421,7 @@ async def test_an_instance_waiting_for_its_dead_host_runs_again_when_fly_migrate
         )
         stack.fly.restore_host(machine_id=machine)
         stack.fly.migrate_machine(machine)  # before the instance looks again (every 3 s here)
-        up = await stack.wait_instance(
-            namespace,
-            NAME,
-            lambda b: (
-                status(b).get("volumeId") not in (None, old_volume)
-                and status(b).get("phase") == "Running"
-                and status(b).get("flyState") == "started"
-                and condition(b, "Ready").get("status") == "True"
-                and "recovery" not in status(b)
-            ),
-            timeout=60,
-            what="Running again after the migration ended the wait",
-        )
+        up = await running_again_off(stack, namespace, old_volume, "after the migration ended the wait")
         assert condition(up, "Stalled")["status"] == "False"
         assert (status(up).get("lastRecovery") or {}).get("outcome") in (None, "Succeeded")
     finally:

@@ -121,10 +121,7 @@ class Sandbox:
         candidates = [
             v
             for v in volumes
-            if adoption.unattached_and_live(v, names)
-            and _created_since(
-                None if v.created_at is None else self._fly.in_our_clock(v.created_at), instance.created_at
-            )
+            if adoption.unattached_and_live(v, names) and _created_since(self._fly, v, instance.created_at)
         ]
         if not candidates:
             return []
@@ -298,9 +295,12 @@ async def _forget_gone_machine(driver: Pass, instance: Instance, phase: Phase, w
     )
 
 
-def _created_since(created: datetime | None, instance_created: datetime | None) -> bool:
-    """Created after the instance (``created`` in our clock; a minute's slack; unknown times count)."""
-    return instance_created is None or created is None or created >= instance_created - timedelta(seconds=60)
+def _created_since(fly_client: FlyClient, volume: Volume, instance_created: datetime | None) -> bool:
+    """Created after the instance, compared in our clock (Fly stamps ``created_at`` with its own); a minute's
+    slack; unknown times count."""
+    if instance_created is None or volume.created_at is None:
+        return True
+    return fly_client.in_our_clock(volume.created_at) >= instance_created - timedelta(seconds=60)
 
 
 def _legacy_name_shared(instance: Instance, instances: list[dict[str, Any]]) -> bool:

@@ -203,7 +203,7 @@ async def handle_stop(port: recovery.Port, instance: Instance) -> Instance:
     if verdict is Verdict.MAYBE_MIGRATING and machine is not None:
         machine = await _await_migration(port, instance, machine)
         verdict = judge_stop(instance.status.volume_id, machine)
-        if verdict is Verdict.MAYBE_MIGRATING and machine is not None and _moved(instance, machine):
+        if verdict is Verdict.MAYBE_MIGRATING and migrated_volume(instance, machine):
             # Fly forked the volume to a new host and left the machine stopped there (it was not running when
             # Fly moved it, or its start is late): the data now lives on the new volume, and the old one is
             # Fly's to remove. The instance follows; if the machine stays stopped, the next pass recovers from
@@ -222,11 +222,6 @@ async def handle_stop(port: recovery.Port, instance: Instance) -> Instance:
     if verdict is Verdict.MIGRATED:
         return await follow_migration(port, instance, machine)
     return await _recover_from_chosen_source(port, instance)
-
-
-def _moved(instance: Instance, machine: Machine) -> bool:
-    """The machine mounts volumes, none of them the one the instance recorded (same test as judge_stop's)."""
-    return bool(machine.volume_ids) and instance.status.volume_id not in machine.volume_ids
 
 
 def _has_machine(instance: Instance) -> bool:

@@ -1,7 +1,8 @@
 """Mass failure without stampede or blind destruction (DESIGN 3.9): the recovery budget and the brake.
 
 **Budget.** Recoveries in flight at once are bounded (``KILOCLAW_RECOVERY_CONCURRENCY``, default 32) and
-begun at a paced rate (``KILOCLAW_RECOVERY_BEGIN_RATE`` per second, default 5); every Fly call is also paced
+begun at a paced rate (``KILOCLAW_RECOVERY_BEGIN_RATE`` per second, default 20, after a burst of
+``KILOCLAW_RECOVERY_BEGIN_BURST``, default 32); every Fly call is also paced
 under Fly's per-action limits by the client (fly/pacing.py), so a region's worth of recoveries queues here
 instead of meeting 429s.
 
@@ -155,12 +156,17 @@ class RecoveryBrake:
         return None
 
     async def paced_begin(self) -> None:
-        """Wait for this recovery's turn at the begin rate (``recovery_begin_rate`` per second)."""
+        """Wait for this recovery's turn: a token bucket of ``recovery_begin_burst`` refilled at
+        ``recovery_begin_rate`` per second, in virtual-scheduling form (``_next_begin`` is when the bucket
+        would be full again; a caller waits until it is at most a burst's worth of turns ahead)."""
+        interval = 1.0 / self._settings.recovery_begin_rate
+        tolerance = (self._settings.recovery_begin_burst - 1) * interval
         async with self._pace:
             now = self._monotonic()
-            wait = self._next_begin - now
-            self._next_begin = max(now, self._next_begin) + 1.0 / self._settings.recovery_begin_rate
-        if wait > 0:
+            turn = max(now, self._next_begin)
+            wait = turn - tolerance - now
+            self._next_begin = turn + interval
+        if wait > 1e-9:  # the sums' rounding, not a turn to wait for
             await asyncio.sleep(wait)
 
     # --- the cluster-wide record (a Lease: the operator already owns Leases in its namespace) -----------

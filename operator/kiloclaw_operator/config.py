@@ -177,6 +177,11 @@ class Settings(BaseSettings):
     provisioning_concurrency: int = Field(
         default=128, ge=1, validation_alias=AliasChoices("KILOCLAW_PROVISIONING_CONCURRENCY")
     )
+    # Objects per page of kopf's initial listing (a new leader lists every instance): one page of bodies,
+    # managedFields and all, is in memory at once instead of the whole fleet's.
+    list_chunk_size: int = Field(
+        default=500, ge=1, le=100000, validation_alias=AliasChoices("KILOCLAW_LIST_CHUNK_SIZE")
+    )
     # The Fly that really exists (DESIGN 3.9). A stop whose exit Fly marks as requested (a stop the operator
     # did not send: Fly's own graceful stop, e.g. a platform migration) gets this long to come back started
     # before a recovery begins; an instance waiting for its source (host down, no acceptable snapshot)
@@ -203,7 +208,12 @@ class Settings(BaseSettings):
         default=32, ge=1, le=10000, validation_alias=AliasChoices("KILOCLAW_RECOVERY_CONCURRENCY")
     )
     recovery_begin_rate: float = Field(
-        default=5, gt=0, validation_alias=AliasChoices("KILOCLAW_RECOVERY_BEGIN_RATE")
+        default=20, gt=0, validation_alias=AliasChoices("KILOCLAW_RECOVERY_BEGIN_RATE")
+    )
+    # Recoveries that may begin at once before the rate paces them (a token bucket): a host's worth of
+    # stopped machines begins within a second, a region's worth is paced (and braked).
+    recovery_begin_burst: int = Field(
+        default=32, ge=1, le=10000, validation_alias=AliasChoices("KILOCLAW_RECOVERY_BEGIN_BURST")
     )
     brake_window_seconds: float = Field(
         default=300, gt=0, le=86400, validation_alias=AliasChoices("KILOCLAW_BRAKE_WINDOW_SECONDS")

@@ -62,12 +62,15 @@ class Context:
     provisioning: asyncio.Semaphore = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
+    # The claims already held when this process started (one listing instead of a read per instance).
+    claim_listing: tenancy.ClaimListing = field(init=False)
     #: The recovery budget and mass-failure brake (brake.py); None: none (set at start-up by run.Runtime).
     brake: Any = None
 
     def __post_init__(self) -> None:
         self.claim_book = ownership.ClaimBook(self.kube.instance_pages)
         self.bindings = tenancy.NamespaceBindings(self.kube.get_namespace, time.monotonic)
+        self.claim_listing = tenancy.ClaimListing(self.kube, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
 

@@ -65,10 +65,12 @@ async def admit(driver: Guarded, instance: Instance) -> tuple[Instance, bool]:
             "the namespace's binding allows the instance again",
         )
     if claimed and not driver.claim_confirmed:
-        # Claimed before claims were Leases (or by an earlier process): hold the Lease too.
-        holder = await tenancy.acquire_claim(
-            driver.ctx.kube, claims_namespace(driver.ctx.settings), instance.spec, instance.ref
-        )
+        # Claimed by an earlier process (or before claims were Leases): hold the Lease too. Most are
+        # confirmed by the start-up listing of the claims; any other is read (and taken, if free).
+        namespace = claims_namespace(driver.ctx.settings)
+        holder = None
+        if not await driver.ctx.claim_listing.holds(namespace, instance.spec, instance.ref):
+            holder = await tenancy.acquire_claim(driver.ctx.kube, namespace, instance.spec, instance.ref)
         if holder is not None:
             await _refuse_duplicate(driver, instance, ownership.Owner(holder.namespace, holder.name))
             return driver.current(), False

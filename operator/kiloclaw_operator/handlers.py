@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import kopf
 
+from .config import Settings
 from .driving import DriverRegistry, RetryLater
 from .kube import KubeConnection, kopf_connection_fields, login_connection
 from .kubeconfig import KubeconfigError
@@ -25,6 +26,8 @@ logger = logging.getLogger("kiloclaw.operator")
 
 class Runtime(Protocol):
     """What the handlers reach through kopf's memo: built by the composition root (run.py)."""
+
+    settings: Settings
 
     def connect(self, conn: KubeConnection) -> None:
         """At kopf's login: build what needs the Kubernetes connection (once; later logins change nothing)."""
@@ -73,6 +76,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = memo.get("watch_server_timeout", 300)
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.connect_timeout = 30
+    settings.watching.chunk_size = _runtime(memo).settings.list_chunk_size
     settings.networking.request_timeout = 60
 
 

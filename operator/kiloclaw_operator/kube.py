@@ -420,6 +420,21 @@ class KubeClient:
         except KubeNotFound:
             return None
 
+    async def lease_pages(
+        self, namespace: str, label_selector: str, page_size: int = 500
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The Leases of ``namespace`` that match ``label_selector``, ``page_size`` at a time."""
+        token: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": page_size, "labelSelector": label_selector}
+            if token:
+                params["continue"] = token
+            page = await self._request("GET", self._lease_path(namespace), params=params)
+            yield page.get("items", [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
     async def delete_lease(self, namespace: str, name: str, *, resource_version: str) -> None:
         """Delete only the Lease as read (``resourceVersion`` precondition): KubeConflict when it changed
         since, KubeNotFound when it is gone."""

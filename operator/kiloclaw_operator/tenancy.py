@@ -27,6 +27,7 @@ hand) is taken over.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -34,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .kube import KubeClient, KubeConflict, KubeNotFound
+from .kube import KubeClient, KubeConflict, KubeError, KubeNotFound
 from .models import GROUP, InstanceSpec, ObjectRef
 from .reasons import Reason
 
@@ -94,7 +95,11 @@ def binding_refusal(
 
 class NamespaceBindings:
     """The annotations of each namespace, read from the API server and kept ``ttl`` seconds (every pass of
-    every instance checks its binding; a fresh read is forced before a claim and before a destroy)."""
+    every instance checks its binding; a fresh read is forced before a claim and before a destroy).
+
+    Passes that find no current entry share one read in flight: a new leader's first passes (thousands in
+    a few namespaces) make one read per namespace, not one each. A fresh read joins only a read that began
+    after it was asked for."""
 
     def __init__(
         self,
@@ -106,18 +111,39 @@ class NamespaceBindings:
         self._clock = clock
         self._ttl = ttl
         self._known: dict[str, tuple[float, dict[str, str]]] = {}
+        self._reading: dict[str, tuple[float, asyncio.Future[dict[str, str] | None]]] = {}
 
     async def annotations(self, namespace: str, *, fresh: bool = False) -> dict[str, str]:
-        known = self._known.get(namespace)
+        asked = self._clock()
+        while True:
+            known = self._known.get(namespace)
+            if known is not None and not fresh and self._clock() - known[0] < self._ttl:
+                return known[1]
+            reading = self._reading.get(namespace)
+            if reading is None or (fresh and reading[0] < asked):
+                break
+            # The shared read failed if None: join the next one (another caller's), or read, and see an
+            # error, itself.
+            shared = await asyncio.shield(reading[1])
+            if shared is not None:
+                return shared
         now = self._clock()
-        if known is not None and not fresh and now - known[0] < self._ttl:
-            return known[1]
-        body = await self._read(namespace)
-        annotations = {
-            key: str(value)
-            for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items()
-            if key in (FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION)
-        }
+        # None when the read fails: whoever joined it then reads for itself.
+        future: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
+        self._reading[namespace] = (now, future)
+        annotations: dict[str, str] | None = None
+        try:
+            body = await self._read(namespace)
+            annotations = {
+                key: str(value)
+                for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items()
+                if key in (FLY_APPS_ANNOTATION, IMAGE_REPOSITORIES_ANNOTATION)
+            }
+        finally:
+            if self._reading.get(namespace, (0.0, None))[1] is future:
+                del self._reading[namespace]
+            future.set_result(annotations)
+        assert annotations is not None  # the read raised otherwise
         self._known[namespace] = (now, annotations)
         return annotations
 
@@ -207,6 +233,51 @@ async def acquire_claim(
         with contextlib.suppress(KubeConflict, KubeNotFound):
             await kube.delete_lease(claims_namespace, name, resource_version=version)
     raise KubeConflict(409, f"claim {name} keeps changing; will retry")
+
+
+CLAIM_LABEL_SELECTOR = f"{GROUP}/claim=sandbox"
+
+
+class ClaimListing:
+    """The claims already held when this process starts, from one paged listing of the claims namespace: a
+    new leader confirms the claims of thousands of instances from ~one request per 500 claims instead of one
+    read each. Taken the first time it is asked (one listing shared by every pass that asks meanwhile),
+    trusted for ``ttl`` seconds (a new leader's first passes), then dropped: later confirmations read the
+    claim itself. A listing proves what a read proves (who held the claim when the API server answered);
+    anything it does not show as held by the asking instance is read as before."""
+
+    def __init__(self, kube: KubeClient, clock: Callable[[], float], ttl: float = 120.0) -> None:
+        self._kube = kube
+        self._clock = clock
+        self._ttl = ttl
+        self._listing: asyncio.Task[tuple[float, dict[str, str]] | None] | None = None
+
+    async def holds(self, namespace: str, spec: InstanceSpec, ref: ObjectRef) -> bool:
+        """Whether the listing shows ``ref`` (by uid) holding the claim on ``spec``'s pair; False: unknown."""
+        if self._listing is None:
+            self._listing = asyncio.get_running_loop().create_task(self._list(namespace))
+        listed = await asyncio.shield(self._listing)
+        if listed is None:
+            return False
+        taken_at, holders = listed
+        if self._clock() - taken_at > self._ttl:
+            holders.clear()  # stale: its memory goes, later confirmations read the claim
+            return False
+        return bool(ref.uid) and holders.get(claim_name(spec.fly_app, spec.sandbox_id)) == ref.uid
+
+    async def _list(self, namespace: str) -> tuple[float, dict[str, str]] | None:
+        taken_at = self._clock()
+        holders: dict[str, str] = {}
+        try:
+            async for page in self._kube.lease_pages(namespace, CLAIM_LABEL_SELECTOR):
+                for lease in page:
+                    name = str((lease.get("metadata") or {}).get("name") or "")
+                    holders[name] = claim_holder(lease)[2]
+        except KubeError as exc:
+            # E.g. an older Role without `list` on Leases: each instance reads its claim, as before.
+            logger.warning("cannot list the claims in %s, reading each instead: %s", namespace, exc)
+            return None
+        return taken_at, holders
 
 
 async def release_claim(kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef) -> None:

@@ -20,6 +20,7 @@ from kiloclaw_operator.models import InstanceSpec, ObjectRef
 from kiloclaw_operator.tenancy import (
     FLY_APPS_ANNOTATION,
     ClaimHolder,
+    ClaimListing,
     acquire_claim,
     claim_body,
     claim_name,
@@ -250,6 +251,33 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
     await stack.delete_instance(namespace, "live")
     await stack.wait_gone(namespace, "live")
     assert await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", live_sandbox)) is None
+
+
+async def test_a_new_process_confirms_the_claims_its_instances_hold_from_one_listing_and_nothing_else(
+    stack: Stack, namespace: str, kube: KubeClient
+) -> None:
+    ours, theirs, unclaimed = (f"ki_listed_{kind}_{unique(namespace)}" for kind in ("ours", "theirs", "free"))
+    mine = ObjectRef(namespace=namespace, name="mine", uid=f"uid-mine-{unique(namespace)}")
+    for sandbox, holder in ((ours, mine), (theirs, ObjectRef(namespace="other", name="x", uid="uid-x"))):
+        await kube.create_lease(
+            CLAIMS_NAMESPACE,
+            claim_body(CLAIMS_NAMESPACE, "acct-x", sandbox, (holder.namespace, holder.name, holder.uid)),
+        )
+    clock = [0.0]
+    listing = ClaimListing(kube, lambda: clock[0], ttl=60)
+    assert await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine)
+    assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", theirs), mine), "held by another uid"
+    assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", unclaimed), mine), "not held at all"
+    clock[0] = 61
+    assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine), (
+        "a stale listing proves nothing"
+    )
+    for sandbox in (ours, theirs):
+        lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", sandbox))
+        assert lease is not None
+        await kube.delete_lease(
+            CLAIMS_NAMESPACE, lease["metadata"]["name"], resource_version=lease["metadata"]["resourceVersion"]
+        )
 
 
 # --- adoption by name ---------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ that a released brake arms itself again once a window passes quietly."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from kiloclaw_operator.brake import ARMED, ENGAGED, RELEASED, RecoveryBrake
 from kiloclaw_operator.config import Settings
 
@@ -74,3 +76,22 @@ async def test_many_reported_stops_engage_it_even_when_the_reads_refute_them() -
     await subject.note_reported()
     assert subject.state == ENGAGED and "6 reported unexpected stops" in subject.reason
     assert await subject.admit(None) is not None  # a real stop meanwhile waits for a person
+
+
+async def test_recoveries_begin_at_once_up_to_the_burst_then_at_the_paced_rate(monkeypatch: Any) -> None:
+    clock = Clock()
+    subject = brake(10, clock, recovery_begin_rate=10, recovery_begin_burst=4)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(round(seconds, 6))
+
+    monkeypatch.setattr("kiloclaw_operator.brake.asyncio.sleep", sleep)
+    for _ in range(6):
+        await subject.paced_begin()
+    assert waits == [0.1, 0.2], "four at once, then one every 1/rate seconds"
+    clock.now += 10  # a quiet while refills the bucket: the next burst begins at once again
+    waits.clear()
+    for _ in range(4):
+        await subject.paced_begin()
+    assert waits == []

@@ -52,7 +52,7 @@ OPERATOR_CALLS: frozenset[RbacCall] = frozenset(
 # Leader election (leadership.py) and the sandbox claims (tenancy.py), granted by a Role in the operator's
 # namespace.
 LEADER_ELECTION_CALLS: frozenset[RbacCall] = frozenset(
-    (verb, "coordination.k8s.io", "leases") for verb in ("get", "create", "update", "delete")
+    (verb, "coordination.k8s.io", "leases") for verb in ("get", "list", "create", "update", "delete")
 )
 
 
@@ -320,7 +320,7 @@ def test_leader_election_role_grants_leases_only_in_the_operator_namespace() -> 
         {
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],
-            "verbs": ["get", "create", "update", "delete"],
+            "verbs": ["get", "list", "create", "update", "delete"],
         }
     ]
     binding = only(manifests, "RoleBinding", "kiloclaw-operator-leader-election")

@@ -3,6 +3,7 @@ namespace ↔ Fly app binding, claim names, volume and machine names (kiloclaw_o
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from builders import instance_spec
 from flysim import FlySimulator
 from kiloclaw_operator.fly import FlyClient
 from kiloclaw_operator.fly.models import Guest, MachineConfig, Mount, RestartPolicy
+from kiloclaw_operator.kube import KubeError
 from kiloclaw_operator.models import InstanceSpec
 from kiloclaw_operator.tenancy import (
     FLY_APPS_ANNOTATION,
@@ -161,6 +163,55 @@ async def test_the_binding_is_read_once_per_interval_unless_asked_fresh() -> Non
     assert await bindings.annotations("t", fresh=True) == {FLY_APPS_ANNOTATION: "acct-2"}
     now[0] = 11
     assert await bindings.annotations("t") == {FLY_APPS_ANNOTATION: "acct-3"}
+
+
+async def test_passes_that_miss_the_binding_at_once_share_one_read_and_a_failed_read_is_not_shared() -> None:
+    reads: list[str] = []
+    gate = asyncio.Event()
+    failing = [True]
+
+    async def read(namespace: str) -> dict[str, Any]:
+        reads.append(namespace)
+        number = len(reads)
+        await gate.wait()
+        if failing[0]:
+            failing[0] = False
+            raise KubeError(503, "unavailable")
+        return {"metadata": {"annotations": {FLY_APPS_ANNOTATION: f"acct-{number}"}}}
+
+    bindings = NamespaceBindings(read, lambda: 0.0, ttl=10)
+    passes = [asyncio.create_task(bindings.annotations("t")) for _ in range(50)]
+    await asyncio.sleep(0)
+    assert reads == ["t"], "one read in flight for fifty passes"
+    gate.set()
+    results = await asyncio.gather(*passes, return_exceptions=True)
+    # The first read failed: its caller sees the error; the others read again, and share that read.
+    assert sum(isinstance(result, KubeError) for result in results) == 1
+    assert [r for r in results if not isinstance(r, KubeError)] == [{FLY_APPS_ANNOTATION: "acct-2"}] * 49
+    assert reads == ["t", "t"]
+
+
+async def test_a_fresh_read_never_joins_a_read_that_began_before_it_was_asked_for() -> None:
+    reads: list[str] = []
+    now = [0.0]
+    gate = asyncio.Event()
+
+    async def read(namespace: str) -> dict[str, Any]:
+        reads.append(namespace)
+        number = len(reads)
+        await gate.wait()
+        return {"metadata": {"annotations": {FLY_APPS_ANNOTATION: f"acct-{number}"}}}
+
+    bindings = NamespaceBindings(read, lambda: now[0], ttl=10)
+    older = asyncio.create_task(bindings.annotations("t"))
+    await asyncio.sleep(0)
+    now[0] = 1.0
+    fresh = asyncio.create_task(bindings.annotations("t", fresh=True))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await older == {FLY_APPS_ANNOTATION: "acct-1"}
+    assert await fresh == {FLY_APPS_ANNOTATION: "acct-2"}
+    assert len(reads) == 2
 
 
 # --- claims -----------------------------------------------------------------------------------------------

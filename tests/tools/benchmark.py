@@ -286,7 +286,9 @@ class ProcessSampler:
 
     def sample(self) -> None:
         with contextlib.suppress(psutil.Error):
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            rss = self.process.memory_info().rss
+            if rss > self.peak_rss:
+                self.peak_rss, self.peak_at = rss, time.strftime("%H:%M:%S")
             times = self.process.cpu_times()
             self.last_cpu = float(times.user + times.system)
 
@@ -295,6 +297,7 @@ class ProcessSampler:
             self.sample()
 
     last_cpu = 0.0
+    peak_at = ""
 
     def cpu_seconds(self) -> float:
         """CPU seconds so far (of a process that has exited: as last sampled)."""
@@ -1390,6 +1393,13 @@ class Shard:
         for sampler in self.samplers:
             sampler.stop()
 
+    def peaks(self) -> str:
+        """Each sampled leader's peak RSS and when (which phase of the run made it)."""
+        return ", ".join(
+            f"pid {sampler.process.pid}: {sampler.peak_rss / 2**20:.0f} MiB at {sampler.peak_at}"
+            for sampler in self.samplers
+        )
+
 
 class Operators:
     """Every shard's leader, checked and measured together (CPU summed, peak RSS the largest of them)."""
@@ -1795,6 +1805,8 @@ async def run_benchmark(
             results.cpu_seconds = ops.cpu_seconds()
             ops.stop_sampling()
             results.peak_rss_bytes = ops.peak_rss()
+            for index, shard in enumerate(shards):
+                say(f"shard {index} leaders' peak RSS: {shard.peaks()}")
             for row, shard in zip(results.shard_rows, shards, strict=False):
                 row.append(f"{shard.peak_rss() / 2**20:.0f} MiB")
             say(f"cold start: SIGKILL the leader, fail hosts under {args.fail_percent:g} % while it is down")

@@ -757,8 +757,10 @@ class RealKube:
             if (
                 line.startswith("apiserver_request_total{")
                 and any(f'verb="{verb}"' in line for verb in self.WRITE_VERBS)
-                # The leader's Lease renewals: one per retry period, whatever the number of instances.
-                and 'resource="leases"' not in line
+                # The operator's writes only: its objects and its Events. Not Leases (the leader's renewals,
+                # one per retry period whatever the number of instances, and the claims, one per instance
+                # created once), nor a node's or a controller's writes (`make cluster NODES=1`).
+                and ('group="kiloclaw.kilo.ai"' in line or 'resource="events"' in line)
             ):
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total

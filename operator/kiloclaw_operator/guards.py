@@ -107,7 +107,11 @@ async def _claim(driver: Guarded, instance: Instance) -> Instance | None:
         # The claim book decides among the instances this process sees; the Lease, created atomically by
         # the API server, decides across shards and replicas (tenancy.py).
         holder = await tenancy.acquire_claim(
-            driver.ctx.kube, claims_namespace(driver.ctx.settings), instance.spec, instance.ref
+            driver.ctx.kube,
+            claims_namespace(driver.ctx.settings),
+            instance.spec,
+            instance.ref,
+            expect_free=True,
         )
         if holder is not None:
             await _refuse_duplicate(driver, instance, ownership.Owner(holder.namespace, holder.name))

@@ -34,7 +34,7 @@ from .fly import backoff_delay, parse_retry_after
 from .kubeconfig import ClusterLogin, Credentials, load_login
 from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 from .reasons import Reason
-from .transport import AiohttpTransport
+from .transport import AiohttpTransport, CookielessClient
 
 logger = logging.getLogger("kiloclaw.kube")
 
@@ -197,7 +197,7 @@ def build_http_client(
     """An httpx client that talks to the API server with ``conn``'s address, TLS settings and credentials."""
     settings = client_settings(conn, user_agent)
     verify = settings.pop("verify")
-    return httpx.AsyncClient(
+    return CookielessClient(
         **settings,
         timeout=timeout,
         transport=AiohttpTransport(max_connections=KUBE_MAX_CONNECTIONS, verify=verify),

@@ -161,6 +161,7 @@ class Runtime:
                 await registry.aclose()
         await self.fly.aclose()
         if self._ctx is not None:
+            await self._ctx.claim_listing.aclose()
             await self._ctx.kube.aclose()
 
 

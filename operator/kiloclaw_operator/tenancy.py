@@ -198,15 +198,19 @@ class ClaimHolder:
 
 
 async def acquire_claim(
-    kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef
+    kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef, *, expect_free: bool = False
 ) -> ClaimHolder | None:
     """Hold the claim on ``spec``'s ``(flyApp, sandboxId)`` for the instance ``ref``: None once it is ours
     (created now, or already ours), else the live instance that holds it. A claim whose holder is gone, or
     was replaced by a new object of the same name (another uid), is deleted (precondition: as read) and taken.
+    ``expect_free`` (a new instance's first claim): create first, read only if that conflicts (one request
+    instead of two for the common case; the create is atomic either way).
     """
     name = claim_name(spec.fly_app, spec.sandbox_id)
+    skip_read = expect_free
     for _ in range(3):
-        lease = await kube.get_lease(claims_namespace, name)
+        lease = None if skip_read else await kube.get_lease(claims_namespace, name)
+        skip_read = False
         if lease is None:
             body = claim_body(
                 claims_namespace, spec.fly_app, spec.sandbox_id, (ref.namespace, ref.name, ref.uid)
@@ -264,6 +268,13 @@ class ClaimListing:
             holders.clear()  # stale: its memory goes, later confirmations read the claim
             return False
         return bool(ref.uid) and holders.get(claim_name(spec.fly_app, spec.sandbox_id)) == ref.uid
+
+    async def aclose(self) -> None:
+        """Stop a listing still in flight (the operator stops; its client is closed next)."""
+        if self._listing is not None and not self._listing.done():
+            self._listing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listing
 
     async def _list(self, namespace: str) -> tuple[float, dict[str, str]] | None:
         taken_at = self._clock()

@@ -230,6 +230,9 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
     rival = ObjectRef(namespace="elsewhere", name="rival", uid="uid-rival")
     holder = await acquire_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", live_sandbox), rival)
     assert holder == ClaimHolder(namespace=namespace, name="live")
+    # A new instance's claim creates first: the conflict then reads who holds it.
+    spec = spec_of("acct-x", live_sandbox)
+    assert await acquire_claim(kube, CLAIMS_NAMESPACE, spec, rival, expect_free=True) == holder
     await release_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", live_sandbox), rival)
     lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", live_sandbox))
     assert lease is not None and lease["spec"]["holderIdentity"] == live["metadata"]["uid"]
@@ -241,7 +244,7 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
         claim_body(CLAIMS_NAMESPACE, "acct-x", orphan_sandbox, ("gone", "gone", "uid-gone")),
     )
     mine = ObjectRef(namespace=namespace, name="mine", uid="uid-mine")
-    assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None
+    assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine, expect_free=True) is None
     assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None  # already ours
     taken = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", orphan_sandbox))
     assert taken is not None and taken["spec"]["holderIdentity"] == "uid-mine"

@@ -15,7 +15,7 @@ import pytest
 
 from kiloclaw_operator.fly import FlyClient, Transient
 from kiloclaw_operator.fly.models import MachineConfig
-from kiloclaw_operator.transport import AiohttpTransport
+from kiloclaw_operator.transport import AiohttpTransport, CookielessClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -251,3 +251,28 @@ async def test_a_proxy_from_the_environment_carries_requests_unless_no_proxy_nam
             with pytest.raises(httpx.ConnectError):
                 await client.get("/not-via-proxy")
     assert proxied == ["GET http://sandbox.invalid/via-proxy HTTP/1.1"]
+
+
+async def test_the_adapters_clients_keep_no_cookie_a_server_sets_and_send_none() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                _, headers, _ = await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            seen.append(headers)
+            writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: session=abc; Path=/\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    async with _server(handler) as url:
+        client = CookielessClient(base_url=url, timeout=5, transport=AiohttpTransport(max_connections=1))
+        try:
+            for _ in range(2):
+                assert (await client.get("/x")).status_code == 200
+        finally:
+            await client.aclose()
+    assert len(seen) == 2 and "cookie" not in seen[1], "a cookie set by the server is never sent back"
+    assert not client.cookies

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..transport import AiohttpTransport
+from ..transport import AiohttpTransport, CookielessClient
 from .errors import FlyError, NotLeading, RateLimited, Transient, classify
 from .metrics import CONNECTION_ERROR_CODE, FLY_REQUEST_DURATION, FLY_REQUESTS, FLY_UNAUTHORIZED
 from .models import Guest, Machine, MachineConfig, OrgMachinesPage, Snapshot, Volume
@@ -213,7 +213,7 @@ class FlyClient:
         self._max_retries = max_retries
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._http = httpx.AsyncClient(
+        self._http = CookielessClient(
             base_url=f"{self._base_url}/v1",
             headers={"Accept": "application/json"},
             timeout=httpx.Timeout(timeout),

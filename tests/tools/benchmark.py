@@ -186,6 +186,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seconds)",
     )
     parser.add_argument(
+        "--census-trace",
+        type=int,
+        default=0,
+        help="with --census: trace allocations (tracemalloc, this many frames) and report where the live "
+        "memory was allocated instead of the deep census (quicker at thousands of instances)",
+    )
+    parser.add_argument(
         "--cold-start-seconds",
         type=float,
         default=30,
@@ -1389,6 +1396,7 @@ class Replica:
     ):
         self.name = name
         self.census_mode = census
+        self.trace_frames = args.census_trace
         self.censuses = 0
         self.health_port = free_port()
         self.env = operator_env(args, fly_url, kubeconfig, self.health_port, name, namespaces, lease_name)
@@ -1404,6 +1412,8 @@ class Replica:
             else operator_command()
         )
         env = dict(self.env, KILOCLAW_CENSUS_DIR=str(self.workdir / self.name)) if census else self.env
+        if census and self.trace_frames:
+            env["KILOCLAW_CENSUS_TRACE"] = str(self.trace_frames)
         if census:
             (self.workdir / self.name).mkdir(exist_ok=True)
         with self.log.open("ab") as log_file:
@@ -1442,6 +1452,20 @@ class Replica:
 def census_summary(report: dict[str, Any]) -> str:
     n = max(1, int(report.get("instances") or 0))
     mib = 2**20
+    if "traced" in report:
+        lines = "\n".join(
+            f"    {size / mib:7.1f} MiB {size / n:8.0f} B/inst {count:8d}  {where}"
+            for where, size, count in report["lines"]
+        )
+        stacks = "\n".join(
+            f"    {size / mib:7.1f} MiB {count:8d}\n" + "\n".join(f"        {frame}" for frame in frames)
+            for frames, size, count in report["stacks"]
+        )
+        return (
+            f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB, traced "
+            f"{report['traced'] / mib:.0f} MiB, took {report['seconds']} s; by line:\n{lines}\n"
+            f"by stack:\n{stacks}"
+        )
     holders = "; ".join(
         f"{name} {h['bytes'] / mib:.1f} MiB ({h['bytes'] / n / 1000:.2f} KB/instance)"
         for name, h in report["holders"].items()

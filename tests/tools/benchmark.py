@@ -248,6 +248,9 @@ class Results:
     rate_limited: int = 0
     cold_affected: int = 0
     cold_detection: list[float] = field(default_factory=list)
+    #: Failure → the operator wrote the stop it saw (``status.flyState`` and ``observedAt``), per instance.
+    noticed: list[float] = field(default_factory=list)
+    cold_noticed: list[float] = field(default_factory=list)
     cold_not_detected: int = 0
     cold_takeover_seconds: float = math.nan
     cold_fly_requests: int = 0
@@ -1238,9 +1241,11 @@ async def fail_hosts_and_measure(
     hosts, affected = await fail_hosts(fly, by_machine, candidates, target, set())
     results.failed_hosts = len(hosts)
     results.affected = len(affected)
+    noticed: dict[tuple[str, str], float] = {}
     detected, recovered = await measure_recoveries(
-        api, args, affected, failed_wall, failed_mono, results, ops.check
+        api, args, affected, failed_wall, failed_mono, results, ops.check, noticed
     )
+    results.noticed = list(noticed.values())
     results.detection = list(detected.values())
     results.recovered = list(recovered.values())
     results.not_detected = len(affected) - len(detected)
@@ -1256,8 +1261,12 @@ async def measure_recoveries(
     failed_mono: float,
     results: Results,
     check: Callable[[], None],
+    noticed: dict[tuple[str, str], float] | None = None,
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
-    """Per affected instance: seconds from the failure to ``Recovering`` and to ``Running`` again."""
+    """Per affected instance: seconds from the failure to ``Recovering`` and to ``Running`` again; and into
+    ``noticed``, to the operator's record of the stop (``observedAt`` of a ``flyState`` that is not
+    ``started``, written as the stop is seen, before the recovery budget admits the recovery)."""
+    noticed = {} if noticed is None else noticed
     detected: dict[tuple[str, str], float] = {}
     recovered: dict[tuple[str, str], float] = {}
     deadline = time.monotonic() + max(args.phase_timeout, 3 * args.poll_running + args.recovery_timeout)
@@ -1275,6 +1284,16 @@ async def measure_recoveries(
                 started = None  # an earlier recovery's (e.g. the burst's), not this failure's
             if key not in detected and (status.get("phase") == "Recovering" or started is not None):
                 detected[key] = started - failed_wall if started is not None else observed
+            seen_at = parse_time(status.get("observedAt"))
+            if (
+                key not in noticed
+                and status.get("flyState") not in (None, "started")
+                and seen_at is not None
+                and seen_at >= failed_wall - 1
+            ):
+                noticed[key] = max(seen_at - failed_wall, 0.0)
+            if key in detected:
+                noticed[key] = min(noticed.get(key, math.inf), detected[key])
             finished = parse_time(last_recovery.get("finishedAt"))
             if key in detected and status.get("phase") == "Running" and not recovery:
                 recovered[key] = max(finished - failed_wall, 0.0) if finished is not None else observed
@@ -1350,7 +1369,11 @@ async def measure_cold_start(
     if profiler is not None:
         results.cold_profile = profiler.stop()
         say(f"profile of the cold start ({results.mode}):\n{results.cold_profile}")
-    detected, _ = await measure_recoveries(api, args, affected, failed_wall, failed_mono, results, ops.check)
+    noticed: dict[tuple[str, str], float] = {}
+    detected, _ = await measure_recoveries(
+        api, args, affected, failed_wall, failed_mono, results, ops.check, noticed
+    )
+    results.cold_noticed = list(noticed.values())
     results.cold_detection = list(detected.values())
     results.cold_not_detected = len(affected) - len(detected)
     results.cold_first_recovery = min(detected.values(), default=math.nan) + (failed_wall - killed_wall)
@@ -1676,6 +1699,8 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
             "Failed hosts → affected instances",
             f"{results.failed_hosts} → {results.affected} ({results.affected / n * 100:.1f} %)",
         ),
+        ("Failure → stop recorded (`flyState`), p50", fmt_seconds(percentile(results.noticed, 50))),
+        ("Failure → stop recorded (`flyState`), p99", fmt_seconds(percentile(results.noticed, 99))),
         ("Failure → `Recovering`, p50", fmt_seconds(percentile(results.detection, 50)) + detection_note),
         ("Failure → `Recovering`, p99", fmt_seconds(percentile(results.detection, 99))),
         ("Failure → `Running` again, p50", fmt_seconds(percentile(results.recovered, 50)) + recovery_note),
@@ -1691,6 +1716,11 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
         ("Burst: SIGKILL → provisioning resumed (next `Ready`)", fmt_seconds(results.burst_resumed)),
         ("Cold start: leader killed → new leader", fmt_seconds(results.cold_takeover_seconds)),
         ("Cold start: leader killed → first recovery started", fmt_seconds(results.cold_first_recovery)),
+        (
+            "Cold start: stopped while down → stop recorded, p50 / p99",
+            f"{fmt_seconds(percentile(results.cold_noticed, 50))} / "
+            f"{fmt_seconds(percentile(results.cold_noticed, 99))}",
+        ),
         (
             "Cold start: stopped while down → `Recovering`, p50",
             fmt_seconds(percentile(results.cold_detection, 50)) + cold_note,

@@ -347,12 +347,14 @@ class DriverRegistry(Generic[D]):
         key = (namespace, name)
         if key not in self._loops and not driver.stopping():
             # In a context of its own: a task copies the current one, and here that is kopf's handler context,
-            # which holds the first watch event's cause, body and logger for as long as the loop runs.
+            # which holds the first watch event's cause, body and logger for as long as the loop runs. So does
+            # a done-callback (it keeps a copy of the context it was added in): both get the empty one.
+            own = contextvars.Context()
             task = asyncio.get_running_loop().create_task(
-                _keep_running(driver), name=f"{namespace}/{name}", context=contextvars.Context()
+                _keep_running(driver), name=f"{namespace}/{name}", context=own
             )
             self._loops[key] = task
-            task.add_done_callback(lambda done: self._loop_ended(key, done))
+            task.add_done_callback(lambda done: self._loop_ended(key, done), context=own)
         return driver
 
     def _loop_ended(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:

@@ -1484,7 +1484,16 @@ def census_summary(report: dict[str, Any]) -> str:
             f"    {size / mib:7.1f} MiB {count:8d}\n" + "\n".join(f"        {frame}" for frame in frames)
             for frames, size, count in report["stacks"]
         )
+        chains = "\n".join(
+            f"    {name}: " + " <- ".join(chain)
+            for name, found in report.get("chains", {}).items()
+            for chain in found
+        )
+        garbage = report.get("garbage", {})
         return (
+            f"a full collection freed {garbage.get('freed', 0) / mib:.1f} MiB ({garbage.get('collected', 0)} "
+            f"objects; Instance models before it: {garbage.get('instances_before', 0)}); who keeps them:\n"
+            f"{chains}\n"
             f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB, traced "
             f"{report['traced'] / mib:.0f} MiB, took {report['seconds']} s; by line:\n{lines}\n"
             f"by stack:\n{stacks}"

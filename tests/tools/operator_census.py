@@ -224,12 +224,81 @@ def census() -> dict[str, Any]:
     return report
 
 
+def _describe(obj: Any) -> str:
+    kind = type(obj).__name__
+    if kind == "frame":
+        return f"frame {obj.f_code.co_name} ({obj.f_code.co_filename.rsplit('/', 2)[-1]}:{obj.f_lineno})"
+    if kind == "dict":
+        return "dict{" + ",".join(str(k) for k in list(obj)[:6]) + "}"
+    if kind == "cell":
+        return "cell"
+    return kind
+
+
+def _is_body(obj: Any) -> bool:
+    return type(obj) is dict and "metadata" in obj and ("spec" in obj or "status" in obj)
+
+
+_TARGETS: dict[str, Any] = {
+    "Instance": lambda o: type(o).__name__ == "Instance",
+    "Machine": lambda o: type(o).__name__ == "Machine",
+    "a decoded body": _is_body,
+}
+
+
+def _referrer_chains(name: str, samples: int = 4, depth: int = 8) -> list[list[str]]:
+    """Who keeps a few live objects matching ``name``'s predicate: for each sample, one chain of referrers
+    (level by level the first that is not the census's own bookkeeping)."""
+    matches = _TARGETS[name]
+    every = [o for o in gc.get_objects() if matches(o)]
+    alive = len(every)
+    picked = every[:: max(1, alive // samples)][:samples]
+    del every
+    chains: list[list[str]] = []
+    while picked:
+        current = picked.pop()
+        chain: list[str] = []
+        seen: set[int] = set()
+        mine: set[int] = {id(picked)}
+        for _ in range(depth):
+            seen.add(id(current))
+            found = gc.get_referrers(current)
+            mine.add(id(found))
+            referrers = [
+                r
+                for r in found
+                if id(r) not in seen
+                and id(r) not in mine
+                and not (type(r).__name__ == "frame" and r.f_code.co_filename == __file__)
+                and not (type(r) is list and len(r) > 1000)
+            ]
+            mine.add(id(referrers))
+            del found
+            if not referrers:
+                break
+            current = referrers[0]
+            more = f" (+{len(referrers) - 1})" if len(referrers) > 1 else ""
+            chain.append(_describe(current) + more)
+        chains.append(chain)
+        del current
+    return [[f"{alive} alive"], *chains]
+
+
 def traced() -> dict[str, Any]:
     """Where the live memory was allocated (``KILOCLAW_CENSUS_TRACE``: tracemalloc, started with the
     process): quicker than the deep census, which stalls a large operator for minutes."""
     import tracemalloc
 
     started = time.monotonic()
+    # What a full collection frees first (cyclic garbage the operator's rare full collections leave).
+    before = tracemalloc.get_traced_memory()[0]
+    models_before = sum(1 for o in gc.get_objects() if type(o).__name__ == "Instance")
+    collected = gc.collect()
+    garbage = {
+        "collected": collected,
+        "freed": before - tracemalloc.get_traced_memory()[0],
+        "instances_before": models_before,
+    }
     snapshot = tracemalloc.take_snapshot().filter_traces(
         [
             tracemalloc.Filter(False, tracemalloc.__file__),
@@ -239,7 +308,10 @@ def traced() -> dict[str, Any]:
     lines = snapshot.statistics("lineno")
     stacks = snapshot.statistics("traceback")
     total = sum(stat.size for stat in lines)
+    chains = {name: _referrer_chains(name) for name in _TARGETS}
     return {
+        "chains": chains,
+        "garbage": garbage,
         "rss": rss(),
         "traced": total,
         "instances": len(_instances_of("InstanceDriver")),

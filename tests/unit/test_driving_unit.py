@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -167,3 +170,30 @@ async def test_a_pass_waiting_aside_lends_its_admission_to_another_pass_and_a_st
     finally:
         await registry.aclose()
     assert not gate.locked(), "every place taken was given back"
+
+
+async def test_a_drivers_loop_keeps_nothing_of_the_watch_event_that_started_it() -> None:
+    # kopf runs a handler in a context that holds the event's cause and body (a whole object, managedFields
+    # and all, on a real API server): a loop started from it must keep none of that for its lifetime.
+    event_var: contextvars.ContextVar[object] = contextvars.ContextVar("event")
+
+    class Event:
+        pass
+
+    driver = _Counting()
+    registry = DriverRegistry(lambda namespace, name: driver)
+    event = Event()
+    seen = weakref.ref(event)
+
+    async def handler(cause: object) -> None:
+        event_var.set(cause)
+        registry.running("ns", "a")
+
+    await asyncio.create_task(handler(event))
+    del event
+    for _ in range(3):  # the loop lets go of the finished handler's context after a few more steps
+        await asyncio.sleep(0)
+    await asyncio.create_task(asyncio.sleep(0))
+    gc.collect()
+    assert seen() is None, "the loop (its task, its done-callback) holds the handler's context"
+    await registry.aclose()

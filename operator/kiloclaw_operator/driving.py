@@ -58,8 +58,10 @@ class Context:
     # Claims of a (flyApp, sandboxId) are checked and recorded one at a time (see ownership.py).
     claims: asyncio.Lock = field(default_factory=asyncio.Lock)
     claim_book: ownership.ClaimBook = field(init=False)
-    # Passes that provision at once (see ObjectDriver.admission).
+    # Passes that provision at once (see ObjectDriver.admission), and as many again that may wait aside
+    # without it (see ObjectDriver.aside).
     provisioning: asyncio.Semaphore = field(init=False)
+    provisioning_aside: asyncio.Semaphore = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
     # The claims already held when this process started (one listing instead of a read per instance).
@@ -72,6 +74,7 @@ class Context:
         self.bindings = tenancy.NamespaceBindings(self.kube.get_namespace, time.monotonic)
         self.claim_listing = tenancy.ClaimListing(self.kube, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
+        self.provisioning_aside = asyncio.Semaphore(self.settings.provisioning_concurrency)
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -180,20 +183,39 @@ class ObjectDriver(ABC, Generic[M]):
         lock and before the body is read into a model, so a waiting pass holds neither)."""
         return None
 
+    def waiting_room(self, gate: asyncio.Semaphore) -> asyncio.Semaphore | None:
+        """The places for passes that wait ``aside`` without ``gate`` (None: unbounded)."""
+        if self.ctx is not None and gate is self.ctx.provisioning:
+            return self.ctx.provisioning_aside
+        return None
+
     @contextlib.asynccontextmanager
     async def aside(self, interrupt: Callable[[], None]) -> AsyncIterator[Callable[[], bool]]:
         """The pass waits for something outside it (news of a machine it just created): its admission goes to
         another pass meanwhile, and is taken back before the pass goes on; a stop request calls ``interrupt``
-        (the wait ends at once). Yields whether the driver was asked to stop."""
-        gate, self._admitted = self._admitted, None
+        (the wait ends at once). Yields whether the driver was asked to stop.
+
+        Only while a place among the waiting passes is free (``waiting_room``): a waiting pass holds its
+        models, its Fly answers and its frames (~30 KB), and at 10,000 new instances thousands of them waited
+        at once when the feed's news came late; past that bound a pass waits holding its admission, which
+        slows the admission of new passes instead."""
+        gate = self._admitted
+        room = self.waiting_room(gate) if gate is not None else None
+        if gate is not None and room is not None and room.locked():
+            gate = None  # no free place: keep the admission while waiting
         self._interrupt = interrupt
         if gate is not None:
+            self._admitted = None
+            if room is not None:
+                await room.acquire()  # free (checked above): returns at once
             gate.release()
         try:
             yield self.stopping
         finally:
             self._interrupt = None
             if gate is not None:
+                if room is not None:
+                    room.release()
                 # Shielded: a cancelled pass still takes it back (later) rather than leaving the loop's
                 # release unmatched.
                 await asyncio.shield(gate.acquire())

@@ -172,6 +172,47 @@ async def test_a_pass_waiting_aside_lends_its_admission_to_another_pass_and_a_st
     assert not gate.locked(), "every place taken was given back"
 
 
+class _Waiting(_Admitted):
+    """Drivers "a" and "c" step aside until stopped; the waiting room has one place."""
+
+    def __init__(self, name: str, gate: asyncio.Semaphore, room: asyncio.Semaphore) -> None:
+        super().__init__(name, gate)
+        self.room = room
+
+    def waiting_room(self, gate: asyncio.Semaphore) -> asyncio.Semaphore | None:
+        return self.room
+
+    async def reconcile(self, obj: Any) -> float:
+        self.passes += 1
+        if self.name in ("a", "c"):
+            interrupted = asyncio.Event()
+            async with self.aside(interrupted.set):
+                self.aside_entered = True
+                await interrupted.wait()
+        return 3600.0
+
+
+async def test_past_the_waiting_rooms_places_a_waiting_pass_keeps_its_admission() -> None:
+    gate, room = asyncio.Semaphore(1), asyncio.Semaphore(1)
+    registry: DriverRegistry[_Waiting] = DriverRegistry(lambda namespace, name: _Waiting(name, gate, room))
+    try:
+        a, c, b = (registry.running("ns", name) for name in "acb")
+        a.offer(_body("1"))
+        await _until(lambda: a.aside_entered)
+        c.offer(_body("1"))
+        await _until(lambda: c.aside_entered)  # a lent its admission to c ...
+        assert room.locked() and gate.locked(), "... but c found the room full: it waits holding it"
+        b.offer(_body("1"))
+        await asyncio.sleep(0.05)
+        assert b.passes == 0, "no admission left for a third pass while two wait"
+        c.stop()
+        await _until(lambda: b.passes == 1)
+        a.stop()
+    finally:
+        await registry.aclose()
+    assert not gate.locked() and not room.locked(), "every place taken was given back"
+
+
 async def test_a_drivers_loop_keeps_nothing_of_the_watch_event_that_started_it() -> None:
     # kopf runs a handler in a context that holds the event's cause and body (a whole object, managedFields
     # and all, on a real API server): a loop started from it must keep none of that for its lifetime.

@@ -145,14 +145,34 @@ def _age(seconds: float) -> str:
 # --- a start that seems to have failed -------------------------------------------------------------------
 
 
-def judge_failed_start(machine: Machine, decision: lifecycle.Decision) -> lifecycle.Decision:
+def judge_failed_start(
+    machine: Machine, decision: lifecycle.Decision, *, relocatable: bool = True
+) -> lifecycle.Decision:
     """``Starting`` saw the machine stopped: before stalling it as a failed start, what the machine says.
     A stop that was *requested* (the operator's own earlier stop landing late, chaos seed 563737) is not a
-    failed start: start it again. Started or on its way: no stall. Failed, or an exit by itself: the stall."""
+    failed start: start it again. Started or on its way: no stall. Stopped on a host Fly reports unreachable
+    (the host died while the machine started): the sandbox is not at fault, so it is relocated as an
+    unexpected stop is (``relocatable``: recovery on and a volume recorded), else stalled saying so. Failed,
+    or an exit by itself: the stall."""
     if machine.state == fly.STARTED:
         return lifecycle.Decision(lifecycle.Action.SETTLE, Phase.RUNNING, reason="machine started")
     if machine.state in fly.TRANSIENT_MACHINE_STATES and not machine.is_gone:
         return lifecycle.Decision(lifecycle.Action.NOTHING, reason=f"machine {machine.state}")
+    if machine.state in (fly.STOPPED, fly.FAILED) and not machine.host_reachable:
+        if relocatable:
+            return lifecycle.Decision(
+                lifecycle.Action.BEGIN_RECOVERY,
+                reason=f"machine {machine.id} stopped while starting on a host Fly reports "
+                f"{machine.host_status}: relocating the sandbox",
+            )
+        return lifecycle.Decision(
+            lifecycle.Action.SETTLE,
+            Phase.STOPPED,
+            stall=Reason.HOST_UNAVAILABLE,
+            reason=f"machine {machine.id} stopped while starting on a host Fly reports {machine.host_status} "
+            "and recovery is disabled: enable spec.recovery to relocate the sandbox, or set the "
+            "kiloclaw.kilo.ai/retry annotation once the host is back",
+        )
     if machine.state == fly.STOPPED:
         last_exit = machine.last_exit
         if last_exit is None or last_exit.requested_stop is True:
@@ -179,7 +199,10 @@ async def confirm_failed_start(
         if isinstance(exc, Fatal):
             raise
         return lifecycle.Decision(lifecycle.Action.NOTHING, reason=f"cannot confirm the stop: {exc}"), None
-    return judge_failed_start(machine, decision), machine
+    relocatable = bool(
+        instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region
+    )
+    return judge_failed_start(machine, decision, relocatable=relocatable), machine
 
 
 def waiting(instance: Instance) -> bool:

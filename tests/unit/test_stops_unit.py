@@ -135,6 +135,8 @@ STALL = lifecycle.Decision(lifecycle.Action.SETTLE, Phase.STOPPED, stall=Reason.
         (machine("stopped", requested_stop=True), lifecycle.Action.START, False),
         (machine("stopped", requested_stop=False), lifecycle.Action.SETTLE, True),
         (machine("failed"), lifecycle.Action.SETTLE, True),
+        (machine("stopped", host_status="unreachable"), lifecycle.Action.BEGIN_RECOVERY, False),
+        (machine("failed", host_status="unknown"), lifecycle.Action.BEGIN_RECOVERY, False),
     ],
     ids=[
         "started meanwhile",
@@ -143,6 +145,8 @@ STALL = lifecycle.Decision(lifecycle.Action.SETTLE, Phase.STOPPED, stall=Reason.
         "a requested stop",
         "exited by itself",
         "failed",
+        "stopped on a host that died",
+        "failed on a host Fly cannot see",
     ],
 )
 def test_a_stop_seen_while_starting_is_a_failed_start_only_when_the_machine_says_so(
@@ -151,3 +155,8 @@ def test_a_stop_seen_while_starting_is_a_failed_start_only_when_the_machine_says
     decided = judge_failed_start(observed, STALL)
     assert decided.action is action
     assert (decided.stall is not None) is stalls
+
+
+def test_a_start_that_a_dead_host_stopped_without_recovery_stalls_saying_so() -> None:
+    decided = judge_failed_start(machine("stopped", host_status="unreachable"), STALL, relocatable=False)
+    assert decided.stall == Reason.HOST_UNAVAILABLE and "recovery is disabled" in decided.reason

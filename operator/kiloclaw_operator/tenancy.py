@@ -257,10 +257,14 @@ class ClaimListing:
         self._listing: asyncio.Task[tuple[float, dict[str, str]] | None] | None = None
 
     async def holds(self, namespace: str, spec: InstanceSpec, ref: ObjectRef) -> bool:
-        """Whether the listing shows ``ref`` (by uid) holding the claim on ``spec``'s pair; False: unknown."""
+        """Whether the listing shows ``ref`` (by uid) holding the claim on ``spec``'s pair; False: unknown,
+        also while the listing is still under way (no pass waits for it: a pass of an instance that stopped
+        while no operator ran must not queue behind a listing of every claim of every shard)."""
         if self._listing is None:
             self._listing = asyncio.get_running_loop().create_task(self._list(namespace))
-        listed = await asyncio.shield(self._listing)
+        if not self._listing.done() or self._listing.cancelled():
+            return False
+        listed = self._listing.result()
         if listed is None:
             return False
         taken_at, holders = listed

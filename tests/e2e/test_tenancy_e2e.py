@@ -268,7 +268,9 @@ async def test_a_new_process_confirms_the_claims_its_instances_hold_from_one_lis
         )
     clock = [0.0]
     listing = ClaimListing(kube, lambda: clock[0], ttl=60)
-    assert await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine)
+    # The first asks start the listing and, until it is done, know nothing (those passes read their claim).
+    assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine)
+    await eventually(lambda: listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine), timeout=10)
     assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", theirs), mine), "held by another uid"
     assert not await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", unclaimed), mine), "not held at all"
     clock[0] = 61

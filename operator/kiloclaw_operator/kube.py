@@ -346,14 +346,15 @@ class KubeClient:
     async def instance_pages(
         self, namespace: str | None = None, page_size: int = 500
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """All instances, ``page_size`` at a time (the API server's chunked list: ``limit`` and ``continue``),
-        for a caller that keeps only a little of each."""
+        """All instances, ``page_size`` at a time, for a caller that keeps only a little of each."""
+        async for items in self._pages(self._instances_path(namespace), {"limit": page_size}):
+            yield items
+
+    async def _pages(self, path: str, params: dict[str, str | int]) -> AsyncIterator[list[dict[str, Any]]]:
+        """A list in pages (the API server's chunked list: ``limit`` and ``continue``)."""
         token: str | None = None
         while True:
-            params: dict[str, str | int] = {"limit": page_size}
-            if token:
-                params["continue"] = token
-            page = await self._request("GET", self._instances_path(namespace), params=params)
+            page = await self._request("GET", path, params={**params, "continue": token} if token else params)
             yield page.get("items", [])
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -424,16 +425,9 @@ class KubeClient:
         self, namespace: str, label_selector: str, page_size: int = 500
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The Leases of ``namespace`` that match ``label_selector``, ``page_size`` at a time."""
-        token: str | None = None
-        while True:
-            params: dict[str, str | int] = {"limit": page_size, "labelSelector": label_selector}
-            if token:
-                params["continue"] = token
-            page = await self._request("GET", self._lease_path(namespace), params=params)
-            yield page.get("items", [])
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return
+        params: dict[str, str | int] = {"limit": page_size, "labelSelector": label_selector}
+        async for items in self._pages(self._lease_path(namespace), params):
+            yield items
 
     async def delete_lease(self, namespace: str, name: str, *, resource_version: str) -> None:
         """Delete only the Lease as read (``resourceVersion`` precondition): KubeConflict when it changed

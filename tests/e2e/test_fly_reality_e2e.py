@@ -65,6 +65,16 @@ async def running_instance(stack: Stack, namespace: str, **spec: Any) -> dict[st
     )
 
 
+async def waiting_for_source(stack: Stack, namespace: str) -> dict[str, Any]:
+    """The instance once it is Stalled WaitingForSource (host down, nothing to recover from)."""
+    return await stack.wait_instance(
+        namespace,
+        NAME,
+        lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
+        what="Stalled WaitingForSource",
+    )
+
+
 def requests(stack: Stack, method: str, path: str) -> list[Any]:
     return [r for r in stack.fly.request_log if r.method == method and r.path == f"/v1/apps/{APP}/{path}"]
 
@@ -122,12 +132,7 @@ async def test_a_dead_host_without_a_snapshot_waits_stalled_and_recovers_by_itse
     source_machine, source_volume = status(body)["machineId"], status(body)["volumeId"]
     stack.fly.fail_host(machine_id=source_machine)
 
-    waiting = await stack.wait_instance(
-        namespace,
-        NAME,
-        lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
-        what="Stalled WaitingForSource",
-    )
+    waiting = await waiting_for_source(stack, namespace)
     st = status(waiting)
     assert st["phase"] == "Stopped"
     assert "recovery" not in st and "lastRecovery" not in st  # no attempt, no deadline burnt
@@ -161,12 +166,7 @@ async def test_a_snapshot_older_than_the_policy_allows_is_not_restored_until_the
     snapshot = stack.fly.add_snapshot(source_volume)
     stack.fly.fail_host(machine_id=source_machine)
 
-    waiting = await stack.wait_instance(
-        namespace,
-        NAME,
-        lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
-        what="Stalled WaitingForSource",
-    )
+    waiting = await waiting_for_source(stack, namespace)
     assert "maxDataLossSeconds is 0" in condition(waiting, "Stalled")["message"]
     assert [v["id"] for v in sandbox_volumes(stack, namespace)] == [source_volume]
 
@@ -186,12 +186,7 @@ async def test_a_fork_that_fly_refuses_for_an_unreachable_host_is_never_attempte
         # Only this story's requests: the stack is shared with other files' stories (capacity 412s).
         log_from = len(stack.fly.request_log)
         stack.fly.fail_host(machine_id=source_machine)
-        await stack.wait_instance(
-            namespace,
-            NAME,
-            lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
-            what="Stalled WaitingForSource",
-        )
+        await waiting_for_source(stack, namespace)
     finally:
         stack.fly.unreachable_fork = previous
     refused = [
@@ -413,12 +408,7 @@ async def test_an_instance_waiting_for_its_dead_host_runs_again_when_fly_migrate
         body = await running_instance(stack, namespace)
         machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
         stack.fly.fail_host(machine_id=machine)
-        await stack.wait_instance(
-            namespace,
-            NAME,
-            lambda b: condition(b, "Stalled").get("reason") == "WaitingForSource",
-            what="Stalled WaitingForSource",
-        )
+        await waiting_for_source(stack, namespace)
         stack.fly.restore_host(machine_id=machine)
         stack.fly.migrate_machine(machine)  # before the instance looks again (every 3 s here)
         up = await running_again_off(stack, namespace, old_volume, "after the migration ended the wait")

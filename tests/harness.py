@@ -334,6 +334,19 @@ class Stack:
     async def event_reasons(self, namespace: str, name: str | None = None) -> list[str]:
         return [e["reason"] for e in await self.events(namespace, name)]
 
+    async def events_with(
+        self, namespace: str, name: str | None, *reasons: str, timeout: float = 10
+    ) -> list[dict[str, Any]]:
+        """The events once every one of ``reasons`` is among them: the operator posts events from a queue
+        after the status writes a test waits for, so on a real API server they land a moment later."""
+
+        async def check() -> list[dict[str, Any]] | None:
+            events = await self.events(namespace, name)
+            seen = {e.get("reason") for e in events}
+            return events if all(reason in seen for reason in reasons) else None
+
+        return await eventually(check, timeout=timeout, what=f"events {reasons} of {namespace}/{name}")
+
     async def wait_instance(
         self,
         namespace: str,

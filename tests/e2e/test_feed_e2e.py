@@ -169,7 +169,7 @@ async def test_with_the_feed_a_platform_migration_is_followed_even_when_its_stop
     )
     assert status(moved)["machineId"] == machine_id
     assert "lastRecovery" not in status(moved)
-    assert "MachineMigrated" in await stack.event_reasons(namespace, "mg")
+    await stack.events_with(namespace, "mg", "MachineMigrated")
 
 
 async def test_with_the_feed_a_spec_flipped_back_to_running_while_stopping_is_applied_once_stopped(

@@ -84,7 +84,11 @@ def sandbox_volumes(stack: Stack, namespace: str) -> list[dict[str, Any]]:
 
 
 async def event_messages(stack: Stack, namespace: str, reason: str) -> list[str]:
-    return [e.get("message", "") for e in await stack.events(namespace, NAME) if e.get("reason") == reason]
+    """The messages of the instance's events with this reason, once there is one: the operator posts an event
+    after the status write a test waits for, so on a real API server it can land a moment later."""
+
+    events = await stack.events_with(namespace, NAME, reason)
+    return [e.get("message", "") for e in events if e.get("reason") == reason]
 
 
 async def test_a_dead_host_with_a_recent_snapshot_is_recovered_from_the_snapshot_and_says_how_old_it_was(
@@ -137,7 +141,7 @@ async def test_a_dead_host_without_a_snapshot_waits_stalled_and_recovers_by_itse
     assert st["phase"] == "Stopped"
     assert "recovery" not in st and "lastRecovery" not in st  # no attempt, no deadline burnt
     assert "no snapshot" in condition(waiting, "Stalled")["message"]
-    assert "WaitingForSource" in await stack.event_reasons(namespace, NAME)
+    await stack.events_with(namespace, NAME, "WaitingForSource")
     assert [v["id"] for v in sandbox_volumes(stack, namespace)] == [source_volume]
     assert not requests(stack, "DELETE", f"machines/{source_machine}")
     assert condition(waiting, "Ready")["status"] == "False"
@@ -222,7 +226,7 @@ async def test_a_platform_migration_is_followed_without_a_recovery_or_a_delete(
     assert st["machineId"] == machine
     assert st["volumeId"] == stack.fly.machine(machine)["config"]["mounts"][0]["volume"]
     assert "lastRecovery" not in st and "recovery" not in st
-    reasons = await stack.event_reasons(namespace, NAME)
+    reasons = [e["reason"] for e in await stack.events_with(namespace, NAME, "MachineMigrated")]
     assert "MachineMigrated" in reasons and "RecoveryStarted" not in reasons
     assert not requests(stack, "DELETE", f"machines/{machine}")
     assert stack.fly.machine(machine)["state"] == "started"
@@ -302,7 +306,7 @@ async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rear
         assert status(held)["phase"] == "Stopped" and "recovery" not in status(held)
         assert "kubectl kiloclaw rearm" in condition(held, "Stalled")["message"]
         assert stack.fly.machine(machines[paused])["state"] == "stopped"  # nothing destroyed
-        assert "RecoveryPaused" in await stack.event_reasons(namespace, paused)
+        await stack.events_with(namespace, paused, "RecoveryPaused")
         shown = await plugin_json(stack, "brake")
         assert shown["state"] == "Engaged" and "3 reported unexpected stops" in shown["reason"]
         assert REGISTRY.get_sample_value("kiloclaw_recovery_brake_engaged") == 1

@@ -957,7 +957,7 @@ async def test_a_spec_change_while_recovering_is_announced_as_busy_once_and_appl
         await caught_up(history, done)
     assert stack.fly.machine(status(done)["machineId"])["config"]["env"]["NEW"] == "1"
     assert status(done)["machineId"] != source_machine
-    reasons = await stack.event_reasons(namespace, NAME)
+    reasons = [e["reason"] for e in await stack.events_with(namespace, NAME, "ActionDeferred")]
     assert reasons.count("ActionDeferred") == 1
     # observedGeneration never claimed the deferred generation before it was acted on.
     assert all(

@@ -255,7 +255,7 @@ async def test_expiry_deletes_the_volume_and_the_resource(stack: Stack, namespac
     await wait_retained_gone(stack, namespace, "alice-vol-exp")
     assert not volume_alive(stack, volume_id)
     # The instance does not exist, so the Event lands on the retained volume itself.
-    deleted = await reasons(stack, namespace, "alice-vol-exp", "RetainedVolumeDeleted")
+    deleted = await posted(stack, namespace, "alice-vol-exp", "RetainedVolumeDeleted")
     assert len(deleted) == 1
     assert volume_id in deleted[0]["message"]
 
@@ -272,7 +272,7 @@ async def test_delete_now_patch_deletes_before_expiry_and_reports_on_the_instanc
     await patch_retained(stack, namespace, "alice-vol-now", {"spec": {"deleteNow": True}})
     await wait_retained_gone(stack, namespace, "alice-vol-now")
     assert not volume_alive(stack, volume_id)
-    deleted = await reasons(stack, namespace, "alice", "RetainedVolumeDeleted")
+    deleted = await posted(stack, namespace, "alice", "RetainedVolumeDeleted")
     assert len(deleted) == 1
     assert deleted[0]["involvedObject"]["kind"] == "KiloClawInstance"
     assert volume_id in deleted[0]["message"]
@@ -289,7 +289,7 @@ async def test_kubectl_delete_deletes_the_volume_through_the_finalizer(stack: St
     await delete_retained(stack, namespace, "alice-vol-del")
     await wait_retained_gone(stack, namespace, "alice-vol-del")
     assert not volume_alive(stack, volume_id)
-    assert len(await reasons(stack, namespace, "alice-vol-del", "RetainedVolumeDeleted")) == 1
+    assert len(await posted(stack, namespace, "alice-vol-del", "RetainedVolumeDeleted")) == 1
 
 
 # --- provenance: only what the operator minted ------------------------------------------------------------
@@ -458,7 +458,7 @@ async def test_volume_already_gone_counts_as_deleted_and_the_resource_is_removed
         stack, namespace, "alice-vol-404", "vol_doesnotexist0000", retain_until=datetime.now(UTC)
     )
     await wait_retained_gone(stack, namespace, "alice-vol-404")
-    assert len(await reasons(stack, namespace, "alice-vol-404", "RetainedVolumeDeleted")) == 1
+    assert len(await posted(stack, namespace, "alice-vol-404", "RetainedVolumeDeleted")) == 1
 
 
 async def test_missing_volume_before_expiry_is_reported_not_ready(stack: Stack, namespace: str) -> None:
@@ -562,7 +562,7 @@ async def test_operator_restart_in_the_middle_of_a_delete_completes_it_once(
 
     await wait_retained_gone(stack, namespace, "alice-vol-crash")
     assert not volume_alive(stack, volume_id)
-    assert len(await reasons(stack, namespace, "alice-vol-crash", "RetainedVolumeDeleted")) == 1
+    assert len(await posted(stack, namespace, "alice-vol-crash", "RetainedVolumeDeleted")) == 1
 
 
 # --- with a real recovery ---------------------------------------------------------------------------------
@@ -596,6 +596,6 @@ async def test_old_volume_kept_by_a_recovery_is_deleted_early_while_the_instance
     await wait_retained_gone(stack, namespace, name)
     assert not volume_alive(stack, old_volume)
     assert volume_alive(stack, new_volume)
-    assert len(await reasons(stack, namespace, "alice", "RetainedVolumeDeleted")) == 1
+    assert len(await posted(stack, namespace, "alice", "RetainedVolumeDeleted")) == 1
     instance = await stack.wait_phase(namespace, "alice", "Running")
     assert status(instance)["volumeId"] == new_volume

@@ -164,7 +164,7 @@ async def test_a_tenant_with_kiloclaw_edit_runs_its_sandbox_and_every_attack_is_
     )
     message = condition(squatter, "Stalled")["message"]
     assert "an instance in another namespace" in message and victim_ns not in message
-    events = await stack.events(namespace)
+    events = await stack.events_with(namespace, None, "DuplicateSandbox")
     assert events and all(
         victim_ns not in e["message"] and victim_sandbox not in e["message"] for e in events
     )

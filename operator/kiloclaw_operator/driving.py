@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -30,6 +30,7 @@ from .config import Settings
 from .fly import FlyClient
 from .fly import set_log_context as set_fly_log_context
 from .kube import KubeClient
+from .metrics import PASSES_IN_FLIGHT
 from .models import ObjectRef, WireModel
 from .observe.protocol import Observer
 
@@ -183,6 +184,11 @@ class ObjectDriver(ABC, Generic[M]):
         lock and before the body is read into a model, so a waiting pass holds neither)."""
         return None
 
+    def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
+        """What a pass over ``body`` awaits before it begins, if anything (awaited before the admission, with
+        nothing of the body held: thousands of passes may wait at once)."""
+        return None
+
     def waiting_room(self, gate: asyncio.Semaphore) -> asyncio.Semaphore | None:
         """The places for passes that wait ``aside`` without ``gate`` (None: unbounded)."""
         if self.ctx is not None and gate is self.ctx.provisioning:
@@ -284,7 +290,12 @@ class ObjectDriver(ABC, Generic[M]):
                 # The finalizer owns an object that is being deleted.
                 return self.recheck_delay()
             set_fly_log_context(**self.log_fields(obj))
-            return await self.reconcile(obj)
+            in_flight = PASSES_IN_FLIGHT.labels(self.kind)
+            in_flight.inc()
+            try:
+                return await self.reconcile(obj)
+            finally:
+                in_flight.dec()
 
     async def run(self) -> None:
         """Reconcile until asked to stop; between passes sleep the returned delay or until woken. A stop ends
@@ -293,8 +304,13 @@ class ObjectDriver(ABC, Generic[M]):
             # Cleared before the pass, not after: a change that arrives during a pass wakes the next one.
             self._woken = False
             body = self.latest
+            before = self.prerequisite(body) if body is not None else None
             gate = self.admission(body) if body is not None else None
-            body = None  # not held while waiting for the gate
+            body = None  # not held while waiting for the prerequisite or the gate
+            if before is not None:
+                await before
+                if self._stopping:
+                    return
             if gate is not None:
                 await gate.acquire()
                 self._admitted = gate

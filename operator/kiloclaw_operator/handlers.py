@@ -23,6 +23,9 @@ from .retained import RetainedVolumeDriver
 
 logger = logging.getLogger("kiloclaw.operator")
 
+#: How long kopf keeps an object's worker after its last event (its handler only hands the body over).
+KOPF_WORKER_IDLE_SECONDS = 0.5
+
 
 class Runtime(Protocol):
     """What the handlers reach through kopf's memo: built by the composition root (run.py)."""
@@ -78,6 +81,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 30
     settings.watching.chunk_size = _runtime(memo).settings.list_chunk_size
     settings.networking.request_timeout = 60
+    # kopf keeps a worker per object that had an event, holding that event's whole body, until the object has
+    # been quiet this long (5 s by default): a new leader's listing of 10,000 instances kept 10,000 of them.
+    settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
 
 
 @kopf.on.login()

@@ -122,6 +122,12 @@ class ObjectsCollector(Collector):
 OBJECTS = ObjectsCollector()
 REGISTRY.register(OBJECTS)
 
+PASSES_IN_FLIGHT = Gauge(
+    "kiloclaw_passes_in_flight",
+    "Passes begun and not yet finished, by kind (each holds its object's model: a new leader's first passes "
+    "wait for the organisation feed's first listing before they begin)",
+    ["kind"],
+)
 EVENT_LOOP_LAG = Gauge(
     "kiloclaw_event_loop_lag_max_seconds",
     "Longest delay of the operator's event loop behind a scheduled heartbeat since the process started",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +60,12 @@ class InstanceDriver(ObjectDriver[Instance]):
         if phase in _PROVISIONING_PHASES and not meta.get("deletionTimestamp"):
             gate = self.ctx.provisioning
         return gate
+
+    def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
+        """An instance with a machine is observed (with the feed, only once its first listing is in)."""
+        if not (body.get("status") or {}).get("machineId"):
+            return None
+        return self.ctx.observer.until_ready()
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         meta = body.get("metadata", {})

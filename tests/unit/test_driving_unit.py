@@ -238,3 +238,34 @@ async def test_a_drivers_loop_keeps_nothing_of_the_watch_event_that_started_it()
     gc.collect()
     assert seen() is None, "the loop (its task, its done-callback) holds the handler's context"
     await registry.aclose()
+
+
+class _Prerequisite(_Counting):
+    """Its passes wait for ``ready`` first; counts how often it read a body into a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reads = 0
+
+    def prerequisite(self, body: dict[str, Any]) -> Any:
+        return None if self.ready.done() else asyncio.shield(self.ready)
+
+    def read(self, body: dict[str, Any]) -> Any:
+        self.reads += 1
+        return super().read(body)
+
+
+async def test_a_pass_reads_nothing_into_a_model_until_its_prerequisite_is_met() -> None:
+    driver = _Prerequisite()
+    registry = DriverRegistry(lambda namespace, name: driver)
+    registry.running("ns", "a")
+    driver.offer(_body("1"))
+    driver.wake()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert (driver.reads, driver.passes) == (0, 0)
+    driver.ready.set_result(None)
+    await _until(lambda: driver.passes == 1)
+    assert driver.reads == 1
+    await registry.aclose()

@@ -198,3 +198,30 @@ def machine_reads(sim: FlySimulator, machine_id: str) -> int:
         for record in sim.request_log
         if record.method == "GET" and record.path.endswith(f"/machines/{machine_id}")
     )
+
+
+async def test_a_pass_over_an_instance_with_a_machine_waits_for_the_first_listing_and_never_after_it(
+    sim: FlySimulator,
+) -> None:
+    sim.state.create_machine("ours", machine_body("sandbox"))
+    settings = Settings(
+        fly_api_base_url=sim.base_url, fly_api_token=TOKEN, fly_org_slug="kilo", feed_interval_seconds=0.05
+    )
+
+    async def no_instances() -> AsyncIterator[list[dict[str, Any]]]:
+        yield []
+
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=no_instances)
+        waiting = feed.until_ready()
+        assert waiting is not None, "no listing yet: a new leader's passes must wait for it"
+        first = asyncio.ensure_future(waiting)
+        await asyncio.sleep(0.2)
+        assert not first.done(), "nothing lists the organisation yet"
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await asyncio.wait_for(first, timeout=30)
+            assert feed.until_ready() is None
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)

@@ -23,6 +23,10 @@ async def test_a_new_leader_lists_the_instances_in_pages_not_the_whole_fleet_at_
     assert (await configured(list_chunk_size=50)).watching.chunk_size == 50
 
 
+async def test_kopf_lets_go_of_a_quiet_objects_worker_and_its_last_body_within_a_second() -> None:
+    assert (await configured()).queueing.idle_timeout <= 1.0
+
+
 async def test_kopf_keeps_no_last_handled_configuration_on_the_objects() -> None:
     settings = await configured()
     assert isinstance(settings.persistence.diffbase_storage, handlers.NoDiffBase)

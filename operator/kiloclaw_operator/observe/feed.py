@@ -37,7 +37,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -251,6 +251,11 @@ class FeedObserver:
             del self._unnamed[next(iter(self._unnamed))]
 
     # --- the Observer seam -----------------------------------------------------------------------------
+
+    def until_ready(self) -> Awaitable[None] | None:
+        """Until the first listing after a start (at most ``feed_stale_seconds``): a new leader's passes over
+        10,000 instances would otherwise wait for it inside ``observe``, each holding its instance read."""
+        return None if self._synced.is_set() else self._await_first_sync()
 
     async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]:
         machine_id = instance.status.machine_id

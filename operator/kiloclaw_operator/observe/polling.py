@@ -31,6 +31,9 @@ class PollingObserver:
         self._fly = fly
         self._settings = settings
 
+    def until_ready(self) -> None:
+        return None  # every pass reads its own machine
+
     def next_pass(self, instance: Instance) -> float:
         if instance.status.phase in _WAIT_STATES:
             # The next pass long-polls /wait, which paces it: come back soon, not after a busy interval.

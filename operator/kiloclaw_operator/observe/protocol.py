@@ -3,7 +3,7 @@ from (``polling.PollingObserver``, ``feed.FeedObserver``). The reconciler knows 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +44,11 @@ class Observer(Protocol):
     """Where observed Fly state comes from: per-instance polling, or the organisation feed."""
 
     async def observe(self, instance: Instance) -> tuple[Observation, Machine | None]: ...
+
+    def until_ready(self) -> Awaitable[None] | None:
+        """What a pass over an instance with a machine awaits before it begins, holding nothing of it (the
+        feed's first listing after a start); None: observing can begin now."""
+        ...
 
     def next_pass(self, instance: Instance) -> float:
         """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""

@@ -37,6 +37,9 @@ logger = logging.getLogger("kiloclaw.instance")
 NOT_OBSERVED = Observation.unknown("a recovery observes Fly itself")
 
 #: Phases whose passes provision (the claim, the volume, the machine): bounded process-wide.
+#: How long a new leader's first passes wait for the listing of the claims before each reads its own.
+CLAIM_LISTING_WAIT_SECONDS = 15.0
+
 _PROVISIONING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value})
 
 
@@ -62,10 +65,21 @@ class InstanceDriver(ObjectDriver[Instance]):
         return gate
 
     def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
-        """An instance with a machine is observed (with the feed, only once its first listing is in)."""
+        """An instance with a machine begins its pass once it can be observed (with the feed: its first
+        listing is in) and, after a start, once its claim can be confirmed from the listing of the claims
+        (a read each otherwise: 10,000 at a takeover). The passes of instances whose machines changed while
+        no operator ran do not wait for the claims (see observe.wiring.EarlyPasses)."""
         if not (body.get("status") or {}).get("machineId"):
             return None
-        return self.ctx.observer.until_ready()
+        waits = [
+            wait
+            for wait in (
+                self.ctx.observer.until_ready(),
+                self.ctx.claim_listing.until_listed(CLAIM_LISTING_WAIT_SECONDS),
+            )
+            if wait is not None
+        ]
+        return _all(waits) if waits else None
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         meta = body.get("metadata", {})
@@ -440,3 +454,7 @@ class InstanceDriver(ObjectDriver[Instance]):
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:
     sandbox = Sandbox(ctx.fly, ctx.kube, ctx.settings, ctx.observer, ctx.clock)
     return DriverRegistry(lambda namespace, name: InstanceDriver(namespace, name, ctx=ctx, sandbox=sandbox))
+
+
+async def _all(waits: list[Awaitable[None]]) -> None:
+    await asyncio.gather(*waits)

@@ -21,6 +21,7 @@ from .brake import RecoveryBrake
 from .config import Settings
 from .driving import Context, DriverRegistry
 from .fly import FlyClient
+from .guards import claims_namespace
 from .kube import KubeClient, KubeConnection
 from .leadership import (
     ElectionLoop,
@@ -131,6 +132,8 @@ class Runtime:
         )
         self._retained = retained_volume_drivers(self._ctx)
         wiring.bind_wakeups(observer, self._instances, kube)
+        # Beside the feed's first listing, before kopf's listing of the instances asks for the claims.
+        self._ctx.claim_listing.start(claims_namespace(self.settings))
         OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:

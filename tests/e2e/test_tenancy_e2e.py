@@ -6,6 +6,7 @@ call: an unbound Fly app or image repository, an app that does not exist, a sand
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -283,6 +284,29 @@ async def test_a_new_process_confirms_the_claims_its_instances_hold_from_one_lis
         await kube.delete_lease(
             CLAIMS_NAMESPACE, lease["metadata"]["name"], resource_version=lease["metadata"]["resourceVersion"]
         )
+
+
+async def test_the_claim_listing_begun_at_start_up_is_what_a_new_leaders_first_passes_wait_for(
+    stack: Stack, namespace: str, kube: KubeClient
+) -> None:
+    ours = f"ki_started_{unique(namespace)}"
+    mine = ObjectRef(namespace=namespace, name="mine", uid=f"uid-started-{unique(namespace)}")
+    await kube.create_lease(
+        CLAIMS_NAMESPACE, claim_body(CLAIMS_NAMESPACE, "acct-x", ours, (mine.namespace, mine.name, mine.uid))
+    )
+    listing = ClaimListing(kube, time.monotonic, ttl=60)
+    assert listing.until_listed(5) is None, "nothing begun: nothing to wait for"
+    listing.start(CLAIMS_NAMESPACE)
+    waiting = listing.until_listed(10)
+    assert waiting is not None, "a pass can wait for the listing under way"
+    await waiting
+    assert listing.until_listed(5) is None
+    assert await listing.holds(CLAIMS_NAMESPACE, spec_of("acct-x", ours), mine), "confirmed at once"
+    lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", ours))
+    assert lease is not None
+    await kube.delete_lease(
+        CLAIMS_NAMESPACE, lease["metadata"]["name"], resource_version=lease["metadata"]["resourceVersion"]
+    )
 
 
 # --- adoption by name ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import allocator
 from .config import ConfigError, Settings, load_settings
 from .leadership import LeadershipLost
 from .logs import configure_json_logging
@@ -44,12 +45,17 @@ def command_run(args: argparse.Namespace) -> None:
     # start a collection and full collections rescan it all, stalling the event loop for seconds at 10,000
     # instances (long enough to miss a Lease renewal). Fewer, larger young collections; full ones stay rare.
     gc.set_threshold(50_000, 20, 100)
+    tuned = allocator.tune()
     if warning:
         logger.warning(warning)
     serve_metrics(settings.metrics_port, "KILOCLAW_METRICS_PORT")
     logger.info(
         "starting",
-        extra={"fly_api": settings.fly_api_base_url, "namespaces": settings.namespaces or "all"},
+        extra={
+            "fly_api": settings.fly_api_base_url,
+            "namespaces": settings.namespaces or "all",
+            "allocator": tuned or "default",
+        },
     )
     try:
         asyncio.run(run_operator(settings))

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,71 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+class Admission(Protocol):
+    """A process-wide bound a pass waits for before it starts (an ``asyncio.Semaphore`` is one)."""
+
+    async def acquire(self) -> Any: ...
+
+    def release(self) -> None: ...
+
+
+class PassGate:
+    """At most ``limit`` routine passes at once, and a pass woken by news (the feed saw its machine change, a
+    user changed its spec) goes before every pass woken by nothing but its timer or its first sight.
+
+    A new leader sees 10,000 instances at once: unbounded, their first passes all became ready together, and
+    the pass of an instance whose machine had just stopped took each of its steps behind all of them."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._urgent: deque[asyncio.Future[None]] = deque()
+        self._routine: deque[asyncio.Future[None]] = deque()
+
+    def lane(self, urgent: bool) -> Admission:
+        return _Lane(self, urgent)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._urgent) + len(self._routine)
+
+    async def acquire(self, urgent: bool) -> None:
+        if self._free > 0 and not self._urgent and not self._routine:
+            self._free -= 1
+            return
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._urgent if urgent else self._routine
+        queue.append(place)
+        try:
+            await place
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():
+                self.release()  # handed a place just as it was cancelled: pass it on
+            else:
+                queue.remove(place)
+            raise
+
+    def release(self) -> None:
+        for queue in (self._urgent, self._routine):
+            while queue:
+                place = queue.popleft()
+                if not place.done():
+                    place.set_result(None)  # the place goes straight to the next pass
+                    return
+        self._free += 1
+
+
+@dataclass(frozen=True)
+class _Lane:
+    gate: PassGate
+    urgent: bool
+
+    async def acquire(self) -> None:
+        await self.gate.acquire(self.urgent)
+
+    def release(self) -> None:
+        self.gate.release()
+
+
 @dataclass
 class Context:
     """Everything a driver needs from the outside world; built once at start-up."""
@@ -63,6 +129,8 @@ class Context:
     # without it (see ObjectDriver.aside).
     provisioning: asyncio.Semaphore = field(init=False)
     provisioning_aside: asyncio.Semaphore = field(init=False)
+    # Passes over settled instances (see PassGate).
+    passes: PassGate = field(init=False)
     # Which Fly apps and image repositories each namespace is bound to (tenancy.py).
     bindings: tenancy.NamespaceBindings = field(init=False)
     # The claims already held when this process started (one listing instead of a read per instance).
@@ -76,6 +144,7 @@ class Context:
         self.claim_listing = tenancy.ClaimListing(self.kube, time.monotonic)
         self.provisioning = asyncio.Semaphore(self.settings.provisioning_concurrency)
         self.provisioning_aside = asyncio.Semaphore(self.settings.provisioning_concurrency)
+        self.passes = PassGate(self.settings.pass_concurrency)
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -136,12 +205,19 @@ class ObjectDriver(ABC, Generic[M]):
     # Wake-ups and the stop request are two flags and, only while the loop sleeps, one future: an idle
     # driver holds no event (an asyncio.Event keeps a deque of waiters, ~0.7 KB; thousands of drivers idle).
     _woken: bool = field(default=False, init=False, repr=False)
+    # Whether the next pass was asked for by news (see PassGate).
+    _urgent: bool = field(default=False, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _sleeper: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
     # The admission the current pass holds (``admission``), given up while it steps ``aside``.
-    _admitted: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _admitted: Admission | None = field(default=None, init=False, repr=False)
     # Set while the pass steps ``aside``: what a stop request calls to end the wait at once.
     _interrupt: Callable[[], None] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def known(self) -> bool:
+        """Whether a body of the object has been seen."""
+        return self._body is not None
 
     @property
     def latest(self) -> dict[str, Any] | None:
@@ -179,17 +255,25 @@ class ObjectDriver(ABC, Generic[M]):
         """One pass over ``obj`` (under the lock); returns seconds until the next pass."""
         ...
 
-    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
+    def admission(self, body: dict[str, Any], urgent: bool) -> Admission | None:
         """The process-wide bound a pass over ``body`` waits for before it starts, if any (taken before the
-        lock and before the body is read into a model, so a waiting pass holds neither)."""
+        lock and before the body is read into a model, so a waiting pass holds neither); ``urgent``: the pass
+        was asked for by news."""
         return None
+
+    def release_admission(self) -> None:
+        """The pass goes on without its admission (what follows has a bound of its own: a recovery's is the
+        budget), so that other passes are not held up behind it."""
+        gate, self._admitted = self._admitted, None
+        if gate is not None:
+            gate.release()
 
     def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
         """What a pass over ``body`` awaits before it begins, if anything (awaited before the admission, with
         nothing of the body held: thousands of passes may wait at once)."""
         return None
 
-    def waiting_room(self, gate: asyncio.Semaphore) -> asyncio.Semaphore | None:
+    def waiting_room(self, gate: Admission) -> asyncio.Semaphore | None:
         """The places for passes that wait ``aside`` without ``gate`` (None: unbounded)."""
         if self.ctx is not None and gate is self.ctx.provisioning:
             return self.ctx.provisioning_aside
@@ -222,10 +306,10 @@ class ObjectDriver(ABC, Generic[M]):
             if gate is not None:
                 if room is not None:
                     room.release()
-                # Shielded: a cancelled pass still takes it back (later) rather than leaving the loop's
-                # release unmatched.
-                await asyncio.shield(gate.acquire())
+                # Held again before it is taken, and shielded: a pass cancelled here still takes it back
+                # (later), which the loop's release matches.
                 self._admitted = gate
+                await asyncio.shield(gate.acquire())
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         """What in a body asks the driver for a pass; other changes (echoes of our own status writes, kopf's
@@ -251,8 +335,11 @@ class ObjectDriver(ABC, Generic[M]):
         self._signature = self.work_signature(body)
         return first or previous != self._signature
 
-    def wake(self) -> None:
+    def wake(self, urgent: bool = True) -> None:
+        """Ask for a pass now; ``urgent`` (news: a machine changed, a spec changed) unless it is the first
+        sight of the object, which is routine work (see PassGate)."""
         self._woken = True
+        self._urgent = self._urgent or urgent
         sleeper = self._sleeper
         if sleeper is not None and not sleeper.done():
             sleeper.set_result(None)
@@ -303,9 +390,10 @@ class ObjectDriver(ABC, Generic[M]):
         while not self._stopping:
             # Cleared before the pass, not after: a change that arrives during a pass wakes the next one.
             self._woken = False
+            urgent, self._urgent = self._urgent, False
             body = self.latest
             before = self.prerequisite(body) if body is not None else None
-            gate = self.admission(body) if body is not None else None
+            gate = self.admission(body, urgent) if body is not None else None
             body = None  # not held while waiting for the prerequisite or the gate
             if before is not None:
                 await before
@@ -317,8 +405,7 @@ class ObjectDriver(ABC, Generic[M]):
                 try:
                     delay = await self.reconcile_once()
                 finally:
-                    self._admitted = None
-                    gate.release()
+                    self.release_admission()
             else:
                 delay = await self.reconcile_once()
             if self._stopping:

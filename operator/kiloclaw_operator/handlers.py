@@ -119,8 +119,10 @@ def _object_changed(registry: DriverRegistry[Any], body: kopf.Body, event_type: 
         registry.forget(namespace, name)
         return
     driver = registry.running(namespace, name)
+    first = not driver.known
     if driver.offer(dict(body)):
-        driver.wake()
+        # The first sight of an object is routine work (a new leader sees 10,000 at once); a change is news.
+        driver.wake(urgent=not first)
 
 
 async def _finalize(driver: InstanceDriver | RetainedVolumeDriver, body: kopf.Body) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from . import conditions, guards, lifecycle, ownership, reasons, recovery, stops, tenancy
-from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
+from .driving import Admission, Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import AppNotFound, Fatal, FlyError, HostUnavailable, NotFound, RateLimited, Unauthorized
 from .fly import set_log_context as set_fly_log_context
 from .fly import vocabulary as fly
@@ -41,6 +41,7 @@ NOT_OBSERVED = Observation.unknown("a recovery observes Fly itself")
 CLAIM_LISTING_WAIT_SECONDS = 15.0
 
 _PROVISIONING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value})
+_SETTLED_PHASES = frozenset({Phase.RUNNING.value, Phase.STOPPED.value, Phase.FAILED.value})
 
 
 @dataclass
@@ -55,14 +56,20 @@ class InstanceDriver(ObjectDriver[Instance]):
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
 
-    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
-        """Passes that provision take a place among ``provisioning_concurrency``; no other pass waits."""
+    def admission(self, body: dict[str, Any], urgent: bool) -> Admission | None:
+        """Passes that provision take a place among ``provisioning_concurrency``; passes over a settled
+        instance one among ``pass_concurrency`` (news first, see PassGate); no other pass waits (a recovery in
+        flight has the budget, a start or a stop is short)."""
         meta = body.get("metadata") or {}
-        phase = (body.get("status") or {}).get("phase") or Phase.PENDING.value
-        gate = None
-        if phase in _PROVISIONING_PHASES and not meta.get("deletionTimestamp"):
-            gate = self.ctx.provisioning
-        return gate
+        if meta.get("deletionTimestamp"):
+            return None
+        status = body.get("status") or {}
+        phase = status.get("phase") or Phase.PENDING.value
+        if phase in _PROVISIONING_PHASES:
+            return self.ctx.provisioning
+        if phase in _SETTLED_PHASES and not status.get("recovery"):
+            return self.ctx.passes.lane(urgent)
+        return None
 
     def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
         """An instance with a machine begins its pass once it can be observed (with the feed: its first
@@ -130,6 +137,7 @@ class InstanceDriver(ObjectDriver[Instance]):
             driven=self.recoveries_driven,
             brake=self.ctx.brake,
             wake=self.wake,
+            release_admission=self.release_admission,
         )
 
     def log_fields(self, instance: Instance) -> dict[str, Any]:

@@ -151,6 +151,9 @@ class Port:
     brake: Any = None
     #: Wakes the instance's driver now (a paused recovery looks again as soon as the brake is released).
     wake: Callable[[], None] | None = None
+    #: The pass goes on without its admission: a stop's handling waits (a migration's grace, the brake, the
+    #: budget) and recovers under bounds of its own, never holding up the passes of other instances.
+    release_admission: Callable[[], None] | None = None
 
 
 # --- entry points ---------------------------------------------------------------------------------------

@@ -216,6 +216,8 @@ def waiting(instance: Instance) -> bool:
 async def handle_stop(port: recovery.Port, instance: Instance) -> Instance:
     """Confirm an unexpected stop with a read of the machine, then follow a migration, ignore a wrong
     listing, wait for a source, or begin the recovery (through the brake)."""
+    if port.release_admission is not None:
+        port.release_admission()
     if port.brake is not None and not waiting(instance):
         await port.brake.note_reported()
     machine = await _read_machine(port, instance)

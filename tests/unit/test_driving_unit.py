@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from builders import instance_body
 from harness import eventually
-from kiloclaw_operator.driving import Context, DriverRegistry, ObjectDriver
+from kiloclaw_operator.driving import Admission, Context, DriverRegistry, ObjectDriver, PassGate
 from kiloclaw_operator.models import ObjectRef
 
 
@@ -139,7 +139,7 @@ class _Admitted(_Driver):
         self.stopped_while_aside = False
         self.place_taken_back = False
 
-    def admission(self, body: dict[str, Any]) -> asyncio.Semaphore | None:
+    def admission(self, body: dict[str, Any], urgent: bool) -> Admission | None:
         return self.gate
 
     async def reconcile(self, obj: Any) -> float:
@@ -179,7 +179,7 @@ class _Waiting(_Admitted):
         super().__init__(name, gate)
         self.room = room
 
-    def waiting_room(self, gate: asyncio.Semaphore) -> asyncio.Semaphore | None:
+    def waiting_room(self, gate: Admission) -> asyncio.Semaphore | None:
         return self.room
 
     async def reconcile(self, obj: Any) -> float:
@@ -269,3 +269,72 @@ async def test_a_pass_reads_nothing_into_a_model_until_its_prerequisite_is_met()
     await _until(lambda: driver.passes == 1)
     assert driver.reads == 1
     await registry.aclose()
+
+
+async def test_a_pass_asked_for_by_news_gets_the_next_place_before_every_routine_pass() -> None:
+    gate = PassGate(1)
+    await gate.acquire(urgent=False)  # the only place, taken
+    order: list[str] = []
+
+    async def waiter(name: str, urgent: bool) -> None:
+        await gate.acquire(urgent)
+        order.append(name)
+        gate.release()
+
+    routine = [asyncio.create_task(waiter(f"routine-{n}", False)) for n in range(3)]
+    await asyncio.sleep(0)
+    news = asyncio.create_task(waiter("news", True))
+    await asyncio.sleep(0)
+    assert gate.waiting == 4 and not order
+    gate.release()
+    await asyncio.gather(*routine, news)
+    assert order == ["news", "routine-0", "routine-1", "routine-2"]
+
+
+async def test_a_pass_cancelled_while_it_waits_for_a_place_takes_none_and_loses_none() -> None:
+    gate = PassGate(1)
+    await gate.acquire(urgent=False)
+    waiting = asyncio.create_task(gate.acquire(urgent=True))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert gate.waiting == 0
+    gate.release()
+    await asyncio.wait_for(gate.acquire(urgent=False), 1)  # the place came back: it is free again
+
+
+class _Gated(_Driver):
+    """Passes over settled objects under one shared PassGate; records which pass began in what order."""
+
+    def __init__(self, name: str, gate: PassGate, began: list[str]) -> None:
+        super().__init__("ns", name, ctx=cast(Context, None))
+        self.gate = gate
+        self.began = began
+
+    def admission(self, body: dict[str, Any], urgent: bool) -> Admission | None:
+        return self.gate.lane(urgent)
+
+    async def reconcile(self, obj: Any) -> float:
+        self.began.append(self.name)
+        return 3600.0
+
+
+async def test_a_first_sight_is_routine_and_a_change_is_news_that_overtakes_the_routine_queue() -> None:
+    gate, began = PassGate(1), []
+    registry: DriverRegistry[_Gated] = DriverRegistry(lambda namespace, name: _Gated(name, gate, began))
+    await gate.acquire(urgent=False)  # busy: every pass below queues
+    try:
+        seen = [registry.running("ns", name) for name in ("a", "b", "c")]
+        for driver in seen:
+            driver.offer(_body("1"))
+            driver.wake(urgent=False)  # first sight (as the watch handler wakes it)
+        await _until(lambda: gate.waiting == 3)
+        changed = registry.running("ns", "d")
+        changed.offer(_body("1"))
+        changed.wake()  # news
+        await _until(lambda: gate.waiting == 4)
+        gate.release()
+        await _until(lambda: len(began) == 4)
+        assert began == ["d", "a", "b", "c"]
+    finally:
+        await registry.aclose()

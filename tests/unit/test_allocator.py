@@ -1,0 +1,35 @@
+"""The C allocator's thresholds, set once at start-up (allocator.py): in a process of its own, since they
+last for the life of the process."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
+)
+
+PROGRAM = "import json; from kiloclaw_operator import allocator; print(json.dumps(allocator.tune()))"
+
+
+def tuned(**env: str) -> dict[str, int]:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAM], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
+    result: dict[str, int] = json.loads(done.stdout)
+    return result
+
+
+def test_glibc_maps_large_blocks_on_their_own_and_hands_freed_memory_back() -> None:
+    assert tuned() == {"M_MMAP_THRESHOLD": 65536, "M_TRIM_THRESHOLD": 262144, "M_ARENA_MAX": 2}
+
+
+def test_an_operator_run_with_its_own_malloc_settings_is_left_as_it_is() -> None:
+    assert tuned(MALLOC_ARENA_MAX="4") == {}

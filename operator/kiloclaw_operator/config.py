@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     # Passes over settled instances (Running, Stopped, Failed) at once; a pass asked for by news goes first
     # (driving.PassGate). A stop's handling leaves the bound as it begins.
     pass_concurrency: int = Field(
-        default=64, ge=1, validation_alias=AliasChoices("KILOCLAW_PASS_CONCURRENCY")
+        default=128, ge=1, validation_alias=AliasChoices("KILOCLAW_PASS_CONCURRENCY")
     )
     # Objects per page of kopf's initial listing (a new leader lists every instance): one page of bodies,
     # managedFields and all, is in memory at once instead of the whole fleet's.

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import psutil
@@ -327,22 +327,42 @@ class ProcessSampler:
 class Profiler:
     """py-spy sampling one process into a raw (collapsed-stack) file until stopped."""
 
+    #: The profilers sampling, by the pid they sample (see ``reap``).
+    sampling: ClassVar[dict[int, Profiler]] = {}
+
     def __init__(self, pid: int, path: Path) -> None:
         executable = Path(sys.executable).with_name("py-spy")
         self.path = path
+        self.pid = pid
         self.process = subprocess.Popen(
             [str(executable), "record", "-p", str(pid), "-o", str(path), "--format", "raw", "--rate", "67"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        Profiler.sampling[pid] = self
 
     def stop(self) -> str:
+        Profiler.sampling.pop(self.pid, None)
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
         return summarize_profile(self.path)
+
+
+def reap(process: subprocess.Popen[Any]) -> None:
+    """Wait for a SIGKILLed process. A process py-spy has stopped to sample can stay in its tracing stop,
+    never dying (a 10,000 run hung here for ten minutes): if it outlives the grace, its sampler goes."""
+    try:
+        process.wait(timeout=30)
+        return
+    except subprocess.TimeoutExpired:
+        profiler = Profiler.sampling.pop(process.pid, None)
+        say(f"pid {process.pid} outlived its SIGKILL by 30 s; stopping its sampler ({profiler is not None})")
+        if profiler is not None:
+            profiler.process.kill()
+    process.wait()
 
 
 PROFILE_BUCKETS = (
@@ -1106,7 +1126,7 @@ async def burst_failover(
         await asyncio.sleep(0.05)
     results.burst_lease = time.monotonic() - killed_mono
     shard.sample_leader()
-    await asyncio.to_thread(killed.process.wait)
+    await asyncio.to_thread(reap, killed.process)
     killed.start()  # back as the standby, as its pod would
     first_recovery: float | None = None
     resumed: float | None = None

@@ -362,27 +362,41 @@ class ObjectDriver(ABC, Generic[M]):
             raise RuntimeError(f"{self.kind} {self.namespace}/{self.name} has no known body yet")
         return self.read(body)
 
-    async def reconcile_once(self) -> float:
-        """One pass under the lock; returns seconds until the next pass."""
-        async with self.lock:
-            if self._body is None:
-                return self.recheck_delay()
-            try:
-                obj = self.current()
-            except ValidationError as exc:
-                # The CRD schema should make this impossible; never let one bad object end its loop.
-                self.logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
-                return self.recheck_delay()
-            if obj.deleting:
-                # The finalizer owns an object that is being deleted.
-                return self.recheck_delay()
-            set_fly_log_context(**self.log_fields(obj))
-            in_flight = PASSES_IN_FLIGHT.labels(self.kind)
-            in_flight.inc()
-            try:
-                return await self.reconcile(obj)
-            finally:
-                in_flight.dec()
+    async def reconcile_once(self, admitted: Admission | None = None) -> float:
+        """One pass under the lock; returns seconds until the next pass. ``admitted``: the admission the
+        caller took for it, released when the pass ends (or sooner: ``release_admission``, ``aside``). It is
+        the pass's only once the pass holds the lock: another pass (early, or deletion) may hold it now."""
+        holding = admitted
+        try:
+            async with self.lock:
+                self._admitted, holding = admitted, None
+                try:
+                    return await self._locked_pass()
+                finally:
+                    holding, self._admitted = self._admitted, None
+        finally:
+            if holding is not None:
+                holding.release()
+
+    async def _locked_pass(self) -> float:
+        if self._body is None:
+            return self.recheck_delay()
+        try:
+            obj = self.current()
+        except ValidationError as exc:
+            # The CRD schema should make this impossible; never let one bad object end its loop.
+            self.logger.error("cannot read %s/%s: %s", self.namespace, self.name, exc)
+            return self.recheck_delay()
+        if obj.deleting:
+            # The finalizer owns an object that is being deleted.
+            return self.recheck_delay()
+        set_fly_log_context(**self.log_fields(obj))
+        in_flight = PASSES_IN_FLIGHT.labels(self.kind)
+        in_flight.inc()
+        try:
+            return await self.reconcile(obj)
+        finally:
+            in_flight.dec()
 
     async def run(self) -> None:
         """Reconcile until asked to stop; between passes sleep the returned delay or until woken. A stop ends
@@ -401,13 +415,7 @@ class ObjectDriver(ABC, Generic[M]):
                     return
             if gate is not None:
                 await gate.acquire()
-                self._admitted = gate
-                try:
-                    delay = await self.reconcile_once()
-                finally:
-                    self.release_admission()
-            else:
-                delay = await self.reconcile_once()
+            delay = await self.reconcile_once(gate)
             if self._stopping:
                 return
             # Asleep between passes (inline, not in a coroutine of its own: thousands of drivers sleep at

@@ -14,6 +14,7 @@ from builders import instance_body
 from harness import eventually
 from kiloclaw_operator.driving import Admission, Context, DriverRegistry, ObjectDriver, PassGate
 from kiloclaw_operator.models import ObjectRef
+from kiloclaw_operator.observe.wiring import EarlyPasses
 
 
 class _Driver(ObjectDriver[Any]):
@@ -337,4 +338,56 @@ async def test_a_first_sight_is_routine_and_a_change_is_news_that_overtakes_the_
         await _until(lambda: len(began) == 4)
         assert began == ["d", "a", "b", "c"]
     finally:
+        await registry.aclose()
+
+
+class _Handing(_Driver):
+    """Its pass gives up its admission, then waits until ``go`` is set (as a stop's handling does)."""
+
+    def __init__(self, name: str, go: asyncio.Event) -> None:
+        super().__init__("ns", name, ctx=cast(Context, None))
+        self.go = go
+        self.waiting = False
+
+    async def reconcile(self, obj: Any) -> float:
+        self.release_admission()
+        self.waiting = True
+        await self.go.wait()
+        return 3600.0
+
+
+async def test_a_pass_gives_up_only_its_own_admission_not_that_of_a_pass_waiting_for_the_lock() -> None:
+    go = asyncio.Event()
+    driver = _Handing("a", go)
+    driver.offer(_body("1"))
+    first, second = asyncio.Semaphore(1), asyncio.Semaphore(1)
+    await first.acquire()
+    running = asyncio.create_task(driver.reconcile_once(first))
+    await _until(lambda: driver.waiting)
+    assert not first.locked(), "the pass gave its admission back"
+    await second.acquire()
+    queued = asyncio.create_task(driver.reconcile_once(second))  # waits for the lock
+    await asyncio.sleep(0.01)
+    assert second.locked(), "still the queued pass's: the pass under the lock gave up only its own"
+    go.set()
+    await asyncio.gather(running, queued)
+    assert not first.locked() and not second.locked()
+
+
+async def test_early_passes_give_their_places_back_when_a_stops_handling_begins() -> None:
+    go = asyncio.Event()
+    drivers = {name: _Handing(name, go) for name in "abc"}
+    registry = DriverRegistry(lambda namespace, name: drivers[name])
+
+    class _Kube:
+        async def get_instance(self, namespace: str, name: str) -> dict[str, Any]:
+            return _body("1")
+
+    early = EarlyPasses(cast(Any, registry), cast(Any, _Kube()), concurrency=1)
+    early.start([("ns", name) for name in "abc"])
+    try:
+        # One place, three recoveries: each gives it back as its stop's handling begins, so all three run.
+        await _until(lambda: all(driver.waiting for driver in drivers.values()))
+    finally:
+        go.set()
         await registry.aclose()

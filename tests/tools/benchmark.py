@@ -748,6 +748,11 @@ class FlyProcess(ServerProcess):
     async def add_snapshot(self, volume_id: str) -> None:
         await self.control.post(f"/volumes/{volume_id}/snapshots")
 
+    async def volumes(self) -> list[dict[str, Any]]:
+        """Every live volume, with its snapshots."""
+        volumes: list[dict[str, Any]] = (await self.control.get("/state")).json()["volumes"]
+        return volumes
+
     async def fail_host(self, machine_id: str) -> tuple[list[str], list[str]]:
         """Fail the host of a machine: (failed hosts, machines stopped on them)."""
         body = (await self.control.post("/hosts/fail", json={"machine_id": machine_id})).json()
@@ -1114,6 +1119,11 @@ async def burst_failover(
     killed.process.kill()
     shard.leader, shard.standby = shard.standby, killed
     _, affected = await fail_hosts(fly, by_machine, candidates, target, set())
+    # Volumes created since the snapshots above (provisioning goes on) had theirs too: without it, an instance
+    # provisioning on a failed host waits for its host (no source), correctly, and the run never ends.
+    late = [v["id"] for v in await fly.volumes() if not v.get("snapshots")]
+    await asyncio.gather(*(fly.add_snapshot(volume_id) for volume_id in late))
+    say(f"burst: {len(late)} volumes created since the snapshots got theirs")
     results.burst_affected = len(affected)
     say(
         f"burst: killed {killed.name} at {results.burst_killed_at_running} Running, {len(affected)} hosts' "

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +55,7 @@ import realcluster
 from apiserver_profile import ApiServerProfiler
 from harness import binding
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION
+from kiloclaw_operator.tenancy import CLAIM_LABEL_SELECTOR, claim_holder
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
@@ -349,6 +350,13 @@ class Profiler:
         except subprocess.TimeoutExpired:
             self.process.kill()
         return summarize_profile(self.path)
+
+
+async def remove_claim(client: httpx.AsyncClient, gate: asyncio.Semaphore, name: str) -> None:
+    async with gate:
+        response = await client.delete(f"{LEASES_PATH}/{name}")
+        if response.status_code not in (200, 202, 404):
+            raise BenchmarkError(f"cannot delete the claim {name}: {response.text}")
 
 
 def reap(process: subprocess.Popen[Any]) -> None:
@@ -899,6 +907,19 @@ class RealKube:
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total
 
+    @staticmethod
+    async def _claim_pages(client: httpx.AsyncClient) -> AsyncIterator[list[dict[str, Any]]]:
+        params = {"labelSelector": CLAIM_LABEL_SELECTOR, "limit": "500"}
+        while True:
+            response = await client.get(LEASES_PATH, params=params)
+            response.raise_for_status()
+            body = response.json()
+            yield body["items"]
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                return
+            params = {**params, "continue": token}
+
     async def clean_up(self, run: str, namespaces: list[str], leases: list[str]) -> None:
         """Delete what one run left, its operators stopped: strip the finalizers of the run's instances and
         retained volumes (no operator is left to release them; their Fly resources were flysim's, gone with
@@ -933,6 +954,17 @@ class RealKube:
                     await asyncio.gather(*(remove(f"{base}/{name}") for name in names))
             for lease in leases:
                 await client.delete(f"{LEASES_PATH}/{lease}")
+            # The claims the run's instances held: with no operator left to release them they stayed, and a
+            # later run's new leader listed every one of them (40,000 after four runs on one cluster).
+            ours = set(namespaces)
+            claims = [
+                lease["metadata"]["name"]
+                async for page in self._claim_pages(client)
+                for lease in page
+                if claim_holder(lease)[0] in ours
+            ]
+            await asyncio.gather(*(remove_claim(client, gate, name) for name in claims))
+            removed += len(claims)
         say(f"cleaned up run {run}: {removed} objects deleted in {time.monotonic() - started:.0f} s")
 
 

@@ -11,7 +11,6 @@ calls of the sandbox are sandbox.py's, and a recovery is stops.py's and recovery
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Awaitable
@@ -37,9 +36,6 @@ logger = logging.getLogger("kiloclaw.instance")
 NOT_OBSERVED = Observation.unknown("a recovery observes Fly itself")
 
 #: Phases whose passes provision (the claim, the volume, the machine): bounded process-wide.
-#: How long a new leader's first passes wait for the listing of the claims before each reads its own.
-CLAIM_LISTING_WAIT_SECONDS = 15.0
-
 _PROVISIONING_PHASES = frozenset({Phase.PENDING.value, Phase.PROVISIONING.value})
 _SETTLED_PHASES = frozenset({Phase.RUNNING.value, Phase.STOPPED.value, Phase.FAILED.value})
 
@@ -72,21 +68,11 @@ class InstanceDriver(ObjectDriver[Instance]):
         return None
 
     def prerequisite(self, body: dict[str, Any]) -> Awaitable[None] | None:
-        """An instance with a machine begins its pass once it can be observed (with the feed: its first
-        listing is in) and, after a start, once its claim can be confirmed from the listing of the claims
-        (a read each otherwise: 10,000 at a takeover). The passes of instances whose machines changed while
-        no operator ran do not wait for the claims (see observe.wiring.EarlyPasses)."""
+        """An instance with a machine begins its pass once it can be observed (with the feed: once its first
+        listing is in; the listing of the claims, begun at start-up beside it, is usually in by then)."""
         if not (body.get("status") or {}).get("machineId"):
             return None
-        waits = [
-            wait
-            for wait in (
-                self.ctx.observer.until_ready(),
-                self.ctx.claim_listing.until_listed(CLAIM_LISTING_WAIT_SECONDS),
-            )
-            if wait is not None
-        ]
-        return _all(waits) if waits else None
+        return self.ctx.observer.until_ready()
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         meta = body.get("metadata", {})
@@ -462,7 +448,3 @@ class InstanceDriver(ObjectDriver[Instance]):
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:
     sandbox = Sandbox(ctx.fly, ctx.kube, ctx.settings, ctx.observer, ctx.clock)
     return DriverRegistry(lambda namespace, name: InstanceDriver(namespace, name, ctx=ctx, sandbox=sandbox))
-
-
-async def _all(waits: list[Awaitable[None]]) -> None:
-    await asyncio.gather(*waits)

@@ -261,14 +261,6 @@ class ClaimListing:
         if self._listing is None:
             self._listing = asyncio.get_running_loop().create_task(self._list(namespace))
 
-    def until_listed(self, timeout: float) -> Awaitable[None] | None:
-        """What a new leader's first pass awaits (at most ``timeout`` seconds, holding nothing) so that it
-        confirms its claim from the listing instead of reading it; None: no listing under way."""
-        listing = self._listing
-        if listing is None or listing.done():
-            return None
-        return _finished_within(listing, timeout)
-
     async def holds(self, namespace: str, spec: InstanceSpec, ref: ObjectRef) -> bool:
         """Whether the listing shows ``ref`` (by uid) holding the claim on ``spec``'s pair; False: unknown,
         also while the listing is still under way (``holds`` never waits: a pass of an instance that stopped
@@ -306,10 +298,6 @@ class ClaimListing:
             logger.warning("cannot list the claims in %s, reading each instead: %s", namespace, exc)
             return None
         return taken_at, holders
-
-
-async def _finished_within(task: asyncio.Task[Any], timeout: float) -> None:
-    await asyncio.wait([task], timeout=timeout)  # never cancels it: later passes still use it
 
 
 async def release_claim(kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef) -> None:

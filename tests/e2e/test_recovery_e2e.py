@@ -1011,3 +1011,24 @@ async def test_a_recovery_under_twenty_percent_transient_fly_faults_succeeds(
     assert creates.created("volume") == [st["volumeId"]]
     assert creates.created("machine") == [st["machineId"]]
     assert "RecoveryFailed" not in await stack.event_reasons(namespace, NAME)
+
+
+async def test_a_recovery_in_flight_holds_no_place_among_the_passes_of_settled_instances(
+    stack: Stack, namespace: str
+) -> None:
+    # One place for the passes over settled instances: the first instance's stop is handled in a pass that
+    # began as one of them, and its recovery (slowed by a slow fork) must not keep the second one waiting.
+    await stack.restart_operator(pass_concurrency=1)
+    try:
+        first = await running_instance(stack, namespace, "first")
+        second = await running_instance(stack, namespace, "second")
+        stack.fly.set_latency(6.0, route=f"POST /v1/apps/{APP}/volumes")
+        stack.fly.crash_machine(status(first)["machineId"])
+        await stack.wait_phase(namespace, "first", "Recovering")
+        stack.fly.crash_machine(status(second)["machineId"])
+        await stack.wait_phase(namespace, "second", "Recovering")
+        still = await stack.get_instance(namespace, "first")
+        assert still is not None and status(still)["phase"] == "Recovering", "the second waited for the first"
+    finally:
+        stack.fly.clear_latency()
+        await stack.restart_operator()

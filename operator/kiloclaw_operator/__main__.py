@@ -46,6 +46,7 @@ def command_run(args: argparse.Namespace) -> None:
     # instances (long enough to miss a Lease renewal). Fewer, larger young collections; full ones stay rare.
     gc.set_threshold(50_000, 20, 100)
     tuned = allocator.tune()
+    tls_read_buffer = allocator.shrink_tls_read_buffers()
     if warning:
         logger.warning(warning)
     serve_metrics(settings.metrics_port, "KILOCLAW_METRICS_PORT")
@@ -55,6 +56,7 @@ def command_run(args: argparse.Namespace) -> None:
             "fly_api": settings.fly_api_base_url,
             "namespaces": settings.namespaces or "all",
             "allocator": tuned or "default",
+            "tls_read_buffer": tls_read_buffer or "default",
         },
     )
     try:

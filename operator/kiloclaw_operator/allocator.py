@@ -9,10 +9,15 @@ and unmapped on their own) and a trim threshold hand it back; two arenas are ple
 three helper threads.
 
 An operator run with any ``MALLOC_*`` variable set is left as it is: whoever set it chose.
+
+Every TLS connection (to the API server, kopf's and the adapters', and to Fly) also keeps a read buffer of
+its own for its lifetime, 256 KiB by default in asyncio; 32 KiB holds two TLS records, the most one read
+decrypts, so nothing is read more slowly (``shrink_tls_read_buffers``).
 """
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import ctypes
 import ctypes.util
 import logging
@@ -31,6 +36,19 @@ MMAP_THRESHOLD_BYTES = 64 * 1024
 #: Free memory at the top of the heap beyond this goes back to the system.
 TRIM_THRESHOLD_BYTES = 256 * 1024
 ARENAS = 2
+#: The read buffer of every TLS connection opened after start-up.
+TLS_READ_BUFFER_BYTES = 32 * 1024
+
+
+def shrink_tls_read_buffers() -> int:
+    """Make every TLS connection asyncio opens from now on keep a ``TLS_READ_BUFFER_BYTES`` read buffer
+    (asyncio's default, 256 KiB per connection, was 13 MiB of an operator's 250 at 4,000 instances); returns
+    the size set (0: this Python's asyncio has no such buffer, nothing changed)."""
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol is None or not isinstance(getattr(protocol, "max_size", None), int):
+        return 0
+    protocol.max_size = TLS_READ_BUFFER_BYTES
+    return TLS_READ_BUFFER_BYTES
 
 
 def tune() -> dict[str, int]:

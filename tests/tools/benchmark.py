@@ -1569,6 +1569,10 @@ def census_summary(report: dict[str, Any]) -> str:
         f"{t} {v['count']} × = {v['bytes'] / mib:.1f} MiB" for t, v in list(report["types"].items())[:12]
     )
     garbage = report.get("garbage", {})
+    waiting = "; ".join(
+        f"{place} ×{w['loops']} = {w['bytes'] / mib:.1f} MiB"
+        for place, w in list(report.get("loops_waiting_at", {}).items())[:12]
+    )
     return (
         f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB; a full collection freed "
         f"{garbage.get('collected', 0)} objects ({garbage.get('used_blocks_freed', 0) / mib:.1f} MiB of "
@@ -1578,7 +1582,7 @@ def census_summary(report: dict[str, Any]) -> str:
         f"{pymalloc.get('unused_pools', 0) / mib:.0f} MiB); glibc heap {glibc.get('heap', 0) / mib:.0f} MiB "
         f"(in use {glibc.get('in_use', 0) / mib:.0f}, free {glibc.get('free', 0) / mib:.0f}, mmapped "
         f"{glibc.get('mmapped', 0) / mib:.0f}); holders: {holders}; types: {types}; "
-        f"took {report['seconds']} s"
+        f"took {report['seconds']} s; the loops wait at: {waiting}"
     )
 
 

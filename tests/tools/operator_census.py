@@ -175,7 +175,9 @@ def census() -> dict[str, Any]:
     held("claim book", _instances_of("ClaimBook"))
     held("feed observer", _instances_of("FeedObserver"))
     held("kopf per-object memories", [m._items for m in _instances_of("ResourceMemories")])
-    held("driver loops (tasks, frames)", [t for t in _instances_of("Task") if "_keep_running" in repr(t)])
+    loops = [t for t in _instances_of("Task") if "_keep_running" in repr(t)]
+    report["loops_waiting_at"] = _where_loops_wait(loops, shared)
+    held("driver loops (tasks, frames)", loops)
     held("drivers (the rest)", drivers)
     for name in ("FlyClient", "KubeClient", "_UnixSelectorEventLoop", "ResourceMemories"):
         held(name, _instances_of(name))
@@ -221,6 +223,30 @@ def census() -> dict[str, Any]:
     top = sorted(types.items(), key=lambda item: -item[1][1])[:25]
     report["types"] = {name: {"count": c, "bytes": b} for name, (c, b) in top}
     report["seconds"] = round(time.monotonic() - started, 2)
+    return report
+
+
+def _where_loops_wait(loops: list[Any], shared: set[int]) -> dict[str, dict[str, int]]:
+    """Each driver loop's suspension point (its innermost operator frame and what it awaits there), counted,
+    with the deep size of what the loops waiting there reach (shared objects not followed)."""
+    places: dict[str, list[Any]] = {}
+    for task in loops:
+        coro = task.get_coro()
+        where, awaited = "?", ""
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None and "kiloclaw_operator" in frame.f_code.co_filename:
+                where = f"{frame.f_code.co_qualname}:{frame.f_lineno}"
+            inner = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+            if inner is None or not hasattr(inner, "cr_frame") and not hasattr(inner, "ag_frame"):
+                awaited = type(inner).__name__ if inner is not None else ""
+                break
+            coro = inner
+        places.setdefault(f"{where} <{awaited}>", []).append(task)
+    report: dict[str, dict[str, int]] = {}
+    for place, tasks in sorted(places.items(), key=lambda item: -len(item[1])):
+        size, _ = deep_size(tasks, set(shared))
+        report[place] = {"loops": len(tasks), "bytes": size}
     return report
 
 

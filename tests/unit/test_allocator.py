@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
+glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
 )
 
@@ -27,9 +27,32 @@ def tuned(**env: str) -> dict[str, int]:
     return result
 
 
+@glibc_only
 def test_glibc_maps_large_blocks_on_their_own_and_hands_freed_memory_back() -> None:
     assert tuned() == {"M_MMAP_THRESHOLD": 65536, "M_TRIM_THRESHOLD": 262144, "M_ARENA_MAX": 2}
 
 
+@glibc_only
 def test_an_operator_run_with_its_own_malloc_settings_is_left_as_it_is() -> None:
     assert tuned(MALLOC_ARENA_MAX="4") == {}
+
+
+TLS_PROGRAM = """
+import asyncio, ssl
+from kiloclaw_operator import allocator
+
+async def main():
+    before = asyncio.sslproto.SSLProtocol(asyncio.get_running_loop(), asyncio.Protocol(), ssl.create_default_context(), None)
+    allocator.shrink_tls_read_buffers()
+    after = asyncio.sslproto.SSLProtocol(asyncio.get_running_loop(), asyncio.Protocol(), ssl.create_default_context(), None)
+    print(len(before._ssl_buffer), len(after._ssl_buffer))
+
+asyncio.run(main())
+"""
+
+
+def test_tls_connections_opened_after_start_up_keep_a_small_read_buffer() -> None:
+    done = subprocess.run([sys.executable, "-c", TLS_PROGRAM], capture_output=True, text=True, check=True)
+    before, after = map(int, done.stdout.split())
+    assert before == 256 * 1024, "asyncio's own default (what the operator no longer keeps per connection)"
+    assert after == 32 * 1024

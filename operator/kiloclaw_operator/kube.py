@@ -213,6 +213,68 @@ def _error_from(response: httpx.Response) -> KubeError:
     return error(response.status_code, message)
 
 
+def slim_instance(body: dict[str, Any]) -> dict[str, Any]:
+    """An instance body cut to what the cluster-wide ownership checks read (its identity, Fly app, sandbox id
+    and the volume ids its status holds): a real API server's body, managedFields and all, is ~8 KB decoded,
+    and such a check lists every instance of the cluster."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    recovery = status.get("recovery") or {}
+    slim: dict[str, Any] = {
+        "metadata": {key: meta[key] for key in ("namespace", "name", "uid") if key in meta},
+        "spec": {key: spec[key] for key in ("flyApp", "sandboxId") if key in spec},
+        "status": {key: status[key] for key in ("volumeId",) if key in status},
+    }
+    held = {key: recovery[key] for key in ("sourceVolumeId", "replacementVolumeId") if recovery.get(key)}
+    if held:
+        slim["status"]["recovery"] = held
+    return slim
+
+
+class _SharedListing:
+    """One listing for every caller that asked while it was queued: each caller gets a listing that began
+    after it asked (never one already under way, which may have read past a write it must see), and at most
+    one runs and one waits at a time. A retained volume's delete and an adoption each check every instance
+    of the cluster: at a burst of 100 recoveries or a take-over mid-provisioning they came dozens at once,
+    each a whole listing (a new leader reached 1.5 GiB at 10,000 instances)."""
+
+    def __init__(self, list_all: Callable[[], Any]) -> None:
+        self._list_all = list_all
+        self._queued: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    async def get(self) -> list[dict[str, Any]]:
+        if self._queued is None:
+            queued = self._queued = asyncio.get_running_loop().create_future()
+            queued.add_done_callback(_retrieve)
+            asyncio.get_running_loop().create_task(self._run(queued, self._running))
+        return await asyncio.shield(self._queued)
+
+    async def _run(
+        self, queued: asyncio.Future[list[dict[str, Any]]], before: asyncio.Task[None] | None
+    ) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        self._queued, self._running = None, asyncio.current_task()  # begun: later callers queue another
+        try:
+            result = await self._list_all()
+        except BaseException as exc:
+            if not queued.done():
+                queued.set_exception(exc if isinstance(exc, Exception) else KubeUnavailable(0, repr(exc)))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not queued.done():
+                queued.set_result(result)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a shared listing's failure as seen (its callers may all have gone)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class KubeClient:
     def __init__(
         self,
@@ -230,6 +292,7 @@ class KubeClient:
         self._fence = fence
         # Calls wait here for one of the pool's connections, outside their own timeouts.
         self._slots = asyncio.Semaphore(KUBE_MAX_CONNECTIONS)
+        self._slim_instances = _SharedListing(self._list_slim_instances)
         self._max_retries = max_retries
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
@@ -343,6 +406,18 @@ class KubeClient:
         )
         return items
 
+    async def every_instance_slim(self) -> list[dict[str, Any]]:
+        """Every instance in every namespace as a slim body (``slim_instance``): what ownership checks read.
+        Concurrent callers share one listing that began after they asked (``_SharedListing``)."""
+        return await self._slim_instances.get()
+
+    async def _list_slim_instances(self) -> list[dict[str, Any]]:
+        slim: list[dict[str, Any]] = []
+        async for page in self.instance_pages():
+            slim.extend(slim_instance(body) for body in page)
+            del page  # not held while the next page is read
+        return slim
+
     async def instance_pages(
         self, namespace: str | None = None, page_size: int = 500
     ) -> AsyncIterator[list[dict[str, Any]]]:
@@ -351,12 +426,16 @@ class KubeClient:
             yield items
 
     async def _pages(self, path: str, params: dict[str, str | int]) -> AsyncIterator[list[dict[str, Any]]]:
-        """A list in pages (the API server's chunked list: ``limit`` and ``continue``)."""
+        """A list in pages (the API server's chunked list: ``limit`` and ``continue``); a page is not held
+        here while the next one is read."""
         token: str | None = None
         while True:
             page = await self._request("GET", path, params={**params, "continue": token} if token else params)
-            yield page.get("items", [])
             token = (page.get("metadata") or {}).get("continue")
+            items: list[dict[str, Any]] = page.get("items", [])
+            del page
+            yield items
+            del items
             if not token:
                 return
 

@@ -548,7 +548,7 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
                 retained, deleting_status(retained, self.ctx.clock(), trigger), "delete begins"
             )
         # Any instance in any namespace: a volume id is unique, whoever holds it must keep it.
-        holder = volumes_in_use(await self.ctx.kube.list_instances(), viewer=retained.ref.namespace).get(
+        holder = volumes_in_use(await self.ctx.kube.every_instance_slim(), viewer=retained.ref.namespace).get(
             spec.volume_id
         )
         if holder is not None:

@@ -125,7 +125,7 @@ class Sandbox:
         ]
         if not candidates:
             return []
-        instances = await self._kube.list_instances()
+        instances = await self._kube.every_instance_slim()
         if any(v.name != fly.volume_name(spec.sandbox_id) for v in candidates) and _legacy_name_shared(
             instance, instances
         ):

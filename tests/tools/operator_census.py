@@ -238,7 +238,7 @@ def _where_loops_wait(loops: list[Any], shared: set[int]) -> dict[str, dict[str,
             if frame is not None and "kiloclaw_operator" in frame.f_code.co_filename:
                 where = f"{frame.f_code.co_qualname}:{frame.f_lineno}"
             inner = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
-            if inner is None or not hasattr(inner, "cr_frame") and not hasattr(inner, "ag_frame"):
+            if inner is None or (not hasattr(inner, "cr_frame") and not hasattr(inner, "ag_frame")):
                 awaited = type(inner).__name__ if inner is not None else ""
                 break
             coro = inner

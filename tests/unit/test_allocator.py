@@ -41,10 +41,14 @@ TLS_PROGRAM = """
 import asyncio, ssl
 from kiloclaw_operator import allocator
 
+def connection():
+    loop = asyncio.get_running_loop()
+    return asyncio.sslproto.SSLProtocol(loop, asyncio.Protocol(), ssl.create_default_context(), None)
+
 async def main():
-    before = asyncio.sslproto.SSLProtocol(asyncio.get_running_loop(), asyncio.Protocol(), ssl.create_default_context(), None)
+    before = connection()
     allocator.shrink_tls_read_buffers()
-    after = asyncio.sslproto.SSLProtocol(asyncio.get_running_loop(), asyncio.Protocol(), ssl.create_default_context(), None)
+    after = connection()
     print(len(before._ssl_buffer), len(after._ssl_buffer))
 
 asyncio.run(main())

@@ -3,6 +3,7 @@ calls are retried (bounded, with backoff) when the API server is busy or does no
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import httpx
@@ -132,3 +133,53 @@ async def test_a_replica_that_is_not_sure_it_leads_writes_nothing_but_still_read
     leading = True
     await client.patch_instance_status(REF, {"phase": "Recovering"})
     assert calls == ["GET", "PATCH"]
+
+
+async def test_the_cluster_wide_instance_listing_keeps_only_what_ownership_checks_read(
+    stack: Stack, namespace: str
+) -> None:
+    await stack.create_instance(namespace, "slim-a", state="Stopped")
+    client = KubeClient(KubeConnection(server=str(stack.api.base_url).rstrip("/"), token="test"))
+    try:
+        await client.patch_instance_status(
+            ObjectRef(namespace=namespace, name="slim-a"),
+            {"volumeId": "vol_a", "phase": "Recovering", "recovery": {"sourceVolumeId": "vol_a", "id": "r1"}},
+        )
+        slim = [item for item in await client.every_instance_slim() if item["metadata"]["name"] == "slim-a"]
+    finally:
+        await client.aclose()
+    assert len(slim) == 1
+    assert slim[0]["metadata"].keys() == {"namespace", "name", "uid"}
+    assert slim[0]["spec"].keys() == {"flyApp", "sandboxId"}
+    assert slim[0]["status"] == {"volumeId": "vol_a", "recovery": {"sourceVolumeId": "vol_a"}}
+
+
+async def test_callers_asking_together_share_one_listing_and_a_later_one_gets_one_begun_after_it_asked() -> (
+    None
+):
+    release = [asyncio.Event(), asyncio.Event()]
+    begun = asyncio.Event()
+    served = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal served
+        listing = served
+        served += 1
+        begun.set()
+        await release[listing].wait()
+        item = {"metadata": {"name": f"listing-{listing}"}}
+        return httpx.Response(200, json={"metadata": {}, "items": [item]})
+
+    client = KubeClient(KubeConnection(server="http://kube.invalid"))
+    client._http = httpx.AsyncClient(base_url="http://kube.invalid", transport=httpx.MockTransport(handler))
+    first = [asyncio.create_task(client.every_instance_slim()) for _ in range(3)]
+    async with asyncio.timeout(5):
+        await begun.wait()
+    later = [asyncio.create_task(client.every_instance_slim()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert served == 1, "the later callers wait for the listing under way to end, and do not join it"
+    release[0].set()
+    release[1].set()
+    names = [[item["metadata"]["name"] for item in await task] for task in (*first, *later)]
+    assert names == [["listing-0"]] * 3 + [["listing-1"]] * 3
+    assert served == 2

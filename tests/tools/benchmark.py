@@ -291,6 +291,8 @@ class ProcessSampler:
         self.process = psutil.Process(pid)
         self.interval = interval
         self.peak_rss = 0
+        #: The largest RSS of each 5-second window (clock time of the window's start, bytes).
+        self.timeline: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -300,6 +302,8 @@ class ProcessSampler:
     def sample(self) -> None:
         with contextlib.suppress(psutil.Error):
             rss = self.process.memory_info().rss
+            window = int(time.time()) // 5 * 5
+            self.timeline[window] = max(rss, self.timeline.get(window, 0))
             if rss > self.peak_rss:
                 self.peak_rss, self.peak_at = rss, time.strftime("%H:%M:%S")
             times = self.process.cpu_times()
@@ -1619,9 +1623,15 @@ class Shard:
             sampler.stop()
 
     def peaks(self) -> str:
-        """Each sampled leader's peak RSS and when (which phase of the run made it)."""
+        """Each sampled leader's peak RSS and when (which phase of the run made it), and its RSS over time
+        (the largest of every 5 s, MiB)."""
         return ", ".join(
-            f"pid {sampler.process.pid}: {sampler.peak_rss / 2**20:.0f} MiB at {sampler.peak_at}"
+            f"pid {sampler.process.pid}: {sampler.peak_rss / 2**20:.0f} MiB at {sampler.peak_at} (over time: "
+            + " ".join(
+                f"{time.strftime('%H:%M:%S', time.localtime(at))} {rss / 2**20:.0f}"
+                for at, rss in sorted(sampler.timeline.items())
+            )
+            + ")"
             for sampler in self.samplers
         )
 

@@ -243,12 +243,16 @@ class _SharedListing:
         self._list_all = list_all
         self._queued: asyncio.Future[list[dict[str, Any]]] | None = None
         self._running: asyncio.Task[None] | None = None
+        # The loop keeps only weak references to tasks: the listings are held here until they end.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def get(self) -> list[dict[str, Any]]:
         if self._queued is None:
             queued = self._queued = asyncio.get_running_loop().create_future()
             queued.add_done_callback(_retrieve)
-            asyncio.get_running_loop().create_task(self._run(queued, self._running))
+            task = asyncio.get_running_loop().create_task(self._run(queued, self._running))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(self._queued)
 
     async def _run(

@@ -155,6 +155,8 @@ class Stack:
         #: do what only the operator may (mint a retained volume).
         self.operator_api: httpx.AsyncClient
         self._access: realcluster.ClusterAccess | None = None
+        #: The namespaces this stack made (their objects are removed when it closes, on a real cluster).
+        self._namespaces: list[str] = []
 
     def get_object_now(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object as the API server holds it, read synchronously: usable from any thread (e.g. flysim's
@@ -214,6 +216,8 @@ class Stack:
 
     async def close(self) -> None:
         await self.stop_operator()
+        if self._access is not None:
+            await self._remove_leftovers()
         if self.operator_api is not self.api:
             await self.operator_api.aclose()
         await self.api.aclose()
@@ -257,7 +261,25 @@ class Stack:
         body = namespace_body(name, *TEST_APPS, f"acct-{name}") if bound else namespace_body(name)
         response = await self.api.post("/api/v1/namespaces", json=body)
         assert response.status_code in (200, 201), response.text
+        self._namespaces.append(name)
         return name
+
+    async def _remove_leftovers(self) -> None:
+        """On a real cluster a namespace stays (deleting it would leave it `Terminating` for good: no
+        kube-controller-manager), and so would the instances and retained volumes of this run, which the
+        next run's operator would pick up and retry against Fly resources that only this run's flysim had
+        (a second `make e2e` on one cluster timed out on them). The operator has stopped: their finalizers
+        are stripped and they are deleted."""
+        merge = {"Content-Type": "application/merge-patch+json"}
+        for namespace in self._namespaces:
+            for plural in (INSTANCE_PLURAL, RETAINED_PLURAL):
+                listed = await self.api.get(self.path(plural, namespace))
+                if listed.status_code != 200:
+                    continue
+                for item in listed.json().get("items", []):
+                    path = self.path(plural, namespace, item["metadata"]["name"])
+                    await self.api.patch(path, json={"metadata": {"finalizers": None}}, headers=merge)
+                    await self.api.delete(path)
 
     async def tenant_client(self, namespace: str, role: str = "kiloclaw-edit") -> httpx.AsyncClient:
         """A client for a tenant of ``namespace``: a ServiceAccount there, bound to the ClusterRole ``role``

@@ -404,12 +404,6 @@ class KubeClient:
             headers={"Content-Type": MERGE_PATCH},
         )
 
-    async def list_instances(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = (await self._request("GET", self._instances_path(namespace))).get(
-            "items", []
-        )
-        return items
-
     async def every_instance_slim(self) -> list[dict[str, Any]]:
         """Every instance in every namespace as a slim body (``slim_instance``): what ownership checks read.
         Concurrent callers share one listing that began after they asked (``_SharedListing``)."""

@@ -53,7 +53,7 @@ def _answers(*statuses: int) -> Handler:
 @pytest.mark.parametrize("status", [429, 500, 503, 504])
 async def test_a_read_answered_busy_is_asked_again_until_it_succeeds(status: int) -> None:
     client, calls = _client(_answers(status, status))
-    assert await client.list_instances("tenants") == []
+    assert await client.every_instance_slim() == []
     assert calls == ["GET", "GET", "GET"]
 
 
@@ -99,7 +99,7 @@ async def test_no_answer_is_a_typed_error_not_an_httpx_one() -> None:
 
     client, calls = _client(handler, max_retries=1)
     with pytest.raises(KubeUnavailable):
-        await client.list_instances()
+        await client.every_instance_slim()
     assert calls == ["GET", "GET"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -40,24 +41,52 @@ RECOVERY_DURATION = Histogram(
 BUILD_INFO = Info("kiloclaw_build", "The running operator's version and Python")
 BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
 
-Bodies = Callable[[], Iterable[Mapping[str, Any]]]
+#: What the objects collector counts of one instance: its phase, its Stalled=True reason (if any), and
+#: whether a recovery is in flight. Kept by each driver when a body arrives, so that a scrape reads a few
+#: shared strings per object instead of decoding every body (10,000 bodies, ~50 MB of dicts, per scrape).
+InstanceTally = tuple[str, str | None, bool]
+#: Of one retained volume: its phase.
+RetainedTally = tuple[str]
+Tallies = Callable[[], Iterable[tuple[Any, ...]]]
 
 
-def _nothing() -> Iterable[Mapping[str, Any]]:
+def instance_tally(body: Mapping[str, Any]) -> InstanceTally:
+    status = body.get("status") or {}
+    reason = next(
+        (
+            c.get("reason")
+            for c in status.get("conditions") or []
+            if c.get("type") == "Stalled" and c.get("status") == "True"
+        ),
+        None,
+    )
+    return (
+        sys.intern(str(status.get("phase") or Phase.PENDING.value)),
+        sys.intern(str(reason)) if reason else None,
+        bool(status.get("recovery")),
+    )
+
+
+def retained_tally(body: Mapping[str, Any]) -> RetainedTally:
+    return (sys.intern(str((body.get("status") or {}).get("phase") or RetainedPhase.RETAINED.value)),)
+
+
+def _nothing() -> Iterable[tuple[Any, ...]]:
     return ()
 
 
 class ObjectsCollector(Collector):
     """Counts the objects the operator knows, by phase (and stalled reason, and recoveries in flight), at
-    scrape time from the bodies its drivers hold: true right after a restart, never drifting, and gone with
-    the object. A running operator attaches its driver registries; a standby attaches nothing."""
+    scrape time from what its drivers keep of their newest bodies (``instance_tally``): true right after a
+    restart, never drifting, and gone with the object. A running operator attaches its driver registries; a
+    standby attaches nothing."""
 
     def __init__(self) -> None:
         # The most recently attached running operator counts; more than one exists only in tests that run
         # operators in one process, and one stopping must not blank out another.
-        self._sources: list[tuple[object, Bodies, Bodies]] = []
+        self._sources: list[tuple[object, Tallies, Tallies]] = []
 
-    def attach(self, owner: object, instances: Bodies, retained: Bodies) -> None:
+    def attach(self, owner: object, instances: Tallies, retained: Tallies) -> None:
         self._sources.append((owner, instances, retained))
 
     def detach(self, owner: object) -> None:
@@ -74,28 +103,19 @@ class ObjectsCollector(Collector):
         return self._families(instances, retained)
 
     @staticmethod
-    def _families(instances: Bodies, retained: Bodies) -> list[Metric]:
+    def _families(instances: Tallies, retained: Tallies) -> list[Metric]:
         phases: TallyCounter[str] = TallyCounter({p.value: 0 for p in Phase})
         stalled: TallyCounter[str] = TallyCounter()
         in_flight = 0
-        for body in instances():
-            status = body.get("status") or {}
-            phases[str(status.get("phase") or Phase.PENDING.value)] += 1
-            reason = next(
-                (
-                    c.get("reason")
-                    for c in status.get("conditions") or []
-                    if c.get("type") == "Stalled" and c.get("status") == "True"
-                ),
-                None,
-            )
+        for phase, reason, recovering in instances():
+            phases[phase] += 1
             if reason:
-                stalled[str(reason)] += 1
-            if status.get("recovery"):
+                stalled[reason] += 1
+            if recovering:
                 in_flight += 1
         retained_phases: TallyCounter[str] = TallyCounter({p.value: 0 for p in RetainedPhase})
-        for body in retained():
-            retained_phases[str((body.get("status") or {}).get("phase") or RetainedPhase.RETAINED.value)] += 1
+        for (retained_phase,) in retained():
+            retained_phases[retained_phase] += 1
 
         by_phase = GaugeMetricFamily("kiloclaw_instances", "KiloClawInstances by phase", labels=["phase"])
         for phase, count in sorted(phases.items()):

@@ -25,6 +25,7 @@ from .fly import vocabulary as fly
 from .fly.models import Machine
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
+from .metrics import instance_tally
 from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .reasons import Reason
 from .sandbox import Sandbox
@@ -86,6 +87,9 @@ class InstanceDriver(ObjectDriver[Instance]):
 
     def read(self, body: dict[str, Any]) -> Instance:
         return Instance.from_body(body)
+
+    def tally(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        return instance_tally(body)
 
     async def patch_status(self, ref: ObjectRef, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.ctx.kube.patch_instance_status(ref, patch)

@@ -42,6 +42,7 @@ from .config import Settings
 from .driving import Context, DriverRegistry, ObjectDriver, RetryLater
 from .fly import Fatal, FlyError, NotFound, RateLimited, Unauthorized
 from .kube import KubeClient, KubeConflict, KubeError, KubeNotFound
+from .metrics import retained_tally
 from .models import (
     INSTANCE_KIND,
     RETAINED_KIND,
@@ -435,6 +436,9 @@ class RetainedVolumeDriver(ObjectDriver[RetainedVolume]):
 
     def read(self, body: dict[str, Any]) -> RetainedVolume:
         return RetainedVolume.from_body(body)
+
+    def tally(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        return retained_tally(body)
 
     def work_signature(self, body: dict[str, Any]) -> tuple[Any, ...]:
         # The provenance arrives in a status write of its own, right after the create: it asks for a pass.

@@ -134,7 +134,7 @@ class Runtime:
         wiring.bind_wakeups(observer, self._instances, kube)
         # Beside the feed's first listing, before kopf's listing of the instances asks for the claims.
         self._ctx.claim_listing.start(claims_namespace(self.settings))
-        OBJECTS.attach(self, self._instances.bodies, self._retained.bodies)
+        OBJECTS.attach(self, self._instances.tallies, self._retained.tallies)
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None:
         """Every instance event keeps the claim book current (see ownership.ClaimBook)."""

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import json
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+
 from builders import instance_body
 from harness import eventually
 from kiloclaw_operator.driving import Admission, Context, DriverRegistry, ObjectDriver, PassGate
+from kiloclaw_operator.metrics import ObjectsCollector, instance_tally
 from kiloclaw_operator.models import ObjectRef
 from kiloclaw_operator.observe.wiring import EarlyPasses
 
@@ -32,6 +36,9 @@ class _Driver(ObjectDriver[Any]):
 
     async def reconcile(self, obj: Any) -> float:
         return 1.0
+
+    def tally(self, body: dict[str, Any]) -> tuple[Any, ...]:
+        return instance_tally(body)
 
 
 def _body(resource_version: str, generation: int = 1, **metadata: Any) -> dict[str, Any]:
@@ -427,3 +434,71 @@ async def test_early_passes_give_their_places_back_when_a_stops_handling_begins(
     finally:
         go.set()
         await registry.aclose()
+
+
+def test_a_scrape_counts_what_the_drivers_kept_of_their_newest_bodies_without_decoding_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry: DriverRegistry[_Driver] = DriverRegistry(
+        lambda ns, name: _Driver(ns, name, ctx=cast(Context, None))
+    )
+    stalled = {"type": "Stalled", "status": "True", "reason": "NoCapacity"}
+    statuses = [
+        {"phase": "Running"},
+        {"phase": "Recovering", "recovery": {"id": "r1"}},
+        {"phase": "Failed", "conditions": [stalled]},
+        {},
+    ]
+    for index, status in enumerate(statuses):
+        body = instance_body(f"i{index}", "ns", metadata={"resourceVersion": "1"}, status=status)
+        registry.get("ns", f"i{index}").offer(body)
+    registry.get("ns", "i0").offer(
+        instance_body("i0", "ns", metadata={"resourceVersion": "2"}, status={"phase": "Stopped"})
+    )
+
+    def no_decoding(*_: Any, **__: Any) -> Any:
+        raise AssertionError("a scrape decoded a body")
+
+    monkeypatch.setattr(json, "loads", no_decoding)
+    families = {f.name: f for f in ObjectsCollector._families(registry.tallies, lambda: ())}
+    phases = {s.labels["phase"]: s.value for s in families["kiloclaw_instances"].samples}
+    assert (
+        phases["Running"],
+        phases["Stopped"],
+        phases["Recovering"],
+        phases["Failed"],
+        phases["Pending"],
+    ) == (0, 1, 1, 1, 1)
+    assert [(s.labels["reason"], s.value) for s in families["kiloclaw_instances_stalled"].samples] == [
+        ("NoCapacity", 1)
+    ]
+    assert families["kiloclaw_recoveries_in_flight"].samples[0].value == 1
+
+
+class _Ticking(_Counting):
+    async def reconcile(self, obj: Any) -> float:
+        self.passes += 1
+        return 0.3
+
+
+async def test_between_passes_a_driver_keeps_no_task_and_its_timer_or_a_wake_up_starts_the_next_pass() -> (
+    None
+):
+    driver = _Ticking()
+    registry = DriverRegistry(lambda namespace, name: driver)
+    driver.offer(_body("1"))
+    registry.running("ns", "a")
+    await _until(lambda: driver.passes == 1 and registry._loops == {})
+    assert driver.idle, "asleep until its next pass: a timer, no task"
+    assert registry.running("ns", "a") is driver and registry._loops == {}, "a watch event does not start it"
+    await _until(lambda: driver.passes == 2)  # its timer
+    await _until(lambda: driver.idle)
+    driver.wake()
+    assert registry._loops, "a wake-up starts the loop at once"
+    await _until(lambda: driver.passes == 3)
+    await _until(lambda: driver.idle)
+    driver.stop()
+    assert not driver.idle and registry._loops == {}
+    await asyncio.sleep(0.5)
+    assert driver.passes == 3, "a stopped driver's timer never starts another pass"
+    await registry.aclose()

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import time
+import zlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -187,6 +188,9 @@ class KindModel(Protocol):
 M = TypeVar("M", bound=KindModel)
 
 
+#: zlib's fastest level: a body of ~1.5 KB of JSON keeps ~0.7 KB.
+BODY_COMPRESSION = 1
+
 #: The context of the drivers' timers: empty, as their loops' (see ``DriverRegistry.running``).
 _EMPTY = contextvars.Context()
 
@@ -197,9 +201,10 @@ class ObjectDriver(ABC, Generic[M]):
     name: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ctx: Context = field(kw_only=True)
-    # The newest body as compact JSON, with the two things every watch event compares: ~1.5 KB per object
-    # instead of ~5 KB of dicts and strings (at 10,000 objects the largest part of what the operator keeps).
-    _body: str | None = field(default=None, init=False, repr=False)
+    # The newest body as compact JSON, compressed, with the two things every watch event compares: ~0.7 KB
+    # per object instead of ~5 KB of dicts and strings, or 1.5 KB of JSON (at 10,000 objects the largest part
+    # of what the operator keeps; a pass decompresses it once, in microseconds).
+    _body: bytes | None = field(default=None, init=False, repr=False)
     _version: int = field(default=0, init=False, repr=False)
     _signature: tuple[Any, ...] = field(default=(), init=False, repr=False)
     # What the metrics count of the newest body (``tally``), kept so that a scrape decodes no body.
@@ -227,7 +232,7 @@ class ObjectDriver(ABC, Generic[M]):
     @property
     def latest(self) -> dict[str, Any] | None:
         """The newest body known (decoded on each read: a pass reads it once)."""
-        return None if self._body is None else json.loads(self._body)
+        return None if self._body is None else json.loads(zlib.decompress(self._body))
 
     #: The kind's logger, and how its objects are named in messages.
     logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
@@ -339,7 +344,7 @@ class ObjectDriver(ABC, Generic[M]):
             body = {**body, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
         first = self._body is None
         previous = self._signature
-        self._body = json.dumps(body, separators=(",", ":"))
+        self._body = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), BODY_COMPRESSION)
         self._version = newer
         self._signature = self.work_signature(body)
         self._tally = self.tally(body)

@@ -502,3 +502,28 @@ async def test_between_passes_a_driver_keeps_no_task_and_its_timer_or_a_wake_up_
     await asyncio.sleep(0.5)
     assert driver.passes == 3, "a stopped driver's timer never starts another pass"
     await registry.aclose()
+
+
+def test_a_driver_keeps_its_newest_body_compressed_and_gives_it_back_whole() -> None:
+    driver = _driver()
+    ready = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Running",
+        "lastTransitionTime": "2026-12-07T00:35:01Z",
+    }
+    status = {"phase": "Running", "machineId": "909fe45d4b22b3", "volumeId": "vol_abcdefgh12345678"}
+    body = instance_body(
+        "a",
+        "ns",
+        metadata={"resourceVersion": "7", "uid": "8a7c1e2e-3c1f-4b59-9d0e-1f2e3d4c5b6a"},
+        status={
+            **status,
+            "flyState": "started",
+            "conditions": [ready, {**ready, "type": "Stalled", "status": "False"}],
+        },
+    )
+    driver.offer(body)
+    compact = json.dumps(body, separators=(",", ":")).encode()
+    assert driver._body is not None and len(driver._body) < len(compact) * 0.7
+    assert driver.latest == body

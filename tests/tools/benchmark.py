@@ -1556,13 +1556,32 @@ def census_summary(report: dict[str, Any]) -> str:
             for chain in found
         )
         garbage = report.get("garbage", {})
+        peak = report.get("peak") or {}
+        gone = ""
+        if peak:
+            gone = (
+                f"\nthe traced memory's peak so far: {peak['traced'] / mib:.0f} MiB at {peak['at']}; "
+                "of it gone since, by line:\n"
+                + "\n".join(
+                    f"    {size / mib:7.1f} MiB {size / n:8.0f} B/inst {count:8d}  {where}"
+                    for where, size, count in peak["gone"]
+                )
+                + "\nby stack:\n"
+                + "\n".join(
+                    f"    {size / mib:7.1f} MiB {count:8d}\n" + "\n".join(f"        {f}" for f in frames)
+                    for frames, size, count in peak["gone_stacks"]
+                )
+            )
         return (
             f"a full collection freed {garbage.get('freed', 0) / mib:.1f} MiB ({garbage.get('collected', 0)} "
-            f"objects; Instance models before it: {garbage.get('instances_before', 0)}); who keeps them:\n"
+            f"objects: {garbage.get('types', {})}; Instance models before it: "
+            f"{garbage.get('instances_before', 0)}); its cycles:\n"
+            + "\n".join(f"    {cycle}" for cycle in garbage.get("cycles", []))
+            + "\nwho keeps them:\n"
             f"{chains}\n"
             f"{report['instances']} instances, RSS {report['rss'] / mib:.0f} MiB, traced "
             f"{report['traced'] / mib:.0f} MiB, took {report['seconds']} s; by line:\n{lines}\n"
-            f"by stack:\n{stacks}"
+            f"by stack:\n{stacks}{gone}"
         )
     holders = "; ".join(
         f"{name} {h['bytes'] / mib:.1f} MiB ({h['bytes'] / n / 1000:.2f} KB/instance)"

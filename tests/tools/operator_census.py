@@ -310,6 +310,76 @@ def _referrer_chains(name: str, samples: int = 4, depth: int = 8) -> list[list[s
     return [[f"{alive} alive"], *chains]
 
 
+def collect_and_name_garbage() -> tuple[int, dict[str, int], list[str]]:
+    """A full collection that says what it freed: the number of objects, the twenty commonest types among
+    them, and, for the commonest types that are not containers, what the first cycle of each looked like
+    (the types of the objects in it that refer to it): where a cycle is made, refcounting cannot free it and
+    it waits for a rare full collection."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        collected = gc.collect()
+        garbage = list(gc.garbage)
+        gc.garbage.clear()
+    finally:
+        gc.set_debug(0)
+    by_type: dict[str, int] = {}
+    for obj in garbage:
+        name = type(obj).__qualname__
+        by_type[name] = by_type.get(name, 0) + 1
+    common = dict(sorted(by_type.items(), key=lambda item: -item[1])[:20])
+    in_garbage = {id(obj) for obj in garbage}
+    examples: list[str] = []
+    for name in [n for n in common if n not in ("dict", "list", "tuple", "cell", "function", "set")][:6]:
+        sample = next(obj for obj in garbage if type(obj).__qualname__ == name)
+        around = [type(r).__qualname__ for r in gc.get_referrers(sample) if id(r) in in_garbage][:6]
+        inside = [type(r).__qualname__ for r in gc.get_referents(sample) if id(r) in in_garbage][:6]
+        examples.append(f"{name}: referred to by {around}, refers to {inside}")
+    del garbage
+    return collected, common, examples
+
+
+class PeakKeeper:
+    """With tracing: a snapshot of the live memory at its largest so far (a thread looks every second and
+    takes a new one when the traced memory has grown by a sixth since the last): what the census at the peak
+    would have found, and, against the census, what of it has gone since (the transients whose freed blocks
+    pymalloc may keep)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Any = None
+        self.size = 0
+        self.at = ""
+
+    def start(self) -> None:
+        import threading
+
+        threading.Thread(target=self._watch, name="census-peak", daemon=True).start()
+
+    def _watch(self) -> None:
+        import tracemalloc
+
+        while True:
+            time.sleep(1.0)
+            current = tracemalloc.get_traced_memory()[0]
+            if current > max(self.size * 7 // 6, 32 * 2**20):
+                self.snapshot = _filtered(tracemalloc.take_snapshot())
+                self.size = current
+                self.at = time.strftime("%H:%M:%S")
+
+
+PEAK = PeakKeeper()
+
+
+def _filtered(snapshot: Any) -> Any:
+    import tracemalloc
+
+    return snapshot.filter_traces(
+        [
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+        ]
+    )
+
+
 def traced() -> dict[str, Any]:
     """Where the live memory was allocated (``KILOCLAW_CENSUS_TRACE``: tracemalloc, started with the
     process): quicker than the deep census, which stalls a large operator for minutes."""
@@ -319,18 +389,31 @@ def traced() -> dict[str, Any]:
     # What a full collection frees first (cyclic garbage the operator's rare full collections leave).
     before = tracemalloc.get_traced_memory()[0]
     models_before = sum(1 for o in gc.get_objects() if type(o).__name__ == "Instance")
-    collected = gc.collect()
+    collected, garbage_types, cycles = collect_and_name_garbage()
     garbage = {
         "collected": collected,
         "freed": before - tracemalloc.get_traced_memory()[0],
         "instances_before": models_before,
+        "types": garbage_types,
+        "cycles": cycles,
     }
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [
-            tracemalloc.Filter(False, tracemalloc.__file__),
-            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
-        ]
-    )
+    snapshot = _filtered(tracemalloc.take_snapshot())
+    peak: dict[str, Any] = {}
+    if PEAK.snapshot is not None:
+        by_line = sorted(PEAK.snapshot.compare_to(snapshot, "lineno"), key=lambda d: d.size_diff)
+        by_stack = sorted(PEAK.snapshot.compare_to(snapshot, "traceback"), key=lambda d: d.size_diff)
+        peak = {
+            "traced": PEAK.size,
+            "at": PEAK.at,
+            "gone": [
+                [str(d.traceback[0]), -d.size_diff, -d.count_diff] for d in by_line[:25] if d.size_diff < 0
+            ],
+            "gone_stacks": [
+                [[str(frame) for frame in d.traceback], -d.size_diff, -d.count_diff]
+                for d in by_stack[:8]
+                if d.size_diff < 0
+            ],
+        }
     lines = snapshot.statistics("lineno")
     stacks = snapshot.statistics("traceback")
     total = sum(stat.size for stat in lines)
@@ -343,6 +426,7 @@ def traced() -> dict[str, Any]:
         "instances": len(_instances_of("InstanceDriver")),
         "lines": [[str(stat.traceback[0]), stat.size, stat.count] for stat in lines[:40]],
         "stacks": [[[str(frame) for frame in stat.traceback], stat.size, stat.count] for stat in stacks[:15]],
+        "peak": peak,
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -355,6 +439,7 @@ def main() -> None:
         import tracemalloc
 
         tracemalloc.start(int(os.environ["KILOCLAW_CENSUS_TRACE"]))
+        PEAK.start()
 
     def on_signal(_signum: int, _frame: object) -> None:
         nonlocal taken

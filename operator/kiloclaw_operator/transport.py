@@ -15,6 +15,7 @@ from __future__ import annotations
 import ssl
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import httpx
@@ -43,7 +44,18 @@ _NO_COOKIES = _NoCookies()
 
 
 class CookielessClient(httpx.AsyncClient):
-    """The adapters' httpx client: keeps no cookies and sends none."""
+    """The adapters' httpx client: keeps no cookies and sends none, and leaves no reference cycle behind a
+    response it has read whole."""
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        response = await super().send(request, **kwargs)
+        if not kwargs.get("stream") and response.is_closed:
+            # httpx binds every response's stream to the response itself, a cycle that only the garbage
+            # collector frees (with a request, its headers and URL): at a few requests a second it was most
+            # of what a leader of 2,000 instances gained between two full collections. The body is read,
+            # so the binding has nothing left to do.
+            response.stream = httpx.ByteStream(response.content)
+        return response
 
     @property
     def cookies(self) -> httpx.Cookies:

@@ -4,9 +4,11 @@ httpx errors the adapters classify as transient. Each test runs a raw HTTP serve
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -276,3 +278,25 @@ async def test_the_adapters_clients_keep_no_cookie_a_server_sets_and_send_none()
             await client.aclose()
     assert len(seen) == 2 and "cookie" not in seen[1], "a cookie set by the server is never sent back"
     assert not client.cookies
+
+
+async def test_a_response_read_whole_is_freed_by_reference_counting_without_the_garbage_collector() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": true}'
+        )
+        await writer.drain()
+        writer.close()
+
+    transport = AiohttpTransport(max_connections=4)
+    async with _server(handler) as url, CookielessClient(base_url=url, transport=transport) as client:
+        gc.disable()
+        try:
+            response = await client.get("/thing")
+            assert response.json() == {"a": True}
+            gone = weakref.ref(response)
+            del response
+            assert gone() is None, "the response is part of a reference cycle"
+        finally:
+            gc.enable()

@@ -2,8 +2,8 @@
 
 kopf runs event handlers and deletion handlers concurrently on one object. A driver makes them
 take turns: watch events only hand over the newest body and wake the driver when the body asks for work;
-the driver's loop (a task per object, see ``DriverRegistry``) does every pass under its lock, and so does
-deletion.
+the driver's loop (a task per object while it has work, a timer while it sleeps, see ``DriverRegistry``) does
+every pass under its lock, and so does deletion.
 
 ``ObjectDriver`` is the one loop of both kinds, parameterised by the kind's model: reading the newest body,
 the durable status write (``write``), the log fields, and the pass skeleton; a kind supplies its pass.
@@ -482,9 +482,10 @@ D = TypeVar("D", bound=ObjectDriver[Any])
 
 class DriverRegistry(Generic[D]):
     """The drivers of all known objects of one kind, keyed by namespace/name, and their loops: one task per
-    object, started by the first watch event that names it, ended when the object is forgotten (deleted) or
-    when the operator stops. Not a kopf daemon per object: kopf's per-daemon machinery (coroutine chain,
-    invocation context, stop flags, loggers) was ~20 KB per object: most of the memory at 10,000."""
+    object while it has work, started by the first watch event that names it, ended when the driver sleeps
+    (a timer or a wake-up starts it again), when the object is forgotten (deleted) or when the operator
+    stops. Not a kopf daemon per object: kopf's per-daemon machinery (coroutine chain, invocation context,
+    stop flags, loggers) was ~20 KB per object: most of the memory at 10,000."""
 
     def __init__(self, make: Callable[[str, str], D]) -> None:
         self._make = make

@@ -22,9 +22,6 @@ from .run import exit_with, run_operator, serve_metrics
 
 logger = logging.getLogger("kiloclaw.operator")
 
-#: Allocations between two young collections (Python's default is 700).
-GC_YOUNG_THRESHOLD = 10_000
-
 
 def _settings_or_exit(*, require_token: bool, **overrides: object) -> Settings:
     try:
@@ -47,12 +44,7 @@ def command_run(args: argparse.Namespace) -> None:
     # Thousands of instances make a large, long-lived heap: with the default thresholds every 700 allocations
     # start a collection and full collections rescan it all, stalling the event loop for seconds at 10,000
     # instances (long enough to miss a Lease renewal). Fewer, larger young collections; full ones stay rare.
-    # Not much larger: kopf's per-event objects are reference cycles that hold the event's whole body until a
-    # young collection frees them. What start-up made (modules, classes) is never garbage: frozen, no full
-    # collection scans it again.
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
-    gc.collect()
-    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     tuned = allocator.tune()
     tls_read_buffer = allocator.shrink_tls_read_buffers()
     if warning:

@@ -24,7 +24,7 @@ from .retained import RetainedVolumeDriver
 logger = logging.getLogger("kiloclaw.operator")
 
 #: How long kopf keeps an object's worker after its last event (its handler only hands the body over).
-KOPF_WORKER_IDLE_SECONDS = 0.1
+KOPF_WORKER_IDLE_SECONDS = 0.5
 
 
 class Runtime(Protocol):
@@ -82,8 +82,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.chunk_size = _runtime(memo).settings.list_chunk_size
     settings.networking.request_timeout = 60
     # kopf keeps a worker per object that had an event, holding that event's whole body, until the object has
-    # been quiet this long (5 s by default): a new leader's listing of 10,000 instances kept 10,000 of them,
-    # and at 0.5 s still the ~1,500 bodies of the last half second (managedFields and all).
+    # been quiet this long (5 s by default): a new leader's listing of 10,000 instances kept 10,000 of them.
     settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
 
 

@@ -205,7 +205,6 @@ def pack_body(text: bytes) -> bytes:
 def unpack_body(packed: bytes) -> bytes:
     return zlib.decompress(packed, -BODY_WINDOW_BITS)
 
-
 #: The context of the drivers' timers: empty, as their loops' (see ``DriverRegistry.running``).
 _EMPTY = contextvars.Context()
 

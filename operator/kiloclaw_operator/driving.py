@@ -190,20 +190,6 @@ M = TypeVar("M", bound=KindModel)
 
 #: zlib's fastest level: a body of ~1.5 KB of JSON keeps ~0.7 KB.
 BODY_COMPRESSION = 1
-#: Raw deflate with a 1 KiB window and little match memory: zlib's defaults (32 KiB window, 256 KiB of
-#: state set up for every call) made each body's compression ~70 µs, 3.5 % of a provisioning burst's CPU,
-#: for a body that fits in a few windows anyway.
-BODY_WINDOW_BITS = 10
-BODY_MEMORY_LEVEL = 2
-
-
-def pack_body(text: bytes) -> bytes:
-    packer = zlib.compressobj(BODY_COMPRESSION, zlib.DEFLATED, -BODY_WINDOW_BITS, BODY_MEMORY_LEVEL)
-    return packer.compress(text) + packer.flush()
-
-
-def unpack_body(packed: bytes) -> bytes:
-    return zlib.decompress(packed, -BODY_WINDOW_BITS)
 
 #: The context of the drivers' timers: empty, as their loops' (see ``DriverRegistry.running``).
 _EMPTY = contextvars.Context()
@@ -246,7 +232,7 @@ class ObjectDriver(ABC, Generic[M]):
     @property
     def latest(self) -> dict[str, Any] | None:
         """The newest body known (decoded on each read: a pass reads it once)."""
-        return None if self._body is None else json.loads(unpack_body(self._body))
+        return None if self._body is None else json.loads(zlib.decompress(self._body))
 
     #: The kind's logger, and how its objects are named in messages.
     logger: ClassVar[logging.Logger] = logging.getLogger("kiloclaw")
@@ -358,7 +344,7 @@ class ObjectDriver(ABC, Generic[M]):
             body = {**body, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
         first = self._body is None
         previous = self._signature
-        self._body = pack_body(json.dumps(body, separators=(",", ":")).encode())
+        self._body = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), BODY_COMPRESSION)
         self._version = newer
         self._signature = self.work_signature(body)
         self._tally = self.tally(body)

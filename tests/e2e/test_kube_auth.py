@@ -177,6 +177,12 @@ async def test_the_operators_client_lists_instances_page_by_page_on_the_real_ser
             finally:
                 await kube.aclose()
         finally:
+            # No operator ran here (no finalizers), and without kube-controller-manager a deleted namespace
+            # keeps its objects: delete the instances themselves, so no later listing meets them.
+            for name in names:
+                client.delete(
+                    f"/apis/kiloclaw.kilo.ai/v1alpha1/namespaces/{namespace}/kiloclawinstances/{name}"
+                )
             client.delete(f"/api/v1/namespaces/{namespace}")
     assert [len(page) for page in pages] == [2, 2, 1]
     assert sorted(item["metadata"]["name"] for page in pages for item in page) == names

@@ -36,6 +36,10 @@ from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 from .reasons import Reason
 from .transport import AiohttpTransport, CookielessClient
 
+#: Objects per page of the operator's own listings (a new leader's feed, claim book and claims list every
+#: instance or claim at once, beside kopf's listing): each page is decoded whole, managedFields and all.
+LISTING_PAGE_SIZE = 100
+
 logger = logging.getLogger("kiloclaw.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -417,7 +421,7 @@ class KubeClient:
         return slim
 
     async def instance_pages(
-        self, namespace: str | None = None, page_size: int = 500
+        self, namespace: str | None = None, page_size: int = LISTING_PAGE_SIZE
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """All instances, ``page_size`` at a time, for a caller that keeps only a little of each."""
         async for items in self._pages(self._instances_path(namespace), {"limit": page_size}):
@@ -499,7 +503,7 @@ class KubeClient:
             return None
 
     async def lease_pages(
-        self, namespace: str, label_selector: str, page_size: int = 500
+        self, namespace: str, label_selector: str, page_size: int = LISTING_PAGE_SIZE
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The Leases of ``namespace`` that match ``label_selector``, ``page_size`` at a time."""
         params: dict[str, str | int] = {"limit": page_size, "labelSelector": label_selector}

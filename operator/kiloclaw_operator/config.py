@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     # Objects per page of kopf's initial listing (a new leader lists every instance): one page of bodies,
     # managedFields and all, is in memory at once instead of the whole fleet's.
     list_chunk_size: int = Field(
-        default=100, ge=1, le=100000, validation_alias=AliasChoices("KILOCLAW_LIST_CHUNK_SIZE")
+        default=250, ge=1, le=100000, validation_alias=AliasChoices("KILOCLAW_LIST_CHUNK_SIZE")
     )
     # The Fly that really exists (DESIGN 3.9). A stop whose exit Fly marks as requested (a stop the operator
     # did not send: Fly's own graceful stop, e.g. a platform migration) gets this long to come back started

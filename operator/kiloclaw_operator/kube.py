@@ -38,7 +38,7 @@ from .transport import AiohttpTransport, CookielessClient
 
 #: Objects per page of the operator's own listings (a new leader's feed, claim book and claims list every
 #: instance or claim at once, beside kopf's listing): each page is decoded whole, managedFields and all.
-LISTING_PAGE_SIZE = 100
+LISTING_PAGE_SIZE = 250
 
 logger = logging.getLogger("kiloclaw.kube")
 

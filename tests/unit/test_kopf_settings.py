@@ -19,7 +19,7 @@ async def configured(**values: object) -> kopf.OperatorSettings:
 
 
 async def test_a_new_leader_lists_the_instances_in_pages_not_the_whole_fleet_at_once() -> None:
-    assert (await configured()).watching.chunk_size == 500
+    assert (await configured()).watching.chunk_size == 250
     assert (await configured(list_chunk_size=50)).watching.chunk_size == 50
 
 

@@ -497,14 +497,13 @@ class DriverRegistry(Generic[D]):
         driver = self._drivers.get(key)
         if driver is None:
             driver = self._drivers[key] = self._make(namespace, name)
+            driver._resume = functools.partial(self._start, key, driver)
         return driver
 
     def running(self, namespace: str, name: str) -> D:
         """The object's driver, its loop started if it is neither running nor asleep until its next pass."""
         driver = self.get(namespace, name)
         key = (namespace, name)
-        if driver._resume is None:
-            driver._resume = functools.partial(self._start, key, driver)
         if key not in self._loops and not driver.idle and not driver.stopping():
             self._start(key, driver)
         return driver

@@ -36,8 +36,8 @@ from .models import GROUP, INSTANCE_PLURAL, RETAINED_PLURAL, VERSION, ObjectRef
 from .reasons import Reason
 from .transport import AiohttpTransport, CookielessClient
 
-#: Objects per page of the operator's own listings (a new leader's feed, claim book and claims list every
-#: instance or claim at once, beside kopf's listing): each page is decoded whole, managedFields and all.
+#: Objects per page of the client's listings unless its owner says otherwise (the operator passes
+#: ``KILOCLAW_LIST_CHUNK_SIZE``, the page of kopf's listing too): each page is decoded whole.
 LISTING_PAGE_SIZE = 250
 
 logger = logging.getLogger("kiloclaw.kube")
@@ -293,8 +293,12 @@ class KubeClient:
         backoff_base: float = 0.2,
         backoff_cap: float = 5.0,
         fence: Callable[[], bool] | None = None,
+        page_size: int = LISTING_PAGE_SIZE,
     ) -> None:
         self._http = build_http_client(conn, timeout=timeout)
+        # A new leader's feed, claim book and claims list every instance or claim at once, beside kopf's
+        # listing: what four listings of whole pages leave behind was most of the leader's memory.
+        self._page_size = page_size
         # Whether this process may still write as the leader; checked once a connection slot is taken, right
         # before each changing request is sent (a pass that waited for a slot may have outlived the Lease).
         self._fence = fence
@@ -421,10 +425,12 @@ class KubeClient:
         return slim
 
     async def instance_pages(
-        self, namespace: str | None = None, page_size: int = LISTING_PAGE_SIZE
+        self, namespace: str | None = None, page_size: int | None = None
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """All instances, ``page_size`` at a time, for a caller that keeps only a little of each."""
-        async for items in self._pages(self._instances_path(namespace), {"limit": page_size}):
+        """All instances, ``page_size`` (default: the client's) at a time, for a caller that keeps only a
+        little of each."""
+        params: dict[str, str | int] = {"limit": page_size or self._page_size}
+        async for items in self._pages(self._instances_path(namespace), params):
             yield items
 
     async def _pages(self, path: str, params: dict[str, str | int]) -> AsyncIterator[list[dict[str, Any]]]:
@@ -503,10 +509,14 @@ class KubeClient:
             return None
 
     async def lease_pages(
-        self, namespace: str, label_selector: str, page_size: int = LISTING_PAGE_SIZE
+        self, namespace: str, label_selector: str, page_size: int | None = None
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """The Leases of ``namespace`` that match ``label_selector``, ``page_size`` at a time."""
-        params: dict[str, str | int] = {"limit": page_size, "labelSelector": label_selector}
+        """The Leases of ``namespace`` that match ``label_selector``, ``page_size`` (default: the client's)
+        at a time."""
+        params: dict[str, str | int] = {
+            "limit": page_size or self._page_size,
+            "labelSelector": label_selector,
+        }
         async for items in self._pages(self._lease_path(namespace), params):
             yield items
 

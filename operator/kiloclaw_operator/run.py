@@ -119,7 +119,7 @@ class Runtime:
     def connect(self, conn: KubeConnection) -> None:
         if self._ctx is not None:
             return
-        kube = KubeClient(conn, fence=self._fence)
+        kube = KubeClient(conn, fence=self._fence, page_size=self.settings.list_chunk_size)
         observer, self._feed = wiring.start_observer(self.settings, self.fly, kube)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)

@@ -108,12 +108,17 @@ async def test_instances_are_listed_page_by_page_until_the_server_gives_no_conti
 ) -> None:
     for index in range(5):
         await stack.create_instance(namespace, f"paged-{index}", state="Stopped")
-    client = KubeClient(KubeConnection(server=str(stack.api.base_url).rstrip("/"), token="test"))
+    server = str(stack.api.base_url).rstrip("/")
+    client = KubeClient(KubeConnection(server=server, token="test"))
+    sized = KubeClient(KubeConnection(server=server, token="test"), page_size=3)
     try:
         pages = [page async for page in client.instance_pages(namespace, page_size=2)]
+        by_default = [len(page) async for page in sized.instance_pages(namespace)]
     finally:
         await client.aclose()
+        await sized.aclose()
     assert [len(page) for page in pages] == [2, 2, 1]
+    assert by_default == [3, 2], "without a page size of its own a listing takes the client's"
     assert sorted(item["metadata"]["name"] for page in pages for item in page) == [
         f"paged-{index}" for index in range(5)
     ]

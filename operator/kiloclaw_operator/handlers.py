@@ -32,8 +32,9 @@ class Runtime(Protocol):
 
     settings: Settings
 
-    def connect(self, conn: KubeConnection) -> None:
-        """At kopf's login: build what needs the Kubernetes connection (once; later logins change nothing)."""
+    async def connect(self, conn: KubeConnection) -> None:
+        """At kopf's login: build what needs the Kubernetes connection and let the observer's first window
+        go first (once; later logins change nothing)."""
         ...
 
     def claims_seen(self, body: kopf.Body, event_type: str | None) -> None: ...
@@ -92,7 +93,7 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     client's configuration loading (kubeconfig.py); kopf calls this again on a 401 or before the credential
     expires."""
     conn = await login_outside_kopf()
-    _runtime(memo).connect(conn)
+    await _runtime(memo).connect(conn)
     return kopf.ConnectionInfo(**kopf_connection_fields(conn))
 
 

@@ -1,0 +1,103 @@
+"""How a new leader starts (run.Runtime.connect, called at kopf's login): the feed's first window goes first,
+over HTTP against flysim and kubesim. kopf's listings wait for it, because kopf begins listing and watching
+only once its login returned; a feed that cannot reach Fly holds kopf back for a bounded while only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from flysim import FlySimulator
+from flysim.state import SimTimings
+from harness import Stack
+from kiloclaw_operator import run
+from kiloclaw_operator.config import Settings
+from kiloclaw_operator.kube import KubeConnection
+
+TOKEN = "test-token-runtime-start"
+ORG = "kilo"
+ORG_LISTING = f"GET /v1/orgs/{ORG}/machines"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[FlySimulator]:
+    simulator = FlySimulator(token=TOKEN, timings=SimTimings(start_delay=0.0), rate_limits=None)
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+def feed_settings(sim: FlySimulator, namespace: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "fly_api_base_url": sim.base_url,
+        "fly_api_token": TOKEN,
+        "fly_org_slug": ORG,
+        "feed_interval_seconds": 0.05,
+        "namespaces": [namespace],
+        "claims_namespace": namespace,
+        "lease_namespace": namespace,
+        **overrides,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+async def connected(runtime: run.Runtime, stack: Stack) -> float:
+    """Seconds ``connect`` (kopf's login) took."""
+    began = time.monotonic()
+    await runtime.connect(KubeConnection(server=str(stack.api.base_url).rstrip("/"), token="test"))
+    return time.monotonic() - began
+
+
+def sweeps_answered(sim: FlySimulator, before: float) -> int:
+    """The feed's sweeps of the organisation listing flysim answered (200) before ``before`` (epoch)."""
+    return sum(
+        1
+        for r in sim.request_log
+        if r.path == f"/v1/orgs/{ORG}/machines"
+        and "include_deleted" in r.query
+        and r.status == 200
+        and r.at < before
+    )
+
+
+async def test_kopfs_login_returns_only_once_the_feeds_first_window_is_in(
+    stack: Stack, namespace: str, sim: FlySimulator
+) -> None:
+    sim.set_latency(0.5, route=ORG_LISTING)
+    runtime = run.Runtime(feed_settings(sim, namespace))
+    try:
+        took = await connected(runtime, stack)
+        returned = time.time()
+        assert sweeps_answered(sim, before=returned) >= 1, (
+            "kopf would list the instances before the feed knew what changed while no operator ran"
+        )
+        assert took >= 1.0  # the clock's empty page, then the first sweep: 0.5 s each
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_feed_that_cannot_reach_fly_holds_kopfs_login_back_no_longer_than_its_bound(
+    stack: Stack, namespace: str, sim: FlySimulator
+) -> None:
+    sim.inject_faults(ORG_LISTING, 503)
+    runtime = run.Runtime(feed_settings(sim, namespace, feed_stale_seconds=1.0))
+    try:
+        took = await connected(runtime, stack)
+        assert sweeps_answered(sim, before=time.time()) == 0
+        assert 0.9 <= took < 1.0 + run.FIRST_WINDOW_HEAD_START_SECONDS / 2
+    finally:
+        await runtime.aclose()
+
+
+async def test_a_second_login_does_not_wait_again(stack: Stack, namespace: str, sim: FlySimulator) -> None:
+    sim.inject_faults(ORG_LISTING, 503)
+    runtime = run.Runtime(feed_settings(sim, namespace, feed_stale_seconds=1.0))
+    try:
+        await connected(runtime, stack)
+        assert await connected(runtime, stack) < 0.5, "kopf logs in again on a 401: nothing is rebuilt"
+    finally:
+        await runtime.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
 from typing import Annotated, Any
@@ -52,6 +53,22 @@ def namespace_patterns(value: object) -> object:
     if not inclusions:
         return [", ".join(exclusions)]
     return [", ".join([inclusion, *exclusions]) for inclusion in inclusions]
+
+
+def namespace_matches(namespace: str, patterns: list[str]) -> bool:
+    """Whether kopf, given ``patterns`` (as ``namespace_patterns`` makes them: ``"glob"``, ``"glob, !neg…"``
+    or ``"!neg, …"``), watches ``namespace``; no patterns: every namespace. For what the operator lists
+    cluster-wide itself, so that it acts only where kopf would."""
+    if not patterns:
+        return True
+    for pattern in patterns:
+        globs = [part.strip() for part in pattern.split(",") if part.strip()]
+        inclusions = [glob for glob in globs if not glob.startswith("!")]
+        exclusions = [glob[1:] for glob in globs if glob.startswith("!")]
+        included = all(fnmatch.fnmatchcase(namespace, glob) for glob in inclusions[:1])
+        if included and not any(fnmatch.fnmatchcase(namespace, glob) for glob in exclusions):
+            return True
+    return False
 
 
 def _busy_cadence(data: dict[str, Any]) -> float:

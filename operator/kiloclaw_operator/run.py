@@ -151,7 +151,9 @@ class Runtime:
             self.settings,
             kube,
             self.settings.lease_namespace or default_lease_namespace(),
-            instances=lambda: len(instances),
+            # A new leader's first passes (the machines that changed while no operator ran) run before
+            # kopf's listing has made every driver: the share is of every instance known, not of those.
+            instances=lambda: max(len(instances), observer.instances_listed()),
         )
         self._retained = retained_volume_drivers(self._ctx)
         wiring.bind_wakeups(observer, self._instances, kube)

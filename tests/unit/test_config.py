@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiloclaw_operator.config import ConfigError, Settings, load_settings
+from kiloclaw_operator.config import ConfigError, Settings, load_settings, namespace_matches
 
 VARIABLES = (
     "FLY_API_TOKEN",
@@ -293,3 +293,35 @@ def test_the_shard_overlay_splits_every_namespace_between_exactly_two_operators(
             if any(match_namespace(namespace, p) for p in patterns)  # type: ignore[arg-type]
         ]
         assert len(owners) == 1, f"{namespace} is watched by {len(owners)} shards"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "tenants",
+        "tenants-*",
+        "tenants-*,!tenants-b*",
+        "!tenants-b*",
+        "a-?,tenants-*,!*-x",
+        "!kube-*,!default",
+    ],
+)
+def test_the_operators_own_namespace_match_agrees_with_kopfs_for_every_pattern_form(value: str) -> None:
+    from kopf._cogs.structs.references import match_namespace  # what kopf watches, to compare with
+
+    patterns = Settings(namespaces=value).namespaces  # type: ignore[arg-type]
+    names = [
+        "tenants",
+        "tenants-a1",
+        "tenants-b1",
+        "tenants-x",
+        "a-1",
+        "a-12",
+        "kube-system",
+        "default",
+        "other",
+    ]
+    for name in names:
+        kopf_watches = not patterns or any(match_namespace(name, pattern) for pattern in patterns)
+        assert namespace_matches(name, patterns) is kopf_watches, (value, name)

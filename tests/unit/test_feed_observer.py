@@ -225,3 +225,48 @@ async def test_a_pass_over_an_instance_with_a_machine_waits_for_the_first_listin
         finally:
             sweeping.cancel()
             await asyncio.gather(sweeping, return_exceptions=True)
+
+
+async def test_a_new_leader_takes_first_only_its_own_namespaces_instances_and_counts_only_those(
+    sim: FlySimulator,
+) -> None:
+    """The listing at start is cluster-wide: another shard's instances, whose machines stopped too, are that
+    shard's to drive (no early pass here), and the brake's share counts this shard's instances only."""
+    observed = datetime.now(UTC) - timedelta(minutes=1)
+    bodies = []
+    for namespace in ("tenants-a1", "tenants-a2", "tenants-b1"):
+        machine = sim.state.create_machine("ours", machine_body(f"sandbox-{namespace}"))
+        bodies.append(
+            {
+                "metadata": {"namespace": namespace, "name": "sandbox"},
+                "status": {
+                    "machineId": machine.id,
+                    "flyState": "started",
+                    "observedAt": observed.isoformat(),
+                },
+            }
+        )
+        sim.state.stop_machine("ours", machine.id)
+    settings = Settings(
+        fly_api_base_url=sim.base_url,
+        fly_api_token=TOKEN,
+        fly_org_slug="kilo",
+        feed_interval_seconds=0.05,
+        namespaces="tenants-*,!tenants-b*",  # type: ignore[arg-type]
+    )
+
+    async def listed_at_start() -> AsyncIterator[list[dict[str, Any]]]:
+        yield bodies
+
+    taken_first: list[tuple[str, str]] = []
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=listed_at_start)
+        feed.bind(lambda namespace, name: None, taken_first.extend)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await swept(feed)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+    assert sorted(taken_first) == [("tenants-a1", "sandbox"), ("tenants-a2", "sandbox")]
+    assert feed.instances_listed() == 2

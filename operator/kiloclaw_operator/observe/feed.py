@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from .. import lifecycle
-from ..config import Settings
+from ..config import Settings, namespace_matches
 from ..fly import Fatal, FlyClient, FlyError, NotFound, OrgMachine, RateLimited, Unauthorized
 from ..fly import vocabulary as fly
 from ..fly.models import Machine
@@ -121,6 +121,8 @@ class FeedObserver:
         self._reads = asyncio.Semaphore(settings.feed_fallback_concurrency)
         self.sweeps = 0
         self.changes = 0
+        #: The instances of this operator's namespaces in the listing at start (0 until it is in).
+        self._instances_listed = 0
 
     # --- wiring ----------------------------------------------------------------------------------------
 
@@ -299,6 +301,9 @@ class FeedObserver:
             return self._as_observation(instance.status.fly_state), None
         return await self._read(instance)
 
+    def instances_listed(self) -> int:
+        return self._instances_listed
+
     def next_pass(self, instance: Instance) -> float:
         """Seconds until the driver's next pass: the feed wakes it on news, so only the fallbacks count."""
         self._track(instance)
@@ -460,12 +465,19 @@ class FeedObserver:
     async def _start_window(self) -> None:
         """After a (re)start: from the oldest observation minus the overlap, in Fly's clock."""
         # Page by page, keeping a few fields of each: at 10,000 the whole list at once is ~100 MB of JSON.
-        self._listed_at_start = [
-            listed
-            async for page in self._instance_pages()
-            for listed in map(ListedInstance.of, page)
-            if listed is not None
-        ]
+        # The listing is cluster-wide; only the instances of this operator's namespaces (kopf's) count:
+        # another shard's instances are that shard's to drive.
+        self._listed_at_start = []
+        listed_instances = 0
+        async for page in self._instance_pages():
+            for body in page:
+                if not namespace_matches(_namespace_of(body), self._settings.namespaces):
+                    continue
+                listed_instances += 1
+                listed = ListedInstance.of(body)
+                if listed is not None:
+                    self._listed_at_start.append(listed)
+        self._instances_listed = listed_instances
         self._listed_machines = {listed.machine_id for listed in self._listed_at_start}
         oldest = oldest_observation(self._listed_at_start)
         await self._measure_clock_offset()
@@ -604,6 +616,10 @@ class ListedInstance(NamedTuple):
             status.get("flyState"),
             observed_at,
         )
+
+
+def _namespace_of(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("namespace", ""))
 
 
 def oldest_observation(listed: Sequence[ListedInstance]) -> datetime | None:

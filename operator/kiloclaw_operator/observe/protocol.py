@@ -54,6 +54,12 @@ class Observer(Protocol):
         """Seconds until the instance's next pass, given the phase it is in (a wake-up may come first)."""
         ...
 
+    def instances_listed(self) -> int:
+        """How many instances of this operator's namespaces the observer listed at start (the feed's first
+        window; 0 before it, and for an observer that lists none): a new leader may drive only a few of
+        them yet."""
+        ...
+
     async def settled_start(self, machine_id: str, aside: Aside) -> MachineState | None:
         """Right after a create, before the machine's id is written: what is known of it once it settled
         (started, or anything but on its way there), waiting for that at most a short while, stepped

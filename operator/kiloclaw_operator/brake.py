@@ -13,8 +13,8 @@ cheap, and a wrong listing is exactly the case where many stop at once.
 **Brake.** Confirmed stops that would begin a recovery, and separately every reported stop (confirmed or
 refuted by its read: a listing that lies), are counted over a sliding window
 (``KILOCLAW_BRAKE_WINDOW_SECONDS``, 300). When the count exceeds ``KILOCLAW_BRAKE_PAUSE_STOPS`` (200), or a
-share ``KILOCLAW_BRAKE_PAUSE_SHARE`` (0.2) of the instances this operator drives (only once it drives at least
-``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries pause (each instance is ``Stalled``,
+share ``KILOCLAW_BRAKE_PAUSE_SHARE`` (0.2) of the instances this operator knows (drives, or its feed listed at
+start; only once it knows at least ``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries pause (each instance is ``Stalled``,
 reason ``RecoveryPaused``, and looks again every ``KILOCLAW_SOURCE_RECHECK_SECONDS``, or at once when the
 brake is released), the gauge ``kiloclaw_recovery_brake_engaged`` is 1, the Lease ``kiloclaw-recovery-brake``
 in the operator's namespace carries the state and reason (cluster-wide), and each paused instance gets a

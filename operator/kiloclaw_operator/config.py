@@ -225,7 +225,7 @@ class Settings(BaseSettings):
     # Mass failure (recovery budget and brake, README "Mass failure"): recoveries in flight at once and
     # begun per second; the brake counts confirmed unexpected stops in a sliding window: above the confirm
     # threshold each stop is re-read one more time before any destructive call, above the pause threshold
-    # (a number, or a share of the instances this operator drives) new recoveries pause until re-armed.
+    # (a number, or a share of the instances this operator knows) new recoveries pause until re-armed.
     recovery_concurrency: int = Field(
         default=32, ge=1, le=10000, validation_alias=AliasChoices("KILOCLAW_RECOVERY_CONCURRENCY")
     )

@@ -299,6 +299,33 @@ async def test_starting_a_stopped_instance_whose_host_died_relocates_it_instead_
     await stack.events_with(namespace, "hana", "RecoveryStarted")
 
 
+async def test_a_machine_create_refused_for_the_volumes_unreachable_host_relocates_instead_of_failing(
+    stack: Stack, namespace: str
+) -> None:
+    """Seen at 10,000 instances on the real API server: a host died between an instance's volume create and
+    its machine create, and Fly refused the create with 412 "host of volume … is unreachable", which the
+    client did not take for a host failure: the instance went Failed/InvalidSpec with a spec that is fine.
+    It is relocated as a start on a dead host is."""
+    app = own_app(namespace)
+    stack.fly.inject_faults(
+        f"POST /v1/apps/{app}/machines",
+        412,
+        count=1,
+        message="failed_precondition: host of volume 'vol_of_iris' is unreachable",
+    )
+    await stack.create_instance(namespace, "iris", flyApp=app)
+    up = await stack.wait_instance(
+        namespace,
+        "iris",
+        lambda b: status(b).get("phase") == "Running" and bool(status(b).get("lastRecovery")),
+        timeout=30,
+        what="Running after a relocation",
+    )
+    assert condition(up, "Stalled").get("status") != "True"
+    assert (status(up).get("lastRecovery") or {}).get("outcome") == "Succeeded"
+    assert len(stack.live_machines(app, sandbox_id=up["spec"]["sandboxId"])) == 1
+
+
 async def test_starting_on_a_dead_host_with_recovery_disabled_stalls_saying_why(
     stack: Stack, namespace: str
 ) -> None:

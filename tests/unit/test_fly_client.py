@@ -58,6 +58,14 @@ from kiloclaw_operator.fly import (
         (409, '{"error":"volume is attached to a machine"}', Fatal),
         (412, '{"error":"precondition failed"}', Fatal),
         (412, '{"error":"failed_precondition: machine host is unreachable"}', HostUnavailable),
+        (412, '{"error":"failed_precondition: host of volume \'vol_1\' is unreachable"}', HostUnavailable),
+        (
+            412,
+            '{"error":"failed_precondition: host of source volume \'vol_1\' is unreachable"}',
+            HostUnavailable,
+        ),
+        (412, '{"error":"failed_precondition: machine host is unavailable"}', HostUnavailable),
+        (412, '{"error":"failed_precondition: volume is unreachable"}', Fatal),
     ],
 )
 def test_status_and_body_map_to_one_error_type(

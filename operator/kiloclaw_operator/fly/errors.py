@@ -6,6 +6,8 @@ status and body are interpreted exactly once, here.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AppNotFound",
     "Capacity",
@@ -122,7 +124,9 @@ class HostUnavailable(Fatal):
     there again, but the sandbox can move elsewhere — not a fault of the spec."""
 
 
-_HOST_UNAVAILABLE_PHRASES = ("host is unreachable", "host unreachable", "host is unavailable")
+#: A 412 naming an unreachable host: the machine's ("machine host is unreachable"), or the volume's that a
+#: create or fork needs ("host of volume 'vol_…' is unreachable", "host of source volume … is unreachable").
+_HOST_UNAVAILABLE = re.compile(r"\bhost\b[^\"]*?\b(?:unreachable|unavailable)\b")
 
 
 def is_capacity_error(status: int | None, body_text: str) -> bool:
@@ -148,6 +152,6 @@ def classify(status: int | None, body_text: str) -> type[FlyError]:
         return RateLimited
     if status == 408 or status >= 500:
         return Transient
-    if status == 412 and any(phrase in body_text.lower() for phrase in _HOST_UNAVAILABLE_PHRASES):
+    if status == 412 and _HOST_UNAVAILABLE.search(body_text.lower()):
         return HostUnavailable
     return Fatal

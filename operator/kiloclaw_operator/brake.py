@@ -14,15 +14,16 @@ cheap, and a wrong listing is exactly the case where many stop at once.
 refuted by its read: a listing that lies), are counted over a sliding window
 (``KILOCLAW_BRAKE_WINDOW_SECONDS``, 300). When the count exceeds ``KILOCLAW_BRAKE_PAUSE_STOPS`` (200), or a
 share ``KILOCLAW_BRAKE_PAUSE_SHARE`` (0.2) of the instances this operator knows (drives, or its feed listed at
-start; only once it knows at least ``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries pause (each instance is ``Stalled``,
-reason ``RecoveryPaused``, and looks again every ``KILOCLAW_SOURCE_RECHECK_SECONDS``, or at once when the
-brake is released), the gauge ``kiloclaw_recovery_brake_engaged`` is 1, the Lease ``kiloclaw-recovery-brake``
-in the operator's namespace carries the state and reason (cluster-wide), and each paused instance gets a
-Warning Event. Recoveries already in flight go on. Why: that many confirmed stops at once is a region or
-platform event, where blind relocation can cost more than it saves (capacity elsewhere, snapshot data loss, a
-Fly incident that makes reads lie too); a person decides. ``kubectl kiloclaw rearm`` releases it (the operator
-reads the Lease every 2 s while engaged): recoveries proceed (through the budget) and the brake stays released
-until a whole window passes without a confirmed stop, then arms itself again for the next incident.
+start; only once it knows at least ``KILOCLAW_BRAKE_MIN_INSTANCES``, 50), the brake engages: new recoveries
+pause (each instance is ``Stalled``, reason ``RecoveryPaused``, and looks again every
+``KILOCLAW_SOURCE_RECHECK_SECONDS``, or at once when the brake is released), the gauge
+``kiloclaw_recovery_brake_engaged`` is 1, the Lease ``kiloclaw-recovery-brake`` in the operator's namespace
+carries the state and reason (cluster-wide), and each paused instance gets a Warning Event. Recoveries already
+in flight go on. Why: that many confirmed stops at once is a region or platform event, where blind relocation
+can cost more than it saves (capacity elsewhere, snapshot data loss, a Fly incident that makes reads lie too);
+a person decides. ``kubectl kiloclaw rearm`` releases it (the operator reads the Lease every 2 s while
+engaged): recoveries proceed (through the budget) and the brake stays released until a whole window passes
+without a confirmed stop, then arms itself again for the next incident.
 """
 
 from __future__ import annotations

@@ -131,8 +131,9 @@ class Runtime:
         """kopf's login (and so its listings) waits for the observer's first window, at most
         ``FIRST_WINDOW_HEAD_START_SECONDS``: a new leader first learns which machines changed while no
         operator ran, and starts their passes, before it lists every instance. At 10,000 instances the feed's
-        first listing took 7.4 s beside kopf's (one event loop, one API server), and every pass but those
-        waits for that listing anyway (``Observer.until_ready``)."""
+        first listing took 7.4 s beside kopf's (one event loop, one API server), and every pass over an
+        instance with a machine waits for that window anyway (``Observer.until_ready``); only new instances
+        start provisioning up to that much later."""
         assert self._ctx is not None
         ready = self._ctx.observer.until_ready()
         if ready is None:

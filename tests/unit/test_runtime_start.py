@@ -5,36 +5,22 @@ only once its login returned; a feed that cannot reach Fly holds kopf back for a
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
-import pytest
-
+from builders import FLY_TOKEN
 from flysim import FlySimulator
-from flysim.state import SimTimings
 from harness import Stack
 from kiloclaw_operator import run
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.kube import KubeConnection
 
-TOKEN = "test-token-runtime-start"
 ORG = "kilo"
 ORG_LISTING = f"GET /v1/orgs/{ORG}/machines"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[FlySimulator]:
-    simulator = FlySimulator(token=TOKEN, timings=SimTimings(start_delay=0.0), rate_limits=None)
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        await simulator.stop()
 
 
 def feed_settings(sim: FlySimulator, namespace: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "fly_api_base_url": sim.base_url,
-        "fly_api_token": TOKEN,
+        "fly_api_token": FLY_TOKEN,
         "fly_org_slug": ORG,
         "feed_interval_seconds": 0.05,
         "namespaces": [namespace],

@@ -564,6 +564,16 @@ def test_failed_host_stops_its_machines_which_cannot_start_again_and_shows_unrea
     assert other["host_status"] == "ok"
 
 
+def test_a_machine_create_mounting_a_volume_on_a_failed_host_is_refused_naming_the_host(
+    sim: FlySimulator, fly: httpx.Client, app: str
+) -> None:
+    volume = create_volume(fly, app)
+    sim.fail_host(host=sim.volume(volume["id"])["host"])
+    refused = fly.post(f"/apps/{app}/machines", json=machine_body(volume["id"]))
+    assert refused.status_code == 412
+    assert refused.json()["error"] == f"failed_precondition: host of volume '{volume['id']}' is unreachable"
+
+
 def test_a_host_can_fail_with_host_status_unknown(sim: FlySimulator, fly: httpx.Client, app: str) -> None:
     volume = create_volume(fly, app)
     machine = started_machine(fly, app, volume["id"])

@@ -138,9 +138,9 @@ class Runtime:
         ready = self._ctx.observer.until_ready()
         if ready is None:
             return
-        bound = min(FIRST_WINDOW_HEAD_START_SECONDS, self.settings.feed_stale_seconds)
+        # The feed's own wait is bounded by ``feed_stale_seconds`` too: the shorter bound ends it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ready, bound)
+            await asyncio.wait_for(ready, FIRST_WINDOW_HEAD_START_SECONDS)
 
     def _build(self, conn: KubeConnection) -> None:
         kube = KubeClient(conn, fence=self._fence, page_size=self.settings.list_chunk_size)

@@ -164,6 +164,14 @@ def lease_body(
 # --- the elector ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Silence:
+    """The Lease record a standby last saw another replica hold, and how long it has not changed."""
+
+    version: str
+    seconds: float
+
+
 class LeaderElector:
     def __init__(
         self,
@@ -182,6 +190,9 @@ class LeaderElector:
         self.is_leader = False
         self._seen_version: str | None = None
         self._seen_at = 0.0
+        #: (resourceVersion, holder, first seen at) of the record last read, as one value: a standby's
+        #: operator loop reads it from another thread (``silence``).
+        self._seen: tuple[str | None, str, float] = (None, "", 0.0)
         self._last_renewal = 0.0
         self._ours: dict[str, Any] | None = None  # the Lease as we last wrote it
         self._released = False  # set by release(): no renewal may follow it
@@ -196,7 +207,17 @@ class LeaderElector:
         version = None if record is None else record["metadata"].get("resourceVersion")
         if version != self._seen_version:
             self._seen_version, self._seen_at = version, now
+            self._seen = (version, ((record or {}).get("spec") or {}).get("holderIdentity") or "", now)
         return now - self._seen_at
+
+    def silence(self) -> Silence | None:
+        """For a standby: the record another replica holds the Lease with, and for how long it has not
+        changed (the leader renews every retry period); None while this process leads or nobody holds the
+        Lease. Read from the operator's loop while the elector runs on its own (plain attribute reads)."""
+        version, holder, seen_at = self._seen
+        if self.is_leader or version is None or not holder or holder == self.config.identity:
+            return None
+        return Silence(version, self._clock() - seen_at)
 
     async def try_acquire_or_renew(self) -> bool:
         """One round: read the Lease and write ourselves in when the rules allow; True while we lead."""

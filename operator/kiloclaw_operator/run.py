@@ -21,7 +21,6 @@ from prometheus_client import start_http_server
 from .brake import RecoveryBrake
 from .config import Settings
 from .driving import Context, DriverRegistry
-from .fly import FlyClient
 from .guards import claims_namespace
 from .kube import KubeClient, KubeConnection
 from .leadership import (
@@ -35,6 +34,7 @@ from .leadership import (
 )
 from .metrics import OBJECTS
 from .observe import wiring
+from .observe.feed import FirstWindow
 from .reconciler import InstanceDriver, instance_drivers
 from .retained import RetainedVolumeDriver, retained_volume_drivers
 
@@ -64,8 +64,11 @@ async def run_operator(
         stop: asyncio.Event | threading.Event | None,
         liveness_endpoint: str | None,
         fence: Callable[[], bool] | None = None,
+        prepared: Awaitable[FirstWindow] | None = None,
     ) -> None:
-        memo = kopf.Memo(runtime=Runtime(settings, fence), watch_server_timeout=watch_server_timeout)
+        memo = kopf.Memo(
+            runtime=Runtime(settings, fence, prepared=prepared), watch_server_timeout=watch_server_timeout
+        )
         await kopf.operator(
             standalone=True,
             clusterwide=not settings.namespaces,
@@ -84,16 +87,29 @@ async def run_operator(
     election = ElectionLoop().start()
     kube = KubeClient(await handlers.login_outside_kopf())
     elector = LeaderElector(kube, LeaseConfig.from_settings(settings))
+    head_start = wiring.head_start(
+        settings,
+        elector.silence,
+        handlers.login_outside_kopf,
+        lease_duration_seconds=settings.lease_duration_seconds,
+        retry_period_seconds=settings.lease_retry_period_seconds,
+    )
+    preparing = asyncio.create_task(head_start.run()) if head_start is not None else None
     try:
         await run_elected(
             elector,
-            lambda stop: serve(stop, None, elector.acting),
+            lambda stop: serve(
+                stop, None, elector.acting, head_start.take() if head_start is not None else None
+            ),
             election=election,
             loop_stall_seconds=settings.loop_stall_seconds,
             stop_flag=stop_flag,
             health_port=settings.health_port if liveness else None,
         )
     finally:
+        if preparing is not None:
+            preparing.cancel()
+            await asyncio.gather(preparing, return_exceptions=True)
         await election.run(kube.aclose())
         election.stop()
 
@@ -104,18 +120,17 @@ class Runtime:
     login (which gives the Kubernetes connection) the fenced Kubernetes client, the observer, the driver
     context and registries, and the recovery brake."""
 
-    def __init__(self, settings: Settings, fence: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fence: Callable[[], bool] | None = None,
+        *,
+        prepared: Awaitable[FirstWindow] | None = None,
+    ) -> None:
         self.settings = settings
         self._fence = fence
-        self.fly = FlyClient(
-            settings.fly_api_base_url,
-            settings.fly_api_token,
-            token_file=settings.fly_api_token_file,
-            pacing=wiring.pacing_limits(settings),
-            fence=fence,
-            call_deadline=settings.fly_call_deadline_seconds,
-            max_body_bytes=settings.fly_max_body_bytes,
-        )
+        self._prepared = prepared
+        self.fly = wiring.fly_client(settings, fence)
         self._ctx: Context | None = None
         self._feed: asyncio.Task[None] | None = None
         self._instances: DriverRegistry[InstanceDriver] | None = None
@@ -144,7 +159,7 @@ class Runtime:
 
     def _build(self, conn: KubeConnection) -> None:
         kube = KubeClient(conn, fence=self._fence, page_size=self.settings.list_chunk_size)
-        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube)
+        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube, self._prepared)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
         instances = self._instances

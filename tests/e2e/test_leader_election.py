@@ -34,6 +34,8 @@ from kiloclaw_operator.leadership import (
     micro_time,
 )
 from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kiloclaw_operator.observe.feed import FirstWindow
+from kiloclaw_operator.observe.standby import HeadStart
 from kiloclaw_operator.run import run_elected
 from kubesim import KubeSim
 
@@ -196,6 +198,47 @@ async def test_two_standbys_racing_for_an_expired_lease_never_both_win(
     results = await asyncio.gather(*(racer.try_acquire_or_renew() for racer in racers))
     assert sorted(results) == [False, True]
     assert lease_holder(kube) in ("b", "c")
+
+
+async def test_a_standby_prepares_its_first_window_once_the_leader_missed_renewals_and_drops_it_if_it_renews(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    """The standby's head start (observe/standby.py) follows the Lease as the elector reads it: prepared
+    after ``silent_after`` seconds without a renewal, dropped when the leader renews after all, prepared
+    again when it falls silent for good, and handed to the leader the standby becomes."""
+    leader = LeaderElector(client, config("a"))
+    assert await leader.try_acquire_or_renew()
+    clock = ManualClock()
+    standby = LeaderElector(client, config("b"), clock=clock)
+    window = FirstWindow(
+        listed=(), instances_listed=0, origin=None, watermark=None, clock_offset=0.0, states={}
+    )
+
+    async def prepare() -> FirstWindow:
+        return window
+
+    head_start = HeadStart(standby.silence, prepare, silent_after=1.0, check_every=0.05)
+    assert not await standby.try_acquire_or_renew()
+    head_start.check()
+    clock.now += 0.9
+    head_start.check()
+    assert head_start.preparations == 0, "one missed renewal is no silence"
+    clock.now += 0.2
+    head_start.check()
+    assert head_start.preparations == 1
+    assert await leader.try_acquire_or_renew(), "the leader was only slow"
+    assert not await standby.try_acquire_or_renew()
+    head_start.check()
+    assert head_start.preparations == 1
+    clock.now += 1.1
+    head_start.check()
+    assert head_start.preparations == 2, "the first preparation was dropped: the leader fell silent again"
+    clock.now += 2.0
+    assert await standby.try_acquire_or_renew(), "the Lease's 3 s are up"
+    head_start.check()
+    prepared = head_start.take()
+    assert prepared is not None and await prepared is window
+    assert head_start.take() is None
 
 
 async def test_a_released_lease_is_taken_at_once(kube: KubeSim, client: KubeClient) -> None:
@@ -474,3 +517,36 @@ async def test_a_leader_acts_only_while_its_last_renewal_is_within_the_renew_dea
     assert not leader.acting(), "a renewal is overdue: a standby may take over soon"
     assert await leader.try_acquire_or_renew()
     assert leader.acting()
+
+
+@pytest.mark.xdist_group("operator-processes")
+@pytest.mark.slow  # two operator processes
+async def test_a_standby_prepares_the_feeds_first_window_while_its_sigkilled_leader_is_silent_and_recovers(
+    replicas: TwoReplicas,
+) -> None:
+    """With the organisation feed, the standby lists the instances and sweeps the feed once the leader's
+    renewals stop, before the Lease is its own; as leader it adopts that window (lists the instances no more
+    before its first passes) and recovers the machine that crashed while no operator ran."""
+    feed = {"FLY_ORG_SLUG": "kilo", "KILOCLAW_FEED_INTERVAL_SECONDS": "0.2"}
+    leader = replicas.start("replica-a", **feed)
+    await replicas.wait_role(leader, "leader")
+    standby = replicas.start("replica-b", **feed)
+    await replicas.wait_role(standby, "standby")
+    create_instance(replicas.kube, "ha", "alice")
+    running = await replicas.wait_instance("ha", "alice", lambda s: s.get("phase") == "Running", "Running")
+    source_machine = running["status"]["machineId"]
+
+    leader.kill()
+    replicas.fly.crash_machine(source_machine)
+    await replicas.wait_role(standby, "leader")
+    done = await replicas.wait_instance(
+        "ha",
+        "alice",
+        lambda s: s.get("phase") == "Running" and (s.get("lastRecovery") or {}).get("outcome") == "Succeeded",
+        "the new leader recovered the machine that crashed while no operator ran",
+    )
+    assert done["status"]["machineId"] != source_machine
+    log = standby.log_path.read_text(errors="replace")
+    assert "preparing the feed's first window" in log
+    assert "the first window prepared as a standby is adopted" in log, standby.log_tail()
+    assert "machines changed while no operator ran" in log

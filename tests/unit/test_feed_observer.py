@@ -5,6 +5,7 @@ is forgotten."""
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,8 @@ from harness import eventually
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import FlyClient
 from kiloclaw_operator.models import Phase
-from kiloclaw_operator.observe.feed import FeedObserver
+from kiloclaw_operator.kube import KubeError
+from kiloclaw_operator.observe.feed import FeedObserver, FirstWindow, prepare_first_window
 from test_lifecycle_decide import instance
 
 TOKEN = "test-token-feed-observer"
@@ -270,3 +272,112 @@ async def test_a_new_leader_takes_first_only_its_own_namespaces_instances_and_co
             await asyncio.gather(sweeping, return_exceptions=True)
     assert sorted(taken_first) == [("tenants-a1", "sandbox"), ("tenants-a2", "sandbox")]
     assert feed.instances_listed() == 2
+
+
+def sweep_windows(sim: FlySimulator, since: float) -> list[datetime]:
+    """``updated_after`` of every sweep's first page flysim answered after ``since`` (epoch)."""
+    return [
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        for record in sim.request_log
+        if record.at >= since and "include_deleted" in record.query
+        for key, value in parse_qsl(record.query)
+        if key == "updated_after"
+    ]
+
+
+def listed_fleet(sim: FlySimulator, count: int) -> list[dict[str, Any]]:
+    """``count`` instances, each with a started machine, as a listing of the instances shows them."""
+    observed = datetime.now(UTC) - timedelta(minutes=1)
+    bodies = []
+    for index in range(count):
+        machine = sim.state.create_machine("ours", machine_body(f"sandbox-{index}"))
+        bodies.append(
+            {
+                "metadata": {"namespace": "tenants", "name": f"sandbox-{index}"},
+                "status": {
+                    "machineId": machine.id,
+                    "flyState": "started",
+                    "observedAt": observed.isoformat(),
+                },
+            }
+        )
+    return bodies
+
+
+async def test_a_leader_adopting_the_first_window_it_prepared_as_a_standby_lists_nothing_again(
+    sim: FlySimulator,
+) -> None:
+    """A standby prepared the first window while its leader was silent (one machine had stopped already);
+    another stops before it holds the Lease. The new leader's feed takes both instances first, without
+    listing the instances again, and its first sweep starts where the standby's ended (minus the overlap)."""
+    bodies = listed_fleet(sim, 3)
+    settings = Settings(
+        fly_api_base_url=sim.base_url,
+        fly_api_token=TOKEN,
+        fly_org_slug="kilo",
+        feed_interval_seconds=0.05,
+        feed_overlap_seconds=2,
+    )
+    listings = 0
+
+    async def instance_pages() -> AsyncIterator[list[dict[str, Any]]]:
+        nonlocal listings
+        listings += 1
+        yield bodies
+
+    sim.state.stop_machine("ours", bodies[0]["status"]["machineId"])
+    taken_first: list[tuple[str, str]] = []
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        window = await prepare_first_window(fly, settings, instance_pages)
+        assert window.watermark is not None
+        assert window.instances_listed == 3 and listings == 1
+        sim.state.stop_machine("ours", bodies[1]["status"]["machineId"])
+        took_over = time.time()
+
+        async def prepared() -> FirstWindow:
+            return window
+
+        feed = FeedObserver(fly, settings, instance_pages=instance_pages, prepared=prepared())
+        feed.bind(lambda namespace, name: None, taken_first.extend)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await swept(feed)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+    assert listings == 1, "the leader listed the instances again"
+    assert sorted(taken_first) == [("tenants", "sandbox-0"), ("tenants", "sandbox-1")]
+    assert feed.instances_listed() == 3
+    assert min(sweep_windows(sim, took_over)) == window.watermark - timedelta(seconds=2)
+
+
+async def test_a_first_window_the_standby_failed_to_prepare_is_listed_by_the_leader(
+    sim: FlySimulator,
+) -> None:
+    bodies = listed_fleet(sim, 2)
+    settings = Settings(
+        fly_api_base_url=sim.base_url, fly_api_token=TOKEN, fly_org_slug="kilo", feed_interval_seconds=0.05
+    )
+    listings = 0
+
+    async def instance_pages() -> AsyncIterator[list[dict[str, Any]]]:
+        nonlocal listings
+        listings += 1
+        yield bodies
+
+    async def failed() -> FirstWindow:
+        raise KubeError(503, "the standby's listing failed")
+
+    sim.state.stop_machine("ours", bodies[1]["status"]["machineId"])
+    taken_first: list[tuple[str, str]] = []
+    async with FlyClient(sim.base_url, TOKEN) as fly:
+        feed = FeedObserver(fly, settings, instance_pages=instance_pages, prepared=failed())
+        feed.bind(lambda namespace, name: None, taken_first.extend)
+        sweeping = asyncio.create_task(feed.run())
+        try:
+            await swept(feed)
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+    assert listings == 1
+    assert taken_first == [("tenants", "sandbox-1")]

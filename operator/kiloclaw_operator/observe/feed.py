@@ -86,9 +86,12 @@ class FeedObserver:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         unnamed_limit: int = 4096,
+        prepared: Awaitable[FirstWindow] | None = None,
     ) -> None:
         assert settings.fly_org_slug, "the feed needs FLY_ORG_SLUG"
         self._fly = fly
+        #: The first window a standby prepared while its leader was silent (observe/standby.py), if any.
+        self._prepared = prepared
         self._settings = settings
         self._org = settings.fly_org_slug
         self._instance_pages = instance_pages
@@ -439,12 +442,15 @@ class FeedObserver:
         """Sweep every ``feed_interval_seconds`` until cancelled; failures back off and never end the loop."""
         failures = 0
         was_healthy = False
+        opened = False
         while True:
             delay = self._settings.feed_interval_seconds
             try:
-                if self._watermark is None and not self._synced.is_set():
-                    await self._start_window()
+                if not opened:
+                    await self._open_first_window()
+                    opened = True
                 await self._sweep()
+                self._start_changed_while_away()
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -464,6 +470,45 @@ class FeedObserver:
                 self._wake_all()
             was_healthy = healthy
             await asyncio.sleep(delay)
+
+    async def _open_first_window(self) -> None:
+        """The first window: the one a standby prepared, else listed now (``_start_window``)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            try:
+                self._adopt(await prepared)
+                logger.info(
+                    "the first window prepared as a standby is adopted",
+                    extra={"instances": self._instances_listed},
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("the standby's first window is not usable: listing it now", exc_info=True)
+        await self._start_window()
+
+    def _adopt(self, window: FirstWindow) -> None:
+        """Take over the first window this process prepared as a standby (``prepare_first_window``): its
+        listing of the instances and what the feed swept since; the next sweep goes on from there."""
+        self._listed_at_start = list(window.listed)
+        self._instances_listed = window.instances_listed
+        self._listed_machines = {listed.machine_id for listed in window.listed}
+        self._origin = window.origin
+        self._watermark = window.watermark
+        self.clock_offset = window.clock_offset
+        for machine_id, state in window.states.items():
+            self._store(machine_id, state)
+
+    def _prepared_window(self) -> FirstWindow:
+        return FirstWindow(
+            listed=tuple(self._listed_at_start),
+            instances_listed=self._instances_listed,
+            origin=self._origin,
+            watermark=self._watermark,
+            clock_offset=self.clock_offset,
+            states={**self._unnamed, **self._latest},
+        )
 
     async def _start_window(self) -> None:
         """After a (re)start: from the oldest observation minus the overlap, in Fly's clock."""
@@ -546,15 +591,19 @@ class FeedObserver:
         self._last_success = self._monotonic()
         self.sweeps += 1
         self._synced.set()
-        if self._listed_at_start:
-            listed, self._listed_at_start = self._listed_at_start, []
-            changed = changed_while_away(listed, self._latest, self.clock_offset)
-            if changed:
-                logger.info(
-                    "machines changed while no operator ran: their instances go first",
-                    extra={"instances": len(changed)},
-                )
-                self._start_early(changed)
+
+    def _start_changed_while_away(self) -> None:
+        """After the first sweep: the instances whose machine changed while no operator ran go first."""
+        if not self._listed_at_start:
+            return
+        listed, self._listed_at_start = self._listed_at_start, []
+        changed = changed_while_away(listed, self._latest, self.clock_offset)
+        if changed:
+            logger.info(
+                "machines changed while no operator ran: their instances go first",
+                extra={"instances": len(changed)},
+            )
+            self._start_early(changed)
 
     def _apply(self, machine: OrgMachine) -> None:
         if machine.updated_at is None or not machine.state:
@@ -587,6 +636,34 @@ class FeedObserver:
     def _wake_all(self) -> None:
         for tracked in list(self._tracked.values()):
             self._wake(tracked.namespace, tracked.name)
+
+
+@dataclass(frozen=True, slots=True)
+class FirstWindow:
+    """A feed's first window, prepared by a standby before it holds the Lease (``prepare_first_window``):
+    the instances it listed, the window's origin, and the machine states swept since, up to ``watermark``."""
+
+    listed: tuple[ListedInstance, ...]
+    instances_listed: int
+    origin: datetime | None
+    watermark: datetime | None
+    clock_offset: float
+    states: Mapping[str, MachineState]
+
+
+async def prepare_first_window(
+    fly: FlyClient,
+    settings: Settings,
+    instance_pages: Callable[[], AsyncIterator[list[dict[str, Any]]]],
+) -> FirstWindow:
+    """What a new leader's feed does first (list the instances, read Fly's clock, sweep the organisation from
+    the oldest observation), done ahead by a standby whose leader has gone silent: it makes no write and no
+    changing Fly call. The leader it becomes adopts the result, and its first sweep only covers what changed
+    since (``FeedObserver(prepared=…)``)."""
+    feed = FeedObserver(fly, settings, instance_pages=instance_pages)
+    await feed._start_window()
+    await feed._sweep()
+    return feed._prepared_window()
 
 
 class ListedInstance(NamedTuple):

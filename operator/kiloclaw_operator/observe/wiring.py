@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from ..config import Settings
 from ..driving import DriverRegistry
 from ..fly import FlyClient, PacingLimits
-from ..kube import KubeClient, KubeNotFound
+from ..kube import KubeClient, KubeConnection, KubeNotFound
+from ..leadership import Silence
 from ..reconciler import InstanceDriver
-from .feed import FeedObserver
+from .feed import FeedObserver, FirstWindow, prepare_first_window
 from .polling import PollingObserver
 from .protocol import Observer
+from .standby import HeadStart
 
 logger = logging.getLogger("kiloclaw.observation")
 
@@ -28,15 +31,62 @@ def pacing_limits(settings: Settings) -> PacingLimits:
     )
 
 
+def fly_client(settings: Settings, fence: Callable[[], bool] | None = None) -> FlyClient:
+    return FlyClient(
+        settings.fly_api_base_url,
+        settings.fly_api_token,
+        token_file=settings.fly_api_token_file,
+        pacing=pacing_limits(settings),
+        fence=fence,
+        call_deadline=settings.fly_call_deadline_seconds,
+        max_body_bytes=settings.fly_max_body_bytes,
+    )
+
+
 def start_observer(
-    settings: Settings, fly: FlyClient, kube: KubeClient
+    settings: Settings,
+    fly: FlyClient,
+    kube: KubeClient,
+    prepared: Awaitable[FirstWindow] | None = None,
 ) -> tuple[Observer, asyncio.Task[None] | None]:
-    """The observer, and the feed's loop task when there is one (the caller cancels it at shutdown)."""
+    """The observer, and the feed's loop task when there is one (the caller cancels it at shutdown);
+    ``prepared``: the first window this process prepared as a standby (``head_start``)."""
     if not settings.fly_org_slug:
         return PollingObserver(fly, settings), None
 
-    feed = FeedObserver(fly, settings, instance_pages=kube.instance_pages)
+    feed = FeedObserver(fly, settings, instance_pages=kube.instance_pages, prepared=prepared)
     return feed, asyncio.get_running_loop().create_task(feed.run(), name="kiloclaw-org-feed")
+
+
+def head_start(
+    settings: Settings,
+    silence: Callable[[], Silence | None],
+    login: Callable[[], Awaitable[KubeConnection]],
+    *,
+    lease_duration_seconds: float,
+    retry_period_seconds: float,
+) -> HeadStart | None:
+    """With the feed, a standby prepares its first window once the leader has missed several renewals (three
+    retry periods, and at least a third of the Lease's duration): with the defaults (8 s, 1 s) 3 s into the
+    silence, 5 s before it may take the Lease. Its clients only read; they are closed once it is done."""
+    if not settings.fly_org_slug:
+        return None
+
+    async def prepare() -> FirstWindow:
+        fly = fly_client(settings)
+        kube = KubeClient(await login(), page_size=settings.list_chunk_size)
+        try:
+            return await prepare_first_window(fly, settings, kube.instance_pages)
+        finally:
+            await fly.aclose()
+            await kube.aclose()
+
+    return HeadStart(
+        silence,
+        prepare,
+        silent_after=max(3 * retry_period_seconds, lease_duration_seconds / 3),
+        check_every=retry_period_seconds,
+    )
 
 
 def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver], kube: KubeClient) -> None:

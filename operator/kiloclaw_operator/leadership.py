@@ -1,7 +1,9 @@
 """Two replicas, one active: leader election on a ``coordination.k8s.io/v1`` Lease (DESIGN 3.7).
 
-Only the leader runs kopf: the standby watches nothing, never calls Fly and writes no status; it only reads
-the Lease. The protocol is client-go's (``k8s.io/client-go/tools/leaderelection``):
+Only the leader runs kopf: the standby watches nothing, makes no changing Fly call and writes nothing; it
+reads the Lease, and (with the feed) once the leader has missed its renewals for a while it prepares the
+feed's first window for the leader it may become (``silence``; observe/standby.py). The protocol is
+client-go's (``k8s.io/client-go/tools/leaderelection``):
 
 - A candidate reads the Lease every retry period. It takes the Lease when there is none, when nobody holds it
   (released on a graceful shutdown), when it holds it already (the restarted container of the same pod), or

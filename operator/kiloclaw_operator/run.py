@@ -133,6 +133,7 @@ class Runtime:
         self.fly = wiring.fly_client(settings, fence)
         self._ctx: Context | None = None
         self._feed: asyncio.Task[None] | None = None
+        self._early: wiring.EarlyPasses | None = None
         self._instances: DriverRegistry[InstanceDriver] | None = None
         self._retained: DriverRegistry[RetainedVolumeDriver] | None = None
 
@@ -148,14 +149,18 @@ class Runtime:
         operator ran, and starts their passes, before it lists every instance. At 10,000 instances the feed's
         first listing took 7.4 s beside kopf's (one event loop, one API server), and every pass over an
         instance with a machine waits for that window anyway (``Observer.until_ready``); only new instances
-        start provisioning up to that much later."""
+        start provisioning up to that much later. Then, within the same bound, the passes it started record
+        what they saw (``EarlyPasses.settled``) before kopf's listing competes with them."""
         assert self._ctx is not None
         ready = self._ctx.observer.until_ready()
         if ready is None:
             return
         # The feed's own wait is bounded by ``feed_stale_seconds`` too: the shorter bound ends it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ready, FIRST_WINDOW_HEAD_START_SECONDS)
+            async with asyncio.timeout(FIRST_WINDOW_HEAD_START_SECONDS):
+                await ready
+                if self._early is not None:
+                    await self._early.settled()
 
     def _build(self, conn: KubeConnection) -> None:
         kube = KubeClient(conn, fence=self._fence, page_size=self.settings.list_chunk_size)
@@ -172,7 +177,7 @@ class Runtime:
             instances=lambda: max(len(instances), observer.instances_listed()),
         )
         self._retained = retained_volume_drivers(self._ctx)
-        wiring.bind_wakeups(observer, self._instances, kube)
+        self._early = wiring.bind_wakeups(observer, self._instances, kube)
         # Beside the feed's first listing, before kopf's listing of the instances asks for the claims.
         self._ctx.claim_listing.start(claims_namespace(self.settings))
         OBJECTS.attach(self, self._instances.tallies, self._retained.tallies)

@@ -390,7 +390,10 @@ async def _recover_from_chosen_source(port: recovery.Port, instance: Instance) -
 
 async def resume_within_budget(port: recovery.Port, instance: Instance) -> Instance:
     """A recovery in flight goes on holding a place of the budget (``recovery_concurrency``): one that a
-    transient error interrupted does not run beside the full budget when it resumes."""
+    transient error interrupted does not run beside the full budget when it resumes. Like a recovery that
+    begins, it gives the pass's admission back: the budget is its bound."""
+    if port.release_admission is not None:
+        port.release_admission()
     if port.brake is None:
         return await recovery.resume(port, instance)
     async with port.brake.slots:

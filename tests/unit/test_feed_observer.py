@@ -19,8 +19,8 @@ from flysim.state import SimTimings
 from harness import eventually
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.fly import FlyClient
-from kiloclaw_operator.models import Phase
 from kiloclaw_operator.kube import KubeError
+from kiloclaw_operator.models import Phase
 from kiloclaw_operator.observe.feed import FeedObserver, FirstWindow, prepare_first_window
 from test_lifecycle_decide import instance
 

@@ -5,13 +5,20 @@ only once its login returned; a feed that cannot reach Fly holds kopf back for a
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
-from builders import FLY_TOKEN
+import httpx
+import pytest
+
+from builders import APP, FLY_TOKEN, binding, instance_body
 from flysim import FlySimulator
-from harness import Stack
+from harness import CRDS, Stack
 from kiloclaw_operator import run
 from kiloclaw_operator.config import Settings
 from kiloclaw_operator.kube import KubeConnection
+from kiloclaw_operator.models import GROUP, INSTANCE_PLURAL, VERSION
+from kubesim import KubeSim
 
 ORG = "kilo"
 ORG_LISTING = f"GET /v1/orgs/{ORG}/machines"
@@ -108,3 +115,49 @@ async def test_a_new_leaders_brake_counts_every_instance_its_feed_listed_before_
         assert brake.threshold() == 12, "a fifth of the 60 instances listed, not of the drivers made so far"
     finally:
         await runtime.aclose()
+
+
+@pytest.fixture
+def quiet_kube() -> Iterator[KubeSim]:
+    """An API server no other operator watches (the stack's operator would record the stops itself)."""
+    kube = KubeSim()
+    kube.start_in_thread()
+    kube.load_crds([CRDS])
+    try:
+        yield kube
+    finally:
+        kube.stop_thread()
+
+
+async def test_kopfs_login_waits_for_the_passes_over_machines_that_stopped_while_no_operator_ran(
+    quiet_kube: KubeSim, sim: FlySimulator
+) -> None:
+    """The new leader's first passes record the stops before kopf's listing of every instance competes with
+    them for the event loop and the API server: when kopf's login returns, each stop is in the status."""
+    namespace = "early"
+    quiet_kube.create_namespace(namespace, binding(APP))
+    observed = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{INSTANCE_PLURAL}"
+    async with httpx.AsyncClient(base_url=quiet_kube.url, timeout=10) as api:
+        for index in range(3):
+            name = f"sandbox-{index}"
+            machine = sim.state.create_machine(APP, {"name": name, "region": "iad", "config": {"image": "x"}})
+            created = await api.post(path, json=instance_body(name, namespace))
+            assert created.status_code == 201, created.text
+            status = {"phase": "Running", "machineId": machine.id, "flyState": "started"}
+            status["observedAt"] = observed
+            patched = await api.patch(
+                f"{path}/{name}/status",
+                json={"status": status},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            assert patched.status_code == 200, patched.text
+            sim.crash_machine(machine.id)
+        runtime = run.Runtime(feed_settings(sim, namespace))
+        try:
+            await runtime.connect(KubeConnection(server=quiet_kube.url, token="test"))
+            bodies = [(await api.get(f"{path}/sandbox-{index}")).json() for index in range(3)]
+            recorded = [body["status"].get("flyState") for body in bodies]
+        finally:
+            await runtime.aclose()
+    assert recorded == ["stopped"] * 3, "kopf's listing would begin before the stops were recorded"

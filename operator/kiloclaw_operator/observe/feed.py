@@ -12,12 +12,14 @@ minus an overlap, because Fly warns that recent changes propagate late (a change
 cursor). After a restart the first window starts at the oldest ``status.observedAt`` of all instances minus
 the overlap, corrected by the clock offset read from Fly's ``Date`` header, so no change made while the
 operator was down is lost; at most ``feed_first_window_seconds`` back (an instance observed before that is
-read on its first pass instead of listing the organisation's whole history). That listing of the instances
-is cluster-wide and keeps only those of the operator's namespaces (kopf's patterns); the instances whose
-machine changed meanwhile get a pass at once, and kopf logs in only once this first window is in
-(``run.Runtime.connect``). A page that fails (5xx, 429) is
-retried; a cursor that went stale restarts the sweep from its window; a page may hold fewer machines than
-asked (the limit is advisory) and paging goes on until Fly gives no cursor.
+read on its first pass instead of listing the organisation's whole history). That listing of the instances is
+cluster-wide and keeps only those of the operator's namespaces (kopf's patterns); the instances whose machine
+changed meanwhile get a pass at once, and kopf logs in only once this first window is in
+(``run.Runtime.connect``). A standby whose leader has gone silent prepares that first window ahead
+(``prepare_first_window``, observe/standby.py); the leader it becomes adopts it, and its first sweep covers
+only what changed since. A page that fails (5xx, 429) is retried; a cursor that went stale restarts the sweep
+from its window; a page may hold fewer machines than asked (the limit is advisory) and paging goes on until
+Fly gives no cursor.
 
 A driver that has just created a machine (its id not in any status yet) waits in ``settled_start`` for the
 short settle window after the create: the feed tells it of the machine's news, so that its id and ``Running``

@@ -89,17 +89,23 @@ def head_start(
     )
 
 
-def bind_wakeups(observer: Observer, drivers: DriverRegistry[InstanceDriver], kube: KubeClient) -> None:
+def bind_wakeups(
+    observer: Observer, drivers: DriverRegistry[InstanceDriver], kube: KubeClient
+) -> EarlyPasses | None:
     """The feed wakes the driver of an instance whose machine changed (never creating a driver); after a
-    restart it starts a pass at once for the instances whose machine changed while no operator ran."""
-    if isinstance(observer, FeedObserver):
+    restart it starts a pass at once for the instances whose machine changed while no operator ran (returned,
+    so that kopf's start can wait for them)."""
+    if not isinstance(observer, FeedObserver):
+        return None
 
-        def wake(namespace: str, name: str) -> None:
-            driver = drivers.find(namespace, name)
-            if driver is not None:
-                driver.wake()
+    def wake(namespace: str, name: str) -> None:
+        driver = drivers.find(namespace, name)
+        if driver is not None:
+            driver.wake()
 
-        observer.bind(wake, EarlyPasses(drivers, kube).start)
+    early = EarlyPasses(drivers, kube)
+    observer.bind(wake, early.start)
+    return early
 
 
 class EarlyPasses:
@@ -113,32 +119,69 @@ class EarlyPasses:
         self._kube = kube
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unsettled = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     def start(self, refs: list[tuple[str, str]]) -> None:
+        if refs:
+            self._unsettled += len(refs)
+            self._settled.clear()
         for namespace, name in refs:
             task = asyncio.get_running_loop().create_task(self._pass(namespace, name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def settled(self) -> None:
+        """Until every pass started has given its place back: it ended, or it recorded what it saw and went
+        on under a bound of its own (a recovery's budget)."""
+        await self._settled.wait()
+
+    def _one_settled(self) -> None:
+        self._unsettled -= 1
+        if self._unsettled <= 0:
+            self._settled.set()
+
     async def _pass(self, namespace: str, name: str) -> None:
         fields = {"namespace": namespace, "instance": name}
-        await self._slots.acquire()
-        handed_over = False
+        place = _Place(self._slots, self._one_settled)
+        await place.acquire()
         try:
             logger.debug("early pass", extra=fields)
             # Read now: the feed kept only a few fields of each instance it listed.
             body = await self._kube.get_instance(namespace, name)
             driver = self._drivers.running(namespace, name)
             driver.offer(body)
-            # The pass holds the place until it ends, or until a stop's handling begins: a recovery runs for
-            # seconds under the budget's bound, and 100 of them held 32 places for three rounds of recoveries.
-            handed_over = True
-            await driver.reconcile_once(self._slots)
+            # The pass holds the place until it ends, or until a recovery's handling begins: a recovery runs
+            # for seconds under the budget's bound, and 100 of them held 32 places for three rounds.
+            await driver.reconcile_once(place)
         except KubeNotFound:
             return
         except Exception:
             # The loop's passes retry whatever this one could not finish.
             logger.exception("early pass failed", extra=fields)
         finally:
-            if not handed_over:
-                self._slots.release()
+            place.release()
+
+
+class _Place:
+    """An early pass's place among the concurrent ones; given back once (by the pass, or by its driver when
+    a recovery's handling begins), which settles the pass."""
+
+    def __init__(self, slots: asyncio.Semaphore, settled: Callable[[], None]) -> None:
+        self._slots = slots
+        self._settled = settled
+        self._held = False
+        self._released = False
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        self._held = True
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._held:
+            self._slots.release()
+        self._settled()

@@ -183,6 +183,23 @@ async def test_a_standby_takes_an_unrenewed_lease_only_after_its_duration_on_the
     assert not leader.is_leader
 
 
+async def test_a_standby_tries_again_when_the_record_it_waits_on_expires_not_a_retry_period_later(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    leader = LeaderElector(client, config("a", duration_seconds=3))
+    assert await leader.try_acquire_or_renew()
+    clock = ManualClock()
+    standby = LeaderElector(client, config("b", retry_period_seconds=1.0), clock=clock)
+    assert not await standby.try_acquire_or_renew()
+    assert standby.next_attempt_in() == 1.0, "3 s to go: a whole retry period"
+    clock.now += 2.7
+    assert not await standby.try_acquire_or_renew()
+    assert standby.next_attempt_in() == pytest.approx(0.3), "the record expires in 0.3 s"
+    clock.now += 0.3
+    assert await standby.try_acquire_or_renew()
+    assert standby.next_attempt_in() == 1.0, "its own record: nothing to wait for"
+
+
 async def test_two_standbys_racing_for_an_expired_lease_never_both_win(
     kube: KubeSim, client: KubeClient
 ) -> None:

@@ -89,7 +89,9 @@ class PassGate:
         except asyncio.CancelledError:
             if place.done() and not place.cancelled():
                 self.release()  # handed a place just as it was cancelled: pass it on
-            else:
+            elif place in queue:
+                # Not there when a release ran between the cancellation and now: it dropped the cancelled
+                # place and handed the place on. (Raising here made a shutdown restart the driver loops.)
                 queue.remove(place)
             raise
 

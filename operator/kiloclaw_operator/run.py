@@ -164,7 +164,9 @@ class Runtime:
 
     def _build(self, conn: KubeConnection) -> None:
         kube = KubeClient(conn, fence=self._fence, page_size=self.settings.list_chunk_size)
-        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube, self._prepared)
+        # Handed over, not kept: the window's listing of every instance goes once the feed has adopted it.
+        prepared, self._prepared = self._prepared, None
+        observer, self._feed = wiring.start_observer(self.settings, self.fly, kube, prepared)
         self._ctx = Context(settings=self.settings, fly=self.fly, kube=kube, observer=observer)
         self._instances = instance_drivers(self._ctx)
         instances = self._instances

@@ -229,6 +229,43 @@ async def test_a_pass_over_an_instance_with_a_machine_waits_for_the_first_listin
             await asyncio.gather(sweeping, return_exceptions=True)
 
 
+def feed_settings(sim: FlySimulator, **overrides: Any) -> Settings:
+    """The feed of organisation ``kilo`` on flysim, sweeping every 50 ms."""
+    values: dict[str, Any] = {
+        "fly_api_base_url": sim.base_url,
+        "fly_api_token": TOKEN,
+        "fly_org_slug": "kilo",
+        "feed_interval_seconds": 0.05,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+class CountedListing:
+    """A listing of the instances that counts how often it was asked for."""
+
+    def __init__(self, bodies: list[dict[str, Any]]) -> None:
+        self.bodies = bodies
+        self.count = 0
+
+    async def __call__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        self.count += 1
+        yield self.bodies
+
+
+async def first_passes(feed: FeedObserver) -> list[tuple[str, str]]:
+    """Run the feed until a whole sweep is in; the instances it gave a pass first (changed while away)."""
+    taken: list[tuple[str, str]] = []
+    feed.bind(lambda namespace, name: None, taken.extend)
+    sweeping = asyncio.create_task(feed.run())
+    try:
+        await swept(feed)
+    finally:
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+    return taken
+
+
 async def test_a_new_leader_takes_first_only_its_own_namespaces_instances_and_counts_only_those(
     sim: FlySimulator,
 ) -> None:
@@ -257,19 +294,9 @@ async def test_a_new_leader_takes_first_only_its_own_namespaces_instances_and_co
         namespaces="tenants-*,!tenants-b*",  # type: ignore[arg-type]
     )
 
-    async def listed_at_start() -> AsyncIterator[list[dict[str, Any]]]:
-        yield bodies
-
-    taken_first: list[tuple[str, str]] = []
     async with FlyClient(sim.base_url, TOKEN) as fly:
-        feed = FeedObserver(fly, settings, instance_pages=listed_at_start)
-        feed.bind(lambda namespace, name: None, taken_first.extend)
-        sweeping = asyncio.create_task(feed.run())
-        try:
-            await swept(feed)
-        finally:
-            sweeping.cancel()
-            await asyncio.gather(sweeping, return_exceptions=True)
+        feed = FeedObserver(fly, settings, instance_pages=CountedListing(bodies))
+        taken_first = await first_passes(feed)
     assert sorted(taken_first) == [("tenants-a1", "sandbox"), ("tenants-a2", "sandbox")]
     assert feed.instances_listed() == 2
 
@@ -311,41 +338,22 @@ async def test_a_leader_adopting_the_first_window_it_prepared_as_a_standby_lists
     another stops before it holds the Lease. The new leader's feed takes both instances first, without
     listing the instances again, and its first sweep starts where the standby's ended (minus the overlap)."""
     bodies = listed_fleet(sim, 3)
-    settings = Settings(
-        fly_api_base_url=sim.base_url,
-        fly_api_token=TOKEN,
-        fly_org_slug="kilo",
-        feed_interval_seconds=0.05,
-        feed_overlap_seconds=2,
-    )
-    listings = 0
-
-    async def instance_pages() -> AsyncIterator[list[dict[str, Any]]]:
-        nonlocal listings
-        listings += 1
-        yield bodies
-
+    settings = feed_settings(sim, feed_overlap_seconds=2)
+    listing = CountedListing(bodies)
     sim.state.stop_machine("ours", bodies[0]["status"]["machineId"])
-    taken_first: list[tuple[str, str]] = []
     async with FlyClient(sim.base_url, TOKEN) as fly:
-        window = await prepare_first_window(fly, settings, instance_pages)
+        window = await prepare_first_window(fly, settings, listing)
         assert window.watermark is not None
-        assert window.instances_listed == 3 and listings == 1
+        assert window.instances_listed == 3 and listing.count == 1
         sim.state.stop_machine("ours", bodies[1]["status"]["machineId"])
         took_over = time.time()
 
         async def prepared() -> FirstWindow:
             return window
 
-        feed = FeedObserver(fly, settings, instance_pages=instance_pages, prepared=prepared())
-        feed.bind(lambda namespace, name: None, taken_first.extend)
-        sweeping = asyncio.create_task(feed.run())
-        try:
-            await swept(feed)
-        finally:
-            sweeping.cancel()
-            await asyncio.gather(sweeping, return_exceptions=True)
-    assert listings == 1, "the leader listed the instances again"
+        feed = FeedObserver(fly, settings, instance_pages=listing, prepared=prepared())
+        taken_first = await first_passes(feed)
+    assert listing.count == 1, "the leader listed the instances again"
     assert sorted(taken_first) == [("tenants", "sandbox-0"), ("tenants", "sandbox-1")]
     assert feed.instances_listed() == 3
     assert min(sweep_windows(sim, took_over)) == window.watermark - timedelta(seconds=2)
@@ -355,29 +363,15 @@ async def test_a_first_window_the_standby_failed_to_prepare_is_listed_by_the_lea
     sim: FlySimulator,
 ) -> None:
     bodies = listed_fleet(sim, 2)
-    settings = Settings(
-        fly_api_base_url=sim.base_url, fly_api_token=TOKEN, fly_org_slug="kilo", feed_interval_seconds=0.05
-    )
-    listings = 0
-
-    async def instance_pages() -> AsyncIterator[list[dict[str, Any]]]:
-        nonlocal listings
-        listings += 1
-        yield bodies
+    settings = feed_settings(sim)
+    listing = CountedListing(bodies)
 
     async def failed() -> FirstWindow:
         raise KubeError(503, "the standby's listing failed")
 
     sim.state.stop_machine("ours", bodies[1]["status"]["machineId"])
-    taken_first: list[tuple[str, str]] = []
     async with FlyClient(sim.base_url, TOKEN) as fly:
-        feed = FeedObserver(fly, settings, instance_pages=instance_pages, prepared=failed())
-        feed.bind(lambda namespace, name: None, taken_first.extend)
-        sweeping = asyncio.create_task(feed.run())
-        try:
-            await swept(feed)
-        finally:
-            sweeping.cancel()
-            await asyncio.gather(sweeping, return_exceptions=True)
-    assert listings == 1
+        feed = FeedObserver(fly, settings, instance_pages=listing, prepared=failed())
+        taken_first = await first_passes(feed)
+    assert listing.count == 1
     assert taken_first == [("tenants", "sandbox-1")]

@@ -22,7 +22,7 @@ from harness import (
     lease_holder,
     operator_env,
 )
-from kiloclaw_operator.kube import KubeClient, KubeConnection
+from kiloclaw_operator.kube import KubeClient, KubeConnection, KubeError
 from kiloclaw_operator.leadership import (
     Claim,
     ElectionLoop,
@@ -256,6 +256,36 @@ async def test_a_standby_prepares_its_first_window_once_the_leader_missed_renewa
     prepared = head_start.take()
     assert prepared is not None and await prepared is window
     assert head_start.take() is None
+
+
+async def test_a_standby_whose_preparation_failed_prepares_again_while_the_leader_stays_silent(
+    kube: KubeSim, client: KubeClient
+) -> None:
+    leader = LeaderElector(client, config("a"))
+    assert await leader.try_acquire_or_renew()
+    clock = ManualClock()
+    standby = LeaderElector(client, config("b"), clock=clock)
+    attempts = 0
+
+    async def prepare() -> FirstWindow:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise KubeError(503, "the API server is busy")
+        return FirstWindow(
+            listed=(), instances_listed=0, origin=None, watermark=None, clock_offset=0.0, states={}
+        )
+
+    head_start = HeadStart(standby.silence, prepare, silent_after=1.0, check_every=0.05)
+    assert not await standby.try_acquire_or_renew()
+    clock.now += 1.5
+    head_start.check()
+    await asyncio.sleep(0.01)  # the first preparation runs, and fails
+    head_start.check()
+    assert head_start.preparations == 2
+    prepared = head_start.take()
+    assert prepared is not None
+    assert (await prepared).instances_listed == 0 and attempts == 2
 
 
 async def test_a_released_lease_is_taken_at_once(kube: KubeSim, client: KubeClient) -> None:

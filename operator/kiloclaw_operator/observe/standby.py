@@ -28,6 +28,9 @@ logger = logging.getLogger("kiloclaw.feed")
 
 
 class HeadStart:
+    """Follows the Lease's silence while this process stands by (``check``), and hands what it prepared to
+    the leader this process becomes (``take``)."""
+
     def __init__(
         self,
         silence: Callable[[], Silence | None],
@@ -61,8 +64,9 @@ class HeadStart:
         if self._prepared is not None and silence.version != self._prepared_for:
             logger.info("the Lease changed after all: the prepared first window is dropped")
             self._drop()
-        if self._failed():
-            logger.warning("preparing the feed's first window failed, trying again", exc_info=self._failed())
+        failure = self._failure()
+        if failure is not None:
+            logger.warning("preparing the feed's first window failed, trying again", exc_info=failure)
             self._drop()
         if self._prepared is None and silence.seconds >= self._silent_after:
             logger.info(
@@ -71,7 +75,7 @@ class HeadStart:
             )
             self._prepared_for = silence.version
             self._prepared = asyncio.get_running_loop().create_task(
-                self._prepared_window(), name="kiloclaw-head-start"
+                self._preparation(), name="kiloclaw-head-start"
             )
             self.preparations += 1
 
@@ -80,13 +84,13 @@ class HeadStart:
         prepared, self._prepared = self._prepared, None
         return prepared
 
-    def _failed(self) -> BaseException | None:
+    def _failure(self) -> BaseException | None:
         prepared = self._prepared
         if prepared is None or not prepared.done() or prepared.cancelled():
             return None
         return prepared.exception()
 
-    async def _prepared_window(self) -> FirstWindow:
+    async def _preparation(self) -> FirstWindow:
         return await self._prepare()
 
     def _drop(self) -> None:

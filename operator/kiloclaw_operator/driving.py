@@ -336,9 +336,12 @@ class ObjectDriver(ABC, Generic[M]):
     def offer(self, body: dict[str, Any], *, own_write: bool = False) -> bool:
         """Keep whichever is newer, a watch event's body or our own last write's response; return whether
         the body asks for work. At an equal ``resourceVersion`` (the same object as stored) the body kept
-        stays (``own_write``: the response of our own write replaces only an older body)."""
+        stays: the watch event of our own write is not encoded again (four of a new instance's nine bodies).
+        Without a version (0), only our own write's response gives way to a body offered later."""
         newer = resource_version(body)
-        if self._body is not None and (newer < self._version or (own_write and newer == self._version)):
+        if self._body is not None and (
+            newer < self._version or (newer == self._version and (own_write or newer > 0))
+        ):
             return False
         metadata = body.get("metadata")
         if isinstance(metadata, dict) and "managedFields" in metadata:

@@ -68,6 +68,17 @@ def test_an_older_body_never_replaces_a_newer_one_and_only_new_work_asks_for_a_p
     assert driver.offer(_body("7", generation=2))
 
 
+def test_the_watch_event_of_a_version_already_kept_is_not_encoded_again() -> None:
+    """Our own write's response is kept at once; the watch event of the same write, which follows it, is
+    the same stored object (its resourceVersion) and leaves the kept body as it is."""
+    driver = _driver()
+    driver.offer(_body("5"))
+    assert driver.offer(_body("8", generation=2), own_write=True)
+    kept = driver._body
+    assert not driver.offer(_body("8", generation=2)), "the event of our own write is no news"
+    assert driver._body is kept, "the same version was encoded again"
+
+
 class _Counting(_Driver):
     """Counts its passes; the first ``failures`` of them raise what no pass handles."""
 

@@ -145,15 +145,27 @@ def _age(seconds: float) -> str:
 # --- a start that seems to have failed -------------------------------------------------------------------
 
 
+#: How far a machine's last exit may lie after the status's last observation (in Fly's clock, read from its
+#: ``Date`` header to the second) and still be the exit that observation saw.
+SEEN_EXIT_TOLERANCE = timedelta(seconds=2)
+
+
 def judge_failed_start(
-    machine: Machine, decision: lifecycle.Decision, *, relocatable: bool = True
+    machine: Machine,
+    decision: lifecycle.Decision,
+    *,
+    relocatable: bool = True,
+    observed_at: datetime | None = None,
 ) -> lifecycle.Decision:
     """``Starting`` saw the machine stopped: before stalling it as a failed start, what the machine says.
     A stop that was *requested* (the operator's own earlier stop landing late, chaos seed 563737) is not a
     failed start: start it again. Started or on its way: no stall. Stopped on a host Fly reports unreachable
     (the host died while the machine started): the sandbox is not at fault, so it is relocated as an
-    unexpected stop is (``relocatable``: recovery on and a volume recorded), else stalled saying so. Failed,
-    or an exit by itself: the stall."""
+    unexpected stop is (``relocatable``: recovery on and a volume recorded), else stalled saying so. An exit
+    no later than the status's last observation (``observed_at``, in Fly's clock) is the stop the status
+    already recorded, not the outcome of the start: the start never reached the machine (a leader killed
+    between writing ``Starting`` and its start call, chaos seed 9033), so it is started again. Failed, or an
+    exit by itself after the start: the stall."""
     if machine.state == fly.STARTED:
         return lifecycle.Decision(lifecycle.Action.SETTLE, Phase.RUNNING, reason="machine started")
     if machine.state in fly.TRANSIENT_MACHINE_STATES and not machine.is_gone:
@@ -181,6 +193,13 @@ def judge_failed_start(
                 reason=f"machine {machine.id} is stopped by a requested stop (not a failed start): "
                 "starting it again",
             )
+        exited_at = last_exit.at
+        if exited_at and observed_at and exited_at - observed_at <= SEEN_EXIT_TOLERANCE:
+            return lifecycle.Decision(
+                lifecycle.Action.START,
+                reason=f"machine {machine.id} has not run since the stop already recorded (the start did not "
+                "reach it): starting it again",
+            )
     return decision
 
 
@@ -202,7 +221,9 @@ async def confirm_failed_start(
     relocatable = bool(
         instance.spec.recovery.enabled and instance.status.volume_id and instance.status.region
     )
-    return judge_failed_start(machine, decision, relocatable=relocatable), machine
+    observed_at = instance.status.observed_at
+    in_fly_clock = None if observed_at is None else observed_at + timedelta(seconds=client.clock_offset)
+    return judge_failed_start(machine, decision, relocatable=relocatable, observed_at=in_fly_clock), machine
 
 
 def waiting(instance: Instance) -> bool:

@@ -25,13 +25,17 @@ def machine(
     host_status: str | None = "ok",
     requested_stop: bool | None = False,
     exit_event: bool = True,
+    exited_at: datetime | None = None,
 ) -> Machine:
     events: list[dict[str, Any]] = []
     if exit_event:
         request: dict[str, Any] = {"exit_event": {"exit_code": 1}}
         if requested_stop is not None:
             request["exit_event"]["requested_stop"] = requested_stop
-        events.append({"type": "exit", "status": "stopped", "source": "flyd", "request": request})
+        event = {"type": "exit", "status": "stopped", "source": "flyd", "request": request}
+        if exited_at is not None:
+            event["timestamp"] = int(exited_at.timestamp() * 1000)
+        events.append(event)
     return Machine.model_validate(
         {
             "id": "m1",
@@ -153,6 +157,31 @@ def test_a_stop_seen_while_starting_is_a_failed_start_only_when_the_machine_says
     observed: Machine, action: lifecycle.Action, stalls: bool
 ) -> None:
     decided = judge_failed_start(observed, STALL)
+    assert decided.action is action
+    assert (decided.stall is not None) is stalls
+
+
+@pytest.mark.parametrize(
+    ("exited", "action", "stalls"),
+    [
+        (timedelta(seconds=-30), lifecycle.Action.START, False),
+        (timedelta(seconds=1), lifecycle.Action.START, False),
+        (timedelta(seconds=10), lifecycle.Action.SETTLE, True),
+    ],
+    ids=[
+        "exited before the stop was recorded: the start never reached it",
+        "exited within the clock's tolerance of the record: the same exit",
+        "exited after the record: the start ran and the machine exited",
+    ],
+)
+def test_a_machine_that_has_not_run_since_the_stop_the_status_recorded_is_started_again(
+    exited: timedelta, action: lifecycle.Action, stalls: bool
+) -> None:
+    """A leader killed between writing ``Starting`` and its start call: the next one finds the machine still
+    stopped by the exit the status recorded (chaos seed 9033 stalled such an instance as a failed start)."""
+    observed_at = NOW
+    stopped = machine("stopped", requested_stop=False, exited_at=observed_at + exited)
+    decided = judge_failed_start(stopped, STALL, observed_at=observed_at)
     assert decided.action is action
     assert (decided.stall is not None) is stalls
 

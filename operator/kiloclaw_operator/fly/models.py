@@ -7,7 +7,7 @@ always sends the whole config it wants, so an update replaces whatever else was 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -94,6 +94,11 @@ class MachineEvent(FlyModel):
     source: str = ""
     timestamp: int | None = None
     request: dict[str, object] | None = None
+
+    @property
+    def at(self) -> datetime | None:
+        """When it happened, in Fly's clock (``timestamp`` is in milliseconds)."""
+        return None if self.timestamp is None else datetime.fromtimestamp(self.timestamp / 1000, UTC)
 
     @property
     def requested_stop(self) -> bool | None:

@@ -128,6 +128,14 @@ async def client(kube: KubeSim) -> AsyncIterator[KubeClient]:
         await client.aclose()
 
 
+async def leader_and_standby(client: KubeClient) -> tuple[LeaderElector, LeaderElector, ManualClock]:
+    """``a`` holds the Lease; ``b``, on a clock of the test's, stands by."""
+    leader = LeaderElector(client, config("a"))
+    assert await leader.try_acquire_or_renew()
+    clock = ManualClock()
+    return leader, LeaderElector(client, config("b"), clock=clock), clock
+
+
 async def test_the_first_candidate_creates_the_lease_and_the_second_stays_standby(
     kube: KubeSim, client: KubeClient
 ) -> None:
@@ -163,10 +171,7 @@ async def test_the_leader_renews_with_one_conditional_update_and_no_read(
 async def test_a_standby_takes_an_unrenewed_lease_only_after_its_duration_on_the_standbys_own_clock(
     kube: KubeSim, client: KubeClient
 ) -> None:
-    leader = LeaderElector(client, config("a"))
-    assert await leader.try_acquire_or_renew()
-    clock = ManualClock()
-    standby = LeaderElector(client, config("b"), clock=clock)
+    leader, standby, clock = await leader_and_standby(client)
     assert not await standby.try_acquire_or_renew()
     clock.now += 2.9
     assert not await standby.try_acquire_or_renew(), "the record is not older than its duration yet"
@@ -223,10 +228,7 @@ async def test_a_standby_prepares_its_first_window_once_the_leader_missed_renewa
     """The standby's head start (observe/standby.py) follows the Lease as the elector reads it: prepared
     after ``silent_after`` seconds without a renewal, dropped when the leader renews after all, prepared
     again when it falls silent for good, and handed to the leader the standby becomes."""
-    leader = LeaderElector(client, config("a"))
-    assert await leader.try_acquire_or_renew()
-    clock = ManualClock()
-    standby = LeaderElector(client, config("b"), clock=clock)
+    leader, standby, clock = await leader_and_standby(client)
     window = FirstWindow(
         listed=(), instances_listed=0, origin=None, watermark=None, clock_offset=0.0, states={}
     )
@@ -261,10 +263,7 @@ async def test_a_standby_prepares_its_first_window_once_the_leader_missed_renewa
 async def test_a_standby_whose_preparation_failed_prepares_again_while_the_leader_stays_silent(
     kube: KubeSim, client: KubeClient
 ) -> None:
-    leader = LeaderElector(client, config("a"))
-    assert await leader.try_acquire_or_renew()
-    clock = ManualClock()
-    standby = LeaderElector(client, config("b"), clock=clock)
+    _, standby, clock = await leader_and_standby(client)
     attempts = 0
 
     async def prepare() -> FirstWindow:

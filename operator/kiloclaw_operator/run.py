@@ -87,13 +87,7 @@ async def run_operator(
     election = ElectionLoop().start()
     kube = KubeClient(await handlers.login_outside_kopf())
     elector = LeaderElector(kube, LeaseConfig.from_settings(settings))
-    head_start = wiring.head_start(
-        settings,
-        elector.silence,
-        handlers.login_outside_kopf,
-        lease_duration_seconds=settings.lease_duration_seconds,
-        retry_period_seconds=settings.lease_retry_period_seconds,
-    )
+    head_start = wiring.head_start(settings, elector.silence, handlers.login_outside_kopf)
     preparing = asyncio.create_task(head_start.run()) if head_start is not None else None
     try:
         await run_elected(

@@ -189,3 +189,11 @@ def test_a_machine_that_has_not_run_since_the_stop_the_status_recorded_is_starte
 def test_a_start_that_a_dead_host_stopped_without_recovery_stalls_saying_so() -> None:
     decided = judge_failed_start(machine("stopped", host_status="unreachable"), STALL, relocatable=False)
     assert decided.stall == Reason.HOST_UNAVAILABLE and "recovery is disabled" in decided.reason
+
+
+def test_an_exit_events_time_reads_the_same_in_milliseconds_or_seconds() -> None:
+    """The spec types ``MachineEvent.timestamp`` only as an integer: either unit gives the same moment."""
+    in_ms = machine("stopped", exited_at=NOW).last_exit
+    assert in_ms is not None and in_ms.at == NOW
+    in_seconds = in_ms.model_copy(update={"timestamp": int(NOW.timestamp())})
+    assert in_seconds.at == NOW

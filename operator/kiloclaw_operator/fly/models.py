@@ -97,8 +97,12 @@ class MachineEvent(FlyModel):
 
     @property
     def at(self) -> datetime | None:
-        """When it happened, in Fly's clock (``timestamp`` is in milliseconds)."""
-        return None if self.timestamp is None else datetime.fromtimestamp(self.timestamp / 1000, UTC)
+        """When it happened, in Fly's clock. The spec says only "integer": milliseconds since the epoch as
+        flysim gives it, or seconds (a value below 10^11 is seconds: that many milliseconds is 1973)."""
+        if not self.timestamp:
+            return None
+        seconds = self.timestamp / 1000 if self.timestamp >= 10**11 else self.timestamp
+        return datetime.fromtimestamp(seconds, UTC)
 
     @property
     def requested_stop(self) -> bool | None:

@@ -62,9 +62,6 @@ def head_start(
     settings: Settings,
     silence: Callable[[], Silence | None],
     login: Callable[[], Awaitable[KubeConnection]],
-    *,
-    lease_duration_seconds: float,
-    retry_period_seconds: float,
 ) -> HeadStart | None:
     """With the feed, a standby prepares its first window once the leader has missed several renewals (three
     retry periods, and at least a third of the Lease's duration): with the defaults (8 s, 1 s) 3 s into the
@@ -81,11 +78,12 @@ def head_start(
             await fly.aclose()
             await kube.aclose()
 
+    retry = settings.lease_retry_period_seconds
     return HeadStart(
         silence,
         prepare,
-        silent_after=max(3 * retry_period_seconds, lease_duration_seconds / 3),
-        check_every=retry_period_seconds,
+        silent_after=max(3 * retry, settings.lease_duration_seconds / 3),
+        check_every=retry,
     )
 
 

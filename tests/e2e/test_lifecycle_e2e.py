@@ -181,6 +181,7 @@ async def test_new_instance_is_provisioned_to_running_with_ready_condition(
         body = await stack.create_instance(namespace, "alice", flyApp=own_app(namespace))
         sandbox = body["spec"]["sandboxId"]
         done = await running(stack, namespace, "alice")
+        await caught_up(history, done)
     st = status(done)
     assert st["phase"] == "Running"
     assert st["flyState"] == "started"

@@ -30,6 +30,8 @@ class Guarded(Protocol):
 
     #: Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
     claim_confirmed: bool
+    #: Whether the current pass made the instance's first claim (nobody held it before: ``_claim``).
+    first_claim: bool
 
     async def commit(self, instance: Instance, status: InstanceStatus, why: str) -> Instance: ...
 
@@ -106,17 +108,20 @@ async def _claim(driver: Guarded, instance: Instance) -> Instance | None:
     try:
         # The claim book decides among the instances this process sees; the Lease, created atomically by
         # the API server, decides across shards and replicas (tenancy.py).
-        holder = await tenancy.acquire_claim(
-            driver.ctx.kube,
-            claims_namespace(driver.ctx.settings),
-            instance.spec,
-            instance.ref,
-            expect_free=True,
+        namespace = claims_namespace(driver.ctx.settings)
+        created = await tenancy.create_claim(driver.ctx.kube, namespace, instance.spec, instance.ref)
+        holder = (
+            None
+            if created
+            else await tenancy.acquire_claim(driver.ctx.kube, namespace, instance.spec, instance.ref)
         )
         if holder is not None:
             await _refuse_duplicate(driver, instance, ownership.Owner(holder.namespace, holder.name))
             return None
         driver.claim_confirmed = True
+        # Unclaimed in its status and in the Lease: no pass of this instance ever got past its claim, so
+        # no Fly call was ever made for it, and this pass has nothing unrecorded to look for (sandbox.py).
+        driver.first_claim = created
         now = driver.ctx.clock()
         status = instance.status.model_copy(
             update={"phase": Phase.PROVISIONING, "observed_generation": instance.generation}

@@ -50,6 +50,8 @@ class InstanceDriver(ObjectDriver[Instance]):
     failures: int = 0
     # Whether this process confirmed that the instance holds its claim (the Lease, tenancy.py).
     claim_confirmed: bool = False
+    # Whether the current pass made the instance's first claim (guards.py; sandbox.py reads it in that pass).
+    first_claim: bool = False
     # Recoveries this process began or took over (a recovery it did not begin gets a fair budget once).
     recoveries_driven: set[str] = field(default_factory=set)
 
@@ -265,6 +267,12 @@ class InstanceDriver(ObjectDriver[Instance]):
         return lifecycle.poll_interval(Phase.FAILED, self.ctx.settings)
 
     async def _reconcile(self, instance: Instance) -> Instance:
+        try:
+            return await self._admitted_pass(instance)
+        finally:
+            self.first_claim = False
+
+    async def _admitted_pass(self, instance: Instance) -> Instance:
         instance, admitted = await guards.admit(self, instance)
         if not admitted:
             return instance

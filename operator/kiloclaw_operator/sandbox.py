@@ -47,6 +47,9 @@ class Pass(Protocol):
         """Give up the pass's admission while it waits outside it (driving.ObjectDriver.aside)."""
         ...
 
+    #: Whether this pass made the instance's first claim: no Fly call was ever made for it (guards.py).
+    first_claim: bool
+
 
 class Sandbox:
     """The external client of every instance's sandbox (one per operator run; no per-instance state)."""
@@ -78,34 +81,41 @@ class Sandbox:
             instance.spec.fly_app,
             extra=driver.log_fields(instance),
         )
-        if instance.status.volume_id is None:
-            volume = await self._adopt_or_create_volume(driver, instance)
-            instance = await driver.commit(
-                instance,
-                instance.status.model_copy(update={"volume_id": volume.id, "region": volume.region}),
-                "volume created: record its id before creating the machine",
-            )
-        return await self._ensure_machine(driver, instance)
+        if instance.status.volume_id is not None:
+            return await self._ensure_machine(driver, instance)
+        volume, created = await self._adopt_or_create_volume(driver, instance)
+        instance = await driver.commit(
+            instance,
+            instance.status.model_copy(update={"volume_id": volume.id, "region": volume.region}),
+            "volume created: record its id before creating the machine",
+        )
+        # A volume created in this pass has no machine: a machine is created for a volume only once its id
+        # is recorded, which happened just now.
+        return await self._ensure_machine(driver, instance, machines=[] if created else None)
 
-    async def _adopt_or_create_volume(self, driver: Pass, instance: Instance) -> Volume:
+    async def _adopt_or_create_volume(self, driver: Pass, instance: Instance) -> tuple[Volume, bool]:
+        """The volume to provision on, and whether it was created now (else adopted)."""
         spec = instance.spec
         name = fly.volume_name(spec.sandbox_id)
-        adoptable = await self._adoptable_volumes(instance)
+        # After the instance's first claim, in the same pass, no earlier attempt can have left a volume.
+        adoptable = [] if driver.first_claim else await self._adoptable_volumes(instance)
         if adoptable:
             logger.info(
                 "adopting volume %s left by an earlier attempt",
                 adoptable[0].id,
                 extra=driver.log_fields(instance),
             )
-            return adoptable[0]
+            return adoptable[0], False
         errors: list[str] = []
         for region in lifecycle.ordered_regions(spec, self._settings):
             try:
-                return await self._fly.create_volume(
+                volume = await self._fly.create_volume(
                     spec.fly_app, name=name, region=region, size_gb=spec.volume.size_gb
                 )
             except Capacity as exc:
                 errors.append(f"{region}: {exc.message}")
+            else:
+                return volume, True
         raise RetryLater("no region has capacity for the volume: " + "; ".join(errors), 0)
 
     async def _adoptable_volumes(self, instance: Instance) -> list[Volume]:
@@ -136,11 +146,15 @@ class Sandbox:
         )
         return sorted((v for v in candidates if v.id not in taken), key=lambda v: str(v.created_at))
 
-    async def _ensure_machine(self, driver: Pass, instance: Instance) -> Instance:
+    async def _ensure_machine(
+        self, driver: Pass, instance: Instance, machines: list[Machine] | None = None
+    ) -> Instance:
+        """``machines``: the machines on the recorded volume, when the caller knows them (else listed)."""
         spec = instance.spec
         volume_id = instance.status.volume_id
         assert volume_id is not None
-        machines = await self.machines_on_volume(instance, volume_id)
+        if machines is None:
+            machines = await self.machines_on_volume(instance, volume_id)
         machine = machines[0] if machines else None
         if machine is None:
             machine = await self._fly.create_machine(

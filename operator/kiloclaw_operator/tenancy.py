@@ -197,29 +197,31 @@ class ClaimHolder:
     name: str
 
 
+async def create_claim(kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef) -> bool:
+    """A new instance's first claim: create the Lease, atomically (one request for the common case). True
+    when it was created now, nobody holding it; False when a Lease exists (``acquire_claim`` reads whose)."""
+    body = claim_body(claims_namespace, spec.fly_app, spec.sandbox_id, (ref.namespace, ref.name, ref.uid))
+    try:
+        await kube.create_lease(claims_namespace, body)
+    except KubeConflict:
+        return False
+    return True
+
+
 async def acquire_claim(
-    kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef, *, expect_free: bool = False
+    kube: KubeClient, claims_namespace: str, spec: InstanceSpec, ref: ObjectRef
 ) -> ClaimHolder | None:
     """Hold the claim on ``spec``'s ``(flyApp, sandboxId)`` for the instance ``ref``: None once it is ours
     (created now, or already ours), else the live instance that holds it. A claim whose holder is gone, or
     was replaced by a new object of the same name (another uid), is deleted (precondition: as read) and taken.
-    ``expect_free`` (a new instance's first claim): create first, read only if that conflicts (one request
-    instead of two for the common case; the create is atomic either way).
     """
     name = claim_name(spec.fly_app, spec.sandbox_id)
-    skip_read = expect_free
     for _ in range(3):
-        lease = None if skip_read else await kube.get_lease(claims_namespace, name)
-        skip_read = False
+        lease = await kube.get_lease(claims_namespace, name)
         if lease is None:
-            body = claim_body(
-                claims_namespace, spec.fly_app, spec.sandbox_id, (ref.namespace, ref.name, ref.uid)
-            )
-            try:
-                await kube.create_lease(claims_namespace, body)
-            except KubeConflict:
-                continue  # someone claimed it in between: read who
-            return None
+            if await create_claim(kube, claims_namespace, spec, ref):
+                return None
+            continue  # someone claimed it in between: read who
         namespace, holder_name, uid = claim_holder(lease)
         if uid == ref.uid:
             return None

@@ -27,7 +27,7 @@ from kiloclaw_operator.models import (
     DesiredState,
     Phase,
 )
-from test_tenancy_e2e import left_volume
+from test_tenancy_e2e import claimed_by_an_earlier_attempt, left_volume
 
 BUSY = {phase.value for phase in UNSETTLED_PHASES}
 NEW_IMAGE = "registry.fly.io/kiloclaw:2026.12.0"
@@ -172,6 +172,23 @@ def own_app(namespace: str) -> str:
 
 
 # --- stories ---------------------------------------------------------------------------------------------
+
+
+async def test_a_new_instance_creates_its_volume_and_machine_without_listing_anything_first(
+    stack: Stack, namespace: str
+) -> None:
+    # Its first claim proves that no earlier attempt left anything to adopt, and a volume created in the
+    # pass has no machine yet: the two creates are its only Fly calls until the machine exists.
+    app = own_app(namespace)
+    await stack.create_instance(namespace, "ada", flyApp=app)
+    done = await running(stack, namespace, "ada")
+    calls = [(r.method, r.path) for r in stack.fly.request_log if r.path.startswith(f"/v1/apps/{app}/")]
+    machine_create = calls.index(("POST", f"/v1/apps/{app}/machines"))
+    assert calls[: machine_create + 1] == [
+        ("POST", f"/v1/apps/{app}/volumes"),
+        ("POST", f"/v1/apps/{app}/machines"),
+    ]
+    assert status(done)["volumeId"] and status(done)["machineId"]
 
 
 async def test_new_instance_is_provisioned_to_running_with_ready_condition(
@@ -496,6 +513,7 @@ async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_t
     first_sandbox, second_sandbox = "ki_0123456789abcdef0123_a", "ki_0123456789abcdef0123_b"
     assert legacy_volume_name(first_sandbox) == legacy_volume_name(second_sandbox)
     assert volume_name(first_sandbox) != volume_name(second_sandbox)
+    await claimed_by_an_earlier_attempt(stack, namespace, "ada", app, first_sandbox)
     left = left_volume(stack, app, legacy_volume_name(first_sandbox))
     await stack.create_instance(namespace, "ada", flyApp=app, sandboxId=first_sandbox, state="Stopped")
     first = await stopped(stack, namespace, "ada")
@@ -505,7 +523,9 @@ async def test_new_instance_never_adopts_a_volume_another_instance_holds_under_t
         namespace, "ada", lambda b: "machineId" not in status(b), what="machine forgotten"
     )
 
-    # ada's volume is now unattached, recent and under a name bea would accept: still not adoptable.
+    # ada's volume is now unattached, recent and under a name bea would accept: still not adoptable (bea
+    # looks: an earlier attempt of hers claimed too).
+    await claimed_by_an_earlier_attempt(stack, namespace, "bea", app, second_sandbox)
     await stack.create_instance(namespace, "bea", flyApp=app, sandboxId=second_sandbox)
     second = await running(stack, namespace, "bea")
     assert status(second)["volumeId"] != left

@@ -26,10 +26,12 @@ from kiloclaw_operator.tenancy import (
     acquire_claim,
     claim_body,
     claim_name,
+    create_claim,
     release_claim,
 )
 
 CLAIMS_NAMESPACE = "kiloclaw-system"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
 
 def stalled(body: dict[str, Any]) -> tuple[str | None, str]:
@@ -83,6 +85,17 @@ def left_volume(stack: Stack, app: str, name: str) -> str:
             continue
         return volume_id
     raise AssertionError("no region of flysim has a healthy host")
+
+
+async def claimed_by_an_earlier_attempt(
+    stack: Stack, namespace: str, name: str, app: str, sandbox: str
+) -> None:
+    """The claim on ``(app, sandbox)`` that an earlier, crashed attempt held, naming an object of this name
+    since replaced (another uid). A new instance takes it over, then looks for what that attempt left
+    (``left_volume``); one that makes the first claim has nothing to look for, and looks for nothing."""
+    body = claim_body(CLAIMS_NAMESPACE, app, sandbox, (namespace, name, f"uid-earlier-{name}"))
+    response = await stack.api.post(LEASES.format(namespace=CLAIMS_NAMESPACE), json=body)
+    assert response.status_code == 201, response.text
 
 
 async def wait_stalled(stack: Stack, namespace: str, name: str, reason: str) -> dict[str, Any]:
@@ -168,8 +181,12 @@ async def test_an_app_that_does_not_exist_ends_failed_and_stalled_saying_so(
     assert stalled(failed)[1].startswith(f"Fly app {app} does not exist")
     assert condition(failed, "Reconciling")["status"] == "False"
     assert (await warning_event(stack, namespace, "ghost", "AppNotFound"))["type"] == "Warning"
-    # Nothing was created in the missing app.
-    assert len([r for r in fly_requests_for(stack, app) if r.startswith("POST")]) == 0
+    # Nothing was created in the missing app: its first call, the volume's create, was refused, and no
+    # other create followed it.
+    requests = fly_requests_for(stack, app)
+    assert requests[0] == f"POST /v1/apps/{app}/volumes"
+    assert [r for r in requests if r.startswith("POST")] == requests[:1]
+    assert stack.fly.volumes(app) == [] and stack.fly.machines(app) == []
     await stack.delete_instance(namespace, "ghost")
     await stack.wait_gone(namespace, "ghost")
 
@@ -234,7 +251,8 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
     assert holder == ClaimHolder(namespace=namespace, name="live")
     # A new instance's claim creates first: the conflict then reads who holds it.
     spec = spec_of("acct-x", live_sandbox)
-    assert await acquire_claim(kube, CLAIMS_NAMESPACE, spec, rival, expect_free=True) == holder
+    assert not await create_claim(kube, CLAIMS_NAMESPACE, spec, rival)
+    assert await acquire_claim(kube, CLAIMS_NAMESPACE, spec, rival) == holder
     await release_claim(kube, CLAIMS_NAMESPACE, spec_of("acct-x", live_sandbox), rival)
     lease = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", live_sandbox))
     assert lease is not None and lease["spec"]["holderIdentity"] == live["metadata"]["uid"]
@@ -246,7 +264,8 @@ async def test_a_claim_held_by_a_live_instance_is_refused_and_one_whose_holder_i
         claim_body(CLAIMS_NAMESPACE, "acct-x", orphan_sandbox, ("gone", "gone", "uid-gone")),
     )
     mine = ObjectRef(namespace=namespace, name="mine", uid="uid-mine")
-    assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine, expect_free=True) is None
+    assert not await create_claim(kube, CLAIMS_NAMESPACE, orphan, mine)
+    assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None
     assert await acquire_claim(kube, CLAIMS_NAMESPACE, orphan, mine) is None  # already ours
     taken = await kube.get_lease(CLAIMS_NAMESPACE, claim_name("acct-x", orphan_sandbox))
     assert taken is not None and taken["spec"]["holderIdentity"] == "uid-mine"
@@ -321,6 +340,7 @@ async def test_a_volume_left_under_the_legacy_name_is_adopted_when_no_other_sand
 ) -> None:
     sandbox = f"ki_legacy_{unique(namespace)}"
     app = f"acct-{namespace}"
+    await claimed_by_an_earlier_attempt(stack, namespace, "heir", app, sandbox)
     left = left_volume(stack, app, legacy_volume_name(sandbox))  # a crash before names carried a hash
     await stack.create_instance(namespace, "heir", sandboxId=sandbox, flyApp=app)
     running = await stack.wait_phase(namespace, "heir", "Running", timeout=20)
@@ -336,6 +356,9 @@ async def test_a_legacy_named_volume_two_sandboxes_map_to_is_adopted_by_neither(
     n = unique(namespace)
     first, second = f"Leg-{n}", f"leg_{n}"  # one legacy name, two sandboxes
     assert legacy_volume_name(first) == legacy_volume_name(second)
+    # Both look for what an earlier attempt left (each claimed before), and neither may take it.
+    await claimed_by_an_earlier_attempt(stack, other_ns, "first", "acct-test", first)
+    await claimed_by_an_earlier_attempt(stack, namespace, "second", "acct-test", second)
     ambiguous = left_volume(stack, "acct-test", legacy_volume_name(first))
     await stack.create_instance(other_ns, "first", sandboxId=first, flyApp="acct-test", state="Stopped")
     await stack.create_instance(namespace, "second", sandboxId=second, flyApp="acct-test")

@@ -219,6 +219,8 @@ class FlyClient:
             timeout=httpx.Timeout(timeout),
             transport=AiohttpTransport(max_connections=max_connections, max_body_bytes=max_body_bytes),
         )
+        # Requests name absolute URLs: httpx parses a relative one twice more to merge it with the base.
+        self._api_root = str(self._http.base_url).rstrip("/")
         # Calls wait here for one of the pool's connections, outside their own timeouts (a burst of
         # thousands would otherwise time out in the pool's queue).
         self._slots = asyncio.Semaphore(max_connections)
@@ -455,7 +457,7 @@ class FlyClient:
                     async with asyncio.timeout(deadline):
                         response = await self._http.request(
                             method,
-                            path,
+                            self._api_root + path,
                             params=dict(query) if query else None,
                             json=body,
                             timeout=request_timeout,

@@ -191,6 +191,26 @@ async def test_a_new_instance_creates_its_volume_and_machine_without_listing_any
     assert status(done)["volumeId"] and status(done)["machineId"]
 
 
+async def test_a_machine_created_without_a_listing_whose_reply_was_lost_is_adopted_not_created_twice(
+    stack: Stack, namespace: str
+) -> None:
+    # The first pass skips the listing before its machine create; the create lands but its reply is lost, so
+    # the next pass (which lists) must find that machine rather than create a second one.
+    app = own_app(namespace)
+    machines_path = f"/v1/apps/{app}/machines"
+    stack.fly.inject_faults(f"POST {machines_path}", 503, count=1, apply_first=True)
+    try:
+        await stack.create_instance(namespace, "lou", flyApp=app)
+        done = await running(stack, namespace, "lou", timeout=30)
+    finally:
+        stack.fly.clear_faults()
+    machines = stack.live_machines(app)
+    assert [m["id"] for m in machines] == [status(done)["machineId"]]
+    creates = [r for r in stack.fly.request_log if r.method == "POST" and r.path == machines_path]
+    assert len(creates) == 1, "the lost reply's machine was adopted, not created again"
+    assert [m["config"]["mounts"][0]["volume"] for m in machines] == [status(done)["volumeId"]]
+
+
 async def test_new_instance_is_provisioned_to_running_with_ready_condition(
     stack: Stack, namespace: str
 ) -> None:

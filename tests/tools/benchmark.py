@@ -1783,7 +1783,7 @@ def rows_of(results: Results) -> list[tuple[str, str]]:
             f"{sum(results.provision_fly_routes.values()) / n:.1f}",
         ),
         ("Kubernetes writes / instance to reach `Running`", f"{results.provision_kube_writes / n:.1f}"),
-        ("Operator CPU / instance to reach `Running`", f"{results.provision_cpu_seconds / n * 1000:.0f} ms"),
+        ("Operator CPU / instance to reach `Running`", f"{results.provision_cpu_seconds / n * 1000:.1f} ms"),
         ("All `Running` → operator's last Kubernetes write", fmt_seconds(results.settle_seconds)),
         (
             f"Fly requests / instance / minute, steady ({results.steady_seconds:.0f} s)",

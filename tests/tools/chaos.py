@@ -397,6 +397,8 @@ class Run:
         self.replicas: Replicas | None = None
         self.expected: set[str] = set()  # instances that must be Running at the end
         self.snapshotted: set[str] = set()
+        # Volumes a migration left: Fly removes them once the fork has hydrated, snapshots or not.
+        self.migrated_from: set[str] = set()
         # Invariants 5-7: machines the listing lied about or Fly migrated, machines a real event touched
         # (host failure, flip, deletion), and what flysim destroyed or deleted.
         self.lied_about: set[str] = set()
@@ -568,7 +570,8 @@ class Run:
                 self.fly.migrate_machine(machine_id)
                 self.migrated.add(machine_id)
                 # Fly removes the volume a migration left (flysim README): not the operator's delete.
-                self.snapshotted -= set(mounted_volumes(machine))
+                self.migrated_from |= set(mounted_volumes(machine))
+                self.snapshotted -= self.migrated_from
 
     async def event_lying_listing(self) -> None:
         started = [m for m, body in live_machines(self.fly).items() if body["state"] == "started"]
@@ -601,7 +604,10 @@ class Run:
         volume_id = status_of(picked[1]).get("volumeId") if picked else None
         if volume_id and volume_id in live_volumes(self.fly):
             self.fly.add_snapshot(volume_id)
-            self.snapshotted.add(volume_id)
+            # A volume a migration left is still live until Fly removes it (and the status may still name
+            # it): a snapshot there does not make its removal the operator's.
+            if volume_id not in self.migrated_from:
+                self.snapshotted.add(volume_id)
 
     async def event_stop_start(self) -> None:
         picked = self._live_instance()

@@ -75,6 +75,18 @@ async def waiting_for_source(stack: Stack, namespace: str) -> dict[str, Any]:
     )
 
 
+async def migrated_when_its_host_returns(stack: Stack, namespace: str) -> tuple[str, str]:
+    """A Running instance whose host fails (it waits for a source), then returns, and Fly migrates its
+    machine at once: the machine's id and the volume the status records."""
+    body = await running_instance(stack, namespace)
+    machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
+    stack.fly.fail_host(machine_id=machine)
+    await waiting_for_source(stack, namespace)
+    stack.fly.restore_host(machine_id=machine)
+    stack.fly.migrate_machine(machine)
+    return machine, old_volume
+
+
 def requests(stack: Stack, method: str, path: str) -> list[Any]:
     return [r for r in stack.fly.request_log if r.method == method and r.path == f"/v1/apps/{APP}/{path}"]
 
@@ -269,12 +281,7 @@ async def test_an_instance_deleted_before_it_followed_a_migration_deletes_the_ma
     the new volume the instance's, and both volumes go with it."""
     await stack.restart_operator(source_recheck_seconds=60)  # no pass follows before the deletion
     try:
-        body = await running_instance(stack, namespace)
-        machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
-        stack.fly.fail_host(machine_id=machine)
-        await waiting_for_source(stack, namespace)
-        stack.fly.restore_host(machine_id=machine)
-        stack.fly.migrate_machine(machine)
+        machine, old_volume = await migrated_when_its_host_returns(stack, namespace)
 
         async def moved() -> str | None:
             mounted: str = stack.fly.machine(machine)["config"]["mounts"][0]["volume"]
@@ -441,12 +448,8 @@ async def test_an_instance_waiting_for_its_dead_host_runs_again_when_fly_migrate
     instance must then run again: it stayed Stopped with no stall, a settled phase nothing would start."""
     await stack.restart_operator(source_recheck_seconds=3)
     try:
-        body = await running_instance(stack, namespace)
-        machine, old_volume = status(body)["machineId"], status(body)["volumeId"]
-        stack.fly.fail_host(machine_id=machine)
-        await waiting_for_source(stack, namespace)
-        stack.fly.restore_host(machine_id=machine)
-        stack.fly.migrate_machine(machine)  # before the instance looks again (every 3 s here)
+        # Migrated before the instance looks again (every 3 s here).
+        _, old_volume = await migrated_when_its_host_returns(stack, namespace)
         up = await running_again_off(stack, namespace, old_volume, "after the migration ended the wait")
         assert condition(up, "Stalled")["status"] == "False"
         assert (status(up).get("lastRecovery") or {}).get("outcome") in (None, "Succeeded")

@@ -26,16 +26,7 @@ from .fly.models import Machine
 from .kube import KubeError
 from .lifecycle import Action, Decision, Observation
 from .metrics import instance_tally
-from .models import (
-    FINALIZER,
-    RETRY_ANNOTATION,
-    DesiredState,
-    Instance,
-    InstanceStatus,
-    ObjectRef,
-    PendingCleanup,
-    Phase,
-)
+from .models import FINALIZER, RETRY_ANNOTATION, DesiredState, Instance, InstanceStatus, ObjectRef, Phase
 from .reasons import Reason
 from .sandbox import Sandbox
 from .volumes import MachineNotProven, OwnershipMismatch
@@ -436,7 +427,7 @@ class InstanceDriver(ObjectDriver[Instance]):
                     "record the ids to destroy before any delete call",
                 )
             try:
-                instance = await self._follow_migration_before_destroy(instance)
+                instance = await stops.follow_migration_before_destroy(self.recovery_port(), instance)
                 destroyed = await self.sandbox.destroy_machines(instance)
                 await recovery.remove_pending_cleanup(self.recovery_port(), instance)
                 await self.sandbox.delete_volume(instance, destroyed)
@@ -465,38 +456,6 @@ class InstanceDriver(ObjectDriver[Instance]):
                     f"could not release the sandbox's claim: {exc}",
                     self.ctx.settings.retry_backoff_min_seconds,
                 ) from exc
-
-    async def _follow_migration_before_destroy(self, instance: Instance) -> Instance:
-        """Fly may have moved the machine onto a new volume that no pass followed (the deletion came first, or
-        the instance waited for its dead host): the recorded machine, read now, proves that volume the
-        instance's, so the destroy acts on it. The old volume, still recorded, goes too, as pending cleanup
-        (Fly removes it only once the machine runs on the new one, which a deletion never lets happen)."""
-        machine_id = instance.status.machine_id
-        if instance.status.recovery is not None or machine_id is None:
-            return instance
-        try:
-            machine = await self.ctx.fly.get_machine(instance.spec.fly_app, machine_id)
-        except NotFound:
-            return instance
-        if not stops.migrated_volume(instance, machine):
-            return instance
-        old_volume = instance.status.volume_id
-        new_volume = next(v for v in machine.volume_ids if v != old_volume)
-        logger.info(
-            "Fly migrated machine %s from volume %s to %s before the deletion: destroying what it mounts now",
-            machine_id,
-            old_volume,
-            new_volume,
-            extra=self.log_fields(instance),
-        )
-        update: dict[str, Any] = {"volume_id": new_volume, "region": machine.region or instance.status.region}
-        if instance.status.pending_cleanup is None and old_volume is not None:
-            update["pending_cleanup"] = PendingCleanup(volume_id=old_volume)
-        return await self.commit(
-            instance,
-            instance.status.model_copy(update=update),
-            "Fly migrated the machine: record the volume it mounts, and the old one, before destroying them",
-        )
 
 
 def instance_drivers(ctx: Context) -> DriverRegistry[InstanceDriver]:

@@ -35,7 +35,7 @@ from .fly import Fatal, FlyClient, FlyError, HostUnavailable, NotFound
 from .fly import vocabulary as fly
 from .fly.models import Machine, Snapshot, Volume
 from .metrics import STOP_VERDICTS
-from .models import DesiredState, Instance, Phase, RecoverySource
+from .models import DesiredState, Instance, PendingCleanup, Phase, RecoverySource
 from .reasons import Reason
 
 logger = logging.getLogger("kiloclaw.stops")
@@ -334,8 +334,7 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
     """Fly moved the machine (same id) onto a new volume: the instance follows; nothing is deleted (the old
     volume is Fly's to clean up, and no recovery begins)."""
     assert machine is not None
-    new_volume = next(v for v in machine.volume_ids if v != instance.status.volume_id)
-    old_volume = instance.status.volume_id
+    new_volume, old_volume = _moved_to(instance, machine), instance.status.volume_id
     status = instance.status.model_copy(
         update={
             "volume_id": new_volume,
@@ -364,17 +363,57 @@ async def follow_migration(port: recovery.Port, instance: Instance, machine: Mac
     return instance
 
 
+async def follow_migration_before_destroy(port: recovery.Port, instance: Instance) -> Instance:
+    """At a deletion: Fly may have moved the machine onto a new volume that no pass followed (the deletion
+    came first, or the instance waited for its dead host). The recorded machine, read now, proves that volume
+    the instance's (``migrated_volume``), so the destroy acts on it; the old volume, still recorded, goes as
+    pending cleanup. Whether Fly removes it by itself is not documented (flysim does once the fork has
+    hydrated, which deleting the fork first prevents), and it is this instance's record to clean up."""
+    machine_id = instance.status.machine_id
+    if instance.status.recovery is not None or machine_id is None:
+        return instance
+    try:
+        machine = await port.fly.get_machine(instance.spec.fly_app, machine_id)
+    except NotFound:
+        return instance
+    if not migrated_volume(instance, machine):
+        return instance
+    new_volume, old_volume = _moved_to(instance, machine), instance.status.volume_id
+    logger.info(
+        "Fly migrated machine %s from volume %s to %s before the deletion: destroying what it mounts now",
+        machine_id,
+        old_volume,
+        new_volume,
+        extra=_fields(instance),
+    )
+    update: dict[str, Any] = {"volume_id": new_volume, "region": machine.region or instance.status.region}
+    if instance.status.pending_cleanup is None and old_volume is not None:
+        update["pending_cleanup"] = PendingCleanup(volume_id=old_volume)
+    return await port.commit(
+        instance,
+        instance.status.model_copy(update=update),
+        "Fly migrated the machine: record the volume it mounts, and the old one, before destroying them",
+    )
+
+
 def migrated_volume(instance: Instance, machine: Machine | None) -> bool:
-    """A read of the instance's own machine shows it mounting a volume the instance did not record, whatever
-    its state: only Fly moves a machine to another volume (a migration), so the status follows it before
-    anything acts on the old volume id (a start or update would otherwise mount the volume Fly removed)."""
+    """A read of the instance's own machine (the recorded id, carrying the instance's sandbox id) shows it
+    mounting a volume the instance did not record, whatever its state: only Fly moves a machine to another
+    volume (a migration), so the status follows it before anything acts on the old volume id (a start or
+    update would otherwise mount the volume Fly removed, a destroy refuse the machine)."""
     return (
         machine is not None
         and machine.id == instance.status.machine_id
+        and machine.sandbox_id == instance.spec.sandbox_id
         and not machine.is_gone
         and bool(machine.volume_ids)
         and instance.status.volume_id not in machine.volume_ids
     )
+
+
+def _moved_to(instance: Instance, machine: Machine) -> str:
+    """The volume a migrated machine mounts now (``migrated_volume`` holds)."""
+    return next(v for v in machine.volume_ids if v != instance.status.volume_id)
 
 
 async def _recover_from_chosen_source(port: recovery.Port, instance: Instance) -> Instance:

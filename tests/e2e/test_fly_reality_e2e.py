@@ -271,33 +271,6 @@ async def test_a_recovery_step_stuck_in_a_slow_fly_call_never_outlives_the_recov
     assert last["durationSeconds"] < timeout + 5
 
 
-@pytest.mark.slow  # two operator restarts
-async def test_an_instance_deleted_before_it_followed_a_migration_deletes_the_machine_and_both_volumes(
-    stack: Stack, namespace: str
-) -> None:
-    """Found by the chaos campaign (seed 9422): the host returns, Fly moves the waiting instance's machine to
-    a new volume, and the instance is deleted before any pass follows. The destroy refused the machine for
-    ever ("it does not mount the recorded volume") and left the new volume behind; now the machine read proves
-    the new volume the instance's, and both volumes go with it."""
-    await stack.restart_operator(source_recheck_seconds=60)  # no pass follows before the deletion
-    try:
-        machine, old_volume = await migrated_when_its_host_returns(stack, namespace)
-
-        async def moved() -> str | None:
-            mounted: str = stack.fly.machine(machine)["config"]["mounts"][0]["volume"]
-            return mounted if mounted != old_volume else None
-
-        new_volume = await eventually(moved, timeout=10, what="Fly moving the machine to a new volume")
-        assert status(await stack.get_instance(namespace, NAME) or {})["volumeId"] == old_volume
-        await stack.delete_instance(namespace, NAME)
-        await stack.wait_gone(namespace, NAME, timeout=60)
-    finally:
-        await stack.restart_operator()
-    assert sandbox_volumes(stack, namespace) == []
-    assert stack.live_machines(APP, sandbox_id=sandbox_id(namespace, NAME)) == []
-    assert requests(stack, "DELETE", f"volumes/{new_volume}")
-
-
 @pytest.mark.slow  # two operator restarts and a paused recovery
 async def test_past_the_brake_threshold_new_recoveries_pause_until_an_admin_rearms(
     stack: Stack, namespace: str
@@ -532,3 +505,32 @@ async def test_an_admins_rearm_releases_the_brake_and_its_paused_recoveries_at_o
         )
     finally:
         await stack.restart_operator()
+
+
+@pytest.mark.slow  # two operator restarts
+async def test_an_instance_deleted_before_it_followed_a_migration_deletes_the_machine_and_both_volumes(
+    stack: Stack, namespace: str
+) -> None:
+    """Found by the chaos campaign (seed 9422): the host returns, Fly moves the waiting instance's machine to
+    a new volume, and the instance is deleted before any pass follows. The destroy refused the machine for
+    ever ("it does not mount the recorded volume") and left the new volume behind; now the machine read proves
+    the new volume the instance's, and both volumes go with it."""
+    # Last in the file: failing a host stops other tests' machines on it too, and the brake story counts
+    # every confirmed stop it sees.
+    await stack.restart_operator(source_recheck_seconds=60)  # no pass follows before the deletion
+    try:
+        machine, old_volume = await migrated_when_its_host_returns(stack, namespace)
+
+        async def moved() -> str | None:
+            mounted: str = stack.fly.machine(machine)["config"]["mounts"][0]["volume"]
+            return mounted if mounted != old_volume else None
+
+        new_volume = await eventually(moved, timeout=10, what="Fly moving the machine to a new volume")
+        assert status(await stack.get_instance(namespace, NAME) or {})["volumeId"] == old_volume
+        await stack.delete_instance(namespace, NAME)
+        await stack.wait_gone(namespace, NAME, timeout=60)
+    finally:
+        await stack.restart_operator()
+    assert sandbox_volumes(stack, namespace) == []
+    assert stack.live_machines(APP, sandbox_id=sandbox_id(namespace, NAME)) == []
+    assert requests(stack, "DELETE", f"volumes/{new_volume}")

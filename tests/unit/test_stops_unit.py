@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from builders import instance
 from kiloclaw_operator import lifecycle
 from kiloclaw_operator.fly.models import Machine, Snapshot, Volume
 from kiloclaw_operator.models import Phase, RecoverySource
 from kiloclaw_operator.reasons import Reason
-from kiloclaw_operator.stops import Verdict, choose_source, judge_failed_start, judge_stop
+from kiloclaw_operator.stops import Verdict, choose_source, judge_failed_start, judge_stop, migrated_volume
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 VOLUME = "vol_recorded"
@@ -26,6 +27,7 @@ def machine(
     requested_stop: bool | None = False,
     exit_event: bool = True,
     exited_at: datetime | None = None,
+    sandbox: str | None = None,
 ) -> Machine:
     events: list[dict[str, Any]] = []
     if exit_event:
@@ -43,7 +45,11 @@ def machine(
             "region": "iad",
             "host_status": host_status,
             "events": events,
-            "config": {"image": "img", "mounts": [{"volume": volume, "path": "/root"}]},
+            "config": {
+                "image": "img",
+                "mounts": [{"volume": volume, "path": "/root"}],
+                "metadata": {"kiloclaw_sandbox_id": sandbox} if sandbox else {},
+            },
         }
     )
 
@@ -197,3 +203,14 @@ def test_an_exit_events_time_reads_the_same_in_milliseconds_or_seconds() -> None
     assert in_ms is not None and in_ms.at == NOW
     in_seconds = in_ms.model_copy(update={"timestamp": int(NOW.timestamp())})
     assert in_seconds.at == NOW
+
+
+def test_only_the_recorded_machine_carrying_the_instances_sandbox_id_proves_a_migration() -> None:
+    subject = instance(status={"phase": "Running", "machineId": "m1", "volumeId": VOLUME})
+    ours = subject.spec.sandbox_id
+    assert migrated_volume(subject, machine("started", volume="vol_new", sandbox=ours))
+    assert migrated_volume(subject, machine("stopped", volume="vol_new", sandbox=ours))
+    assert not migrated_volume(subject, machine("started", volume="vol_new", sandbox="ki_someone_else"))
+    assert not migrated_volume(subject, machine("started", volume="vol_new"))  # no sandbox id at all
+    assert not migrated_volume(subject, machine("started", sandbox=ours))  # still on the recorded volume
+    assert not migrated_volume(subject, machine("destroyed", volume="vol_new", sandbox=ours))
